@@ -1,0 +1,670 @@
+//! Auditing a ledger: every signature, link, verdict, payload and proof.
+//!
+//! The audit streams the store in key order and never holds more than a few
+//! signature batches in memory, so its footprint does not grow with the
+//! ledger. Signatures are checked with `ed25519_dalek::verify_batch` on worker
+//! threads; a batch that fails is re-checked one signature at a time to name
+//! the bad record.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::chain::Head;
+use crate::key::verify_one;
+use crate::record::{body_hash, signing_message};
+use crate::{
+    AuthorId, EquivocationProof, Ledger, LedgerError, PayloadHash, RecordHash, Result, Seq, SignedRecord,
+    SignedVerdictBlock, Verdict,
+};
+
+/// Signatures verified together in one `verify_batch` call.
+pub const SIGNATURE_BATCH: usize = 512;
+const MAX_PROBLEMS: usize = 100;
+
+/// One thing found wrong, with where it is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditProblem {
+    /// `record`, `head`, `verdict`, `payload`, `proof` or `meta`.
+    pub kind: String,
+    /// The author of the record (or the owner, for verdicts).
+    pub author: Option<AuthorId>,
+    /// The record's seq, or the verdict block's.
+    pub seq: Option<u64>,
+    pub detail: String,
+}
+
+impl AuditProblem {
+    fn sort_key(&self) -> (u8, Option<AuthorId>, Option<u64>) {
+        let kind = match self.kind.as_str() {
+            "meta" => 0,
+            "record" | "head" => 1,
+            "verdict" => 2,
+            "payload" => 3,
+            _ => 4,
+        };
+        (kind, self.author, self.seq)
+    }
+}
+
+impl std::fmt::Display for AuditProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.kind)?;
+        if let Some(a) = &self.author {
+            write!(f, " by {a}")?;
+        }
+        if let Some(s) = self.seq {
+            write!(f, " at seq {s}")?;
+        }
+        write!(f, ": {}", self.detail)
+    }
+}
+
+/// What an audit counted and found. `ok` holds only if `problems` is empty.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AuditReport {
+    pub ok: bool,
+    pub run_id: String,
+    pub owner: String,
+    pub authors: u64,
+    pub records: u64,
+    pub signatures_verified: u64,
+    pub signature_batches: u64,
+    pub verdict_blocks: u64,
+    pub verdict_entries: u64,
+    pub merged: u64,
+    pub clipped: u64,
+    pub rejected: u64,
+    pub payloads_checked: u64,
+    pub proofs: u64,
+    /// Records held per author (hex), as far as each chain is sound.
+    pub chain_lengths: std::collections::BTreeMap<String, u64>,
+    /// The first problems found, the first broken record first.
+    pub problems: Vec<AuditProblem>,
+}
+
+impl AuditReport {
+    fn problem(&mut self, kind: &str, author: Option<AuthorId>, seq: Option<u64>, detail: impl Into<String>) {
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(AuditProblem {
+                kind: kind.into(),
+                author,
+                seq,
+                detail: detail.into(),
+            });
+        }
+    }
+
+    pub fn first_problem(&self) -> Option<&AuditProblem> {
+        self.problems.first()
+    }
+}
+
+/// A signature awaiting verification, with where it came from.
+struct PendingSig {
+    kind: &'static str,
+    author: AuthorId,
+    seq: u64,
+    message: Vec<u8>,
+    signature: [u8; 64],
+}
+
+/// Verifies one batch; returns the entries whose signatures are bad.
+fn verify_chunk(chunk: &[PendingSig]) -> Vec<AuditProblem> {
+    let mut keys = Vec::with_capacity(chunk.len());
+    let mut bad = Vec::new();
+    let mut ok_idx = Vec::with_capacity(chunk.len());
+    for (i, p) in chunk.iter().enumerate() {
+        match VerifyingKey::from_bytes(&p.author.0) {
+            Ok(k) => {
+                keys.push(k);
+                ok_idx.push(i);
+            }
+            Err(_) => bad.push(i),
+        }
+    }
+    let messages: Vec<&[u8]> = ok_idx.iter().map(|&i| chunk[i].message.as_slice()).collect();
+    let sigs: Vec<Signature> = ok_idx
+        .iter()
+        .map(|&i| Signature::from_bytes(&chunk[i].signature))
+        .collect();
+    if ed25519_dalek::verify_batch(&messages, &sigs, &keys).is_err() {
+        // Fall back to one at a time to name the culprits.
+        for &i in &ok_idx {
+            let p = &chunk[i];
+            let sig = crate::SignatureBytes(p.signature);
+            if !verify_one(&p.author, &p.message, &sig) {
+                bad.push(i);
+            }
+        }
+    }
+    bad.sort_unstable();
+    bad.into_iter()
+        .map(|i| {
+            let p = &chunk[i];
+            AuditProblem {
+                kind: p.kind.into(),
+                author: Some(p.author),
+                seq: Some(p.seq),
+                detail: "bad signature".into(),
+            }
+        })
+        .collect()
+}
+
+/// Feeds signature batches to worker threads, keeping a bounded queue.
+struct SigPipeline<'scope> {
+    pending: Vec<PendingSig>,
+    to_workers: Option<mpsc::SyncSender<Vec<PendingSig>>>,
+    from_workers: mpsc::Receiver<(usize, Vec<AuditProblem>)>,
+    handles: Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
+    verified: u64,
+    batches: u64,
+}
+
+impl<'scope> SigPipeline<'scope> {
+    fn start<'env>(scope: &'scope std::thread::Scope<'scope, 'env>) -> Self {
+        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let (to_workers, work_rx) = mpsc::sync_channel::<Vec<PendingSig>>(workers * 2);
+        let work_rx = std::sync::Arc::new(std::sync::Mutex::new(work_rx));
+        let (result_tx, from_workers) = mpsc::channel();
+        let handles = (0..workers)
+            .map(|_| {
+                let rx = work_rx.clone();
+                let tx = result_tx.clone();
+                scope.spawn(move || loop {
+                    let next = rx.lock().map(|r| r.recv()).unwrap_or_else(|p| p.into_inner().recv());
+                    match next {
+                        Ok(chunk) => {
+                            let n = chunk.len();
+                            if tx.send((n, verify_chunk(&chunk))).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                })
+            })
+            .collect();
+        Self {
+            pending: Vec::with_capacity(SIGNATURE_BATCH),
+            to_workers: Some(to_workers),
+            from_workers,
+            handles,
+            verified: 0,
+            batches: 0,
+        }
+    }
+
+    fn push(&mut self, sig: PendingSig, report: &mut AuditReport) {
+        self.pending.push(sig);
+        if self.pending.len() >= SIGNATURE_BATCH {
+            self.flush(report);
+        }
+    }
+
+    fn flush(&mut self, report: &mut AuditReport) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(SIGNATURE_BATCH));
+        self.batches += 1;
+        if let Some(tx) = &self.to_workers {
+            // Workers only stop when the sender is dropped, so this succeeds.
+            let _ = tx.send(chunk);
+        }
+        self.drain(report);
+    }
+
+    fn drain(&mut self, report: &mut AuditReport) {
+        while let Ok((n, problems)) = self.from_workers.try_recv() {
+            self.collect(n, problems, report);
+        }
+    }
+
+    fn collect(&mut self, n: usize, problems: Vec<AuditProblem>, report: &mut AuditReport) {
+        self.verified += n as u64;
+        for p in problems {
+            report.problem(&p.kind, p.author, p.seq, p.detail);
+        }
+    }
+
+    fn finish(mut self, report: &mut AuditReport) {
+        self.flush(report);
+        self.to_workers = None;
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+        while let Ok((n, problems)) = self.from_workers.try_recv() {
+            self.collect(n, problems, report);
+        }
+        report.signatures_verified = self.verified;
+        report.signature_batches = self.batches;
+    }
+}
+
+/// Per-author walk state while streaming the records column.
+struct ChainWalk {
+    author: AuthorId,
+    next_seq: Seq,
+    prev: RecordHash,
+    broken: bool,
+}
+
+/// Audits everything in `ledger`. The report lists problems; `ok` is true
+/// only when there are none.
+pub fn audit(ledger: &Ledger) -> Result<AuditReport> {
+    let meta = ledger.meta().clone();
+    let mut report = AuditReport {
+        run_id: meta.run_id.to_string(),
+        owner: meta.owner.to_string(),
+        ..Default::default()
+    };
+    if let Err(e) = meta.check() {
+        report.problem("meta", None, None, e.to_string());
+    }
+    let genesis = meta.genesis_link();
+    let heads: HashMap<AuthorId, Head> = ledger.heads().into_iter().collect();
+    let mut walked: HashMap<AuthorId, Option<Head>> = HashMap::new();
+
+    std::thread::scope(|scope| -> Result<()> {
+        let mut sigs = SigPipeline::start(scope);
+        let mut walk: Option<ChainWalk> = None;
+        for item in ledger.iter_records()? {
+            let (author, seq, bytes) = match item {
+                Ok(v) => v,
+                Err(e) => {
+                    report.problem("record", None, None, e.to_string());
+                    continue;
+                }
+            };
+            report.records += 1;
+            if walk.as_ref().map(|w| w.author) != Some(author) {
+                if let Some(w) = walk.take() {
+                    walked.insert(w.author, last_head(&w));
+                }
+                report.authors += 1;
+                walk = Some(ChainWalk {
+                    author,
+                    next_seq: Seq(0),
+                    prev: genesis,
+                    broken: false,
+                });
+            }
+            let Some(w) = walk.as_mut() else { continue };
+            let signed = match SignedRecord::from_bytes(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    if !w.broken {
+                        report.problem("record", Some(author), Some(seq.0), format!("undecodable: {e}"));
+                    }
+                    w.broken = true;
+                    continue;
+                }
+            };
+            let rec = &signed.record;
+            if w.broken {
+                continue;
+            }
+            if rec.author != author || rec.seq != seq {
+                report.problem(
+                    "record",
+                    Some(author),
+                    Some(seq.0),
+                    format!("stored under the key of another record ({} seq {})", rec.author, rec.seq),
+                );
+                w.broken = true;
+                continue;
+            }
+            if rec.run_id != meta.run_id {
+                report.problem("record", Some(author), Some(seq.0), format!("belongs to run {}", rec.run_id));
+                w.broken = true;
+                continue;
+            }
+            if seq != w.next_seq {
+                report.problem(
+                    "record",
+                    Some(author),
+                    Some(seq.0),
+                    format!("gap: expected seq {}", w.next_seq),
+                );
+                w.broken = true;
+                continue;
+            }
+            if rec.prev != w.prev {
+                report.problem(
+                    "record",
+                    Some(author),
+                    Some(seq.0),
+                    format!("prev is {}, expected {}", rec.prev, w.prev),
+                );
+                w.broken = true;
+                continue;
+            }
+            match ledger.payload_len(&rec.payload_hash) {
+                Ok(Some(len)) if len != rec.payload_len => report.problem(
+                    "record",
+                    Some(author),
+                    Some(seq.0),
+                    format!("its payload {} has {len} bytes, the record says {}", rec.payload_hash, rec.payload_len),
+                ),
+                Ok(_) => {}
+                Err(e) => report.problem("payload", Some(author), Some(seq.0), e.to_string()),
+            }
+            let body = rec.body_bytes();
+            w.prev = body_hash(&body);
+            w.next_seq = seq.next();
+            sigs.push(
+                PendingSig {
+                    kind: "record",
+                    author,
+                    seq: seq.0,
+                    message: signing_message(&body),
+                    signature: signed.signature.0,
+                },
+                &mut report,
+            );
+        }
+        if let Some(w) = walk.take() {
+            walked.insert(w.author, last_head(&w));
+        }
+
+        audit_verdicts(ledger, &meta, &mut report, &mut sigs)?;
+        sigs.finish(&mut report);
+        Ok(())
+    })?;
+
+    // Heads must point at the last record of each chain, and only there.
+    for (author, head) in &heads {
+        match walked.get(author) {
+            Some(Some(last)) if last == head => {}
+            Some(Some(last)) => report.problem(
+                "head",
+                Some(*author),
+                Some(head.seq.0),
+                format!("head says seq {} {}, chain ends at seq {} {}", head.seq, head.hash, last.seq, last.hash),
+            ),
+            Some(None) => {} // chain broken at its start; reported above
+            None => report.problem("head", Some(*author), Some(head.seq.0), "head points at records that are not stored"),
+        }
+    }
+    for author in walked.keys() {
+        if !heads.contains_key(author) {
+            report.problem("head", Some(*author), None, "records are stored without a head");
+        }
+    }
+
+    for item in ledger.iter_payloads()? {
+        let (name, bytes) = match item {
+            Ok(v) => v,
+            Err(e) => {
+                report.problem("payload", None, None, e.to_string());
+                continue;
+            }
+        };
+        report.payloads_checked += 1;
+        let got = PayloadHash::of(&bytes);
+        if got != name {
+            report.problem("payload", None, None, format!("payload {name} hashes to {got}"));
+        }
+    }
+
+    for item in ledger.iter_proofs()? {
+        report.proofs += 1;
+        let (key, value) = match item {
+            Ok(v) => v,
+            Err(e) => {
+                report.problem("proof", None, None, e.to_string());
+                continue;
+            }
+        };
+        match EquivocationProof::from_bytes(&value).and_then(|p| p.verify().map(|_| p)) {
+            Ok(p) if key.len() == 40 && key[..32] == p.author().0 => {}
+            Ok(p) => report.problem("proof", Some(p.author()), Some(p.seq().0), "stored under another key"),
+            Err(e) => report.problem("proof", None, None, format!("key {}: {e}", hex::encode(&key))),
+        }
+    }
+
+    report.chain_lengths = walked
+        .iter()
+        .map(|(a, h)| (a.to_string(), h.map_or(0, |h| h.seq.0 + 1)))
+        .collect();
+    report.problems.sort_by_key(|p| p.sort_key());
+    report.ok = report.problems.is_empty();
+    Ok(report)
+}
+
+fn last_head(w: &ChainWalk) -> Option<Head> {
+    (w.next_seq.0 > 0).then(|| Head {
+        seq: Seq(w.next_seq.0 - 1),
+        hash: w.prev,
+    })
+}
+
+fn audit_verdicts(
+    ledger: &Ledger,
+    meta: &crate::RunMeta,
+    report: &mut AuditReport,
+    sigs: &mut SigPipeline<'_>,
+) -> Result<()> {
+    let owner = meta.owner;
+    let mut next = 0u64;
+    let mut prev = meta.verdict_genesis();
+    let mut last = None;
+    for item in ledger.iter_verdicts()? {
+        let (seq, bytes) = match item {
+            Ok(v) => v,
+            Err(e) => {
+                report.problem("verdict", Some(owner), None, e.to_string());
+                return Ok(());
+            }
+        };
+        report.verdict_blocks += 1;
+        let signed = match SignedVerdictBlock::from_bytes(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                report.problem("verdict", Some(owner), Some(seq), format!("undecodable: {e}"));
+                return Ok(());
+            }
+        };
+        let b = &signed.block;
+        let problem = if b.owner != owner {
+            Some(format!("signed by {} instead of the owner", b.owner))
+        } else if b.run_id != meta.run_id {
+            Some(format!("belongs to run {}", b.run_id))
+        } else if b.seq != seq || seq != next {
+            Some(format!("block seq {} stored at {seq}, expected {next}", b.seq))
+        } else if b.prev != prev {
+            Some(format!("prev is {}, expected {prev}", b.prev))
+        } else {
+            None
+        };
+        if let Some(detail) = problem {
+            report.problem("verdict", Some(owner), Some(seq), detail);
+            return Ok(());
+        }
+        for entry in &b.entries {
+            report.verdict_entries += 1;
+            match &entry.verdict {
+                Verdict::Merged { .. } => report.merged += 1,
+                Verdict::Clipped { .. } => report.clipped += 1,
+                Verdict::Rejected { .. } => report.rejected += 1,
+            }
+            if entry.verdict.is_rejected() {
+                continue;
+            }
+            // What was merged must be in the author's chain, hash for hash.
+            match ledger.record(&entry.author, entry.seq) {
+                Ok(Some(r)) if r.hash() == entry.record_hash => {}
+                Ok(Some(_)) => report.problem(
+                    "verdict",
+                    Some(owner),
+                    Some(seq),
+                    format!("merged record {}/{} differs from the stored one", entry.author, entry.seq),
+                ),
+                Ok(None) => report.problem(
+                    "verdict",
+                    Some(owner),
+                    Some(seq),
+                    format!("merged record {}/{} is not stored", entry.author, entry.seq),
+                ),
+                Err(e) => report.problem("verdict", Some(owner), Some(seq), e.to_string()),
+            }
+        }
+        prev = b.hash();
+        next = seq + 1;
+        last = Some((seq, prev));
+        sigs.push(
+            PendingSig {
+                kind: "verdict",
+                author: owner,
+                seq,
+                message: signed.message(),
+                signature: signed.signature.0,
+            },
+            report,
+        );
+    }
+    match (ledger.verdict_head(), last) {
+        (None, None) => {}
+        (Some(h), Some((seq, hash))) if h.seq == seq && h.hash == hash => {}
+        (h, l) => report.problem(
+            "verdict",
+            Some(owner),
+            None,
+            format!("verdict head {:?} does not match the chain's last block {:?}", h.map(|h| h.seq), l.map(|l| l.0)),
+        ),
+    }
+    Ok(())
+}
+
+/// Where two ledgers disagree about one author's chain.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Divergence {
+    pub author: AuthorId,
+    pub seq: Seq,
+    pub left: RecordHash,
+    pub right: RecordHash,
+    /// Both records carry valid signatures: the author signed two histories.
+    pub equivocation: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CompareReport {
+    pub ok: bool,
+    pub shared_authors: u64,
+    pub records_compared: u64,
+    pub divergences: Vec<Divergence>,
+}
+
+/// Checks that two ledgers of one run agree on every chain they both hold,
+/// over the overlap of the two chains.
+pub fn compare(left: &Ledger, right: &Ledger) -> Result<CompareReport> {
+    if left.meta().run_id != right.meta().run_id {
+        return Err(LedgerError::OtherRun {
+            path: right.path().to_path_buf(),
+            expected: left.meta().run_id,
+            found: right.meta().run_id,
+        });
+    }
+    let mut report = CompareReport::default();
+    let right_heads: HashMap<AuthorId, Head> = right.heads().into_iter().collect();
+    for (author, lh) in left.heads() {
+        let Some(rh) = right_heads.get(&author) else { continue };
+        report.shared_authors += 1;
+        let end = lh.seq.0.min(rh.seq.0);
+        let mut seq = 0u64;
+        while seq <= end {
+            let want = ((end - seq + 1) as usize).min(1024);
+            let a = left.records_from(&author, Seq(seq), want)?;
+            let b = right.records_from(&author, Seq(seq), want)?;
+            if a.is_empty() || b.is_empty() {
+                break;
+            }
+            for (x, y) in a.iter().zip(&b) {
+                report.records_compared += 1;
+                let (hx, hy) = (x.hash(), y.hash());
+                if hx != hy {
+                    let equivocation = EquivocationProof::new(x.clone(), y.clone()).verify().is_ok();
+                    report.divergences.push(Divergence {
+                        author,
+                        seq: x.record.seq,
+                        left: hx,
+                        right: hy,
+                        equivocation,
+                    });
+                    break;
+                }
+            }
+            seq += a.len().min(b.len()) as u64;
+            if report.divergences.last().is_some_and(|d| d.author == author) {
+                break;
+            }
+        }
+    }
+    report.ok = report.divergences.is_empty();
+    Ok(report)
+}
+
+/// One line of `ledger export`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ExportLine {
+    Meta {
+        run_id: String,
+        owner: String,
+        genesis_weights: String,
+    },
+    Record {
+        hash: RecordHash,
+        #[serde(flatten)]
+        signed: SignedRecord,
+    },
+    Verdict {
+        hash: crate::VerdictHash,
+        #[serde(flatten)]
+        signed: SignedVerdictBlock,
+    },
+    Proof(EquivocationProof),
+}
+
+/// Writes the ledger as JSON lines: meta, records, verdict blocks, proofs.
+pub fn export(ledger: &Ledger, out: &mut dyn std::io::Write) -> Result<u64> {
+    let io = |e: std::io::Error| LedgerError::Malformed {
+        what: "export output",
+        detail: e.to_string(),
+    };
+    let write = |line: &ExportLine, out: &mut dyn std::io::Write| -> Result<()> {
+        serde_json::to_writer(&mut *out, line).map_err(|e| io(e.into()))?;
+        out.write_all(b"\n").map_err(io)
+    };
+    let meta = ledger.meta();
+    write(
+        &ExportLine::Meta {
+            run_id: meta.run_id.to_string(),
+            owner: meta.owner.to_string(),
+            genesis_weights: meta.genesis_weights.to_string(),
+        },
+        out,
+    )?;
+    let mut lines = 1u64;
+    for item in ledger.iter_records()? {
+        let (_, _, bytes) = item?;
+        let signed = SignedRecord::from_bytes(&bytes)?;
+        write(&ExportLine::Record { hash: signed.hash(), signed }, out)?;
+        lines += 1;
+    }
+    for item in ledger.iter_verdicts()? {
+        let (_, bytes) = item?;
+        let signed = SignedVerdictBlock::from_bytes(&bytes)?;
+        write(&ExportLine::Verdict { hash: signed.block.hash(), signed }, out)?;
+        lines += 1;
+    }
+    for proof in ledger.proofs()? {
+        write(&ExportLine::Proof(proof), out)?;
+        lines += 1;
+    }
+    Ok(lines)
+}

@@ -1,0 +1,229 @@
+//! Newtypes for the 32-byte values that flow through the ledger.
+//!
+//! Each is a distinct type so that a payload hash can never be passed where a
+//! record hash is expected. All of them print as lowercase hex.
+
+use std::fmt;
+use std::str::FromStr;
+
+use bincode::{Decode, Encode};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::LedgerError;
+
+/// Domain-separated blake3: every hash in meshtrain names what it hashes.
+pub(crate) fn hash_in(context: &str, parts: &[&[u8]]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new_derive_key(context);
+    for part in parts {
+        hasher.update(part);
+    }
+    *hasher.finalize().as_bytes()
+}
+
+macro_rules! bytes32 {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Encode, Decode, Default)]
+        pub struct $name(pub [u8; 32]);
+
+        impl $name {
+            pub fn as_bytes(&self) -> &[u8; 32] {
+                &self.0
+            }
+
+            /// First 8 hex digits, for logs.
+            pub fn short(&self) -> String {
+                hex::encode(&self.0[..4])
+            }
+
+            pub fn from_slice(bytes: &[u8]) -> Result<Self, LedgerError> {
+                let arr: [u8; 32] = bytes.try_into().map_err(|_| LedgerError::Malformed {
+                    what: stringify!($name),
+                    detail: format!("expected 32 bytes, got {}", bytes.len()),
+                })?;
+                Ok(Self(arr))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&hex::encode(self.0))
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.short())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = LedgerError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let bytes = hex::decode(s).map_err(|e| LedgerError::Malformed {
+                    what: stringify!($name),
+                    detail: format!("not hex: {e}"),
+                })?;
+                Self::from_slice(&bytes)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&hex::encode(self.0))
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+bytes32!(
+    /// Identifies a run: the blake3 hash of its canonical `RunSpec` bytes.
+    RunId
+);
+bytes32!(
+    /// An author's ed25519 public key. The libp2p `PeerId` derives from the
+    /// same key, so a ledger author and a network peer are the same thing.
+    AuthorId
+);
+bytes32!(
+    /// The hash of a record's signed body; `prev` links are made of these.
+    RecordHash
+);
+bytes32!(
+    /// The hash of an encoded delta payload.
+    PayloadHash
+);
+bytes32!(
+    /// The hash of a flat weight vector (little-endian f32 bytes).
+    WeightsHash
+);
+bytes32!(
+    /// The hash of a verdict block's signed body.
+    VerdictHash
+);
+
+impl RunId {
+    /// `run_id = blake3(canonical bytes of RunSpec)`.
+    pub fn of_spec(canonical_spec: &[u8]) -> Self {
+        Self(hash_in("meshtrain run-spec v1", &[canonical_spec]))
+    }
+}
+
+impl PayloadHash {
+    pub fn of(payload: &[u8]) -> Self {
+        Self(hash_in("meshtrain payload v1", &[payload]))
+    }
+}
+
+impl WeightsHash {
+    /// Hashes the little-endian bytes of a weight vector.
+    pub fn of_f32(values: &[f32]) -> Self {
+        let mut hasher = blake3::Hasher::new_derive_key("meshtrain weights v1");
+        // Chunked so that hashing a large model does not need a second copy.
+        let mut buf = Vec::with_capacity(4 * 4096);
+        for chunk in values.chunks(4096) {
+            buf.clear();
+            for v in chunk {
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+            hasher.update(&buf);
+        }
+        Self(*hasher.finalize().as_bytes())
+    }
+}
+
+impl RecordHash {
+    /// The `prev` of every author's first record: it ties each chain to the
+    /// run and to the genesis weights that every node derives from the seed.
+    pub fn genesis(run_id: &RunId, genesis_weights: &WeightsHash) -> Self {
+        Self(hash_in("meshtrain genesis v1", &[&run_id.0, &genesis_weights.0]))
+    }
+}
+
+impl VerdictHash {
+    /// The `prev` of a node's first verdict block.
+    pub fn genesis(run_id: &RunId, owner: &AuthorId) -> Self {
+        Self(hash_in("meshtrain verdict genesis v1", &[&run_id.0, &owner.0]))
+    }
+}
+
+/// An author's position in its own chain, counting up by one from 0.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Encode, Decode, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    pub fn next(self) -> Seq {
+        Seq(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A 64-byte ed25519 signature, kept as raw bytes until verified.
+#[derive(Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct SignatureBytes(pub [u8; 64]);
+
+impl fmt::Debug for SignatureBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({}…)", hex::encode(&self.0[..4]))
+    }
+}
+
+impl Serialize for SignatureBytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for SignatureBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bytes = hex::decode(&s).map_err(serde::de::Error::custom)?;
+        let arr: [u8; 64] = bytes
+            .try_into()
+            .map_err(|_| serde::de::Error::custom("signature must be 64 bytes"))?;
+        Ok(Self(arr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip_and_errors() {
+        let h = PayloadHash::of(b"abc");
+        let s = h.to_string();
+        assert_eq!(s.len(), 64);
+        assert_eq!(s.parse::<PayloadHash>().unwrap(), h);
+        assert!("zz".parse::<PayloadHash>().is_err());
+        assert!("abcd".parse::<PayloadHash>().is_err());
+    }
+
+    #[test]
+    fn domains_separate_hashes() {
+        assert_ne!(PayloadHash::of(b"x").0, RunId::of_spec(b"x").0);
+    }
+
+    #[test]
+    fn weights_hash_depends_on_every_value() {
+        let mut w = vec![0.5f32; 10_000];
+        let a = WeightsHash::of_f32(&w);
+        w[9_999] = 0.25;
+        assert_ne!(a, WeightsHash::of_f32(&w));
+    }
+}

@@ -1,0 +1,196 @@
+//! Signed update records: what an author claims to have contributed.
+
+use bincode::{Decode, Encode};
+use serde::{Deserialize, Serialize};
+
+use crate::key::verify_one;
+use crate::wire::{decode_exact, encode};
+use crate::{
+    id::hash_in, AuthorId, AuthorKey, LedgerError, PayloadHash, RecordHash, RunId, Seq, SignatureBytes,
+    WeightsHash,
+};
+
+/// The version written into every record; a newer one is refused, not guessed at.
+pub const RECORD_VERSION: u16 = 1;
+
+const RECORD_SIGNING_CONTEXT: &[u8] = b"meshtrain/update-record/v1";
+
+/// One author's claim: "in `round`, starting from weights `base_hash`, I trained
+/// on `n_samples` samples and my encoded delta is `payload_hash`".
+#[derive(Clone, Debug, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct UpdateRecord {
+    pub version: u16,
+    pub run_id: RunId,
+    pub author: AuthorId,
+    pub seq: Seq,
+    /// Hash of the author's record at `seq - 1`, or the genesis link at seq 0.
+    pub prev: RecordHash,
+    pub round: u64,
+    /// Hash of the anchor weights the delta was trained from.
+    pub base_hash: WeightsHash,
+    pub payload_hash: PayloadHash,
+    pub payload_len: u64,
+    pub n_samples: u64,
+    pub train_loss: f32,
+}
+
+impl UpdateRecord {
+    /// The canonical bytes that are signed and hashed.
+    pub fn body_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn hash(&self) -> RecordHash {
+        body_hash(&self.body_bytes())
+    }
+
+    pub fn sign(self, key: &AuthorKey) -> SignedRecord {
+        let signature = key.sign(&signing_message(&self.body_bytes()));
+        SignedRecord {
+            record: self,
+            signature,
+        }
+    }
+}
+
+/// The record hash of already-encoded body bytes.
+pub(crate) fn body_hash(body: &[u8]) -> RecordHash {
+    RecordHash(hash_in("meshtrain update-record v1", &[body]))
+}
+
+pub(crate) fn signing_message(body: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(RECORD_SIGNING_CONTEXT.len() + body.len());
+    msg.extend_from_slice(RECORD_SIGNING_CONTEXT);
+    msg.extend_from_slice(body);
+    msg
+}
+
+/// An update record with its author's signature, not yet checked.
+#[derive(Clone, Debug, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct SignedRecord {
+    pub record: UpdateRecord,
+    pub signature: SignatureBytes,
+}
+
+impl SignedRecord {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Decodes untrusted bytes: size-limited, no trailing bytes, known version.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, LedgerError> {
+        let signed: SignedRecord = decode_exact(bytes, "update record")?;
+        if signed.record.version != RECORD_VERSION {
+            return Err(LedgerError::Malformed {
+                what: "update record",
+                detail: format!(
+                    "version {} (this build knows {RECORD_VERSION})",
+                    signed.record.version
+                ),
+            });
+        }
+        Ok(signed)
+    }
+
+    pub fn hash(&self) -> RecordHash {
+        self.record.hash()
+    }
+
+    pub fn author(&self) -> AuthorId {
+        self.record.author
+    }
+
+    pub fn seq(&self) -> Seq {
+        self.record.seq
+    }
+
+    /// Checks the signature strictly against the record's author.
+    pub fn verify_signature(&self) -> Result<(), LedgerError> {
+        let msg = signing_message(&self.record.body_bytes());
+        if verify_one(&self.record.author, &msg, &self.signature) {
+            Ok(())
+        } else {
+            Err(LedgerError::BadSignature {
+                what: "update record",
+                author: self.record.author,
+                seq: self.record.seq,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn key(n: u8) -> AuthorKey {
+        AuthorKey::from_secret([n; 32])
+    }
+
+    pub(crate) fn record(key: &AuthorKey, seq: u64, prev: RecordHash) -> SignedRecord {
+        UpdateRecord {
+            version: RECORD_VERSION,
+            run_id: RunId([7; 32]),
+            author: key.author(),
+            seq: Seq(seq),
+            prev,
+            round: seq,
+            base_hash: WeightsHash([1; 32]),
+            payload_hash: PayloadHash::of(&seq.to_le_bytes()),
+            payload_len: 8,
+            n_samples: 64,
+            train_loss: 0.5,
+        }
+        .sign(key)
+    }
+
+    #[test]
+    fn sign_verify_and_round_trip() {
+        let k = key(1);
+        let r = record(&k, 0, RecordHash([0; 32]));
+        r.verify_signature().unwrap();
+        let bytes = r.to_bytes();
+        let back = SignedRecord::from_bytes(&bytes).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.hash(), r.hash());
+    }
+
+    #[test]
+    fn tampered_field_fails_signature() {
+        let k = key(1);
+        let mut r = record(&k, 3, RecordHash([0; 32]));
+        r.record.n_samples += 1;
+        assert!(matches!(
+            r.verify_signature(),
+            Err(LedgerError::BadSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn signature_by_other_key_fails() {
+        let mut r = record(&key(1), 0, RecordHash([0; 32]));
+        r.record.author = key(2).author();
+        assert!(r.verify_signature().is_err());
+    }
+
+    #[test]
+    fn trailing_and_truncated_bytes_are_rejected() {
+        let r = record(&key(1), 0, RecordHash([0; 32]));
+        let mut bytes = r.to_bytes();
+        bytes.push(0);
+        assert!(SignedRecord::from_bytes(&bytes).is_err());
+        bytes.truncate(bytes.len() - 10);
+        assert!(SignedRecord::from_bytes(&bytes).is_err());
+        assert!(SignedRecord::from_bytes(&[]).is_err());
+    }
+
+    #[test]
+    fn other_version_is_rejected() {
+        let k = key(1);
+        let mut r = record(&k, 0, RecordHash([0; 32]));
+        r.record.version = 99;
+        let r = r.record.sign(&k);
+        let err = SignedRecord::from_bytes(&r.to_bytes()).unwrap_err();
+        assert!(err.to_string().contains("version 99"), "{err}");
+    }
+}
