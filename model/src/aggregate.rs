@@ -1,0 +1,487 @@
+//! Robust aggregation of a round's deltas, with a verdict for every input.
+//!
+//! Pure and deterministic: the same inputs in the same order give the same
+//! bits, so an auditor can replay a run from its ledger. Sums run in f64 in
+//! input order.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// One delta offered to the aggregator.
+#[derive(Clone, Copy, Debug)]
+pub struct AggInput<'a> {
+    pub delta: &'a [f32],
+    /// Prior weight (staleness discount); 1.0 for a fresh update.
+    pub weight: f32,
+}
+
+/// What the aggregator did with one input.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AggVerdict {
+    /// Merged with this share of the aggregate.
+    Merged { weight: f32 },
+    /// Scaled by `factor` (< 1) around the centre, then merged with `weight`.
+    Clipped { factor: f32, weight: f32 },
+    /// Set aside; the reason names the rule.
+    Rejected { reason: String },
+}
+
+/// The aggregate update and one verdict per input, in input order.
+#[derive(Clone, Debug)]
+pub struct Aggregate {
+    pub update: Vec<f32>,
+    pub verdicts: Vec<AggVerdict>,
+}
+
+/// A robust aggregation rule, as named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AggregatorSpec {
+    Mean,
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise mean after dropping the `beta` fraction at each end.
+    TrimmedMean { beta: f32 },
+    /// Average of the n − f inputs with the best Krum scores.
+    MultiKrum { f: usize },
+    /// Iterative clipping around a robust centre (Karimireddy, He & Jaggi
+    /// 2021). `tau` None: the clipping radius adapts to the median distance.
+    CenteredClip { tau: Option<f32> },
+    /// Self-centred clipping (He, Karimireddy & Jaggi 2022): clip every
+    /// neighbour's delta around this node's own.
+    ClippedGossip,
+}
+
+/// Fixed-point iterations of CenteredClip.
+const CLIP_ITERS: usize = 3;
+/// With an adaptive radius, clip at this multiple of the median distance.
+const ADAPTIVE_TAU_FACTOR: f64 = 1.5;
+/// Coordinate-wise rules reject an input that shaped fewer than this share of
+/// coordinates relative to a fair share.
+const COORD_REJECT_SHARE: f64 = 0.25;
+
+impl FromStr for AggregatorSpec {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        let bad = |detail: &str| ModelError::AggregatorSpec {
+            spec: s.to_string(),
+            detail: detail.to_string(),
+        };
+        let (name, arg) = match s.split_once(':') {
+            Some((n, a)) => (n, Some(a)),
+            None => (s, None),
+        };
+        let num = |what: &str| -> Result<f64, ModelError> {
+            arg.ok_or_else(|| bad(&format!("needs {what}")))?
+                .parse::<f64>()
+                .map_err(|_| bad(&format!("{what} is not a number")))
+        };
+        match name {
+            "mean" => Ok(AggregatorSpec::Mean),
+            "median" => Ok(AggregatorSpec::Median),
+            "trimmed-mean" => {
+                let beta = if arg.is_some() { num("a trim fraction")? } else { 0.2 };
+                if !(0.0..0.5).contains(&beta) {
+                    return Err(bad("the trim fraction must be in [0, 0.5)"));
+                }
+                Ok(AggregatorSpec::TrimmedMean { beta: beta as f32 })
+            }
+            "multi-krum" => {
+                let f = if arg.is_some() { num("the number of attackers f")? } else { 1.0 };
+                if f < 0.0 || f.fract() != 0.0 {
+                    return Err(bad("f must be a whole number"));
+                }
+                Ok(AggregatorSpec::MultiKrum { f: f as usize })
+            }
+            "centered-clip" => match arg {
+                None | Some("auto") => Ok(AggregatorSpec::CenteredClip { tau: None }),
+                Some(_) => {
+                    let tau = num("a clipping radius")?;
+                    if !(tau > 0.0 && tau.is_finite()) {
+                        return Err(bad("the radius must be positive"));
+                    }
+                    Ok(AggregatorSpec::CenteredClip { tau: Some(tau as f32) })
+                }
+            },
+            "clipped-gossip" => Ok(AggregatorSpec::ClippedGossip),
+            _ => Err(bad(
+                "known aggregators: mean, median, trimmed-mean:BETA, multi-krum:F, centered-clip[:TAU], clipped-gossip",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for AggregatorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AggregatorSpec::Mean => f.write_str("mean"),
+            AggregatorSpec::Median => f.write_str("median"),
+            AggregatorSpec::TrimmedMean { beta } => write!(f, "trimmed-mean:{beta}"),
+            AggregatorSpec::MultiKrum { f: k } => write!(f, "multi-krum:{k}"),
+            AggregatorSpec::CenteredClip { tau: None } => f.write_str("centered-clip"),
+            AggregatorSpec::CenteredClip { tau: Some(t) } => write!(f, "centered-clip:{t}"),
+            AggregatorSpec::ClippedGossip => f.write_str("clipped-gossip"),
+        }
+    }
+}
+
+impl Serialize for AggregatorSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for AggregatorSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn dist2(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let d = (*x - *y) as f64;
+            d * d
+        })
+        .sum()
+}
+
+fn weighted_mean(inputs: &[AggInput<'_>], weights: &[f64]) -> Vec<f32> {
+    let dim = inputs.first().map_or(0, |i| i.delta.len());
+    let total: f64 = weights.iter().sum();
+    let mut acc = vec![0f64; dim];
+    if total <= 0.0 {
+        return vec![0.0; dim];
+    }
+    for (inp, w) in inputs.iter().zip(weights) {
+        if *w == 0.0 {
+            continue;
+        }
+        let w = w / total;
+        for (a, v) in acc.iter_mut().zip(inp.delta) {
+            *a += w * *v as f64;
+        }
+    }
+    acc.into_iter().map(|v| v as f32).collect()
+}
+
+fn median_of(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Aggregates `inputs` (all of one length) by `spec`. `own` is the index of
+/// this node's own delta, the centre for clipped gossip.
+pub fn aggregate(spec: AggregatorSpec, inputs: &[AggInput<'_>], own: Option<usize>) -> Aggregate {
+    let n = inputs.len();
+    let dim = inputs.first().map_or(0, |i| i.delta.len());
+    if n == 0 {
+        return Aggregate {
+            update: Vec::new(),
+            verdicts: Vec::new(),
+        };
+    }
+    debug_assert!(inputs.iter().all(|i| i.delta.len() == dim));
+    match spec {
+        AggregatorSpec::Mean => {
+            let weights: Vec<f64> = inputs.iter().map(|i| i.weight.max(0.0) as f64).collect();
+            let total: f64 = weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+            Aggregate {
+                update: weighted_mean(inputs, &weights),
+                verdicts: weights
+                    .iter()
+                    .map(|w| AggVerdict::Merged {
+                        weight: (w / total) as f32,
+                    })
+                    .collect(),
+            }
+        }
+        AggregatorSpec::Median => coordinate_rule(inputs, 0, true),
+        AggregatorSpec::TrimmedMean { beta } => {
+            let trim = ((n as f64) * beta as f64).floor() as usize;
+            let trim = trim.min((n - 1) / 2);
+            coordinate_rule(inputs, trim, false)
+        }
+        AggregatorSpec::MultiKrum { f } => multi_krum(inputs, f),
+        AggregatorSpec::CenteredClip { tau } => {
+            let start = coordinate_rule(inputs, 0, true).update;
+            clip_around(inputs, start, tau, CLIP_ITERS)
+        }
+        AggregatorSpec::ClippedGossip => {
+            let centre = own.and_then(|i| inputs.get(i)).map(|i| i.delta.to_vec());
+            let centre = centre.unwrap_or_else(|| coordinate_rule(inputs, 0, true).update);
+            clip_around(inputs, centre, None, 1)
+        }
+    }
+}
+
+/// Coordinate-wise median (`median`) or trimmed mean (drop `trim` at each
+/// end). An input's weight is the share of coordinates it helped shape.
+fn coordinate_rule(inputs: &[AggInput<'_>], trim: usize, median: bool) -> Aggregate {
+    let n = inputs.len();
+    let dim = inputs[0].delta.len();
+    let mut update = vec![0f32; dim];
+    let mut used = vec![0u64; n];
+    let mut column: Vec<(f32, usize)> = Vec::with_capacity(n);
+    let (lo, hi) = if median {
+        if n % 2 == 1 {
+            (n / 2, n / 2 + 1)
+        } else {
+            (n / 2 - 1, n / 2 + 1)
+        }
+    } else {
+        (trim, n - trim)
+    };
+    for j in 0..dim {
+        column.clear();
+        column.extend(inputs.iter().enumerate().map(|(i, inp)| (inp.delta[j], i)));
+        // Ties break by input index, so the result is deterministic.
+        column.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let window = &column[lo..hi];
+        let sum: f64 = window.iter().map(|(v, _)| *v as f64).sum();
+        update[j] = (sum / window.len() as f64) as f32;
+        for (_, i) in window {
+            used[*i] += 1;
+        }
+    }
+    let window = (hi - lo) as f64;
+    let total_slots = window * dim as f64;
+    let fair = window / n as f64;
+    let rule = if median { "median" } else { "trimmed-mean" };
+    let verdicts = used
+        .iter()
+        .map(|&u| {
+            let share = u as f64 / total_slots.max(1.0);
+            let relative = u as f64 / (dim as f64 * fair).max(1.0);
+            if relative < COORD_REJECT_SHARE {
+                AggVerdict::Rejected {
+                    reason: format!("{rule}: shaped {:.1}% of coordinates", 100.0 * u as f64 / dim.max(1) as f64),
+                }
+            } else {
+                AggVerdict::Merged { weight: share as f32 }
+            }
+        })
+        .collect();
+    Aggregate { update, verdicts }
+}
+
+fn multi_krum(inputs: &[AggInput<'_>], f: usize) -> Aggregate {
+    let n = inputs.len();
+    // Krum needs n > 2f + 2; with fewer inputs it degrades to the mean of
+    // the closest ones.
+    let neighbours = n.saturating_sub(f + 2).max(1).min(n - 1);
+    let mut d = vec![vec![0f64; n]; n];
+    for i in 0..n {
+        for j in (i + 1)..n {
+            let v = dist2(inputs[i].delta, inputs[j].delta);
+            d[i][j] = v;
+            d[j][i] = v;
+        }
+    }
+    let scores: Vec<f64> = (0..n)
+        .map(|i| {
+            let mut row: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| d[i][j]).collect();
+            row.sort_by(|a, b| a.total_cmp(b));
+            row.iter().take(neighbours).sum()
+        })
+        .collect();
+    let keep = n.saturating_sub(f).max(1);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+    let mut selected = vec![false; n];
+    for &i in order.iter().take(keep) {
+        selected[i] = true;
+    }
+    let weights: Vec<f64> = (0..n).map(|i| if selected[i] { 1.0 } else { 0.0 }).collect();
+    let cutoff = order.get(keep.saturating_sub(1)).map_or(0.0, |&i| scores[i]);
+    Aggregate {
+        update: weighted_mean(inputs, &weights),
+        verdicts: (0..n)
+            .map(|i| {
+                if selected[i] {
+                    AggVerdict::Merged {
+                        weight: 1.0 / keep as f32,
+                    }
+                } else {
+                    AggVerdict::Rejected {
+                        reason: format!("multi-krum: score {:.3e} above the cut {:.3e}", scores[i], cutoff),
+                    }
+                }
+            })
+            .collect(),
+    }
+}
+
+/// v ← v + Σ w_i (Δ_i − v) min(1, τ/‖Δ_i − v‖) / Σ w_i, `iters` times.
+fn clip_around(inputs: &[AggInput<'_>], start: Vec<f32>, tau: Option<f32>, iters: usize) -> Aggregate {
+    let n = inputs.len();
+    let dim = start.len();
+    let weights: Vec<f64> = inputs.iter().map(|i| i.weight.max(0.0) as f64).collect();
+    let total: f64 = weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+    let mut v = start;
+    let mut factors = vec![1f64; n];
+    for _ in 0..iters {
+        let dists: Vec<f64> = inputs.iter().map(|i| dist2(i.delta, &v).sqrt()).collect();
+        let radius = match tau {
+            Some(t) => t as f64,
+            None => ADAPTIVE_TAU_FACTOR * median_of(&mut dists.clone()),
+        };
+        for i in 0..n {
+            factors[i] = if dists[i] > radius && dists[i] > 0.0 {
+                radius / dists[i]
+            } else {
+                1.0
+            };
+        }
+        let mut acc = vec![0f64; dim];
+        for (i, inp) in inputs.iter().enumerate() {
+            let w = weights[i] / total * factors[i];
+            if w == 0.0 {
+                continue;
+            }
+            for ((a, x), c) in acc.iter_mut().zip(inp.delta).zip(&v) {
+                *a += w * (*x as f64 - *c as f64);
+            }
+        }
+        for (c, a) in v.iter_mut().zip(&acc) {
+            *c = (*c as f64 + a) as f32;
+        }
+    }
+    let verdicts = (0..n)
+        .map(|i| {
+            let weight = (weights[i] / total) as f32;
+            if factors[i] < 1.0 {
+                AggVerdict::Clipped {
+                    factor: factors[i] as f32,
+                    weight,
+                }
+            } else {
+                AggVerdict::Merged { weight }
+            }
+        })
+        .collect();
+    Aggregate { update: v, verdicts }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(vs: &[Vec<f32>]) -> Vec<AggInput<'_>> {
+        vs.iter().map(|v| AggInput { delta: v, weight: 1.0 }).collect()
+    }
+
+    #[test]
+    fn parse_and_print() {
+        for s in ["mean", "median", "trimmed-mean:0.25", "multi-krum:2", "centered-clip", "centered-clip:0.5", "clipped-gossip"] {
+            let a: AggregatorSpec = s.parse().unwrap();
+            assert_eq!(a.to_string(), s);
+        }
+        for s in ["trimmed-mean:0.5", "multi-krum:1.5", "centered-clip:-1", "max"] {
+            assert!(s.parse::<AggregatorSpec>().is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn mean_is_the_weighted_average() {
+        let vs = vec![vec![1.0, 2.0], vec![3.0, 6.0]];
+        let mut inp = inputs(&vs);
+        inp[1].weight = 3.0;
+        let a = aggregate(AggregatorSpec::Mean, &inp, None);
+        assert_eq!(a.update, vec![2.5, 5.0]);
+        assert_eq!(a.verdicts[1], AggVerdict::Merged { weight: 0.75 });
+    }
+
+    #[test]
+    fn median_ignores_one_wild_input() {
+        let vs = vec![vec![1.0, -1.0], vec![2.0, -2.0], vec![3.0, -3.0], vec![1000.0, 1000.0]];
+        let a = aggregate(AggregatorSpec::Median, &inputs(&vs), None);
+        assert_eq!(a.update, vec![2.5, -1.5]);
+        let odd = &vs[..3];
+        let a = aggregate(AggregatorSpec::Median, &inputs(odd), None);
+        assert_eq!(a.update, vec![2.0, -2.0]);
+    }
+
+    #[test]
+    fn trimmed_mean_drops_the_ends() {
+        let vs: Vec<Vec<f32>> = vec![vec![-100.0], vec![1.0], vec![2.0], vec![3.0], vec![100.0]];
+        let a = aggregate(AggregatorSpec::TrimmedMean { beta: 0.2 }, &inputs(&vs), None);
+        assert_eq!(a.update, vec![2.0]);
+        assert!(matches!(a.verdicts[0], AggVerdict::Rejected { .. }));
+        assert!(matches!(a.verdicts[4], AggVerdict::Rejected { .. }));
+        assert!(matches!(a.verdicts[2], AggVerdict::Merged { .. }));
+    }
+
+    #[test]
+    fn multi_krum_rejects_the_far_ones() {
+        let vs = vec![
+            vec![1.0, 1.0],
+            vec![1.1, 0.9],
+            vec![0.9, 1.1],
+            vec![1.0, 1.05],
+            vec![-50.0, 80.0],
+        ];
+        let a = aggregate(AggregatorSpec::MultiKrum { f: 1 }, &inputs(&vs), None);
+        assert!(matches!(a.verdicts[4], AggVerdict::Rejected { .. }));
+        assert!(a.verdicts[..4].iter().all(|v| matches!(v, AggVerdict::Merged { .. })));
+        assert!((a.update[0] - 1.0).abs() < 1e-6 && (a.update[1] - 1.0125).abs() < 1e-6);
+    }
+
+    #[test]
+    fn centered_clip_bounds_a_scaled_attacker() {
+        let mut vs: Vec<Vec<f32>> = (0..6).map(|i| vec![1.0 + 0.01 * i as f32, 1.0]).collect();
+        vs.push(vec![1000.0, -1000.0]);
+        let a = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&vs), None);
+        assert!((a.update[0] - 1.03).abs() < 0.05, "{:?}", a.update);
+        match a.verdicts[6] {
+            AggVerdict::Clipped { factor, .. } => assert!(factor < 0.01),
+            ref v => panic!("{v:?}"),
+        }
+        let plain = aggregate(AggregatorSpec::Mean, &inputs(&vs), None);
+        assert!(plain.update[0] > 100.0);
+    }
+
+    #[test]
+    fn centered_clip_with_fixed_tau_known_answer() {
+        // centre starts at the median (0); the far input is clipped to tau
+        let vs = vec![vec![0.0], vec![0.0], vec![10.0]];
+        let a = aggregate(AggregatorSpec::CenteredClip { tau: Some(1.0) }, &inputs(&vs), None);
+        // iteration 1: v = 0 + (0 + 0 + 1)/3 = 1/3; it 2: far is at 9.667 → 1/3 + (−1/3·2 + 1)/3 …
+        let mut v = 0f64;
+        for _ in 0..CLIP_ITERS {
+            let d = 10.0 - v;
+            v += ((0.0 - v) * 2.0 + d * (1.0f64).min(1.0 / d)) / 3.0;
+        }
+        assert!((a.update[0] as f64 - v).abs() < 1e-6, "{} vs {v}", a.update[0]);
+    }
+
+    #[test]
+    fn clipped_gossip_centres_on_own() {
+        let vs = vec![vec![0.0], vec![0.1], vec![100.0]];
+        let a = aggregate(AggregatorSpec::ClippedGossip, &inputs(&vs), Some(0));
+        assert!(a.update[0] < 1.0, "{:?}", a.update);
+        assert!(matches!(a.verdicts[2], AggVerdict::Clipped { .. }));
+    }
+
+    #[test]
+    fn deterministic_bits() {
+        let vs: Vec<Vec<f32>> = (0..5).map(|i| (0..100).map(|j| ((i * 31 + j * 7) % 13) as f32 * 0.37).collect()).collect();
+        for spec in ["mean", "median", "trimmed-mean:0.2", "multi-krum:1", "centered-clip", "clipped-gossip"] {
+            let s: AggregatorSpec = spec.parse().unwrap();
+            let a = aggregate(s, &inputs(&vs), Some(0));
+            let b = aggregate(s, &inputs(&vs), Some(0));
+            assert_eq!(a.update, b.update, "{spec}");
+        }
+    }
+}

@@ -1,0 +1,49 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the model crate, in a user's terms.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: {detail} (at byte offset {offset})")]
+    BadDataFile {
+        path: PathBuf,
+        offset: u64,
+        detail: String,
+    },
+
+    #[error("dataset {name}: {detail}")]
+    BadDataset { name: String, detail: String },
+
+    #[error("unknown model `{0}` (known: mlp, cnn)")]
+    UnknownModel(String),
+
+    #[error("model `{model}` expects {expected} inputs, the data has {got}")]
+    ShapeMismatch {
+        model: String,
+        expected: String,
+        got: String,
+    },
+
+    #[error("weight vector has {got} values, the model has {expected} parameters")]
+    ParamCount { expected: usize, got: usize },
+
+    #[error("malformed delta payload: {0}")]
+    Codec(String),
+
+    #[error("bad codec spec `{spec}`: {detail}")]
+    CodecSpec { spec: String, detail: String },
+
+    #[error("bad aggregator spec `{spec}`: {detail}")]
+    AggregatorSpec { spec: String, detail: String },
+
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

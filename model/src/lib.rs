@@ -1,0 +1,37 @@
+//! Everything about tensors in meshtrain, with no networking and no storage
+//! engine: model definitions, datasets and batching, the local training loop,
+//! flattening weights to one vector, the delta codec, robust aggregation and
+//! the outer optimiser.
+//!
+//! It knows nothing of peers, signatures or RocksDB; the node hands it plain
+//! vectors and bytes.
+//!
+//! Main types:
+//! - [`Network`] (with its [`Layout`] and deterministic genesis) and [`Trainer`];
+//! - [`Dataset`] / [`DataSplits`];
+//! - [`codec::DeltaEncoder`] and [`codec::decode`];
+//! - [`aggregate::aggregate`] with [`AggregatorSpec`];
+//! - [`OuterOptimizer`].
+
+pub mod aggregate;
+pub mod codec;
+pub mod dataset;
+mod error;
+pub mod idx;
+pub mod net;
+pub mod outer;
+pub mod train;
+
+pub use aggregate::{AggInput, AggVerdict, Aggregate, AggregatorSpec};
+pub use codec::{CodecError, CodecSpec, DeltaEncoder};
+pub use dataset::{DataSplits, Dataset, ImageShape};
+pub use error::{ModelError, Result};
+pub use net::{Arch, Layout, Network};
+pub use outer::{OuterConfig, OuterOptimizer};
+pub use train::{evaluate, Evaluation, StepStats, TrainConfig, Trainer};
+pub use tch::Device;
+
+/// Pins libtorch's intra-op threads: several nodes share one machine.
+pub fn set_threads(n: usize) {
+    tch::set_num_threads(n.max(1) as i32);
+}

@@ -1,0 +1,330 @@
+//! Model definitions, their parameter layout, and deterministic genesis.
+//!
+//! Every node must start from the same bytes. libtorch's initialisers depend
+//! on its RNG and build, so genesis weights are drawn here in plain Rust from
+//! the run seed, per parameter name, with PyTorch's default init rules.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+use crate::dataset::ImageShape;
+use crate::{ModelError, Result};
+
+/// The model architectures a run can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    /// 784-256-128-10 multilayer perceptron (any input size).
+    Mlp,
+    /// Two conv blocks (conv, batch norm, ReLU, max-pool) then two dense
+    /// layers: about 0.42M parameters on 28x28x1, 0.55M on 32x32x3.
+    Cnn,
+}
+
+impl FromStr for Arch {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mlp" => Ok(Arch::Mlp),
+            "cnn" => Ok(Arch::Cnn),
+            other => Err(ModelError::UnknownModel(other.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Arch::Mlp => "mlp",
+            Arch::Cnn => "cnn",
+        })
+    }
+}
+
+/// How one parameter tensor starts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Uniform { bound: f32 },
+    Const(f32),
+}
+
+/// One named parameter (or buffer) tensor of a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub numel: usize,
+    pub init: Init,
+}
+
+/// The order in which a model's tensors are flattened into one vector: by
+/// name, so that every node lays out the same vector the same way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub params: Vec<ParamSpec>,
+    pub total: usize,
+}
+
+impl Layout {
+    fn from_shapes(shapes: &BTreeMap<String, Vec<i64>>) -> Self {
+        let mut params = Vec::with_capacity(shapes.len());
+        let mut total = 0;
+        for (name, shape) in shapes {
+            let numel = shape.iter().product::<i64>().max(0) as usize;
+            let init = init_rule(name, shape, shapes);
+            total += numel;
+            params.push(ParamSpec {
+                name: name.clone(),
+                shape: shape.clone(),
+                numel,
+                init,
+            });
+        }
+        Self { params, total }
+    }
+
+    /// Genesis weights for `seed`: identical on every machine.
+    pub fn genesis(&self, seed: u64) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.total);
+        for p in &self.params {
+            match p.init {
+                Init::Const(c) => out.extend(std::iter::repeat_n(c, p.numel)),
+                Init::Uniform { bound } => {
+                    let mut key = blake3::Hasher::new_derive_key("meshtrain genesis param v1");
+                    key.update(&seed.to_le_bytes());
+                    key.update(p.name.as_bytes());
+                    let mut rng = ChaCha8Rng::from_seed(*key.finalize().as_bytes());
+                    // 24 random bits per value, mapped by hand so that genesis
+                    // does not depend on how a rand release samples floats.
+                    out.extend((0..p.numel).map(|_| {
+                        let unit = (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32;
+                        bound * (2.0 * unit - 1.0)
+                    }));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn fan_in(shape: &[i64]) -> f32 {
+    shape.iter().skip(1).product::<i64>().max(1) as f32
+}
+
+/// PyTorch's defaults: weights and biases of dense and conv layers are
+/// U(±1/sqrt(fan_in)); batch norm scales 1, shifts 0, running stats 0 and 1.
+fn init_rule(name: &str, shape: &[i64], all: &BTreeMap<String, Vec<i64>>) -> Init {
+    let (prefix, leaf) = name.rsplit_once('.').unwrap_or(("", name));
+    let is_norm = all.contains_key(&format!("{prefix}.running_mean"));
+    match leaf {
+        "running_mean" => Init::Const(0.0),
+        "running_var" => Init::Const(1.0),
+        "weight" if is_norm || shape.len() == 1 => Init::Const(1.0),
+        "bias" if is_norm => Init::Const(0.0),
+        "bias" => {
+            let fan = all
+                .get(&format!("{prefix}.weight"))
+                .map(|w| fan_in(w))
+                .unwrap_or(1.0);
+            Init::Uniform {
+                bound: 1.0 / fan.sqrt(),
+            }
+        }
+        _ => Init::Uniform {
+            bound: 1.0 / fan_in(shape).sqrt(),
+        },
+    }
+}
+
+/// A model instance: its variables and forward pass, on one device.
+pub struct Network {
+    pub arch: Arch,
+    pub input: ImageShape,
+    pub classes: usize,
+    vs: nn::VarStore,
+    body: nn::SequentialT,
+    /// Variables in layout order, shallow handles into `vs`.
+    vars: Vec<Tensor>,
+    layout: Layout,
+}
+
+impl fmt::Debug for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Network({}, {} params)", self.arch, self.layout.total)
+    }
+}
+
+impl Network {
+    pub fn new(arch: Arch, input: ImageShape, classes: usize, device: Device) -> Result<Self> {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let c = classes as i64;
+        let body = match arch {
+            Arch::Mlp => {
+                let d = input.len() as i64;
+                nn::seq_t()
+                    .add_fn(|x| x.flatten(1, -1))
+                    .add(nn::linear(&root / "fc1", d, 256, Default::default()))
+                    .add_fn(|x| x.relu())
+                    .add(nn::linear(&root / "fc2", 256, 128, Default::default()))
+                    .add_fn(|x| x.relu())
+                    .add(nn::linear(&root / "fc3", 128, c, Default::default()))
+            }
+            Arch::Cnn => {
+                if input.height % 4 != 0 || input.width % 4 != 0 {
+                    return Err(ModelError::ShapeMismatch {
+                        model: arch.to_string(),
+                        expected: "height and width divisible by 4".into(),
+                        got: format!("{}x{}", input.height, input.width),
+                    });
+                }
+                let conv = nn::ConvConfig {
+                    padding: 1,
+                    ..Default::default()
+                };
+                let flat = 64 * (input.height / 4) as i64 * (input.width / 4) as i64;
+                nn::seq_t()
+                    .add(nn::conv2d(&root / "conv1", input.channels as i64, 32, 3, conv))
+                    .add(nn::batch_norm2d(&root / "bn1", 32, Default::default()))
+                    .add_fn(|x| x.relu().max_pool2d_default(2))
+                    .add(nn::conv2d(&root / "conv2", 32, 64, 3, conv))
+                    .add(nn::batch_norm2d(&root / "bn2", 64, Default::default()))
+                    .add_fn(|x| x.relu().max_pool2d_default(2))
+                    .add_fn(|x| x.flatten(1, -1))
+                    .add(nn::linear(&root / "fc1", flat, 128, Default::default()))
+                    .add_fn(|x| x.relu())
+                    .add(nn::linear(&root / "fc2", 128, c, Default::default()))
+            }
+        };
+        let named = vs.variables();
+        let shapes: BTreeMap<String, Vec<i64>> = named.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+        let layout = Layout::from_shapes(&shapes);
+        let vars = layout
+            .params
+            .iter()
+            .map(|p| named[&p.name].shallow_clone())
+            .collect();
+        Ok(Self {
+            arch,
+            input,
+            classes,
+            vs,
+            body,
+            vars,
+            layout,
+        })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.layout.total
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    pub fn forward(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.body.forward_t(xs, train)
+    }
+
+    /// All parameters and buffers, flattened in layout order.
+    pub fn flat(&self) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.layout.total);
+        for v in &self.vars {
+            let t = v.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1);
+            let vals = Vec::<f32>::try_from(&t)?;
+            out.extend_from_slice(&vals);
+        }
+        Ok(out)
+    }
+
+    /// Overwrites every parameter and buffer from a flat vector.
+    pub fn load_flat(&mut self, flat: &[f32]) -> Result<()> {
+        if flat.len() != self.layout.total {
+            return Err(ModelError::ParamCount {
+                expected: self.layout.total,
+                got: flat.len(),
+            });
+        }
+        let device = self.device();
+        let mut off = 0;
+        tch::no_grad(|| -> Result<()> {
+            for (v, p) in self.vars.iter_mut().zip(&self.layout.params) {
+                let src = Tensor::from_slice(&flat[off..off + p.numel])
+                    .reshape(&p.shape)
+                    .to_device(device);
+                v.f_copy_(&src)?;
+                off += p.numel;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FMNIST: ImageShape = ImageShape {
+        channels: 1,
+        height: 28,
+        width: 28,
+    };
+
+    #[test]
+    fn mlp_has_the_expected_size() {
+        let n = Network::new(Arch::Mlp, FMNIST, 10, Device::Cpu).unwrap();
+        assert_eq!(n.param_count(), 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10);
+    }
+
+    #[test]
+    fn cnn_is_about_half_a_million() {
+        let n = Network::new(Arch::Cnn, FMNIST, 10, Device::Cpu).unwrap();
+        assert!((400_000..600_000).contains(&n.param_count()), "{}", n.param_count());
+        let cifar = ImageShape {
+            channels: 3,
+            height: 32,
+            width: 32,
+        };
+        let n = Network::new(Arch::Cnn, cifar, 10, Device::Cpu).unwrap();
+        assert!((500_000..700_000).contains(&n.param_count()), "{}", n.param_count());
+    }
+
+    #[test]
+    fn genesis_is_deterministic_and_loads() {
+        let mut n = Network::new(Arch::Cnn, FMNIST, 10, Device::Cpu).unwrap();
+        let g1 = n.layout().genesis(42);
+        let g2 = n.layout().genesis(42);
+        assert_eq!(g1, g2);
+        assert_ne!(g1, n.layout().genesis(43));
+        n.load_flat(&g1).unwrap();
+        assert_eq!(n.flat().unwrap(), g1);
+        // batch-norm running variance starts at one
+        let bn = n.layout().params.iter().position(|p| p.name == "bn1.running_var").unwrap();
+        let off: usize = n.layout().params[..bn].iter().map(|p| p.numel).sum();
+        assert!(g1[off..off + 32].iter().all(|&v| v == 1.0));
+        assert!(n.load_flat(&g1[1..]).is_err());
+    }
+
+    #[test]
+    fn forward_shapes() {
+        let n = Network::new(Arch::Cnn, FMNIST, 10, Device::Cpu).unwrap();
+        let x = Tensor::zeros([3, 1, 28, 28], (Kind::Float, Device::Cpu));
+        assert_eq!(n.forward(&x, false).size(), vec![3, 10]);
+    }
+}

@@ -1,0 +1,201 @@
+//! The local training loop: H steps of the inner optimiser on a shard.
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+use crate::dataset::Dataset;
+use crate::net::Network;
+use crate::{ModelError, Result};
+
+/// Inner-loop hyper-parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    /// Adam's learning rate.
+    pub lr: f64,
+    /// Seeds the shard's shuffling (each node mixes in its own index).
+    pub seed: u64,
+    /// Training-data attack: train on flipped labels (`classes - 1 - y`).
+    /// Only for testnets and tests.
+    pub label_flip: bool,
+}
+
+/// What a burst of local steps did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    pub steps: u64,
+    pub samples: u64,
+    pub mean_loss: f32,
+}
+
+/// Loss and accuracy over a held-out set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub loss: f32,
+    pub accuracy: f32,
+    pub samples: u64,
+}
+
+/// Turns image bytes into a normalised float batch on `device`.
+fn batch_tensor(data: &Dataset, picks: &[usize], device: Device, flip: bool) -> Result<(Tensor, Tensor)> {
+    let rec = data.shape.len();
+    let mut pixels = Vec::with_capacity(picks.len() * rec);
+    let mut labels = Vec::with_capacity(picks.len());
+    for &i in picks {
+        pixels.extend_from_slice(&data.pixels()[i * rec..(i + 1) * rec]);
+        let l = data.labels()[i] as i64;
+        labels.push(if flip { data.classes as i64 - 1 - l } else { l });
+    }
+    let s = data.shape;
+    // Pixels map to [-1, 1]; the same fixed scaling on every node.
+    let xs = Tensor::from_slice(&pixels)
+        .f_to_device(device)?
+        .f_to_kind(Kind::Float)?
+        .f_view([picks.len() as i64, s.channels as i64, s.height as i64, s.width as i64])?
+        .f_div_scalar(127.5)?
+        .f_sub_scalar(1.0)?;
+    let ys = Tensor::from_slice(&labels).f_to_device(device)?;
+    Ok((xs, ys))
+}
+
+/// Mean cross-entropy of logits against class indices, with errors (not
+/// panics) on shape or index trouble.
+fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    Ok(logits
+        .f_log_softmax(-1, Kind::Float)?
+        .f_nll_loss(targets, None::<Tensor>, tch::Reduction::Mean, -100)?)
+}
+
+/// Owns one model replica, its inner optimiser and its shard. Lives on the
+/// training thread (a tensor is `Send` but not `Sync`).
+pub struct Trainer {
+    net: Network,
+    opt: nn::Optimizer,
+    shard: Dataset,
+    cfg: TrainConfig,
+    order: Vec<usize>,
+    cursor: usize,
+    rng: ChaCha8Rng,
+}
+
+impl Trainer {
+    pub fn new(net: Network, shard: Dataset, cfg: TrainConfig) -> Result<Self> {
+        if shard.is_empty() {
+            return Err(ModelError::BadDataset {
+                name: shard.name.clone(),
+                detail: "the shard is empty".into(),
+            });
+        }
+        if shard.shape != net.input || shard.classes != net.classes {
+            return Err(ModelError::ShapeMismatch {
+                model: net.arch.to_string(),
+                expected: format!("{:?} with {} classes", net.input, net.classes),
+                got: format!("{:?} with {} classes", shard.shape, shard.classes),
+            });
+        }
+        if cfg.batch_size == 0 {
+            return Err(ModelError::BadDataset {
+                name: shard.name.clone(),
+                detail: "batch size 0".into(),
+            });
+        }
+        let opt = nn::Adam::default().build(net.var_store(), cfg.lr)?;
+        let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        Ok(Self {
+            order: (0..shard.len()).collect(),
+            cursor: usize::MAX,
+            net,
+            opt,
+            shard,
+            cfg,
+            rng,
+        })
+    }
+
+    pub fn network(&self) -> &Network {
+        &self.net
+    }
+
+    pub fn shard_len(&self) -> usize {
+        self.shard.len()
+    }
+
+    pub fn load(&mut self, weights: &[f32]) -> Result<()> {
+        self.net.load_flat(weights)
+    }
+
+    pub fn weights(&self) -> Result<Vec<f32>> {
+        self.net.flat()
+    }
+
+    fn next_batch(&mut self) -> Vec<usize> {
+        let bs = self.cfg.batch_size.min(self.order.len());
+        if self.cursor.saturating_add(bs) > self.order.len() {
+            self.order.shuffle(&mut self.rng);
+            self.cursor = 0;
+        }
+        let picks = self.order[self.cursor..self.cursor + bs].to_vec();
+        self.cursor += bs;
+        picks
+    }
+
+    /// Runs `steps` optimiser steps on shuffled mini-batches of the shard.
+    pub fn train_steps(&mut self, steps: usize) -> Result<StepStats> {
+        let mut total = 0f64;
+        let mut samples = 0u64;
+        for _ in 0..steps {
+            let picks = self.next_batch();
+            let (xs, ys) = batch_tensor(&self.shard, &picks, self.net.device(), self.cfg.label_flip)?;
+            let logits = self.net.forward(&xs, true);
+            let loss = cross_entropy(&logits, &ys)?;
+            self.opt.backward_step(&loss);
+            total += loss.f_double_value(&[])?;
+            samples += picks.len() as u64;
+        }
+        Ok(StepStats {
+            steps: steps as u64,
+            samples,
+            mean_loss: if steps == 0 { 0.0 } else { (total / steps as f64) as f32 },
+        })
+    }
+
+    /// Loss and accuracy of the current weights on `data`.
+    pub fn evaluate(&self, data: &Dataset) -> Result<Evaluation> {
+        evaluate(&self.net, data)
+    }
+}
+
+/// Loss and accuracy of `net` on `data`, in batches, without gradients.
+pub fn evaluate(net: &Network, data: &Dataset) -> Result<Evaluation> {
+    if data.shape != net.input {
+        return Err(ModelError::ShapeMismatch {
+            model: net.arch.to_string(),
+            expected: format!("{:?}", net.input),
+            got: format!("{:?}", data.shape),
+        });
+    }
+    let mut loss = 0f64;
+    let mut correct = 0i64;
+    let n = data.len();
+    tch::no_grad(|| -> Result<()> {
+        let idx: Vec<usize> = (0..n).collect();
+        for chunk in idx.chunks(1000) {
+            let (xs, ys) = batch_tensor(data, chunk, net.device(), false)?;
+            let logits = net.forward(&xs, false);
+            let l = cross_entropy(&logits, &ys)?;
+            loss += l.f_double_value(&[])? * chunk.len() as f64;
+            let pred = logits.f_argmax(-1, false)?;
+            correct += pred.f_eq_tensor(&ys)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+        }
+        Ok(())
+    })?;
+    Ok(Evaluation {
+        loss: (loss / n.max(1) as f64) as f32,
+        accuracy: correct as f32 / n.max(1) as f32,
+        samples: n as u64,
+    })
+}
