@@ -1,0 +1,39 @@
+//! Limits and timings of the mesh protocols.
+
+use std::time::Duration;
+
+/// Everything a node may tune about its networking. The defaults keep gossip
+/// small (records and small inline payloads) and move big payloads over
+/// request-response.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// Largest gossipsub message, sent or accepted.
+    pub max_gossip_bytes: usize,
+    /// Payloads up to this size ride inline with their record.
+    pub max_inline_payload: usize,
+    /// Largest request-response request.
+    pub max_request_bytes: usize,
+    /// Largest request-response response (one payload, block or anchor).
+    pub max_response_bytes: usize,
+    pub request_timeout: Duration,
+    pub heartbeat: Duration,
+    /// Close connections idle this long (peers in the mesh are never idle).
+    pub idle_timeout: Duration,
+    /// Discover peers on the LAN by mDNS (opt-in).
+    pub mdns: bool,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            max_gossip_bytes: 64 * 1024,
+            max_inline_payload: 48 * 1024,
+            max_request_bytes: 16 * 1024,
+            max_response_bytes: 128 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(120),
+            mdns: false,
+        }
+    }
+}
