@@ -1,0 +1,394 @@
+//! `meshtrain`: run a node, a local testnet, or audit a ledger.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshtrain_gossip::libp2p::Multiaddr;
+use meshtrain_gossip::MeshConfig;
+use meshtrain_ledger::{audit, Ledger};
+use meshtrain_model::{AggregatorSpec, Arch, CodecSpec};
+use meshtrain_node::attack::Attack;
+use meshtrain_node::node::{default_data_path, load_data};
+use meshtrain_node::{Node, NodeOptions, RunSpec};
+
+#[derive(Parser)]
+#[command(name = "meshtrain", version, about = "Decentralized, poisoning-robust, auditable peer-to-peer training")]
+struct Cli {
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Run a local testnet of node processes.
+    #[command(subcommand)]
+    Testnet(TestnetCommand),
+    /// Check, compare or export a node's ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+    /// Write run specs.
+    #[command(subcommand)]
+    Spec(SpecCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Join (or start) a training mesh.
+    Run(NodeRunArgs),
+}
+
+#[derive(Args)]
+struct NodeRunArgs {
+    /// Keeps the identity key, the ledger and the results.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Multiaddr to listen on (repeatable).
+    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+    listen: Vec<Multiaddr>,
+    /// Multiaddr of a peer already in the mesh, with /p2p/<peer id> (repeatable).
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
+    /// The run spec (TOML) every node of the mesh shares.
+    #[arg(long)]
+    run: PathBuf,
+    /// Which shard of the training set to train on, as I/N.
+    #[arg(long, default_value = "0/1")]
+    shard: String,
+    /// Directory of the dataset (default: by dataset name).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Peers to wait for before the first round.
+    #[arg(long, default_value_t = 0)]
+    wait_peers: usize,
+    /// Start anyway after this many seconds without enough peers.
+    #[arg(long, default_value_t = 120)]
+    wait_peers_timeout_s: u64,
+    /// libtorch threads for this node.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Testnet and tests only: behave as an attacker (see DESIGN §6).
+    #[arg(long)]
+    attack: Option<Attack>,
+    /// Seconds to linger after the last round, serving peers.
+    #[arg(long, default_value_t = 30)]
+    drain_s: u64,
+    /// fsync every ledger write (own records are always synced).
+    #[arg(long)]
+    sync_writes: bool,
+    /// Discover peers on the LAN by mDNS.
+    #[arg(long)]
+    mdns: bool,
+}
+
+#[derive(Subcommand)]
+enum TestnetCommand {
+    /// Start N node processes on loopback, wait for them, report.
+    Run(TestnetArgs),
+}
+
+#[derive(Args)]
+struct TestnetArgs {
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    /// Rounds to run (or give --epochs).
+    #[arg(long, conflicts_with = "epochs")]
+    rounds: Option<u64>,
+    /// Passes over the whole training set, summed over nodes.
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long, default_value = "mlp")]
+    model: Arch,
+    #[arg(long, default_value = "out/testnet")]
+    out: PathBuf,
+    /// H: local steps per round.
+    #[arg(long, default_value_t = 10)]
+    local_steps: usize,
+    #[arg(long, default_value = "dense")]
+    codec: CodecSpec,
+    #[arg(long, default_value = "mean")]
+    aggregator: AggregatorSpec,
+    /// How many nodes (the last ones) attack.
+    #[arg(long, default_value_t = 0)]
+    byzantine: usize,
+    #[arg(long)]
+    attack: Option<Attack>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Give up on the whole testnet after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    timeout_s: u64,
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Verify every signature, link, verdict, payload and proof.
+    Audit {
+        /// A node's data dir (or its ledger dir).
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that two ledgers agree on every chain they share.
+    Compare { left: PathBuf, right: PathBuf },
+    /// Print records and verdicts as JSON lines.
+    Export { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum SpecCommand {
+    /// Print a run spec for the given choices.
+    New(SpecArgs),
+}
+
+#[derive(Args)]
+struct SpecArgs {
+    #[arg(long, default_value = "mlp")]
+    model: Arch,
+    #[arg(long, default_value = "fashion-mnist")]
+    dataset: String,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, conflicts_with = "epochs")]
+    rounds: Option<u64>,
+    /// Passes over the training set, summed over `--nodes` nodes.
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    #[arg(long, default_value_t = 10)]
+    local_steps: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value = "dense")]
+    codec: CodecSpec,
+    #[arg(long, default_value = "mean")]
+    aggregator: AggregatorSpec,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Write here instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHTRAIN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn,libp2p_kad=warn,libp2p_swarm=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Node(NodeCommand::Run(args)) => node_run(args),
+        Command::Testnet(TestnetCommand::Run(args)) => testnet_run(args),
+        Command::Ledger(cmd) => ledger(cmd),
+        Command::Spec(SpecCommand::New(args)) => spec_new(args),
+    }
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let bad = || meshtrain_node::NodeError::Shard(s.to_string());
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let i: usize = i.trim().parse().map_err(|_| bad())?;
+    let n: usize = n.trim().parse().map_err(|_| bad())?;
+    if n == 0 || i >= n {
+        return Err(bad().into());
+    }
+    Ok((i, n))
+}
+
+fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
+    let spec = RunSpec::load(&args.run)?;
+    let shard = parse_shard(&args.shard)?;
+    let opts = NodeOptions {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        bootstrap: args.bootstrap,
+        spec,
+        shard,
+        data_path: args.data,
+        wait_peers: args.wait_peers,
+        wait_peers_timeout: Duration::from_secs(args.wait_peers_timeout_s),
+        threads: args.threads,
+        attack: args.attack,
+        drain: Duration::from_secs(args.drain_s),
+        sync_writes: args.sync_writes,
+        mesh: MeshConfig {
+            mdns: args.mdns,
+            ..Default::default()
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(async move {
+        let node = Node::start(opts).await?;
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        node.run(shutdown).await
+    })?;
+    println!(
+        "final test accuracy {:.4} after {} rounds; sent {} B, received {} B",
+        report.final_test_acc, report.rounds_completed, report.bytes_sent, report.bytes_received
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ledger_dir(dir: &Path) -> PathBuf {
+    let inner = dir.join("ledger");
+    if inner.join("CURRENT").exists() {
+        inner
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+fn ledger(cmd: LedgerCommand) -> Result<ExitCode> {
+    match cmd {
+        LedgerCommand::Audit { dir, json } => {
+            let path = ledger_dir(&dir);
+            let ledger = Ledger::open_read_only(&path)?;
+            let report = audit::audit(&ledger)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if report.ok {
+                println!(
+                    "ledger {} is sound: {} records by {} authors ({} signatures in {} batches), {} verdict blocks ({} merged, {} clipped, {} rejected), {} payloads, {} proofs",
+                    path.display(),
+                    report.records,
+                    report.authors,
+                    report.signatures_verified,
+                    report.signature_batches,
+                    report.verdict_blocks,
+                    report.merged,
+                    report.clipped,
+                    report.rejected,
+                    report.payloads_checked,
+                    report.proofs
+                );
+            } else {
+                println!("ledger {} FAILED its audit:", path.display());
+                for p in &report.problems {
+                    println!("  {p}");
+                }
+            }
+            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        LedgerCommand::Compare { left, right } => {
+            let a = Ledger::open_read_only(&ledger_dir(&left))?;
+            let b = Ledger::open_read_only(&ledger_dir(&right))?;
+            let report = audit::compare(&a, &b)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        LedgerCommand::Export { dir } => {
+            let ledger = Ledger::open_read_only(&ledger_dir(&dir))?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            audit::export(&ledger, &mut out)?;
+            std::io::Write::flush(&mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn spec_new(args: SpecArgs) -> Result<ExitCode> {
+    let data_path = args.data.clone().or_else(|| default_data_path(&args.dataset));
+    let Some(data_path) = data_path else {
+        bail!("no default location for dataset `{}`; pass --data DIR", args.dataset);
+    };
+    let splits = meshtrain_model::DataSplits::idx_dir(&args.dataset, &data_path)
+        .with_context(|| format!("reading dataset {} from {}", args.dataset, data_path.display()))?;
+    let mut spec = RunSpec::default_for(args.model, &args.dataset, splits.fingerprint());
+    spec.seed = args.seed;
+    spec.train.local_steps = args.local_steps;
+    spec.train.batch_size = args.batch_size;
+    spec.train.lr = args.lr;
+    spec.exchange.codec = args.codec;
+    spec.exchange.aggregator = args.aggregator;
+    spec.rounds.count = match (args.rounds, args.epochs) {
+        (Some(r), _) => r,
+        (None, Some(e)) => {
+            if !(e > 0.0) || args.nodes == 0 {
+                bail!("--epochs must be positive and --nodes at least 1");
+            }
+            let samples = e * splits.train.len() as f64;
+            let per_round = (args.nodes * args.local_steps * args.batch_size) as f64;
+            (samples / per_round).ceil().max(1.0) as u64
+        }
+        (None, None) => spec.rounds.count,
+    };
+    // Check the spec the way a node will read it.
+    let _ = load_data(&spec, Some(&data_path))?;
+    let text = spec.to_toml()?;
+    match args.out {
+        Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn testnet_run(args: TestnetArgs) -> Result<ExitCode> {
+    let bin = std::env::current_exe().context("locating the meshtrain binary")?;
+    if args.byzantine > 0 && args.attack.is_none() {
+        bail!("--byzantine {} needs --attack MODE", args.byzantine);
+    }
+    if args.byzantine >= args.nodes {
+        bail!("--byzantine must leave at least one honest node");
+    }
+    let opts = meshtrain_testnet::TestnetOptions {
+        binary: bin,
+        nodes: args.nodes,
+        rounds: args.rounds,
+        epochs: args.epochs.or(if args.rounds.is_none() { Some(1.0) } else { None }),
+        model: args.model.to_string(),
+        out: args.out,
+        local_steps: args.local_steps,
+        codec: args.codec.to_string(),
+        aggregator: args.aggregator.to_string(),
+        byzantine: args.byzantine,
+        attack: args.attack.map(|a| a.to_string()),
+        seed: args.seed,
+        data: args.data,
+        timeout: Duration::from_secs(args.timeout_s),
+    };
+    let summary = meshtrain_testnet::run(&opts)?;
+    print!("{}", meshtrain_testnet::table(&summary));
+    Ok(if summary.audit_failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

@@ -1,0 +1,1241 @@
+//! The node: one `tokio::select!` over network events, the trainer's and the
+//! inbox's channels, aggregation results and a timer.
+//!
+//! Handlers return quickly: training runs on its own thread, record checks
+//! and ledger writes on the inbox thread, aggregation and fetch answers on
+//! blocking tasks, each reporting back by message.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use meshtrain_gossip::libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
+use meshtrain_gossip::libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use meshtrain_gossip::libp2p::swarm::SwarmEvent;
+use meshtrain_gossip::libp2p::{identify, kad, Multiaddr, PeerId, Swarm};
+use meshtrain_gossip::{
+    build_swarm, byte_counts, ed25519_of, peer_id_of, run_topic, FetchRequest, FetchResponse, GossipMessage,
+    MeshBehaviour, MeshBehaviourEvent, MeshConfig,
+};
+use meshtrain_ledger::{
+    AuthorId, AuthorKey, Head, Ledger, PayloadHash, RejectReason, RunId, RunMeta, Seq, StoreOptions, UpdateRecord,
+    Verdict, VerdictBlock, VerdictEntry, VerdictHash, WeightsHash, RECORD_VERSION, VERDICT_VERSION,
+};
+use meshtrain_model::{
+    aggregate::aggregate as aggregate_deltas, AggInput, AggVerdict, AggregatorSpec, DataSplits, DeltaEncoder, Evaluation, Network, OuterConfig,
+    OuterOptimizer, StepStats, TrainConfig,
+};
+use meshtrain_testnet::report::{NodeReport, RoundRecord};
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::attack::Attack;
+use crate::identity::Identity;
+use crate::inbox::{self, Done, InboxConfig, Job, Origin, Outcome, RecordDone};
+use crate::round::{AdaptiveWait, Close, Contribution, RoundBook, RoundInputs};
+use crate::runspec::RunSpec;
+use crate::trainer::{self, TrainerCmd, TrainerHandle, TrainerReply};
+use crate::NodeError;
+
+/// Where a node finds its run, data and peers.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub data_dir: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub spec: RunSpec,
+    /// Shard `.0` of `.1`.
+    pub shard: (usize, usize),
+    /// Directory of the dataset's files (default: by dataset name).
+    pub data_path: Option<PathBuf>,
+    /// Connected peers to wait for before the first round.
+    pub wait_peers: usize,
+    pub wait_peers_timeout: Duration,
+    pub threads: usize,
+    pub attack: Option<Attack>,
+    /// Longest time to linger after the last round, serving peers and
+    /// completing chains.
+    pub drain: Duration,
+    pub sync_writes: bool,
+    pub mesh: MeshConfig,
+}
+
+/// Default locations of the datasets a RunSpec can name.
+pub fn default_data_path(dataset: &str) -> Option<PathBuf> {
+    match dataset {
+        "fashion-mnist" => Some(PathBuf::from("/usr/share/datasets/fashion-mnist")),
+        _ => None,
+    }
+}
+
+/// Loads the dataset named by `spec` and checks its fingerprint.
+pub fn load_data(spec: &RunSpec, data_path: Option<&Path>) -> Result<DataSplits, NodeError> {
+    let dir = data_path
+        .map(Path::to_path_buf)
+        .or_else(|| default_data_path(&spec.data.dataset))
+        .ok_or_else(|| {
+            NodeError::Data(format!(
+                "no default location for dataset `{}`; pass --data DIR",
+                spec.data.dataset
+            ))
+        })?;
+    let splits = DataSplits::idx_dir(&spec.data.dataset, &dir)?;
+    let got = hex::encode(splits.fingerprint());
+    if got != spec.data.fingerprint {
+        return Err(NodeError::Data(format!(
+            "{} holds dataset {got}, but the run names {}",
+            dir.display(),
+            spec.data.fingerprint
+        )));
+    }
+    Ok(splits)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for enough peers before round 0.
+    Gathering,
+    /// The trainer works on the current round.
+    Training,
+    /// Our record is being stored before it is published.
+    Publishing,
+    /// Our update is out; waiting for peers' updates or the deadline.
+    Waiting,
+    Aggregating,
+    /// Evaluating the final anchor.
+    Finishing,
+    /// Serving peers and completing chains before exiting.
+    Draining,
+}
+
+/// A payload we still need, and where we may find it.
+struct Want {
+    author: AuthorId,
+    round: u64,
+    candidates: VecDeque<PeerId>,
+    attempts: u32,
+    in_flight: bool,
+    retry_at: Option<Instant>,
+}
+
+enum RequestFor {
+    Payload(PayloadHash),
+    Records,
+    Heads,
+}
+
+struct AggregateDone {
+    round: u64,
+    anchor: Vec<f32>,
+    outer: OuterOptimizer,
+    entries: Vec<VerdictEntry>,
+    wait: Duration,
+}
+
+/// Our own update between training and publication.
+struct OwnRound {
+    round: u64,
+    eval: Evaluation,
+    stats: StepStats,
+    decoded: Arc<Vec<f32>>,
+    train_ms: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: u64,
+    merged: u64,
+    clipped: u64,
+    rejected: u64,
+    published: u64,
+    payload_bytes: u64,
+    rejected_by_reason: BTreeMap<String, u64>,
+    rejected_by_author: BTreeMap<String, u64>,
+    clipped_by_author: BTreeMap<String, u64>,
+    merged_by_author: BTreeMap<String, u64>,
+}
+
+pub struct Node {
+    spec: RunSpec,
+    run_id: RunId,
+    me: AuthorId,
+    key: AuthorKey,
+    ledger: Arc<Ledger>,
+    swarm: Swarm<MeshBehaviour>,
+    topic: IdentTopic,
+    registry: Registry,
+    mesh: MeshConfig,
+    data_dir: PathBuf,
+    attack: Option<Attack>,
+    shard: String,
+    wait_peers: usize,
+    wait_peers_timeout: Duration,
+    drain: Duration,
+    inbox: inbox::InboxHandle,
+    trainer: TrainerHandle,
+    serve_tx: mpsc::UnboundedSender<(ResponseChannel<FetchResponse>, FetchResponse)>,
+    serve_rx: mpsc::UnboundedReceiver<(ResponseChannel<FetchResponse>, FetchResponse)>,
+    agg_tx: mpsc::UnboundedSender<AggregateDone>,
+    agg_rx: mpsc::UnboundedReceiver<AggregateDone>,
+    book: RoundBook,
+    anchor: Arc<Vec<f32>>,
+    anchor_hash: WeightsHash,
+    outer: Option<OuterOptimizer>,
+    own_head: Option<Head>,
+    verdict_head: Option<(u64, VerdictHash)>,
+    phase: Phase,
+    phase_since: Instant,
+    members: HashMap<PeerId, AuthorId>,
+    connected: HashSet<PeerId>,
+    banned: HashSet<AuthorId>,
+    wanted: HashMap<PayloadHash, Want>,
+    requests: HashMap<OutboundRequestId, RequestFor>,
+    own: Option<OwnRound>,
+    last_eval: Option<(u64, Evaluation, StepStats, u64)>,
+    final_eval: Option<Evaluation>,
+    counters: Counters,
+    history: Vec<RoundRecord>,
+    recorded_rejections: HashSet<meshtrain_ledger::RecordHash>,
+    started: Instant,
+    last_served: Instant,
+    listen_written: bool,
+}
+
+impl Node {
+    /// Loads identity, data, model and ledger, and starts the swarm, the
+    /// trainer and the inbox.
+    pub async fn start(opts: NodeOptions) -> Result<Self, NodeError> {
+        std::fs::create_dir_all(&opts.data_dir).map_err(|source| NodeError::Io {
+            path: opts.data_dir.clone(),
+            source,
+        })?;
+        let identity = Identity::load_or_create(&opts.data_dir)?;
+        let me = identity.author.author();
+        let spec = opts.spec.clone();
+        let run_id = spec.run_id();
+        let (index, count) = opts.shard;
+
+        let splits = load_data(&spec, opts.data_path.as_deref())?;
+        let shard = splits.train.shard(index, count)?;
+        meshtrain_model::set_threads(opts.threads);
+        let net = Network::new(
+            spec.model.arch,
+            splits.train.shape,
+            splits.train.classes,
+            meshtrain_model::Device::Cpu,
+        )?;
+        let genesis = net.layout().genesis(spec.seed);
+        let params = genesis.len();
+        let genesis_hash = WeightsHash::of_f32(&genesis);
+
+        let meta = RunMeta {
+            run_id,
+            owner: me,
+            genesis_weights: genesis_hash,
+            run_spec: spec.canonical_bytes(),
+        };
+        let ledger = Arc::new(Ledger::open_or_create(
+            &opts.data_dir.join("ledger"),
+            &meta,
+            StoreOptions {
+                sync_writes: opts.sync_writes,
+            },
+        )?);
+        if ledger.head(&me).is_some() {
+            return Err(NodeError::Data(format!(
+                "{} already holds records signed by this node; it cannot rejoin the same run yet",
+                opts.data_dir.display()
+            )));
+        }
+
+        let cfg = TrainConfig {
+            batch_size: spec.train.batch_size,
+            lr: spec.train.lr,
+            seed: spec.seed ^ ((index as u64 + 1) << 32),
+            label_flip: opts.attack.is_some_and(|a| a.is_label_flip()),
+        };
+        let encoder = DeltaEncoder::new(spec.exchange.codec, params);
+        let trainer = trainer::spawn(net, shard, splits.test, cfg, encoder, opts.attack)?;
+
+        let inbox = inbox::spawn(
+            ledger.clone(),
+            InboxConfig {
+                run_id,
+                genesis: meta.genesis_link(),
+                params,
+                rounds: spec.rounds.count,
+            },
+        )?;
+
+        let topic = run_topic(&run_id.to_string());
+        let mut registry = Registry::default();
+        let mut swarm = build_swarm(identity.keypair.clone(), &opts.mesh, &topic, &mut registry)?;
+        for addr in &opts.listen {
+            swarm.listen_on(addr.clone()).map_err(|e| NodeError::Listen {
+                addr: addr.to_string(),
+                detail: e.to_string(),
+            })?;
+        }
+        for addr in &opts.bootstrap {
+            if let Some(peer) = peer_of_addr(addr) {
+                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            }
+            if let Err(e) = swarm.dial(addr.clone()) {
+                warn!(%addr, error = %e, "cannot dial bootstrap peer");
+            }
+        }
+
+        let outer = OuterOptimizer::new(
+            OuterConfig {
+                lr: spec.exchange.outer_lr,
+                momentum: spec.exchange.outer_momentum,
+                nesterov: spec.exchange.nesterov,
+            },
+            params,
+        );
+        let wait = AdaptiveWait::new(
+            Duration::from_millis(spec.rounds.min_wait_ms),
+            Duration::from_millis(spec.rounds.max_wait_ms),
+        );
+        let (serve_tx, serve_rx) = mpsc::unbounded_channel();
+        let (agg_tx, agg_rx) = mpsc::unbounded_channel();
+        if let Some(a) = opts.attack {
+            warn!(attack = %a, "THIS NODE IS AN ATTACKER (testnet/test mode): it will send poisoned updates");
+        }
+        let verdict_head = ledger.verdict_head().map(|h| (h.seq, h.hash));
+        Ok(Self {
+            book: RoundBook::new(0, spec.exchange.staleness, spec.exchange.staleness_decay, wait),
+            spec,
+            run_id,
+            me,
+            key: identity.author,
+            own_head: ledger.head(&me),
+            verdict_head,
+            ledger,
+            swarm,
+            topic,
+            registry,
+            mesh: opts.mesh,
+            data_dir: opts.data_dir,
+            attack: opts.attack,
+            shard: format!("{index}/{count}"),
+            wait_peers: opts.wait_peers,
+            wait_peers_timeout: opts.wait_peers_timeout,
+            drain: opts.drain,
+            inbox,
+            trainer,
+            serve_tx,
+            serve_rx,
+            agg_tx,
+            agg_rx,
+            anchor: Arc::new(genesis),
+            anchor_hash: genesis_hash,
+            outer: Some(outer),
+            phase: Phase::Gathering,
+            phase_since: Instant::now(),
+            members: HashMap::new(),
+            connected: HashSet::new(),
+            banned: HashSet::new(),
+            wanted: HashMap::new(),
+            requests: HashMap::new(),
+            own: None,
+            last_eval: None,
+            final_eval: None,
+            counters: Counters::default(),
+            history: Vec::new(),
+            recorded_rejections: HashSet::new(),
+            started: Instant::now(),
+            last_served: Instant::now(),
+            listen_written: false,
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        *self.swarm.local_peer_id()
+    }
+
+    /// Runs the node until its last round is done and drained, or until
+    /// `shutdown` resolves. Writes `DIR/results.json` either way.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<NodeReport, NodeError> {
+        let span = info_span!("node", id = %short_peer(&self.peer_id()));
+        async move {
+            info!(run = %self.run_id.short(), shard = %self.shard, params = self.anchor.len(), "node started");
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut entropy = tokio::time::interval(Duration::from_secs(2));
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    event = self.swarm.select_next_some() => self.on_swarm(event),
+                    Some(reply) = self.trainer.replies.recv() => self.on_trainer(reply)?,
+                    Some(done) = self.inbox.done.recv() => self.on_inbox(done)?,
+                    Some((channel, response)) = self.serve_rx.recv() => {
+                        let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
+                    }
+                    Some(done) = self.agg_rx.recv() => self.on_aggregated(done)?,
+                    _ = tick.tick() => {
+                        if self.on_tick()? {
+                            break;
+                        }
+                    }
+                    _ = entropy.tick() => self.anti_entropy(),
+                    _ = &mut shutdown => {
+                        info!("shutdown requested");
+                        break;
+                    }
+                }
+            }
+            let report = self.report();
+            write_json(&self.data_dir.join("results.json"), &report)?;
+            self.trainer.stop();
+            // The inbox thread holds the ledger: let it finish its queue and
+            // close RocksDB before the process exits.
+            drop(self.inbox.jobs);
+            let _ = self.inbox.thread.join();
+            Ok(report)
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.phase_since = Instant::now();
+    }
+
+    fn round(&self) -> u64 {
+        self.book.current()
+    }
+
+    // ---- network --------------------------------------------------------
+
+    fn on_swarm(&mut self, event: SwarmEvent<MeshBehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.write_listen_addrs();
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                self.connected.insert(peer_id);
+                if let Some(author) = ed25519_of(&peer_id).map(AuthorId) {
+                    if self.banned.contains(&author) {
+                        let _ = self.swarm.disconnect_peer_id(peer_id);
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    self.connected.remove(&peer_id);
+                    if self.members.remove(&peer_id).is_some() {
+                        info!(peer = %short_peer(&peer_id), round = self.round(), "peer left");
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Gossipsub(ev)) => self.on_gossip(ev),
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Fetch(ev)) => self.on_fetch(ev),
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
+                if !self.connected.contains(&peer) && !self.is_banned_peer(&peer) && self.connected.len() < 64 {
+                    let _ = self.swarm.dial(peer);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id.map(|p| short_peer(&p)), %error, "dial failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn is_banned_peer(&self, peer: &PeerId) -> bool {
+        ed25519_of(peer).is_some_and(|a| self.banned.contains(&AuthorId(a)))
+    }
+
+    fn write_listen_addrs(&mut self) {
+        let peer = self.peer_id();
+        let addrs: Vec<String> = self
+            .swarm
+            .listeners()
+            .map(|a| format!("{a}/p2p/{peer}"))
+            .collect();
+        if addrs.is_empty() {
+            return;
+        }
+        let body = serde_json::json!({
+            "peer_id": peer.to_string(),
+            "run_id": self.run_id.to_string(),
+            "addrs": addrs,
+        });
+        if let Err(e) = write_json(&self.data_dir.join("listen.json"), &body) {
+            warn!(error = %e, "cannot write listen.json");
+        }
+        self.listen_written = true;
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let origin = Origin::Gossip {
+                    message_id,
+                    source: propagation_source,
+                };
+                match GossipMessage::from_bytes(&message.data) {
+                    Ok(GossipMessage::Update { record, payload }) => {
+                        self.counters.received += 1;
+                        if payload.as_ref().is_some_and(|p| p.len() > self.mesh.max_inline_payload) {
+                            self.count_rejection("oversized-inline", None);
+                            self.report_validation(&origin, &Outcome::Invalid(RejectReason::Malformed));
+                            return;
+                        }
+                        self.send_job(Job::Record {
+                            bytes: record,
+                            payload,
+                            origin,
+                        });
+                    }
+                    Ok(GossipMessage::Equivocation { proof }) => self.send_job(Job::Proof { bytes: proof, origin }),
+                    Err(e) => {
+                        warn!(peer = %short_peer(&propagation_source), error = %e, round = self.round(), "rejected garbage gossip");
+                        self.count_rejection("malformed", None);
+                        self.report_validation(&origin, &Outcome::Invalid(RejectReason::Malformed));
+                    }
+                }
+            }
+            gossipsub::Event::Subscribed { peer_id, topic } if topic == self.topic.hash() => {
+                if let Some(author) = ed25519_of(&peer_id).map(AuthorId) {
+                    if !self.banned.contains(&author) {
+                        self.members.insert(peer_id, author);
+                        info!(peer = %short_peer(&peer_id), members = self.members.len(), "peer joined the run");
+                    }
+                }
+            }
+            gossipsub::Event::Unsubscribed { peer_id, topic } if topic == self.topic.hash() => {
+                self.members.remove(&peer_id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Maps an outcome onto gossipsub's acceptance for gossiped messages.
+    fn report_validation(&mut self, origin: &Origin, outcome: &Outcome) {
+        if let Origin::Gossip { message_id, source } = origin {
+            let acceptance = match outcome {
+                Outcome::Accepted => MessageAcceptance::Accept,
+                Outcome::Ignored(_) => MessageAcceptance::Ignore,
+                Outcome::Invalid(_) => MessageAcceptance::Reject,
+            };
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(message_id, source, acceptance);
+        }
+    }
+
+    fn on_fetch(&mut self, event: request_response::Event<FetchRequest, FetchResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    if self.is_banned_peer(&peer) {
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .fetch
+                            .send_response(channel, FetchResponse::Refused("banned".into()));
+                        return;
+                    }
+                    self.last_served = Instant::now();
+                    let ledger = self.ledger.clone();
+                    let tx = self.serve_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let response = crate::serve::answer(&ledger, &request);
+                        let _ = tx.send((channel, response));
+                    });
+                }
+                request_response::Message::Response { request_id, response } => {
+                    self.on_response(peer, request_id, response);
+                }
+            },
+            request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
+                debug!(peer = %short_peer(&peer), %error, "fetch failed");
+                if let Some(RequestFor::Payload(hash)) = self.requests.remove(&request_id) {
+                    self.payload_attempt_failed(hash);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_response(&mut self, peer: PeerId, id: OutboundRequestId, response: FetchResponse) {
+        match (self.requests.remove(&id), response) {
+            (Some(RequestFor::Payload(hash)), FetchResponse::Payload(bytes)) => {
+                self.send_job(Job::Payload { hash, bytes, from: peer });
+            }
+            (Some(RequestFor::Payload(hash)), _) => self.payload_attempt_failed(hash),
+            (Some(RequestFor::Records), FetchResponse::Records(records)) => {
+                for bytes in records {
+                    self.send_job(Job::Record {
+                        bytes,
+                        payload: None,
+                        origin: Origin::Fetched { from: peer },
+                    });
+                }
+            }
+            (Some(RequestFor::Heads), FetchResponse::Heads(heads)) => {
+                for h in heads {
+                    let author = AuthorId(h.author);
+                    if author == self.me || self.banned.contains(&author) {
+                        continue;
+                    }
+                    let ours = self.ledger.head(&author).map(|h| h.seq.0 + 1).unwrap_or(0);
+                    if h.seq + 1 > ours {
+                        self.request_records(peer, author, Seq(ours));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn request_records(&mut self, peer: PeerId, author: AuthorId, from: Seq) {
+        let id = self.swarm.behaviour_mut().fetch.send_request(
+            &peer,
+            FetchRequest::Records {
+                author: author.0,
+                from_seq: from.0,
+                max: crate::serve::MAX_RECORDS_PER_RESPONSE,
+            },
+        );
+        self.requests.insert(id, RequestFor::Records);
+    }
+
+    /// Asks a random member for its chain heads, to fill what gossip missed.
+    fn anti_entropy(&mut self) {
+        if self.members.is_empty() {
+            return;
+        }
+        let peers: Vec<PeerId> = self.members.keys().copied().collect();
+        let peer = peers[rand::random_range(0..peers.len())];
+        let id = self.swarm.behaviour_mut().fetch.send_request(&peer, FetchRequest::Heads);
+        self.requests.insert(id, RequestFor::Heads);
+    }
+
+    fn want_payload(&mut self, hash: PayloadHash, author: AuthorId, round: u64, first: Option<PeerId>) {
+        if self.wanted.contains_key(&hash) || round + self.spec.exchange.staleness < self.round() {
+            return;
+        }
+        let mut candidates = VecDeque::new();
+        if let Some(p) = first {
+            candidates.push_back(p);
+        }
+        if let Ok(p) = peer_id_of(&author.0) {
+            if !candidates.contains(&p) {
+                candidates.push_back(p);
+            }
+        }
+        for p in self.members.keys() {
+            if !candidates.contains(p) {
+                candidates.push_back(*p);
+            }
+        }
+        self.wanted.insert(
+            hash,
+            Want {
+                author,
+                round,
+                candidates,
+                attempts: 0,
+                in_flight: false,
+                retry_at: None,
+            },
+        );
+        self.next_payload_attempt(hash);
+    }
+
+    fn next_payload_attempt(&mut self, hash: PayloadHash) {
+        let Some(want) = self.wanted.get_mut(&hash) else { return };
+        let max_attempts = (want.candidates.len() as u32).max(1) * 3;
+        if want.attempts >= max_attempts {
+            let w = self.wanted.remove(&hash);
+            if let Some(w) = w {
+                warn!(author = %w.author.short(), round = w.round, "no peer could supply a payload");
+                if let Ok(Some(rec)) = self.ledger.head(&w.author).map_or(Ok(None), |h| self.ledger.record(&w.author, h.seq)) {
+                    if rec.record.payload_hash == hash {
+                        self.book.reject(VerdictEntry {
+                            author: w.author,
+                            seq: rec.record.seq,
+                            record_hash: rec.hash(),
+                            round: w.round,
+                            verdict: Verdict::Rejected {
+                                reason: RejectReason::PayloadUnavailable,
+                            },
+                        });
+                    }
+                }
+            }
+            return;
+        }
+        let Some(peer) = want.candidates.pop_front() else { return };
+        want.candidates.push_back(peer);
+        want.attempts += 1;
+        want.in_flight = true;
+        want.retry_at = None;
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .fetch
+            .send_request(&peer, FetchRequest::Payload { hash: hash.0 });
+        self.requests.insert(id, RequestFor::Payload(hash));
+    }
+
+    fn payload_attempt_failed(&mut self, hash: PayloadHash) {
+        if let Some(w) = self.wanted.get_mut(&hash) {
+            w.in_flight = false;
+            // Back off a little: the peer may not have fetched it yet either.
+            w.retry_at = Some(Instant::now() + Duration::from_millis(300));
+        }
+    }
+
+    // ---- inbox ----------------------------------------------------------
+
+    fn send_job(&mut self, job: Job) {
+        if self.inbox.jobs.send(job).is_err() {
+            warn!("the inbox thread is gone");
+        }
+    }
+
+    fn count_rejection(&mut self, reason: &str, author: Option<&AuthorId>) {
+        self.counters.rejected += 1;
+        *self.counters.rejected_by_reason.entry(reason.to_string()).or_default() += 1;
+        if let Some(a) = author {
+            *self.counters.rejected_by_author.entry(a.to_string()).or_default() += 1;
+        }
+    }
+
+    fn on_inbox(&mut self, done: Done) -> Result<(), NodeError> {
+        match done {
+            Done::Record(done) => self.on_record(*done),
+            Done::Payload { hash, from, result } => match result {
+                Ok(done) => {
+                    self.wanted.remove(&hash);
+                    self.on_record(*done);
+                }
+                Err(inbox::PayloadFault::NotThePayload) => {
+                    warn!(peer = %short_peer(&from), payload = %hash.short(), "peer served bytes that are not the payload");
+                    self.payload_attempt_failed(hash);
+                }
+                Err(_) => {
+                    self.wanted.remove(&hash);
+                }
+            },
+            Done::OwnStored { signed, payload } => self.publish_own(signed, payload),
+            Done::OwnFailed(e) => return Err(NodeError::Trainer(format!("storing own record: {e}"))),
+            Done::VerdictStored { round } => debug!(round, "verdict block stored"),
+            Done::VerdictFailed(e) => return Err(NodeError::Trainer(format!("storing verdict block: {e}"))),
+            Done::Proof { origin, outcome, proof } => {
+                self.report_validation(&origin, &outcome);
+                if let Some(p) = proof {
+                    self.ban(p.author(), "equivocation proof");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_record(&mut self, done: RecordDone) {
+        self.report_validation(&done.origin, &done.outcome);
+        let source = match &done.origin {
+            Origin::Gossip { source, .. } => Some(*source),
+            Origin::Fetched { from } => Some(*from),
+            Origin::Buffered => None,
+        };
+        if let Outcome::Invalid(reason) = &done.outcome {
+            warn!(
+                round = self.round(),
+                author = ?done.author.map(|a| a.short()),
+                seq = ?done.seq.map(|s| s.0),
+                from = ?source.map(|p| short_peer(&p)),
+                %reason,
+                "rejected update"
+            );
+            if reason != &RejectReason::PayloadHashMismatch {
+                self.count_rejection(reason.code(), done.author.as_ref());
+            }
+        }
+        if let Some(entry) = done.rejection {
+            if self.recorded_rejections.insert(entry.record_hash) {
+                self.book.reject(entry);
+            }
+        }
+        if let Some(proof) = done.proof {
+            let author = proof.author();
+            let msg = GossipMessage::Equivocation { proof: proof.to_bytes() };
+            let _ = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), msg.to_bytes());
+            self.ban(author, "equivocation");
+        }
+        if let (Some(author), Some(from)) = (done.author, done.gap_from) {
+            if let Some(peer) = source {
+                self.request_records(peer, author, from);
+            }
+        }
+        if done.need_payload {
+            if let (Some(hash), Some(author), Some(round)) = (done.payload_hash, done.author, done.round) {
+                self.want_payload(hash, author, round, source);
+            }
+        }
+        if let Some(c) = done.contribution {
+            self.offer(c);
+        }
+    }
+
+    fn offer(&mut self, c: Contribution) {
+        if self.banned.contains(&c.author) {
+            return;
+        }
+        debug!(round = self.round(), author = %c.author.short(), for_round = c.round, "update verified");
+        let (author, seq, hash, round) = (c.author, c.seq, c.record_hash, c.round);
+        if self.book.offer(c) == crate::round::Offer::Stale {
+            self.count_rejection("stale", Some(&author));
+            debug!(author = %author.short(), seq = seq.0, record = %hash.short(), round, "stale update");
+        }
+    }
+
+    fn ban(&mut self, author: AuthorId, why: &str) {
+        if author == self.me || !self.banned.insert(author) {
+            return;
+        }
+        warn!(author = %author.short(), round = self.round(), why, "banning author");
+        self.send_job(Job::Ban(author));
+        if let Ok(peer) = peer_id_of(&author.0) {
+            let gs = &mut self.swarm.behaviour_mut().gossipsub;
+            gs.blacklist_peer(&peer);
+            gs.set_application_score(&peer, -1000.0);
+            self.members.remove(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    // ---- rounds ---------------------------------------------------------
+
+    fn start_round(&mut self) -> Result<(), NodeError> {
+        let round = self.round();
+        self.trainer
+            .cmd
+            .send(TrainerCmd::Round {
+                round,
+                anchor: self.anchor.clone(),
+                steps: self.spec.train.local_steps,
+            })
+            .map_err(|_| NodeError::Trainer("the trainer thread is gone".into()))?;
+        self.set_phase(Phase::Training);
+        Ok(())
+    }
+
+    fn on_trainer(&mut self, reply: TrainerReply) -> Result<(), NodeError> {
+        match reply {
+            TrainerReply::RoundDone {
+                round,
+                eval,
+                stats,
+                payload,
+                decoded,
+                train_ms,
+                encode_ms,
+            } => {
+                info!(
+                    round,
+                    test_acc = format_args!("{:.4}", eval.accuracy),
+                    test_loss = format_args!("{:.4}", eval.loss),
+                    train_loss = format_args!("{:.4}", stats.mean_loss),
+                    train_ms,
+                    encode_ms,
+                    payload_bytes = payload.len(),
+                    "trained"
+                );
+                let payload = self.maybe_corrupt_payload(payload);
+                let (seq, prev) = match self.own_head {
+                    None => (Seq(0), self.ledger.meta().genesis_link()),
+                    Some(h) => (h.seq.next(), h.hash),
+                };
+                let signed = UpdateRecord {
+                    version: RECORD_VERSION,
+                    run_id: self.run_id,
+                    author: self.me,
+                    seq,
+                    prev,
+                    round,
+                    base_hash: self.anchor_hash,
+                    payload_hash: PayloadHash::of(&payload),
+                    payload_len: payload.len() as u64,
+                    n_samples: stats.samples,
+                    train_loss: stats.mean_loss,
+                }
+                .sign(&self.key);
+                self.own_head = Some(Head {
+                    seq,
+                    hash: signed.hash(),
+                });
+                self.own = Some(OwnRound {
+                    round,
+                    eval,
+                    stats,
+                    decoded,
+                    train_ms,
+                });
+                self.counters.payload_bytes += payload.len() as u64;
+                self.set_phase(Phase::Publishing);
+                self.send_job(Job::Own { signed, payload });
+            }
+            TrainerReply::Evaluated { round, eval } => {
+                info!(round, test_acc = format_args!("{:.4}", eval.accuracy), test_loss = format_args!("{:.4}", eval.loss), "final evaluation");
+                self.final_eval = Some(eval);
+                self.set_phase(Phase::Draining);
+            }
+            TrainerReply::Failed(e) => return Err(NodeError::Trainer(e)),
+        }
+        Ok(())
+    }
+
+    /// The `malformed` attack garbles its payload after signing is decided.
+    fn maybe_corrupt_payload(&self, payload: Vec<u8>) -> Vec<u8> {
+        match self.attack {
+            Some(Attack::Malformed) => payload.iter().rev().copied().collect(),
+            _ => payload,
+        }
+    }
+
+    fn publish_own(&mut self, signed: meshtrain_ledger::SignedRecord, payload: Vec<u8>) {
+        let Some(own) = self.own.take() else { return };
+        let inline = (payload.len() <= self.mesh.max_inline_payload).then(|| payload.clone());
+        let msg = GossipMessage::Update {
+            record: signed.to_bytes(),
+            payload: inline,
+        };
+        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), msg.to_bytes()) {
+            debug!(round = own.round, error = %e, "publish failed (no peers yet?)");
+        }
+        self.counters.published += 1;
+        self.last_eval = Some((own.round, own.eval, own.stats, own.train_ms));
+        self.book.offer(Contribution {
+            author: self.me,
+            seq: signed.record.seq,
+            record_hash: signed.hash(),
+            round: own.round,
+            n_samples: signed.record.n_samples,
+            delta: own.decoded,
+        });
+        self.book.own_ready(Instant::now());
+        self.set_phase(Phase::Waiting);
+    }
+
+    fn connected_authors(&self) -> HashSet<AuthorId> {
+        self.members
+            .values()
+            .filter(|a| !self.banned.contains(a))
+            .copied()
+            .collect()
+    }
+
+    /// Returns true when the node is done.
+    fn on_tick(&mut self) -> Result<bool, NodeError> {
+        let now = Instant::now();
+        let retry: Vec<PayloadHash> = self
+            .wanted
+            .iter()
+            .filter(|(_, w)| !w.in_flight && w.retry_at.is_some_and(|t| now >= t))
+            .map(|(h, _)| *h)
+            .collect();
+        for hash in retry {
+            self.next_payload_attempt(hash);
+        }
+        match self.phase {
+            Phase::Gathering => {
+                let enough = self.members.len() >= self.wait_peers;
+                let waited = now.duration_since(self.phase_since);
+                if enough || waited >= self.wait_peers_timeout {
+                    if !enough {
+                        warn!(members = self.members.len(), wanted = self.wait_peers, "starting without all peers");
+                    }
+                    info!(members = self.members.len(), "starting round 0");
+                    self.start_round()?;
+                }
+            }
+            Phase::Waiting => {
+                let expected = self.book.expected(&self.connected_authors());
+                if let Some(how) = self.book.should_close(now, &expected) {
+                    if how == Close::Deadline {
+                        let have: HashSet<AuthorId> = self.book.for_round(self.round()).map(|c| c.author).collect();
+                        let missing: Vec<String> = expected.difference(&have).map(|a| a.short()).collect();
+                        info!(round = self.round(), ?missing, "round deadline passed");
+                    }
+                    let inputs = self.book.close(now, how);
+                    self.aggregate(inputs, now);
+                }
+            }
+            Phase::Draining => {
+                let elapsed = now.duration_since(self.phase_since);
+                let complete = self.chains_complete();
+                let quiet = now.duration_since(self.last_served) > Duration::from_millis(1500);
+                if (complete && quiet && elapsed > Duration::from_millis(500)) || elapsed > self.drain {
+                    if !complete {
+                        warn!("leaving with incomplete chains (drain timeout)");
+                    }
+                    return Ok(true);
+                }
+            }
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    /// Whether we hold every known author's record for the last round.
+    fn chains_complete(&self) -> bool {
+        let last = self.spec.rounds.count.saturating_sub(1);
+        let mut authors: HashSet<AuthorId> = self.members.values().copied().collect();
+        authors.extend(self.ledger.heads().into_iter().map(|(a, _)| a));
+        authors.iter().filter(|a| !self.banned.contains(a)).all(|a| {
+            self.ledger
+                .head(a)
+                .and_then(|h| self.ledger.record(a, h.seq).ok().flatten())
+                .is_some_and(|r| r.record.round >= last)
+        })
+    }
+
+    fn aggregate(&mut self, inputs: RoundInputs, now: Instant) {
+        let Some(outer) = self.outer.take() else { return };
+        self.set_phase(Phase::Aggregating);
+        let anchor = self.anchor.clone();
+        let spec = self.spec.exchange.aggregator;
+        let me = self.me;
+        let tx = self.agg_tx.clone();
+        let wait = now.duration_since(self.phase_since);
+        tokio::task::spawn_blocking(move || {
+            let done = run_aggregation(spec, &anchor, inputs, outer, me, wait);
+            let _ = tx.send(done);
+        });
+    }
+
+    fn on_aggregated(&mut self, done: AggregateDone) -> Result<(), NodeError> {
+        let base = self.anchor_hash;
+        let new_hash = WeightsHash::of_f32(&done.anchor);
+        let (mut merged, mut clipped, mut rejected) = (0u64, 0u64, 0u64);
+        for e in &done.entries {
+            if e.author == self.me {
+                continue;
+            }
+            let who = e.author.to_string();
+            match &e.verdict {
+                Verdict::Merged { .. } => {
+                    merged += 1;
+                    *self.counters.merged_by_author.entry(who).or_default() += 1;
+                }
+                Verdict::Clipped { .. } => {
+                    clipped += 1;
+                    *self.counters.clipped_by_author.entry(who).or_default() += 1;
+                }
+                Verdict::Rejected { reason } => {
+                    rejected += 1;
+                    if matches!(reason, RejectReason::Outlier(_)) {
+                        self.count_rejection(reason.code(), Some(&e.author));
+                    }
+                }
+            }
+        }
+        self.counters.merged += merged;
+        self.counters.clipped += clipped;
+        let (seq, prev) = match self.verdict_head {
+            None => (0, self.ledger.meta().verdict_genesis()),
+            Some((s, h)) => (s + 1, h),
+        };
+        let block = VerdictBlock {
+            version: VERDICT_VERSION,
+            run_id: self.run_id,
+            owner: self.me,
+            seq,
+            prev,
+            round: done.round,
+            base_anchor: base,
+            new_anchor: new_hash,
+            entries: done.entries,
+        }
+        .sign(&self.key);
+        self.verdict_head = Some((seq, block.block.hash()));
+        self.send_job(Job::Verdict(Box::new(block)));
+        self.anchor = Arc::new(done.anchor);
+        self.anchor_hash = new_hash;
+        self.outer = Some(done.outer);
+
+        let bytes = byte_counts(&self.registry);
+        if let Some((round, eval, stats, train_ms)) = self.last_eval.take() {
+            self.history.push(RoundRecord {
+                round,
+                test_loss: eval.loss,
+                test_acc: eval.accuracy,
+                train_loss: stats.mean_loss,
+                merged: merged + 1,
+                rejected,
+                bytes_sent: bytes.outbound,
+                bytes_received: bytes.inbound,
+                at_ms: self.started.elapsed().as_millis() as u64,
+                train_ms,
+                wait_ms: done.wait.as_millis() as u64,
+            });
+        }
+        info!(
+            round = done.round,
+            merged = merged + 1,
+            clipped,
+            rejected,
+            wait_ms = done.wait.as_millis() as u64,
+            bytes_out = bytes.outbound,
+            bytes_in = bytes.inbound,
+            "round closed"
+        );
+        if self.round() >= self.spec.rounds.count {
+            self.trainer
+                .cmd
+                .send(TrainerCmd::Evaluate {
+                    round: self.round(),
+                    anchor: self.anchor.clone(),
+                })
+                .map_err(|_| NodeError::Trainer("the trainer thread is gone".into()))?;
+            self.set_phase(Phase::Finishing);
+        } else {
+            self.start_round()?;
+        }
+        Ok(())
+    }
+
+    fn report(&self) -> NodeReport {
+        let bytes = byte_counts(&self.registry);
+        let last = self.history.last();
+        let eval = self.final_eval.unwrap_or_else(|| Evaluation {
+            loss: last.map_or(f32::NAN, |r| r.test_loss),
+            accuracy: last.map_or(0.0, |r| r.test_acc),
+            samples: 0,
+        });
+        NodeReport {
+            peer_id: self.peer_id().to_string(),
+            author: self.me.to_string(),
+            honest: self.attack.is_none(),
+            attack: self.attack.map(|a| a.to_string()),
+            shard: self.shard.clone(),
+            param_count: self.anchor.len() as u64,
+            rounds_completed: self.history.len() as u64,
+            final_test_acc: eval.accuracy,
+            final_test_loss: eval.loss,
+            bytes_sent: bytes.outbound,
+            bytes_received: bytes.inbound,
+            updates_published: self.counters.published,
+            payload_bytes_mean: if self.counters.published == 0 {
+                0.0
+            } else {
+                self.counters.payload_bytes as f64 / self.counters.published as f64
+            },
+            updates_received: self.counters.received,
+            updates_merged: self.counters.merged,
+            updates_clipped: self.counters.clipped,
+            updates_rejected: self.counters.rejected,
+            rejected_by_reason: self.counters.rejected_by_reason.clone(),
+            rejected_by_author: self.counters.rejected_by_author.clone(),
+            clipped_by_author: self.counters.clipped_by_author.clone(),
+            merged_by_author: self.counters.merged_by_author.clone(),
+            banned: self.banned.iter().map(|a| a.to_string()).collect(),
+            peers_seen: self.ledger.heads().iter().map(|(a, _)| a.to_string()).collect(),
+            wall_s: self.started.elapsed().as_secs_f64(),
+            history: self.history.clone(),
+        }
+    }
+}
+
+/// Aggregates one round (on a blocking thread) and steps the anchor.
+fn run_aggregation(
+    spec: AggregatorSpec,
+    anchor: &[f32],
+    inputs: RoundInputs,
+    mut outer: OuterOptimizer,
+    me: AuthorId,
+    wait: Duration,
+) -> AggregateDone {
+    let agg_inputs: Vec<AggInput<'_>> = inputs
+        .inputs
+        .iter()
+        .map(|(c, w)| AggInput {
+            delta: c.delta.as_slice(),
+            weight: *w,
+        })
+        .collect();
+    let own = inputs
+        .inputs
+        .iter()
+        .position(|(c, _)| c.author == me && c.round == inputs.round);
+    let result = aggregate_deltas(spec, &agg_inputs, own);
+    let mut new_anchor = anchor.to_vec();
+    if !result.update.is_empty() {
+        outer.step(&mut new_anchor, &result.update);
+    }
+    let mut entries: Vec<VerdictEntry> = inputs
+        .inputs
+        .iter()
+        .zip(&result.verdicts)
+        .map(|((c, _), v)| VerdictEntry {
+            author: c.author,
+            seq: c.seq,
+            record_hash: c.record_hash,
+            round: c.round,
+            verdict: match v {
+                AggVerdict::Merged { weight } => Verdict::Merged { weight: *weight },
+                AggVerdict::Clipped { factor, weight } => Verdict::Clipped {
+                    factor: *factor,
+                    weight: *weight,
+                },
+                AggVerdict::Rejected { reason } => Verdict::Rejected {
+                    reason: RejectReason::Outlier(reason.clone()),
+                },
+            },
+        })
+        .collect();
+    entries.extend(inputs.rejections);
+    AggregateDone {
+        round: inputs.round,
+        anchor: new_anchor,
+        outer,
+        entries,
+        wait,
+    }
+}
+
+fn peer_of_addr(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        meshtrain_gossip::libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+pub fn short_peer(peer: &PeerId) -> String {
+    let s = peer.to_string();
+    s[s.len().saturating_sub(8)..].to_string()
+}
+
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), NodeError> {
+    let io = |source| NodeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(value).map_err(|e| io(e.into()))?;
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}

@@ -1,0 +1,335 @@
+//! Round bookkeeping: which verified deltas wait for which round, when a
+//! round may close, and how long to wait for stragglers.
+//!
+//! Plain structs and the caller's clock, so every rule here is tested without
+//! a network.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshtrain_ledger::{AuthorId, RecordHash, RejectReason, Seq, Verdict, VerdictEntry};
+
+/// A verified update whose payload decoded: ready to aggregate.
+#[derive(Clone, Debug)]
+pub struct Contribution {
+    pub author: AuthorId,
+    pub seq: Seq,
+    pub record_hash: RecordHash,
+    pub round: u64,
+    pub n_samples: u64,
+    pub delta: Arc<Vec<f32>>,
+}
+
+/// What happened to an offered contribution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    Kept,
+    /// Its round lies behind the staleness window; a verdict records it.
+    Stale,
+    /// This author already has a contribution for that round.
+    Duplicate,
+}
+
+/// Why a round may close now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Close {
+    /// Every expected author's update is in.
+    AllIn,
+    /// The adaptive deadline passed with some missing.
+    Deadline,
+}
+
+/// Learns how long a round waits for stragglers from the waits it has seen
+/// (rather than a constant, which is too long on a fast mesh and too short
+/// on a slow one).
+#[derive(Clone, Debug)]
+pub struct AdaptiveWait {
+    min: Duration,
+    max: Duration,
+    ema_ms: Option<f64>,
+}
+
+impl AdaptiveWait {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max, ema_ms: None }
+    }
+
+    /// Records how long the last complete round waited after the own update.
+    pub fn observe(&mut self, waited: Duration) {
+        let ms = waited.as_secs_f64() * 1000.0;
+        self.ema_ms = Some(match self.ema_ms {
+            None => ms,
+            Some(e) => 0.7 * e + 0.3 * ms,
+        });
+    }
+
+    /// Four times the typical wait plus a second of slack, within bounds;
+    /// the maximum until anything was observed.
+    pub fn timeout(&self) -> Duration {
+        match self.ema_ms {
+            None => self.max,
+            Some(e) => Duration::from_secs_f64((4.0 * e + 1000.0) / 1000.0).clamp(self.min, self.max),
+        }
+    }
+}
+
+/// Contributions waiting to be aggregated, by round.
+#[derive(Debug)]
+pub struct RoundBook {
+    current: u64,
+    staleness: u64,
+    decay: f32,
+    pending: BTreeMap<u64, BTreeMap<AuthorId, Contribution>>,
+    rejections: Vec<VerdictEntry>,
+    /// Authors (other than us) seen contributing, with their latest round.
+    last_seen: BTreeMap<AuthorId, u64>,
+    own_ready_at: Option<Instant>,
+    pub wait: AdaptiveWait,
+}
+
+/// Everything one round's aggregation consumes, in a fixed order.
+pub struct RoundInputs {
+    pub round: u64,
+    /// (contribution, prior weight): this round's at 1.0, late ones decayed.
+    pub inputs: Vec<(Contribution, f32)>,
+    pub rejections: Vec<VerdictEntry>,
+}
+
+impl RoundBook {
+    pub fn new(start_round: u64, staleness: u64, decay: f32, wait: AdaptiveWait) -> Self {
+        Self {
+            current: start_round,
+            staleness,
+            decay,
+            pending: BTreeMap::new(),
+            rejections: Vec::new(),
+            last_seen: BTreeMap::new(),
+            own_ready_at: None,
+            wait,
+        }
+    }
+
+    pub fn current(&self) -> u64 {
+        self.current
+    }
+
+    pub fn offer(&mut self, c: Contribution) -> Offer {
+        let seen = self.last_seen.entry(c.author).or_insert(c.round);
+        *seen = (*seen).max(c.round);
+        if c.round + self.staleness < self.current {
+            self.rejections.push(VerdictEntry {
+                author: c.author,
+                seq: c.seq,
+                record_hash: c.record_hash,
+                round: c.round,
+                verdict: Verdict::Rejected {
+                    reason: RejectReason::Stale,
+                },
+            });
+            return Offer::Stale;
+        }
+        let slot = self.pending.entry(c.round).or_default();
+        if slot.contains_key(&c.author) {
+            return Offer::Duplicate;
+        }
+        slot.insert(c.author, c);
+        Offer::Kept
+    }
+
+    /// Records a protocol-level rejection for the next verdict block.
+    pub fn reject(&mut self, entry: VerdictEntry) {
+        self.rejections.push(entry);
+    }
+
+    pub fn has(&self, round: u64, author: &AuthorId) -> bool {
+        self.pending.get(&round).is_some_and(|m| m.contains_key(author))
+    }
+
+    /// Contributions held for `round` (for colluding attackers and metrics).
+    pub fn for_round(&self, round: u64) -> impl Iterator<Item = &Contribution> {
+        self.pending.get(&round).into_iter().flat_map(|m| m.values())
+    }
+
+    pub fn own_ready(&mut self, now: Instant) {
+        self.own_ready_at = Some(now);
+    }
+
+    pub fn is_own_ready(&self) -> bool {
+        self.own_ready_at.is_some()
+    }
+
+    /// The authors we wait for in the current round: the connected peers
+    /// that contributed recently, or every connected peer while the run is
+    /// young (before anyone has been seen).
+    pub fn expected(&self, connected: &HashSet<AuthorId>) -> HashSet<AuthorId> {
+        connected
+            .iter()
+            .filter(|a| match self.last_seen.get(a) {
+                Some(&r) => r + 2 >= self.current,
+                None => self.current < 2,
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Whether the current round may close at `now`.
+    pub fn should_close(&self, now: Instant, expected: &HashSet<AuthorId>) -> Option<Close> {
+        let ready_at = self.own_ready_at?;
+        let have = self.pending.get(&self.current);
+        let all_in = expected
+            .iter()
+            .all(|a| have.is_some_and(|m| m.contains_key(a)));
+        if all_in {
+            return Some(Close::AllIn);
+        }
+        (now >= ready_at + self.wait.timeout()).then_some(Close::Deadline)
+    }
+
+    /// When the current round's deadline falls, if the own update is ready.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.own_ready_at.map(|t| t + self.wait.timeout())
+    }
+
+    /// Closes the current round: takes its contributions and the late ones
+    /// still in the window, and moves on to the next round.
+    pub fn close(&mut self, now: Instant, how: Close) -> RoundInputs {
+        if let (Some(ready), Close::AllIn) = (self.own_ready_at, how) {
+            self.wait.observe(now.saturating_duration_since(ready));
+        }
+        let round = self.current;
+        let mut inputs = Vec::new();
+        let rounds: Vec<u64> = self.pending.range(..=round).map(|(r, _)| *r).collect();
+        for r in rounds {
+            let Some(slot) = self.pending.remove(&r) else { continue };
+            let lag = round - r;
+            if lag > self.staleness {
+                for c in slot.into_values() {
+                    self.rejections.push(VerdictEntry {
+                        author: c.author,
+                        seq: c.seq,
+                        record_hash: c.record_hash,
+                        round: c.round,
+                        verdict: Verdict::Rejected {
+                            reason: RejectReason::Stale,
+                        },
+                    });
+                }
+                continue;
+            }
+            let weight = self.decay.powi(lag as i32);
+            inputs.extend(slot.into_values().map(|c| (c, weight)));
+        }
+        // Oldest round first, then by author: every node orders alike.
+        inputs.sort_by(|(a, _), (b, _)| a.round.cmp(&b.round).then(a.author.cmp(&b.author)));
+        self.current += 1;
+        self.own_ready_at = None;
+        RoundInputs {
+            round,
+            inputs,
+            rejections: std::mem::take(&mut self.rejections),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(author: u8, round: u64) -> Contribution {
+        Contribution {
+            author: AuthorId([author; 32]),
+            seq: Seq(round),
+            record_hash: RecordHash([author; 32]),
+            round,
+            n_samples: 64,
+            delta: Arc::new(vec![author as f32]),
+        }
+    }
+
+    fn book() -> RoundBook {
+        RoundBook::new(0, 1, 0.5, AdaptiveWait::new(Duration::from_secs(1), Duration::from_secs(10)))
+    }
+
+    #[test]
+    fn closes_when_all_expected_are_in() {
+        let mut b = book();
+        let t0 = Instant::now();
+        let expected: HashSet<_> = [AuthorId([2; 32]), AuthorId([3; 32])].into();
+        b.offer(c(1, 0));
+        b.own_ready(t0);
+        b.offer(c(2, 0));
+        assert_eq!(b.should_close(t0, &expected), None);
+        b.offer(c(3, 0));
+        assert_eq!(b.should_close(t0, &expected), Some(Close::AllIn));
+        let inputs = b.close(t0 + Duration::from_millis(200), Close::AllIn);
+        assert_eq!(inputs.inputs.len(), 3);
+        assert_eq!(b.current(), 1);
+    }
+
+    #[test]
+    fn never_closes_before_own_update_and_times_out_without_stragglers() {
+        let mut b = book();
+        let t0 = Instant::now();
+        let expected: HashSet<_> = [AuthorId([2; 32])].into();
+        assert_eq!(b.should_close(t0 + Duration::from_secs(99), &HashSet::new()), None);
+        b.own_ready(t0);
+        assert_eq!(b.should_close(t0 + Duration::from_secs(5), &expected), None);
+        assert_eq!(b.should_close(t0 + Duration::from_secs(10), &expected), Some(Close::Deadline));
+    }
+
+    #[test]
+    fn late_updates_are_decayed_then_stale() {
+        let mut b = book();
+        let t = Instant::now();
+        b.own_ready(t);
+        b.close(t, Close::Deadline); // round 0 closes without author 2
+        assert_eq!(b.offer(c(2, 0)), Offer::Kept); // one round late: kept
+        b.offer(c(1, 1));
+        b.own_ready(t);
+        let inputs = b.close(t, Close::Deadline);
+        let weights: Vec<f32> = inputs.inputs.iter().map(|(_, w)| *w).collect();
+        assert_eq!(weights, vec![0.5, 1.0]);
+        assert_eq!(b.offer(c(3, 0)), Offer::Stale); // two rounds late
+        b.own_ready(t);
+        let inputs = b.close(t, Close::Deadline);
+        assert_eq!(inputs.rejections.len(), 1);
+    }
+
+    #[test]
+    fn duplicates_and_future_rounds() {
+        let mut b = book();
+        assert_eq!(b.offer(c(2, 0)), Offer::Kept);
+        assert_eq!(b.offer(c(2, 0)), Offer::Duplicate);
+        b.offer(c(2, 3));
+        b.own_ready(Instant::now());
+        let inputs = b.close(Instant::now(), Close::AllIn);
+        assert_eq!(inputs.inputs.len(), 1);
+        assert!(b.has(3, &AuthorId([2; 32])));
+    }
+
+    #[test]
+    fn expected_forgets_silent_peers() {
+        let mut b = book();
+        let connected: HashSet<_> = [AuthorId([2; 32]), AuthorId([3; 32])].into();
+        assert_eq!(b.expected(&connected).len(), 2);
+        for r in 0..4 {
+            b.offer(c(2, r));
+            b.own_ready(Instant::now());
+            b.close(Instant::now(), Close::Deadline);
+        }
+        let e = b.expected(&connected);
+        assert!(e.contains(&AuthorId([2; 32])) && !e.contains(&AuthorId([3; 32])));
+    }
+
+    #[test]
+    fn adaptive_wait_follows_observations() {
+        let mut w = AdaptiveWait::new(Duration::from_millis(500), Duration::from_secs(30));
+        assert_eq!(w.timeout(), Duration::from_secs(30));
+        for _ in 0..10 {
+            w.observe(Duration::from_millis(100));
+        }
+        assert!(w.timeout() < Duration::from_secs(2));
+        assert!(w.timeout() >= Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,215 @@
+//! The `RunSpec`: everything nodes must agree on to train together.
+//!
+//! `run_id = blake3(canonical bytes)`, where the canonical bytes are the
+//! spec's JSON with fields in declaration order. Local choices (where the
+//! data lives, ports, threads) are not part of it.
+
+use std::path::Path;
+
+use meshtrain_ledger::RunId;
+use meshtrain_model::{AggregatorSpec, Arch, CodecSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::NodeError;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// A label for humans; part of the run id.
+    pub name: String,
+    pub seed: u64,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    pub exchange: ExchangeSpec,
+    pub rounds: RoundSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub arch: Arch,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// `fashion-mnist` or `mnist` (IDX files, gzipped or not).
+    pub dataset: String,
+    /// blake3 fingerprint of the train and test splits, hex. A node whose
+    /// local copy differs refuses to start.
+    pub fingerprint: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    pub batch_size: usize,
+    /// Inner Adam learning rate.
+    pub lr: f64,
+    /// H: local steps between exchanges.
+    pub local_steps: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeSpec {
+    pub codec: CodecSpec,
+    pub aggregator: AggregatorSpec,
+    pub outer_lr: f32,
+    pub outer_momentum: f32,
+    pub nesterov: bool,
+    /// Deltas up to this many rounds late are still merged, down-weighted.
+    pub staleness: u64,
+    /// Weight multiplier per round of lateness.
+    pub staleness_decay: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundSpec {
+    /// Total rounds of the run.
+    pub count: u64,
+    /// Upper bound on how long a round waits for peers after the node's own
+    /// update is ready.
+    pub max_wait_ms: u64,
+    /// Lower bound of the adaptive wait.
+    pub min_wait_ms: u64,
+}
+
+impl RunSpec {
+    /// A spec with the defaults used by the testnet for `dataset`.
+    pub fn default_for(arch: Arch, dataset: &str, fingerprint: [u8; 32]) -> Self {
+        Self {
+            name: format!("{arch}-{dataset}"),
+            seed: 42,
+            model: ModelSpec { arch },
+            data: DataSpec {
+                dataset: dataset.to_string(),
+                fingerprint: hex::encode(fingerprint),
+            },
+            train: TrainSpec {
+                batch_size: 64,
+                lr: 1e-3,
+                local_steps: 10,
+            },
+            exchange: ExchangeSpec {
+                codec: CodecSpec::Dense,
+                aggregator: AggregatorSpec::Mean,
+                outer_lr: 1.0,
+                outer_momentum: 0.0,
+                nesterov: false,
+                staleness: 1,
+                staleness_decay: 0.5,
+            },
+            rounds: RoundSpec {
+                count: 50,
+                max_wait_ms: 30_000,
+                min_wait_ms: 1_000,
+            },
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, NodeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| NodeError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let spec: RunSpec = toml::from_str(&text).map_err(|e| NodeError::RunSpec {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        spec.validate().map_err(|detail| NodeError::RunSpec {
+            path: path.to_path_buf(),
+            detail,
+        })?;
+        Ok(spec)
+    }
+
+    pub fn to_toml(&self) -> Result<String, NodeError> {
+        toml::to_string_pretty(self).map_err(|e| NodeError::RunSpec {
+            path: "<in memory>".into(),
+            detail: e.to_string(),
+        })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.train.batch_size == 0 {
+            return Err("train.batch_size must be at least 1".into());
+        }
+        if !(self.train.lr > 0.0 && self.train.lr.is_finite()) {
+            return Err("train.lr must be positive".into());
+        }
+        if self.train.local_steps == 0 {
+            return Err("train.local_steps must be at least 1".into());
+        }
+        if self.rounds.count == 0 {
+            return Err("rounds.count must be at least 1".into());
+        }
+        if self.rounds.min_wait_ms > self.rounds.max_wait_ms {
+            return Err("rounds.min_wait_ms exceeds rounds.max_wait_ms".into());
+        }
+        if !(self.exchange.outer_lr > 0.0 && self.exchange.outer_lr.is_finite()) {
+            return Err("exchange.outer_lr must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.exchange.outer_momentum) {
+            return Err("exchange.outer_momentum must be in [0, 1)".into());
+        }
+        if !(0.0..=1.0).contains(&self.exchange.staleness_decay) {
+            return Err("exchange.staleness_decay must be in [0, 1]".into());
+        }
+        if hex::decode(&self.data.fingerprint).map(|b| b.len()) != Ok(32) {
+            return Err("data.fingerprint must be 64 hex digits".into());
+        }
+        Ok(())
+    }
+
+    /// The bytes the run id hashes: JSON in declaration order.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        // Plain structs of strings and numbers always serialise.
+        serde_json::to_vec(self).expect("a RunSpec always serialises to JSON")
+    }
+
+    pub fn run_id(&self) -> RunId {
+        RunId::of_spec(&self.canonical_bytes())
+    }
+
+    pub fn from_canonical(bytes: &[u8]) -> Result<Self, NodeError> {
+        serde_json::from_slice(bytes).map_err(|e| NodeError::RunSpec {
+            path: "<ledger meta>".into(),
+            detail: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trip_and_stable_id() {
+        let s = RunSpec::default_for(Arch::Mlp, "fashion-mnist", [1; 32]);
+        let back: RunSpec = toml::from_str(&s.to_toml().unwrap()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.run_id(), s.run_id());
+        let mut other = s.clone();
+        other.train.local_steps = 11;
+        assert_ne!(other.run_id(), s.run_id());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.toml");
+        let s = RunSpec::default_for(Arch::Mlp, "fashion-mnist", [1; 32]);
+        std::fs::write(&p, s.to_toml().unwrap().replace("[train]", "[train]\nmomentum = 3")).unwrap();
+        let err = RunSpec::load(&p).unwrap_err().to_string();
+        assert!(err.contains("momentum"), "{err}");
+        std::fs::write(&p, s.to_toml().unwrap().replace("codec = \"dense\"", "codec = \"zip\"")).unwrap();
+        let err = RunSpec::load(&p).unwrap_err().to_string();
+        assert!(err.contains("zip"), "{err}");
+        std::fs::write(&p, s.to_toml().unwrap().replace("local_steps = 10", "local_steps = 0")).unwrap();
+        let err = RunSpec::load(&p).unwrap_err().to_string();
+        assert!(err.contains("local_steps"), "{err}");
+    }
+}

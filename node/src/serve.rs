@@ -1,0 +1,41 @@
+//! Answers peers' fetch requests from the ledger (run on a blocking thread).
+
+use meshtrain_gossip::{FetchRequest, FetchResponse, HeadInfo};
+use meshtrain_ledger::{AuthorId, Ledger, PayloadHash, Seq};
+
+/// Most records sent in one answer.
+pub const MAX_RECORDS_PER_RESPONSE: u32 = 256;
+
+pub fn answer(ledger: &Ledger, request: &FetchRequest) -> FetchResponse {
+    let result = match request {
+        FetchRequest::Payload { hash } => ledger.payload(&PayloadHash(*hash)).map(|p| match p {
+            Some(bytes) => FetchResponse::Payload(bytes),
+            None => FetchResponse::NotFound,
+        }),
+        FetchRequest::Records { author, from_seq, max } => {
+            let max = (*max).clamp(1, MAX_RECORDS_PER_RESPONSE) as usize;
+            ledger
+                .records_from(&AuthorId(*author), Seq(*from_seq), max)
+                .map(|records| {
+                    if records.is_empty() {
+                        FetchResponse::NotFound
+                    } else {
+                        FetchResponse::Records(records.iter().map(|r| r.to_bytes()).collect())
+                    }
+                })
+        }
+        FetchRequest::Heads => Ok(FetchResponse::Heads(
+            ledger
+                .heads()
+                .into_iter()
+                .map(|(author, head)| HeadInfo {
+                    author: author.0,
+                    seq: head.seq.0,
+                    hash: head.hash.0,
+                })
+                .collect(),
+        )),
+        FetchRequest::Anchor | FetchRequest::Block { .. } => Ok(FetchResponse::NotFound),
+    };
+    result.unwrap_or_else(|e| FetchResponse::Refused(format!("ledger error: {e}")))
+}

@@ -1,0 +1,138 @@
+//! The training thread: owns the model replica (a tensor is `Send`, not
+//! `Sync`), trains H steps from each anchor, and encodes the delta with error
+//! feedback. The event loop talks to it only through channels.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use meshtrain_model::{Dataset, DeltaEncoder, Evaluation, Network, StepStats, TrainConfig, Trainer};
+use tokio::sync::mpsc;
+use tracing::{debug, error};
+
+use crate::attack::Attack;
+
+pub enum TrainerCmd {
+    /// Evaluate `anchor` on the test set, train H steps from it, encode the delta.
+    Round {
+        round: u64,
+        anchor: Arc<Vec<f32>>,
+        steps: usize,
+    },
+    /// Only evaluate `anchor` (the final weights).
+    Evaluate { round: u64, anchor: Arc<Vec<f32>> },
+}
+
+pub enum TrainerReply {
+    RoundDone {
+        round: u64,
+        /// The anchor's test loss and accuracy, before training.
+        eval: Evaluation,
+        stats: StepStats,
+        /// The encoded delta as it goes on the wire.
+        payload: Vec<u8>,
+        /// What every receiver decodes from `payload`.
+        decoded: Arc<Vec<f32>>,
+        train_ms: u64,
+        encode_ms: u64,
+    },
+    Evaluated {
+        round: u64,
+        eval: Evaluation,
+    },
+    Failed(String),
+}
+
+pub struct TrainerHandle {
+    pub cmd: std::sync::mpsc::Sender<TrainerCmd>,
+    pub replies: mpsc::UnboundedReceiver<TrainerReply>,
+    pub thread: JoinHandle<()>,
+}
+
+impl TrainerHandle {
+    /// Closes the command channel and waits for the thread to finish the
+    /// step it is on.
+    pub fn stop(self) {
+        drop(self.cmd);
+        let _ = self.thread.join();
+    }
+}
+
+/// Starts the training thread. `net`, `shard` and `test` move into it.
+pub fn spawn(
+    net: Network,
+    shard: Dataset,
+    test: Dataset,
+    cfg: TrainConfig,
+    mut encoder: DeltaEncoder,
+    attack: Option<Attack>,
+) -> Result<TrainerHandle, crate::NodeError> {
+    let mut trainer = Trainer::new(net, shard, cfg)?;
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<TrainerCmd>();
+    let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+    let thread = std::thread::Builder::new()
+        .name("trainer".into())
+        .spawn(move || {
+            while let Ok(cmd) = cmd_rx.recv() {
+                let reply = match cmd {
+                    TrainerCmd::Round { round, anchor, steps } => {
+                        run_round(&mut trainer, &test, &mut encoder, attack.as_ref(), round, &anchor, steps)
+                    }
+                    TrainerCmd::Evaluate { round, anchor } => trainer
+                        .load(&anchor)
+                        .and_then(|_| trainer.evaluate(&test))
+                        .map(|eval| TrainerReply::Evaluated { round, eval })
+                        .unwrap_or_else(|e| TrainerReply::Failed(e.to_string())),
+                };
+                if reply_tx.send(reply).is_err() {
+                    break;
+                }
+            }
+            debug!("trainer thread stops");
+        })
+        .map_err(|e| crate::NodeError::Trainer(e.to_string()))?;
+    Ok(TrainerHandle {
+        cmd: cmd_tx,
+        replies: reply_rx,
+        thread,
+    })
+}
+
+fn run_round(
+    trainer: &mut Trainer,
+    test: &Dataset,
+    encoder: &mut DeltaEncoder,
+    attack: Option<&Attack>,
+    round: u64,
+    anchor: &[f32],
+    steps: usize,
+) -> TrainerReply {
+    let result = (|| -> Result<TrainerReply, meshtrain_model::ModelError> {
+        trainer.load(anchor)?;
+        let eval = trainer.evaluate(test)?;
+        let started = std::time::Instant::now();
+        let stats = trainer.train_steps(steps)?;
+        let mut delta = trainer.weights()?;
+        for (d, a) in delta.iter_mut().zip(anchor) {
+            *d -= *a;
+        }
+        let train_ms = started.elapsed().as_millis() as u64;
+        if let Some(attack) = attack {
+            attack.corrupt_delta(&mut delta, round);
+        }
+        let started = std::time::Instant::now();
+        let encoded = encoder.encode(&delta)?;
+        Ok(TrainerReply::RoundDone {
+            round,
+            eval,
+            stats,
+            payload: encoded.bytes,
+            decoded: Arc::new(encoded.decoded),
+            train_ms,
+            encode_ms: started.elapsed().as_millis() as u64,
+        })
+    })();
+    result.unwrap_or_else(|e| {
+        error!(round, error = %e, "training round failed");
+        TrainerReply::Failed(e.to_string())
+    })
+}

@@ -1,0 +1,476 @@
+//! Local testnets: starts N real `meshtrain node run` processes on loopback,
+//! each with its own data dir and shard (some of them attackers, if asked),
+//! waits for them, audits every ledger with `meshtrain ledger audit`, and
+//! writes `summary.json` and a table.
+//!
+//! It drives the node binary from outside, as an operator would, and shares
+//! only the report schema ([`report`]) with the node.
+//!
+//! Main types: [`TestnetOptions`], [`report::Summary`], [`report::NodeReport`].
+
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meshtrain_ledger::audit::AuditReport;
+use report::{NodeReport, NodeSummary, Summary};
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestnetError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting {what}: {source}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`meshtrain spec new` failed: {0}")]
+    Spec(String),
+    #[error("node {index} exited before it listened (status {status}); its log ends:\n{log_tail}")]
+    EarlyExit {
+        index: usize,
+        status: String,
+        log_tail: String,
+    },
+    #[error("node {index} did not report its listen address within {secs} s")]
+    NoListenAddr { index: usize, secs: u64 },
+    #[error("the testnet ran past its {0} s timeout; nodes were stopped")]
+    Timeout(u64),
+    #[error("{path}: {detail}")]
+    BadReport { path: PathBuf, detail: String },
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct TestnetOptions {
+    /// The `meshtrain` binary.
+    pub binary: PathBuf,
+    pub nodes: usize,
+    pub rounds: Option<u64>,
+    /// Passes over the training set, summed over nodes (used when `rounds` is None).
+    pub epochs: Option<f64>,
+    pub model: String,
+    pub out: PathBuf,
+    pub local_steps: usize,
+    pub codec: String,
+    pub aggregator: String,
+    /// The last `byzantine` nodes run `attack`.
+    pub byzantine: usize,
+    pub attack: Option<String>,
+    pub seed: u64,
+    pub data: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TestnetError + '_ {
+    move |source| TestnetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+struct Running {
+    index: usize,
+    dir: PathBuf,
+    child: Child,
+    attack: Option<String>,
+    status: Option<std::process::ExitStatus>,
+}
+
+/// Writes the run spec by asking the binary (which knows the dataset).
+fn write_spec(opts: &TestnetOptions, path: &Path) -> Result<(), TestnetError> {
+    let mut cmd = Command::new(&opts.binary);
+    cmd.args(["spec", "new", "--model", &opts.model])
+        .args(["--local-steps", &opts.local_steps.to_string()])
+        .args(["--codec", &opts.codec, "--aggregator", &opts.aggregator])
+        .args(["--seed", &opts.seed.to_string()])
+        .arg("--out")
+        .arg(path);
+    match (opts.rounds, opts.epochs) {
+        (Some(r), _) => {
+            cmd.args(["--rounds", &r.to_string()]);
+        }
+        (None, Some(e)) => {
+            cmd.args(["--epochs", &e.to_string(), "--nodes", &opts.nodes.to_string()]);
+        }
+        (None, None) => {}
+    }
+    if let Some(d) = &opts.data {
+        cmd.arg("--data").arg(d);
+    }
+    let out = cmd.output().map_err(|source| TestnetError::Spawn {
+        what: "meshtrain spec new".into(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(TestnetError::Spec(String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    Ok(())
+}
+
+fn spawn_node(
+    opts: &TestnetOptions,
+    index: usize,
+    spec: &Path,
+    bootstrap: Option<&str>,
+) -> Result<Running, TestnetError> {
+    let dir = opts.out.join(format!("node-{index}"));
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let log_path = dir.join("node.log");
+    let log = std::fs::File::create(&log_path).map_err(io_err(&log_path))?;
+    let log2 = log.try_clone().map_err(io_err(&log_path))?;
+    let attack = (index >= opts.nodes - opts.byzantine)
+        .then(|| opts.attack.clone())
+        .flatten();
+    let mut cmd = Command::new(&opts.binary);
+    cmd.args(["node", "run", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--run")
+        .arg(spec)
+        .args(["--shard", &format!("{index}/{}", opts.nodes)])
+        .args(["--wait-peers", &(opts.nodes - 1).to_string()])
+        .args(["--drain-s", "30"])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    if let Some(a) = &attack {
+        cmd.args(["--attack", a]);
+    }
+    if let Some(d) = &opts.data {
+        cmd.arg("--data").arg(d);
+    }
+    let child = cmd.spawn().map_err(|source| TestnetError::Spawn {
+        what: format!("node {index}"),
+        source,
+    })?;
+    Ok(Running {
+        index,
+        dir,
+        child,
+        attack,
+        status: None,
+    })
+}
+
+/// Waits for a node's `listen.json` and returns its first address.
+fn listen_addr(node: &mut Running, within: Duration) -> Result<String, TestnetError> {
+    let path = node.dir.join("listen.json");
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if let Some(a) = v["addrs"].get(0).and_then(|a| a.as_str()) {
+                    return Ok(a.to_string());
+                }
+            }
+        }
+        if let Ok(Some(status)) = node.child.try_wait() {
+            return Err(TestnetError::EarlyExit {
+                index: node.index,
+                status: status.to_string(),
+                log_tail: tail(&node.dir.join("node.log"), 20),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(TestnetError::NoListenAddr {
+        index: node.index,
+        secs: within.as_secs(),
+    })
+}
+
+fn audit(binary: &Path, dir: &Path) -> Option<AuditReport> {
+    let out = Command::new(binary)
+        .args(["ledger", "audit", "--json"])
+        .arg(dir)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Runs a whole testnet and returns (and writes) its summary.
+pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    for i in 0..opts.nodes {
+        // A stale ledger from an earlier testnet would belong to another run.
+        let dir = opts.out.join(format!("node-{i}"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+    }
+    let spec = opts.out.join("run.toml");
+    write_spec(opts, &spec)?;
+    info!(nodes = opts.nodes, out = %opts.out.display(), "starting testnet");
+
+    let mut nodes = Vec::with_capacity(opts.nodes);
+    let first = spawn_node(opts, 0, &spec, None)?;
+    nodes.push(first);
+    let boot = match listen_addr(&mut nodes[0], Duration::from_secs(120)) {
+        Ok(a) => a,
+        Err(e) => {
+            stop_all(&mut nodes);
+            return Err(e);
+        }
+    };
+    for i in 1..opts.nodes {
+        match spawn_node(opts, i, &spec, Some(&boot)) {
+            Ok(n) => nodes.push(n),
+            Err(e) => {
+                stop_all(&mut nodes);
+                return Err(e);
+            }
+        }
+    }
+
+    let deadline = started + opts.timeout;
+    let mut last_note = Instant::now();
+    loop {
+        let mut running = 0;
+        for n in nodes.iter_mut() {
+            if n.status.is_none() {
+                match n.child.try_wait() {
+                    Ok(Some(s)) => {
+                        if !s.success() {
+                            warn!(node = n.index, status = %s, "node failed; see {}", n.dir.join("node.log").display());
+                        }
+                        n.status = Some(s);
+                    }
+                    Ok(None) => running += 1,
+                    Err(_) => n.status = Some(std::process::ExitStatus::default()),
+                }
+            }
+        }
+        if running == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            stop_all(&mut nodes);
+            return Err(TestnetError::Timeout(opts.timeout.as_secs()));
+        }
+        if last_note.elapsed() > Duration::from_secs(30) {
+            info!(running, elapsed_s = started.elapsed().as_secs(), "testnet still running");
+            last_note = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let summary = summarise(opts, &nodes, started.elapsed())?;
+    let path = opts.out.join("summary.json");
+    let text = serde_json::to_vec_pretty(&summary).map_err(|e| TestnetError::BadReport {
+        path: path.clone(),
+        detail: e.to_string(),
+    })?;
+    std::fs::write(&path, text).map_err(io_err(&path))?;
+    Ok(summary)
+}
+
+fn stop_all(nodes: &mut [Running]) {
+    for n in nodes.iter_mut() {
+        let _ = n.child.kill();
+        let _ = n.child.wait();
+    }
+}
+
+fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result<Summary, TestnetError> {
+    let mut reports = Vec::new();
+    for n in nodes {
+        let path = n.dir.join("results.json");
+        let report: Option<NodeReport> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        reports.push(report);
+    }
+    let mut summary = Summary {
+        nodes_total: nodes.len(),
+        model: opts.model.clone(),
+        codec: opts.codec.clone(),
+        aggregator: opts.aggregator.clone(),
+        local_steps: opts.local_steps,
+        wall_s: wall.as_secs_f64(),
+        ..Default::default()
+    };
+    let authors: BTreeMap<usize, (String, u64, bool)> = reports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().map(|r| (i, (r.author.clone(), r.updates_published, r.honest))))
+        .collect();
+    let mut complete = true;
+    let (mut mal_seen, mut mal_hit, mut hon_seen, mut hon_rejected) = (0u64, 0u64, 0u64, 0u64);
+    let mut payload_sum = 0f64;
+    let mut payload_n = 0u64;
+    for (n, report) in nodes.iter().zip(&reports) {
+        let audit = audit(&opts.binary, &n.dir);
+        let mut row = NodeSummary {
+            index: n.index,
+            honest: n.attack.is_none(),
+            attack: n.attack.clone(),
+            exit_code: n.status.and_then(|s| s.code()),
+            ..Default::default()
+        };
+        if let Some(a) = &audit {
+            row.audit_ok = a.ok;
+            row.audit_records = a.records;
+            row.audit_first_problem = a.first_problem().map(|p| p.to_string());
+        }
+        if !row.audit_ok {
+            summary.audit_failures += 1;
+        }
+        if let Some(r) = report {
+            row.peer_id = r.peer_id.clone();
+            row.final_test_acc = r.final_test_acc;
+            row.bytes_sent = r.bytes_sent;
+            row.bytes_received = r.bytes_received;
+            row.updates_merged = r.updates_merged;
+            row.updates_rejected = r.updates_rejected;
+            row.updates_clipped = r.updates_clipped;
+            row.rejected_by_reason = r.rejected_by_reason.clone();
+            row.rounds_completed = r.rounds_completed;
+            summary.param_count = r.param_count;
+            summary.rounds = summary.rounds.max(r.rounds_completed);
+            if r.updates_published > 0 {
+                payload_sum += r.payload_bytes_mean * r.updates_published as f64;
+                payload_n += r.updates_published;
+            }
+            if r.honest {
+                // Verdicts of honest nodes about everyone else.
+                for (j, (author, published, honest)) in &authors {
+                    if *j == n.index {
+                        continue;
+                    }
+                    let rejected = r.rejected_by_author.get(author).copied().unwrap_or(0);
+                    let clipped = r.clipped_by_author.get(author).copied().unwrap_or(0);
+                    let merged = r.merged_by_author.get(author).copied().unwrap_or(0);
+                    let seen = rejected + clipped + merged;
+                    if *honest {
+                        hon_seen += seen;
+                        hon_rejected += rejected;
+                    } else {
+                        mal_seen += seen.max(*published);
+                        mal_hit += (rejected + clipped).min(seen.max(*published));
+                    }
+                    // Every honest ledger must hold every other honest chain whole.
+                    if *honest {
+                        let held = audit
+                            .as_ref()
+                            .and_then(|a| a.chain_lengths.get(author).copied())
+                            .unwrap_or(0);
+                        if held != *published {
+                            complete = false;
+                        }
+                    }
+                }
+            }
+        } else {
+            complete = false;
+        }
+        summary.nodes.push(row);
+    }
+    let honest: Vec<&NodeSummary> = summary.nodes.iter().filter(|n| n.honest).collect();
+    if !honest.is_empty() {
+        summary.honest_mean_acc = honest.iter().map(|n| n.final_test_acc).sum::<f32>() / honest.len() as f32;
+        summary.honest_min_acc = honest.iter().map(|n| n.final_test_acc).fold(f32::INFINITY, f32::min);
+    }
+    summary.bytes_per_update_mean = if payload_n > 0 { payload_sum / payload_n as f64 } else { 0.0 };
+    summary.compression_ratio = if summary.bytes_per_update_mean > 0.0 {
+        4.0 * summary.param_count as f64 / summary.bytes_per_update_mean
+    } else {
+        0.0
+    };
+    summary.malicious_rejected_or_clipped_share = (mal_seen > 0).then(|| mal_hit as f64 / mal_seen as f64);
+    summary.honest_rejected_share = if hon_seen > 0 {
+        hon_rejected as f64 / hon_seen as f64
+    } else {
+        0.0
+    };
+    summary.complete_chains = complete;
+    Ok(summary)
+}
+
+/// The per-node table printed after a run.
+pub fn table(s: &Summary) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{} nodes, model {}, codec {}, aggregator {}, H = {}, {} rounds, {} parameters, {:.1} s",
+        s.nodes_total, s.model, s.codec, s.aggregator, s.local_steps, s.rounds, s.param_count, s.wall_s
+    );
+    let _ = writeln!(
+        out,
+        "{:<5} {:<10} {:<12} {:>8} {:>12} {:>12} {:>7} {:>7} {:>7} {:<6}",
+        "node", "peer", "role", "test acc", "sent", "received", "merged", "clipped", "reject", "audit"
+    );
+    for n in &s.nodes {
+        let peer = &n.peer_id[n.peer_id.len().saturating_sub(8)..];
+        let role = n.attack.clone().unwrap_or_else(|| "honest".into());
+        let _ = writeln!(
+            out,
+            "{:<5} {:<10} {:<12} {:>7.2}% {:>12} {:>12} {:>7} {:>7} {:>7} {:<6}",
+            n.index,
+            peer,
+            role,
+            100.0 * n.final_test_acc,
+            human_bytes(n.bytes_sent),
+            human_bytes(n.bytes_received),
+            n.updates_merged,
+            n.updates_clipped,
+            n.updates_rejected,
+            if n.audit_ok { "ok" } else { "FAILED" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "honest accuracy: mean {:.2}%, min {:.2}%; {:.0} B per update ({:.1}x smaller than dense fp32); chains complete: {}; audit failures: {}",
+        100.0 * s.honest_mean_acc,
+        100.0 * s.honest_min_acc,
+        s.bytes_per_update_mean,
+        s.compression_ratio,
+        s.complete_chains,
+        s.audit_failures
+    );
+    if let Some(m) = s.malicious_rejected_or_clipped_share {
+        let _ = writeln!(
+            out,
+            "attacker updates rejected or clipped: {:.1}%; honest updates rejected: {:.1}%",
+            100.0 * m,
+            100.0 * s.honest_rejected_share
+        );
+    }
+    out
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

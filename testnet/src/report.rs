@@ -1,0 +1,104 @@
+//! What a node reports when it finishes (`DIR/results.json`) and what a
+//! testnet summarises (`OUT/summary.json`). The node writes these types and
+//! the testnet reads them, so the schema lives in one place.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One round as a node saw it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    /// Test loss and accuracy of the anchor weights this round started from.
+    pub test_loss: f32,
+    pub test_acc: f32,
+    pub train_loss: f32,
+    /// Contributions merged (or clipped) into this round's aggregate.
+    pub merged: u64,
+    pub rejected: u64,
+    /// libp2p byte counters at the end of the round.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Wall-clock milliseconds since the node started.
+    pub at_ms: u64,
+    pub train_ms: u64,
+    pub wait_ms: u64,
+}
+
+/// A finished node's results.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub peer_id: String,
+    pub author: String,
+    pub honest: bool,
+    pub attack: Option<String>,
+    pub shard: String,
+    pub param_count: u64,
+    pub rounds_completed: u64,
+    pub final_test_acc: f32,
+    pub final_test_loss: f32,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub updates_published: u64,
+    /// Mean size of this node's own encoded payloads.
+    pub payload_bytes_mean: f64,
+    pub updates_received: u64,
+    pub updates_merged: u64,
+    pub updates_clipped: u64,
+    pub updates_rejected: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    /// Rejections and clips by the author they concern.
+    pub rejected_by_author: BTreeMap<String, u64>,
+    pub clipped_by_author: BTreeMap<String, u64>,
+    pub merged_by_author: BTreeMap<String, u64>,
+    pub banned: Vec<String>,
+    pub peers_seen: Vec<String>,
+    pub wall_s: f64,
+    pub history: Vec<RoundRecord>,
+}
+
+/// One row of the testnet summary.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    pub index: usize,
+    pub peer_id: String,
+    pub honest: bool,
+    pub attack: Option<String>,
+    pub final_test_acc: f32,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub updates_merged: u64,
+    pub updates_rejected: u64,
+    pub updates_clipped: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub rounds_completed: u64,
+    pub audit_ok: bool,
+    pub audit_records: u64,
+    pub audit_first_problem: Option<String>,
+    pub exit_code: Option<i32>,
+}
+
+/// `OUT/summary.json`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub nodes_total: usize,
+    pub model: String,
+    pub codec: String,
+    pub aggregator: String,
+    pub local_steps: usize,
+    pub rounds: u64,
+    pub param_count: u64,
+    pub honest_mean_acc: f32,
+    pub honest_min_acc: f32,
+    pub bytes_per_update_mean: f64,
+    pub compression_ratio: f64,
+    /// Share of attacker updates that honest nodes rejected or clipped.
+    pub malicious_rejected_or_clipped_share: Option<f64>,
+    /// Share of honest updates that honest nodes rejected.
+    pub honest_rejected_share: f64,
+    pub audit_failures: u64,
+    pub complete_chains: bool,
+    pub wall_s: f64,
+    pub nodes: Vec<NodeSummary>,
+}
