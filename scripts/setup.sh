@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what meshtrain needs, idempotently, then builds it (release).
+#   scripts/setup.sh          build the meshtrain binary
+#   scripts/setup.sh --tests  build the binary and every test target
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$MESHTRAIN_ROOT"
+
+# 1. Debian packages: libclang for RocksDB's bindings, the Fashion-MNIST data.
+missing=()
+for pkg in libclang-dev dataset-fashion-mnist; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "setup: installing ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# 2. A project-local virtualenv with PyTorch 2.13.0 (libtorch for tch 0.26).
+torch_ok() {
+  .venv/bin/python - <<'PY' 2>/dev/null
+import sys, torch
+sys.exit(0 if torch.__version__.split("+")[0] == "2.13.0" else 1)
+PY
+}
+if ! torch_ok; then
+  echo "setup: installing torch==2.13.0 into .venv (about 90 s, 4.7 GB)" >&2
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q torch==2.13.0
+  torch_ok || { echo "setup: torch 2.13.0 did not install" >&2; exit 1; }
+fi
+torch_dir="$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)"
+mkdir -p "$MESHTRAIN_CACHE"
+ln -sfn "$torch_dir" "$LIBTORCH"
+
+# 3. Build (release: tests and binaries share one profile, so RocksDB and
+#    libtorch's bindings are compiled once).
+if [ "${1:-}" = "--tests" ]; then
+  cargo build --release --workspace --all-targets
+else
+  cargo build --release --bin meshtrain
+fi

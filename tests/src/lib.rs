@@ -1,0 +1,142 @@
+//! Helpers for the end-to-end tests: they run the real `meshtrain` binary as
+//! separate processes on loopback, as an operator would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use meshtrain_ledger::audit::AuditReport;
+use meshtrain_testnet::report::NodeReport;
+
+/// The `meshtrain` binary: `$MESHTRAIN_BIN`, or next to the test executable.
+pub fn meshtrain_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MESHTRAIN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/meshtrain
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("meshtrain"))
+        .expect("target dir");
+    assert!(bin.exists(), "{} is missing: run scripts/setup.sh --tests first", bin.display());
+    bin
+}
+
+/// Runs `meshtrain spec new ARGS --out DIR/run.toml`.
+pub fn spec_new(dir: &Path, args: &[&str]) -> PathBuf {
+    let path = dir.join("run.toml");
+    let out = Command::new(meshtrain_bin())
+        .args(["spec", "new"])
+        .args(args)
+        .arg("--out")
+        .arg(&path)
+        .output()
+        .expect("run meshtrain spec new");
+    assert!(out.status.success(), "spec new failed: {}", String::from_utf8_lossy(&out.stderr));
+    path
+}
+
+pub struct NodeProc {
+    pub dir: PathBuf,
+    pub child: Child,
+}
+
+/// Starts `meshtrain node run` with its log in DIR/node.log.
+pub fn spawn_node(dir: &Path, spec: &Path, shard: &str, bootstrap: Option<&str>, extra: &[&str]) -> NodeProc {
+    std::fs::create_dir_all(dir).expect("node dir");
+    let log = std::fs::File::create(dir.join("node.log")).expect("log file");
+    let mut cmd = Command::new(meshtrain_bin());
+    cmd.args(["node", "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--shard", shard])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--run")
+        .arg(spec)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    NodeProc {
+        dir: dir.to_path_buf(),
+        child: cmd.spawn().expect("spawn node"),
+    }
+}
+
+/// What a node writes to DIR/listen.json once it listens.
+pub struct ListenInfo {
+    pub peer_id: String,
+    pub run_id: String,
+    pub addr: String,
+}
+
+pub fn wait_listen(node: &mut NodeProc, within: Duration) -> ListenInfo {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Ok(text) = std::fs::read_to_string(node.dir.join("listen.json")) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if let Some(addr) = v["addrs"][0].as_str() {
+                    return ListenInfo {
+                        peer_id: v["peer_id"].as_str().unwrap_or_default().to_string(),
+                        run_id: v["run_id"].as_str().unwrap_or_default().to_string(),
+                        addr: addr.to_string(),
+                    };
+                }
+            }
+        }
+        if let Ok(Some(s)) = node.child.try_wait() {
+            panic!("node exited early ({s}):\n{}", log_tail(&node.dir));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("node did not listen within {within:?}:\n{}", log_tail(&node.dir));
+}
+
+pub fn log_tail(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Waits for every node to exit; kills them all and panics on timeout.
+pub fn wait_all(nodes: &mut [NodeProc], within: Duration) -> Vec<ExitStatus> {
+    let start = Instant::now();
+    let mut statuses: Vec<Option<ExitStatus>> = vec![None; nodes.len()];
+    while statuses.iter().any(Option::is_none) {
+        for (n, s) in nodes.iter_mut().zip(statuses.iter_mut()) {
+            if s.is_none() {
+                *s = n.child.try_wait().expect("wait");
+            }
+        }
+        if start.elapsed() > within {
+            for n in nodes.iter_mut() {
+                let _ = n.child.kill();
+            }
+            let logs: Vec<String> = nodes.iter().map(|n| log_tail(&n.dir)).collect();
+            panic!("nodes still running after {within:?}:\n{}", logs.join("\n----\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    statuses.into_iter().map(|s| s.expect("status")).collect()
+}
+
+pub fn results(dir: &Path) -> NodeReport {
+    let bytes = std::fs::read(dir.join("results.json"))
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", dir.display(), log_tail(dir)));
+    serde_json::from_slice(&bytes).expect("results.json parses")
+}
+
+/// `meshtrain ledger audit DIR --json`, with its exit status.
+pub fn audit(dir: &Path) -> (AuditReport, ExitStatus) {
+    let out = Command::new(meshtrain_bin())
+        .args(["ledger", "audit", "--json"])
+        .arg(dir)
+        .output()
+        .expect("run ledger audit");
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("audit output: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (report, out.status)
+}
