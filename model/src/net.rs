@@ -62,6 +62,9 @@ pub struct ParamSpec {
     pub shape: Vec<i64>,
     pub numel: usize,
     pub init: Init,
+    /// False for buffers such as batch-norm running statistics: they are
+    /// exchanged and averaged, but they are not gradients.
+    pub trainable: bool,
 }
 
 /// The order in which a model's tensors are flattened into one vector: by
@@ -85,9 +88,23 @@ impl Layout {
                 shape: shape.clone(),
                 numel,
                 init,
+                trainable: !name.ends_with(".running_mean") && !name.ends_with(".running_var"),
             });
         }
         Self { params, total }
+    }
+
+    /// Index ranges of the non-trainable buffers in the flat vector.
+    pub fn buffer_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        for p in &self.params {
+            if !p.trainable {
+                out.push(off..off + p.numel);
+            }
+            off += p.numel;
+        }
+        out
     }
 
     /// Genesis weights for `seed`: identical on every machine.
@@ -314,10 +331,12 @@ mod tests {
         assert_ne!(g1, n.layout().genesis(43));
         n.load_flat(&g1).unwrap();
         assert_eq!(n.flat().unwrap(), g1);
-        // batch-norm running variance starts at one
+        // batch-norm running variance starts at one, and is a buffer
         let bn = n.layout().params.iter().position(|p| p.name == "bn1.running_var").unwrap();
         let off: usize = n.layout().params[..bn].iter().map(|p| p.numel).sum();
         assert!(g1[off..off + 32].iter().all(|&v| v == 1.0));
+        assert!(n.layout().buffer_ranges().contains(&(off..off + 32)));
+        assert_eq!(n.layout().buffer_ranges().len(), 4);
         assert!(n.load_flat(&g1[1..]).is_err());
     }
 

@@ -29,13 +29,18 @@ impl Default for OuterConfig {
 pub struct OuterOptimizer {
     cfg: OuterConfig,
     velocity: Vec<f32>,
+    /// Buffers (batch-norm statistics) step plainly: `anchor += update`.
+    /// Momentum would overshoot them, and a running variance must stay
+    /// positive.
+    plain: Vec<std::ops::Range<usize>>,
 }
 
 impl OuterOptimizer {
-    pub fn new(cfg: OuterConfig, params: usize) -> Self {
+    pub fn new(cfg: OuterConfig, params: usize, plain: Vec<std::ops::Range<usize>>) -> Self {
         Self {
             cfg,
             velocity: if cfg.momentum > 0.0 { vec![0.0; params] } else { Vec::new() },
+            plain,
         }
     }
 
@@ -56,17 +61,33 @@ impl OuterOptimizer {
     /// anchor += lr · u (plain), or with momentum v = μv + u:
     /// anchor += lr · (u + μv) (Nesterov) or lr · v (heavy ball).
     pub fn step(&mut self, anchor: &mut [f32], update: &[f32]) {
+        let n = anchor.len().min(update.len());
+        let mut from = 0;
+        for r in self.plain.clone() {
+            let (s, e) = (r.start.min(n), r.end.min(n));
+            self.momentum_step(anchor, update, from..s.max(from));
+            for i in s..e {
+                anchor[i] += update[i];
+            }
+            from = e.max(from);
+        }
+        self.momentum_step(anchor, update, from..n);
+    }
+
+    fn momentum_step(&mut self, anchor: &mut [f32], update: &[f32], range: std::ops::Range<usize>) {
         let OuterConfig { lr, momentum, nesterov } = self.cfg;
         if momentum <= 0.0 {
-            for (a, u) in anchor.iter_mut().zip(update) {
-                *a += lr * u;
+            for i in range {
+                anchor[i] += lr * update[i];
             }
             return;
         }
-        for ((a, u), v) in anchor.iter_mut().zip(update).zip(self.velocity.iter_mut()) {
+        for i in range {
+            let u = update[i];
+            let v = &mut self.velocity[i];
             *v = momentum * *v + u;
             let step = if nesterov { u + momentum * *v } else { *v };
-            *a += lr * step;
+            anchor[i] += lr * step;
         }
     }
 }
@@ -77,7 +98,7 @@ mod tests {
 
     #[test]
     fn plain_step_adds_the_update() {
-        let mut o = OuterOptimizer::new(OuterConfig::default(), 2);
+        let mut o = OuterOptimizer::new(OuterConfig::default(), 2, Vec::new());
         let mut a = vec![1.0, 2.0];
         o.step(&mut a, &[0.5, -1.0]);
         assert_eq!(a, vec![1.5, 1.0]);
@@ -86,11 +107,20 @@ mod tests {
     #[test]
     fn nesterov_known_answer() {
         let cfg = OuterConfig { lr: 0.5, momentum: 0.9, nesterov: true };
-        let mut o = OuterOptimizer::new(cfg, 1);
+        let mut o = OuterOptimizer::new(cfg, 1, Vec::new());
         let mut a = vec![0.0];
         o.step(&mut a, &[1.0]); // v = 1, step = 1 + 0.9 = 1.9
         assert!((a[0] - 0.95).abs() < 1e-6);
         o.step(&mut a, &[1.0]); // v = 1.9, step = 1 + 1.71 = 2.71
         assert!((a[0] - (0.95 + 1.355)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn buffers_step_plainly() {
+        let cfg = OuterConfig { lr: 0.5, momentum: 0.9, nesterov: true };
+        let mut o = OuterOptimizer::new(cfg, 4, vec![1..3]);
+        let mut a = vec![0.0; 4];
+        o.step(&mut a, &[1.0, 1.0, -2.0, 1.0]);
+        assert_eq!(a, vec![0.95, 1.0, -2.0, 0.95]);
     }
 }

@@ -51,13 +51,12 @@ fn batch_tensor(data: &Dataset, picks: &[usize], device: Device, flip: bool) -> 
         labels.push(if flip { data.classes as i64 - 1 - l } else { l });
     }
     let s = data.shape;
-    // Pixels map to [-1, 1]; the same fixed scaling on every node.
+    // Pixels map to [0, 1], as torchvision's ToTensor does.
     let xs = Tensor::from_slice(&pixels)
         .f_to_device(device)?
         .f_to_kind(Kind::Float)?
         .f_view([picks.len() as i64, s.channels as i64, s.height as i64, s.width as i64])?
-        .f_div_scalar(127.5)?
-        .f_sub_scalar(1.0)?;
+        .f_div_scalar(255.0)?;
     let ys = Tensor::from_slice(&labels).f_to_device(device)?;
     Ok((xs, ys))
 }

@@ -121,6 +121,13 @@ struct TestnetArgs {
     codec: CodecSpec,
     #[arg(long, default_value = "mean")]
     aggregator: AggregatorSpec,
+    #[command(flatten)]
+    outer: OuterArgs,
+    /// Inner (Adam) learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
     /// How many nodes (the last ones) attack.
     #[arg(long, default_value_t = 0)]
     byzantine: usize,
@@ -133,6 +140,34 @@ struct TestnetArgs {
     /// Give up on the whole testnet after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout_s: u64,
+}
+
+/// The DiLoCo-style outer step.
+#[derive(Args, Clone, Copy)]
+struct OuterArgs {
+    /// Outer learning rate applied to the aggregate (1 with momentum 0 is
+    /// plain averaging).
+    #[arg(long, default_value_t = 0.7)]
+    outer_lr: f32,
+    /// Outer momentum, as in DiLoCo.
+    #[arg(long, default_value_t = 0.9)]
+    outer_momentum: f32,
+    /// Nesterov (true) or heavy-ball (false) outer momentum.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    nesterov: bool,
+}
+
+impl OuterArgs {
+    fn to_args(self) -> Vec<String> {
+        let mut v = vec![
+            "--outer-lr".to_string(),
+            self.outer_lr.to_string(),
+            "--outer-momentum".to_string(),
+            self.outer_momentum.to_string(),
+        ];
+        v.extend(["--nesterov".to_string(), self.nesterov.to_string()]);
+        v
+    }
 }
 
 #[derive(Subcommand)]
@@ -181,6 +216,8 @@ struct SpecArgs {
     codec: CodecSpec,
     #[arg(long, default_value = "mean")]
     aggregator: AggregatorSpec,
+    #[command(flatten)]
+    outer: OuterArgs,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Write here instead of standard output.
@@ -342,6 +379,9 @@ fn spec_new(args: SpecArgs) -> Result<ExitCode> {
     spec.train.lr = args.lr;
     spec.exchange.codec = args.codec;
     spec.exchange.aggregator = args.aggregator;
+    spec.exchange.outer_lr = args.outer.outer_lr;
+    spec.exchange.outer_momentum = args.outer.outer_momentum;
+    spec.exchange.nesterov = args.outer.nesterov;
     spec.rounds.count = match (args.rounds, args.epochs) {
         (Some(r), _) => r,
         (None, Some(e)) => {
@@ -387,6 +427,12 @@ fn testnet_run(args: TestnetArgs) -> Result<ExitCode> {
         seed: args.seed,
         data: args.data,
         timeout: Duration::from_secs(args.timeout_s),
+        spec_args: {
+            let mut v = args.outer.to_args();
+            v.extend(["--lr".to_string(), args.lr.to_string()]);
+            v.extend(["--batch-size".to_string(), args.batch_size.to_string()]);
+            v
+        },
     };
     let summary = meshtrain_testnet::run(&opts)?;
     print!("{}", meshtrain_testnet::table(&summary));

@@ -228,6 +228,7 @@ impl Node {
             meshtrain_model::Device::Cpu,
         )?;
         let genesis = net.layout().genesis(spec.seed);
+        let buffers = net.layout().buffer_ranges();
         let params = genesis.len();
         let genesis_hash = WeightsHash::of_f32(&genesis);
 
@@ -295,6 +296,7 @@ impl Node {
                 nesterov: spec.exchange.nesterov,
             },
             params,
+            buffers,
         );
         let wait = AdaptiveWait::new(
             Duration::from_millis(spec.rounds.min_wait_ms),
@@ -1000,11 +1002,11 @@ impl Node {
         Ok(false)
     }
 
-    /// Whether we hold every known author's record for the last round.
+    /// Whether we hold every connected member's record for the last round
+    /// (a member that left cannot add to its chain any more).
     fn chains_complete(&self) -> bool {
         let last = self.spec.rounds.count.saturating_sub(1);
-        let mut authors: HashSet<AuthorId> = self.members.values().copied().collect();
-        authors.extend(self.ledger.heads().into_iter().map(|(a, _)| a));
+        let authors: HashSet<AuthorId> = self.members.values().copied().collect();
         authors.iter().filter(|a| !self.banned.contains(a)).all(|a| {
             self.ledger
                 .head(a)
@@ -1092,6 +1094,15 @@ impl Node {
                 train_ms,
                 wait_ms: done.wait.as_millis() as u64,
             });
+        }
+        let progress = serde_json::json!({
+            "round": done.round,
+            "rounds": self.spec.rounds.count,
+            "test_acc": self.history.last().map(|r| r.test_acc),
+            "members": self.members.len(),
+        });
+        if let Err(e) = write_json(&self.data_dir.join("progress.json"), &progress) {
+            debug!(error = %e, "cannot write progress.json");
         }
         info!(
             round = done.round,

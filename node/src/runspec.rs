@@ -96,9 +96,11 @@ impl RunSpec {
             exchange: ExchangeSpec {
                 codec: CodecSpec::Dense,
                 aggregator: AggregatorSpec::Mean,
-                outer_lr: 1.0,
-                outer_momentum: 0.0,
-                nesterov: false,
+                // DiLoCo's outer step; with H = 10 it gains about a point
+                // over plain averaging on Fashion-MNIST (docs/figures.md).
+                outer_lr: 0.7,
+                outer_momentum: 0.9,
+                nesterov: true,
                 staleness: 1,
                 staleness_decay: 0.5,
             },

@@ -70,6 +70,8 @@ pub struct TestnetOptions {
     pub seed: u64,
     pub data: Option<PathBuf>,
     pub timeout: Duration,
+    /// Further `meshtrain spec new` flags (learning rates, batch size, ...).
+    pub spec_args: Vec<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TestnetError + '_ {
@@ -100,6 +102,7 @@ fn write_spec(opts: &TestnetOptions, path: &Path) -> Result<(), TestnetError> {
         .args(["--local-steps", &opts.local_steps.to_string()])
         .args(["--codec", &opts.codec, "--aggregator", &opts.aggregator])
         .args(["--seed", &opts.seed.to_string()])
+        .args(&opts.spec_args)
         .arg("--out")
         .arg(path);
     match (opts.rounds, opts.epochs) {

@@ -4,15 +4,36 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Losses can be NaN when a model diverges (an attack can cause that); JSON
+/// has no NaN, so they are written as null and read back as NaN.
+mod lossy_f32 {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f32(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+        Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
+    }
+}
 
 /// One round as a node saw it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub round: u64,
     /// Test loss and accuracy of the anchor weights this round started from.
+    #[serde(with = "lossy_f32")]
     pub test_loss: f32,
+    #[serde(with = "lossy_f32")]
     pub test_acc: f32,
+    #[serde(with = "lossy_f32")]
     pub train_loss: f32,
     /// Contributions merged (or clipped) into this round's aggregate.
     pub merged: u64,
@@ -36,7 +57,9 @@ pub struct NodeReport {
     pub shard: String,
     pub param_count: u64,
     pub rounds_completed: u64,
+    #[serde(with = "lossy_f32")]
     pub final_test_acc: f32,
+    #[serde(with = "lossy_f32")]
     pub final_test_loss: f32,
     pub bytes_sent: u64,
     pub bytes_received: u64,
@@ -65,6 +88,7 @@ pub struct NodeSummary {
     pub peer_id: String,
     pub honest: bool,
     pub attack: Option<String>,
+    #[serde(with = "lossy_f32")]
     pub final_test_acc: f32,
     pub bytes_sent: u64,
     pub bytes_received: u64,
