@@ -24,12 +24,12 @@ use crate::{
     SignedVerdictBlock, VerifiedRecord,
 };
 
-const CF_RECORDS: &str = "records";
-const CF_HEADS: &str = "heads";
-const CF_PAYLOADS: &str = "payloads";
+pub(crate) const CF_RECORDS: &str = "records";
+pub(crate) const CF_HEADS: &str = "heads";
+pub(crate) const CF_PAYLOADS: &str = "payloads";
 const CF_PAYLOAD_INDEX: &str = "payload_index";
-const CF_VERDICTS: &str = "verdicts";
-const CF_PROOFS: &str = "proofs";
+pub(crate) const CF_VERDICTS: &str = "verdicts";
+pub(crate) const CF_PROOFS: &str = "proofs";
 const CF_META: &str = "meta";
 const ALL_CFS: [&str; 7] = [
     CF_RECORDS,
@@ -128,9 +128,17 @@ impl Ledger {
         let exists = path.join("CURRENT").exists();
         let mut opts = Options::default();
         opts.create_if_missing(!exists);
-        opts.create_missing_column_families(!exists);
+        opts.create_missing_column_families(true);
         let db = open_db(path, &opts, false)?;
-        let ledger = if exists {
+        // A crash between RocksDB creating the store and the meta write
+        // leaves a store without meta; with nothing in it, finish creating it.
+        let half_created = exists && {
+            let meta_cf = cf(&db, CF_META)?;
+            let no_meta = db.get_cf(meta_cf, META_FORMAT).map_err(|e| store_err(path, e))?.is_none();
+            let no_records = db.iterator_cf(cf(&db, CF_RECORDS)?, IteratorMode::Start).next().is_none();
+            no_meta && no_records
+        };
+        let ledger = if exists && !half_created {
             let ledger = Self::from_db(db, path, options)?;
             if ledger.meta.run_id != meta.run_id {
                 return Err(LedgerError::OtherRun {
@@ -469,6 +477,27 @@ impl Ledger {
     }
 }
 
+#[cfg(test)]
+impl Ledger {
+    /// Raw access for corruption tests.
+    pub(crate) fn raw_get(&self, column: &'static str, key: &[u8]) -> Option<Vec<u8>> {
+        self.db.get_cf(self.cf(column).ok()?, key).ok().flatten()
+    }
+
+    pub(crate) fn raw_put(&self, column: &'static str, key: &[u8], value: &[u8]) {
+        let cf = self.cf(column).expect("column");
+        self.db.put_cf(cf, key, value).expect("raw put");
+    }
+
+    pub(crate) fn raw_keys(&self, column: &'static str) -> Vec<Vec<u8>> {
+        let cf = self.cf(column).expect("column");
+        self.db
+            .iterator_cf(cf, IteratorMode::Start)
+            .map(|kv| kv.expect("iterate").0.into_vec())
+            .collect()
+    }
+}
+
 fn index_len(value: &[u8]) -> u64 {
     value.try_into().map(u64::from_le_bytes).unwrap_or(0)
 }
@@ -638,7 +667,11 @@ fn open_db(path: &Path, opts: &Options, read_only: bool) -> Result<DB> {
     };
     result.map_err(|e| {
         let msg = e.to_string();
-        if msg.contains("does not exist") || msg.contains("Column families not opened") || msg.contains("Invalid column family") {
+        if msg.contains("does not exist")
+            || msg.contains("Column families not opened")
+            || msg.contains("Column family not found")
+            || msg.contains("Invalid column family")
+        {
             LedgerError::NotALedger {
                 path: path.to_path_buf(),
                 detail: msg,
@@ -665,13 +698,14 @@ fn store_err(path: &Path, source: rocksdb::Error) -> LedgerError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::record::tests::key;
     use crate::record::RECORD_VERSION;
     use crate::{RecordHash, RunId, UpdateRecord, WeightsHash};
 
     pub(crate) fn meta_for(owner: &crate::AuthorKey) -> RunMeta {
+        // (shared with the audit tests)
         let spec = b"spec".to_vec();
         RunMeta {
             run_id: RunId::of_spec(&spec),
@@ -681,7 +715,11 @@ mod tests {
         }
     }
 
-    fn rec(meta: &RunMeta, k: &crate::AuthorKey, seq: u64, prev: RecordHash, payload: &[u8]) -> SignedRecord {
+    pub(crate) fn split(key: &[u8]) -> (AuthorId, Seq) {
+        split_seq_key(CF_RECORDS, key).unwrap()
+    }
+
+    pub(crate) fn rec(meta: &RunMeta, k: &crate::AuthorKey, seq: u64, prev: RecordHash, payload: &[u8]) -> SignedRecord {
         UpdateRecord {
             version: RECORD_VERSION,
             run_id: meta.run_id,
