@@ -104,6 +104,11 @@ impl SignedRecord {
         self.record.seq
     }
 
+    /// The exact bytes the author signed (domain prefix and body).
+    pub fn signed_message(&self) -> Vec<u8> {
+        signing_message(&self.record.body_bytes())
+    }
+
     /// Checks the signature strictly against the record's author.
     pub fn verify_signature(&self) -> Result<(), LedgerError> {
         let msg = signing_message(&self.record.body_bytes());

@@ -13,7 +13,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions,
+    WriteBatch, WriteOptions, DB,
+};
 
 use crate::chain::{expected_next, Head};
 use crate::meta::FORMAT_VERSION;
@@ -89,7 +92,31 @@ pub struct Ledger {
     path: PathBuf,
     meta: RunMeta,
     sync_writes: bool,
+    read_only: bool,
     state: Mutex<WriterState>,
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        // Flush memtables on close, so that the next open (an audit, say)
+        // reads SST files instead of replaying a large WAL into memory.
+        if !self.read_only {
+            for name in ALL_CFS {
+                if let Ok(cf) = cf(&self.db, name) {
+                    let _ = self.db.flush_cf(cf);
+                }
+            }
+        }
+    }
+}
+
+/// Read options for whole-column scans: no block-cache pollution (memory
+/// stays flat however large the ledger), generous readahead.
+fn scan_options() -> ReadOptions {
+    let mut o = ReadOptions::default();
+    o.fill_cache(false);
+    o.set_readahead_size(2 << 20);
+    o
 }
 
 fn seq_key(author: &AuthorId, seq: Seq) -> [u8; 40] {
@@ -139,7 +166,7 @@ impl Ledger {
             no_meta && no_records
         };
         let ledger = if exists && !half_created {
-            let ledger = Self::from_db(db, path, options)?;
+            let ledger = Self::from_db(db, path, options, false)?;
             if ledger.meta.run_id != meta.run_id {
                 return Err(LedgerError::OtherRun {
                     path: path.to_path_buf(),
@@ -163,7 +190,7 @@ impl Ledger {
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
             db.write_opt(batch, &wo).map_err(|e| store_err(path, e))?;
-            Self::from_db(db, path, options)?
+            Self::from_db(db, path, options, false)?
         };
         Ok(ledger)
     }
@@ -177,10 +204,10 @@ impl Ledger {
             });
         }
         let db = open_db(path, &Options::default(), true)?;
-        Self::from_db(db, path, StoreOptions::default())
+        Self::from_db(db, path, StoreOptions::default(), true)
     }
 
-    fn from_db(db: DB, path: &Path, options: StoreOptions) -> Result<Self> {
+    fn from_db(db: DB, path: &Path, options: StoreOptions, read_only: bool) -> Result<Self> {
         let meta_cf = cf(&db, CF_META)?;
         let format = db
             .get_cf(meta_cf, META_FORMAT)
@@ -229,6 +256,7 @@ impl Ledger {
             path: path.to_path_buf(),
             meta,
             sync_writes: options.sync_writes,
+            read_only,
             state: Mutex::new(WriterState {
                 heads,
                 verdict_head,
@@ -308,7 +336,7 @@ impl Ledger {
 
     /// Streams every record in key order (by author, then seq), for audits.
     pub fn iter_records(&self) -> Result<impl Iterator<Item = Result<(AuthorId, Seq, Vec<u8>)>> + '_> {
-        let it = self.db.iterator_cf(self.cf(CF_RECORDS)?, IteratorMode::Start);
+        let it = self.db.iterator_cf_opt(self.cf(CF_RECORDS)?, scan_options(), IteratorMode::Start);
         Ok(it.map(move |item| {
             let (key, value) = item.map_err(|e| self.err(e))?;
             let (author, seq) = split_seq_key(CF_RECORDS, &key)?;
@@ -354,7 +382,7 @@ impl Ledger {
 
     /// Streams every stored payload as (name, bytes), for audits.
     pub fn iter_payloads(&self) -> Result<impl Iterator<Item = Result<(PayloadHash, Vec<u8>)>> + '_> {
-        let it = self.db.iterator_cf(self.cf(CF_PAYLOADS)?, IteratorMode::Start);
+        let it = self.db.iterator_cf_opt(self.cf(CF_PAYLOADS)?, scan_options(), IteratorMode::Start);
         Ok(it.map(move |item| {
             let (key, value) = item.map_err(|e| self.err(e))?;
             let hash = PayloadHash::from_slice(&key).map_err(|e| corrupt(CF_PAYLOADS, &key, e))?;
@@ -364,7 +392,7 @@ impl Ledger {
 
     /// The own verdict chain, oldest first, as raw bytes with their seq.
     pub fn iter_verdicts(&self) -> Result<impl Iterator<Item = Result<(u64, Vec<u8>)>> + '_> {
-        let it = self.db.iterator_cf(self.cf(CF_VERDICTS)?, IteratorMode::Start);
+        let it = self.db.iterator_cf_opt(self.cf(CF_VERDICTS)?, scan_options(), IteratorMode::Start);
         Ok(it.map(move |item| {
             let (key, value) = item.map_err(|e| self.err(e))?;
             let seq: [u8; 8] = key.as_ref().try_into().map_err(|_| LedgerError::Corrupt {
@@ -387,7 +415,7 @@ impl Ledger {
     }
 
     pub fn iter_proofs(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_> {
-        let it = self.db.iterator_cf(self.cf(CF_PROOFS)?, IteratorMode::Start);
+        let it = self.db.iterator_cf_opt(self.cf(CF_PROOFS)?, scan_options(), IteratorMode::Start);
         Ok(it.map(move |item| {
             let (key, value) = item.map_err(|e| self.err(e))?;
             Ok((key.into_vec(), value.into_vec()))
@@ -656,13 +684,32 @@ impl Event<'_> {
     }
 }
 
+/// Block cache shared by all column families of one ledger. Index and filter
+/// blocks live in it too, so memory stays bounded however large the ledger.
+const BLOCK_CACHE_BYTES: usize = 32 << 20;
+
+fn cf_options(cache: &Cache) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    // Point lookups of payloads that were never stored are common (audits).
+    table.set_bloom_filter(10.0, false);
+    let mut o = Options::default();
+    o.set_block_based_table_factory(&table);
+    o
+}
+
 fn open_db(path: &Path, opts: &Options, read_only: bool) -> Result<DB> {
+    let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+    let base = cf_options(&cache);
+    let descriptors: Vec<ColumnFamilyDescriptor> = ALL_CFS
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, base.clone()))
+        .collect();
     let result = if read_only {
-        DB::open_cf_for_read_only(opts, path, ALL_CFS, false)
+        DB::open_cf_descriptors_read_only(opts, path, descriptors, false)
     } else {
-        let descriptors = ALL_CFS
-            .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         DB::open_cf_descriptors(opts, path, descriptors)
     };
     result.map_err(|e| {

@@ -117,6 +117,7 @@ pub struct InboxConfig {
     pub params: usize,
     /// Rounds of the run; records beyond them are invalid.
     pub rounds: u64,
+    pub retention: meshtrain_ledger::Retention,
 }
 
 struct Inbox {
@@ -227,9 +228,13 @@ impl Inbox {
             Job::Verdict(block) => {
                 let mut event = self.ledger.begin();
                 match event.verdict(&block).map(|_| ()).and_then(|_| event.commit()) {
-                    Ok(()) => Done::VerdictStored {
-                        round: block.block.round,
-                    },
+                    Ok(()) => {
+                        let round = block.block.round;
+                        if let Err(e) = self.ledger.apply_retention(self.cfg.retention, round) {
+                            warn!(error = %e, "payload retention failed");
+                        }
+                        Done::VerdictStored { round }
+                    }
                     Err(e) => Done::VerdictFailed(e.to_string()),
                 }
             }

@@ -14,10 +14,12 @@
 //! - [`inbox`]: the receive checks, cheapest first, and their three outcomes.
 
 pub mod attack;
+pub mod bench;
 mod error;
 pub mod identity;
 pub mod inbox;
 pub mod node;
+pub mod replay;
 pub mod round;
 pub mod runspec;
 mod serve;

@@ -43,6 +43,25 @@ enum Command {
     /// Write run specs.
     #[command(subcommand)]
     Spec(SpecCommand),
+    /// Benchmarks that print figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Append, audit and verification throughput of the ledger.
+    Ledger {
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        #[arg(long, default_value_t = 64)]
+        authors: u64,
+        /// Where the benchmark ledgers go (removed afterwards).
+        #[arg(long, default_value = "out/bench")]
+        work: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,6 +108,13 @@ struct NodeRunArgs {
     /// fsync every ledger write (own records are always synced).
     #[arg(long)]
     sync_writes: bool,
+    /// Keep payloads of only the last N rounds (default: all, which a
+    /// replay audit needs).
+    #[arg(long)]
+    keep_payload_rounds: Option<u64>,
+    /// Keep at most this many MiB of payloads, oldest rounds dropped first.
+    #[arg(long)]
+    keep_payload_mib: Option<u64>,
     /// Discover peers on the LAN by mDNS.
     #[arg(long)]
     mdns: bool,
@@ -183,6 +209,13 @@ enum LedgerCommand {
     Compare { left: PathBuf, right: PathBuf },
     /// Print records and verdicts as JSON lines.
     Export { dir: PathBuf },
+    /// Recompute the anchor weights from genesis and the retained payloads,
+    /// checking every anchor hash in the verdict chain.
+    Replay {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -253,6 +286,32 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Testnet(TestnetCommand::Run(args)) => testnet_run(args),
         Command::Ledger(cmd) => ledger(cmd),
         Command::Spec(SpecCommand::New(args)) => spec_new(args),
+        Command::Bench(BenchCommand::Ledger {
+            records,
+            authors,
+            work,
+            json,
+        }) => {
+            if records == 0 || authors == 0 {
+                bail!("--records and --authors must be at least 1");
+            }
+            std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+            let bin = std::env::current_exe().context("locating the meshtrain binary")?;
+            let b = meshtrain_node::bench::ledger(records, authors, &bin, &work)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                println!("ledger benchmark: {} records from {} authors", b.records, b.authors);
+                println!("  append, sync off          {:>10.0} records/s", b.append_records_per_s);
+                println!("  append, fsync per batch   {:>10.0} records/s ({} records)", b.append_sync_records_per_s, b.sync_sample);
+                println!("  verify + append (inbox)   {:>10.0} records/s ({} records, 1 thread)", b.verify_and_append_records_per_s, b.verify_sample);
+                println!("  audit incl. signatures    {:>10.0} records/s ({:.1} s)", b.audit_records_per_s, b.audit_s);
+                println!("  batch verify speed-up     {:>10.2}x", b.batch_verify_speedup);
+                println!("  audit peak RSS            {:>10.1} MiB (a tenth of the ledger: {:.1} MiB)", b.audit_peak_rss_mb, b.audit_peak_rss_mb_tenth);
+                println!("  ledger on disk            {:>10.1} MiB", b.ledger_bytes_on_disk as f64 / 1048576.0);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -283,6 +342,10 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
         attack: args.attack,
         drain: Duration::from_secs(args.drain_s),
         sync_writes: args.sync_writes,
+        retention: meshtrain_ledger::Retention {
+            rounds: args.keep_payload_rounds,
+            bytes: args.keep_payload_mib.map(|m| m << 20),
+        },
         mesh: MeshConfig {
             mdns: args.mdns,
             ..Default::default()
@@ -323,7 +386,9 @@ fn ledger(cmd: LedgerCommand) -> Result<ExitCode> {
             let ledger = Ledger::open_read_only(&path)?;
             let report = audit::audit(&ledger)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut value = serde_json::to_value(&report)?;
+                value["peak_rss_mb"] = serde_json::json!(meshtrain_node::bench::peak_rss_mb());
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else if report.ok {
                 println!(
                     "ledger {} is sound: {} records by {} authors ({} signatures in {} batches), {} verdict blocks ({} merged, {} clipped, {} rejected), {} payloads, {} proofs",
@@ -352,6 +417,26 @@ fn ledger(cmd: LedgerCommand) -> Result<ExitCode> {
             let b = Ledger::open_read_only(&ledger_dir(&right))?;
             let report = audit::compare(&a, &b)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        LedgerCommand::Replay { dir, json } => {
+            let path = ledger_dir(&dir);
+            let ledger = Ledger::open_read_only(&path)?;
+            let report = meshtrain_node::replay::replay(&ledger)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if report.ok {
+                println!(
+                    "replayed {} rounds ({} deltas) from genesis: every anchor hash matches; final anchor {}",
+                    report.blocks, report.deltas, report.final_anchor
+                );
+            } else {
+                println!(
+                    "replay FAILED after {} rounds: {}",
+                    report.blocks,
+                    report.problem.as_deref().unwrap_or("unknown")
+                );
+            }
             Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         LedgerCommand::Export { dir } => {

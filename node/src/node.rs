@@ -60,6 +60,8 @@ pub struct NodeOptions {
     /// completing chains.
     pub drain: Duration,
     pub sync_writes: bool,
+    /// How long payloads are kept in the ledger.
+    pub retention: meshtrain_ledger::Retention,
     pub mesh: MeshConfig,
 }
 
@@ -268,6 +270,7 @@ impl Node {
                 genesis: meta.genesis_link(),
                 params,
                 rounds: spec.rounds.count,
+                retention: opts.retention,
             },
         )?;
 

@@ -11,7 +11,7 @@ use meshtrain_gossip::{build_swarm, run_topic, GossipMessage, MeshConfig, MeshBe
 use meshtrain_ledger::{
     AuthorKey, PayloadHash, RecordHash, RunId, Seq, UpdateRecord, WeightsHash, RECORD_VERSION,
 };
-use meshtrain_tests::{audit, results, spawn_node, spec_new, wait_all, wait_listen};
+use meshtrain_tests::{audit, meshtrain_bin, results, spawn_node, spec_new, wait_all, wait_listen};
 
 const ROUNDS: u64 = 8;
 
@@ -79,12 +79,17 @@ fn three_nodes_train_audit_and_reject_bad_input() {
     let mut nodes = vec![spawn_node(&tmp.path().join("node-0"), &spec, "0/3", None, &["--wait-peers", "2", "--drain-s", "20"])];
     let info = wait_listen(&mut nodes[0], Duration::from_secs(120));
     for i in 1..3 {
+        // Node 2 keeps payloads for two rounds only: its replay must fail.
+        let mut args = vec!["--wait-peers", "2", "--drain-s", "20"];
+        if i == 2 {
+            args.extend(["--keep-payload-rounds", "2"]);
+        }
         nodes.push(spawn_node(
             &tmp.path().join(format!("node-{i}")),
             &spec,
             &format!("{i}/3"),
             Some(&info.addr),
-            &["--wait-peers", "2", "--drain-s", "20"],
+            &args,
         ));
     }
 
@@ -138,4 +143,46 @@ fn three_nodes_train_audit_and_reject_bad_input() {
             assert_eq!(report.chain_lengths.get(*a).copied(), Some(ROUNDS), "node {i} chain of {a}");
         }
     }
+    let dirs: Vec<_> = nodes.iter().map(|n| n.dir.clone()).collect();
+    check_auditor_commands(&dirs);
+}
+
+fn ledger_cmd(args: &[&std::path::Path], sub: &str, json: bool) -> (serde_json::Value, std::process::ExitStatus) {
+    let mut cmd = std::process::Command::new(meshtrain_bin());
+    cmd.args(["ledger", sub]).args(args);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.output().expect("run meshtrain ledger");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (v, out.status)
+}
+
+/// Replay, compare and export, as an auditor runs them after a testnet.
+fn check_auditor_commands(dirs: &[std::path::PathBuf]) {
+    for (i, dir) in dirs.iter().enumerate().take(2) {
+        let (v, status) = ledger_cmd(&[dir], "replay", true);
+        assert!(status.success() && v["ok"] == true, "node {i} replay: {v}");
+        assert_eq!(v["blocks"], ROUNDS);
+    }
+    let (v, status) = ledger_cmd(&[&dirs[2]], "replay", true);
+    assert!(!status.success() && v["ok"] == false, "pruned payloads must fail the replay: {v}");
+    assert!(v["problem"].as_str().unwrap_or("").contains("not retained"), "{v}");
+
+    let (v, status) = ledger_cmd(&[&dirs[0], &dirs[1]], "compare", false);
+    assert!(status.success() && v["ok"] == true && v["shared_authors"] == 3, "compare: {v}");
+
+    let out = std::process::Command::new(meshtrain_bin())
+        .args(["ledger", "export"])
+        .arg(&dirs[0])
+        .output()
+        .expect("export");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let kinds: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line")["type"].to_string())
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| k.contains("record")).count() as u64, 3 * ROUNDS);
+    assert_eq!(kinds.iter().filter(|k| k.contains("verdict")).count() as u64, ROUNDS);
 }

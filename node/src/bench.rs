@@ -1,0 +1,264 @@
+//! `meshtrain bench ...`: benchmarks that print figures (never timed tests).
+
+use std::path::Path;
+use std::time::Instant;
+
+use meshtrain_ledger::{
+    AuthorKey, Head, Ledger, PayloadHash, RunId, RunMeta, Seq, StoreOptions, UpdateRecord, VerifiedRecord,
+    WeightsHash, RECORD_VERSION,
+};
+use serde::Serialize;
+
+use crate::NodeError;
+
+/// Peak resident memory of this process so far (VmHWM), in MiB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+#[derive(Debug, Serialize)]
+pub struct LedgerBench {
+    pub records: u64,
+    pub authors: u64,
+    /// One WriteBatch per record, as the node's inbox writes them; sync off.
+    pub append_records_per_s: f64,
+    /// The same with every batch fsynced (measured on `sync_sample` records).
+    pub append_sync_records_per_s: f64,
+    pub sync_sample: u64,
+    /// The node's whole receive path per record: signature, chain link,
+    /// one WriteBatch (measured on `verify_sample` records, one thread).
+    pub verify_and_append_records_per_s: f64,
+    pub verify_sample: u64,
+    /// `meshtrain ledger audit` over all records, signatures included.
+    pub audit_records_per_s: f64,
+    pub audit_s: f64,
+    /// One-at-a-time strict verification time over batch verification time,
+    /// one thread, batches of 512.
+    pub batch_verify_speedup: f64,
+    /// Peak RSS of the audit process for the full ledger and for one a tenth
+    /// of its size: flat if the audit streams.
+    pub audit_peak_rss_mb: f64,
+    pub audit_peak_rss_mb_tenth: f64,
+    pub ledger_bytes_on_disk: u64,
+}
+
+fn meta() -> RunMeta {
+    let spec = b"bench-ledger".to_vec();
+    RunMeta {
+        run_id: RunId::of_spec(&spec),
+        owner: AuthorKey::from_secret([1; 32]).author(),
+        genesis_weights: WeightsHash([0; 32]),
+        run_spec: spec,
+    }
+}
+
+/// Signed, pre-verified chains: `per_author` records for each author, in
+/// round-major order (every author's seq 0, then every seq 1, ...).
+fn generate(meta: &RunMeta, authors: usize, per_author: u64) -> Vec<VerifiedRecord> {
+    let keys: Vec<AuthorKey> = (0..authors)
+        .map(|i| {
+            let mut s = [7u8; 32];
+            s[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            AuthorKey::from_secret(s)
+        })
+        .collect();
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let chains: Vec<Vec<VerifiedRecord>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = keys
+            .chunks(authors.div_ceil(workers))
+            .map(|group| {
+                scope.spawn(move || {
+                    group
+                        .iter()
+                        .map(|k| {
+                            let mut head: Option<Head> = None;
+                            (0..per_author)
+                                .map(|seq| {
+                                    let prev = head.map_or(meta.genesis_link(), |h| h.hash);
+                                    let signed = UpdateRecord {
+                                        version: RECORD_VERSION,
+                                        run_id: meta.run_id,
+                                        author: k.author(),
+                                        seq: Seq(seq),
+                                        prev,
+                                        round: seq,
+                                        base_hash: WeightsHash([3; 32]),
+                                        payload_hash: PayloadHash::of(&seq.to_le_bytes()),
+                                        payload_len: 4096,
+                                        n_samples: 640,
+                                        train_loss: 0.25,
+                                    }
+                                    .sign(k);
+                                    let v = VerifiedRecord::extend(signed, &meta.run_id, head, meta.genesis_link())
+                                        .expect("generated records extend their chains");
+                                    head = Some(v.head());
+                                    v
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    });
+    let mut iters: Vec<_> = chains.into_iter().map(|c| c.into_iter()).collect();
+    let mut out = Vec::with_capacity(authors * per_author as usize);
+    for _ in 0..per_author {
+        for it in iters.iter_mut() {
+            if let Some(v) = it.next() {
+                out.push(v);
+            }
+        }
+    }
+    out
+}
+
+fn append_all(path: &Path, meta: &RunMeta, records: &[VerifiedRecord], sync: bool) -> Result<f64, NodeError> {
+    let ledger = Ledger::open_or_create(path, meta, StoreOptions { sync_writes: sync })?;
+    let start = Instant::now();
+    for v in records {
+        let mut event = ledger.begin();
+        event.append(v)?;
+        event.commit()?;
+    }
+    Ok(records.len() as f64 / start.elapsed().as_secs_f64())
+}
+
+fn dir_size(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Runs `meshtrain ledger audit --json` on `path` in a child process and
+/// returns (seconds, records, peak RSS in MiB).
+fn audit_child(binary: &Path, path: &Path) -> Result<(f64, u64, f64), NodeError> {
+    let start = Instant::now();
+    let out = std::process::Command::new(binary)
+        .args(["ledger", "audit", "--json"])
+        .arg(path)
+        .output()
+        .map_err(|source| NodeError::Io {
+            path: binary.to_path_buf(),
+            source,
+        })?;
+    let secs = start.elapsed().as_secs_f64();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| NodeError::Data(format!("audit output: {e}: {}", String::from_utf8_lossy(&out.stderr))))?;
+    if v["ok"] != serde_json::Value::Bool(true) {
+        return Err(NodeError::Data(format!("the benchmark ledger failed its audit: {}", v["problems"])));
+    }
+    Ok((
+        secs,
+        v["records"].as_u64().unwrap_or(0),
+        v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+    ))
+}
+
+fn batch_speedup(records: &[VerifiedRecord]) -> f64 {
+    use ed25519_dalek::{Signature, VerifyingKey};
+    let sample: Vec<&VerifiedRecord> = records.iter().take(32_768).collect();
+    let msgs: Vec<Vec<u8>> = sample.iter().map(|v| v.signed().signed_message()).collect();
+    let sigs: Vec<Signature> = sample
+        .iter()
+        .map(|v| Signature::from_bytes(&v.signed().signature.0))
+        .collect();
+    let keys: Vec<VerifyingKey> = sample
+        .iter()
+        .filter_map(|v| VerifyingKey::from_bytes(&v.signed().record.author.0).ok())
+        .collect();
+    let start = Instant::now();
+    let mut ok = 0;
+    for ((m, s), k) in msgs.iter().zip(&sigs).zip(&keys) {
+        ok += k.verify_strict(m, s).is_ok() as usize;
+    }
+    let single = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for ((m, s), k) in msgs.chunks(512).zip(sigs.chunks(512)).zip(keys.chunks(512)) {
+        let refs: Vec<&[u8]> = m.iter().map(|x| x.as_slice()).collect();
+        ok += ed25519_dalek::verify_batch(&refs, s, k).is_ok() as usize;
+    }
+    let batched = start.elapsed().as_secs_f64();
+    debug_assert!(ok > 0);
+    single / batched
+}
+
+/// The ledger benchmark of issue 3. `binary` is `meshtrain` itself.
+pub fn ledger(records: u64, authors: u64, binary: &Path, work: &Path) -> Result<LedgerBench, NodeError> {
+    let meta = meta();
+    let per_author = records.div_ceil(authors);
+    eprintln!("generating {} signed records from {authors} authors ...", per_author * authors);
+    let all = generate(&meta, authors as usize, per_author);
+
+    let main = work.join("bench-ledger");
+    let _ = std::fs::remove_dir_all(&main);
+    eprintln!("appending (one WriteBatch per record, sync off) ...");
+    let append = append_all(&main, &meta, &all, false)?;
+
+    let sync_sample = all.len().min(5_000);
+    let sync_dir = work.join("bench-ledger-sync");
+    let _ = std::fs::remove_dir_all(&sync_dir);
+    eprintln!("appending {sync_sample} records with fsync per batch ...");
+    let append_sync = append_all(&sync_dir, &meta, &all[..sync_sample], true)?;
+    let _ = std::fs::remove_dir_all(&sync_dir);
+
+    let verify_sample = all.len().min(100_000);
+    let verify_dir = work.join("bench-ledger-verify");
+    let _ = std::fs::remove_dir_all(&verify_dir);
+    eprintln!("verify and append {verify_sample} records (the inbox path) ...");
+    let verify_append = {
+        let ledger = Ledger::open_or_create(&verify_dir, &meta, StoreOptions::default())?;
+        let start = Instant::now();
+        for v in &all[..verify_sample] {
+            let signed = v.signed().clone();
+            let author = signed.record.author;
+            let placed = meshtrain_ledger::chain::place(signed, &meta.run_id, ledger.head(&author), meta.genesis_link(), |_| None)?;
+            if let meshtrain_ledger::Placement::Next(verified) = placed {
+                let mut event = ledger.begin();
+                event.append(&verified)?;
+                event.commit()?;
+            }
+        }
+        verify_sample as f64 / start.elapsed().as_secs_f64()
+    };
+    let _ = std::fs::remove_dir_all(&verify_dir);
+
+    let tenth = work.join("bench-ledger-tenth");
+    let _ = std::fs::remove_dir_all(&tenth);
+    append_all(&tenth, &meta, &all[..all.len() / 10], false)?;
+    eprintln!("batch verification speed-up ...");
+    let speedup = batch_speedup(&all);
+    let n = all.len() as u64;
+    drop(all);
+
+    eprintln!("auditing {n} records in a child process ...");
+    let (audit_s, audited, rss) = audit_child(binary, &main)?;
+    let (_, _, rss_tenth) = audit_child(binary, &tenth)?;
+    let disk = dir_size(&main);
+    let _ = std::fs::remove_dir_all(&tenth);
+    let _ = std::fs::remove_dir_all(&main);
+    Ok(LedgerBench {
+        records: n,
+        authors,
+        append_records_per_s: append,
+        append_sync_records_per_s: append_sync,
+        sync_sample: sync_sample as u64,
+        verify_and_append_records_per_s: verify_append,
+        verify_sample: verify_sample as u64,
+        audit_records_per_s: audited as f64 / audit_s,
+        audit_s,
+        batch_verify_speedup: speedup,
+        audit_peak_rss_mb: rss,
+        audit_peak_rss_mb_tenth: rss_tenth,
+        ledger_bytes_on_disk: disk,
+    })
+}

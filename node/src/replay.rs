@@ -1,0 +1,150 @@
+//! Replay audit: recomputes a node's anchor weights round by round from
+//! genesis, the merged deltas it kept and the aggregation it recorded, and
+//! checks every anchor hash in its verdict chain. It proves the model is the
+//! product of the recorded updates and nothing else.
+//!
+//! Aggregation and the outer step are plain deterministic Rust, so the replay
+//! is bit-exact on the same machine.
+
+use meshtrain_ledger::{Ledger, LedgerError, RejectReason, SignedVerdictBlock, Verdict, VerdictEntry, WeightsHash};
+use meshtrain_model::{
+    aggregate::aggregate, codec, AggInput, AggVerdict, ImageShape, Network, OuterConfig, OuterOptimizer,
+};
+use serde::Serialize;
+
+use crate::{NodeError, RunSpec};
+
+#[derive(Debug, Default, Serialize)]
+pub struct ReplayReport {
+    pub ok: bool,
+    pub blocks: u64,
+    pub deltas: u64,
+    pub final_anchor: String,
+    /// The first block that did not reproduce, and why.
+    pub problem: Option<String>,
+}
+
+/// Input shapes of the datasets a run can name (so an auditor needs no data).
+pub fn dataset_shape(dataset: &str) -> Option<(ImageShape, usize)> {
+    match dataset {
+        "fashion-mnist" | "mnist" => Some((
+            ImageShape {
+                channels: 1,
+                height: 28,
+                width: 28,
+            },
+            10,
+        )),
+        _ => None,
+    }
+}
+
+/// Whether an entry was an input of the aggregator (rather than refused
+/// before it: protocol offences, stale or unavailable updates).
+fn was_aggregated(entry: &VerdictEntry) -> bool {
+    match &entry.verdict {
+        Verdict::Merged { .. } | Verdict::Clipped { .. } => true,
+        Verdict::Rejected { reason } => matches!(reason, RejectReason::Outlier(_)),
+    }
+}
+
+fn same_verdict(recorded: &Verdict, replayed: &AggVerdict) -> bool {
+    match (recorded, replayed) {
+        (Verdict::Merged { weight: a }, AggVerdict::Merged { weight: b }) => a == b,
+        (Verdict::Clipped { factor: a, weight: w }, AggVerdict::Clipped { factor: b, weight: v }) => a == b && w == v,
+        (Verdict::Rejected { reason: RejectReason::Outlier(a) }, AggVerdict::Rejected { reason: b }) => a == b,
+        _ => false,
+    }
+}
+
+pub fn replay(ledger: &Ledger) -> Result<ReplayReport, NodeError> {
+    let meta = ledger.meta();
+    let spec = RunSpec::from_canonical(&meta.run_spec)?;
+    let (shape, classes) = dataset_shape(&spec.data.dataset)
+        .ok_or_else(|| NodeError::Data(format!("replay does not know the shape of dataset `{}`", spec.data.dataset)))?;
+    let net = Network::new(spec.model.arch, shape, classes, meshtrain_model::Device::Cpu)?;
+    let mut anchor = net.layout().genesis(spec.seed);
+    let params = anchor.len();
+    let mut report = ReplayReport::default();
+    let fail = |mut report: ReplayReport, problem: String| {
+        report.problem = Some(problem);
+        Ok(report)
+    };
+    if WeightsHash::of_f32(&anchor) != meta.genesis_weights {
+        return fail(report, "genesis weights from the run's seed do not match the ledger's genesis hash".into());
+    }
+    let mut outer = OuterOptimizer::new(
+        OuterConfig {
+            lr: spec.exchange.outer_lr,
+            momentum: spec.exchange.outer_momentum,
+            nesterov: spec.exchange.nesterov,
+        },
+        params,
+        net.layout().buffer_ranges(),
+    );
+    drop(net);
+
+    for item in ledger.iter_verdicts()? {
+        let (seq, bytes) = item?;
+        let signed = SignedVerdictBlock::from_bytes(&bytes)?;
+        let block = &signed.block;
+        let here = format!("verdict block {seq} (round {})", block.round);
+        if WeightsHash::of_f32(&anchor) != block.base_anchor {
+            return fail(report, format!("{here}: its base anchor is not the replayed one"));
+        }
+        let mut inputs: Vec<&VerdictEntry> = block.entries.iter().filter(|e| was_aggregated(e)).collect();
+        inputs.sort_by(|a, b| a.round.cmp(&b.round).then(a.author.cmp(&b.author)));
+        let mut deltas = Vec::with_capacity(inputs.len());
+        for e in &inputs {
+            let record = ledger
+                .record(&e.author, e.seq)?
+                .filter(|r| r.hash() == e.record_hash)
+                .ok_or_else(|| LedgerError::Corrupt {
+                    column: "records",
+                    key: format!("{}/{}", e.author, e.seq),
+                    detail: format!("{here} merged a record the ledger does not hold"),
+                })?;
+            let Some(payload) = ledger.payload(&record.record.payload_hash)? else {
+                return fail(
+                    report,
+                    format!("{here}: the payload of {}/{} was not retained; replay needs every payload", e.author, e.seq),
+                );
+            };
+            let delta = codec::decode(&payload, params)
+                .map_err(|err| NodeError::Data(format!("{here}: payload of {}/{}: {err}", e.author, e.seq)))?;
+            deltas.push(delta);
+        }
+        let agg_inputs: Vec<AggInput<'_>> = inputs
+            .iter()
+            .zip(&deltas)
+            .map(|(e, d)| AggInput {
+                delta: d,
+                weight: spec
+                    .exchange
+                    .staleness_decay
+                    .powi(block.round.saturating_sub(e.round) as i32),
+            })
+            .collect();
+        let own = inputs.iter().position(|e| e.author == meta.owner && e.round == block.round);
+        let result = aggregate(spec.exchange.aggregator, &agg_inputs, own);
+        for (e, v) in inputs.iter().zip(&result.verdicts) {
+            if !same_verdict(&e.verdict, v) {
+                return fail(
+                    report,
+                    format!("{here}: recorded {:?} for {}/{}, the aggregator gives {v:?}", e.verdict, e.author.short(), e.seq),
+                );
+            }
+        }
+        if !result.update.is_empty() {
+            outer.step(&mut anchor, &result.update);
+        }
+        if WeightsHash::of_f32(&anchor) != block.new_anchor {
+            return fail(report, format!("{here}: the replayed anchor does not hash to the recorded one"));
+        }
+        report.blocks += 1;
+        report.deltas += inputs.len() as u64;
+    }
+    report.final_anchor = WeightsHash::of_f32(&anchor).to_string();
+    report.ok = true;
+    Ok(report)
+}
