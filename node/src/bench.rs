@@ -262,3 +262,83 @@ pub fn ledger(records: u64, authors: u64, binary: &Path, work: &Path) -> Result<
         ledger_bytes_on_disk: disk,
     })
 }
+
+#[derive(Debug, Serialize)]
+pub struct CodecBenchRow {
+    pub codec: String,
+    pub params: usize,
+    pub bytes: usize,
+    /// Dense fp32 bytes over encoded bytes.
+    pub ratio: f64,
+    /// MB/s of fp32 input (4 bytes per parameter), one thread.
+    pub encode_mb_s: f64,
+    pub decode_mb_s: f64,
+    /// Encode with error feedback (residual add, encode, decode, residual update).
+    pub encode_ef_mb_s: f64,
+    /// Relative L2 error of one encode/decode: |x − decode(encode(x))| / |x|.
+    pub rel_error: f64,
+}
+
+/// Encode and decode throughput of every codec mode on a vector shaped like
+/// a real delta (Gaussian, with heavier-tailed coordinates mixed in).
+pub fn codec(params: usize, specs: &[meshtrain_model::CodecSpec]) -> Vec<CodecBenchRow> {
+    use meshtrain_model::{codec, DeltaEncoder};
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let normal = Normal::new(0.0f32, 1e-3).expect("valid normal");
+    let x: Vec<f32> = (0..params)
+        .map(|i| {
+            let v = normal.sample(&mut rng);
+            if i % 97 == 0 { v * 20.0 } else { v }
+        })
+        .collect();
+    let mb = 4.0 * params as f64 / 1e6;
+    let norm = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    let time = |f: &mut dyn FnMut()| -> f64 {
+        // Best of several runs: the figure of a warmed, undisturbed core.
+        let mut best = f64::INFINITY;
+        let mut total = 0.0;
+        while total < 1.0 || best == f64::INFINITY {
+            let start = Instant::now();
+            f();
+            let t = start.elapsed().as_secs_f64();
+            best = best.min(t);
+            total += t;
+        }
+        best
+    };
+    specs
+        .iter()
+        .map(|&spec| {
+            let bytes = codec::encode(spec, &x);
+            let decoded = codec::decode(&bytes, params).unwrap_or_default();
+            let err = x
+                .iter()
+                .zip(&decoded)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let enc = time(&mut || {
+                std::hint::black_box(codec::encode(spec, std::hint::black_box(&x)));
+            });
+            let dec = time(&mut || {
+                std::hint::black_box(codec::decode(std::hint::black_box(&bytes), params).ok());
+            });
+            let mut ef = DeltaEncoder::new(spec, params);
+            let enc_ef = time(&mut || {
+                std::hint::black_box(ef.encode(&x).ok());
+            });
+            CodecBenchRow {
+                codec: spec.to_string(),
+                params,
+                bytes: bytes.len(),
+                ratio: 4.0 * params as f64 / bytes.len() as f64,
+                encode_mb_s: mb / enc,
+                decode_mb_s: mb / dec,
+                encode_ef_mb_s: mb / enc_ef,
+                rel_error: err / norm,
+            }
+        })
+        .collect()
+}

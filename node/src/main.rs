@@ -62,6 +62,17 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Encode and decode throughput of every codec mode (one core).
+    Codec {
+        /// Parameters in the benchmark vector.
+        #[arg(long, default_value_t = 1_000_000)]
+        params: usize,
+        /// Modes to measure (default: all).
+        #[arg(long)]
+        codec: Vec<CodecSpec>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -309,6 +320,33 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 println!("  batch verify speed-up     {:>10.2}x", b.batch_verify_speedup);
                 println!("  audit peak RSS            {:>10.1} MiB (a tenth of the ledger: {:.1} MiB)", b.audit_peak_rss_mb, b.audit_peak_rss_mb_tenth);
                 println!("  ledger on disk            {:>10.1} MiB", b.ledger_bytes_on_disk as f64 / 1048576.0);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Codec { params, codec, json }) => {
+            if params == 0 {
+                bail!("--params must be at least 1");
+            }
+            let specs = if codec.is_empty() {
+                ["dense", "fp16", "bf16", "topk-int8:0.01", "topk-int8:0.1", "topk-sign:0.01", "topk-sign:0.1"]
+                    .iter()
+                    .map(|s| s.parse())
+                    .collect::<Result<Vec<CodecSpec>, _>>()?
+            } else {
+                codec
+            };
+            let rows = meshtrain_node::bench::codec(params, &specs);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("codec benchmark: {params} parameters, one thread, MB/s of fp32 input");
+                println!("{:<16} {:>10} {:>9} {:>11} {:>11} {:>11} {:>9}", "codec", "bytes", "ratio", "encode", "decode", "encode+EF", "rel err");
+                for r in rows {
+                    println!(
+                        "{:<16} {:>10} {:>8.1}x {:>11.0} {:>11.0} {:>11.0} {:>9.4}",
+                        r.codec, r.bytes, r.ratio, r.encode_mb_s, r.decode_mb_s, r.encode_ef_mb_s, r.rel_error
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

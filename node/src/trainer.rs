@@ -109,11 +109,16 @@ fn run_round(
     let result = (|| -> Result<TrainerReply, meshtrain_model::ModelError> {
         trainer.load(anchor)?;
         let eval = trainer.evaluate(test)?;
+        // Train from anchor + residual: the progress the codec has not sent
+        // yet stays in the replica instead of being learned again (which
+        // error feedback would then send twice).
+        let start: Vec<f32> = anchor.iter().zip(encoder.residual()).map(|(a, e)| a + e).collect();
+        trainer.load(&start)?;
         let started = std::time::Instant::now();
         let stats = trainer.train_steps(steps)?;
         let mut delta = trainer.weights()?;
-        for (d, a) in delta.iter_mut().zip(anchor) {
-            *d -= *a;
+        for (d, s) in delta.iter_mut().zip(&start) {
+            *d -= *s;
         }
         let train_ms = started.elapsed().as_millis() as u64;
         if let Some(attack) = attack {
