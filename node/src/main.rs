@@ -95,6 +95,16 @@ struct NodeRunArgs {
     /// The run spec (TOML) every node of the mesh shares.
     #[arg(long)]
     run: PathBuf,
+    /// Override the spec's codec (every node of the mesh must do the same:
+    /// the run id changes).
+    #[arg(long)]
+    codec: Option<CodecSpec>,
+    /// Override the spec's local steps per round (H); same caveat.
+    #[arg(long)]
+    local_steps: Option<usize>,
+    /// Override the spec's aggregator; same caveat.
+    #[arg(long)]
+    aggregator: Option<AggregatorSpec>,
     /// Which shard of the training set to train on, as I/N.
     #[arg(long, default_value = "0/1")]
     shard: String,
@@ -119,6 +129,9 @@ struct NodeRunArgs {
     /// fsync every ledger write (own records are always synced).
     #[arg(long)]
     sync_writes: bool,
+    /// Evaluate the anchor on the test set every N rounds (always at the end).
+    #[arg(long, default_value_t = 1)]
+    eval_every: u64,
     /// Keep payloads of only the last N rounds (default: all, which a
     /// replay audit needs).
     #[arg(long)]
@@ -135,10 +148,13 @@ struct NodeRunArgs {
 enum TestnetCommand {
     /// Start N node processes on loopback, wait for them, report.
     Run(TestnetArgs),
+    /// Run a grid of testnets (lists are comma-separated) and tabulate them.
+    Matrix(MatrixArgs),
 }
 
+/// What every testnet of a run or a matrix shares.
 #[derive(Args)]
-struct TestnetArgs {
+struct CommonTestnetArgs {
     #[arg(long, default_value_t = 4)]
     nodes: usize,
     /// Rounds to run (or give --epochs).
@@ -147,17 +163,8 @@ struct TestnetArgs {
     /// Passes over the whole training set, summed over nodes.
     #[arg(long)]
     epochs: Option<f64>,
-    #[arg(long, default_value = "mlp")]
-    model: Arch,
     #[arg(long, default_value = "out/testnet")]
     out: PathBuf,
-    /// H: local steps per round.
-    #[arg(long, default_value_t = 10)]
-    local_steps: usize,
-    #[arg(long, default_value = "dense")]
-    codec: CodecSpec,
-    #[arg(long, default_value = "mean")]
-    aggregator: AggregatorSpec,
     #[command(flatten)]
     outer: OuterArgs,
     /// Inner (Adam) learning rate.
@@ -165,18 +172,53 @@ struct TestnetArgs {
     lr: f64,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
-    /// How many nodes (the last ones) attack.
+    /// How many nodes (the last ones) attack, when an attack is given.
     #[arg(long, default_value_t = 0)]
     byzantine: usize,
-    #[arg(long)]
-    attack: Option<Attack>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Give up on the whole testnet after this many seconds.
+    /// Give up on a testnet after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout_s: u64,
+    /// Nodes evaluate on the test set every N rounds (always at the end).
+    #[arg(long, default_value_t = 1)]
+    eval_every: u64,
+}
+
+#[derive(Args)]
+struct TestnetArgs {
+    #[command(flatten)]
+    common: CommonTestnetArgs,
+    #[arg(long, default_value = "mlp")]
+    model: Arch,
+    /// H: local steps per round.
+    #[arg(long, default_value_t = 10)]
+    local_steps: usize,
+    #[arg(long, default_value = "dense")]
+    codec: CodecSpec,
+    #[arg(long, default_value = "mean")]
+    aggregator: AggregatorSpec,
+    #[arg(long)]
+    attack: Option<Attack>,
+}
+
+#[derive(Args)]
+struct MatrixArgs {
+    #[command(flatten)]
+    common: CommonTestnetArgs,
+    #[arg(long, value_delimiter = ',', default_value = "mlp")]
+    models: Vec<Arch>,
+    #[arg(long, value_delimiter = ',', default_value = "10")]
+    local_steps: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "dense")]
+    codecs: Vec<CodecSpec>,
+    #[arg(long, value_delimiter = ',', default_value = "mean")]
+    aggregators: Vec<AggregatorSpec>,
+    /// Attacks (`none` for the clean run), each with --byzantine attackers.
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    attacks: Vec<String>,
 }
 
 /// The DiLoCo-style outer step.
@@ -295,6 +337,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Node(NodeCommand::Run(args)) => node_run(args),
         Command::Testnet(TestnetCommand::Run(args)) => testnet_run(args),
+        Command::Testnet(TestnetCommand::Matrix(args)) => testnet_matrix(args),
         Command::Ledger(cmd) => ledger(cmd),
         Command::Spec(SpecCommand::New(args)) => spec_new(args),
         Command::Bench(BenchCommand::Ledger {
@@ -365,7 +408,19 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
 }
 
 fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
-    let spec = RunSpec::load(&args.run)?;
+    let mut spec = RunSpec::load(&args.run)?;
+    if let Some(c) = args.codec {
+        spec.exchange.codec = c;
+    }
+    if let Some(h) = args.local_steps {
+        if h == 0 {
+            bail!("--local-steps must be at least 1");
+        }
+        spec.train.local_steps = h;
+    }
+    if let Some(a) = args.aggregator {
+        spec.exchange.aggregator = a;
+    }
     let shard = parse_shard(&args.shard)?;
     let opts = NodeOptions {
         data_dir: args.data_dir,
@@ -380,6 +435,7 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
         attack: args.attack,
         drain: Duration::from_secs(args.drain_s),
         sync_writes: args.sync_writes,
+        eval_every: args.eval_every,
         retention: meshtrain_ledger::Retention {
             rounds: args.keep_payload_rounds,
             bytes: args.keep_payload_mib.map(|m| m << 20),
@@ -527,37 +583,89 @@ fn spec_new(args: SpecArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn testnet_run(args: TestnetArgs) -> Result<ExitCode> {
+fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtrain_testnet::TestnetOptions> {
     let bin = std::env::current_exe().context("locating the meshtrain binary")?;
-    if args.byzantine > 0 && args.attack.is_none() {
-        bail!("--byzantine {} needs --attack MODE", args.byzantine);
-    }
-    if args.byzantine >= args.nodes {
+    if c.byzantine >= c.nodes {
         bail!("--byzantine must leave at least one honest node");
     }
-    let opts = meshtrain_testnet::TestnetOptions {
+    if c.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let mut spec_args = c.outer.to_args();
+    spec_args.extend(["--lr".to_string(), c.lr.to_string()]);
+    spec_args.extend(["--batch-size".to_string(), c.batch_size.to_string()]);
+    Ok(meshtrain_testnet::TestnetOptions {
         binary: bin,
-        nodes: args.nodes,
-        rounds: args.rounds,
-        epochs: args.epochs.or(if args.rounds.is_none() { Some(1.0) } else { None }),
+        nodes: c.nodes,
+        rounds: c.rounds,
+        epochs: c.epochs.or(if c.rounds.is_none() { Some(1.0) } else { None }),
+        model: Arch::Mlp.to_string(),
+        out: c.out.clone(),
+        local_steps: 10,
+        codec: CodecSpec::Dense.to_string(),
+        aggregator: AggregatorSpec::Mean.to_string(),
+        byzantine: if attack.is_some() { c.byzantine } else { 0 },
+        attack,
+        seed: c.seed,
+        data: c.data.clone(),
+        timeout: Duration::from_secs(c.timeout_s),
+        spec_args,
+        node_args: vec!["--eval-every".to_string(), c.eval_every.to_string()],
+    })
+}
+
+fn testnet_run(args: TestnetArgs) -> Result<ExitCode> {
+    if args.common.byzantine > 0 && args.attack.is_none() {
+        bail!("--byzantine {} needs --attack MODE", args.common.byzantine);
+    }
+    let opts = meshtrain_testnet::TestnetOptions {
         model: args.model.to_string(),
-        out: args.out,
         local_steps: args.local_steps,
         codec: args.codec.to_string(),
         aggregator: args.aggregator.to_string(),
-        byzantine: args.byzantine,
-        attack: args.attack.map(|a| a.to_string()),
-        seed: args.seed,
-        data: args.data,
-        timeout: Duration::from_secs(args.timeout_s),
-        spec_args: {
-            let mut v = args.outer.to_args();
-            v.extend(["--lr".to_string(), args.lr.to_string()]);
-            v.extend(["--batch-size".to_string(), args.batch_size.to_string()]);
-            v
-        },
+        ..base_options(&args.common, args.attack.map(|a| a.to_string()))?
     };
     let summary = meshtrain_testnet::run(&opts)?;
     print!("{}", meshtrain_testnet::table(&summary));
     Ok(if summary.audit_failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn testnet_matrix(args: MatrixArgs) -> Result<ExitCode> {
+    let mut attacks = Vec::new();
+    for a in &args.attacks {
+        if a == "none" {
+            attacks.push(None);
+        } else {
+            let parsed: Attack = a.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            attacks.push(Some(parsed.to_string()));
+        }
+    }
+    if attacks.iter().any(Option::is_some) && args.common.byzantine == 0 {
+        bail!("attacks need --byzantine K");
+    }
+    let mut base = base_options(&args.common, None)?;
+    base.byzantine = args.common.byzantine;
+    let axes = meshtrain_testnet::matrix::Axes {
+        models: args.models.iter().map(|m| m.to_string()).collect(),
+        codecs: args.codecs.iter().map(|c| c.to_string()).collect(),
+        local_steps: args.local_steps.clone(),
+        aggregators: args.aggregators.iter().map(|a| a.to_string()).collect(),
+        attacks,
+    };
+    let out = args.common.out.clone();
+    let rows = meshtrain_testnet::matrix::run_matrix(&base, &axes, &out, |i, n, r| {
+        eprintln!(
+            "[{i}/{n}] {} {} H={} {} {}: honest mean {:.2}%{}",
+            r.model,
+            r.codec,
+            r.local_steps,
+            r.aggregator,
+            r.attack.as_deref().unwrap_or("clean"),
+            100.0 * r.honest_mean_acc,
+            r.error.as_deref().map(|e| format!(" (failed: {e})")).unwrap_or_default()
+        );
+    })?;
+    print!("{}", meshtrain_testnet::matrix::markdown(&rows));
+    eprintln!("tables: {} and {}", out.join("matrix.md").display(), out.join("matrix.json").display());
+    Ok(ExitCode::SUCCESS)
 }

@@ -60,6 +60,8 @@ pub struct NodeOptions {
     /// completing chains.
     pub drain: Duration,
     pub sync_writes: bool,
+    /// Evaluate on the test set every this many rounds (and always at the end).
+    pub eval_every: u64,
     /// How long payloads are kept in the ledger.
     pub retention: meshtrain_ledger::Retention,
     pub mesh: MeshConfig,
@@ -140,7 +142,7 @@ struct AggregateDone {
 /// Our own update between training and publication.
 struct OwnRound {
     round: u64,
-    eval: Evaluation,
+    eval: Option<Evaluation>,
     stats: StepStats,
     decoded: Arc<Vec<f32>>,
     train_ms: u64,
@@ -176,6 +178,7 @@ pub struct Node {
     wait_peers: usize,
     wait_peers_timeout: Duration,
     drain: Duration,
+    eval_every: u64,
     inbox: inbox::InboxHandle,
     trainer: TrainerHandle,
     serve_tx: mpsc::UnboundedSender<(ResponseChannel<FetchResponse>, FetchResponse)>,
@@ -196,7 +199,7 @@ pub struct Node {
     wanted: HashMap<PayloadHash, Want>,
     requests: HashMap<OutboundRequestId, RequestFor>,
     own: Option<OwnRound>,
-    last_eval: Option<(u64, Evaluation, StepStats, u64)>,
+    last_eval: Option<(u64, Option<Evaluation>, StepStats, u64)>,
     final_eval: Option<Evaluation>,
     counters: Counters,
     history: Vec<RoundRecord>,
@@ -330,6 +333,7 @@ impl Node {
             wait_peers: opts.wait_peers,
             wait_peers_timeout: opts.wait_peers_timeout,
             drain: opts.drain,
+            eval_every: opts.eval_every.max(1),
             inbox,
             trainer,
             serve_tx,
@@ -842,6 +846,7 @@ impl Node {
                 round,
                 anchor: self.anchor.clone(),
                 steps: self.spec.train.local_steps,
+                evaluate: round % self.eval_every == 0,
             })
             .map_err(|_| NodeError::Trainer("the trainer thread is gone".into()))?;
         self.set_phase(Phase::Training);
@@ -853,16 +858,24 @@ impl Node {
             TrainerReply::RoundDone {
                 round,
                 eval,
+                eval_ms,
                 stats,
                 payload,
                 decoded,
                 train_ms,
                 encode_ms,
             } => {
+                if let Some(e) = eval {
+                    info!(
+                        round,
+                        test_acc = format_args!("{:.4}", e.accuracy),
+                        test_loss = format_args!("{:.4}", e.loss),
+                        eval_ms,
+                        "evaluated the anchor"
+                    );
+                }
                 info!(
                     round,
-                    test_acc = format_args!("{:.4}", eval.accuracy),
-                    test_loss = format_args!("{:.4}", eval.loss),
                     train_loss = format_args!("{:.4}", stats.mean_loss),
                     train_ms,
                     encode_ms,
@@ -1086,8 +1099,8 @@ impl Node {
         if let Some((round, eval, stats, train_ms)) = self.last_eval.take() {
             self.history.push(RoundRecord {
                 round,
-                test_loss: eval.loss,
-                test_acc: eval.accuracy,
+                test_loss: eval.map_or(f32::NAN, |e| e.loss),
+                test_acc: eval.map_or(f32::NAN, |e| e.accuracy),
                 train_loss: stats.mean_loss,
                 merged: merged + 1,
                 rejected,
@@ -1101,7 +1114,7 @@ impl Node {
         let progress = serde_json::json!({
             "round": done.round,
             "rounds": self.spec.rounds.count,
-            "test_acc": self.history.last().map(|r| r.test_acc),
+            "test_acc": self.history.iter().rev().map(|r| r.test_acc).find(|a| a.is_finite()),
             "members": self.members.len(),
         });
         if let Err(e) = write_json(&self.data_dir.join("progress.json"), &progress) {
@@ -1134,7 +1147,8 @@ impl Node {
 
     fn report(&self) -> NodeReport {
         let bytes = byte_counts(&self.registry);
-        let last = self.history.last();
+        // Without a final evaluation (stopped early), the last one made.
+        let last = self.history.iter().rev().find(|r| r.test_acc.is_finite());
         let eval = self.final_eval.unwrap_or_else(|| Evaluation {
             loss: last.map_or(f32::NAN, |r| r.test_loss),
             accuracy: last.map_or(0.0, |r| r.test_acc),

@@ -17,6 +17,8 @@ pub enum TrainerCmd {
         round: u64,
         anchor: Arc<Vec<f32>>,
         steps: usize,
+        /// Evaluate the anchor on the test set first.
+        evaluate: bool,
     },
     /// Only evaluate `anchor` (the final weights).
     Evaluate { round: u64, anchor: Arc<Vec<f32>> },
@@ -25,8 +27,9 @@ pub enum TrainerCmd {
 pub enum TrainerReply {
     RoundDone {
         round: u64,
-        /// The anchor's test loss and accuracy, before training.
-        eval: Evaluation,
+        /// The anchor's test loss and accuracy, before training (if asked).
+        eval: Option<Evaluation>,
+        eval_ms: u64,
         stats: StepStats,
         /// The encoded delta as it goes on the wire.
         payload: Vec<u8>,
@@ -74,9 +77,12 @@ pub fn spawn(
         .spawn(move || {
             while let Ok(cmd) = cmd_rx.recv() {
                 let reply = match cmd {
-                    TrainerCmd::Round { round, anchor, steps } => {
-                        run_round(&mut trainer, &test, &mut encoder, attack.as_ref(), round, &anchor, steps)
-                    }
+                    TrainerCmd::Round {
+                        round,
+                        anchor,
+                        steps,
+                        evaluate,
+                    } => run_round(&mut trainer, &test, &mut encoder, attack.as_ref(), round, &anchor, steps, evaluate),
                     TrainerCmd::Evaluate { round, anchor } => trainer
                         .load(&anchor)
                         .and_then(|_| trainer.evaluate(&test))
@@ -97,6 +103,7 @@ pub fn spawn(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_round(
     trainer: &mut Trainer,
     test: &Dataset,
@@ -105,10 +112,17 @@ fn run_round(
     round: u64,
     anchor: &[f32],
     steps: usize,
+    evaluate: bool,
 ) -> TrainerReply {
     let result = (|| -> Result<TrainerReply, meshtrain_model::ModelError> {
-        trainer.load(anchor)?;
-        let eval = trainer.evaluate(test)?;
+        let started = std::time::Instant::now();
+        let eval = if evaluate {
+            trainer.load(anchor)?;
+            Some(trainer.evaluate(test)?)
+        } else {
+            None
+        };
+        let eval_ms = started.elapsed().as_millis() as u64;
         // Train from anchor + residual: the progress the codec has not sent
         // yet stays in the replica instead of being learned again (which
         // error feedback would then send twice).
@@ -129,6 +143,7 @@ fn run_round(
         Ok(TrainerReply::RoundDone {
             round,
             eval,
+            eval_ms,
             stats,
             payload: encoded.bytes,
             decoded: Arc::new(encoded.decoded),

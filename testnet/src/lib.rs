@@ -8,6 +8,7 @@
 //!
 //! Main types: [`TestnetOptions`], [`report::Summary`], [`report::NodeReport`].
 
+pub mod matrix;
 pub mod report;
 
 use std::collections::BTreeMap;
@@ -72,6 +73,8 @@ pub struct TestnetOptions {
     pub timeout: Duration,
     /// Further `meshtrain spec new` flags (learning rates, batch size, ...).
     pub spec_args: Vec<String>,
+    /// Further `meshtrain node run` flags, for every node.
+    pub node_args: Vec<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TestnetError + '_ {
@@ -159,6 +162,7 @@ fn spawn_node(
     if let Some(a) = &attack {
         cmd.args(["--attack", a]);
     }
+    cmd.args(&opts.node_args);
     if let Some(d) = &opts.data {
         cmd.arg("--data").arg(d);
     }
