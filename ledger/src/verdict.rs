@@ -31,6 +31,10 @@ pub enum RejectReason {
     Outlier(String),
     /// Its author is banned (bad reputation or proven equivocation).
     Banned,
+    /// It re-sends a payload already contributed earlier (replay attack).
+    Replay,
+    /// Its delta is all zeros: it claims work it did not do.
+    FreeRider,
     /// It arrived after its round left the staleness window.
     Stale,
     /// No peer could supply its payload before the round closed.
@@ -51,6 +55,8 @@ impl RejectReason {
             RejectReason::NonFinite => "non-finite",
             RejectReason::Outlier(_) => "outlier",
             RejectReason::Banned => "banned",
+            RejectReason::Replay => "replay",
+            RejectReason::FreeRider => "free-rider",
             RejectReason::Stale => "stale",
             RejectReason::PayloadUnavailable => "payload-unavailable",
         }

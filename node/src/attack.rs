@@ -51,6 +51,47 @@ impl Attack {
         }
     }
 
+    /// ALIE and IPM: the poisoned delta from the honest deltas of the round
+    /// (their coordinate-wise mean μ and standard deviation σ). `own` is used
+    /// when no honest delta has been seen.
+    pub fn collude(&self, honest: &[&[f32]], own: &[f32]) -> Vec<f32> {
+        if honest.is_empty() {
+            return own.to_vec();
+        }
+        let n = honest.len() as f64;
+        (0..own.len())
+            .map(|j| {
+                let mean = honest.iter().map(|d| d[j] as f64).sum::<f64>() / n;
+                let var = honest.iter().map(|d| (d[j] as f64 - mean).powi(2)).sum::<f64>() / n;
+                match *self {
+                    Attack::Alie(z) => (mean - z as f64 * var.sqrt()) as f32,
+                    Attack::Ipm(eps) => (-(eps as f64) * mean) as f32,
+                    _ => own[j],
+                }
+            })
+            .collect()
+    }
+
+    /// The `malformed` and `replay` attacks act on the encoded payload:
+    /// garbage bytes, a wrong parameter count, NaN values, or the first
+    /// payload again. `first` is this node's first payload.
+    pub fn corrupt_payload(&self, round: u64, payload: Vec<u8>, params: usize, first: Option<&Vec<u8>>) -> Vec<u8> {
+        use meshtrain_model::{codec, CodecSpec};
+        match self {
+            Attack::Malformed => match round % 3 {
+                0 => payload.iter().rev().map(|b| b ^ 0x5a).collect(),
+                1 => codec::encode(CodecSpec::Dense, &vec![0.01; params + 1]),
+                _ => {
+                    let mut v = vec![0.001f32; params];
+                    v[params / 2] = f32::NAN;
+                    codec::encode(CodecSpec::Dense, &v)
+                }
+            },
+            Attack::Replay => first.cloned().unwrap_or(payload),
+            _ => payload,
+        }
+    }
+
     /// Whether the attack needs the honest updates of the round.
     pub fn colludes(&self) -> bool {
         matches!(self, Attack::Alie(_) | Attack::Ipm(_))
@@ -146,6 +187,28 @@ mod tests {
         for s in ["scale", "noise:-1", "sign-flip:2", "alie:x", "nuke"] {
             assert!(s.parse::<Attack>().is_err(), "{s}");
         }
+    }
+
+    #[test]
+    fn colluding_attacks_follow_the_honest_statistics() {
+        let a = [1.0f32, 2.0];
+        let b = [3.0f32, 2.0];
+        let honest: Vec<&[f32]> = vec![&a, &b];
+        assert_eq!(Attack::Alie(1.0).collude(&honest, &[0.0, 0.0]), vec![1.0, 2.0]);
+        assert_eq!(Attack::Ipm(0.5).collude(&honest, &[0.0, 0.0]), vec![-1.0, -1.0]);
+        assert_eq!(Attack::Alie(1.0).collude(&[], &[7.0]), vec![7.0]);
+    }
+
+    #[test]
+    fn malformed_payloads_never_decode() {
+        use meshtrain_model::{codec, CodecSpec};
+        let good = codec::encode(CodecSpec::Dense, &[0.5; 16]);
+        for round in 0..3 {
+            let bad = Attack::Malformed.corrupt_payload(round, good.clone(), 16, None);
+            assert!(codec::decode(&bad, 16).is_err(), "round {round}");
+        }
+        let first = vec![1, 2, 3];
+        assert_eq!(Attack::Replay.corrupt_payload(5, good, 16, Some(&first)), first);
     }
 
     #[test]

@@ -127,6 +127,9 @@ struct Inbox {
     gaps: HashMap<AuthorId, BTreeMap<Seq, (SignedRecord, Option<Vec<u8>>)>>,
     /// Stored records still waiting for their payload, by payload hash.
     awaiting: HashMap<PayloadHash, SignedRecord>,
+    /// Every payload hash a stored record has named, with that record: a
+    /// second record naming one again is a replay.
+    named: HashMap<PayloadHash, RecordHash>,
     out: mpsc::UnboundedSender<Done>,
 }
 
@@ -147,6 +150,7 @@ pub fn spawn(ledger: Arc<Ledger>, cfg: InboxConfig) -> Result<InboxHandle, crate
         banned: HashSet::new(),
         gaps: HashMap::new(),
         awaiting: HashMap::new(),
+        named: HashMap::new(),
         out: out_tx,
     };
     let thread = std::thread::Builder::new()
@@ -354,10 +358,30 @@ impl Inbox {
         let signed = verified.signed().clone();
         let rec = &signed.record;
         let mut done = RecordDone::new(origin, Outcome::Accepted).about(&signed);
-        let checked = payload.as_ref().map(|p| check_payload(&signed, p, self.cfg.params));
+        // A payload some earlier record already named (still awaited, or
+        // stored, which survives restarts) is being replayed.
+        let replayed = match self.named.get(&rec.payload_hash) {
+            Some(first) => *first != verified.hash(),
+            None => self.ledger.has_payload(&rec.payload_hash).unwrap_or(false),
+        };
+        let checked = if replayed {
+            Some(Err(PayloadFault::Author(RejectReason::Replay)))
+        } else {
+            payload.as_ref().map(|p| check_payload(&signed, p, self.cfg.params))
+        };
         let mut event = self.ledger.begin();
         if let Err(e) = event.append(&verified) {
             done.outcome = Outcome::Invalid(reason_of(&e));
+            return done;
+        }
+        self.named.entry(rec.payload_hash).or_insert(verified.hash());
+        if replayed {
+            // The record stands in the chain; its payload is someone's old one.
+            if let Err(e) = event.commit() {
+                warn!(error = %e, "ledger write failed");
+            }
+            done.outcome = Outcome::Invalid(RejectReason::Replay);
+            done.rejection = Some(rejection(&signed, RejectReason::Replay));
             return done;
         }
         match (&checked, &payload) {
@@ -525,11 +549,15 @@ pub fn check_payload(signed: &SignedRecord, bytes: &[u8], params: usize) -> Resu
     if PayloadHash::of(bytes) != rec.payload_hash || bytes.len() as u64 != rec.payload_len {
         return Err(PayloadFault::NotThePayload);
     }
-    codec::decode(bytes, params).map(Arc::new).map_err(|e| {
+    let delta = codec::decode(bytes, params).map_err(|e| {
         PayloadFault::Author(match e {
             CodecError::Malformed(_) => RejectReason::PayloadMalformed,
             CodecError::WrongShape { .. } => RejectReason::WrongShape,
             CodecError::NonFinite(_) => RejectReason::NonFinite,
         })
-    })
+    })?;
+    if delta.iter().all(|v| *v == 0.0) {
+        return Err(PayloadFault::Author(RejectReason::FreeRider));
+    }
+    Ok(Arc::new(delta))
 }

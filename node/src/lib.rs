@@ -20,6 +20,7 @@ pub mod identity;
 pub mod inbox;
 pub mod node;
 pub mod replay;
+pub mod reputation;
 pub mod round;
 pub mod runspec;
 mod serve;

@@ -132,6 +132,12 @@ struct NodeRunArgs {
     /// Evaluate the anchor on the test set every N rounds (always at the end).
     #[arg(long, default_value_t = 1)]
     eval_every: u64,
+    /// Ban an author whose smoothed badness (0 merged .. 1 rejected) exceeds this.
+    #[arg(long, default_value_t = 0.5)]
+    ban_threshold: f32,
+    /// Ban an author after this many protocol offences.
+    #[arg(long, default_value_t = 2)]
+    max_offences: u32,
     /// Keep payloads of only the last N rounds (default: all, which a
     /// replay audit needs).
     #[arg(long)]
@@ -198,7 +204,8 @@ struct TestnetArgs {
     local_steps: usize,
     #[arg(long, default_value = "dense")]
     codec: CodecSpec,
-    #[arg(long, default_value = "mean")]
+    /// Robust aggregation rule (CenteredClip by default).
+    #[arg(long, default_value = "centered-clip")]
     aggregator: AggregatorSpec,
     #[arg(long)]
     attack: Option<Attack>,
@@ -214,7 +221,7 @@ struct MatrixArgs {
     local_steps: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "dense")]
     codecs: Vec<CodecSpec>,
-    #[arg(long, value_delimiter = ',', default_value = "mean")]
+    #[arg(long, value_delimiter = ',', default_value = "centered-clip")]
     aggregators: Vec<AggregatorSpec>,
     /// Attacks (`none` for the clean run), each with --byzantine attackers.
     #[arg(long, value_delimiter = ',', default_value = "none")]
@@ -300,7 +307,8 @@ struct SpecArgs {
     lr: f64,
     #[arg(long, default_value = "dense")]
     codec: CodecSpec,
-    #[arg(long, default_value = "mean")]
+    /// Robust aggregation rule (CenteredClip by default).
+    #[arg(long, default_value = "centered-clip")]
     aggregator: AggregatorSpec,
     #[command(flatten)]
     outer: OuterArgs,
@@ -436,6 +444,11 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
         drain: Duration::from_secs(args.drain_s),
         sync_writes: args.sync_writes,
         eval_every: args.eval_every,
+        reputation: meshtrain_node::reputation::ReputationConfig {
+            ban_threshold: args.ban_threshold,
+            max_offences: args.max_offences.max(1),
+            ..Default::default()
+        },
         retention: meshtrain_ledger::Retention {
             rounds: args.keep_payload_rounds,
             bytes: args.keep_payload_mib.map(|m| m << 20),
@@ -603,7 +616,7 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
         out: c.out.clone(),
         local_steps: 10,
         codec: CodecSpec::Dense.to_string(),
-        aggregator: AggregatorSpec::Mean.to_string(),
+        aggregator: AggregatorSpec::CenteredClip { tau: None }.to_string(),
         byzantine: if attack.is_some() { c.byzantine } else { 0 },
         attack,
         seed: c.seed,

@@ -24,7 +24,7 @@ use meshtrain_ledger::{
     Verdict, VerdictBlock, VerdictEntry, VerdictHash, WeightsHash, RECORD_VERSION, VERDICT_VERSION,
 };
 use meshtrain_model::{
-    aggregate::aggregate as aggregate_deltas, AggInput, AggVerdict, AggregatorSpec, DataSplits, DeltaEncoder, Evaluation, Network, OuterConfig,
+    aggregate::aggregate as aggregate_deltas, codec, AggInput, AggVerdict, AggregatorSpec, DataSplits, DeltaEncoder, Evaluation, Network, OuterConfig,
     OuterOptimizer, StepStats, TrainConfig,
 };
 use meshtrain_testnet::report::{NodeReport, RoundRecord};
@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::attack::Attack;
+use crate::reputation::{Reputation, ReputationConfig};
 use crate::identity::Identity;
 use crate::inbox::{self, Done, InboxConfig, Job, Origin, Outcome, RecordDone};
 use crate::round::{AdaptiveWait, Close, Contribution, RoundBook, RoundInputs};
@@ -62,6 +63,8 @@ pub struct NodeOptions {
     pub sync_writes: bool,
     /// Evaluate on the test set every this many rounds (and always at the end).
     pub eval_every: u64,
+    /// When authors are banned.
+    pub reputation: ReputationConfig,
     /// How long payloads are kept in the ledger.
     pub retention: meshtrain_ledger::Retention,
     pub mesh: MeshConfig,
@@ -104,6 +107,8 @@ enum Phase {
     Gathering,
     /// The trainer works on the current round.
     Training,
+    /// A colluding attacker waits for the round's honest updates.
+    Colluding,
     /// Our record is being stored before it is published.
     Publishing,
     /// Our update is out; waiting for peers' updates or the deadline.
@@ -137,6 +142,18 @@ struct AggregateDone {
     outer: OuterOptimizer,
     entries: Vec<VerdictEntry>,
     wait: Duration,
+}
+
+/// A colluding attacker's trained round, waiting for honest updates.
+struct Collusion {
+    round: u64,
+    raw: Arc<Vec<f32>>,
+    eval: Option<Evaluation>,
+    stats: StepStats,
+    train_ms: u64,
+    since: Instant,
+    seen: usize,
+    seen_changed: Instant,
 }
 
 /// Our own update between training and publication.
@@ -199,6 +216,12 @@ pub struct Node {
     wanted: HashMap<PayloadHash, Want>,
     requests: HashMap<OutboundRequestId, RequestFor>,
     own: Option<OwnRound>,
+    reputation: Reputation,
+    /// Attack state (testnets only).
+    collusion: Option<Collusion>,
+    attack_encoder: Option<DeltaEncoder>,
+    first_payload: Option<Vec<u8>>,
+    equivocation: Option<(meshtrain_ledger::SignedRecord, Vec<u8>)>,
     last_eval: Option<(u64, Option<Evaluation>, StepStats, u64)>,
     final_eval: Option<Evaluation>,
     counters: Counters,
@@ -314,6 +337,7 @@ impl Node {
             warn!(attack = %a, "THIS NODE IS AN ATTACKER (testnet/test mode): it will send poisoned updates");
         }
         let verdict_head = ledger.verdict_head().map(|h| (h.seq, h.hash));
+        let spec_codec = spec.exchange.codec;
         Ok(Self {
             book: RoundBook::new(0, spec.exchange.staleness, spec.exchange.staleness_decay, wait),
             spec,
@@ -351,6 +375,14 @@ impl Node {
             wanted: HashMap::new(),
             requests: HashMap::new(),
             own: None,
+            reputation: Reputation::new(opts.reputation),
+            collusion: None,
+            attack_encoder: opts
+                .attack
+                .filter(|a| a.colludes())
+                .map(|_| DeltaEncoder::new(spec_codec, params)),
+            first_payload: None,
+            equivocation: None,
             last_eval: None,
             final_eval: None,
             counters: Counters::default(),
@@ -783,8 +815,14 @@ impl Node {
                 self.count_rejection(reason.code(), done.author.as_ref());
             }
         }
+        if let Outcome::Ignored("banned author") = done.outcome {
+            self.count_rejection("banned", done.author.as_ref());
+        }
         if let Some(entry) = done.rejection {
             if self.recorded_rejections.insert(entry.record_hash) {
+                if let Some(ban) = self.reputation.observe(entry.author, &entry.verdict) {
+                    self.ban(entry.author, &ban.to_string());
+                }
                 self.book.reject(entry);
             }
         }
@@ -882,39 +920,22 @@ impl Node {
                     payload_bytes = payload.len(),
                     "trained"
                 );
-                let payload = self.maybe_corrupt_payload(payload);
-                let (seq, prev) = match self.own_head {
-                    None => (Seq(0), self.ledger.meta().genesis_link()),
-                    Some(h) => (h.seq.next(), h.hash),
-                };
-                let signed = UpdateRecord {
-                    version: RECORD_VERSION,
-                    run_id: self.run_id,
-                    author: self.me,
-                    seq,
-                    prev,
-                    round,
-                    base_hash: self.anchor_hash,
-                    payload_hash: PayloadHash::of(&payload),
-                    payload_len: payload.len() as u64,
-                    n_samples: stats.samples,
-                    train_loss: stats.mean_loss,
+                if self.attack.is_some_and(|a| a.colludes()) {
+                    let now = Instant::now();
+                    self.collusion = Some(Collusion {
+                        round,
+                        raw: decoded,
+                        eval,
+                        stats,
+                        train_ms,
+                        since: now,
+                        seen: 0,
+                        seen_changed: now,
+                    });
+                    self.set_phase(Phase::Colluding);
+                    return Ok(());
                 }
-                .sign(&self.key);
-                self.own_head = Some(Head {
-                    seq,
-                    hash: signed.hash(),
-                });
-                self.own = Some(OwnRound {
-                    round,
-                    eval,
-                    stats,
-                    decoded,
-                    train_ms,
-                });
-                self.counters.payload_bytes += payload.len() as u64;
-                self.set_phase(Phase::Publishing);
-                self.send_job(Job::Own { signed, payload });
+                self.sign_and_store(round, payload, decoded, eval, stats, train_ms);
             }
             TrainerReply::Evaluated { round, eval } => {
                 info!(round, test_acc = format_args!("{:.4}", eval.accuracy), test_loss = format_args!("{:.4}", eval.loss), "final evaluation");
@@ -926,11 +947,94 @@ impl Node {
         Ok(())
     }
 
-    /// The `malformed` attack garbles its payload after signing is decided.
-    fn maybe_corrupt_payload(&self, payload: Vec<u8>) -> Vec<u8> {
-        match self.attack {
-            Some(Attack::Malformed) => payload.iter().rev().copied().collect(),
-            _ => payload,
+    /// Signs our update for `round`, stores it (synced) and, once stored,
+    /// publishes it (see `publish_own`).
+    fn sign_and_store(
+        &mut self,
+        round: u64,
+        payload: Vec<u8>,
+        decoded: Arc<Vec<f32>>,
+        eval: Option<Evaluation>,
+        stats: StepStats,
+        train_ms: u64,
+    ) {
+        let payload = match self.attack {
+            Some(a) => a.corrupt_payload(round, payload, self.anchor.len(), self.first_payload.as_ref()),
+            None => payload,
+        };
+        if self.first_payload.is_none() {
+            self.first_payload = Some(payload.clone());
+        }
+        let (seq, prev) = match self.own_head {
+            None => (Seq(0), self.ledger.meta().genesis_link()),
+            Some(h) => (h.seq.next(), h.hash),
+        };
+        let signed = UpdateRecord {
+            version: RECORD_VERSION,
+            run_id: self.run_id,
+            author: self.me,
+            seq,
+            prev,
+            round,
+            base_hash: self.anchor_hash,
+            payload_hash: PayloadHash::of(&payload),
+            payload_len: payload.len() as u64,
+            n_samples: stats.samples,
+            train_loss: stats.mean_loss,
+        }
+        .sign(&self.key);
+        self.own_head = Some(Head {
+            seq,
+            hash: signed.hash(),
+        });
+        if self.attack == Some(Attack::Equivocate) {
+            // A second, different record at the same seq, for other peers.
+            let negated: Vec<f32> = decoded.iter().map(|v| -v).collect();
+            let other = codec::encode(self.spec.exchange.codec, &negated);
+            let mut twin = signed.record.clone();
+            twin.payload_hash = PayloadHash::of(&other);
+            twin.payload_len = other.len() as u64;
+            self.equivocation = Some((twin.sign(&self.key), other));
+        }
+        self.own = Some(OwnRound {
+            round,
+            eval,
+            stats,
+            decoded,
+            train_ms,
+        });
+        self.counters.payload_bytes += payload.len() as u64;
+        self.set_phase(Phase::Publishing);
+        self.send_job(Job::Own { signed, payload });
+    }
+
+    /// A colluding attacker crafts its update once the honest updates of the
+    /// round stop arriving (or after a few seconds).
+    fn try_collude(&mut self, now: Instant) {
+        let Some(c) = self.collusion.as_mut() else { return };
+        let seen = self.book.for_round(c.round).filter(|x| x.author != self.me).count();
+        if seen != c.seen {
+            c.seen = seen;
+            c.seen_changed = now;
+        }
+        let settled = seen > 0 && now.duration_since(c.seen_changed) > Duration::from_millis(500);
+        if !settled && now.duration_since(c.since) < Duration::from_secs(5) {
+            return;
+        }
+        let Some(c) = self.collusion.take() else { return };
+        let Some(attack) = self.attack else { return };
+        let honest: Vec<&[f32]> = self
+            .book
+            .for_round(c.round)
+            .filter(|x| x.author != self.me)
+            .map(|x| x.delta.as_slice())
+            .collect();
+        let crafted = attack.collude(&honest, &c.raw);
+        info!(round = c.round, honest = honest.len(), %attack, "crafted a colluding update");
+        let Some(encoder) = self.attack_encoder.as_mut() else { return };
+        match encoder.encode(&crafted) {
+            Ok(e) => self.sign_and_store(c.round, e.bytes, Arc::new(e.decoded), c.eval, c.stats, c.train_ms),
+            Err(e) => warn!(error = %e, "cannot encode the crafted update"),
         }
     }
 
@@ -943,6 +1047,14 @@ impl Node {
         };
         if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), msg.to_bytes()) {
             debug!(round = own.round, error = %e, "publish failed (no peers yet?)");
+        }
+        if let Some((twin, twin_payload)) = self.equivocation.take() {
+            let inline = (twin_payload.len() <= self.mesh.max_inline_payload).then_some(twin_payload);
+            let msg = GossipMessage::Update {
+                record: twin.to_bytes(),
+                payload: inline,
+            };
+            let _ = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), msg.to_bytes());
         }
         self.counters.published += 1;
         self.last_eval = Some((own.round, own.eval, own.stats, own.train_ms));
@@ -979,6 +1091,7 @@ impl Node {
             self.next_payload_attempt(hash);
         }
         match self.phase {
+            Phase::Colluding => self.try_collude(now),
             Phase::Gathering => {
                 let enough = self.members.len() >= self.wait_peers;
                 let waited = now.duration_since(self.phase_since);
@@ -1049,9 +1162,16 @@ impl Node {
         let base = self.anchor_hash;
         let new_hash = WeightsHash::of_f32(&done.anchor);
         let (mut merged, mut clipped, mut rejected) = (0u64, 0u64, 0u64);
+        let mut bans = Vec::new();
         for e in &done.entries {
             if e.author == self.me {
                 continue;
+            }
+            let from_aggregator = !matches!(&e.verdict, Verdict::Rejected { reason } if !matches!(reason, RejectReason::Outlier(_)));
+            if from_aggregator {
+                if let Some(ban) = self.reputation.observe(e.author, &e.verdict) {
+                    bans.push((e.author, ban));
+                }
             }
             let who = e.author.to_string();
             match &e.verdict {
@@ -1073,6 +1193,9 @@ impl Node {
         }
         self.counters.merged += merged;
         self.counters.clipped += clipped;
+        for (author, ban) in bans {
+            self.ban(author, &ban.to_string());
+        }
         let (seq, prev) = match self.verdict_head {
             None => (0, self.ledger.meta().verdict_genesis()),
             Some((s, h)) => (s + 1, h),

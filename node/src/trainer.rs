@@ -31,7 +31,8 @@ pub enum TrainerReply {
         eval: Option<Evaluation>,
         eval_ms: u64,
         stats: StepStats,
-        /// The encoded delta as it goes on the wire.
+        /// The encoded delta as it goes on the wire (empty for colluding
+        /// attackers, whose `decoded` is then the raw delta).
         payload: Vec<u8>,
         /// What every receiver decodes from `payload`.
         decoded: Arc<Vec<f32>>,
@@ -136,6 +137,20 @@ fn run_round(
         }
         let train_ms = started.elapsed().as_millis() as u64;
         if let Some(attack) = attack {
+            if attack.colludes() {
+                // The node crafts and encodes this one once it has seen the
+                // honest updates of the round.
+                return Ok(TrainerReply::RoundDone {
+                    round,
+                    eval,
+                    eval_ms,
+                    stats,
+                    payload: Vec::new(),
+                    decoded: Arc::new(delta),
+                    train_ms,
+                    encode_ms: 0,
+                });
+            }
             attack.corrupt_delta(&mut delta, round);
         }
         let started = std::time::Instant::now();

@@ -325,6 +325,7 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         .collect();
     let mut complete = true;
     let (mut mal_seen, mut mal_hit, mut hon_seen, mut hon_rejected) = (0u64, 0u64, 0u64, 0u64);
+    let mut all_banned = true;
     let mut payload_sum = 0f64;
     let mut payload_n = 0u64;
     for (n, report) in nodes.iter().zip(&reports) {
@@ -354,6 +355,7 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
             row.updates_clipped = r.updates_clipped;
             row.rejected_by_reason = r.rejected_by_reason.clone();
             row.rounds_completed = r.rounds_completed;
+            row.banned = r.banned.clone();
             summary.param_count = r.param_count;
             summary.rounds = summary.rounds.max(r.rounds_completed);
             if r.updates_published > 0 {
@@ -369,13 +371,17 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
                     let rejected = r.rejected_by_author.get(author).copied().unwrap_or(0);
                     let clipped = r.clipped_by_author.get(author).copied().unwrap_or(0);
                     let merged = r.merged_by_author.get(author).copied().unwrap_or(0);
-                    let seen = rejected + clipped + merged;
                     if *honest {
-                        hon_seen += seen;
+                        hon_seen += rejected + clipped + merged;
                         hon_rejected += rejected;
                     } else {
-                        mal_seen += seen.max(*published);
-                        mal_hit += (rejected + clipped).min(seen.max(*published));
+                        // Every attacker update not merged at full weight
+                        // counts, including those ignored after a ban.
+                        mal_seen += *published;
+                        mal_hit += published.saturating_sub(merged);
+                        if !r.banned.contains(author) {
+                            all_banned = false;
+                        }
                     }
                     // Every honest ledger must hold every other honest chain whole.
                     if *honest {
@@ -406,6 +412,7 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         0.0
     };
     summary.malicious_rejected_or_clipped_share = (mal_seen > 0).then(|| mal_hit as f64 / mal_seen as f64);
+    summary.attackers_banned_by_all_honest = (opts.byzantine > 0).then_some(all_banned);
     summary.honest_rejected_share = if hon_seen > 0 {
         hon_rejected as f64 / hon_seen as f64
     } else {
@@ -459,9 +466,10 @@ pub fn table(s: &Summary) -> String {
     if let Some(m) = s.malicious_rejected_or_clipped_share {
         let _ = writeln!(
             out,
-            "attacker updates rejected or clipped: {:.1}%; honest updates rejected: {:.1}%",
+            "attacker updates rejected or clipped: {:.1}%; honest updates rejected: {:.1}%; attackers banned by every honest node: {}",
             100.0 * m,
-            100.0 * s.honest_rejected_share
+            100.0 * s.honest_rejected_share,
+            s.attackers_banned_by_all_honest.unwrap_or(false)
         );
     }
     out

@@ -97,6 +97,8 @@ pub struct NodeSummary {
     pub updates_clipped: u64,
     pub rejected_by_reason: BTreeMap<String, u64>,
     pub rounds_completed: u64,
+    /// Authors (hex) this node banned.
+    pub banned: Vec<String>,
     pub audit_ok: bool,
     pub audit_records: u64,
     pub audit_first_problem: Option<String>,
@@ -117,8 +119,11 @@ pub struct Summary {
     pub honest_min_acc: f32,
     pub bytes_per_update_mean: f64,
     pub compression_ratio: f64,
-    /// Share of attacker updates that honest nodes rejected or clipped.
+    /// Share of attacker updates that honest nodes did not merge at full
+    /// weight: rejected, clipped, or ignored once the attacker was banned.
     pub malicious_rejected_or_clipped_share: Option<f64>,
+    /// Whether every honest node banned every attacker.
+    pub attackers_banned_by_all_honest: Option<bool>,
     /// Share of honest updates that honest nodes rejected.
     pub honest_rejected_share: f64,
     pub audit_failures: u64,

@@ -1,0 +1,58 @@
+//! A sign-flip attacker and an equivocating attacker join three honest
+//! nodes. Both must be banned by every honest node, the honest nodes must
+//! still learn, and their ledgers must say who was rejected and why.
+
+use std::time::Duration;
+
+use meshtrain_tests::{audit, results, spawn_node, spec_new, wait_all, wait_listen};
+
+const ROUNDS: u64 = 12;
+
+#[test]
+fn sign_flip_and_equivocating_attackers_are_banned() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // CenteredClip is the default aggregator.
+    let spec = spec_new(tmp.path(), &["--rounds", &ROUNDS.to_string(), "--local-steps", "10"]);
+    let roles = [None, None, None, Some("sign-flip"), Some("equivocate")];
+    let n = roles.len();
+    let mut nodes = Vec::new();
+    let mut boot = None;
+    for (i, role) in roles.iter().enumerate() {
+        let mut args = vec!["--wait-peers".to_string(), (n - 1).to_string(), "--drain-s".into(), "20".into()];
+        if let Some(a) = role {
+            args.extend(["--attack".to_string(), a.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let dir = tmp.path().join(format!("node-{i}"));
+        nodes.push(spawn_node(&dir, &spec, &format!("{i}/{n}"), boot.as_deref(), &args));
+        if i == 0 {
+            boot = Some(wait_listen(&mut nodes[0], Duration::from_secs(120)).addr);
+        }
+    }
+    let statuses = wait_all(&mut nodes, Duration::from_secs(600));
+    let reports: Vec<_> = nodes.iter().map(|n| results(&n.dir)).collect();
+    let flipper = reports[3].author.clone();
+    let liar = reports[4].author.clone();
+
+    for (i, r) in reports.iter().enumerate().take(3) {
+        assert!(statuses[i].success(), "honest node {i} failed");
+        assert_eq!(r.rounds_completed, ROUNDS, "honest node {i} kept training");
+        assert!(r.final_test_acc > 0.75, "honest node {i} accuracy {}", r.final_test_acc);
+        assert!(r.banned.contains(&flipper), "node {i} did not ban the sign-flipper");
+        assert!(r.banned.contains(&liar), "node {i} did not ban the equivocator");
+        assert!(r.rejected_by_reason.get("equivocation").copied().unwrap_or(0) >= 1, "{:?}", r.rejected_by_reason);
+        // What the flipper sent was clipped (or ignored once it was banned).
+        let hit = r.clipped_by_author.get(&flipper).copied().unwrap_or(0)
+            + r.rejected_by_author.get(&flipper).copied().unwrap_or(0);
+        assert!(hit >= 1, "node {i} never clipped the sign-flipper");
+        assert_eq!(r.merged_by_author.get(&flipper).copied().unwrap_or(0), 0, "node {i} merged a sign-flipped update at full weight");
+        for honest in reports.iter().take(3) {
+            assert!(!r.banned.contains(&honest.author), "node {i} banned an honest node");
+        }
+
+        let (a, status) = audit(&nodes[i].dir);
+        assert!(status.success() && a.ok, "node {i} audit: {:?}", a.problems);
+        assert!(a.proofs >= 1, "node {i} keeps the equivocation proof");
+        assert!(a.rejected >= 1 && a.clipped >= 1, "node {i} verdict chain: {} rejected, {} clipped", a.rejected, a.clipped);
+    }
+}
