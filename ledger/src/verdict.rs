@@ -62,6 +62,24 @@ impl RejectReason {
         }
     }
 
+    /// Whether the fault shows in the message alone, so that any peer who
+    /// forwarded it failed to check it. Faults that depend on what a node
+    /// already holds (an equivocation, a conflicting chain, a replayed
+    /// payload) do not: an honest relay may have seen the other half first.
+    pub fn blames_the_forwarder(&self) -> bool {
+        matches!(
+            self,
+            RejectReason::Malformed
+                | RejectReason::BadSignature
+                | RejectReason::WrongRun
+                | RejectReason::PayloadHashMismatch
+                | RejectReason::PayloadMalformed
+                | RejectReason::WrongShape
+                | RejectReason::NonFinite
+                | RejectReason::FreeRider
+        )
+    }
+
     /// Offences against the protocol itself (as opposed to a contribution the
     /// aggregator judged unhelpful): these cost the author reputation at once.
     pub fn is_protocol_offence(&self) -> bool {
@@ -245,5 +263,8 @@ mod tests {
         assert_eq!(RejectReason::NonFinite.code(), "non-finite");
         assert!(RejectReason::Equivocation.is_protocol_offence());
         assert!(!RejectReason::Outlier(String::new()).is_protocol_offence());
+        assert!(RejectReason::BadSignature.blames_the_forwarder());
+        assert!(!RejectReason::Equivocation.blames_the_forwarder());
+        assert!(!RejectReason::Replay.blames_the_forwarder());
     }
 }

@@ -150,6 +150,21 @@ fn dist2(a: &[f32], b: &[f32]) -> f64 {
         .sum()
 }
 
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa.sqrt() * bb.sqrt())
+    }
+}
+
 fn weighted_mean(inputs: &[AggInput<'_>], weights: &[f64]) -> Vec<f32> {
     let dim = inputs.first().map_or(0, |i| i.delta.len());
     let total: f64 = weights.iter().sum();
@@ -216,7 +231,31 @@ pub fn aggregate(spec: AggregatorSpec, inputs: &[AggInput<'_>], own: Option<usiz
         AggregatorSpec::MultiKrum { f } => multi_krum(inputs, f),
         AggregatorSpec::CenteredClip { tau } => {
             let start = coordinate_rule(inputs, 0, true).update;
-            clip_around(inputs, start, tau, CLIP_ITERS)
+            let first = clip_around(inputs, start.clone(), tau, CLIP_ITERS);
+            // An update pointing against the robust centre is not a noisy
+            // honest one (those correlate with an aggregate they are part
+            // of): reject it and recompute the centre without it.
+            let opposed: Vec<bool> = inputs.iter().map(|i| cosine(i.delta, &first.update) < 0.0).collect();
+            if !opposed.iter().any(|o| *o) || opposed.iter().all(|o| *o) {
+                return first;
+            }
+            let kept: Vec<AggInput<'_>> = inputs
+                .iter()
+                .zip(&opposed)
+                .map(|(i, o)| AggInput {
+                    delta: i.delta,
+                    weight: if *o { 0.0 } else { i.weight },
+                })
+                .collect();
+            let mut second = clip_around(&kept, start, tau, CLIP_ITERS);
+            for (v, o) in second.verdicts.iter_mut().zip(&opposed) {
+                if *o {
+                    *v = AggVerdict::Rejected {
+                        reason: "centered-clip: points against the robust centre".into(),
+                    };
+                }
+            }
+            second
         }
         AggregatorSpec::ClippedGossip => {
             let centre = own.and_then(|i| inputs.get(i)).map(|i| i.delta.to_vec());
@@ -335,7 +374,10 @@ fn clip_around(inputs: &[AggInput<'_>], start: Vec<f32>, tau: Option<f32>, iters
         let dists: Vec<f64> = inputs.iter().map(|i| dist2(i.delta, &v).sqrt()).collect();
         let radius = match tau {
             Some(t) => t as f64,
-            None => ADAPTIVE_TAU_FACTOR * median_of(&mut dists.clone()),
+            None => {
+                let mut live: Vec<f64> = dists.iter().zip(&weights).filter(|(_, w)| **w > 0.0).map(|(d, _)| *d).collect();
+                ADAPTIVE_TAU_FACTOR * median_of(&mut live)
+            }
         };
         for i in 0..n {
             factors[i] = if dists[i] > radius && dists[i] > 0.0 {
@@ -450,6 +492,21 @@ mod tests {
         }
         let plain = aggregate(AggregatorSpec::Mean, &inputs(&vs), None);
         assert!(plain.update[0] > 100.0);
+    }
+
+    #[test]
+    fn centered_clip_rejects_a_sign_flipped_update() {
+        let honest: Vec<Vec<f32>> = (0..3).map(|i| vec![1.0, 0.5 + 0.1 * i as f32, 0.2]).collect();
+        let mut vs = honest.clone();
+        vs.push(vec![-1.1, -0.6, -0.2]);
+        let a = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&vs), None);
+        assert!(matches!(a.verdicts[3], AggVerdict::Rejected { .. }), "{:?}", a.verdicts);
+        assert!(a.verdicts[..3].iter().all(|v| !matches!(v, AggVerdict::Rejected { .. })));
+        // the centre is that of the honest three alone
+        let clean = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&honest), None);
+        for (x, y) in a.update.iter().zip(&clean.update) {
+            assert!((x - y).abs() < 1e-6, "{:?} vs {:?}", a.update, clean.update);
+        }
     }
 
     #[test]

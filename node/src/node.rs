@@ -211,6 +211,9 @@ pub struct Node {
     phase: Phase,
     phase_since: Instant,
     members: HashMap<PeerId, AuthorId>,
+    /// Every peer that ever joined the run (banned ones included): the start
+    /// barrier counts these, or a peer banned while gathering would stall it.
+    joined: HashSet<PeerId>,
     connected: HashSet<PeerId>,
     banned: HashSet<AuthorId>,
     wanted: HashMap<PayloadHash, Want>,
@@ -370,6 +373,7 @@ impl Node {
             phase: Phase::Gathering,
             phase_since: Instant::now(),
             members: HashMap::new(),
+            joined: HashSet::new(),
             connected: HashSet::new(),
             banned: HashSet::new(),
             wanted: HashMap::new(),
@@ -557,6 +561,7 @@ impl Node {
             }
             gossipsub::Event::Subscribed { peer_id, topic } if topic == self.topic.hash() => {
                 if let Some(author) = ed25519_of(&peer_id).map(AuthorId) {
+                    self.joined.insert(peer_id);
                     if !self.banned.contains(&author) {
                         self.members.insert(peer_id, author);
                         info!(peer = %short_peer(&peer_id), members = self.members.len(), "peer joined the run");
@@ -571,12 +576,16 @@ impl Node {
     }
 
     /// Maps an outcome onto gossipsub's acceptance for gossiped messages.
+    /// Reject (which penalises the forwarding peer) only when the message
+    /// alone shows the fault; state-dependent faults are handled through
+    /// proofs and bans of the author instead.
     fn report_validation(&mut self, origin: &Origin, outcome: &Outcome) {
         if let Origin::Gossip { message_id, source } = origin {
             let acceptance = match outcome {
                 Outcome::Accepted => MessageAcceptance::Accept,
                 Outcome::Ignored(_) => MessageAcceptance::Ignore,
-                Outcome::Invalid(_) => MessageAcceptance::Reject,
+                Outcome::Invalid(reason) if reason.blames_the_forwarder() => MessageAcceptance::Reject,
+                Outcome::Invalid(_) => MessageAcceptance::Ignore,
             };
             self.swarm
                 .behaviour_mut()
@@ -1093,7 +1102,7 @@ impl Node {
         match self.phase {
             Phase::Colluding => self.try_collude(now),
             Phase::Gathering => {
-                let enough = self.members.len() >= self.wait_peers;
+                let enough = self.joined.len() >= self.wait_peers;
                 let waited = now.duration_since(self.phase_since);
                 if enough || waited >= self.wait_peers_timeout {
                     if !enough {
