@@ -6,9 +6,10 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$MESHTRAIN_ROOT"
 
-# 1. Debian packages: libclang for RocksDB's bindings, the Fashion-MNIST data.
+# 1. Debian packages: libclang for RocksDB's bindings, the Fashion-MNIST data,
+#    a font for the PNG plots.
 missing=()
-for pkg in libclang-dev dataset-fashion-mnist; do
+for pkg in libclang-dev dataset-fashion-mnist fonts-dejavu-core; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

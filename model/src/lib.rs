@@ -14,12 +14,15 @@
 //! - [`OuterOptimizer`].
 
 pub mod aggregate;
+pub mod blocks;
 pub mod codec;
 pub mod dataset;
 mod error;
+pub mod formats;
 pub mod idx;
 pub mod net;
 pub mod outer;
+pub mod stream;
 pub mod train;
 
 pub use aggregate::{AggInput, AggVerdict, Aggregate, AggregatorSpec};
@@ -28,6 +31,8 @@ pub use dataset::{DataSplits, Dataset, ImageShape};
 pub use error::{ModelError, Result};
 pub use net::{Arch, Layout, Network};
 pub use outer::{OuterConfig, OuterOptimizer};
+pub use blocks::{BlockInfo, Manifest, Schema};
+pub use stream::{BlockReader, BlockStream, InMemory, RecordSource};
 pub use train::{evaluate, Evaluation, StepStats, TrainConfig, Trainer};
 pub use tch::Device;
 

@@ -1,14 +1,13 @@
 //! The local training loop: H steps of the inner optimiser on a shard.
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
+use crate::blocks::Schema;
 use crate::dataset::Dataset;
 use crate::net::Network;
+use crate::stream::RecordSource;
 use crate::{ModelError, Result};
 
 /// Inner-loop hyper-parameters.
@@ -17,8 +16,6 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Adam's learning rate.
     pub lr: f64,
-    /// Seeds the shard's shuffling (each node mixes in its own index).
-    pub seed: u64,
     /// Training-data attack: train on flipped labels (`classes - 1 - y`).
     /// Only for testnets and tests.
     pub label_flip: bool,
@@ -40,24 +37,55 @@ pub struct Evaluation {
     pub samples: u64,
 }
 
-/// Turns image bytes into a normalised float batch on `device`.
-fn batch_tensor(data: &Dataset, picks: &[usize], device: Device, flip: bool) -> Result<(Tensor, Tensor)> {
+/// Turns image records (`[label][pixels]`) into a normalised float batch
+/// on `device`.
+fn record_tensors(schema: &Schema, records: &[u8], device: Device, flip: bool) -> Result<(Tensor, Tensor)> {
+    let Schema::Image {
+        channels,
+        height,
+        width,
+        classes,
+    } = *schema
+    else {
+        return Err(ModelError::ShapeMismatch {
+            model: "image model".into(),
+            expected: "image records".into(),
+            got: format!("{schema:?}"),
+        });
+    };
+    let rec = schema.record_size();
+    let n = records.len() / rec;
+    let mut pixels = Vec::with_capacity(n * (rec - 1));
+    let mut labels = Vec::with_capacity(n);
+    for r in records.chunks_exact(rec) {
+        pixels.extend_from_slice(&r[1..]);
+        let l = r[0] as i64;
+        labels.push(if flip { classes as i64 - 1 - l } else { l });
+    }
+    let shape = crate::ImageShape { channels, height, width };
+    batch_tensors(&pixels, &labels, shape, device)
+}
+
+/// Turns image bytes and labels into a normalised float batch on `device`.
+fn batch_tensor(data: &Dataset, picks: &[usize], device: Device) -> Result<(Tensor, Tensor)> {
     let rec = data.shape.len();
     let mut pixels = Vec::with_capacity(picks.len() * rec);
     let mut labels = Vec::with_capacity(picks.len());
     for &i in picks {
         pixels.extend_from_slice(&data.pixels()[i * rec..(i + 1) * rec]);
-        let l = data.labels()[i] as i64;
-        labels.push(if flip { data.classes as i64 - 1 - l } else { l });
+        labels.push(data.labels()[i] as i64);
     }
-    let s = data.shape;
+    batch_tensors(&pixels, &labels, data.shape, device)
+}
+
+fn batch_tensors(pixels: &[u8], labels: &[i64], s: crate::ImageShape, device: Device) -> Result<(Tensor, Tensor)> {
     // Pixels map to [0, 1], as torchvision's ToTensor does.
-    let xs = Tensor::from_slice(&pixels)
+    let xs = Tensor::from_slice(pixels)
         .f_to_device(device)?
         .f_to_kind(Kind::Float)?
-        .f_view([picks.len() as i64, s.channels as i64, s.height as i64, s.width as i64])?
+        .f_view([labels.len() as i64, s.channels as i64, s.height as i64, s.width as i64])?
         .f_div_scalar(255.0)?;
-    let ys = Tensor::from_slice(&labels).f_to_device(device)?;
+    let ys = Tensor::from_slice(labels).f_to_device(device)?;
     Ok((xs, ys))
 }
 
@@ -69,50 +97,40 @@ fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .f_nll_loss(targets, None::<Tensor>, tch::Reduction::Mean, -100)?)
 }
 
-/// Owns one model replica, its inner optimiser and its shard. Lives on the
-/// training thread (a tensor is `Send` but not `Sync`).
+/// Owns one model replica, its inner optimiser and where its batches come
+/// from. Lives on the training thread (a tensor is `Send` but not `Sync`).
 pub struct Trainer {
     net: Network,
     opt: nn::Optimizer,
-    shard: Dataset,
+    source: Box<dyn RecordSource>,
     cfg: TrainConfig,
-    order: Vec<usize>,
-    cursor: usize,
-    rng: ChaCha8Rng,
 }
 
 impl Trainer {
-    pub fn new(net: Network, shard: Dataset, cfg: TrainConfig) -> Result<Self> {
-        if shard.is_empty() {
+    pub fn new(net: Network, source: Box<dyn RecordSource>, cfg: TrainConfig) -> Result<Self> {
+        if source.is_empty() {
             return Err(ModelError::BadDataset {
-                name: shard.name.clone(),
+                name: "training shard".into(),
                 detail: "the shard is empty".into(),
             });
         }
-        if shard.shape != net.input || shard.classes != net.classes {
+        let fits = matches!(*source.schema(), Schema::Image { channels, height, width, classes }
+            if crate::ImageShape { channels, height, width } == net.input && classes == net.classes);
+        if !fits {
             return Err(ModelError::ShapeMismatch {
                 model: net.arch.to_string(),
                 expected: format!("{:?} with {} classes", net.input, net.classes),
-                got: format!("{:?} with {} classes", shard.shape, shard.classes),
+                got: format!("{:?}", source.schema()),
             });
         }
         if cfg.batch_size == 0 {
             return Err(ModelError::BadDataset {
-                name: shard.name.clone(),
+                name: "training shard".into(),
                 detail: "batch size 0".into(),
             });
         }
         let opt = nn::Adam::default().build(net.var_store(), cfg.lr)?;
-        let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        Ok(Self {
-            order: (0..shard.len()).collect(),
-            cursor: usize::MAX,
-            net,
-            opt,
-            shard,
-            cfg,
-            rng,
-        })
+        Ok(Self { net, opt, source, cfg })
     }
 
     pub fn network(&self) -> &Network {
@@ -120,7 +138,12 @@ impl Trainer {
     }
 
     pub fn shard_len(&self) -> usize {
-        self.shard.len()
+        self.source.len()
+    }
+
+    /// Trains on other records from now on (the optimiser state stays).
+    pub fn set_source(&mut self, source: Box<dyn RecordSource>) {
+        self.source = source;
     }
 
     pub fn load(&mut self, weights: &[f32]) -> Result<()> {
@@ -131,29 +154,18 @@ impl Trainer {
         self.net.flat()
     }
 
-    fn next_batch(&mut self) -> Vec<usize> {
-        let bs = self.cfg.batch_size.min(self.order.len());
-        if self.cursor.saturating_add(bs) > self.order.len() {
-            self.order.shuffle(&mut self.rng);
-            self.cursor = 0;
-        }
-        let picks = self.order[self.cursor..self.cursor + bs].to_vec();
-        self.cursor += bs;
-        picks
-    }
-
     /// Runs `steps` optimiser steps on shuffled mini-batches of the shard.
     pub fn train_steps(&mut self, steps: usize) -> Result<StepStats> {
         let mut total = 0f64;
         let mut samples = 0u64;
         for _ in 0..steps {
-            let picks = self.next_batch();
-            let (xs, ys) = batch_tensor(&self.shard, &picks, self.net.device(), self.cfg.label_flip)?;
+            let records = self.source.next_batch(self.cfg.batch_size)?;
+            let (xs, ys) = record_tensors(self.source.schema(), &records, self.net.device(), self.cfg.label_flip)?;
             let logits = self.net.forward(&xs, true);
             let loss = cross_entropy(&logits, &ys)?;
             self.opt.backward_step(&loss);
             total += loss.f_double_value(&[])?;
-            samples += picks.len() as u64;
+            samples += ys.size()[0] as u64;
         }
         Ok(StepStats {
             steps: steps as u64,
@@ -183,7 +195,7 @@ pub fn evaluate(net: &Network, data: &Dataset) -> Result<Evaluation> {
     tch::no_grad(|| -> Result<()> {
         let idx: Vec<usize> = (0..n).collect();
         for chunk in idx.chunks(1000) {
-            let (xs, ys) = batch_tensor(data, chunk, net.device(), false)?;
+            let (xs, ys) = batch_tensor(data, chunk, net.device())?;
             let logits = net.forward(&xs, false);
             let l = cross_entropy(&logits, &ys)?;
             loss += l.f_double_value(&[])? * chunk.len() as f64;

@@ -15,15 +15,19 @@
 
 pub mod attack;
 pub mod bench;
+pub mod blockstore;
+pub mod data;
 mod error;
 pub mod identity;
 pub mod inbox;
 pub mod node;
+pub mod placement;
 pub mod replay;
 pub mod reputation;
 pub mod round;
 pub mod runspec;
 mod serve;
+pub mod shard;
 mod trainer;
 
 pub use error::NodeError;

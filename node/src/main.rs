@@ -11,7 +11,6 @@ use meshtrain_gossip::MeshConfig;
 use meshtrain_ledger::{audit, Ledger};
 use meshtrain_model::{AggregatorSpec, Arch, CodecSpec};
 use meshtrain_node::attack::Attack;
-use meshtrain_node::node::{default_data_path, load_data};
 use meshtrain_node::{Node, NodeOptions, RunSpec};
 
 #[derive(Parser)]
@@ -46,6 +45,59 @@ enum Command {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Import datasets into content-addressed blocks, and check them.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Parse sources into fixed-size blocks of whole records plus a manifest.
+    Import(ImportArgs),
+    /// Verify every block and print the dataset's statistics.
+    Inspect {
+        /// A block store (the --out of an import).
+        dir: PathBuf,
+        /// Which dataset, when the store holds several.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Draw the class balance, brightness and contrast histograms.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    #[arg(long, value_enum)]
+    format: meshtrain_node::data::Format,
+    /// Source files (or, for IDX, directories holding them).
+    #[arg(required = true)]
+    sources: Vec<PathBuf>,
+    /// The block store to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Block size in bytes (whole records only); HDFS's 64 MiB by default.
+    #[arg(long, default_value_t = meshtrain_model::blocks::DEFAULT_BLOCK_SIZE)]
+    block_size: usize,
+    /// CSV: the column holding the class.
+    #[arg(long)]
+    label_column: Option<String>,
+    #[arg(long)]
+    name: Option<String>,
+    /// Order records by class before packing (for Dirichlet partitions).
+    #[arg(long)]
+    sort_by_label: bool,
+    /// CSV and text: the share held out as the test split.
+    #[arg(long, default_value_t = 0.1)]
+    test_fraction: f64,
+    /// Text: bytes per record.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -108,7 +160,8 @@ struct NodeRunArgs {
     /// Which shard of the training set to train on, as I/N.
     #[arg(long, default_value = "0/1")]
     shard: String,
-    /// Directory of the dataset (default: by dataset name).
+    /// The node's block store (default: DATA_DIR/blocks). Blocks and the
+    /// manifest it lacks are fetched from peers.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Peers to wait for before the first round.
@@ -183,8 +236,16 @@ struct CommonTestnetArgs {
     byzantine: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// A block store with the dataset (default: Fashion-MNIST, imported
+    /// into OUT/dataset). Node 0 seeds it; the others fetch their shards.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// `iid`, or `dirichlet:ALPHA` for label-skewed shards.
+    #[arg(long, default_value = "iid")]
+    partition: String,
+    /// Members holding each block.
+    #[arg(long, default_value_t = 3)]
+    replication: usize,
     /// Give up on a testnet after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout_s: u64,
@@ -226,6 +287,12 @@ struct MatrixArgs {
     /// Attacks (`none` for the clean run), each with --byzantine attackers.
     #[arg(long, value_delimiter = ',', default_value = "none")]
     attacks: Vec<String>,
+    /// Keep every node's ledger (removed after each run by default).
+    #[arg(long)]
+    keep_ledgers: bool,
+    /// Reuse the summaries of runs finished by an earlier invocation.
+    #[arg(long)]
+    resume: bool,
 }
 
 /// The DiLoCo-style outer step.
@@ -288,10 +355,19 @@ enum SpecCommand {
 struct SpecArgs {
     #[arg(long, default_value = "mlp")]
     model: Arch,
-    #[arg(long, default_value = "fashion-mnist")]
-    dataset: String,
+    /// A block store holding the dataset (see `data import`). By default
+    /// Fashion-MNIST, imported into out/datasets/fashion-mnist on first use.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Which dataset of the store, when it holds several.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// `iid`, or `dirichlet:ALPHA` for label-skewed shards.
+    #[arg(long, default_value = "iid")]
+    partition: String,
+    /// Members holding each block.
+    #[arg(long, default_value_t = 3)]
+    replication: usize,
     #[arg(long, conflicts_with = "epochs")]
     rounds: Option<u64>,
     /// Passes over the training set, summed over `--nodes` nodes.
@@ -348,6 +424,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Testnet(TestnetCommand::Matrix(args)) => testnet_matrix(args),
         Command::Ledger(cmd) => ledger(cmd),
         Command::Spec(SpecCommand::New(args)) => spec_new(args),
+        Command::Data(DataCommand::Import(a)) => data_import(a),
+        Command::Data(DataCommand::Inspect { dir, dataset, plot, json }) => data_inspect(&dir, dataset.as_deref(), plot.as_deref(), json),
         Command::Bench(BenchCommand::Ledger {
             records,
             authors,
@@ -436,7 +514,7 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
         bootstrap: args.bootstrap,
         spec,
         shard,
-        data_path: args.data,
+        data: args.data,
         wait_peers: args.wait_peers,
         wait_peers_timeout: Duration::from_secs(args.wait_peers_timeout_s),
         threads: args.threads,
@@ -557,14 +635,60 @@ fn ledger(cmd: LedgerCommand) -> Result<ExitCode> {
     }
 }
 
-fn spec_new(args: SpecArgs) -> Result<ExitCode> {
-    let data_path = args.data.clone().or_else(|| default_data_path(&args.dataset));
-    let Some(data_path) = data_path else {
-        bail!("no default location for dataset `{}`; pass --data DIR", args.dataset);
+/// The default dataset: Fashion-MNIST from Debian's package, imported
+/// into content-addressed blocks (1 MiB, so that a mesh has blocks to
+/// spread) on first use.
+const DEFAULT_STORE: &str = "out/datasets/fashion-mnist";
+const FASHION_MNIST_IDX: &str = "/usr/share/datasets/fashion-mnist";
+
+fn default_store() -> Result<PathBuf> {
+    let store = PathBuf::from(DEFAULT_STORE);
+    let has_manifest = meshtrain_node::blockstore::BlockStore::open(&store)
+        .map(|s| !s.manifest_ids().is_empty())
+        .unwrap_or(false);
+    if !has_manifest {
+        let src = PathBuf::from(FASHION_MNIST_IDX);
+        if !src.exists() {
+            bail!("{FASHION_MNIST_IDX} is missing: install Debian's dataset-fashion-mnist (scripts/setup.sh does), or pass --data STORE");
+        }
+        let r = meshtrain_node::data::import(&meshtrain_node::data::ImportOptions {
+            format: meshtrain_node::data::Format::Idx,
+            sources: vec![src],
+            out: store.clone(),
+            block_size: 1 << 20,
+            name: Some("fashion-mnist".into()),
+            label_column: None,
+            sort_by_label: false,
+            test_fraction: 0.0,
+            seq_len: 1,
+        })?;
+        eprintln!("imported Fashion-MNIST into {} as dataset {}", store.display(), r.dataset_id);
+    }
+    Ok(store)
+}
+
+/// The manifest a spec or a testnet names: the only one in the store, or
+/// the one given.
+fn pick_manifest(store_dir: &Path, dataset: Option<&str>) -> Result<meshtrain_model::Manifest> {
+    let store = meshtrain_node::blockstore::BlockStore::open(store_dir)?;
+    let id = match (dataset, store.manifest_ids().as_slice()) {
+        (Some(id), _) => id.to_string(),
+        (None, [one]) => one.clone(),
+        (None, []) => bail!("{} holds no dataset; run `meshtrain data import` first", store_dir.display()),
+        (None, _) => bail!("{} holds several datasets; pass --dataset ID", store_dir.display()),
     };
-    let splits = meshtrain_model::DataSplits::idx_dir(&args.dataset, &data_path)
-        .with_context(|| format!("reading dataset {} from {}", args.dataset, data_path.display()))?;
-    let mut spec = RunSpec::default_for(args.model, &args.dataset, splits.fingerprint());
+    store
+        .manifest(&id)?
+        .with_context(|| format!("{} has no manifest {id}", store_dir.display()))
+}
+
+fn spec_new(args: SpecArgs) -> Result<ExitCode> {
+    let store = match &args.data {
+        Some(d) => d.clone(),
+        None => default_store()?,
+    };
+    let manifest = pick_manifest(&store, args.dataset.as_deref())?;
+    let mut spec = RunSpec::default_for(args.model, &manifest);
     spec.seed = args.seed;
     spec.train.local_steps = args.local_steps;
     spec.train.batch_size = args.batch_size;
@@ -574,20 +698,24 @@ fn spec_new(args: SpecArgs) -> Result<ExitCode> {
     spec.exchange.outer_lr = args.outer.outer_lr;
     spec.exchange.outer_momentum = args.outer.outer_momentum;
     spec.exchange.nesterov = args.outer.nesterov;
+    spec.data.partition = args
+        .partition
+        .parse::<meshtrain_node::placement::Partition>()
+        .map_err(|e| anyhow::anyhow!(e))?
+        .to_string();
+    spec.data.replication = args.replication.max(1);
     spec.rounds.count = match (args.rounds, args.epochs) {
         (Some(r), _) => r,
         (None, Some(e)) => {
             if !(e > 0.0) || args.nodes == 0 {
                 bail!("--epochs must be positive and --nodes at least 1");
             }
-            let samples = e * splits.train.len() as f64;
+            let samples = e * manifest.records("train") as f64;
             let per_round = (args.nodes * args.local_steps * args.batch_size) as f64;
             (samples / per_round).ceil().max(1.0) as u64
         }
         (None, None) => spec.rounds.count,
     };
-    // Check the spec the way a node will read it.
-    let _ = load_data(&spec, Some(&data_path))?;
     let text = spec.to_toml()?;
     match args.out {
         Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
@@ -621,6 +749,12 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
         attack,
         seed: c.seed,
         data: c.data.clone(),
+        partition: c
+            .partition
+            .parse::<meshtrain_node::placement::Partition>()
+            .map_err(|e| anyhow::anyhow!(e))?
+            .to_string(),
+        replication: c.replication.max(1),
         timeout: Duration::from_secs(c.timeout_s),
         spec_args,
         node_args: vec!["--eval-every".to_string(), c.eval_every.to_string()],
@@ -666,7 +800,11 @@ fn testnet_matrix(args: MatrixArgs) -> Result<ExitCode> {
         attacks,
     };
     let out = args.common.out.clone();
-    let rows = meshtrain_testnet::matrix::run_matrix(&base, &axes, &out, |i, n, r| {
+    let policy = meshtrain_testnet::matrix::MatrixPolicy {
+        keep_ledgers: args.keep_ledgers,
+        resume: args.resume,
+    };
+    let rows = meshtrain_testnet::matrix::run_matrix(&base, &axes, &out, policy, |i, n, r| {
         eprintln!(
             "[{i}/{n}] {} {} H={} {} {}: honest mean {:.2}%{}",
             r.model,
@@ -681,4 +819,87 @@ fn testnet_matrix(args: MatrixArgs) -> Result<ExitCode> {
     print!("{}", meshtrain_testnet::matrix::markdown(&rows));
     eprintln!("tables: {} and {}", out.join("matrix.md").display(), out.join("matrix.json").display());
     Ok(ExitCode::SUCCESS)
+}
+
+fn data_import(a: ImportArgs) -> Result<ExitCode> {
+    if !(0.0..1.0).contains(&a.test_fraction) {
+        bail!("--test-fraction must be in [0, 1)");
+    }
+    let report = meshtrain_node::data::import(&meshtrain_node::data::ImportOptions {
+        format: a.format,
+        sources: a.sources,
+        out: a.out,
+        block_size: a.block_size,
+        name: a.name,
+        label_column: a.label_column,
+        sort_by_label: a.sort_by_label,
+        test_fraction: a.test_fraction,
+        seq_len: a.seq_len,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "imported {} as dataset {}: {} records in {} blocks ({:.1} MB) in {:.2} s ({:.1} MB/s of source); manifest {}",
+            report.name,
+            report.dataset_id,
+            report.records.iter().map(|(s, n)| format!("{n} {s}")).collect::<Vec<_>>().join(" + "),
+            report.blocks,
+            report.bytes as f64 / 1e6,
+            report.seconds,
+            report.mb_per_s,
+            report.manifest.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn data_inspect(dir: &Path, dataset: Option<&str>, plot: Option<&Path>, json: bool) -> Result<ExitCode> {
+    let r = meshtrain_node::data::inspect(dir, dataset)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("dataset {} ({}): {}", r.name, r.dataset_id, r.schema);
+        println!("blocks checked: {}, bad: {}", r.blocks_checked, r.bad_blocks.len());
+        for b in &r.bad_blocks {
+            println!("  BAD BLOCK {b}");
+        }
+        for (split, n) in &r.records {
+            println!("{split}: {n} records, class balance {:?}", r.class_balance.get(split).cloned().unwrap_or_default());
+        }
+        for (c, (m, s)) in r.channel_stats.iter().enumerate() {
+            println!("channel {c}: mean {m:.4}, std {s:.4}");
+        }
+        println!("brightness histogram (per-image mean, 0..1): {:?}", r.brightness_histogram);
+        println!("contrast histogram (per-image std, 0..0.5): {:?}", r.contrast_histogram);
+        let (lo, mean, hi) = r.records_per_block;
+        println!("records per block: min {lo}, mean {mean:.1}, max {hi}");
+    }
+    if let Some(path) = plot {
+        use meshtrain_testnet::plot::{bars_png, Bars};
+        let bins = |n: usize, top: f64| (0..n).map(|i| format!("{:.2}", top * i as f64 / n as f64)).collect();
+        let mut charts = Vec::new();
+        for (split, balance) in &r.class_balance {
+            charts.push(Bars {
+                title: format!("class balance ({split})"),
+                labels: (0..balance.len()).map(|i| i.to_string()).collect(),
+                values: balance.iter().map(|v| *v as f64).collect(),
+            });
+        }
+        if r.brightness_histogram.iter().any(|v| *v > 0) {
+            charts.push(Bars {
+                title: "brightness: per-image mean pixel (train)".into(),
+                labels: bins(r.brightness_histogram.len(), 1.0),
+                values: r.brightness_histogram.iter().map(|v| *v as f64).collect(),
+            });
+            charts.push(Bars {
+                title: "contrast: per-image pixel std (train)".into(),
+                labels: bins(r.contrast_histogram.len(), 0.5),
+                values: r.contrast_histogram.iter().map(|v| *v as f64).collect(),
+            });
+        }
+        bars_png(path, &charts).map_err(|e| anyhow::anyhow!("plotting {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(if r.bad_blocks.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -24,7 +24,7 @@ use meshtrain_ledger::{
     Verdict, VerdictBlock, VerdictEntry, VerdictHash, WeightsHash, RECORD_VERSION, VERDICT_VERSION,
 };
 use meshtrain_model::{
-    aggregate::aggregate as aggregate_deltas, codec, AggInput, AggVerdict, AggregatorSpec, DataSplits, DeltaEncoder, Evaluation, Network, OuterConfig,
+    aggregate::aggregate as aggregate_deltas, codec, AggInput, AggVerdict, AggregatorSpec, DeltaEncoder, Evaluation, Manifest, Network, OuterConfig, Schema,
     OuterOptimizer, StepStats, TrainConfig,
 };
 use meshtrain_testnet::report::{NodeReport, RoundRecord};
@@ -33,12 +33,16 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::attack::Attack;
+use crate::blockstore::BlockStore;
+use crate::shard::{BlockWant, FetchStats, ShardPlan};
 use crate::reputation::{Reputation, ReputationConfig};
 use crate::identity::Identity;
 use crate::inbox::{self, Done, InboxConfig, Job, Origin, Outcome, RecordDone};
 use crate::round::{AdaptiveWait, Close, Contribution, RoundBook, RoundInputs};
 use crate::runspec::RunSpec;
-use crate::trainer::{self, TrainerCmd, TrainerHandle, TrainerReply};
+use crate::trainer::{TrainerCmd, TrainerHandle, TrainerReply};
+
+mod fetching;
 use crate::NodeError;
 
 /// Where a node finds its run, data and peers.
@@ -50,8 +54,9 @@ pub struct NodeOptions {
     pub spec: RunSpec,
     /// Shard `.0` of `.1`.
     pub shard: (usize, usize),
-    /// Directory of the dataset's files (default: by dataset name).
-    pub data_path: Option<PathBuf>,
+    /// The block store (default: DIR/blocks). A node that lacks the
+    /// manifest or its blocks fetches them from peers.
+    pub data: Option<PathBuf>,
     /// Connected peers to wait for before the first round.
     pub wait_peers: usize,
     pub wait_peers_timeout: Duration,
@@ -70,41 +75,12 @@ pub struct NodeOptions {
     pub mesh: MeshConfig,
 }
 
-/// Default locations of the datasets a RunSpec can name.
-pub fn default_data_path(dataset: &str) -> Option<PathBuf> {
-    match dataset {
-        "fashion-mnist" => Some(PathBuf::from("/usr/share/datasets/fashion-mnist")),
-        _ => None,
-    }
-}
-
-/// Loads the dataset named by `spec` and checks its fingerprint.
-pub fn load_data(spec: &RunSpec, data_path: Option<&Path>) -> Result<DataSplits, NodeError> {
-    let dir = data_path
-        .map(Path::to_path_buf)
-        .or_else(|| default_data_path(&spec.data.dataset))
-        .ok_or_else(|| {
-            NodeError::Data(format!(
-                "no default location for dataset `{}`; pass --data DIR",
-                spec.data.dataset
-            ))
-        })?;
-    let splits = DataSplits::idx_dir(&spec.data.dataset, &dir)?;
-    let got = hex::encode(splits.fingerprint());
-    if got != spec.data.fingerprint {
-        return Err(NodeError::Data(format!(
-            "{} holds dataset {got}, but the run names {}",
-            dir.display(),
-            spec.data.fingerprint
-        )));
-    }
-    Ok(splits)
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Waiting for enough peers before round 0.
     Gathering,
+    /// Fetching the manifest and this node's blocks from peers.
+    Fetching,
     /// The trainer works on the current round.
     Training,
     /// A colluding attacker waits for the round's honest updates.
@@ -134,6 +110,8 @@ enum RequestFor {
     Payload(PayloadHash),
     Records,
     Heads,
+    /// A data block or the manifest, by hex hash.
+    Block(String),
 }
 
 struct AggregateDone {
@@ -197,7 +175,20 @@ pub struct Node {
     drain: Duration,
     eval_every: u64,
     inbox: inbox::InboxHandle,
-    trainer: TrainerHandle,
+    /// Started once the node holds its shard.
+    trainer: Option<TrainerHandle>,
+    /// What the trainer is built from, until then.
+    pending_trainer: Option<(Network, TrainConfig, DeltaEncoder)>,
+    shard_seed: u64,
+    store: BlockStore,
+    manifest: Option<Manifest>,
+    plan: Option<ShardPlan>,
+    block_wants: BTreeMap<String, BlockWant>,
+    fetch: FetchStats,
+    missing_tx: mpsc::UnboundedSender<String>,
+    missing_rx: mpsc::UnboundedReceiver<String>,
+    /// Membership changed: re-plan the shard at this time (debounced).
+    replan_at: Option<Instant>,
     serve_tx: mpsc::UnboundedSender<(ResponseChannel<FetchResponse>, FetchResponse)>,
     serve_rx: mpsc::UnboundedReceiver<(ResponseChannel<FetchResponse>, FetchResponse)>,
     agg_tx: mpsc::UnboundedSender<AggregateDone>,
@@ -249,13 +240,25 @@ impl Node {
         let run_id = spec.run_id();
         let (index, count) = opts.shard;
 
-        let splits = load_data(&spec, opts.data_path.as_deref())?;
-        let shard = splits.train.shard(index, count)?;
+        let store = BlockStore::open(&opts.data.clone().unwrap_or_else(|| opts.data_dir.join("blocks")))?;
+        let manifest = store.manifest(&spec.data.manifest)?;
+        let Schema::Image {
+            channels,
+            height,
+            width,
+            classes,
+        } = spec.data.schema
+        else {
+            return Err(NodeError::Data(format!(
+                "model {} trains on images; the run's data is {:?}",
+                spec.model.arch, spec.data.schema
+            )));
+        };
         meshtrain_model::set_threads(opts.threads);
         let net = Network::new(
             spec.model.arch,
-            splits.train.shape,
-            splits.train.classes,
+            meshtrain_model::ImageShape { channels, height, width },
+            classes,
             meshtrain_model::Device::Cpu,
         )?;
         let genesis = net.layout().genesis(spec.seed);
@@ -286,11 +289,9 @@ impl Node {
         let cfg = TrainConfig {
             batch_size: spec.train.batch_size,
             lr: spec.train.lr,
-            seed: spec.seed ^ ((index as u64 + 1) << 32),
             label_flip: opts.attack.is_some_and(|a| a.is_label_flip()),
         };
         let encoder = DeltaEncoder::new(spec.exchange.codec, params);
-        let trainer = trainer::spawn(net, shard, splits.test, cfg, encoder, opts.attack)?;
 
         let inbox = inbox::spawn(
             ledger.clone(),
@@ -335,12 +336,14 @@ impl Node {
             Duration::from_millis(spec.rounds.max_wait_ms),
         );
         let (serve_tx, serve_rx) = mpsc::unbounded_channel();
+        let (missing_tx, missing_rx) = mpsc::unbounded_channel();
         let (agg_tx, agg_rx) = mpsc::unbounded_channel();
         if let Some(a) = opts.attack {
             warn!(attack = %a, "THIS NODE IS AN ATTACKER (testnet/test mode): it will send poisoned updates");
         }
         let verdict_head = ledger.verdict_head().map(|h| (h.seq, h.hash));
         let spec_codec = spec.exchange.codec;
+        let spec_seed = spec.seed;
         Ok(Self {
             book: RoundBook::new(0, spec.exchange.staleness, spec.exchange.staleness_decay, wait),
             spec,
@@ -362,7 +365,17 @@ impl Node {
             drain: opts.drain,
             eval_every: opts.eval_every.max(1),
             inbox,
-            trainer,
+            trainer: None,
+            pending_trainer: Some((net, cfg, encoder)),
+            shard_seed: spec_seed ^ ((index as u64 + 1) << 32),
+            store,
+            manifest,
+            plan: None,
+            block_wants: BTreeMap::new(),
+            fetch: FetchStats::default(),
+            missing_tx,
+            missing_rx,
+            replan_at: None,
             serve_tx,
             serve_rx,
             agg_tx,
@@ -414,7 +427,8 @@ impl Node {
             loop {
                 tokio::select! {
                     event = self.swarm.select_next_some() => self.on_swarm(event),
-                    Some(reply) = self.trainer.replies.recv() => self.on_trainer(reply)?,
+                    Some(reply) = next_reply(&mut self.trainer) => self.on_trainer(reply)?,
+                    Some(hash) = self.missing_rx.recv() => self.refetch(hash),
                     Some(done) = self.inbox.done.recv() => self.on_inbox(done)?,
                     Some((channel, response)) = self.serve_rx.recv() => {
                         let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
@@ -434,7 +448,9 @@ impl Node {
             }
             let report = self.report();
             write_json(&self.data_dir.join("results.json"), &report)?;
-            self.trainer.stop();
+            if let Some(t) = self.trainer.take() {
+                t.stop();
+            }
             // The inbox thread holds the ledger: let it finish its queue and
             // close RocksDB before the process exits.
             drop(self.inbox.jobs);
@@ -479,6 +495,7 @@ impl Node {
                     self.connected.remove(&peer_id);
                     if self.members.remove(&peer_id).is_some() {
                         info!(peer = %short_peer(&peer_id), round = self.round(), "peer left");
+                        self.schedule_replan();
                     }
                 }
             }
@@ -562,9 +579,9 @@ impl Node {
             gossipsub::Event::Subscribed { peer_id, topic } if topic == self.topic.hash() => {
                 if let Some(author) = ed25519_of(&peer_id).map(AuthorId) {
                     self.joined.insert(peer_id);
-                    if !self.banned.contains(&author) {
-                        self.members.insert(peer_id, author);
+                    if !self.banned.contains(&author) && self.members.insert(peer_id, author).is_none() {
                         info!(peer = %short_peer(&peer_id), members = self.members.len(), "peer joined the run");
+                        self.schedule_replan();
                     }
                 }
             }
@@ -608,9 +625,17 @@ impl Node {
                     }
                     self.last_served = Instant::now();
                     let ledger = self.ledger.clone();
+                    let store = self.store.clone();
                     let tx = self.serve_tx.clone();
                     tokio::task::spawn_blocking(move || {
-                        let response = crate::serve::answer(&ledger, &request);
+                        let response = match &request {
+                            FetchRequest::Block { hash } => match store.serve(&hex::encode(hash)) {
+                                Ok(Some(bytes)) => FetchResponse::Block(bytes),
+                                Ok(None) => FetchResponse::NotFound,
+                                Err(e) => FetchResponse::Refused(e.to_string()),
+                            },
+                            _ => crate::serve::answer(&ledger, &request),
+                        };
                         let _ = tx.send((channel, response));
                     });
                 }
@@ -620,8 +645,10 @@ impl Node {
             },
             request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
                 debug!(peer = %short_peer(&peer), %error, "fetch failed");
-                if let Some(RequestFor::Payload(hash)) = self.requests.remove(&request_id) {
-                    self.payload_attempt_failed(hash);
+                match self.requests.remove(&request_id) {
+                    Some(RequestFor::Payload(hash)) => self.payload_attempt_failed(hash),
+                    Some(RequestFor::Block(hash)) => self.block_attempt_failed(&hash),
+                    _ => {}
                 }
             }
             _ => {}
@@ -634,6 +661,8 @@ impl Node {
                 self.send_job(Job::Payload { hash, bytes, from: peer });
             }
             (Some(RequestFor::Payload(hash)), _) => self.payload_attempt_failed(hash),
+            (Some(RequestFor::Block(hash)), FetchResponse::Block(bytes)) => self.on_block(hash, peer, bytes),
+            (Some(RequestFor::Block(hash)), _) => self.block_attempt_failed(&hash),
             (Some(RequestFor::Records), FetchResponse::Records(records)) => {
                 for bytes in records {
                     self.send_job(Job::Record {
@@ -880,22 +909,29 @@ impl Node {
             gs.set_application_score(&peer, -1000.0);
             self.members.remove(&peer);
             let _ = self.swarm.disconnect_peer_id(peer);
+            self.schedule_replan();
         }
     }
 
     // ---- rounds ---------------------------------------------------------
 
+    fn trainer_cmd(&self, cmd: TrainerCmd) -> Result<(), NodeError> {
+        self.trainer
+            .as_ref()
+            .ok_or_else(|| NodeError::Trainer("the trainer has not started".into()))?
+            .cmd
+            .send(cmd)
+            .map_err(|_| NodeError::Trainer("the trainer thread is gone".into()))
+    }
+
     fn start_round(&mut self) -> Result<(), NodeError> {
         let round = self.round();
-        self.trainer
-            .cmd
-            .send(TrainerCmd::Round {
+        self.trainer_cmd(TrainerCmd::Round {
                 round,
                 anchor: self.anchor.clone(),
                 steps: self.spec.train.local_steps,
                 evaluate: round % self.eval_every == 0,
-            })
-            .map_err(|_| NodeError::Trainer("the trainer thread is gone".into()))?;
+            })?;
         self.set_phase(Phase::Training);
         Ok(())
     }
@@ -1099,6 +1135,14 @@ impl Node {
         for hash in retry {
             self.next_payload_attempt(hash);
         }
+        if self.replan_at.is_some_and(|t| now >= t) {
+            self.replan_at = None;
+            self.replan();
+        }
+        if self.phase != Phase::Fetching && !self.block_wants.is_empty() {
+            // Re-replication and repairs go on in the background.
+            self.fetch_tick(now)?;
+        }
         match self.phase {
             Phase::Colluding => self.try_collude(now),
             Phase::Gathering => {
@@ -1108,10 +1152,10 @@ impl Node {
                     if !enough {
                         warn!(members = self.members.len(), wanted = self.wait_peers, "starting without all peers");
                     }
-                    info!(members = self.members.len(), "starting round 0");
-                    self.start_round()?;
+                    self.begin_data_phase();
                 }
             }
+            Phase::Fetching => self.fetch_tick(now)?,
             Phase::Waiting => {
                 let expected = self.book.expected(&self.connected_authors());
                 if let Some(how) = self.book.should_close(now, &expected) {
@@ -1263,13 +1307,10 @@ impl Node {
             "round closed"
         );
         if self.round() >= self.spec.rounds.count {
-            self.trainer
-                .cmd
-                .send(TrainerCmd::Evaluate {
-                    round: self.round(),
-                    anchor: self.anchor.clone(),
-                })
-                .map_err(|_| NodeError::Trainer("the trainer thread is gone".into()))?;
+            self.trainer_cmd(TrainerCmd::Evaluate {
+                round: self.round(),
+                anchor: self.anchor.clone(),
+            })?;
             self.set_phase(Phase::Finishing);
         } else {
             self.start_round()?;
@@ -1314,6 +1355,15 @@ impl Node {
             merged_by_author: self.counters.merged_by_author.clone(),
             banned: self.banned.iter().map(|a| a.to_string()).collect(),
             peers_seen: self.ledger.heads().iter().map(|(a, _)| a.to_string()).collect(),
+            label_histogram: match (&self.plan, &self.manifest) {
+                (Some(p), Some(m)) => p.label_histogram(m),
+                _ => Vec::new(),
+            },
+            primary_blocks: self.plan.as_ref().map_or(0, |p| p.primary.len() as u64),
+            held_blocks: self.plan.as_ref().map_or(0, |p| p.held.len() as u64),
+            blocks_fetched: self.fetch.blocks,
+            bytes_fetched: self.fetch.bytes,
+            data_fetch_ms: self.fetch.finished_ms,
             wall_s: self.started.elapsed().as_secs_f64(),
             history: self.history.clone(),
         }
@@ -1374,6 +1424,14 @@ fn run_aggregation(
         outer,
         entries,
         wait,
+    }
+}
+
+/// The trainer's next reply, or never while it has not started.
+async fn next_reply(trainer: &mut Option<TrainerHandle>) -> Option<TrainerReply> {
+    match trainer {
+        Some(t) => t.replies.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use meshtrain_ledger::RunId;
-use meshtrain_model::{AggregatorSpec, Arch, CodecSpec};
+use meshtrain_model::{AggregatorSpec, Arch, CodecSpec, Manifest, Schema};
 use serde::{Deserialize, Serialize};
 
 use crate::NodeError;
@@ -34,11 +34,19 @@ pub struct ModelSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// `fashion-mnist` or `mnist` (IDX files, gzipped or not).
+    /// A label for humans.
     pub dataset: String,
-    /// blake3 fingerprint of the train and test splits, hex. A node whose
-    /// local copy differs refuses to start.
-    pub fingerprint: String,
+    /// The dataset id: the hash of its manifest. Nodes fetch the manifest
+    /// and their blocks from peers by hash, and check both.
+    pub manifest: String,
+    /// How training blocks are spread over members: `iid` or
+    /// `dirichlet:ALPHA` (label skew).
+    pub partition: String,
+    /// Members holding each block.
+    pub replication: usize,
+    /// The record layout (so a node can build its model before it has any
+    /// data).
+    pub schema: Schema,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -78,15 +86,18 @@ pub struct RoundSpec {
 }
 
 impl RunSpec {
-    /// A spec with the defaults used by the testnet for `dataset`.
-    pub fn default_for(arch: Arch, dataset: &str, fingerprint: [u8; 32]) -> Self {
+    /// A spec with the defaults used by the testnet, for `manifest`'s data.
+    pub fn default_for(arch: Arch, manifest: &Manifest) -> Self {
         Self {
-            name: format!("{arch}-{dataset}"),
+            name: format!("{arch}-{}", manifest.name),
             seed: 42,
             model: ModelSpec { arch },
             data: DataSpec {
-                dataset: dataset.to_string(),
-                fingerprint: hex::encode(fingerprint),
+                dataset: manifest.name.clone(),
+                manifest: manifest.id(),
+                partition: "iid".into(),
+                replication: 3,
+                schema: manifest.schema.clone(),
             },
             train: TrainSpec {
                 batch_size: 64,
@@ -128,6 +139,10 @@ impl RunSpec {
         Ok(spec)
     }
 
+    pub fn partition(&self) -> crate::placement::Partition {
+        self.data.partition.parse().unwrap_or(crate::placement::Partition::Iid)
+    }
+
     pub fn to_toml(&self) -> Result<String, NodeError> {
         toml::to_string_pretty(self).map_err(|e| NodeError::RunSpec {
             path: "<in memory>".into(),
@@ -160,8 +175,15 @@ impl RunSpec {
         if !(0.0..=1.0).contains(&self.exchange.staleness_decay) {
             return Err("exchange.staleness_decay must be in [0, 1]".into());
         }
-        if hex::decode(&self.data.fingerprint).map(|b| b.len()) != Ok(32) {
-            return Err("data.fingerprint must be 64 hex digits".into());
+        if hex::decode(&self.data.manifest).map(|b| b.len()) != Ok(32) {
+            return Err("data.manifest must be a dataset id (64 hex digits)".into());
+        }
+        self.data
+            .partition
+            .parse::<crate::placement::Partition>()
+            .map_err(|e| format!("data.partition: {e}"))?;
+        if self.data.replication == 0 {
+            return Err("data.replication must be at least 1".into());
         }
         Ok(())
     }
@@ -188,9 +210,21 @@ impl RunSpec {
 mod tests {
     use super::*;
 
+    fn manifest() -> Manifest {
+        Manifest::new(
+            "fashion-mnist",
+            Schema::Image {
+                channels: 1,
+                height: 28,
+                width: 28,
+                classes: 10,
+            },
+        )
+    }
+
     #[test]
     fn toml_round_trip_and_stable_id() {
-        let s = RunSpec::default_for(Arch::Mlp, "fashion-mnist", [1; 32]);
+        let s = RunSpec::default_for(Arch::Mlp, &manifest());
         let back: RunSpec = toml::from_str(&s.to_toml().unwrap()).unwrap();
         assert_eq!(back, s);
         assert_eq!(back.run_id(), s.run_id());
@@ -203,7 +237,7 @@ mod tests {
     fn unknown_keys_and_bad_values_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("run.toml");
-        let s = RunSpec::default_for(Arch::Mlp, "fashion-mnist", [1; 32]);
+        let s = RunSpec::default_for(Arch::Mlp, &manifest());
         std::fs::write(&p, s.to_toml().unwrap().replace("[train]", "[train]\nmomentum = 3")).unwrap();
         let err = RunSpec::load(&p).unwrap_err().to_string();
         assert!(err.contains("momentum"), "{err}");

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use meshtrain_model::{Dataset, DeltaEncoder, Evaluation, Network, StepStats, TrainConfig, Trainer};
+use meshtrain_model::{Dataset, DeltaEncoder, Evaluation, Network, RecordSource, StepStats, TrainConfig, Trainer};
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
@@ -22,6 +22,8 @@ pub enum TrainerCmd {
     },
     /// Only evaluate `anchor` (the final weights).
     Evaluate { round: u64, anchor: Arc<Vec<f32>> },
+    /// Train on other blocks from now on (the placement changed).
+    SetSource(Box<dyn RecordSource>),
 }
 
 pub enum TrainerReply {
@@ -61,10 +63,10 @@ impl TrainerHandle {
     }
 }
 
-/// Starts the training thread. `net`, `shard` and `test` move into it.
+/// Starts the training thread. `net`, the shard's batches and `test` move into it.
 pub fn spawn(
     net: Network,
-    shard: Dataset,
+    shard: Box<dyn RecordSource>,
     test: Dataset,
     cfg: TrainConfig,
     mut encoder: DeltaEncoder,
@@ -84,6 +86,10 @@ pub fn spawn(
                         steps,
                         evaluate,
                     } => run_round(&mut trainer, &test, &mut encoder, attack.as_ref(), round, &anchor, steps, evaluate),
+                    TrainerCmd::SetSource(source) => {
+                        trainer.set_source(source);
+                        continue;
+                    }
                     TrainerCmd::Evaluate { round, anchor } => trainer
                         .load(&anchor)
                         .and_then(|_| trainer.evaluate(&test))

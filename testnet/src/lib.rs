@@ -9,6 +9,7 @@
 //! Main types: [`TestnetOptions`], [`report::Summary`], [`report::NodeReport`].
 
 pub mod matrix;
+pub mod plot;
 pub mod report;
 
 use std::collections::BTreeMap;
@@ -69,7 +70,13 @@ pub struct TestnetOptions {
     pub byzantine: usize,
     pub attack: Option<String>,
     pub seed: u64,
+    /// A block store holding the dataset; by default Fashion-MNIST is
+    /// imported into `out/dataset`. Node 0 starts with this store (the seed);
+    /// every other node starts empty and fetches its shard from peers.
     pub data: Option<PathBuf>,
+    /// `iid` or `dirichlet:ALPHA`.
+    pub partition: String,
+    pub replication: usize,
     pub timeout: Duration,
     /// Further `meshtrain spec new` flags (learning rates, batch size, ...).
     pub spec_args: Vec<String>,
@@ -98,10 +105,47 @@ struct Running {
     status: Option<std::process::ExitStatus>,
 }
 
-/// Writes the run spec by asking the binary (which knows the dataset).
-fn write_spec(opts: &TestnetOptions, path: &Path) -> Result<(), TestnetError> {
+const FASHION_MNIST_IDX: &str = "/usr/share/datasets/fashion-mnist";
+
+/// The block store the testnet seeds: the one given, or Fashion-MNIST
+/// imported into `out/dataset` (label-sorted for Dirichlet partitions, so
+/// that blocks are label-skewed).
+fn dataset_store(opts: &TestnetOptions) -> Result<PathBuf, TestnetError> {
+    if let Some(d) = &opts.data {
+        return Ok(d.clone());
+    }
+    let sorted = opts.partition.starts_with("dirichlet");
+    let store = opts.out.join(if sorted { "dataset-sorted" } else { "dataset" });
+    if store.join("manifests").read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
+        return Ok(store);
+    }
+    let mut cmd = Command::new(&opts.binary);
+    cmd.args(["data", "import", "--format", "idx", FASHION_MNIST_IDX, "--name", "fashion-mnist"])
+        .arg("--out")
+        .arg(&store)
+        // Small blocks, so that a handful of nodes has blocks to spread.
+        .args(["--block-size", if sorted { "131072" } else { "1048576" }]);
+    if sorted {
+        cmd.arg("--sort-by-label");
+    }
+    let out = cmd.output().map_err(|source| TestnetError::Spawn {
+        what: "meshtrain data import".into(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(TestnetError::Spec(String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    Ok(store)
+}
+
+/// Writes the run spec by asking the binary (which reads the manifest).
+fn write_spec(opts: &TestnetOptions, store: &Path, path: &Path) -> Result<(), TestnetError> {
     let mut cmd = Command::new(&opts.binary);
     cmd.args(["spec", "new", "--model", &opts.model])
+        .arg("--data")
+        .arg(store)
+        .args(["--partition", &opts.partition])
+        .args(["--replication", &opts.replication.to_string()])
         .args(["--local-steps", &opts.local_steps.to_string()])
         .args(["--codec", &opts.codec, "--aggregator", &opts.aggregator])
         .args(["--seed", &opts.seed.to_string()])
@@ -116,9 +160,6 @@ fn write_spec(opts: &TestnetOptions, path: &Path) -> Result<(), TestnetError> {
             cmd.args(["--epochs", &e.to_string(), "--nodes", &opts.nodes.to_string()]);
         }
         (None, None) => {}
-    }
-    if let Some(d) = &opts.data {
-        cmd.arg("--data").arg(d);
     }
     let out = cmd.output().map_err(|source| TestnetError::Spawn {
         what: "meshtrain spec new".into(),
@@ -135,6 +176,7 @@ fn spawn_node(
     index: usize,
     spec: &Path,
     bootstrap: Option<&str>,
+    seed_store: Option<&Path>,
 ) -> Result<Running, TestnetError> {
     let dir = opts.out.join(format!("node-{index}"));
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -163,8 +205,8 @@ fn spawn_node(
         cmd.args(["--attack", a]);
     }
     cmd.args(&opts.node_args);
-    if let Some(d) = &opts.data {
-        cmd.arg("--data").arg(d);
+    if let Some(store) = seed_store {
+        cmd.arg("--data").arg(store);
     }
     let child = cmd.spawn().map_err(|source| TestnetError::Spawn {
         what: format!("node {index}"),
@@ -227,12 +269,13 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
             std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         }
     }
+    let store = dataset_store(opts)?;
     let spec = opts.out.join("run.toml");
-    write_spec(opts, &spec)?;
+    write_spec(opts, &store, &spec)?;
     info!(nodes = opts.nodes, out = %opts.out.display(), "starting testnet");
 
     let mut nodes = Vec::with_capacity(opts.nodes);
-    let first = spawn_node(opts, 0, &spec, None)?;
+    let first = spawn_node(opts, 0, &spec, None, Some(&store))?;
     nodes.push(first);
     let boot = match listen_addr(&mut nodes[0], Duration::from_secs(120)) {
         Ok(a) => a,
@@ -242,7 +285,7 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
         }
     };
     for i in 1..opts.nodes {
-        match spawn_node(opts, i, &spec, Some(&boot)) {
+        match spawn_node(opts, i, &spec, Some(&boot), None) {
             Ok(n) => nodes.push(n),
             Err(e) => {
                 stop_all(&mut nodes);
@@ -356,6 +399,8 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
             row.rejected_by_reason = r.rejected_by_reason.clone();
             row.rounds_completed = r.rounds_completed;
             row.banned = r.banned.clone();
+            row.label_histogram = r.label_histogram.clone();
+            row.data_fetch_ms = r.data_fetch_ms;
             summary.param_count = r.param_count;
             summary.rounds = summary.rounds.max(r.rounds_completed);
             if r.updates_published > 0 {

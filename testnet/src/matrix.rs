@@ -83,6 +83,27 @@ fn slug(s: &str) -> String {
         .collect()
 }
 
+/// What to keep between runs of a grid.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MatrixPolicy {
+    /// Keep every node's ledger (by default they are removed once the run is
+    /// summarised and audited: a grid of dense runs fills a disk otherwise).
+    pub keep_ledgers: bool,
+    /// Reuse the summary of a run that finished in an earlier invocation.
+    pub resume: bool,
+}
+
+fn drop_ledgers(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let ledger = e.path().join("ledger");
+            if ledger.is_dir() {
+                let _ = std::fs::remove_dir_all(ledger);
+            }
+        }
+    }
+}
+
 /// Runs every combination of `axes` on top of `base`, writing
 /// `out/matrix.json` and `out/matrix.md` after each run so that partial
 /// results survive an interruption.
@@ -90,6 +111,7 @@ pub fn run_matrix(
     base: &TestnetOptions,
     axes: &Axes,
     out: &Path,
+    policy: MatrixPolicy,
     mut progress: impl FnMut(usize, usize, &MatrixRow),
 ) -> Result<Vec<MatrixRow>, TestnetError> {
     std::fs::create_dir_all(out).map_err(|source| TestnetError::Io {
@@ -128,7 +150,20 @@ pub fn run_matrix(
             out: out.join(&name),
             ..base.clone()
         };
-        let row = match run(&opts) {
+        let previous = policy
+            .resume
+            .then(|| std::fs::read(opts.out.join("summary.json")).ok())
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<Summary>(&b).ok())
+            .filter(|s| s.rounds > 0);
+        let result = match previous {
+            Some(s) => Ok(s),
+            None => run(&opts),
+        };
+        if !policy.keep_ledgers {
+            drop_ledgers(&opts.out);
+        }
+        let row = match result {
             Ok(summary) => MatrixRow::from_summary(&summary, attack, byzantine),
             Err(e) => MatrixRow {
                 model,

@@ -77,6 +77,15 @@ pub struct NodeReport {
     pub merged_by_author: BTreeMap<String, u64>,
     pub banned: Vec<String>,
     pub peers_seen: Vec<String>,
+    /// Records per class in the blocks this node trained on.
+    pub label_histogram: Vec<u64>,
+    pub primary_blocks: u64,
+    pub held_blocks: u64,
+    /// Blocks and bytes fetched from peers, and how long the whole shard
+    /// took to arrive (from the end of gathering to round 0).
+    pub blocks_fetched: u64,
+    pub bytes_fetched: u64,
+    pub data_fetch_ms: Option<u64>,
     pub wall_s: f64,
     pub history: Vec<RoundRecord>,
 }
@@ -99,6 +108,8 @@ pub struct NodeSummary {
     pub rounds_completed: u64,
     /// Authors (hex) this node banned.
     pub banned: Vec<String>,
+    pub label_histogram: Vec<u64>,
+    pub data_fetch_ms: Option<u64>,
     pub audit_ok: bool,
     pub audit_records: u64,
     pub audit_first_problem: Option<String>,

@@ -24,18 +24,37 @@ pub fn meshtrain_bin() -> PathBuf {
     bin
 }
 
-/// Runs `meshtrain spec new ARGS --out DIR/run.toml`.
-pub fn spec_new(dir: &Path, args: &[&str]) -> PathBuf {
+/// Imports Fashion-MNIST into DIR/dataset (1 MiB blocks) with
+/// `meshtrain data import`, as an operator seeding a mesh would.
+pub fn import_fashion_mnist(dir: &Path) -> PathBuf {
+    let store = dir.join("dataset");
+    let out = Command::new(meshtrain_bin())
+        .args(["data", "import", "--format", "idx", "/usr/share/datasets/fashion-mnist", "--name", "fashion-mnist"])
+        .args(["--block-size", "1048576"])
+        .arg("--out")
+        .arg(&store)
+        .output()
+        .expect("run meshtrain data import");
+    assert!(out.status.success(), "data import failed: {}", String::from_utf8_lossy(&out.stderr));
+    store
+}
+
+/// A run spec over a freshly imported Fashion-MNIST store: returns the spec
+/// and the store (which node 0 should seed with `--data`).
+pub fn spec_new(dir: &Path, args: &[&str]) -> (PathBuf, PathBuf) {
+    let store = import_fashion_mnist(dir);
     let path = dir.join("run.toml");
     let out = Command::new(meshtrain_bin())
         .args(["spec", "new"])
         .args(args)
+        .arg("--data")
+        .arg(&store)
         .arg("--out")
         .arg(&path)
         .output()
         .expect("run meshtrain spec new");
     assert!(out.status.success(), "spec new failed: {}", String::from_utf8_lossy(&out.stderr));
-    path
+    (path, store)
 }
 
 pub struct NodeProc {

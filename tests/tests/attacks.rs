@@ -12,7 +12,7 @@ const ROUNDS: u64 = 12;
 fn sign_flip_and_equivocating_attackers_are_banned() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // CenteredClip is the default aggregator.
-    let spec = spec_new(tmp.path(), &["--rounds", &ROUNDS.to_string(), "--local-steps", "10"]);
+    let (spec, store) = spec_new(tmp.path(), &["--rounds", &ROUNDS.to_string(), "--local-steps", "10"]);
     let roles = [None, None, None, Some("sign-flip"), Some("equivocate")];
     let n = roles.len();
     let mut nodes = Vec::new();
@@ -21,6 +21,9 @@ fn sign_flip_and_equivocating_attackers_are_banned() {
         let mut args = vec!["--wait-peers".to_string(), (n - 1).to_string(), "--drain-s".into(), "20".into()];
         if let Some(a) = role {
             args.extend(["--attack".to_string(), a.to_string()]);
+        }
+        if i == 0 {
+            args.extend(["--data".to_string(), store.display().to_string()]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let dir = tmp.path().join(format!("node-{i}"));

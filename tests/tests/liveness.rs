@@ -15,9 +15,10 @@ fn progress_round(dir: &std::path::Path) -> Option<u64> {
 #[test]
 fn survivors_finish_without_waiting_for_a_killed_peer() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let spec = spec_new(tmp.path(), &["--rounds", &ROUNDS.to_string(), "--local-steps", "10"]);
+    let (spec, store) = spec_new(tmp.path(), &["--rounds", &ROUNDS.to_string(), "--local-steps", "10"]);
     let args = ["--wait-peers", "2", "--drain-s", "20"];
-    let mut nodes = vec![spawn_node(&tmp.path().join("node-0"), &spec, "0/3", None, &args)];
+    let seed_args = [&args[..], &["--data", store.to_str().expect("utf-8 path")]].concat();
+    let mut nodes = vec![spawn_node(&tmp.path().join("node-0"), &spec, "0/3", None, &seed_args)];
     let info = wait_listen(&mut nodes[0], Duration::from_secs(120));
     for i in 1..3 {
         let dir = tmp.path().join(format!("node-{i}"));

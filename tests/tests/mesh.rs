@@ -72,11 +72,18 @@ async fn intrude(addr: &str, run_id_hex: &str, data: Vec<u8>, big: bool) {
 #[test]
 fn three_nodes_train_audit_and_reject_bad_input() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let spec = spec_new(
+    let (spec, store) = spec_new(
         tmp.path(),
         &["--model", "mlp", "--rounds", &ROUNDS.to_string(), "--local-steps", "20"],
     );
-    let mut nodes = vec![spawn_node(&tmp.path().join("node-0"), &spec, "0/3", None, &["--wait-peers", "2", "--drain-s", "20"])];
+    let store = store.to_str().expect("utf-8 path");
+    let mut nodes = vec![spawn_node(
+        &tmp.path().join("node-0"),
+        &spec,
+        "0/3",
+        None,
+        &["--wait-peers", "2", "--drain-s", "20", "--data", store],
+    )];
     let info = wait_listen(&mut nodes[0], Duration::from_secs(120));
     for i in 1..3 {
         // Node 2 keeps payloads for two rounds only: its replay must fail.

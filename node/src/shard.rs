@@ -1,0 +1,170 @@
+//! A node's shard: which blocks it must hold and train on under the current
+//! membership, which it still lacks, and a reader that streams its primary
+//! blocks from the local store to the trainer.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Instant;
+
+use meshtrain_gossip::libp2p::PeerId;
+use meshtrain_ledger::AuthorId;
+use meshtrain_model::{BlockReader, Dataset, Manifest};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::blockstore::BlockStore;
+use crate::placement::{Partition, Placement};
+use crate::NodeError;
+
+/// A block (or the manifest) still to fetch, and from whom.
+#[derive(Debug)]
+pub struct BlockWant {
+    pub candidates: VecDeque<PeerId>,
+    pub attempts: u32,
+    pub in_flight: bool,
+    pub retry_at: Option<Instant>,
+}
+
+/// The train-split placement seen from one node.
+#[derive(Debug, Clone)]
+pub struct ShardPlan {
+    pub members: Vec<AuthorId>,
+    pub placement: Placement,
+    pub held: BTreeSet<String>,
+    pub primary: Vec<String>,
+}
+
+impl ShardPlan {
+    pub fn compute(
+        manifest: &Manifest,
+        me: AuthorId,
+        others: &[AuthorId],
+        replication: usize,
+        partition: Partition,
+        seed: u64,
+    ) -> Self {
+        let mut members: Vec<AuthorId> = others.to_vec();
+        members.push(me);
+        members.sort();
+        members.dedup();
+        let placement = Placement::compute(manifest, "train", &members, replication, partition, seed);
+        let held = placement.held_by(&me).into_iter().collect();
+        let primary = placement.primary_of(&me);
+        Self {
+            members,
+            placement,
+            held,
+            primary,
+        }
+    }
+
+    /// Every block this node must have locally: the train blocks it holds
+    /// and all test blocks (each node evaluates on the whole test split).
+    pub fn needed(&self, manifest: &Manifest) -> BTreeSet<String> {
+        let mut out = self.held.clone();
+        out.extend(manifest.blocks("test").iter().map(|b| b.hash.clone()));
+        out
+    }
+
+    /// Records per class over the primary blocks.
+    pub fn label_histogram(&self, manifest: &Manifest) -> Vec<u64> {
+        let mut h = vec![0u64; manifest.schema.classes().unwrap_or(0)];
+        for b in manifest.blocks("train").iter().filter(|b| self.primary.contains(&b.hash)) {
+            for (a, x) in h.iter_mut().zip(&b.label_histogram) {
+                *a += x;
+            }
+        }
+        h
+    }
+}
+
+/// Streams blocks from the local store. A block that is missing or fails
+/// its hash is reported on `missing` (the node fetches it again) and reads
+/// as empty for now, so training carries on with the others.
+pub struct StoreReader {
+    store: BlockStore,
+    blocks: Vec<(String, usize)>,
+    missing: mpsc::UnboundedSender<String>,
+}
+
+impl StoreReader {
+    pub fn new(store: BlockStore, manifest: &Manifest, primary: &[String], missing: mpsc::UnboundedSender<String>) -> Self {
+        let blocks = manifest
+            .blocks("train")
+            .iter()
+            .filter(|b| primary.contains(&b.hash))
+            .map(|b| (b.hash.clone(), b.records as usize))
+            .collect();
+        Self { store, blocks, missing }
+    }
+}
+
+impl BlockReader for StoreReader {
+    fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn records_in(&self, block: usize) -> usize {
+        self.blocks[block].1
+    }
+
+    fn read(&mut self, block: usize) -> meshtrain_model::Result<Vec<u8>> {
+        let hash = &self.blocks[block].0;
+        match self.store.block(hash) {
+            Ok(Some(bytes)) => Ok(bytes),
+            Ok(None) => {
+                warn!(block = %&hash[..8], "a primary block is gone or corrupt; fetching it again");
+                let _ = self.missing.send(hash.clone());
+                Ok(Vec::new())
+            }
+            Err(e) => {
+                warn!(block = %&hash[..8], error = %e, "cannot read a primary block");
+                let _ = self.missing.send(hash.clone());
+                Ok(Vec::new())
+            }
+        }
+    }
+}
+
+/// The test split, read from the local store into memory.
+pub fn test_set(store: &BlockStore, manifest: &Manifest) -> Result<Dataset, NodeError> {
+    let mut records = Vec::new();
+    for b in manifest.blocks("test") {
+        let bytes = store
+            .block(&b.hash)?
+            .ok_or_else(|| NodeError::Data(format!("test block {} is missing", b.hash)))?;
+        manifest.verify_block(b, &bytes)?;
+        records.extend_from_slice(&bytes);
+    }
+    Ok(Dataset::from_records(&format!("{}/test", manifest.name), &manifest.schema, &records)?)
+}
+
+/// What the node fetched for its shard.
+#[derive(Debug, Default, Clone)]
+pub struct FetchStats {
+    pub blocks: u64,
+    pub bytes: u64,
+    pub started: Option<Instant>,
+    pub finished_ms: Option<u64>,
+}
+
+/// Orders candidates for a block: its holders first, then everyone else.
+pub fn candidates(
+    hash: &str,
+    plan: Option<&ShardPlan>,
+    members: &BTreeMap<AuthorId, PeerId>,
+) -> VecDeque<PeerId> {
+    let mut out = VecDeque::new();
+    if let Some(holders) = plan.and_then(|p| p.placement.holders.get(hash)) {
+        for a in holders {
+            if let Some(p) = members.get(a) {
+                out.push_back(*p);
+            }
+        }
+    }
+    for p in members.values() {
+        if !out.contains(p) {
+            out.push_back(*p);
+        }
+    }
+    out
+}
