@@ -80,7 +80,12 @@ impl Node {
         let changed_primary = self.plan.as_ref().map(|p| p.primary != plan.primary);
         let needed = plan.needed(&manifest);
         self.plan = Some(plan);
-        let missing: Vec<String> = needed.into_iter().filter(|h| !self.store.has_block(h)).collect();
+        // Reading each needed block checks its hash: a corrupted local copy
+        // is removed here and fetched again.
+        let missing: Vec<String> = needed
+            .into_iter()
+            .filter(|h| !matches!(self.store.block(h), Ok(Some(_))))
+            .collect();
         if !missing.is_empty() {
             info!(blocks = missing.len(), members = others.len() + 1, "fetching blocks for this node's shard");
         }
