@@ -342,3 +342,187 @@ pub fn codec(params: usize, specs: &[meshtrain_model::CodecSpec]) -> Vec<CodecBe
         })
         .collect()
 }
+
+#[derive(Debug, Serialize)]
+pub struct DataBench {
+    pub idx_records: u64,
+    pub idx_seconds: f64,
+    pub idx_records_per_s: f64,
+    pub idx_source_mb_per_s: f64,
+    pub csv_bytes: u64,
+    pub csv_rows: u64,
+    pub csv_seconds: f64,
+    pub csv_mb_per_s: f64,
+    pub csv_rows_per_s: f64,
+}
+
+/// Writes a CSV of about `bytes` bytes: 20 numeric features and a binary
+/// label, like a fraud or sensor log.
+fn write_csv(path: &Path, bytes: u64) -> Result<u64, NodeError> {
+    use std::io::Write;
+    use rand::{Rng, SeedableRng};
+    let io = |source| NodeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::File::create(path).map_err(io)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let mut header: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+    header.insert(7, "label".into());
+    writeln!(w, "{}", header.join(",")).map_err(io)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mut written = 0u64;
+    let mut rows = 0u64;
+    let mut line = String::with_capacity(256);
+    while written < bytes {
+        line.clear();
+        for i in 0..21 {
+            if i > 0 {
+                line.push(',');
+            }
+            if i == 7 {
+                line.push(if rng.random_bool(0.1) { '1' } else { '0' });
+            } else {
+                use std::fmt::Write as _;
+                let _ = write!(line, "{:.5}", rng.random::<f32>() * 100.0 - 50.0);
+            }
+        }
+        line.push('\n');
+        w.write_all(line.as_bytes()).map_err(io)?;
+        written += line.len() as u64;
+        rows += 1;
+    }
+    w.flush().map_err(io)?;
+    Ok(rows)
+}
+
+/// Import throughput: Fashion-MNIST's IDX files, and a generated CSV.
+pub fn data(work: &Path, csv_bytes: u64, idx_dir: &Path) -> Result<DataBench, NodeError> {
+    use crate::data::{import, Format, ImportOptions};
+    let opts = |format, sources: Vec<std::path::PathBuf>, out: std::path::PathBuf| ImportOptions {
+        format,
+        sources,
+        out,
+        block_size: meshtrain_model::blocks::DEFAULT_BLOCK_SIZE,
+        name: None,
+        label_column: Some("label".into()),
+        sort_by_label: false,
+        test_fraction: 0.1,
+        seq_len: 256,
+    };
+    let idx_out = work.join("bench-idx");
+    let _ = std::fs::remove_dir_all(&idx_out);
+    eprintln!("importing {} ...", idx_dir.display());
+    let idx = import(&opts(Format::Idx, vec![idx_dir.to_path_buf()], idx_out.clone()))?;
+    let _ = std::fs::remove_dir_all(&idx_out);
+
+    let csv = work.join("bench.csv");
+    eprintln!("writing a {} MB CSV ...", csv_bytes / 1_000_000);
+    let rows = write_csv(&csv, csv_bytes)?;
+    let real = std::fs::metadata(&csv).map(|m| m.len()).unwrap_or(csv_bytes);
+    let csv_out = work.join("bench-csv");
+    let _ = std::fs::remove_dir_all(&csv_out);
+    eprintln!("importing it ...");
+    let c = import(&opts(Format::Csv, vec![csv.clone()], csv_out.clone()))?;
+    let _ = std::fs::remove_dir_all(&csv_out);
+    let _ = std::fs::remove_file(&csv);
+    let idx_records: u64 = idx.records.values().sum();
+    Ok(DataBench {
+        idx_records,
+        idx_seconds: idx.seconds,
+        idx_records_per_s: idx_records as f64 / idx.seconds,
+        idx_source_mb_per_s: idx.mb_per_s,
+        csv_bytes: real,
+        csv_rows: rows,
+        csv_seconds: c.seconds,
+        csv_mb_per_s: real as f64 / 1e6 / c.seconds,
+        csv_rows_per_s: rows as f64 / c.seconds,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct FetchBench {
+    pub block_bytes: usize,
+    pub blocks: usize,
+    pub in_flight: usize,
+    pub seconds: f64,
+    pub mb_per_s: f64,
+}
+
+/// Block fetch throughput between two real libp2p swarms on loopback
+/// (TCP, noise, yamux, the fetch protocol): one serves blocks from memory,
+/// the other requests them by hash, `in_flight` at a time.
+pub async fn fetch(block_bytes: usize, blocks: usize, in_flight: usize) -> Result<FetchBench, NodeError> {
+    use futures::StreamExt;
+    use meshtrain_gossip::libp2p::request_response::{Event, Message};
+    use meshtrain_gossip::libp2p::swarm::SwarmEvent;
+    use meshtrain_gossip::libp2p::{identity, Multiaddr};
+    use meshtrain_gossip::{build_swarm, run_topic, FetchRequest, FetchResponse, MeshBehaviourEvent, MeshConfig};
+
+    let topic = run_topic("bench");
+    let cfg = MeshConfig::default();
+    let mut reg = prometheus_client::registry::Registry::default();
+    let mut server = build_swarm(identity::Keypair::generate_ed25519(), &cfg, &topic, &mut reg)?;
+    let mut client = build_swarm(identity::Keypair::generate_ed25519(), &cfg, &topic, &mut reg)?;
+    let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().map_err(|e| NodeError::Data(format!("{e}")))?;
+    server.listen_on(listen).map_err(|e| NodeError::Data(e.to_string()))?;
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
+            break address;
+        }
+    };
+    let server_id = *server.local_peer_id();
+    let payload: Vec<u8> = (0..block_bytes).map(|i| (i * 31 % 251) as u8).collect();
+    tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(MeshBehaviourEvent::Fetch(Event::Message {
+                message: Message::Request { channel, .. },
+                ..
+            })) = server.select_next_some().await
+            {
+                let _ = server.behaviour_mut().fetch.send_response(channel, FetchResponse::Block(payload.clone()));
+            }
+        }
+    });
+    client.dial(addr).map_err(|e| NodeError::Data(e.to_string()))?;
+    loop {
+        if let SwarmEvent::ConnectionEstablished { .. } = client.select_next_some().await {
+            break;
+        }
+    }
+    let start = Instant::now();
+    let (mut sent, mut got) = (0usize, 0usize);
+    while sent < in_flight.min(blocks) {
+        client.behaviour_mut().fetch.send_request(&server_id, FetchRequest::Block { hash: [sent as u8; 32] });
+        sent += 1;
+    }
+    while got < blocks {
+        match client.select_next_some().await {
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Fetch(Event::Message {
+                message: Message::Response { response: FetchResponse::Block(b), .. },
+                ..
+            })) => {
+                if b.len() != block_bytes {
+                    return Err(NodeError::Data("short block".into()));
+                }
+                got += 1;
+                if sent < blocks {
+                    client.behaviour_mut().fetch.send_request(&server_id, FetchRequest::Block { hash: [sent as u8; 32] });
+                    sent += 1;
+                }
+            }
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Fetch(Event::OutboundFailure { error, .. })) => {
+                return Err(NodeError::Data(format!("fetch failed: {error}")));
+            }
+            _ => {}
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(FetchBench {
+        block_bytes,
+        blocks,
+        in_flight,
+        seconds,
+        mb_per_s: (block_bytes * blocks) as f64 / 1e6 / seconds,
+    })
+}

@@ -114,6 +114,29 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Import throughput: Fashion-MNIST and a generated CSV.
+    Data {
+        /// Size of the generated CSV, in MB.
+        #[arg(long, default_value_t = 1000)]
+        csv_mb: u64,
+        #[arg(long, default_value = "out/bench")]
+        work: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block fetch throughput between two nodes' swarms over loopback.
+    Fetch {
+        /// Bytes per block.
+        #[arg(long, default_value_t = 1 << 20)]
+        block_bytes: usize,
+        #[arg(long, default_value_t = 512)]
+        blocks: usize,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 8)]
+        in_flight: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Encode and decode throughput of every codec mode (one core).
     Codec {
         /// Parameters in the benchmark vector.
@@ -397,7 +420,7 @@ struct SpecArgs {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHTRAIN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn,libp2p_kad=warn,libp2p_swarm=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn,libp2p_kad=error,libp2p_swarm=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -449,6 +472,41 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 println!("  batch verify speed-up     {:>10.2}x", b.batch_verify_speedup);
                 println!("  audit peak RSS            {:>10.1} MiB (a tenth of the ledger: {:.1} MiB)", b.audit_peak_rss_mb, b.audit_peak_rss_mb_tenth);
                 println!("  ledger on disk            {:>10.1} MiB", b.ledger_bytes_on_disk as f64 / 1048576.0);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Data { csv_mb, work, json }) => {
+            std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+            let b = meshtrain_node::bench::data(&work, csv_mb * 1_000_000, Path::new(FASHION_MNIST_IDX))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                println!(
+                    "import: Fashion-MNIST {} records in {:.2} s ({:.0} records/s, {:.1} MB/s of gzipped source); CSV {:.0} MB, {} rows in {:.1} s ({:.1} MB/s, {:.0} rows/s)",
+                    b.idx_records, b.idx_seconds, b.idx_records_per_s, b.idx_source_mb_per_s,
+                    b.csv_bytes as f64 / 1e6, b.csv_rows, b.csv_seconds, b.csv_mb_per_s, b.csv_rows_per_s
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Fetch {
+            block_bytes,
+            blocks,
+            in_flight,
+            json,
+        }) => {
+            if block_bytes == 0 || blocks == 0 || in_flight == 0 {
+                bail!("--block-bytes, --blocks and --in-flight must be positive");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let b = rt.block_on(meshtrain_node::bench::fetch(block_bytes, blocks, in_flight))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                println!(
+                    "fetched {} blocks of {} bytes ({} in flight) in {:.2} s: {:.0} MB/s",
+                    b.blocks, b.block_bytes, b.in_flight, b.seconds, b.mb_per_s
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
