@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, PeerScoreParams, PeerScoreThresholds, TopicScoreParams, ValidationMode};
+use libp2p::allow_block_list::{self, BlockedPeers};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour};
 use libp2p::{identify, identity, kad, mdns, noise, request_response, tcp, yamux, PeerId, StreamProtocol, Swarm};
 use prometheus_client::registry::Registry;
@@ -24,6 +25,8 @@ pub fn run_topic(run_id_hex: &str) -> IdentTopic {
 /// identify and Kademlia for discovery, mDNS optionally on LANs.
 #[derive(NetworkBehaviour)]
 pub struct MeshBehaviour {
+    /// Peers this node refuses to talk to (bans, operator deny-lists).
+    pub blocked: allow_block_list::Behaviour<BlockedPeers>,
     pub gossipsub: gossipsub::Behaviour,
     pub fetch: request_response::Behaviour<FetchCodec>,
     pub identify: identify::Behaviour,
@@ -117,6 +120,7 @@ impl MeshBehaviour {
             None
         };
         Ok(Self {
+            blocked: Default::default(),
             gossipsub,
             fetch,
             identify,

@@ -50,9 +50,15 @@ pub enum FetchResponse {
     Payload(Vec<u8>),
     Records(Vec<Vec<u8>>),
     Heads(Vec<HeadInfo>),
-    /// The anchor weights as encoded by the node, with the signed verdict
-    /// block that names their hash.
-    Anchor { round: u64, weights: Vec<u8>, verdict: Vec<u8> },
+    /// The peer's current round, its anchor weights and outer optimiser
+    /// state (encoded by the node), and the signed verdict block that names
+    /// both hashes.
+    Anchor {
+        round: u64,
+        weights: Vec<u8>,
+        outer: Vec<u8>,
+        verdict: Vec<u8>,
+    },
     Block(Vec<u8>),
     NotFound,
     /// The peer will not answer (busy, banned requester, ...).

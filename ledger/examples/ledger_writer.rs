@@ -73,6 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 round: vseq,
                 base_anchor: WeightsHash([0; 32]),
                 new_anchor: WeightsHash([1; 32]),
+                outer_state: WeightsHash([0; 32]),
                 entries: std::mem::take(&mut pending),
             }
             .sign(&owner);

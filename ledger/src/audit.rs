@@ -79,6 +79,8 @@ pub struct AuditReport {
     pub rejected: u64,
     pub payloads_checked: u64,
     pub proofs: u64,
+    /// Times the node adopted anchor weights from peers.
+    pub joins: u64,
     /// Records held per author (hex), as far as each chain is sound.
     pub chain_lengths: std::collections::BTreeMap<String, u64>,
     /// The first problems found, the first broken record first.
@@ -411,6 +413,18 @@ pub fn audit(ledger: &Ledger) -> Result<AuditReport> {
         }
     }
 
+    match ledger.joins() {
+        Ok(joins) => {
+            for j in joins {
+                report.joins += 1;
+                if let Err(e) = j.verify() {
+                    report.problem("join", None, Some(j.round), e.to_string());
+                }
+            }
+        }
+        Err(e) => report.problem("join", None, None, e.to_string()),
+    }
+
     for item in ledger.iter_proofs()? {
         report.proofs += 1;
         let (key, value) = match item {
@@ -711,6 +725,7 @@ mod tests {
                 round,
                 base_anchor: crate::WeightsHash([round as u8; 32]),
                 new_anchor: crate::WeightsHash([round as u8 + 1; 32]),
+                outer_state: crate::WeightsHash([0; 32]),
                 entries: merged
                     .iter()
                     .filter(|m| m.3 == round)

@@ -47,6 +47,7 @@ const ALL_CFS: [&str; 7] = [
 const META_FORMAT: &[u8] = b"format";
 const META_RUN: &[u8] = b"run";
 const META_VERDICT_HEAD: &[u8] = b"verdict_head";
+const META_JOIN_PREFIX: &[u8] = b"join/";
 
 /// How long payloads are kept. Records, heads and verdicts are kept forever.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -414,6 +415,23 @@ impl Ledger {
         }
     }
 
+    /// The node's joins, oldest first.
+    pub fn joins(&self) -> Result<Vec<crate::JoinRecord>> {
+        let cf = self.cf(CF_META)?;
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(META_JOIN_PREFIX, Direction::Forward))
+        {
+            let (key, value) = item.map_err(|e| self.err(e))?;
+            if !key.starts_with(META_JOIN_PREFIX) {
+                break;
+            }
+            out.push(crate::JoinRecord::from_bytes(&value).map_err(|e| corrupt(CF_META, &key, e))?);
+        }
+        Ok(out)
+    }
+
     pub fn iter_proofs(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_> {
         let it = self.db.iterator_cf_opt(self.cf(CF_PROOFS)?, scan_options(), IteratorMode::Start);
         Ok(it.map(move |item| {
@@ -651,6 +669,18 @@ impl Event<'_> {
         self.batch
             .put_cf(self.ledger.cf(CF_META)?, META_VERDICT_HEAD, encode(&new_head));
         self.new_verdict_head = Some(new_head);
+        Ok(self)
+    }
+
+    /// Records a join with the anchor and outer state it adopted (stored as
+    /// payloads), after checking its attestations.
+    pub fn join(&mut self, join: &crate::JoinRecord, anchor: &[u8], outer: &[u8]) -> Result<&mut Self> {
+        join.verify()?;
+        self.payload(&join.anchor_payload, join.round, anchor)?;
+        self.payload(&join.outer_payload, join.round, outer)?;
+        let mut key = META_JOIN_PREFIX.to_vec();
+        key.extend_from_slice(&join.round.to_be_bytes());
+        self.batch.put_cf(self.ledger.cf(CF_META)?, key, join.to_bytes());
         Ok(self)
     }
 

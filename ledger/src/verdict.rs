@@ -141,6 +141,9 @@ pub struct VerdictBlock {
     pub base_anchor: WeightsHash,
     /// Anchor weights after it.
     pub new_anchor: WeightsHash,
+    /// The outer optimiser's state (momentum) after it, so that a node
+    /// joining late can check what it is handed.
+    pub outer_state: WeightsHash,
     pub entries: Vec<VerdictEntry>,
 }
 
@@ -229,6 +232,7 @@ mod tests {
             round: 0,
             base_anchor: WeightsHash([1; 32]),
             new_anchor: WeightsHash([2; 32]),
+            outer_state: WeightsHash([0; 32]),
             entries: vec![VerdictEntry {
                 author: key(3).author(),
                 seq: Seq(0),

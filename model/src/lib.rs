@@ -13,6 +13,7 @@
 //! - [`aggregate::aggregate`] with [`AggregatorSpec`];
 //! - [`OuterOptimizer`].
 
+pub mod adam;
 pub mod aggregate;
 pub mod blocks;
 pub mod codec;
@@ -25,6 +26,7 @@ pub mod outer;
 pub mod stream;
 pub mod train;
 
+pub use adam::AdamState;
 pub use aggregate::{AggInput, AggVerdict, Aggregate, AggregatorSpec};
 pub use codec::{CodecError, CodecSpec, DeltaEncoder};
 pub use dataset::{DataSplits, Dataset, ImageShape};

@@ -255,6 +255,17 @@ impl Network {
         &self.vs
     }
 
+    /// The trainable tensors (not buffers), in layout order, as handles
+    /// that share storage with the model.
+    pub fn trainable(&self) -> Vec<Tensor> {
+        self.vars
+            .iter()
+            .zip(&self.layout.params)
+            .filter(|(_, p)| p.trainable)
+            .map(|(v, _)| v.shallow_clone())
+            .collect()
+    }
+
     pub fn forward(&self, xs: &Tensor, train: bool) -> Tensor {
         self.body.forward_t(xs, train)
     }

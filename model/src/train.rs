@@ -1,9 +1,9 @@
 //! The local training loop: H steps of the inner optimiser on a shard.
 
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
+use crate::adam::{Adam, AdamState};
 use crate::blocks::Schema;
 use crate::dataset::Dataset;
 use crate::net::Network;
@@ -101,7 +101,7 @@ fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// from. Lives on the training thread (a tensor is `Send` but not `Sync`).
 pub struct Trainer {
     net: Network,
-    opt: nn::Optimizer,
+    opt: Adam,
     source: Box<dyn RecordSource>,
     cfg: TrainConfig,
 }
@@ -129,7 +129,7 @@ impl Trainer {
                 detail: "batch size 0".into(),
             });
         }
-        let opt = nn::Adam::default().build(net.var_store(), cfg.lr)?;
+        let opt = Adam::new(&net, cfg.lr);
         Ok(Self { net, opt, source, cfg })
     }
 
@@ -139,6 +139,15 @@ impl Trainer {
 
     pub fn shard_len(&self) -> usize {
         self.source.len()
+    }
+
+    /// The inner optimiser's state, for checkpoints.
+    pub fn optimizer_state(&self) -> Result<AdamState> {
+        self.opt.state()
+    }
+
+    pub fn set_optimizer_state(&mut self, state: &AdamState) -> Result<()> {
+        self.opt.set_state(state)
     }
 
     /// Trains on other records from now on (the optimiser state stays).
@@ -163,7 +172,9 @@ impl Trainer {
             let (xs, ys) = record_tensors(self.source.schema(), &records, self.net.device(), self.cfg.label_flip)?;
             let logits = self.net.forward(&xs, true);
             let loss = cross_entropy(&logits, &ys)?;
-            self.opt.backward_step(&loss);
+            self.opt.zero_grad();
+            loss.f_backward()?;
+            self.opt.step()?;
             total += loss.f_double_value(&[])?;
             samples += ys.size()[0] as u64;
         }

@@ -50,6 +50,12 @@ pub enum Job {
     Verdict(Box<SignedVerdictBlock>),
     Proof { bytes: Vec<u8>, origin: Origin },
     Ban(AuthorId),
+    /// The node adopted peers' anchor: keep the record and the payloads.
+    Join {
+        record: Box<meshtrain_ledger::JoinRecord>,
+        anchor: Vec<u8>,
+        outer: Vec<u8>,
+    },
 }
 
 /// The three outcomes of a message, one-to-one with gossipsub's acceptance.
@@ -243,6 +249,13 @@ impl Inbox {
                 }
             }
             Job::Proof { bytes, origin } => self.proof(&bytes, origin),
+            Job::Join { record, anchor, outer } => {
+                let mut event = self.ledger.begin();
+                if let Err(e) = event.join(&record, &anchor, &outer).map(|_| ()).and_then(|_| event.commit()) {
+                    warn!(error = %e, "cannot record the join");
+                }
+                return true;
+            }
             Job::Ban(author) => {
                 self.banned.insert(author);
                 self.gaps.remove(&author);
@@ -538,6 +551,7 @@ fn contribution(signed: &SignedRecord, delta: Arc<Vec<f32>>) -> Contribution {
         record_hash: signed.hash(),
         round: signed.record.round,
         n_samples: signed.record.n_samples,
+        base: signed.record.base_hash,
         delta,
     }
 }

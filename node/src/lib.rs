@@ -16,6 +16,7 @@
 pub mod attack;
 pub mod bench;
 pub mod blockstore;
+pub mod checkpoint;
 pub mod data;
 mod error;
 pub mod identity;

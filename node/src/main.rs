@@ -208,6 +208,9 @@ struct NodeRunArgs {
     /// Evaluate the anchor on the test set every N rounds (always at the end).
     #[arg(long, default_value_t = 1)]
     eval_every: u64,
+    /// Write a checkpoint every N rounds (0: never).
+    #[arg(long, default_value_t = 5)]
+    checkpoint_every: u64,
     /// Ban an author whose smoothed badness (0 merged .. 1 rejected) exceeds this.
     #[arg(long, default_value_t = 0.5)]
     ban_threshold: f32,
@@ -275,6 +278,28 @@ struct CommonTestnetArgs {
     /// Nodes evaluate on the test set every N rounds (always at the end).
     #[arg(long, default_value_t = 1)]
     eval_every: u64,
+    /// `kill:EVERY_S:DOWN_S`: SIGKILL a random node every EVERY_S seconds
+    /// and restart it DOWN_S seconds later, for the whole run.
+    #[arg(long)]
+    churn: Option<String>,
+    /// Nodes that join a third of the way through the run.
+    #[arg(long, default_value_t = 0)]
+    late_join: usize,
+}
+
+fn parse_churn(s: &str) -> Result<(u64, u64)> {
+    let parts: Vec<&str> = s.split(':').collect();
+    match parts.as_slice() {
+        ["kill", every, down] => {
+            let every: u64 = every.parse().with_context(|| format!("--churn {s}: EVERY_S is not a number"))?;
+            let down: u64 = down.parse().with_context(|| format!("--churn {s}: DOWN_S is not a number"))?;
+            if every == 0 {
+                bail!("--churn {s}: EVERY_S must be positive");
+            }
+            Ok((every, down))
+        }
+        _ => bail!("--churn takes kill:EVERY_S:DOWN_S, got `{s}`"),
+    }
 }
 
 #[derive(Args)]
@@ -429,6 +454,13 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Exit quietly when a reader of our output goes away (`| head`),
+    // instead of panicking on the failed write.
+    // SAFETY: restoring the default disposition of one signal at start-up,
+    // before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match dispatch(cli.command) {
@@ -580,6 +612,7 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
         drain: Duration::from_secs(args.drain_s),
         sync_writes: args.sync_writes,
         eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
         reputation: meshtrain_node::reputation::ReputationConfig {
             ban_threshold: args.ban_threshold,
             max_offences: args.max_offences.max(1),
@@ -816,6 +849,8 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
         timeout: Duration::from_secs(c.timeout_s),
         spec_args,
         node_args: vec!["--eval-every".to_string(), c.eval_every.to_string()],
+        churn: c.churn.as_deref().map(parse_churn).transpose()?,
+        late_join: c.late_join,
     })
 }
 

@@ -40,9 +40,12 @@ use crate::identity::Identity;
 use crate::inbox::{self, Done, InboxConfig, Job, Origin, Outcome, RecordDone};
 use crate::round::{AdaptiveWait, Close, Contribution, RoundBook, RoundInputs};
 use crate::runspec::RunSpec;
+use crate::checkpoint::Checkpoint;
 use crate::trainer::{TrainerCmd, TrainerHandle, TrainerReply};
 
 mod fetching;
+mod sync;
+use sync::{AnchorSync, Offer, SyncOutcome, SyncReason};
 use crate::NodeError;
 
 /// Where a node finds its run, data and peers.
@@ -68,6 +71,8 @@ pub struct NodeOptions {
     pub sync_writes: bool,
     /// Evaluate on the test set every this many rounds (and always at the end).
     pub eval_every: u64,
+    /// Write a checkpoint every this many rounds (0: never).
+    pub checkpoint_every: u64,
     /// When authors are banned.
     pub reputation: ReputationConfig,
     /// How long payloads are kept in the ledger.
@@ -81,6 +86,8 @@ enum Phase {
     Gathering,
     /// Fetching the manifest and this node's blocks from peers.
     Fetching,
+    /// Asking peers where the mesh is (a late join or a restart).
+    Syncing,
     /// The trainer works on the current round.
     Training,
     /// A colluding attacker waits for the round's honest updates.
@@ -112,6 +119,7 @@ enum RequestFor {
     Heads,
     /// A data block or the manifest, by hex hash.
     Block(String),
+    Anchor,
 }
 
 struct AggregateDone {
@@ -189,6 +197,18 @@ pub struct Node {
     missing_rx: mpsc::UnboundedReceiver<String>,
     /// Membership changed: re-plan the shard at this time (debounced).
     replan_at: Option<Instant>,
+    sync: Option<AnchorSync>,
+    /// The verdict block naming our current anchor (ours, or the one we
+    /// joined on): what we show peers who ask for the anchor.
+    attestation: Option<meshtrain_ledger::SignedVerdictBlock>,
+    /// An anchor to take over at the next round boundary.
+    pending_adoption: Option<(Offer, Vec<meshtrain_ledger::SignedVerdictBlock>)>,
+    /// Rounds at which this node adopted the mesh's anchor.
+    joins: Vec<u64>,
+    checkpoint_every: u64,
+    /// Residual and Adam state to hand the trainer once it starts.
+    restored: Option<Checkpoint>,
+    restarted: bool,
     serve_tx: mpsc::UnboundedSender<(ResponseChannel<FetchResponse>, FetchResponse)>,
     serve_rx: mpsc::UnboundedReceiver<(ResponseChannel<FetchResponse>, FetchResponse)>,
     agg_tx: mpsc::UnboundedSender<AggregateDone>,
@@ -279,12 +299,10 @@ impl Node {
                 sync_writes: opts.sync_writes,
             },
         )?);
-        if ledger.head(&me).is_some() {
-            return Err(NodeError::Data(format!(
-                "{} already holds records signed by this node; it cannot rejoin the same run yet",
-                opts.data_dir.display()
-            )));
-        }
+        // A restart: the ledger holds our chain (its seq continues) and
+        // perhaps a checkpoint; peers tell us where the mesh is now.
+        let restarted = ledger.head(&me).is_some();
+        let checkpoint = Checkpoint::load(&opts.data_dir, &run_id)?;
 
         let cfg = TrainConfig {
             batch_size: spec.train.batch_size,
@@ -344,8 +362,30 @@ impl Node {
         let verdict_head = ledger.verdict_head().map(|h| (h.seq, h.hash));
         let spec_codec = spec.exchange.codec;
         let spec_seed = spec.seed;
+        // Resume from the checkpoint if it matches the verdict chain;
+        // otherwise from a replay of the ledger (payloads are kept).
+        let mut outer = outer;
+        let mut resume = (0u64, genesis.clone(), genesis_hash);
+        if restarted || checkpoint.is_some() {
+            let head = ledger.verdict_head();
+            match (&checkpoint, head) {
+                (Some(cp), Some(h)) if cp.anchor_hash() == h.anchor && cp.round == h.round + 1 => {
+                    outer.set_velocity(cp.velocity.clone());
+                    resume = (cp.round, cp.anchor.clone(), h.anchor);
+                }
+                (_, Some(h)) => match crate::replay::replay_state(&ledger) {
+                    Ok(state) if state.anchor_hash == h.anchor => {
+                        outer.set_velocity(state.velocity);
+                        resume = (h.round + 1, state.anchor, h.anchor);
+                    }
+                    Ok(_) | Err(_) => warn!("cannot rebuild the anchor from the ledger; peers will supply it"),
+                },
+                _ => {}
+            }
+            info!(round = resume.0, own_seq = ?ledger.head(&me).map(|h| h.seq.0), "restarting from the data dir");
+        }
         Ok(Self {
-            book: RoundBook::new(0, spec.exchange.staleness, spec.exchange.staleness_decay, wait),
+            book: RoundBook::new(resume.0, spec.exchange.staleness, spec.exchange.staleness_decay, wait),
             spec,
             run_id,
             me,
@@ -376,12 +416,19 @@ impl Node {
             missing_tx,
             missing_rx,
             replan_at: None,
+            sync: None,
+            attestation: None,
+            pending_adoption: None,
+            joins: Vec::new(),
+            checkpoint_every: opts.checkpoint_every,
+            restored: checkpoint,
+            restarted,
             serve_tx,
             serve_rx,
             agg_tx,
             agg_rx,
-            anchor: Arc::new(genesis),
-            anchor_hash: genesis_hash,
+            anchor: Arc::new(resume.1),
+            anchor_hash: resume.2,
             outer: Some(outer),
             phase: Phase::Gathering,
             phase_since: Instant::now(),
@@ -493,8 +540,9 @@ impl Node {
             } => {
                 if num_established == 0 {
                     self.connected.remove(&peer_id);
-                    if self.members.remove(&peer_id).is_some() {
+                    if let Some(author) = self.members.remove(&peer_id) {
                         info!(peer = %short_peer(&peer_id), round = self.round(), "peer left");
+                        self.book.forget(&author);
                         self.schedule_replan();
                     }
                 }
@@ -615,6 +663,11 @@ impl Node {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
+                    if request == FetchRequest::Anchor && !self.is_banned_peer(&peer) {
+                        let response = self.anchor_response();
+                        let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
+                        return;
+                    }
                     if self.is_banned_peer(&peer) {
                         let _ = self
                             .swarm
@@ -648,6 +701,7 @@ impl Node {
                 match self.requests.remove(&request_id) {
                     Some(RequestFor::Payload(hash)) => self.payload_attempt_failed(hash),
                     Some(RequestFor::Block(hash)) => self.block_attempt_failed(&hash),
+                    Some(RequestFor::Anchor) => self.anchor_request_failed(peer),
                     _ => {}
                 }
             }
@@ -663,6 +717,7 @@ impl Node {
             (Some(RequestFor::Payload(hash)), _) => self.payload_attempt_failed(hash),
             (Some(RequestFor::Block(hash)), FetchResponse::Block(bytes)) => self.on_block(hash, peer, bytes),
             (Some(RequestFor::Block(hash)), _) => self.block_attempt_failed(&hash),
+            (Some(RequestFor::Anchor), response) => self.on_anchor_response(peer, response),
             (Some(RequestFor::Records), FetchResponse::Records(records)) => {
                 for bytes in records {
                     self.send_job(Job::Record {
@@ -711,8 +766,21 @@ impl Node {
         self.requests.insert(id, RequestFor::Heads);
     }
 
+    /// Whether the node takes part in rounds yet (before, updates of the
+    /// mesh are history to it: no payloads to fetch, no verdicts to give).
+    fn in_rounds(&self) -> bool {
+        !matches!(self.phase, Phase::Gathering | Phase::Fetching | Phase::Syncing)
+    }
+
+    /// Whether an update for `round` may still matter to this node: not
+    /// behind the staleness window, and (before the node trains, when its
+    /// round is only a guess) not far ahead of where it starts.
+    fn round_matters(&self, round: u64) -> bool {
+        round + self.spec.exchange.staleness >= self.round() && (self.in_rounds() || round <= self.round() + 1)
+    }
+
     fn want_payload(&mut self, hash: PayloadHash, author: AuthorId, round: u64, first: Option<PeerId>) {
-        if self.wanted.contains_key(&hash) || round + self.spec.exchange.staleness < self.round() {
+        if self.wanted.contains_key(&hash) || !self.round_matters(round) {
             return;
         }
         let mut candidates = VecDeque::new();
@@ -750,6 +818,7 @@ impl Node {
             let w = self.wanted.remove(&hash);
             if let Some(w) = w {
                 warn!(author = %w.author.short(), round = w.round, "no peer could supply a payload");
+                self.book.unannounce(w.round, &w.author);
                 if let Ok(Some(rec)) = self.ledger.head(&w.author).map_or(Ok(None), |h| self.ledger.record(&w.author, h.seq)) {
                     if rec.record.payload_hash == hash {
                         self.book.reject(VerdictEntry {
@@ -816,7 +885,9 @@ impl Node {
                     self.payload_attempt_failed(hash);
                 }
                 Err(_) => {
-                    self.wanted.remove(&hash);
+                    if let Some(w) = self.wanted.remove(&hash) {
+                        self.book.unannounce(w.round, &w.author);
+                    }
                 }
             },
             Done::OwnStored { signed, payload } => self.publish_own(signed, payload),
@@ -857,6 +928,7 @@ impl Node {
             self.count_rejection("banned", done.author.as_ref());
         }
         if let Some(entry) = done.rejection {
+            self.book.unannounce(entry.round, &entry.author);
             if self.recorded_rejections.insert(entry.record_hash) {
                 if let Some(ban) = self.reputation.observe(entry.author, &entry.verdict) {
                     self.ban(entry.author, &ban.to_string());
@@ -877,6 +949,9 @@ impl Node {
         }
         if done.need_payload {
             if let (Some(hash), Some(author), Some(round)) = (done.payload_hash, done.author, done.round) {
+                if self.round_matters(round) && !self.banned.contains(&author) {
+                    self.book.announce(round, author);
+                }
                 self.want_payload(hash, author, round, source);
             }
         }
@@ -901,6 +976,8 @@ impl Node {
         if author == self.me || !self.banned.insert(author) {
             return;
         }
+        self.book.forget(&author);
+        self.book.unannounce(self.round(), &author);
         warn!(author = %author.short(), round = self.round(), why, "banning author");
         self.send_job(Job::Ban(author));
         if let Ok(peer) = peer_id_of(&author.0) {
@@ -987,6 +1064,10 @@ impl Node {
                 self.final_eval = Some(eval);
                 self.set_phase(Phase::Draining);
             }
+            TrainerReply::Checkpointed { round, result } => match result {
+                Ok(()) => debug!(round, "checkpoint written"),
+                Err(e) => warn!(round, error = %e, "checkpoint failed"),
+            },
             TrainerReply::Failed(e) => return Err(NodeError::Trainer(e)),
         }
         Ok(())
@@ -1109,6 +1190,7 @@ impl Node {
             record_hash: signed.hash(),
             round: own.round,
             n_samples: signed.record.n_samples,
+            base: signed.record.base_hash,
             delta: own.decoded,
         });
         self.book.own_ready(Instant::now());
@@ -1143,6 +1225,23 @@ impl Node {
             // Re-replication and repairs go on in the background.
             self.fetch_tick(now)?;
         }
+        if self.sync.is_some() {
+            match self.sync_outcome(now) {
+                SyncOutcome::Pending => {}
+                SyncOutcome::Adopt(offer, attestations) => {
+                    if self.phase == Phase::Syncing {
+                        self.adopt(*offer, attestations);
+                    } else {
+                        self.pending_adoption = Some((*offer, attestations));
+                    }
+                }
+                SyncOutcome::Nothing => {}
+            }
+            if self.sync.is_none() && self.phase == Phase::Syncing {
+                info!(round = self.round(), "starting to train");
+                self.next_round_or_finish()?;
+            }
+        }
         match self.phase {
             Phase::Colluding => self.try_collude(now),
             Phase::Gathering => {
@@ -1165,6 +1264,7 @@ impl Node {
                         info!(round = self.round(), ?missing, "round deadline passed");
                     }
                     let inputs = self.book.close(now, how);
+                    self.check_minority(&inputs);
                     self.aggregate(inputs, now);
                 }
             }
@@ -1195,6 +1295,35 @@ impl Node {
                 .and_then(|h| self.ledger.record(a, h.seq).ok().flatten())
                 .is_some_and(|r| r.record.round >= last)
         })
+    }
+
+    /// After a partition heals, the halves' updates are built on different
+    /// anchors. Every node sees the same groups; the smaller group (ties:
+    /// the larger anchor hash) takes the larger one's anchor over.
+    fn check_minority(&mut self, inputs: &RoundInputs) {
+        let mut groups: BTreeMap<WeightsHash, Vec<AuthorId>> = BTreeMap::new();
+        for (c, _) in inputs.inputs.iter().filter(|(c, _)| c.round == inputs.round) {
+            groups.entry(c.base).or_default().push(c.author);
+        }
+        if groups.len() < 2 {
+            return;
+        }
+        let mine = groups.get(&self.anchor_hash).map_or(0, Vec::len);
+        let Some((best, authors)) = groups
+            .iter()
+            .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)))
+        else {
+            return;
+        };
+        let we_lose = *best != self.anchor_hash && (authors.len() > mine || (authors.len() == mine && *best < self.anchor_hash));
+        // A node that just took an anchor over gives the mesh a few rounds
+        // to settle before it second-guesses it.
+        let settled = self.joins.last().is_none_or(|j| inputs.round >= j + MINORITY_SYNC_GAP);
+        if we_lose && settled && authors.len() >= 2 && self.sync.is_none() {
+            warn!(round = inputs.round, ours = mine, theirs = authors.len(), "our anchor is the minority's; syncing to the majority");
+            let among = authors.clone();
+            self.start_sync(SyncReason::Minority, Some(&among), None);
+        }
     }
 
     fn aggregate(&mut self, inputs: RoundInputs, now: Instant) {
@@ -1262,10 +1391,12 @@ impl Node {
             round: done.round,
             base_anchor: base,
             new_anchor: new_hash,
+            outer_state: WeightsHash::of_f32(done.outer.velocity()),
             entries: done.entries,
         }
         .sign(&self.key);
         self.verdict_head = Some((seq, block.block.hash()));
+        self.attestation = Some(block.clone());
         self.send_job(Job::Verdict(Box::new(block)));
         self.anchor = Arc::new(done.anchor);
         self.anchor_hash = new_hash;
@@ -1306,16 +1437,37 @@ impl Node {
             bytes_in = bytes.inbound,
             "round closed"
         );
+        if let Some((offer, attestations)) = self.pending_adoption.take() {
+            if offer.round >= self.round() {
+                self.adopt(offer, attestations);
+            }
+        }
+        if self.checkpoint_every > 0 && self.round() % self.checkpoint_every == 0 {
+            let velocity = self.outer.as_ref().map(|o| o.velocity().to_vec()).unwrap_or_default();
+            self.trainer_cmd(TrainerCmd::Checkpoint {
+                dir: self.data_dir.clone(),
+                run_id: self.run_id,
+                round: self.round(),
+                anchor: self.anchor.clone(),
+                velocity,
+            })?;
+        }
+        self.next_round_or_finish()
+    }
+
+    /// Trains the next round, or evaluates the final anchor when the run's
+    /// rounds are done (also right after joining a mesh that is finishing).
+    fn next_round_or_finish(&mut self) -> Result<(), NodeError> {
         if self.round() >= self.spec.rounds.count {
             self.trainer_cmd(TrainerCmd::Evaluate {
                 round: self.round(),
                 anchor: self.anchor.clone(),
             })?;
             self.set_phase(Phase::Finishing);
+            Ok(())
         } else {
-            self.start_round()?;
+            self.start_round()
         }
-        Ok(())
     }
 
     fn report(&self) -> NodeReport {
@@ -1364,6 +1516,8 @@ impl Node {
             blocks_fetched: self.fetch.blocks,
             bytes_fetched: self.fetch.bytes,
             data_fetch_ms: self.fetch.finished_ms,
+            restarted: self.restarted,
+            joined_at: self.joins.clone(),
             wall_s: self.started.elapsed().as_secs_f64(),
             history: self.history.clone(),
         }
@@ -1426,6 +1580,9 @@ fn run_aggregation(
         wait,
     }
 }
+
+/// Rounds between a join and the next minority sync.
+const MINORITY_SYNC_GAP: u64 = 3;
 
 /// The trainer's next reply, or never while it has not started.
 async fn next_reply(trainer: &mut Option<TrainerHandle>) -> Option<TrainerReply> {

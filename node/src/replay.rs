@@ -19,6 +19,8 @@ pub struct ReplayReport {
     pub ok: bool,
     pub blocks: u64,
     pub deltas: u64,
+    /// Points where the node took the mesh's anchor over (from its joins).
+    pub joins: u64,
     pub final_anchor: String,
     /// The first block that did not reproduce, and why.
     pub problem: Option<String>,
@@ -57,7 +59,45 @@ fn same_verdict(recorded: &Verdict, replayed: &AggVerdict) -> bool {
     }
 }
 
+/// Where a replay ends: the anchor and outer state after the last block.
+pub struct ReplayState {
+    pub anchor: Vec<f32>,
+    pub anchor_hash: WeightsHash,
+    pub velocity: Vec<f32>,
+    pub report: ReplayReport,
+}
+
 pub fn replay(ledger: &Ledger) -> Result<ReplayReport, NodeError> {
+    Ok(replay_core(ledger)?.report)
+}
+
+/// The anchor and outer state a node reaches by replaying its ledger (used
+/// to resume when the checkpoint is older than the verdict chain).
+pub fn replay_state(ledger: &Ledger) -> Result<ReplayState, NodeError> {
+    let state = replay_core(ledger)?;
+    match &state.report.problem {
+        Some(p) => Err(NodeError::Data(format!("replay: {p}"))),
+        None => Ok(state),
+    }
+}
+
+/// A join the replay resumes from: the adopted anchor and outer state.
+fn joined_state(ledger: &Ledger, round: u64, base: &WeightsHash, params: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>, NodeError> {
+    let Some(join) = ledger.joins()?.into_iter().find(|j| j.round == round && j.anchor == *base) else {
+        return Ok(None);
+    };
+    let (Some(a), Some(o)) = (ledger.payload(&join.anchor_payload)?, ledger.payload(&join.outer_payload)?) else {
+        return Ok(None);
+    };
+    let anchor = codec::decode(&a, params).map_err(|e| NodeError::Data(format!("joined anchor: {e}")))?;
+    let outer = match codec::peek_len(&o) {
+        Ok(0) => Vec::new(),
+        _ => codec::decode(&o, params).map_err(|e| NodeError::Data(format!("joined outer state: {e}")))?,
+    };
+    Ok(Some((anchor, outer)))
+}
+
+fn replay_core(ledger: &Ledger) -> Result<ReplayState, NodeError> {
     let meta = ledger.meta();
     let spec = RunSpec::from_canonical(&meta.run_spec)?;
     let (shape, classes) = dataset_shape(&spec.data.dataset)
@@ -66,12 +106,17 @@ pub fn replay(ledger: &Ledger) -> Result<ReplayReport, NodeError> {
     let mut anchor = net.layout().genesis(spec.seed);
     let params = anchor.len();
     let mut report = ReplayReport::default();
-    let fail = |mut report: ReplayReport, problem: String| {
+    let fail = |mut report: ReplayReport, problem: String, anchor: Vec<f32>| {
         report.problem = Some(problem);
-        Ok(report)
+        Ok(ReplayState {
+            anchor_hash: WeightsHash::of_f32(&anchor),
+            anchor,
+            velocity: Vec::new(),
+            report,
+        })
     };
     if WeightsHash::of_f32(&anchor) != meta.genesis_weights {
-        return fail(report, "genesis weights from the run's seed do not match the ledger's genesis hash".into());
+        return fail(report, "genesis weights from the run's seed do not match the ledger's genesis hash".into(), anchor);
     }
     let mut outer = OuterOptimizer::new(
         OuterConfig {
@@ -90,7 +135,15 @@ pub fn replay(ledger: &Ledger) -> Result<ReplayReport, NodeError> {
         let block = &signed.block;
         let here = format!("verdict block {seq} (round {})", block.round);
         if WeightsHash::of_f32(&anchor) != block.base_anchor {
-            return fail(report, format!("{here}: its base anchor is not the replayed one"));
+            // The node may have taken the mesh's anchor over here.
+            match joined_state(ledger, block.round, &block.base_anchor, params)? {
+                Some((a, v)) => {
+                    anchor = a;
+                    outer.set_velocity(v);
+                    report.joins += 1;
+                }
+                None => return fail(report, format!("{here}: its base anchor is not the replayed one"), anchor),
+            }
         }
         let mut inputs: Vec<&VerdictEntry> = block.entries.iter().filter(|e| was_aggregated(e)).collect();
         inputs.sort_by(|a, b| a.round.cmp(&b.round).then(a.author.cmp(&b.author)));
@@ -108,6 +161,7 @@ pub fn replay(ledger: &Ledger) -> Result<ReplayReport, NodeError> {
                 return fail(
                     report,
                     format!("{here}: the payload of {}/{} was not retained; replay needs every payload", e.author, e.seq),
+                    anchor,
                 );
             };
             let delta = codec::decode(&payload, params)
@@ -132,6 +186,7 @@ pub fn replay(ledger: &Ledger) -> Result<ReplayReport, NodeError> {
                 return fail(
                     report,
                     format!("{here}: recorded {:?} for {}/{}, the aggregator gives {v:?}", e.verdict, e.author.short(), e.seq),
+                    anchor,
                 );
             }
         }
@@ -139,12 +194,21 @@ pub fn replay(ledger: &Ledger) -> Result<ReplayReport, NodeError> {
             outer.step(&mut anchor, &result.update);
         }
         if WeightsHash::of_f32(&anchor) != block.new_anchor {
-            return fail(report, format!("{here}: the replayed anchor does not hash to the recorded one"));
+            return fail(report, format!("{here}: the replayed anchor does not hash to the recorded one"), anchor);
+        }
+        if WeightsHash::of_f32(outer.velocity()) != block.outer_state {
+            return fail(report, format!("{here}: the replayed outer state does not hash to the recorded one"), anchor);
         }
         report.blocks += 1;
         report.deltas += inputs.len() as u64;
     }
-    report.final_anchor = WeightsHash::of_f32(&anchor).to_string();
+    let anchor_hash = WeightsHash::of_f32(&anchor);
+    report.final_anchor = anchor_hash.to_string();
     report.ok = true;
-    Ok(report)
+    Ok(ReplayState {
+        anchor_hash,
+        velocity: outer.velocity().to_vec(),
+        anchor,
+        report,
+    })
 }

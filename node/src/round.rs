@@ -18,6 +18,8 @@ pub struct Contribution {
     pub record_hash: RecordHash,
     pub round: u64,
     pub n_samples: u64,
+    /// The anchor the author trained from (as it claims).
+    pub base: meshtrain_ledger::WeightsHash,
     pub delta: Arc<Vec<f32>>,
 }
 
@@ -29,6 +31,8 @@ pub enum Offer {
     Stale,
     /// This author already has a contribution for that round.
     Duplicate,
+    /// It belongs to a round before this node joined the mesh.
+    Before,
 }
 
 /// Why a round may close now.
@@ -85,6 +89,12 @@ pub struct RoundBook {
     /// Authors (other than us) seen contributing, with their latest round.
     last_seen: BTreeMap<AuthorId, u64>,
     own_ready_at: Option<Instant>,
+    /// The round this node (re)joined at; older updates are ignored.
+    joined_at: u64,
+    /// Authors whose verified record for a round is in, payload still on its
+    /// way: the round waits for those payloads too (until the deadline), or
+    /// nodes that happen to have it would aggregate differently.
+    announced: BTreeMap<u64, HashSet<AuthorId>>,
     pub wait: AdaptiveWait,
 }
 
@@ -106,6 +116,8 @@ impl RoundBook {
             rejections: Vec::new(),
             last_seen: BTreeMap::new(),
             own_ready_at: None,
+            joined_at: start_round,
+            announced: BTreeMap::new(),
             wait,
         }
     }
@@ -117,6 +129,9 @@ impl RoundBook {
     pub fn offer(&mut self, c: Contribution) -> Offer {
         let seen = self.last_seen.entry(c.author).or_insert(c.round);
         *seen = (*seen).max(c.round);
+        if c.round < self.joined_at {
+            return Offer::Before;
+        }
         if c.round + self.staleness < self.current {
             self.rejections.push(VerdictEntry {
                 author: c.author,
@@ -135,6 +150,20 @@ impl RoundBook {
         }
         slot.insert(c.author, c);
         Offer::Kept
+    }
+
+    /// A verified record of `author` for `round` came in without its payload.
+    pub fn announce(&mut self, round: u64, author: AuthorId) {
+        if round >= self.current {
+            self.announced.entry(round).or_default().insert(author);
+        }
+    }
+
+    /// Its payload will not come (no peer had it, or it was bad).
+    pub fn unannounce(&mut self, round: u64, author: &AuthorId) {
+        if let Some(s) = self.announced.get_mut(&round) {
+            s.remove(author);
+        }
     }
 
     /// Records a protocol-level rejection for the next verdict block.
@@ -177,8 +206,10 @@ impl RoundBook {
     pub fn should_close(&self, now: Instant, expected: &HashSet<AuthorId>) -> Option<Close> {
         let ready_at = self.own_ready_at?;
         let have = self.pending.get(&self.current);
+        let announced = self.announced.get(&self.current).into_iter().flatten();
         let all_in = expected
             .iter()
+            .chain(announced)
             .all(|a| have.is_some_and(|m| m.contains_key(a)));
         if all_in {
             return Some(Close::AllIn);
@@ -189,6 +220,21 @@ impl RoundBook {
     /// When the current round's deadline falls, if the own update is ready.
     pub fn deadline(&self) -> Option<Instant> {
         self.own_ready_at.map(|t| t + self.wait.timeout())
+    }
+
+    /// Jumps to `round` (after adopting the mesh's anchor): what was pending
+    /// for earlier rounds no longer applies, and updates older than the
+    /// jump are history this node never took part in (not stale verdicts).
+    pub fn restart_at(&mut self, round: u64) {
+        self.current = round;
+        self.own_ready_at = None;
+        self.pending.retain(|r, _| *r >= round);
+        self.joined_at = round;
+    }
+
+    /// A member left: until it contributes again, do not wait for it.
+    pub fn forget(&mut self, author: &AuthorId) {
+        self.last_seen.remove(author);
     }
 
     /// Closes the current round: takes its contributions and the late ones
@@ -222,6 +268,7 @@ impl RoundBook {
         }
         // Oldest round first, then by author: every node orders alike.
         inputs.sort_by(|(a, _), (b, _)| a.round.cmp(&b.round).then(a.author.cmp(&b.author)));
+        self.announced.retain(|r, _| *r > round);
         self.current += 1;
         self.own_ready_at = None;
         RoundInputs {
@@ -243,6 +290,7 @@ mod tests {
             record_hash: RecordHash([author; 32]),
             round,
             n_samples: 64,
+            base: meshtrain_ledger::WeightsHash([0; 32]),
             delta: Arc::new(vec![author as f32]),
         }
     }
@@ -294,6 +342,20 @@ mod tests {
         b.own_ready(t);
         let inputs = b.close(t, Close::Deadline);
         assert_eq!(inputs.rejections.len(), 1);
+    }
+
+    #[test]
+    fn an_announced_payload_holds_the_round_until_it_arrives() {
+        let mut b = book();
+        let t = Instant::now();
+        b.own_ready(t);
+        b.announce(0, AuthorId([5; 32]));
+        assert_eq!(b.should_close(t, &HashSet::new()), None);
+        b.offer(c(5, 0));
+        assert_eq!(b.should_close(t, &HashSet::new()), Some(Close::AllIn));
+        b.announce(0, AuthorId([6; 32]));
+        b.unannounce(0, &AuthorId([6; 32]));
+        assert_eq!(b.should_close(t, &HashSet::new()), Some(Close::AllIn));
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub fn answer(ledger: &Ledger, request: &FetchRequest) -> FetchResponse {
                 })
                 .collect(),
         )),
+        // Answered by the event loop, which holds the anchor.
         FetchRequest::Anchor | FetchRequest::Block { .. } => Ok(FetchResponse::NotFound),
     };
     result.unwrap_or_else(|e| FetchResponse::Refused(format!("ledger error: {e}")))

@@ -24,6 +24,17 @@ pub enum TrainerCmd {
     Evaluate { round: u64, anchor: Arc<Vec<f32>> },
     /// Train on other blocks from now on (the placement changed).
     SetSource(Box<dyn RecordSource>),
+    /// Write a checkpoint: the node's anchor state plus this thread's
+    /// residual and Adam state.
+    Checkpoint {
+        dir: std::path::PathBuf,
+        run_id: meshtrain_ledger::RunId,
+        round: u64,
+        anchor: Arc<Vec<f32>>,
+        velocity: Vec<f32>,
+    },
+    /// Restore the residual and Adam state of a checkpoint.
+    Restore { residual: Vec<f32>, adam: meshtrain_model::AdamState },
 }
 
 pub enum TrainerReply {
@@ -44,6 +55,10 @@ pub enum TrainerReply {
     Evaluated {
         round: u64,
         eval: Evaluation,
+    },
+    Checkpointed {
+        round: u64,
+        result: Result<(), String>,
     },
     Failed(String),
 }
@@ -89,6 +104,36 @@ pub fn spawn(
                     TrainerCmd::SetSource(source) => {
                         trainer.set_source(source);
                         continue;
+                    }
+                    TrainerCmd::Restore { residual, adam } => {
+                        if let Err(e) = encoder.set_residual(residual).and_then(|_| trainer.set_optimizer_state(&adam)) {
+                            tracing::warn!(error = %e, "checkpoint state does not fit; starting the residual and Adam afresh");
+                        }
+                        continue;
+                    }
+                    TrainerCmd::Checkpoint {
+                        dir,
+                        run_id,
+                        round,
+                        anchor,
+                        velocity,
+                    } => {
+                        let result = trainer
+                            .optimizer_state()
+                            .map_err(|e| e.to_string())
+                            .and_then(|adam| {
+                                crate::checkpoint::Checkpoint {
+                                    run_id,
+                                    round,
+                                    anchor: anchor.to_vec(),
+                                    velocity,
+                                    residual: encoder.residual().to_vec(),
+                                    adam,
+                                }
+                                .save(&dir)
+                                .map_err(|e| e.to_string())
+                            });
+                        TrainerReply::Checkpointed { round, result }
                     }
                     TrainerCmd::Evaluate { round, anchor } => trainer
                         .load(&anchor)

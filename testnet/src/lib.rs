@@ -82,6 +82,11 @@ pub struct TestnetOptions {
     pub spec_args: Vec<String>,
     /// Further `meshtrain node run` flags, for every node.
     pub node_args: Vec<String>,
+    /// Kill a random node every `.0` seconds and restart it `.1` seconds
+    /// later (from its data dir), for the whole run.
+    pub churn: Option<(u64, u64)>,
+    /// Nodes that join once the mesh is a third of the way through.
+    pub late_join: usize,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TestnetError + '_ {
@@ -175,13 +180,19 @@ fn spawn_node(
     opts: &TestnetOptions,
     index: usize,
     spec: &Path,
-    bootstrap: Option<&str>,
+    bootstrap: &[String],
     seed_store: Option<&Path>,
+    wait_peers: usize,
 ) -> Result<Running, TestnetError> {
     let dir = opts.out.join(format!("node-{index}"));
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let log_path = dir.join("node.log");
-    let log = std::fs::File::create(&log_path).map_err(io_err(&log_path))?;
+    // Appended to: a restarted node keeps one log.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io_err(&log_path))?;
     let log2 = log.try_clone().map_err(io_err(&log_path))?;
     let attack = (index >= opts.nodes - opts.byzantine)
         .then(|| opts.attack.clone())
@@ -192,13 +203,14 @@ fn spawn_node(
         .arg(&dir)
         .arg("--run")
         .arg(spec)
-        .args(["--shard", &format!("{index}/{}", opts.nodes)])
-        .args(["--wait-peers", &(opts.nodes - 1).to_string()])
+        .args(["--shard", &format!("{index}/{}", opts.nodes + opts.late_join)])
+        .args(["--wait-peers", &wait_peers.to_string()])
+        .args(["--wait-peers-timeout-s", "60"])
         .args(["--drain-s", "30"])
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
-    if let Some(b) = bootstrap {
+    for b in bootstrap {
         cmd.args(["--bootstrap", b]);
     }
     if let Some(a) = &attack {
@@ -274,8 +286,8 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
     write_spec(opts, &store, &spec)?;
     info!(nodes = opts.nodes, out = %opts.out.display(), "starting testnet");
 
-    let mut nodes = Vec::with_capacity(opts.nodes);
-    let first = spawn_node(opts, 0, &spec, None, Some(&store))?;
+    let mut nodes = Vec::with_capacity(opts.nodes + opts.late_join);
+    let first = spawn_node(opts, 0, &spec, &[], Some(&store), opts.nodes - 1)?;
     nodes.push(first);
     let boot = match listen_addr(&mut nodes[0], Duration::from_secs(120)) {
         Ok(a) => a,
@@ -285,7 +297,7 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
         }
     };
     for i in 1..opts.nodes {
-        match spawn_node(opts, i, &spec, Some(&boot), None) {
+        match spawn_node(opts, i, &spec, std::slice::from_ref(&boot), None, opts.nodes - 1) {
             Ok(n) => nodes.push(n),
             Err(e) => {
                 stop_all(&mut nodes);
@@ -294,9 +306,75 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
         }
     }
 
+    let rounds = std::fs::read_to_string(&spec)
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("count = ").and_then(|v| v.trim().parse::<u64>().ok())))
+        .unwrap_or(u64::MAX);
+    let mut restarts = 0u64;
+    let mut rng_state = opts.seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next_kill = opts.churn.map(|(every, _)| Instant::now() + Duration::from_secs(every));
+    let mut down: Vec<(usize, Instant)> = Vec::new();
+    let mut late_started = opts.late_join == 0;
     let deadline = started + opts.timeout;
     let mut last_note = Instant::now();
     loop {
+        let progress = mesh_round(&nodes);
+        let near_end = progress + 3 >= rounds;
+        // Churn: SIGKILL a random running node; bring it back later.
+        if let (Some(at), Some((every, down_s))) = (next_kill, opts.churn) {
+            if Instant::now() >= at && !near_end {
+                let alive: Vec<usize> = nodes
+                    .iter()
+                    .filter(|n| n.status.is_none() && n.attack.is_none() && !down.iter().any(|(i, _)| *i == n.index))
+                    .map(|n| n.index)
+                    .collect();
+                if alive.len() > 2 {
+                    rng_state ^= rng_state << 13;
+                    rng_state ^= rng_state >> 7;
+                    rng_state ^= rng_state << 17;
+                    let victim = alive[(rng_state % alive.len() as u64) as usize];
+                    if let Some(n) = nodes.iter_mut().find(|n| n.index == victim) {
+                        let _ = n.child.kill();
+                        let _ = n.child.wait();
+                        info!(node = victim, round = progress, "churn: killed (SIGKILL)");
+                        down.push((victim, Instant::now() + Duration::from_secs(down_s)));
+                    }
+                }
+                next_kill = Some(Instant::now() + Duration::from_secs(every));
+            }
+        }
+        let due: Vec<usize> = down.iter().filter(|(_, t)| Instant::now() >= *t).map(|(i, _)| *i).collect();
+        for i in due {
+            down.retain(|(j, _)| *j != i);
+            let boots = live_addrs(&nodes, i);
+            match spawn_node(opts, i, &spec, &boots, if i == 0 { Some(&store) } else { None }, 1) {
+                Ok(n) => {
+                    info!(node = i, round = progress, "churn: restarted from its data dir");
+                    restarts += 1;
+                    if let Some(slot) = nodes.iter_mut().find(|m| m.index == i) {
+                        *slot = n;
+                    }
+                }
+                Err(e) => warn!(node = i, error = %e, "churn: restart failed"),
+            }
+        }
+        if !late_started && progress * 3 >= rounds {
+            late_started = true;
+            for k in 0..opts.late_join {
+                let i = opts.nodes + k;
+                let dir = opts.out.join(format!("node-{i}"));
+                let _ = std::fs::remove_dir_all(&dir);
+                let boots = live_addrs(&nodes, i);
+                match spawn_node(opts, i, &spec, &boots, None, 1) {
+                    Ok(n) => {
+                        info!(node = i, round = progress, "late joiner started");
+                        nodes.push(n);
+                    }
+                    Err(e) => warn!(node = i, error = %e, "late joiner failed to start"),
+                }
+            }
+        }
+
         let mut running = 0;
         for n in nodes.iter_mut() {
             if n.status.is_none() {
@@ -312,7 +390,7 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
                 }
             }
         }
-        if running == 0 {
+        if running == 0 && down.is_empty() && late_started {
             break;
         }
         if Instant::now() > deadline {
@@ -326,7 +404,8 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    let summary = summarise(opts, &nodes, started.elapsed())?;
+    let mut summary = summarise(opts, &nodes, started.elapsed())?;
+    summary.restarts = restarts;
     let path = opts.out.join("summary.json");
     let text = serde_json::to_vec_pretty(&summary).map_err(|e| TestnetError::BadReport {
         path: path.clone(),
@@ -334,6 +413,28 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
     })?;
     std::fs::write(&path, text).map_err(io_err(&path))?;
     Ok(summary)
+}
+
+/// The round the mesh is in, as node 0 (or the furthest node) reports it.
+fn mesh_round(nodes: &[Running]) -> u64 {
+    nodes
+        .iter()
+        .filter_map(|n| std::fs::read_to_string(n.dir.join("progress.json")).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter_map(|v| v["round"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Listen addresses of the running nodes other than `except`.
+fn live_addrs(nodes: &[Running], except: usize) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| n.index != except && n.status.is_none())
+        .filter_map(|n| std::fs::read_to_string(n.dir.join("listen.json")).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter_map(|v| v["addrs"].get(0).and_then(|a| a.as_str()).map(String::from))
+        .collect()
 }
 
 fn stop_all(nodes: &mut [Running]) {
@@ -371,8 +472,18 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
     let mut all_banned = true;
     let mut payload_sum = 0f64;
     let mut payload_n = 0u64;
-    for (n, report) in nodes.iter().zip(&reports) {
-        let audit = audit(&opts.binary, &n.dir);
+    let audits: Vec<Option<AuditReport>> = nodes.iter().map(|n| audit(&opts.binary, &n.dir)).collect();
+    // Each author's chain as its own ledger holds it (its counters restart
+    // with the process, its ledger does not).
+    let own_chain: BTreeMap<String, u64> = reports
+        .iter()
+        .zip(&audits)
+        .filter_map(|(r, a)| {
+            let r = r.as_ref()?;
+            Some((r.author.clone(), a.as_ref()?.chain_lengths.get(&r.author).copied().unwrap_or(0)))
+        })
+        .collect();
+    for ((n, report), audit) in nodes.iter().zip(&reports).zip(audits) {
         let mut row = NodeSummary {
             index: n.index,
             honest: n.attack.is_none(),
@@ -434,7 +545,7 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
                             .as_ref()
                             .and_then(|a| a.chain_lengths.get(author).copied())
                             .unwrap_or(0);
-                        if held != *published {
+                        if held != own_chain.get(author).copied().unwrap_or(*published) {
                             complete = false;
                         }
                     }
@@ -464,7 +575,59 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         0.0
     };
     summary.complete_chains = complete;
+    if !honest.is_empty() {
+        let max = honest.iter().map(|n| n.final_test_acc).fold(f32::MIN, f32::max);
+        summary.final_acc_gap = max - summary.honest_min_acc;
+    }
+    summary.catch_up_rounds_max = catch_up_rounds(&reports);
+    summary.proofs_against_honest = audits_proofs(opts, nodes, &reports);
     Ok(summary)
+}
+
+/// For nodes that (re)joined, the rounds from joining until their test
+/// accuracy is within a point of a node that never left, at the same round.
+fn catch_up_rounds(reports: &[Option<NodeReport>]) -> Option<u64> {
+    let reference = reports
+        .iter()
+        .flatten()
+        .filter(|r| r.honest && !r.restarted && r.joined_at.is_empty())
+        .max_by_key(|r| r.history.len())?;
+    let acc_at: BTreeMap<u64, f32> = reference.history.iter().map(|h| (h.round, h.test_acc)).collect();
+    let mut worst: Option<u64> = None;
+    for r in reports.iter().flatten().filter(|r| r.honest) {
+        let Some(&joined) = r.joined_at.first() else { continue };
+        let caught = r
+            .history
+            .iter()
+            .filter(|h| h.round >= joined && h.test_acc.is_finite())
+            .find(|h| acc_at.get(&h.round).is_some_and(|a| !a.is_finite() || (a - h.test_acc).abs() <= 0.01))
+            .map(|h| h.round - joined)
+            .unwrap_or_else(|| r.history.last().map_or(0, |h| h.round.saturating_sub(joined)));
+        worst = Some(worst.map_or(caught, |w: u64| w.max(caught)));
+    }
+    worst
+}
+
+/// Equivocation proofs that honest ledgers hold against honest authors (a
+/// restarted node that signed twice at one seq would show up here).
+fn audits_proofs(opts: &TestnetOptions, nodes: &[Running], reports: &[Option<NodeReport>]) -> u64 {
+    let honest: Vec<&str> = reports.iter().flatten().filter(|r| r.honest).map(|r| r.author.as_str()).collect();
+    let mut n = 0;
+    for node in nodes.iter().filter(|n| n.attack.is_none()) {
+        let out = Command::new(&opts.binary)
+            .args(["ledger", "export"])
+            .arg(&node.dir)
+            .stderr(Stdio::null())
+            .output();
+        if let Ok(out) = out {
+            for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("\"type\":\"proof\"")) {
+                if honest.iter().any(|a| line.contains(a)) {
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
 }
 
 /// The per-node table printed after a run.
@@ -508,6 +671,16 @@ pub fn table(s: &Summary) -> String {
         s.complete_chains,
         s.audit_failures
     );
+    if s.restarts > 0 || s.catch_up_rounds_max.is_some() {
+        let _ = writeln!(
+            out,
+            "restarts: {}; worst catch-up: {} rounds; final accuracy gap: {:.2} points; equivocation proofs against honest nodes: {}",
+            s.restarts,
+            s.catch_up_rounds_max.map_or("-".to_string(), |r| r.to_string()),
+            100.0 * s.final_acc_gap,
+            s.proofs_against_honest
+        );
+    }
     if let Some(m) = s.malicious_rejected_or_clipped_share {
         let _ = writeln!(
             out,

@@ -86,6 +86,10 @@ pub struct NodeReport {
     pub blocks_fetched: u64,
     pub bytes_fetched: u64,
     pub data_fetch_ms: Option<u64>,
+    /// This run of the node resumed from an existing data dir.
+    pub restarted: bool,
+    /// Rounds at which the node adopted the mesh's anchor from peers.
+    pub joined_at: Vec<u64>,
     pub wall_s: f64,
     pub history: Vec<RoundRecord>,
 }
@@ -139,6 +143,15 @@ pub struct Summary {
     pub honest_rejected_share: f64,
     pub audit_failures: u64,
     pub complete_chains: bool,
+    /// Processes restarted by `--churn`.
+    pub restarts: u64,
+    /// Worst rounds a restarted or late node took to come within a point of
+    /// the others.
+    pub catch_up_rounds_max: Option<u64>,
+    /// Best minus worst honest final accuracy.
+    pub final_acc_gap: f32,
+    /// Equivocation proofs against honest authors in honest ledgers.
+    pub proofs_against_honest: u64,
     pub wall_s: f64,
     pub nodes: Vec<NodeSummary>,
 }

@@ -196,7 +196,11 @@ impl Node {
         let manifest = self.manifest.as_ref().ok_or_else(|| NodeError::Data("no manifest".into()))?;
         let plan = self.plan.as_ref().ok_or_else(|| NodeError::Data("no placement".into()))?;
         let reader = StoreReader::new(self.store.clone(), manifest, &plan.primary, self.missing_tx.clone());
-        Ok(Box::new(BlockStream::new(manifest.schema.clone(), reader, STREAM_WINDOW, self.shard_seed)?))
+        // Mix in the next seq: a restarted node must not replay the batches
+        // (and so the payload bytes) of its previous life.
+        let next_seq = self.own_head.map_or(0, |h| h.seq.0 + 1);
+        let seed = self.shard_seed ^ next_seq.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Ok(Box::new(BlockStream::new(manifest.schema.clone(), reader, STREAM_WINDOW, seed)?))
     }
 
     fn swap_training_source(&mut self) -> Result<(), NodeError> {
@@ -224,7 +228,23 @@ impl Node {
             "shard ready; starting round 0"
         );
         self.trainer = Some(trainer::spawn(net, source, test, cfg, encoder, self.attack)?);
-        self.start_round()
+        if let Some(cp) = self.restored.take() {
+            self.trainer_cmd(crate::trainer::TrainerCmd::Restore {
+                residual: cp.residual,
+                adam: cp.adam,
+            })?;
+        }
+        // Where is the mesh? A late joiner or a restarted node adopts the
+        // current anchor before its first round.
+        if self.members.is_empty() {
+            return self.next_round_or_finish();
+        }
+        self.set_phase(Phase::Syncing);
+        self.start_sync(super::sync::SyncReason::Start, None, None);
+        if self.sync.is_none() {
+            return self.next_round_or_finish();
+        }
+        Ok(())
     }
 }
 

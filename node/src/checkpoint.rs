@@ -1,0 +1,152 @@
+//! Checkpoints: what a node needs to resume after `kill -9` beyond what its
+//! ledger holds. Written every K rounds by atomic rename, in safetensors:
+//! the anchor weights, the outer optimiser's momentum, the codec's error
+//! feedback residual and the inner Adam state, with the round and hashes as
+//! metadata.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use meshtrain_ledger::{RunId, WeightsHash};
+use meshtrain_model::AdamState;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::NodeError;
+
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub run_id: RunId,
+    /// The round these anchor weights start.
+    pub round: u64,
+    pub anchor: Vec<f32>,
+    pub velocity: Vec<f32>,
+    pub residual: Vec<f32>,
+    pub adam: AdamState,
+}
+
+fn bytes_of(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn floats(view: &TensorView<'_>) -> Vec<f32> {
+    view.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+impl Checkpoint {
+    pub fn anchor_hash(&self) -> WeightsHash {
+        WeightsHash::of_f32(&self.anchor)
+    }
+
+    /// Writes `DIR/checkpoint.safetensors` atomically (temp file, fsync,
+    /// rename): a crash leaves the old checkpoint or the new one, whole.
+    pub fn save(&self, dir: &Path) -> Result<(), NodeError> {
+        let path = dir.join(CHECKPOINT_FILE);
+        let io = |source| NodeError::Io { path: path.clone(), source };
+        let tensors = [
+            ("anchor", bytes_of(&self.anchor)),
+            ("velocity", bytes_of(&self.velocity)),
+            ("residual", bytes_of(&self.residual)),
+            ("adam_m", bytes_of(&self.adam.m)),
+            ("adam_v", bytes_of(&self.adam.v)),
+        ];
+        let views: Vec<(&str, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, b)| {
+                TensorView::new(Dtype::F32, vec![b.len() / 4], b)
+                    .map(|v| (*name, v))
+                    .map_err(|e| NodeError::Data(format!("checkpoint tensor {name}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let meta: HashMap<String, String> = [
+            ("run_id".to_string(), self.run_id.to_string()),
+            ("round".to_string(), self.round.to_string()),
+            ("adam_step".to_string(), self.adam.step.to_string()),
+            ("anchor_hash".to_string(), self.anchor_hash().to_string()),
+        ]
+        .into();
+        let bytes = safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| NodeError::Data(format!("serialising the checkpoint: {e}")))?;
+        let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+
+    /// Reads the checkpoint in `dir`, if there is one; a corrupt or foreign
+    /// one is an error naming the file.
+    pub fn load(dir: &Path, run_id: &RunId) -> Result<Option<Self>, NodeError> {
+        let path = dir.join(CHECKPOINT_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(NodeError::Io { path, source }),
+        };
+        let bad = |detail: String| NodeError::Data(format!("{}: {detail}", path.display()));
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let get = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("no `{k}` in its metadata")));
+        let found: RunId = get("run_id")?.parse().map_err(|e| bad(format!("run id: {e}")))?;
+        if found != *run_id {
+            return Err(bad(format!("belongs to run {found}, not {run_id}")));
+        }
+        let round: u64 = get("round")?.parse().map_err(|_| bad("bad round".into()))?;
+        let step: u64 = get("adam_step")?.parse().map_err(|_| bad("bad adam step".into()))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let t = |name: &str| st.tensor(name).map(|v| floats(&v)).map_err(|e| bad(format!("{name}: {e}")));
+        let cp = Checkpoint {
+            run_id: found,
+            round,
+            anchor: t("anchor")?,
+            velocity: t("velocity")?,
+            residual: t("residual")?,
+            adam: AdamState {
+                step,
+                m: t("adam_m")?,
+                v: t("adam_v")?,
+            },
+        };
+        if cp.anchor_hash().to_string() != get("anchor_hash")? {
+            return Err(bad("its anchor does not match the hash in its metadata".into()));
+        }
+        Ok(Some(cp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunId([3; 32]);
+        let cp = Checkpoint {
+            run_id: run,
+            round: 7,
+            anchor: vec![1.0, 2.0, 3.0],
+            velocity: vec![0.5; 3],
+            residual: vec![0.0, -1.0, 0.25],
+            adam: AdamState {
+                step: 12,
+                m: vec![0.1, 0.2],
+                v: vec![0.3, 0.4],
+            },
+        };
+        assert_eq!(Checkpoint::load(dir.path(), &run).unwrap(), None);
+        cp.save(dir.path()).unwrap();
+        assert_eq!(Checkpoint::load(dir.path(), &run).unwrap(), Some(cp));
+        assert!(Checkpoint::load(dir.path(), &RunId([4; 32])).is_err());
+        std::fs::write(dir.path().join(CHECKPOINT_FILE), b"garbage").unwrap();
+        let err = Checkpoint::load(dir.path(), &run).unwrap_err().to_string();
+        assert!(err.contains(CHECKPOINT_FILE), "{err}");
+    }
+}

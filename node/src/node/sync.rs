@@ -1,0 +1,321 @@
+//! Anchor sync: adopting the mesh's current anchor weights and outer state
+//! from peers, checked against their signed verdict blocks. Used when a node
+//! joins late or restarts, and when a healed partition shows that this node
+//! sits on the minority side.
+//!
+//! An offer counts only if its weights and outer state hash to what a validly
+//! signed verdict block of this run names, for the round before the offered
+//! one. When two or more peers answer, at least two distinct signers must
+//! agree before anything is adopted.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshtrain_gossip::libp2p::PeerId;
+use meshtrain_gossip::{FetchRequest, FetchResponse};
+use meshtrain_ledger::{AuthorId, JoinRecord, PayloadHash, SignedVerdictBlock, WeightsHash};
+use meshtrain_model::{codec, CodecSpec};
+use tracing::{info, warn};
+
+use super::{Node, RequestFor};
+use crate::inbox::Job;
+
+/// How long a sync waits for answers.
+const SYNC_WAIT: Duration = Duration::from_secs(5);
+/// Peers asked at once.
+const SYNC_FANOUT: usize = 5;
+/// Asks before giving up when answers disagree (peers caught between two
+/// rounds answer differently; a moment later they agree). A node that is not
+/// training yet can afford to keep asking.
+const SYNC_ATTEMPTS_START: u32 = 20;
+const SYNC_ATTEMPTS_MINORITY: u32 = 5;
+/// Pause between asks.
+const SYNC_RETRY: Duration = Duration::from_millis(1000);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncReason {
+    /// At start (a late join or a restart shows up as peers being ahead).
+    Start,
+    /// The round's updates were built on another anchor by more authors.
+    Minority,
+}
+
+/// One verified offer.
+#[derive(Clone)]
+pub struct Offer {
+    pub round: u64,
+    pub anchor_hash: WeightsHash,
+    pub outer_hash: WeightsHash,
+    pub weights: Arc<Vec<f32>>,
+    pub velocity: Vec<f32>,
+    pub attestation: Option<SignedVerdictBlock>,
+    pub weights_bytes: Vec<u8>,
+    pub outer_bytes: Vec<u8>,
+}
+
+pub struct AnchorSync {
+    pub reason: SyncReason,
+    asked: HashSet<PeerId>,
+    answered: HashSet<PeerId>,
+    offers: Vec<Offer>,
+    started: Instant,
+    /// Only offers with this anchor count (Minority syncs target a group).
+    target: Option<WeightsHash>,
+    among: Option<Vec<AuthorId>>,
+    attempt: u32,
+    /// Ask again at this time (after a disagreement).
+    retry_at: Option<Instant>,
+}
+
+/// What a sync decided.
+pub enum SyncOutcome {
+    Pending,
+    /// Take this offer; the verdict blocks of its distinct signers attest it.
+    Adopt(Box<Offer>, Vec<SignedVerdictBlock>),
+    Nothing,
+}
+
+impl Node {
+    /// Asks up to five members for their anchor. `among` restricts the
+    /// choice (for a minority sync: authors of the majority group).
+    pub(super) fn start_sync(&mut self, reason: SyncReason, among: Option<&[AuthorId]>, target: Option<WeightsHash>) {
+        if self.sync.is_some() {
+            return;
+        }
+        self.ask_anchors(reason, among.map(<[AuthorId]>::to_vec), target, 1);
+    }
+
+    fn ask_anchors(&mut self, reason: SyncReason, among: Option<Vec<AuthorId>>, target: Option<WeightsHash>, attempt: u32) {
+        let among_ref = among.as_deref();
+        let mut peers: Vec<PeerId> = self
+            .members
+            .iter()
+            .filter(|(_, a)| !self.banned.contains(a) && among_ref.is_none_or(|set| set.contains(a)))
+            .map(|(p, _)| *p)
+            .collect();
+        peers.sort();
+        peers.truncate(SYNC_FANOUT);
+        if peers.is_empty() {
+            return;
+        }
+        for p in &peers {
+            let id = self.swarm.behaviour_mut().fetch.send_request(p, FetchRequest::Anchor);
+            self.requests.insert(id, RequestFor::Anchor);
+        }
+        info!(round = self.round(), ?reason, asked = peers.len(), attempt, "asking peers for the current anchor");
+        self.sync = Some(AnchorSync {
+            reason,
+            asked: peers.into_iter().collect(),
+            answered: HashSet::new(),
+            offers: Vec::new(),
+            started: Instant::now(),
+            target,
+            among,
+            attempt,
+            retry_at: None,
+        });
+    }
+
+    /// After jumping to a new round: records for it that came in earlier
+    /// (while their round did not matter yet) need their payloads now.
+    fn fetch_held_payloads(&mut self) {
+        let round = self.round();
+        for (author, head) in self.ledger.heads() {
+            if author == self.me || self.banned.contains(&author) {
+                continue;
+            }
+            let Ok(Some(rec)) = self.ledger.record(&author, head.seq) else { continue };
+            let r = &rec.record;
+            if r.round >= round && !self.ledger.has_payload(&r.payload_hash).unwrap_or(true) {
+                self.book.announce(r.round, author);
+                self.want_payload(r.payload_hash, author, r.round, None);
+            }
+        }
+    }
+
+    /// Serves `FetchRequest::Anchor`: our round, anchor, outer state, and the
+    /// verdict block that names them (ours, or the attestation we joined on).
+    pub(super) fn anchor_response(&self) -> FetchResponse {
+        let Some(outer) = self.outer.as_ref() else {
+            return FetchResponse::Refused("aggregating".into());
+        };
+        FetchResponse::Anchor {
+            round: self.round(),
+            weights: codec::encode(CodecSpec::Dense, &self.anchor),
+            outer: codec::encode(CodecSpec::Dense, outer.velocity()),
+            verdict: self.attestation.as_ref().map(|v| v.to_bytes()).unwrap_or_default(),
+        }
+    }
+
+    /// Checks an offer: decodable, and (past round 0) attested by a signed
+    /// verdict block of this run naming exactly these weights and state.
+    fn check_offer(&self, round: u64, weights: Vec<u8>, outer: Vec<u8>, verdict: Vec<u8>) -> Result<Offer, String> {
+        let params = self.anchor.len();
+        let w = codec::decode(&weights, params).map_err(|e| format!("weights: {e}"))?;
+        let v = match codec::peek_len(&outer) {
+            Ok(0) => Vec::new(),
+            _ => codec::decode(&outer, params).map_err(|e| format!("outer state: {e}"))?,
+        };
+        let anchor_hash = WeightsHash::of_f32(&w);
+        let outer_hash = WeightsHash::of_f32(&v);
+        let attestation = if round == 0 {
+            if anchor_hash != self.ledger.meta().genesis_weights {
+                return Err("round 0 but not the genesis weights".into());
+            }
+            None
+        } else {
+            let block = SignedVerdictBlock::from_bytes(&verdict).map_err(|e| e.to_string())?;
+            block.verify_signature().map_err(|e| e.to_string())?;
+            let b = &block.block;
+            if b.run_id != self.run_id {
+                return Err("attested by a block of another run".into());
+            }
+            if b.new_anchor != anchor_hash || b.outer_state != outer_hash || b.round + 1 != round {
+                return Err("the verdict block attests other weights or another round".into());
+            }
+            Some(block)
+        };
+        Ok(Offer {
+            round,
+            anchor_hash,
+            outer_hash,
+            weights: Arc::new(w),
+            velocity: v,
+            attestation,
+            weights_bytes: weights,
+            outer_bytes: outer,
+        })
+    }
+
+    pub(super) fn on_anchor_response(&mut self, peer: PeerId, response: FetchResponse) {
+        let Some(sync) = self.sync.as_mut() else { return };
+        sync.answered.insert(peer);
+        let FetchResponse::Anchor {
+            round,
+            weights,
+            outer,
+            verdict,
+        } = response
+        else {
+            return;
+        };
+        match self.check_offer(round, weights, outer, verdict) {
+            Ok(offer) => {
+                if let Some(sync) = self.sync.as_mut() {
+                    if sync.target.is_none_or(|t| t == offer.anchor_hash) {
+                        sync.offers.push(offer);
+                    }
+                }
+            }
+            Err(e) => warn!(peer = %super::short_peer(&peer), error = %e, "refused an anchor offer"),
+        }
+    }
+
+    pub(super) fn anchor_request_failed(&mut self, peer: PeerId) {
+        if let Some(sync) = self.sync.as_mut() {
+            sync.answered.insert(peer);
+        }
+    }
+
+    /// Decides once every asked peer answered or the wait is over.
+    pub(super) fn sync_outcome(&mut self, now: Instant) -> SyncOutcome {
+        let Some(sync) = self.sync.as_ref() else {
+            return SyncOutcome::Nothing;
+        };
+        if let Some(at) = sync.retry_at {
+            if now < at {
+                return SyncOutcome::Pending;
+            }
+            let Some(s) = self.sync.take() else { return SyncOutcome::Nothing };
+            self.ask_anchors(s.reason, s.among, s.target, s.attempt + 1);
+            return SyncOutcome::Pending;
+        }
+        let done = sync.answered.len() >= sync.asked.len() || now.duration_since(sync.started) > SYNC_WAIT;
+        if !done {
+            return SyncOutcome::Pending;
+        }
+        let Some(sync) = self.sync.take() else {
+            return SyncOutcome::Nothing;
+        };
+        // Group identical offers; count distinct attesting signers.
+        let mut groups: BTreeMap<(u64, WeightsHash, WeightsHash), (HashSet<Option<AuthorId>>, usize)> = BTreeMap::new();
+        for (i, o) in sync.offers.iter().enumerate() {
+            let g = groups.entry((o.round, o.anchor_hash, o.outer_hash)).or_insert((HashSet::new(), i));
+            g.0.insert(o.attestation.as_ref().map(|a| a.block.owner));
+        }
+        let need = if sync.answered.len() >= 2 { 2 } else { 1 };
+        let best = groups
+            .iter()
+            .filter(|(_, (signers, _))| signers.len() >= need || (signers.contains(&None) && sync.offers.len() >= need))
+            .max_by(|a, b| {
+                (a.1 .0.len(), a.0 .0, std::cmp::Reverse(a.0 .1)).cmp(&(b.1 .0.len(), b.0 .0, std::cmp::Reverse(b.0 .1)))
+            });
+        let Some((&(round, hash, _), &(_, first))) = best else {
+            let attempts = match sync.reason {
+                SyncReason::Start => SYNC_ATTEMPTS_START,
+                SyncReason::Minority => SYNC_ATTEMPTS_MINORITY,
+            };
+            if !sync.offers.is_empty() && sync.attempt < attempts {
+                // Probably caught between rounds: ask again in a moment.
+                let mut sync = sync;
+                sync.retry_at = Some(now + SYNC_RETRY);
+                self.sync = Some(sync);
+                return SyncOutcome::Pending;
+            }
+            if !sync.offers.is_empty() {
+                warn!(offers = sync.offers.len(), "peers do not agree on the anchor; keeping ours");
+            }
+            return SyncOutcome::Nothing;
+        };
+        let ahead = round > self.round();
+        let minority_switch = sync.reason == SyncReason::Minority && hash != self.anchor_hash && round >= self.round();
+        if !(ahead || minority_switch) {
+            return SyncOutcome::Nothing;
+        }
+        let mut signers = HashSet::new();
+        let attestations = sync
+            .offers
+            .iter()
+            .filter(|o| (o.round, o.anchor_hash) == (round, hash))
+            .filter_map(|o| o.attestation.clone())
+            .filter(|a| signers.insert(a.block.owner))
+            .collect();
+        SyncOutcome::Adopt(Box::new(sync.offers[first].clone()), attestations)
+    }
+
+    /// Takes over an offered anchor: weights, outer state and round, and
+    /// records the join (with the attestations) in the ledger.
+    pub(super) fn adopt(&mut self, offer: Offer, attestations: Vec<SignedVerdictBlock>) {
+        info!(
+            from_round = self.round(),
+            to_round = offer.round,
+            anchor = %offer.anchor_hash.short(),
+            "adopting the mesh's anchor"
+        );
+        if let Some(outer) = self.outer.as_mut() {
+            outer.set_velocity(offer.velocity.clone());
+        }
+        self.anchor = offer.weights.clone();
+        self.anchor_hash = offer.anchor_hash;
+        self.book.restart_at(offer.round);
+        self.joins.push(offer.round);
+        self.fetch_held_payloads();
+        if let Some(a) = attestations.first() {
+            self.attestation = Some(a.clone());
+            let join = JoinRecord {
+                round: offer.round,
+                anchor: offer.anchor_hash,
+                outer_state: offer.outer_hash,
+                anchor_payload: PayloadHash::of(&offer.weights_bytes),
+                outer_payload: PayloadHash::of(&offer.outer_bytes),
+                attestations,
+            };
+            self.send_job(Job::Join {
+                record: Box::new(join),
+                anchor: offer.weights_bytes,
+                outer: offer.outer_bytes,
+            });
+        }
+    }
+}
