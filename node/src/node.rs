@@ -582,6 +582,7 @@ impl Node {
         }
         let body = serde_json::json!({
             "peer_id": peer.to_string(),
+            "author": self.me.to_string(),
             "run_id": self.run_id.to_string(),
             "addrs": addrs,
         });
@@ -1229,7 +1230,11 @@ impl Node {
             match self.sync_outcome(now) {
                 SyncOutcome::Pending => {}
                 SyncOutcome::Adopt(offer, attestations) => {
-                    if self.phase == Phase::Syncing {
+                    // The anchor is in use only while aggregating; a
+                    // majority already a round ahead is taken at our close.
+                    let now_ok = self.phase == Phase::Syncing
+                        || (self.phase != Phase::Aggregating && offer.round == self.round());
+                    if now_ok {
                         self.adopt(*offer, attestations);
                     } else {
                         self.pending_adoption = Some((*offer, attestations));

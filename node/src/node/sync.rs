@@ -16,7 +16,7 @@ use meshtrain_gossip::libp2p::PeerId;
 use meshtrain_gossip::{FetchRequest, FetchResponse};
 use meshtrain_ledger::{AuthorId, JoinRecord, PayloadHash, SignedVerdictBlock, WeightsHash};
 use meshtrain_model::{codec, CodecSpec};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Node, RequestFor};
 use crate::inbox::Job;
@@ -28,10 +28,10 @@ const SYNC_FANOUT: usize = 5;
 /// Asks before giving up when answers disagree (peers caught between two
 /// rounds answer differently; a moment later they agree). A node that is not
 /// training yet can afford to keep asking.
-const SYNC_ATTEMPTS_START: u32 = 20;
-const SYNC_ATTEMPTS_MINORITY: u32 = 5;
+const SYNC_ATTEMPTS_START: u32 = 40;
+const SYNC_ATTEMPTS_MINORITY: u32 = 10;
 /// Pause between asks.
-const SYNC_RETRY: Duration = Duration::from_millis(1000);
+const SYNC_RETRY: Duration = Duration::from_millis(300);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncReason {
@@ -256,21 +256,35 @@ impl Node {
                 SyncReason::Start => SYNC_ATTEMPTS_START,
                 SyncReason::Minority => SYNC_ATTEMPTS_MINORITY,
             };
-            if !sync.offers.is_empty() && sync.attempt < attempts {
-                // Probably caught between rounds: ask again in a moment.
+            if sync.attempt < attempts {
+                // Probably caught between rounds (answers disagree, or peers
+                // refused while aggregating): ask again in a moment.
                 let mut sync = sync;
                 sync.retry_at = Some(now + SYNC_RETRY);
                 self.sync = Some(sync);
                 return SyncOutcome::Pending;
             }
-            if !sync.offers.is_empty() {
-                warn!(offers = sync.offers.len(), "peers do not agree on the anchor; keeping ours");
-            }
+            warn!(offers = sync.offers.len(), attempts, "no two peers agreed on an anchor; keeping ours");
             return SyncOutcome::Nothing;
         };
         let ahead = round > self.round();
         let minority_switch = sync.reason == SyncReason::Minority && hash != self.anchor_hash && round >= self.round();
+        if sync.reason == SyncReason::Minority && round < self.round() && sync.attempt < SYNC_ATTEMPTS_MINORITY {
+            // The majority has not closed the round we already closed: its
+            // next anchor is moments away.
+            let mut sync = sync;
+            sync.retry_at = Some(now + SYNC_RETRY);
+            self.sync = Some(sync);
+            return SyncOutcome::Pending;
+        }
         if !(ahead || minority_switch) {
+            debug!(
+                round = self.round(),
+                offered_round = round,
+                offered = %hash.short(),
+                ours = %self.anchor_hash.short(),
+                "the agreed anchor is not ahead of ours; keeping ours"
+            );
             return SyncOutcome::Nothing;
         }
         let mut signers = HashSet::new();
@@ -298,9 +312,13 @@ impl Node {
         }
         self.anchor = offer.weights.clone();
         self.anchor_hash = offer.anchor_hash;
-        self.book.restart_at(offer.round);
+        if offer.round > self.round() {
+            self.book.restart_at(offer.round);
+            self.fetch_held_payloads();
+        }
+        // (At our own round, only the anchor this round's aggregation
+        // starts from changes; what was gathered for the round stays.)
         self.joins.push(offer.round);
-        self.fetch_held_payloads();
         if let Some(a) = attestations.first() {
             self.attestation = Some(a.clone());
             let join = JoinRecord {
