@@ -124,6 +124,8 @@ pub struct InboxConfig {
     /// Rounds of the run; records beyond them are invalid.
     pub rounds: u64,
     pub retention: meshtrain_ledger::Retention,
+    /// Where checking (`verify`) and own writes (`ledger`) report their time.
+    pub metrics: Option<crate::metrics::NodeMetrics>,
 }
 
 struct Inbox {
@@ -163,7 +165,19 @@ pub fn spawn(ledger: Arc<Ledger>, cfg: InboxConfig) -> Result<InboxHandle, crate
         .name("inbox".into())
         .spawn(move || {
             while let Ok(job) = job_rx.recv() {
-                if !inbox.handle(job) {
+                // Checking what peers sent (storing it included) is
+                // `verify`; writing our own records and verdicts is `ledger`.
+                let stage = match job {
+                    Job::Record { .. } | Job::Payload { .. } | Job::Proof { .. } => Some("verify"),
+                    Job::Own { .. } | Job::Verdict(_) | Job::Join { .. } => Some("ledger"),
+                    _ => None,
+                };
+                let started = std::time::Instant::now();
+                let alive = inbox.handle(job);
+                if let (Some(stage), Some(m)) = (stage, inbox.cfg.metrics.as_ref()) {
+                    m.stage(stage, started.elapsed());
+                }
+                if !alive {
                     break;
                 }
             }

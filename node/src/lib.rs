@@ -21,6 +21,7 @@ pub mod data;
 mod error;
 pub mod identity;
 pub mod inbox;
+pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod replay;
@@ -29,6 +30,7 @@ pub mod round;
 pub mod runspec;
 mod serve;
 pub mod shard;
+pub mod status;
 mod trainer;
 
 pub use error::NodeError;

@@ -154,6 +154,12 @@ enum BenchCommand {
 enum NodeCommand {
     /// Join (or start) a training mesh.
     Run(NodeRunArgs),
+    /// One screen on a running node, read from its metrics endpoint.
+    Status {
+        /// The node's metrics URL (as `node run --metrics` prints it), or HOST:PORT.
+        #[arg(long)]
+        metrics: String,
+    },
 }
 
 #[derive(Args)]
@@ -227,6 +233,9 @@ struct NodeRunArgs {
     /// Discover peers on the LAN by mDNS.
     #[arg(long)]
     mdns: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -475,6 +484,7 @@ fn main() -> ExitCode {
 fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Node(NodeCommand::Run(args)) => node_run(args),
+        Command::Node(NodeCommand::Status { metrics }) => node_status(&metrics),
         Command::Testnet(TestnetCommand::Run(args)) => testnet_run(args),
         Command::Testnet(TestnetCommand::Matrix(args)) => testnet_matrix(args),
         Command::Ledger(cmd) => ledger(cmd),
@@ -583,6 +593,20 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
     Ok((i, n))
 }
 
+fn node_status(url: &str) -> Result<ExitCode> {
+    let url = if url.starts_with("http://") { url.to_string() } else { format!("http://{url}/metrics") };
+    let text = ureq::get(&url)
+        .call()
+        .with_context(|| format!("cannot read {url}"))?
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("cannot read the body of {url}"))?;
+    let status = meshtrain_node::status::Status::parse(&text)
+        .with_context(|| format!("{url} does not look like a meshtrain node's metrics"))?;
+    print!("{status}");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
     let mut spec = RunSpec::load(&args.run)?;
     if let Some(c) = args.codec {
@@ -626,6 +650,7 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
             mdns: args.mdns,
             ..Default::default()
         },
+        metrics: args.metrics,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

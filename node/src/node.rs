@@ -29,6 +29,9 @@ use meshtrain_model::{
 };
 use meshtrain_testnet::report::{NodeReport, RoundRecord};
 use prometheus_client::registry::Registry;
+
+use crate::metrics::NodeMetrics;
+use libp2p::metrics::Recorder;
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -78,6 +81,8 @@ pub struct NodeOptions {
     /// How long payloads are kept in the ledger.
     pub retention: meshtrain_ledger::Retention,
     pub mesh: MeshConfig,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +178,10 @@ pub struct Node {
     ledger: Arc<Ledger>,
     swarm: Swarm<MeshBehaviour>,
     topic: IdentTopic,
-    registry: Registry,
+    registry: Arc<std::sync::Mutex<Registry>>,
+    metrics: NodeMetrics,
+    p2p_metrics: libp2p::metrics::Metrics,
+    metrics_addr: Option<std::net::SocketAddr>,
     mesh: MeshConfig,
     data_dir: PathBuf,
     attack: Option<Attack>,
@@ -311,9 +319,12 @@ impl Node {
         };
         let encoder = DeltaEncoder::new(spec.exchange.codec, params);
 
+        let mut registry = Registry::default();
+        let metrics = NodeMetrics::register(&mut registry);
         let inbox = inbox::spawn(
             ledger.clone(),
             InboxConfig {
+                metrics: Some(metrics.clone()),
                 run_id,
                 genesis: meta.genesis_link(),
                 params,
@@ -323,8 +334,18 @@ impl Node {
         )?;
 
         let topic = run_topic(&run_id.to_string());
-        let mut registry = Registry::default();
         let mut swarm = build_swarm(identity.keypair.clone(), &opts.mesh, &topic, &mut registry)?;
+        let p2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
+        let registry = Arc::new(std::sync::Mutex::new(registry));
+        let metrics_addr = match opts.metrics {
+            Some(addr) => Some(crate::metrics::serve(addr, registry.clone(), metrics.clone()).map_err(|e| {
+                NodeError::Listen {
+                    addr: format!("metrics {addr}"),
+                    detail: e.to_string(),
+                }
+            })?),
+            None => None,
+        };
         for addr in &opts.listen {
             swarm.listen_on(addr.clone()).map_err(|e| NodeError::Listen {
                 addr: addr.to_string(),
@@ -396,6 +417,9 @@ impl Node {
             swarm,
             topic,
             registry,
+            metrics,
+            p2p_metrics,
+            metrics_addr,
             mesh: opts.mesh,
             data_dir: opts.data_dir,
             attack: opts.attack,
@@ -519,7 +543,32 @@ impl Node {
 
     // ---- network --------------------------------------------------------
 
+    /// Gauges that are cheaper to read once a round than to keep current.
+    fn update_gauges(&self) {
+        let bytes = self.byte_counts();
+        self.metrics.round.set(self.round() as i64);
+        self.metrics.bytes_in.set(bytes.inbound as i64);
+        self.metrics.bytes_out.set(bytes.outbound as i64);
+        self.metrics.peers.set(self.members.len() as i64);
+        self.metrics.ledger_records.set(self.ledger.record_count() as i64);
+        self.metrics.ledger_bytes.set(dir_bytes(self.ledger.path()) as i64);
+    }
+
+    fn byte_counts(&self) -> meshtrain_gossip::ByteCounts {
+        match self.registry.lock() {
+            Ok(r) => byte_counts(&r),
+            Err(_) => meshtrain_gossip::ByteCounts::default(),
+        }
+    }
+
     fn on_swarm(&mut self, event: SwarmEvent<MeshBehaviourEvent>) {
+        self.p2p_metrics.record(&event);
+        match &event {
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Gossipsub(ev)) => self.p2p_metrics.record(ev),
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(ev)) => self.p2p_metrics.record(ev),
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(ev)) => self.p2p_metrics.record(ev),
+            _ => {}
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
@@ -583,6 +632,7 @@ impl Node {
         let body = serde_json::json!({
             "peer_id": peer.to_string(),
             "author": self.me.to_string(),
+            "metrics": self.metrics_addr.map(|a| format!("http://{a}/metrics")),
             "run_id": self.run_id.to_string(),
             "addrs": addrs,
         });
@@ -606,6 +656,7 @@ impl Node {
                 match GossipMessage::from_bytes(&message.data) {
                     Ok(GossipMessage::Update { record, payload }) => {
                         self.counters.received += 1;
+                        self.metrics.updates_received.inc();
                         if payload.as_ref().is_some_and(|p| p.len() > self.mesh.max_inline_payload) {
                             self.count_rejection("oversized-inline", None);
                             self.report_validation(&origin, &Outcome::Invalid(RejectReason::Malformed));
@@ -867,6 +918,7 @@ impl Node {
 
     fn count_rejection(&mut self, reason: &str, author: Option<&AuthorId>) {
         self.counters.rejected += 1;
+        self.metrics.outcome("rejected", reason);
         *self.counters.rejected_by_reason.entry(reason.to_string()).or_default() += 1;
         if let Some(a) = author {
             *self.counters.rejected_by_author.entry(a.to_string()).or_default() += 1;
@@ -1026,7 +1078,12 @@ impl Node {
                 train_ms,
                 encode_ms,
             } => {
+                self.metrics.stage("train", Duration::from_millis(train_ms));
+                self.metrics.stage("encode", Duration::from_millis(encode_ms));
+                self.metrics.train_loss.set(f64::from(stats.mean_loss));
                 if let Some(e) = eval {
+                    self.metrics.test_acc.set(f64::from(e.accuracy));
+                    self.metrics.test_loss.set(f64::from(e.loss));
                     info!(
                         round,
                         test_acc = format_args!("{:.4}", e.accuracy),
@@ -1061,6 +1118,8 @@ impl Node {
                 self.sign_and_store(round, payload, decoded, eval, stats, train_ms);
             }
             TrainerReply::Evaluated { round, eval } => {
+                self.metrics.test_acc.set(f64::from(eval.accuracy));
+                self.metrics.test_loss.set(f64::from(eval.loss));
                 info!(round, test_acc = format_args!("{:.4}", eval.accuracy), test_loss = format_args!("{:.4}", eval.loss), "final evaluation");
                 self.final_eval = Some(eval);
                 self.set_phase(Phase::Draining);
@@ -1339,8 +1398,11 @@ impl Node {
         let me = self.me;
         let tx = self.agg_tx.clone();
         let wait = now.duration_since(self.phase_since);
+        let metrics = self.metrics.clone();
         tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
             let done = run_aggregation(spec, &anchor, inputs, outer, me, wait);
+            metrics.stage("aggregate", started.elapsed());
             let _ = tx.send(done);
         });
     }
@@ -1364,10 +1426,12 @@ impl Node {
             match &e.verdict {
                 Verdict::Merged { .. } => {
                     merged += 1;
+                    self.metrics.outcome("merged", "");
                     *self.counters.merged_by_author.entry(who).or_default() += 1;
                 }
                 Verdict::Clipped { .. } => {
                     clipped += 1;
+                    self.metrics.outcome("clipped", "");
                     *self.counters.clipped_by_author.entry(who).or_default() += 1;
                 }
                 Verdict::Rejected { reason } => {
@@ -1407,7 +1471,7 @@ impl Node {
         self.anchor_hash = new_hash;
         self.outer = Some(done.outer);
 
-        let bytes = byte_counts(&self.registry);
+        let bytes = self.byte_counts();
         if let Some((round, eval, stats, train_ms)) = self.last_eval.take() {
             self.history.push(RoundRecord {
                 round,
@@ -1423,6 +1487,7 @@ impl Node {
                 wait_ms: done.wait.as_millis() as u64,
             });
         }
+        self.update_gauges();
         let progress = serde_json::json!({
             "round": done.round,
             "rounds": self.spec.rounds.count,
@@ -1476,7 +1541,7 @@ impl Node {
     }
 
     fn report(&self) -> NodeReport {
-        let bytes = byte_counts(&self.registry);
+        let bytes = self.byte_counts();
         // Without a final evaluation (stopped early), the last one made.
         let last = self.history.iter().rev().find(|r| r.test_acc.is_finite());
         let eval = self.final_eval.unwrap_or_else(|| Evaluation {
@@ -1530,6 +1595,19 @@ impl Node {
 }
 
 /// Aggregates one round (on a blocking thread) and steps the anchor.
+/// Bytes of the files under DIR (the ledger's RocksDB files).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 fn run_aggregation(
     spec: AggregatorSpec,
     anchor: &[f32],

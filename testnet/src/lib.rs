@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meshtrain_ledger::audit::AuditReport;
+use meshtrain_ledger::{AuthorId, Ledger, RecordHash, Seq};
 use report::{NodeReport, NodeSummary, Summary};
 use tracing::{info, warn};
 
@@ -311,6 +312,7 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
         .and_then(|t| t.lines().find_map(|l| l.strip_prefix("count = ").and_then(|v| v.trim().parse::<u64>().ok())))
         .unwrap_or(u64::MAX);
     let mut restarts = 0u64;
+    let mut killed_heads: Vec<(AuthorId, Seq, RecordHash)> = Vec::new();
     let mut rng_state = opts.seed ^ 0x9e37_79b9_7f4a_7c15;
     let mut next_kill = opts.churn.map(|(every, _)| Instant::now() + Duration::from_secs(every));
     let mut down: Vec<(usize, Instant)> = Vec::new();
@@ -336,6 +338,10 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
                     if let Some(n) = nodes.iter_mut().find(|n| n.index == victim) {
                         let _ = n.child.kill();
                         let _ = n.child.wait();
+                        match own_head(&n.dir) {
+                            Some(head) => killed_heads.push(head),
+                            None => warn!(node = victim, "cannot read the killed node's ledger"),
+                        }
                         info!(node = victim, round = progress, "churn: killed (SIGKILL)");
                         down.push((victim, Instant::now() + Duration::from_secs(down_s)));
                     }
@@ -406,6 +412,16 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
 
     let mut summary = summarise(opts, &nodes, started.elapsed())?;
     summary.restarts = restarts;
+    let finished: Vec<&Path> = nodes.iter().filter(|n| n.status.is_some_and(|s| s.success())).map(|n| n.dir.as_path()).collect();
+    for (author, seq, hash) in &killed_heads {
+        for dir in &finished {
+            summary.killed_heads_checked += 1;
+            if !holds_record(dir, author, *seq, hash) {
+                warn!(dir = %dir.display(), author = %author.short(), seq = seq.0, "a record signed before a kill is missing");
+                summary.lost_records += 1;
+            }
+        }
+    }
     let path = opts.out.join("summary.json");
     let text = serde_json::to_vec_pretty(&summary).map_err(|e| TestnetError::BadReport {
         path: path.clone(),
@@ -580,8 +596,28 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         summary.final_acc_gap = max - summary.honest_min_acc;
     }
     summary.catch_up_rounds_max = catch_up_rounds(&reports);
+    summary.late_join_first_merge_s = nodes
+        .iter()
+        .zip(&reports)
+        .filter(|(n, _)| n.index >= opts.nodes)
+        .filter_map(|(_, r)| r.as_ref()?.history.first().map(|h| h.at_ms as f64 / 1000.0))
+        .reduce(f64::max);
     summary.proofs_against_honest = audits_proofs(opts, nodes, &reports);
     Ok(summary)
+}
+
+/// The owner's chain head of a (stopped) node's ledger.
+fn own_head(dir: &Path) -> Option<(AuthorId, Seq, RecordHash)> {
+    let ledger = Ledger::open_read_only(&dir.join("ledger")).ok()?;
+    let owner = ledger.meta().owner;
+    let head = ledger.head(&owner)?;
+    Some((owner, head.seq, head.hash))
+}
+
+/// Whether DIR's ledger holds AUTHOR's record at SEQ with this hash.
+fn holds_record(dir: &Path, author: &AuthorId, seq: Seq, hash: &RecordHash) -> bool {
+    let Ok(ledger) = Ledger::open_read_only(&dir.join("ledger")) else { return false };
+    matches!(ledger.record(author, seq), Ok(Some(r)) if r.hash() == *hash)
 }
 
 /// For nodes that (re)joined, the rounds from joining until their test
@@ -674,11 +710,14 @@ pub fn table(s: &Summary) -> String {
     if s.restarts > 0 || s.catch_up_rounds_max.is_some() {
         let _ = writeln!(
             out,
-            "restarts: {}; worst catch-up: {} rounds; final accuracy gap: {:.2} points; equivocation proofs against honest nodes: {}",
+            "restarts: {}; worst catch-up: {} rounds; final accuracy gap: {:.2} points; equivocation proofs against honest nodes: {}; records lost across kills: {} (of {} checked); late joiner's first merge after {}",
             s.restarts,
             s.catch_up_rounds_max.map_or("-".to_string(), |r| r.to_string()),
             100.0 * s.final_acc_gap,
-            s.proofs_against_honest
+            s.proofs_against_honest,
+            s.lost_records,
+            s.killed_heads_checked,
+            s.late_join_first_merge_s.map_or("-".to_string(), |t| format!("{t:.1} s"))
         );
     }
     if let Some(m) = s.malicious_rejected_or_clipped_share {

@@ -152,6 +152,15 @@ pub struct Summary {
     pub final_acc_gap: f32,
     /// Equivocation proofs against honest authors in honest ledgers.
     pub proofs_against_honest: u64,
+    /// Records a killed node had signed that are missing (or different)
+    /// at the end, on itself or on a peer that finished.
+    pub lost_records: u64,
+    /// Killed nodes' chain heads checked for `lost_records`, times ledgers.
+    pub killed_heads_checked: u64,
+    /// Seconds from a late joiner's start to the close of its first round
+    /// (the round in which it and its peers merge its first update); the
+    /// slowest joiner.
+    pub late_join_first_merge_s: Option<f64>,
     pub wall_s: f64,
     pub nodes: Vec<NodeSummary>,
 }
