@@ -9,11 +9,13 @@
 //! - [`MeshBehaviour`] and [`build_swarm`];
 //! - [`GossipMessage`], [`FetchRequest`] and [`FetchResponse`] (the wire);
 //! - [`MeshConfig`] (limits and timings);
-//! - [`ByteCounts`] read from libp2p-metrics.
+//! - [`ByteCounts`] read from libp2p-metrics;
+//! - [`discovery::on_event`], the policy that grows a mesh from one bootstrap peer.
 
 mod bandwidth;
 mod behaviour;
 mod config;
+pub mod discovery;
 mod error;
 mod fetch;
 pub mod wire;

@@ -1,7 +1,7 @@
 //! `meshtrain bench ...`: benchmarks that print figures (never timed tests).
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use meshtrain_ledger::{
     AuthorKey, Head, Ledger, PayloadHash, RunId, RunMeta, Seq, StoreOptions, UpdateRecord, VerifiedRecord,
@@ -524,5 +524,105 @@ pub async fn fetch(block_bytes: usize, blocks: usize, in_flight: usize) -> Resul
         in_flight,
         seconds,
         mb_per_s: (block_bytes * blocks) as f64 / 1e6 / seconds,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct DiscoveryBench {
+    pub trials: usize,
+    pub nodes: usize,
+    /// Trials in which some node had not connected to every other within
+    /// the time limit (a split or partial mesh).
+    pub incomplete: usize,
+    pub seconds_median: f64,
+    pub seconds_max: f64,
+}
+
+/// Grows meshes of `nodes` real swarms on loopback, each node given one
+/// bootstrap address (a random earlier node), and times how long until
+/// every node is connected to every other, with the node's own discovery
+/// policy (identify feeds Kademlia, Kademlia's finds are dialled).
+pub async fn discovery(trials: usize, nodes: usize, limit: Duration) -> Result<DiscoveryBench, NodeError> {
+    use futures::StreamExt;
+    use meshtrain_gossip::libp2p::swarm::SwarmEvent;
+    use meshtrain_gossip::libp2p::{identity, Multiaddr, PeerId};
+    use meshtrain_gossip::{build_swarm, discovery, run_topic, MeshConfig};
+    use rand::{Rng, SeedableRng};
+
+    let nodes = nodes.max(2);
+    let topic = run_topic("discovery-bench");
+    let cfg = MeshConfig::default();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut times = Vec::with_capacity(trials);
+    let mut incomplete = 0;
+    for trial in 0..trials {
+        let mut reg = prometheus_client::registry::Registry::default();
+        let mut swarms = Vec::with_capacity(nodes);
+        let mut addrs: Vec<(PeerId, Multiaddr)> = Vec::with_capacity(nodes);
+        for i in 0..nodes {
+            let mut s = build_swarm(identity::Keypair::generate_ed25519(), &cfg, &topic, &mut reg)?;
+            let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().map_err(|e| NodeError::Data(format!("{e}")))?;
+            s.listen_on(listen).map_err(|e| NodeError::Data(e.to_string()))?;
+            let addr = loop {
+                if let SwarmEvent::NewListenAddr { address, .. } = s.select_next_some().await {
+                    break address;
+                }
+            };
+            let me = *s.local_peer_id();
+            if i > 0 {
+                // As `node run --bootstrap ADDR` does.
+                let (peer, boot) = addrs[rng.random_range(0..i)].clone();
+                s.behaviour_mut().kad.add_address(&peer, boot.clone());
+                s.dial(boot).map_err(|e| NodeError::Data(e.to_string()))?;
+            }
+            addrs.push((me, addr.with(meshtrain_gossip::libp2p::multiaddr::Protocol::P2p(me))));
+            swarms.push(s);
+        }
+        let started = Instant::now();
+        let all: Vec<PeerId> = swarms.iter().map(|s| *s.local_peer_id()).collect();
+        let full = |swarms: &[meshtrain_gossip::libp2p::Swarm<meshtrain_gossip::MeshBehaviour>]| {
+            swarms
+                .iter()
+                .all(|s| all.iter().filter(|p| *p != s.local_peer_id()).all(|p| s.is_connected(p)))
+        };
+        let mut done = false;
+        while started.elapsed() < limit {
+            // Drive every swarm a little; each reacts with the node's policy.
+            let next = {
+                let step = futures::future::select_all(swarms.iter_mut().map(|s| Box::pin(s.select_next_some())));
+                tokio::time::timeout(Duration::from_millis(50), step)
+                    .await
+                    .ok()
+                    .map(|(event, i, rest)| {
+                        drop(rest);
+                        (event, i)
+                    })
+            };
+            if let Some((event, i)) = next {
+                discovery::on_event(&mut swarms[i], &event, |_| true);
+            }
+            if full(&swarms) {
+                done = true;
+                break;
+            }
+        }
+        let took = started.elapsed().as_secs_f64();
+        if done {
+            times.push(took);
+        } else {
+            incomplete += 1;
+            tracing::warn!(trial, nodes, "the mesh did not close within the limit");
+        }
+        if (trial + 1) % 10 == 0 {
+            tracing::info!(trials = trial + 1, incomplete, "discovery trials");
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(DiscoveryBench {
+        trials,
+        nodes,
+        incomplete,
+        seconds_median: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
+        seconds_max: times.last().copied().unwrap_or(f64::NAN),
     })
 }

@@ -137,6 +137,19 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Peer discovery: meshes grown from one bootstrap address per node,
+    /// timed until every node is connected to every other.
+    Discovery {
+        #[arg(long, default_value_t = 100)]
+        trials: usize,
+        #[arg(long, default_value_t = 8)]
+        nodes: usize,
+        /// Seconds a trial may take before it counts as a split mesh.
+        #[arg(long, default_value_t = 30)]
+        limit_s: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Encode and decode throughput of every codec mode (one core).
     Codec {
         /// Parameters in the benchmark vector.
@@ -551,6 +564,27 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Discovery {
+            trials,
+            nodes,
+            limit_s,
+            json,
+        }) => {
+            if trials == 0 || nodes < 2 {
+                bail!("--trials must be positive and --nodes at least 2");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let b = rt.block_on(meshtrain_node::bench::discovery(trials, nodes, Duration::from_secs(limit_s)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                println!(
+                    "{} trials of {} nodes, one bootstrap address each: {} incomplete meshes; full mesh after {:.2} s median, {:.2} s worst",
+                    b.trials, b.nodes, b.incomplete, b.seconds_median, b.seconds_max
+                );
+            }
+            Ok(if b.incomplete == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Bench(BenchCommand::Codec { params, codec, json }) => {
             if params == 0 {

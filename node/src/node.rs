@@ -14,7 +14,7 @@ use futures::StreamExt;
 use meshtrain_gossip::libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use meshtrain_gossip::libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use meshtrain_gossip::libp2p::swarm::SwarmEvent;
-use meshtrain_gossip::libp2p::{identify, kad, Multiaddr, PeerId, Swarm};
+use meshtrain_gossip::libp2p::{Multiaddr, PeerId, Swarm};
 use meshtrain_gossip::{
     build_swarm, byte_counts, ed25519_of, peer_id_of, run_topic, FetchRequest, FetchResponse, GossipMessage,
     MeshBehaviour, MeshBehaviourEvent, MeshConfig,
@@ -569,6 +569,10 @@ impl Node {
             SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(ev)) => self.p2p_metrics.record(ev),
             _ => {}
         }
+        let banned = &self.banned;
+        meshtrain_gossip::discovery::on_event(&mut self.swarm, &event, |p| {
+            !ed25519_of(p).is_some_and(|a| banned.contains(&AuthorId(a)))
+        });
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
@@ -598,16 +602,6 @@ impl Node {
             }
             SwarmEvent::Behaviour(MeshBehaviourEvent::Gossipsub(ev)) => self.on_gossip(ev),
             SwarmEvent::Behaviour(MeshBehaviourEvent::Fetch(ev)) => self.on_fetch(ev),
-            SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                }
-            }
-            SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
-                if !self.connected.contains(&peer) && !self.is_banned_peer(&peer) && self.connected.len() < 64 {
-                    let _ = self.swarm.dial(peer);
-                }
-            }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id.map(|p| short_peer(&p)), %error, "dial failed");
             }
