@@ -249,6 +249,10 @@ struct NodeRunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// Refuse the peer ids listed in FILE (one per line). The file is
+    /// re-read when it changes; peers taken off it are dialled again.
+    #[arg(long)]
+    deny_peers: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -685,6 +689,7 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
             ..Default::default()
         },
         metrics: args.metrics,
+        deny_peers: args.deny_peers,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

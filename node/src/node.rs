@@ -46,6 +46,7 @@ use crate::runspec::RunSpec;
 use crate::checkpoint::Checkpoint;
 use crate::trainer::{TrainerCmd, TrainerHandle, TrainerReply};
 
+mod deny;
 mod fetching;
 mod sync;
 use sync::{AnchorSync, Offer, SyncOutcome, SyncReason};
@@ -83,6 +84,8 @@ pub struct NodeOptions {
     pub mesh: MeshConfig,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Peer ids to refuse, one per line, re-read when the file changes.
+    pub deny_peers: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +185,7 @@ pub struct Node {
     metrics: NodeMetrics,
     p2p_metrics: libp2p::metrics::Metrics,
     metrics_addr: Option<std::net::SocketAddr>,
+    deny: Option<deny::DenyList>,
     mesh: MeshConfig,
     data_dir: PathBuf,
     attack: Option<Attack>,
@@ -420,6 +424,11 @@ impl Node {
             metrics,
             p2p_metrics,
             metrics_addr,
+            deny: opts.deny_peers.clone().map(|file| deny::DenyList {
+                file,
+                modified: None,
+                peers: HashSet::new(),
+            }),
             mesh: opts.mesh,
             data_dir: opts.data_dir,
             attack: opts.attack,
@@ -1262,6 +1271,7 @@ impl Node {
     /// Returns true when the node is done.
     fn on_tick(&mut self) -> Result<bool, NodeError> {
         let now = Instant::now();
+        self.refresh_deny_list();
         let retry: Vec<PayloadHash> = self
             .wanted
             .iter()
