@@ -145,6 +145,8 @@ pub struct FetchStats {
     pub bytes: u64,
     pub started: Option<Instant>,
     pub finished_ms: Option<u64>,
+    /// Since when no member has been connected to fetch from.
+    pub alone_since: Option<Instant>,
 }
 
 /// Orders candidates for a block: its holders first, then everyone else.

@@ -321,7 +321,10 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
     let mut last_note = Instant::now();
     loop {
         let progress = mesh_round(&nodes);
-        let near_end = progress + 3 >= rounds;
+        // No kills whose restart would come after the mesh has finished.
+        let per_round = started.elapsed().as_secs_f64() / progress.max(1) as f64;
+        let left_s = rounds.saturating_sub(progress) as f64 * per_round;
+        let near_end = progress + 3 >= rounds || opts.churn.is_some_and(|(_, down)| left_s < (down + 15) as f64);
         // Churn: SIGKILL a random running node; bring it back later.
         if let (Some(at), Some((every, down_s))) = (next_kill, opts.churn) {
             if Instant::now() >= at && !near_end {

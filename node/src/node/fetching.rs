@@ -19,6 +19,8 @@ use crate::NodeError;
 
 /// Block requests in flight at once.
 const MAX_BLOCK_REQUESTS: usize = 8;
+/// How long a node with blocks still missing waits for any member to appear.
+const FETCH_ALONE_LIMIT: Duration = Duration::from_secs(30);
 /// Blocks held in memory by the training stream.
 const STREAM_WINDOW: usize = 4;
 
@@ -117,6 +119,20 @@ impl Node {
             .take(MAX_BLOCK_REQUESTS.saturating_sub(in_flight))
             .collect();
         let peers = self.member_peers();
+        if self.phase == Phase::Fetching && !self.block_wants.is_empty() {
+            let alone = *self.fetch.alone_since.get_or_insert(now);
+            if !peers.is_empty() {
+                self.fetch.alone_since = None;
+            } else if now.duration_since(alone) > FETCH_ALONE_LIMIT {
+                // Nobody to fetch from (the mesh may have finished): fail
+                // clearly rather than wait forever.
+                return Err(NodeError::Data(format!(
+                    "{} blocks of this node's data are missing and no member has been reachable for {} s to fetch them from",
+                    self.block_wants.len(),
+                    FETCH_ALONE_LIMIT.as_secs()
+                )));
+            }
+        }
         for hash in ready {
             let plan = self.plan.as_ref();
             let Some(w) = self.block_wants.get_mut(&hash) else { continue };
