@@ -17,6 +17,7 @@ pub mod attack;
 pub mod bench;
 pub mod blockstore;
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 mod error;
 pub mod identity;

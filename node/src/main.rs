@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use meshtrain_gossip::libp2p::Multiaddr;
 use meshtrain_gossip::MeshConfig;
 use meshtrain_ledger::{audit, Ledger};
@@ -48,6 +48,15 @@ enum Command {
     /// Import datasets into content-addressed blocks, and check them.
     #[command(subcommand)]
     Data(DataCommand),
+    /// The node's config file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print every `node run` setting with its default, as a config file.
+    Default,
 }
 
 #[derive(Subcommand)]
@@ -166,6 +175,7 @@ enum BenchCommand {
 #[derive(Subcommand)]
 enum NodeCommand {
     /// Join (or start) a training mesh.
+    #[command(args_override_self = true)]
     Run(NodeRunArgs),
     /// One screen on a running node, read from its metrics endpoint.
     Status {
@@ -177,6 +187,11 @@ enum NodeCommand {
 
 #[derive(Args)]
 struct NodeRunArgs {
+    /// A TOML config whose keys are these flags' names with `_` for `-`
+    /// (`meshtrain config default` lists them); flags and MESHTRAIN_<KEY>
+    /// environment variables override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Keeps the identity key, the ledger and the results.
     #[arg(long)]
     data_dir: PathBuf,
@@ -469,6 +484,54 @@ struct SpecArgs {
     out: Option<PathBuf>,
 }
 
+/// `node run`'s clap command.
+fn node_run_command() -> clap::Command {
+    let mut cli = Cli::command();
+    cli.build();
+    cli.find_subcommand("node")
+        .and_then(|n| n.find_subcommand("run"))
+        .cloned()
+        .unwrap_or_else(|| clap::Command::new("run"))
+}
+
+/// Parses the command line with `node run`'s settings also read from
+/// MESHTRAIN_<KEY> variables and from `--config FILE`.
+fn parse_cli() -> Result<Cli> {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let run_at = argv.windows(2).position(|w| w[0] == "node" && w[1] == "run").map(|i| i + 2);
+    if let Some(at) = run_at {
+        let mut config = None;
+        for (i, a) in argv.iter().enumerate().skip(at) {
+            let a = a.to_string_lossy();
+            if let Some(path) = a.strip_prefix("--config=") {
+                config = Some(PathBuf::from(path));
+            } else if a == "--config" {
+                config = argv.get(i + 1).map(PathBuf::from);
+            }
+        }
+        if let Some(path) = config {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the config {}", path.display()))?;
+            let file = path.display().to_string();
+            let args = meshtrain_node::config::file_args(&file, &text, &node_run_command(), |k| std::env::var_os(k).is_some())?;
+            argv.splice(at..at, args.into_iter().map(Into::into));
+        }
+    }
+    let cmd = Cli::command().mut_subcommand("node", |n| {
+        n.mut_subcommand("run", |r| {
+            r.mut_args(|a| {
+                let id = a.get_id().as_str().to_string();
+                if matches!(id.as_str(), "help" | "config" | "log_format") {
+                    a
+                } else {
+                    a.env(meshtrain_node::config::env_name(&id))
+                }
+            })
+        })
+    });
+    let matches = cmd.try_get_matches_from(argv).unwrap_or_else(|e| e.exit());
+    Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
+}
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHTRAIN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn,libp2p_kad=error,libp2p_swarm=warn"));
@@ -487,7 +550,13 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     init_tracing(cli.log_format);
     match dispatch(cli.command) {
         Ok(code) => code,
@@ -502,6 +571,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Node(NodeCommand::Run(args)) => node_run(args),
         Command::Node(NodeCommand::Status { metrics }) => node_status(&metrics),
+        Command::Config(ConfigCommand::Default) => {
+            print!("{}", meshtrain_node::config::default_toml(&node_run_command()));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Testnet(TestnetCommand::Run(args)) => testnet_run(args),
         Command::Testnet(TestnetCommand::Matrix(args)) => testnet_matrix(args),
         Command::Ledger(cmd) => ledger(cmd),
