@@ -8,8 +8,11 @@ cd "$MESHTRAIN_ROOT"
 
 # 1. Debian packages: libclang for RocksDB's bindings, the Fashion-MNIST data,
 #    a font for the PNG plots.
+#    With --tests, also Chromium (the report test renders report.html in it).
+pkgs=(libclang-dev dataset-fashion-mnist fonts-dejavu-core)
+[ "${1:-}" = "--tests" ] && pkgs+=(chromium)
 missing=()
-for pkg in libclang-dev dataset-fashion-mnist fonts-dejavu-core; do
+for pkg in "${pkgs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -8,6 +8,7 @@
 //!
 //! Main types: [`TestnetOptions`], [`report::Summary`], [`report::NodeReport`].
 
+pub mod html;
 pub mod matrix;
 pub mod plot;
 pub mod report;
@@ -431,6 +432,10 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
         detail: e.to_string(),
     })?;
     std::fs::write(&path, text).map_err(io_err(&path))?;
+    match html::write_report(&opts.out, &summary, &load_reports(&nodes)) {
+        Ok(()) => info!(report = %opts.out.join("report.html").display(), "wrote the report"),
+        Err(e) => warn!(error = %e, "cannot write the report"),
+    }
     Ok(summary)
 }
 
@@ -463,15 +468,20 @@ fn stop_all(nodes: &mut [Running]) {
     }
 }
 
+/// Each node's results.json (None where it wrote none).
+fn load_reports(nodes: &[Running]) -> Vec<Option<NodeReport>> {
+    nodes
+        .iter()
+        .map(|n| {
+            std::fs::read(n.dir.join("results.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+        })
+        .collect()
+}
+
 fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result<Summary, TestnetError> {
-    let mut reports = Vec::new();
-    for n in nodes {
-        let path = n.dir.join("results.json");
-        let report: Option<NodeReport> = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        reports.push(report);
-    }
+    let reports = load_reports(nodes);
     let mut summary = Summary {
         nodes_total: nodes.len(),
         model: opts.model.clone(),

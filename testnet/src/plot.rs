@@ -29,6 +29,7 @@ fn ensure_font() -> Result<(), String> {
 }
 
 /// One bar chart: a title, bar labels and values.
+#[derive(Clone)]
 pub struct Bars {
     pub title: String,
     pub labels: Vec<String>,
@@ -36,6 +37,7 @@ pub struct Bars {
 }
 
 /// One line chart: a title, axis names and named series of (x, y) points.
+#[derive(Clone)]
 pub struct Lines {
     pub title: String,
     pub x_label: String,

@@ -1,0 +1,222 @@
+//! `OUT/report.html`: one self-contained page (inline SVG, no scripts, no
+//! external files) with what a testnet did, plus PNG copies of its plots.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::style::RGBColor;
+
+use crate::plot::{bars_png, bars_svg, lines_png, lines_svg, Bars, Lines};
+use crate::report::{NodeReport, Summary};
+
+const ATTACKER: RGBColor = RGBColor(214, 39, 40);
+
+fn honest_colour(i: usize) -> RGBColor {
+    // Blues and greens for honest nodes; red is kept for attackers.
+    const HONEST: [RGBColor; 6] = [
+        RGBColor(31, 119, 180),
+        RGBColor(44, 160, 44),
+        RGBColor(23, 190, 207),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(127, 127, 127),
+    ];
+    HONEST[i % HONEST.len()]
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn node_label(i: usize, r: &NodeReport) -> String {
+    match &r.attack {
+        Some(a) => format!("node {i} ({a})"),
+        None => format!("node {i}"),
+    }
+}
+
+/// A per-round curve for every node; attackers drawn in red.
+fn curves(reports: &[Option<NodeReport>], title: &str, y: &str, value: impl Fn(&crate::report::RoundRecord) -> f32) -> Lines {
+    let series = reports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)))
+        .map(|(i, r)| {
+            let pts: Vec<(f64, f64)> = r
+                .history
+                .iter()
+                .map(|h| (h.round as f64, f64::from(value(h))))
+                .filter(|(_, v)| v.is_finite())
+                .collect();
+            let colour = if r.honest { honest_colour(i) } else { ATTACKER };
+            (node_label(i, r), pts, colour)
+        })
+        .collect();
+    Lines {
+        title: title.to_string(),
+        x_label: "round".into(),
+        y_label: y.into(),
+        series,
+    }
+}
+
+/// The mesh as seen by its nodes: who connected to whom.
+fn mesh_svg(reports: &[Option<NodeReport>]) -> String {
+    let n = reports.len().max(1);
+    let (w, h, radius) = (420.0, 420.0, 160.0);
+    let pos: Vec<(f64, f64)> = (0..n)
+        .map(|i| {
+            let a = std::f64::consts::TAU * i as f64 / n as f64 - std::f64::consts::FRAC_PI_2;
+            (w / 2.0 + radius * a.cos(), h / 2.0 + radius * a.sin())
+        })
+        .collect();
+    let index: BTreeMap<&str, usize> = reports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().map(|r| (r.author.as_str(), i)))
+        .collect();
+    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" class="mesh">"#);
+    let mut edges = std::collections::BTreeSet::new();
+    for (i, r) in reports.iter().enumerate() {
+        for p in r.iter().flat_map(|r| &r.peers_seen) {
+            if let Some(&j) = index.get(p.as_str()).filter(|j| **j != i) {
+                edges.insert((i.min(j), i.max(j)));
+            }
+        }
+    }
+    for (a, b) in &edges {
+        let _ = write!(
+            svg,
+            r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#999" stroke-width="1"/>"##,
+            pos[*a].0, pos[*a].1, pos[*b].0, pos[*b].1
+        );
+    }
+    for (i, r) in reports.iter().enumerate() {
+        let (x, y) = pos[i];
+        let (fill, label) = match r {
+            Some(r) if r.honest => ("#1f77b4", format!("{i}")),
+            Some(r) => ("#d62728", format!("{i} {}", r.attack.clone().unwrap_or_default())),
+            None => ("#ccc", format!("{i} (no report)")),
+        };
+        let _ = write!(
+            svg,
+            r#"<circle cx="{x:.1}" cy="{y:.1}" r="14" fill="{fill}"/><text x="{x:.1}" y="{:.1}" text-anchor="middle" font-family="sans-serif" font-size="12" fill="white">{}</text>"#,
+            y + 4.0,
+            escape(label.split(' ').next().unwrap_or_default())
+        );
+        if label.contains(' ') {
+            let _ = write!(
+                svg,
+                r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle" font-family="sans-serif" font-size="11">{}</text>"#,
+                y + 30.0,
+                escape(&label)
+            );
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// Writes OUT/report.html and OUT/plots/*.png.
+pub fn write_report(out: &Path, summary: &Summary, reports: &[Option<NodeReport>]) -> Result<(), String> {
+    let accuracy = curves(reports, "Test accuracy", "accuracy", |h| h.test_acc);
+    let loss = curves(reports, "Test loss", "loss", |h| h.test_loss);
+    let bytes = Bars {
+        title: "MiB sent per node".into(),
+        labels: (0..reports.len()).map(|i| i.to_string()).collect(),
+        values: reports.iter().map(|r| r.as_ref().map_or(0.0, |r| r.bytes_sent as f64 / 1048576.0)).collect(),
+    };
+    // Rejections summed over the honest nodes that made them.
+    let short: BTreeMap<String, String> = reports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().map(|r| (r.author.clone(), format!("node {i}"))))
+        .collect();
+    let mut by_author: BTreeMap<String, u64> = BTreeMap::new();
+    let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+    for r in reports.iter().flatten().filter(|r| r.honest) {
+        for (a, n) in &r.rejected_by_author {
+            *by_author.entry(short.get(a).cloned().unwrap_or_else(|| a.chars().take(8).collect())).or_default() += n;
+        }
+        for (why, n) in &r.rejected_by_reason {
+            *by_reason.entry(why.clone()).or_default() += n;
+        }
+    }
+    let rejected_author = Bars {
+        title: "Updates rejected by honest nodes, by author".into(),
+        labels: by_author.keys().cloned().collect(),
+        values: by_author.values().map(|v| *v as f64).collect(),
+    };
+    let rejected_reason = Bars {
+        title: "Updates rejected by honest nodes, by reason".into(),
+        labels: by_reason.keys().cloned().collect(),
+        values: by_reason.values().map(|v| *v as f64).collect(),
+    };
+
+    let plots = out.join("plots");
+    std::fs::create_dir_all(&plots).map_err(|e| format!("{}: {e}", plots.display()))?;
+    lines_png(&plots.join("accuracy.png"), &accuracy)?;
+    lines_png(&plots.join("loss.png"), &loss)?;
+    bars_png(&plots.join("bytes.png"), std::slice::from_ref(&bytes))?;
+    bars_png(&plots.join("rejected.png"), &[rejected_author.clone(), rejected_reason.clone()])?;
+
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>meshtrain testnet report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}figure{{display:inline-block;margin:0.5em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}.bad{{color:#d62728;font-weight:bold}}</style>
+</head><body><h1>meshtrain testnet</h1>
+<p>{} nodes, model {}, codec {}, aggregator {}, H = {}, {} rounds, {:.1} s. Honest test accuracy: mean {:.2}%, min {:.2}%.
+Audit failures: <b>{}</b>. Restarts: {}. Records lost across kills: {}.</p>"#,
+        summary.nodes_total,
+        escape(&summary.model),
+        escape(&summary.codec),
+        escape(&summary.aggregator),
+        summary.local_steps,
+        summary.rounds,
+        summary.wall_s,
+        100.0 * summary.honest_mean_acc,
+        100.0 * summary.honest_min_acc,
+        summary.audit_failures,
+        summary.restarts,
+        summary.lost_records,
+    );
+    html.push_str(r#"<h2>Learning</h2><figure id="accuracy">"#);
+    html.push_str(&lines_svg(&accuracy)?);
+    html.push_str(r#"</figure><figure id="loss">"#);
+    html.push_str(&lines_svg(&loss)?);
+    html.push_str(r#"</figure><h2>Network</h2><figure id="bytes">"#);
+    html.push_str(&bars_svg(&bytes)?);
+    html.push_str(r#"</figure><figure id="mesh"><figcaption>Mesh: who connected to whom (red: attackers)</figcaption>"#);
+    html.push_str(&mesh_svg(reports));
+    html.push_str(r#"</figure><h2>Poisoning defences</h2><figure id="rejected-author">"#);
+    html.push_str(&bars_svg(&rejected_author)?);
+    html.push_str(r#"</figure><figure id="rejected-reason">"#);
+    html.push_str(&bars_svg(&rejected_reason)?);
+    html.push_str("</figure><h2>Ledger audits</h2><table id=\"audits\"><tr><th>node</th><th>role</th><th>test acc</th><th>records</th><th>audit</th></tr>");
+    for n in &summary.nodes {
+        let role = n.attack.clone().unwrap_or_else(|| "honest".into());
+        let audit = if n.audit_ok {
+            "ok".to_string()
+        } else {
+            format!(
+                r#"<span class="bad">FAILED: {}</span>"#,
+                escape(n.audit_first_problem.as_deref().unwrap_or("no audit"))
+            )
+        };
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{:.2}%</td><td>{}</td><td>{}</td></tr>",
+            n.index,
+            escape(&role),
+            100.0 * n.final_test_acc,
+            n.audit_records,
+            audit
+        );
+    }
+    html.push_str("</table></body></html>\n");
+    let path = out.join("report.html");
+    std::fs::write(&path, html).map_err(|e| format!("{}: {e}", path.display()))
+}
