@@ -347,6 +347,9 @@ fn parse_churn(s: &str) -> Result<(u64, u64)> {
 struct TestnetArgs {
     #[command(flatten)]
     common: CommonTestnetArgs,
+    /// Serve the report live at http://ADDR/ while the testnet runs.
+    #[arg(long)]
+    dashboard: Option<std::net::SocketAddr>,
     #[arg(long, default_value = "mlp")]
     model: Arch,
     /// H: local steps per round.
@@ -988,6 +991,7 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
         node_args: vec!["--eval-every".to_string(), c.eval_every.to_string()],
         churn: c.churn.as_deref().map(parse_churn).transpose()?,
         late_join: c.late_join,
+        dashboard: None,
     })
 }
 
@@ -1000,6 +1004,7 @@ fn testnet_run(args: TestnetArgs) -> Result<ExitCode> {
         local_steps: args.local_steps,
         codec: args.codec.to_string(),
         aggregator: args.aggregator.to_string(),
+        dashboard: args.dashboard,
         ..base_options(&args.common, args.attack.map(|a| a.to_string()))?
     };
     let summary = meshtrain_testnet::run(&opts)?;

@@ -1501,6 +1501,10 @@ impl Node {
         if let Err(e) = write_json(&self.data_dir.join("progress.json"), &progress) {
             debug!(error = %e, "cannot write progress.json");
         }
+        // What a live dashboard shows: the report so far.
+        if let Err(e) = write_json(&self.data_dir.join("live.json"), &self.report()) {
+            debug!(error = %e, "cannot write live.json");
+        }
         info!(
             round = done.round,
             merged = merged + 1,

@@ -118,8 +118,16 @@ fn mesh_svg(reports: &[Option<NodeReport>]) -> String {
     svg
 }
 
-/// Writes OUT/report.html and OUT/plots/*.png.
-pub fn write_report(out: &Path, summary: &Summary, reports: &[Option<NodeReport>]) -> Result<(), String> {
+/// The plots of a report, for SVG and PNG alike.
+struct Plots {
+    accuracy: Lines,
+    loss: Lines,
+    bytes: Bars,
+    rejected_author: Bars,
+    rejected_reason: Bars,
+}
+
+fn plots(reports: &[Option<NodeReport>]) -> Plots {
     let accuracy = curves(reports, "Test accuracy", "accuracy", |h| h.test_acc);
     let loss = curves(reports, "Test loss", "loss", |h| h.test_loss);
     let bytes = Bars {
@@ -154,17 +162,44 @@ pub fn write_report(out: &Path, summary: &Summary, reports: &[Option<NodeReport>
         values: by_reason.values().map(|v| *v as f64).collect(),
     };
 
-    let plots = out.join("plots");
-    std::fs::create_dir_all(&plots).map_err(|e| format!("{}: {e}", plots.display()))?;
-    lines_png(&plots.join("accuracy.png"), &accuracy)?;
-    lines_png(&plots.join("loss.png"), &loss)?;
-    bars_png(&plots.join("bytes.png"), std::slice::from_ref(&bytes))?;
-    bars_png(&plots.join("rejected.png"), &[rejected_author.clone(), rejected_reason.clone()])?;
+    Plots {
+        accuracy,
+        loss,
+        bytes,
+        rejected_author,
+        rejected_reason,
+    }
+}
 
+/// Writes OUT/report.html and OUT/plots/*.png.
+pub fn write_report(out: &Path, summary: &Summary, reports: &[Option<NodeReport>]) -> Result<(), String> {
+    let p = plots(reports);
+    let dir = out.join("plots");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    lines_png(&dir.join("accuracy.png"), &p.accuracy)?;
+    lines_png(&dir.join("loss.png"), &p.loss)?;
+    bars_png(&dir.join("bytes.png"), std::slice::from_ref(&p.bytes))?;
+    bars_png(&dir.join("rejected.png"), &[p.rejected_author.clone(), p.rejected_reason.clone()])?;
+    let html = render(summary, reports, None)?;
+    let path = out.join("report.html");
+    std::fs::write(&path, html).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The page. With `live = Some(seconds)` it reloads itself that often and
+/// shows audits as pending (they run once the nodes have stopped).
+pub fn render(summary: &Summary, reports: &[Option<NodeReport>], live: Option<u32>) -> Result<String, String> {
+    let Plots {
+        accuracy,
+        loss,
+        bytes,
+        rejected_author,
+        rejected_reason,
+    } = plots(reports);
+    let refresh = live.map_or(String::new(), |s| format!(r#"<meta http-equiv="refresh" content="{s}">"#));
     let mut html = String::new();
     let _ = write!(
         html,
-        r#"<!doctype html><html><head><meta charset="utf-8"><title>meshtrain testnet report</title>
+        r#"<!doctype html><html><head><meta charset="utf-8">{refresh}<title>meshtrain testnet report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}figure{{display:inline-block;margin:0.5em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}.bad{{color:#d62728;font-weight:bold}}</style>
 </head><body><h1>meshtrain testnet</h1>
@@ -198,7 +233,9 @@ Audit failures: <b>{}</b>. Restarts: {}. Records lost across kills: {}.</p>"#,
     html.push_str("</figure><h2>Ledger audits</h2><table id=\"audits\"><tr><th>node</th><th>role</th><th>test acc</th><th>records</th><th>audit</th></tr>");
     for n in &summary.nodes {
         let role = n.attack.clone().unwrap_or_else(|| "honest".into());
-        let audit = if n.audit_ok {
+        let audit = if live.is_some() {
+            "pending (runs at the end)".to_string()
+        } else if n.audit_ok {
             "ok".to_string()
         } else {
             format!(
@@ -217,6 +254,5 @@ Audit failures: <b>{}</b>. Restarts: {}. Records lost across kills: {}.</p>"#,
         );
     }
     html.push_str("</table></body></html>\n");
-    let path = out.join("report.html");
-    std::fs::write(&path, html).map_err(|e| format!("{}: {e}", path.display()))
+    Ok(html)
 }

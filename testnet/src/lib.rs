@@ -8,6 +8,7 @@
 //!
 //! Main types: [`TestnetOptions`], [`report::Summary`], [`report::NodeReport`].
 
+pub mod dashboard;
 pub mod html;
 pub mod matrix;
 pub mod plot;
@@ -89,6 +90,8 @@ pub struct TestnetOptions {
     pub churn: Option<(u64, u64)>,
     /// Nodes that join once the mesh is a third of the way through.
     pub late_join: usize,
+    /// Serve the report live at http://ADDR/ while the run goes on.
+    pub dashboard: Option<std::net::SocketAddr>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TestnetError + '_ {
@@ -283,10 +286,34 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
             std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         }
     }
+    let report_page = opts.out.join("report.html");
+    if report_page.exists() {
+        std::fs::remove_file(&report_page).map_err(io_err(&report_page))?;
+    }
     let store = dataset_store(opts)?;
     let spec = opts.out.join("run.toml");
     write_spec(opts, &store, &spec)?;
     info!(nodes = opts.nodes, out = %opts.out.display(), "starting testnet");
+    if let Some(addr) = opts.dashboard {
+        let board = dashboard::Board {
+            out: opts.out.clone(),
+            template: Summary {
+                model: opts.model.clone(),
+                codec: opts.codec.clone(),
+                aggregator: opts.aggregator.clone(),
+                local_steps: opts.local_steps,
+                ..Default::default()
+            },
+            started,
+            dirs: std::sync::Arc::new(std::sync::Mutex::new(
+                (0..opts.nodes + opts.late_join).map(|i| opts.out.join(format!("node-{i}"))).collect(),
+            )),
+        };
+        dashboard::serve(addr, board).map_err(|e| TestnetError::Io {
+            path: PathBuf::from(format!("dashboard {addr}")),
+            source: e,
+        })?;
+    }
 
     let mut nodes = Vec::with_capacity(opts.nodes + opts.late_join);
     let first = spawn_node(opts, 0, &spec, &[], Some(&store), opts.nodes - 1)?;

@@ -154,6 +154,8 @@ pub fn lines_png(path: &Path, chart: &Lines) -> Result<(), String> {
 
 /// One line chart as an SVG document (for inline use in HTML).
 pub fn lines_svg(chart: &Lines) -> Result<String, String> {
+    // Text extents are measured with the font even for SVG.
+    ensure_font()?;
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (900, 420)).into_drawing_area();
@@ -166,6 +168,7 @@ pub fn lines_svg(chart: &Lines) -> Result<String, String> {
 
 /// One bar chart as an SVG document.
 pub fn bars_svg(chart: &Bars) -> Result<String, String> {
+    ensure_font()?;
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (900, 320)).into_drawing_area();
