@@ -159,3 +159,21 @@ pub fn audit(dir: &Path) -> (AuditReport, ExitStatus) {
         .unwrap_or_else(|e| panic!("audit output: {e}: {}", String::from_utf8_lossy(&out.stderr)));
     (report, out.status)
 }
+
+/// The round a node reports in DIR/progress.json (0 before its first).
+pub fn progress_round(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("progress.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["round"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Waits until the node in DIR has reached ROUND (panics after 3 minutes).
+pub fn wait_round(dir: &Path, round: u64) {
+    let start = Instant::now();
+    while progress_round(dir) < round {
+        assert!(start.elapsed() < Duration::from_secs(180), "never reached round {round}:\n{}", log_tail(dir));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -6,29 +6,14 @@
 //! all nodes end with the same model, and `ledger compare` across the halves
 //! finds no divergence.
 
-use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use meshtrain_tests::{audit, log_tail, meshtrain_bin, results, spawn_node, spec_new, wait_all, wait_listen};
+use meshtrain_tests::{
+    audit, log_tail, meshtrain_bin, progress_round, results, spawn_node, spec_new, wait_all, wait_listen, wait_round,
+};
 
 const ROUNDS: u64 = 40;
-
-fn progress_round(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join("progress.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["round"].as_u64())
-        .unwrap_or(0)
-}
-
-fn wait_round(dir: &Path, round: u64) {
-    let start = Instant::now();
-    while progress_round(dir) < round {
-        assert!(start.elapsed() < Duration::from_secs(180), "never reached round {round}:\n{}", log_tail(dir));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn halves_converge_after_a_partition_heals() {
@@ -40,6 +25,7 @@ fn halves_converge_after_a_partition_heals() {
         a.extend(["--deny-peers".to_string(), deny(i).to_string_lossy().into_owned()]);
         if i == 0 {
             a.extend(["--data".to_string(), store.to_string_lossy().into_owned()]);
+            a.extend(["--metrics".to_string(), "127.0.0.1:0".to_string()]);
         }
         a
     };
@@ -63,6 +49,15 @@ fn halves_converge_after_a_partition_heals() {
         std::fs::write(deny(i), other.join("\n")).expect("write deny-list");
     }
     let split_at = progress_round(&nodes[0].dir);
+
+    // An operator's view of node 0 meanwhile: `node status` on its metrics.
+    let listen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(nodes[0].dir.join("listen.json")).expect("listen.json")).expect("json");
+    let url = listen["metrics"].as_str().expect("listen.json names the metrics URL").to_string();
+    let status = Command::new(meshtrain_bin()).args(["node", "status", "--metrics", &url]).output().expect("node status");
+    let screen = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "node status: {}", String::from_utf8_lossy(&status.stderr));
+    assert!(screen.contains("round") && screen.contains("updates       received"), "{screen}");
     wait_round(&nodes[0].dir, split_at + 8);
     wait_round(&nodes[2].dir, split_at + 8);
     for i in 0..4 {

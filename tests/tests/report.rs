@@ -16,6 +16,16 @@ fn count_near(img: &[u8], channels: usize, colour: [u8; 3]) -> usize {
         .count()
 }
 
+/// The screenshot's pixels and channels per pixel.
+fn pixels(shot: &Path) -> (Vec<u8>, usize) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(shot).expect("screenshot")));
+    let mut reader = decoder.read_info().expect("screenshot is a PNG");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("screenshot decodes");
+    buf.truncate(info.buffer_size());
+    (buf, info.color_type.samples())
+}
+
 fn screenshot(page: &Path, shot: &Path) {
     let out = Command::new(CHROMIUM)
         .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,3200"])
@@ -48,12 +58,8 @@ fn report_renders_in_chromium_with_attackers_told_apart() {
 
     let shot = tmp.path().join("shot.png");
     screenshot(&page, &shot);
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).expect("screenshot")));
-    let mut reader = decoder.read_info().expect("screenshot is a PNG");
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).expect("screenshot decodes");
-    let channels = info.color_type.samples();
-    let img = &buf[..info.buffer_size()];
+    let (img, channels) = pixels(&shot);
+    let img = &img[..];
     // The attacker's curve and node are drawn in red, honest ones in blue,
     // bars in a lighter blue: each must show up as actual pixels.
     let red = count_near(img, channels, [214, 39, 40]);
@@ -71,10 +77,6 @@ fn report_renders_in_chromium_with_attackers_told_apart() {
     std::fs::write(&stripped, without).expect("write stripped page");
     let shot2 = tmp.path().join("shot2.png");
     screenshot(&stripped, &shot2);
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot2).expect("screenshot")));
-    let mut reader = decoder.read_info().expect("screenshot is a PNG");
-    let mut buf2 = vec![0; reader.output_buffer_size()];
-    let info2 = reader.next_frame(&mut buf2).expect("screenshot decodes");
-    let img2 = &buf2[..info2.buffer_size()];
-    assert!(count_near(img2, info2.color_type.samples(), [214, 39, 40]) < red / 10);
+    let (img2, channels2) = pixels(&shot2);
+    assert!(count_near(&img2, channels2, [214, 39, 40]) < red / 10);
 }

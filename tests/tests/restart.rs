@@ -8,27 +8,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use meshtrain_tests::{audit, log_tail, meshtrain_bin, results, spawn_node, spec_new, wait_all, wait_listen};
+use meshtrain_tests::{
+    audit, log_tail, meshtrain_bin, results, spawn_node, spec_new, wait_all, wait_listen, wait_round,
+};
 
 const ROUNDS: u64 = 40;
-
-fn progress_round(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join("progress.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["round"].as_u64())
-        .unwrap_or(0)
-}
-
-fn wait_round(dir: &Path, round: u64) {
-    let start = Instant::now();
-    while progress_round(dir) < round {
-        assert!(start.elapsed() < Duration::from_secs(180), "mesh never reached round {round}:\n{}", log_tail(dir));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// `ledger export DIR`: the records of AUTHOR, seq -> record hash.
 fn chain_of(dir: &Path, author: &str) -> BTreeMap<u64, String> {
