@@ -57,6 +57,8 @@ struct Packer<'s> {
     block_size: usize,
     blocks: std::cell::RefCell<Vec<(String, BlockInfo)>>,
     error: std::cell::RefCell<Option<NodeError>>,
+    /// Blocks written so far (drawn only when stderr is a terminal).
+    bar: indicatif::ProgressBar,
 }
 
 impl<'s> Packer<'s> {
@@ -67,11 +69,13 @@ impl<'s> Packer<'s> {
                 self.error.borrow_mut().get_or_insert(e);
             }
             self.blocks.borrow_mut().push((split.clone(), info));
+            self.bar.inc(1);
             Ok(())
         })
     }
 
     fn finish(self) -> Result<BTreeMap<String, Vec<BlockInfo>>, NodeError> {
+        self.bar.finish_and_clear();
         if let Some(e) = self.error.into_inner() {
             return Err(e);
         }
@@ -154,6 +158,10 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport, NodeError> {
         block_size: opts.block_size,
         blocks: Default::default(),
         error: Default::default(),
+        bar: indicatif::ProgressBar::new_spinner().with_style(
+            indicatif::ProgressStyle::with_template("{spinner} importing: {pos} blocks written, {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        ),
     };
     let schema = match opts.format {
         Format::Idx | Format::Cifar10 => {

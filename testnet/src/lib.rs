@@ -347,6 +347,11 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
     let mut late_started = opts.late_join == 0;
     let deadline = started + opts.timeout;
     let mut last_note = Instant::now();
+    // Drawn only when stderr is a terminal; logs say the same otherwise.
+    let bar = indicatif::ProgressBar::new(if rounds == u64::MAX { 0 } else { rounds }).with_style(
+        indicatif::ProgressStyle::with_template("{spinner} round {pos}/{len} {wide_bar} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     loop {
         let progress = mesh_round(&nodes);
         // No kills whose restart would come after the mesh has finished.
@@ -428,13 +433,17 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
             }
         }
         if running == 0 && down.is_empty() && late_started {
+            bar.finish_and_clear();
             break;
         }
         if Instant::now() > deadline {
+            bar.abandon();
             stop_all(&mut nodes);
             return Err(TestnetError::Timeout(opts.timeout.as_secs()));
         }
-        if last_note.elapsed() > Duration::from_secs(30) {
+        bar.set_position(mesh_round(&nodes));
+        bar.set_message(format!("{running} nodes running"));
+        if bar.is_hidden() && last_note.elapsed() > Duration::from_secs(30) {
             info!(running, elapsed_s = started.elapsed().as_secs(), "testnet still running");
             last_note = Instant::now();
         }
