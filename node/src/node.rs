@@ -1059,6 +1059,9 @@ impl Node {
 
     fn start_round(&mut self) -> Result<(), NodeError> {
         let round = self.round();
+        if self.republish_own(round) {
+            return Ok(());
+        }
         self.trainer_cmd(TrainerCmd::Round {
                 round,
                 anchor: self.anchor.clone(),
@@ -1225,6 +1228,29 @@ impl Node {
             Ok(e) => self.sign_and_store(c.round, e.bytes, Arc::new(e.decoded), c.eval, c.stats, c.train_ms),
             Err(e) => warn!(error = %e, "cannot encode the crafted update"),
         }
+    }
+
+    /// After a restart our record for ROUND may already be signed (the
+    /// node died between publishing and closing the round). Training again
+    /// would contribute twice; publish the stored record again and wait.
+    fn republish_own(&mut self, round: u64) -> bool {
+        let Some(head) = self.ledger.head(&self.me) else { return false };
+        let Ok(Some(signed)) = self.ledger.record(&self.me, head.seq) else { return false };
+        if signed.record.round != round {
+            return false;
+        }
+        let Ok(Some(payload)) = self.ledger.payload(&signed.record.payload_hash) else { return false };
+        let Ok(decoded) = meshtrain_model::codec::decode(&payload, self.anchor.len()) else { return false };
+        info!(round, seq = head.seq.0, "our update for this round was signed before the restart; publishing it again");
+        self.own = Some(OwnRound {
+            round,
+            eval: None,
+            stats: StepStats::default(),
+            decoded: Arc::new(decoded),
+            train_ms: 0,
+        });
+        self.publish_own(signed, payload);
+        true
     }
 
     fn publish_own(&mut self, signed: meshtrain_ledger::SignedRecord, payload: Vec<u8>) {

@@ -1,4 +1,5 @@
-//! `node run --config FILE`: the file from `meshtrain config default` works
+//! `data inspect --plot` on an imported store; then `node run --config
+//! FILE`: the file from `meshtrain config default` works
 //! once its required keys are filled in; MESHTRAIN_<KEY> variables override
 //! the file and flags override both; an unknown key is an error naming it.
 
@@ -10,6 +11,17 @@ use meshtrain_tests::{import_fashion_mnist, meshtrain_bin};
 fn config_file_environment_and_flags_in_that_order() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = import_fashion_mnist(tmp.path());
+    // The operator's look at the data first: every block verified, a plot.
+    let plot = tmp.path().join("inspect.png");
+    let out = Command::new(meshtrain_bin())
+        .args(["data", "inspect"])
+        .arg(&store)
+        .arg("--plot")
+        .arg(&plot)
+        .output()
+        .expect("data inspect");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::metadata(&plot).map(|m| m.len() > 1000).unwrap_or(false), "no plot written");
     let spec = tmp.path().join("run.toml");
     let out = Command::new(meshtrain_bin())
         .args(["spec", "new", "--rounds", "3", "--local-steps", "5", "--nodes", "1", "--data"])

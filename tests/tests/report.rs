@@ -1,5 +1,6 @@
-//! `testnet run` writes report.html: a self-contained page whose plots
-//! render in a real browser (Debian's headless Chromium, installed by
+//! `testnet run --dashboard` serves the report live, and writes
+//! report.html at the end: a self-contained page whose plots render in a
+//! real browser (Debian's headless Chromium, installed by
 //! `scripts/setup.sh --tests`), with honest nodes and attackers told apart.
 
 use std::path::Path;
@@ -26,6 +27,18 @@ fn pixels(shot: &Path) -> (Vec<u8>, usize) {
     (buf, info.color_type.samples())
 }
 
+/// GET / on 127.0.0.1:PORT; the body, if the server answered 200.
+fn http_get(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200").then(|| body.to_string()).or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_string()))
+}
+
 fn screenshot(page: &Path, shot: &Path) {
     let out = Command::new(CHROMIUM)
         .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,3200"])
@@ -40,12 +53,32 @@ fn screenshot(page: &Path, shot: &Path) {
 fn report_renders_in_chromium_with_attackers_told_apart() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out_dir = tmp.path().join("net");
-    let out = Command::new(meshtrain_bin())
-        .args(["testnet", "run", "--nodes", "4", "--byzantine", "1", "--attack", "sign-flip", "--rounds", "6", "--out"])
+    // A free port for the live dashboard (taken back just before use).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut testnet = Command::new(meshtrain_bin())
+        .args(["testnet", "run", "--nodes", "4", "--byzantine", "1", "--attack", "sign-flip", "--rounds", "12", "--out"])
         .arg(&out_dir)
-        .output()
+        .args(["--dashboard", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
         .expect("run testnet");
-    assert!(out.status.success(), "testnet failed: {}", String::from_utf8_lossy(&out.stderr));
+    // While it runs, the dashboard serves the page live, plots included.
+    let mut live = None;
+    while testnet.try_wait().expect("wait").is_none() {
+        if let Some(page) = http_get(port).filter(|p| p.contains("http-equiv=\"refresh\"") && p.contains("<svg")) {
+            live = Some(page);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let status = testnet.wait().expect("testnet");
+    assert!(status.success(), "testnet failed: see {}", out_dir.display());
+    let live = live.expect("the dashboard never served a live page while the testnet ran");
+    assert!(live.contains("pending (runs at the end)"), "a live page shows audits as pending");
     let page = out_dir.join("report.html");
     let html = std::fs::read_to_string(&page).expect("report.html");
     for id in ["accuracy", "loss", "bytes", "mesh", "rejected-author", "rejected-reason", "audits"] {
