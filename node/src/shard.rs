@@ -147,6 +147,8 @@ pub struct FetchStats {
     pub finished_ms: Option<u64>,
     /// Since when no member has been connected to fetch from.
     pub alone_since: Option<Instant>,
+    /// Blocks fetched of those wanted (drawn only when stderr is a terminal).
+    pub bar: Option<indicatif::ProgressBar>,
 }
 
 /// Orders candidates for a block: its holders first, then everyone else.

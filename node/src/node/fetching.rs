@@ -90,6 +90,16 @@ impl Node {
             .collect();
         if !missing.is_empty() {
             info!(blocks = missing.len(), members = others.len() + 1, "fetching blocks for this node's shard");
+            match &self.fetch.bar {
+                Some(bar) => bar.inc_length(missing.len() as u64),
+                None => {
+                    let bar = indicatif::ProgressBar::new(missing.len() as u64).with_style(
+                        indicatif::ProgressStyle::with_template("{spinner} fetching blocks {pos}/{len} {wide_bar} {per_sec}")
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    self.fetch.bar = Some(bar);
+                }
+            }
         }
         for h in missing {
             self.want_block(h);
@@ -192,6 +202,15 @@ impl Node {
                 self.fetch.blocks += 1;
                 self.fetch.bytes += bytes.len() as u64;
                 let left = self.block_wants.len();
+                if let Some(bar) = &self.fetch.bar {
+                    bar.inc(1);
+                    if left == 0 {
+                        bar.finish_and_clear();
+                    }
+                }
+                if left == 0 {
+                    self.fetch.bar = None;
+                }
                 if left % 10 == 0 || left < 3 {
                     info!(blocks_fetched = self.fetch.blocks, left, "fetching blocks");
                 }
