@@ -177,3 +177,15 @@ pub fn wait_round(dir: &Path, round: u64) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits for every node to exit, then checks each exited 0, audits clean
+/// and holds no equivocation proof.
+pub fn wait_all_clean(nodes: &mut [NodeProc], within: Duration) {
+    let statuses = wait_all(nodes, within);
+    for (i, s) in statuses.iter().enumerate() {
+        assert!(s.success(), "node {i} failed:\n{}", log_tail(&nodes[i].dir));
+        let (report, status) = audit(&nodes[i].dir);
+        assert!(status.success() && report.ok, "node {i} audit: {:?}", report.problems);
+        assert_eq!(report.proofs, 0, "node {i} holds an equivocation proof");
+    }
+}
