@@ -4,15 +4,20 @@
 //! kept for the next round (error feedback), so nothing the codec drops is
 //! lost for good.
 //!
-//! Wire format, version 1 (all integers little-endian):
+//! Wire format, version 2 (all integers little-endian):
 //!
 //! ```text
-//! "MTD" 0x01 | mode u8 | n u32 (parameter count) | body
+//! "MTD" 0x02 | mode u8 | n u32 (parameter count) | body | exact
 //!   dense: n × f32            fp16 / bf16: n × u16
 //!   top-k: k u32 | chunk u32 | index-mode u8 (0 varint gaps, 1 bitmap)
 //!          | index-bytes u32 | indices | ceil(k/chunk) × f32 scales
 //!          | int8: k × i8   sign: ceil(k/8) bytes, bit set = negative
+//!   exact: ranges u32 | ranges × (start u32 | len u32 | len × f32)
 //! ```
+//!
+//! The exact ranges carry values that must not be approximated, whatever
+//! the mode: batch-norm running statistics, which a sign or int8 code
+//! would turn into nonsense (the model then evaluates at chance).
 //!
 //! Decoding checks every length against the bytes actually present before it
 //! allocates, so hostile input costs at most what it weighs.
@@ -25,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 
-const MAGIC: [u8; 4] = *b"MTD\x01";
+const MAGIC: [u8; 4] = *b"MTD\x02";
 const HEADER: usize = 9;
 /// Values that share one scale in the top-k modes.
 pub const SCALE_CHUNK: usize = 256;
@@ -156,6 +161,8 @@ pub struct Encoded {
 pub struct DeltaEncoder {
     spec: CodecSpec,
     residual: Vec<f32>,
+    /// Index ranges always sent exactly (batch-norm buffers).
+    exact: Vec<std::ops::Range<usize>>,
 }
 
 impl DeltaEncoder {
@@ -163,7 +170,20 @@ impl DeltaEncoder {
         Self {
             spec,
             residual: vec![0.0; params],
+            exact: Vec::new(),
         }
+    }
+
+    /// Sends these index ranges exactly, outside the lossy code (ranges
+    /// beyond the parameter count are clipped to it).
+    pub fn with_exact_ranges(mut self, ranges: Vec<std::ops::Range<usize>>) -> Self {
+        let n = self.residual.len();
+        self.exact = ranges
+            .into_iter()
+            .map(|r| r.start.min(n)..r.end.min(n))
+            .filter(|r| !r.is_empty())
+            .collect();
+        self
     }
 
     pub fn spec(&self) -> CodecSpec {
@@ -198,7 +218,7 @@ impl DeltaEncoder {
         for (r, d) in x.iter_mut().zip(delta) {
             *r += *d;
         }
-        let bytes = encode(self.spec, &x);
+        let bytes = encode_with_exact(self.spec, &x, &self.exact);
         let decoded = decode(&bytes, x.len())?;
         for (r, d) in x.iter_mut().zip(&decoded) {
             *r -= *d;
@@ -218,6 +238,35 @@ fn header(mode: u8, n: usize, body: usize) -> Vec<u8> {
 
 /// Encodes `x` in one shot (no error feedback).
 pub fn encode(spec: CodecSpec, x: &[f32]) -> Vec<u8> {
+    encode_with_exact(spec, x, &[])
+}
+
+/// Encodes `x`, with the values in `exact` (in-range, non-overlapping
+/// ranges) sent as they are and left out of the lossy code.
+pub fn encode_with_exact(spec: CodecSpec, x: &[f32], exact: &[std::ops::Range<usize>]) -> Vec<u8> {
+    let mut lossy;
+    let body_input = if exact.is_empty() {
+        x
+    } else {
+        lossy = x.to_vec();
+        for r in exact {
+            lossy[r.clone()].iter_mut().for_each(|v| *v = 0.0);
+        }
+        &lossy[..]
+    };
+    let mut out = encode_body(spec, body_input);
+    out.extend_from_slice(&(exact.len() as u32).to_le_bytes());
+    for r in exact {
+        out.extend_from_slice(&(r.start as u32).to_le_bytes());
+        out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+        for v in &x[r.clone()] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+fn encode_body(spec: CodecSpec, x: &[f32]) -> Vec<u8> {
     let n = x.len();
     match spec {
         CodecSpec::Dense => {
@@ -389,7 +438,7 @@ impl<'a> Reader<'a> {
 /// The parameter count a payload claims, read from its header only.
 pub fn peek_len(bytes: &[u8]) -> Result<usize, CodecError> {
     if bytes.len() < HEADER || bytes[..4] != MAGIC {
-        return Err(malformed("no MTD v1 header"));
+        return Err(malformed("no MTD v2 header"));
     }
     Ok(u32::from_le_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) as usize)
 }
@@ -410,7 +459,7 @@ pub fn decode(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
     if n != expected {
         return Err(CodecError::WrongShape { expected, got: n });
     }
-    let out = match mode {
+    let mut out = match mode {
         0 => {
             let body = r.take(4 * n, "dense values")?;
             body.chunks_exact(4)
@@ -433,6 +482,18 @@ pub fn decode(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
         3 | 4 => decode_topk(&mut r, n, mode == 4)?,
         other => return Err(malformed(format!("unknown mode {other}"))),
     };
+    let ranges = r.u32("exact range count")? as usize;
+    for i in 0..ranges {
+        let start = r.u32("exact range start")? as usize;
+        let len = r.u32("exact range length")? as usize;
+        if start.checked_add(len).is_none_or(|end| end > n) {
+            return Err(malformed(format!("exact range {i} ({start}+{len}) exceeds the {n} parameters")));
+        }
+        let values = r.take(4 * len, "exact values")?;
+        for (slot, b) in out[start..start + len].iter_mut().zip(values.chunks_exact(4)) {
+            *slot = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
     if r.pos != bytes.len() {
         return Err(malformed(format!("{} trailing bytes", bytes.len() - r.pos)));
     }
@@ -545,6 +606,39 @@ mod tests {
 
     fn vec_strategy() -> impl Strategy<Value = Vec<f32>> {
         prop::collection::vec(-10.0f32..10.0, 1..3000)
+    }
+
+    #[test]
+    fn exact_ranges_survive_lossy_modes_and_are_checked() {
+        let x: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let exact = vec![10..20, 500..503];
+        for spec in ["dense", "fp16", "topk-int8:0.01", "topk-sign:0.01"] {
+            let spec: CodecSpec = spec.parse().unwrap();
+            let bytes = encode_with_exact(spec, &x, &exact);
+            let out = decode(&bytes, x.len()).unwrap();
+            for r in &exact {
+                assert_eq!(&out[r.clone()], &x[r.clone()], "{spec}");
+            }
+            // With error feedback, nothing of an exact range is left over.
+            let mut enc = DeltaEncoder::new(spec, x.len()).with_exact_ranges(exact.clone());
+            enc.encode(&x).unwrap();
+            assert!(exact.iter().all(|r| enc.residual()[r.clone()].iter().all(|v| *v == 0.0)));
+        }
+        let good = encode_with_exact(CodecSpec::Dense, &x, &[990..1000]);
+        let tail = good.len() - 4 * 10 - 8;
+        // A range past the end of the model.
+        let mut bad = good.clone();
+        bad[tail..tail + 4].copy_from_slice(&995u32.to_le_bytes());
+        assert!(decode(&bad, 1000).unwrap_err().to_string().contains("exceeds"));
+        // A length that wraps.
+        let mut bad = good.clone();
+        bad[tail + 4..tail + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&bad, 1000).is_err());
+        // Values cut short, and a range count with nothing behind it.
+        assert!(decode(&good[..good.len() - 3], 1000).is_err());
+        let mut bad = good[..tail - 4].to_vec();
+        bad.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&bad, 1000).is_err());
     }
 
     #[test]

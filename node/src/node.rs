@@ -321,7 +321,8 @@ impl Node {
             lr: spec.train.lr,
             label_flip: opts.attack.is_some_and(|a| a.is_label_flip()),
         };
-        let encoder = DeltaEncoder::new(spec.exchange.codec, params);
+        // Batch-norm statistics go exactly, outside the lossy code.
+        let encoder = DeltaEncoder::new(spec.exchange.codec, params).with_exact_ranges(buffers.clone());
 
         let mut registry = Registry::default();
         let metrics = NodeMetrics::register(&mut registry);
@@ -372,8 +373,9 @@ impl Node {
                 nesterov: spec.exchange.nesterov,
             },
             params,
-            buffers,
+            buffers.clone(),
         );
+        let attack_buffers = buffers;
         let wait = AdaptiveWait::new(
             Duration::from_millis(spec.rounds.min_wait_ms),
             Duration::from_millis(spec.rounds.max_wait_ms),
@@ -477,7 +479,7 @@ impl Node {
             attack_encoder: opts
                 .attack
                 .filter(|a| a.colludes())
-                .map(|_| DeltaEncoder::new(spec_codec, params)),
+                .map(|_| DeltaEncoder::new(spec_codec, params).with_exact_ranges(attack_buffers)),
             first_payload: None,
             equivocation: None,
             last_eval: None,
