@@ -215,6 +215,8 @@ pub struct Node {
     attestation: Option<meshtrain_ledger::SignedVerdictBlock>,
     /// An anchor to take over at the next round boundary.
     pending_adoption: Option<(Offer, Vec<meshtrain_ledger::SignedVerdictBlock>)>,
+    /// When we last looked whether the mesh has left our round behind.
+    behind_checked: Option<Instant>,
     /// Rounds at which this node adopted the mesh's anchor.
     joins: Vec<u64>,
     checkpoint_every: u64,
@@ -454,6 +456,7 @@ impl Node {
             sync: None,
             attestation: None,
             pending_adoption: None,
+            behind_checked: None,
             joins: Vec::new(),
             checkpoint_every: opts.checkpoint_every,
             restored: checkpoint,
@@ -1300,6 +1303,7 @@ impl Node {
     fn on_tick(&mut self) -> Result<bool, NodeError> {
         let now = Instant::now();
         self.refresh_deny_list();
+        self.check_behind(now);
         let retry: Vec<PayloadHash> = self
             .wanted
             .iter()
@@ -1325,8 +1329,13 @@ impl Node {
                     // majority already a round ahead is taken at our close.
                     let now_ok = self.phase == Phase::Syncing
                         || (self.phase != Phase::Aggregating && offer.round == self.round());
+                    // Waiting on a round the mesh has left behind: jump.
+                    let jump = self.phase == Phase::Waiting && offer.round > self.round();
                     if now_ok {
                         self.adopt(*offer, attestations);
+                    } else if jump {
+                        self.adopt(*offer, attestations);
+                        self.set_phase(Phase::Syncing);
                     } else {
                         self.pending_adoption = Some((*offer, attestations));
                     }
@@ -1335,6 +1344,9 @@ impl Node {
             }
             if self.sync.is_none() && self.phase == Phase::Syncing {
                 info!(round = self.round(), "starting to train");
+                // Records of this round that came in before we took part
+                // need their payloads now.
+                self.fetch_held_payloads();
                 self.next_round_or_finish()?;
             }
         }
@@ -1391,6 +1403,35 @@ impl Node {
                 .and_then(|h| self.ledger.record(a, h.seq).ok().flatten())
                 .is_some_and(|r| r.record.round >= last)
         })
+    }
+
+    /// Waiting on a round while two or more members already sign records
+    /// two rounds further on (a restart into a mesh that moved on): ask for
+    /// the mesh's anchor instead of waiting out the deadline.
+    fn check_behind(&mut self, now: Instant) {
+        if self.phase != Phase::Waiting || self.sync.is_some() || now.duration_since(self.phase_since) < Duration::from_secs(2) {
+            return;
+        }
+        if self.behind_checked.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return;
+        }
+        self.behind_checked = Some(now);
+        let round = self.round();
+        let ahead = self
+            .members
+            .values()
+            .filter(|a| !self.banned.contains(a))
+            .filter(|a| {
+                self.ledger
+                    .head(a)
+                    .and_then(|h| self.ledger.record(a, h.seq).ok().flatten())
+                    .is_some_and(|r| r.record.round >= round + 2)
+            })
+            .count();
+        if ahead >= 2 {
+            info!(round, ahead, "members are rounds ahead of us; asking for the mesh's anchor");
+            self.start_sync(SyncReason::Start, None, None);
+        }
     }
 
     /// After a partition heals, the halves' updates are built on different

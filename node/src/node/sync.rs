@@ -119,17 +119,28 @@ impl Node {
 
     /// After jumping to a new round: records for it that came in earlier
     /// (while their round did not matter yet) need their payloads now.
-    fn fetch_held_payloads(&mut self) {
+    pub(super) fn fetch_held_payloads(&mut self) {
         let round = self.round();
         for (author, head) in self.ledger.heads() {
             if author == self.me || self.banned.contains(&author) {
                 continue;
             }
-            let Ok(Some(rec)) = self.ledger.record(&author, head.seq) else { continue };
-            let r = &rec.record;
-            if r.round >= round && !self.ledger.has_payload(&r.payload_hash).unwrap_or(true) {
-                self.book.announce(r.round, author);
-                self.want_payload(r.payload_hash, author, r.round, None);
+            // The newest few records: those of this round and later.
+            let mut seq = head.seq.0;
+            loop {
+                let Ok(Some(rec)) = self.ledger.record(&author, meshtrain_ledger::Seq(seq)) else { break };
+                let r = &rec.record;
+                if r.round < round {
+                    break;
+                }
+                if !self.ledger.has_payload(&r.payload_hash).unwrap_or(true) {
+                    self.book.announce(r.round, author);
+                    self.want_payload(r.payload_hash, author, r.round, None);
+                }
+                if seq == 0 || head.seq.0 - seq >= 8 {
+                    break;
+                }
+                seq -= 1;
             }
         }
     }
