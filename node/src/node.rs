@@ -558,8 +558,7 @@ impl Node {
     // ---- network --------------------------------------------------------
 
     /// Gauges that are cheaper to read once a round than to keep current.
-    fn update_gauges(&self) {
-        let bytes = self.byte_counts();
+    fn update_gauges(&self, bytes: meshtrain_gossip::ByteCounts) {
         self.metrics.round.set(self.round() as i64);
         self.metrics.bytes_in.set(bytes.inbound as i64);
         self.metrics.bytes_out.set(bytes.outbound as i64);
@@ -1397,12 +1396,16 @@ impl Node {
     fn chains_complete(&self) -> bool {
         let last = self.spec.rounds.count.saturating_sub(1);
         let authors: HashSet<AuthorId> = self.members.values().copied().collect();
-        authors.iter().filter(|a| !self.banned.contains(a)).all(|a| {
-            self.ledger
-                .head(a)
-                .and_then(|h| self.ledger.record(a, h.seq).ok().flatten())
-                .is_some_and(|r| r.record.round >= last)
-        })
+        authors
+            .iter()
+            .filter(|a| !self.banned.contains(a))
+            .all(|a| self.head_round(a).is_some_and(|r| r >= last))
+    }
+
+    /// The round of AUTHOR's newest record in our ledger.
+    fn head_round(&self, author: &AuthorId) -> Option<u64> {
+        let head = self.ledger.head(author)?;
+        Some(self.ledger.record(author, head.seq).ok()??.record.round)
     }
 
     /// Waiting on a round while two or more members already sign records
@@ -1421,12 +1424,7 @@ impl Node {
             .members
             .values()
             .filter(|a| !self.banned.contains(a))
-            .filter(|a| {
-                self.ledger
-                    .head(a)
-                    .and_then(|h| self.ledger.record(a, h.seq).ok().flatten())
-                    .is_some_and(|r| r.record.round >= round + 2)
-            })
+            .filter(|a| self.head_round(a).is_some_and(|r| r >= round + 2))
             .count();
         if ahead >= 2 {
             info!(round, ahead, "members are rounds ahead of us; asking for the mesh's anchor");
@@ -1560,7 +1558,7 @@ impl Node {
                 wait_ms: done.wait.as_millis() as u64,
             });
         }
-        self.update_gauges();
+        self.update_gauges(bytes);
         let progress = serde_json::json!({
             "round": done.round,
             "rounds": self.spec.rounds.count,
@@ -1571,7 +1569,7 @@ impl Node {
             debug!(error = %e, "cannot write progress.json");
         }
         // What a live dashboard shows: the report so far.
-        if let Err(e) = write_json(&self.data_dir.join("live.json"), &self.report()) {
+        if let Err(e) = write_json(&self.data_dir.join("live.json"), &self.report_with(bytes)) {
             debug!(error = %e, "cannot write live.json");
         }
         info!(
@@ -1618,7 +1616,12 @@ impl Node {
     }
 
     fn report(&self) -> NodeReport {
-        let bytes = self.byte_counts();
+        self.report_with(self.byte_counts())
+    }
+
+    /// The report, with byte counts already read (reading them encodes the
+    /// whole metrics registry).
+    fn report_with(&self, bytes: meshtrain_gossip::ByteCounts) -> NodeReport {
         // Without a final evaluation (stopped early), the last one made.
         let last = self.history.iter().rev().find(|r| r.test_acc.is_finite());
         let eval = self.final_eval.unwrap_or_else(|| Evaluation {
