@@ -449,6 +449,32 @@ pub struct FetchBench {
     pub mb_per_s: f64,
 }
 
+/// A swarm with a fresh identity, listening on a loopback port, and the
+/// address it got.
+async fn loopback_swarm(
+    cfg: &meshtrain_gossip::MeshConfig,
+    topic: &meshtrain_gossip::libp2p::gossipsub::IdentTopic,
+    reg: &mut prometheus_client::registry::Registry,
+) -> Result<
+    (
+        meshtrain_gossip::libp2p::Swarm<meshtrain_gossip::MeshBehaviour>,
+        meshtrain_gossip::libp2p::Multiaddr,
+    ),
+    NodeError,
+> {
+    use futures::StreamExt;
+    use meshtrain_gossip::libp2p::swarm::SwarmEvent;
+    let mut swarm = meshtrain_gossip::build_swarm(meshtrain_gossip::libp2p::identity::Keypair::generate_ed25519(), cfg, topic, reg)?;
+    let listen: meshtrain_gossip::libp2p::Multiaddr =
+        "/ip4/127.0.0.1/tcp/0".parse().map_err(|e| NodeError::Data(format!("{e}")))?;
+    swarm.listen_on(listen).map_err(|e| NodeError::Data(e.to_string()))?;
+    loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+            return Ok((swarm, address));
+        }
+    }
+}
+
 /// Block fetch throughput between two real libp2p swarms on loopback
 /// (TCP, noise, yamux, the fetch protocol): one serves blocks from memory,
 /// the other requests them by hash, `in_flight` at a time.
@@ -456,21 +482,14 @@ pub async fn fetch(block_bytes: usize, blocks: usize, in_flight: usize) -> Resul
     use futures::StreamExt;
     use meshtrain_gossip::libp2p::request_response::{Event, Message};
     use meshtrain_gossip::libp2p::swarm::SwarmEvent;
-    use meshtrain_gossip::libp2p::{identity, Multiaddr};
+    use meshtrain_gossip::libp2p::identity;
     use meshtrain_gossip::{build_swarm, run_topic, FetchRequest, FetchResponse, MeshBehaviourEvent, MeshConfig};
 
     let topic = run_topic("bench");
     let cfg = MeshConfig::default();
     let mut reg = prometheus_client::registry::Registry::default();
-    let mut server = build_swarm(identity::Keypair::generate_ed25519(), &cfg, &topic, &mut reg)?;
+    let (mut server, addr) = loopback_swarm(&cfg, &topic, &mut reg).await?;
     let mut client = build_swarm(identity::Keypair::generate_ed25519(), &cfg, &topic, &mut reg)?;
-    let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().map_err(|e| NodeError::Data(format!("{e}")))?;
-    server.listen_on(listen).map_err(|e| NodeError::Data(e.to_string()))?;
-    let addr = loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
-            break address;
-        }
-    };
     let server_id = *server.local_peer_id();
     let payload: Vec<u8> = (0..block_bytes).map(|i| (i * 31 % 251) as u8).collect();
     tokio::spawn(async move {
@@ -544,9 +563,8 @@ pub struct DiscoveryBench {
 /// policy (identify feeds Kademlia, Kademlia's finds are dialled).
 pub async fn discovery(trials: usize, nodes: usize, limit: Duration) -> Result<DiscoveryBench, NodeError> {
     use futures::StreamExt;
-    use meshtrain_gossip::libp2p::swarm::SwarmEvent;
-    use meshtrain_gossip::libp2p::{identity, Multiaddr, PeerId};
-    use meshtrain_gossip::{build_swarm, discovery, run_topic, MeshConfig};
+    use meshtrain_gossip::libp2p::{Multiaddr, PeerId};
+    use meshtrain_gossip::{discovery, run_topic, MeshConfig};
     use rand::{Rng, SeedableRng};
 
     let nodes = nodes.max(2);
@@ -560,14 +578,7 @@ pub async fn discovery(trials: usize, nodes: usize, limit: Duration) -> Result<D
         let mut swarms = Vec::with_capacity(nodes);
         let mut addrs: Vec<(PeerId, Multiaddr)> = Vec::with_capacity(nodes);
         for i in 0..nodes {
-            let mut s = build_swarm(identity::Keypair::generate_ed25519(), &cfg, &topic, &mut reg)?;
-            let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().map_err(|e| NodeError::Data(format!("{e}")))?;
-            s.listen_on(listen).map_err(|e| NodeError::Data(e.to_string()))?;
-            let addr = loop {
-                if let SwarmEvent::NewListenAddr { address, .. } = s.select_next_some().await {
-                    break address;
-                }
-            };
+            let (mut s, addr) = loopback_swarm(&cfg, &topic, &mut reg).await?;
             let me = *s.local_peer_id();
             if i > 0 {
                 // As `node run --bootstrap ADDR` does.

@@ -189,3 +189,14 @@ pub fn wait_all_clean(nodes: &mut [NodeProc], within: Duration) {
         assert_eq!(report.proofs, 0, "node {i} holds an equivocation proof");
     }
 }
+
+/// `meshtrain ledger compare A B`: whether it passed, and what it printed.
+pub fn ledger_compare(a: &Path, b: &Path) -> (bool, String) {
+    let out = Command::new(meshtrain_bin())
+        .args(["ledger", "compare"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("run ledger compare");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}

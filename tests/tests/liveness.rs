@@ -3,14 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use meshtrain_tests::{audit, results, spawn_node, spec_new, wait_all, wait_listen};
+use meshtrain_tests::{audit, progress_round, results, spawn_node, spec_new, wait_all, wait_listen};
 
 const ROUNDS: u64 = 12;
-
-fn progress_round(dir: &std::path::Path) -> Option<u64> {
-    let text = std::fs::read_to_string(dir.join("progress.json")).ok()?;
-    serde_json::from_str::<serde_json::Value>(&text).ok()?["round"].as_u64()
-}
 
 #[test]
 fn survivors_finish_without_waiting_for_a_killed_peer() {
@@ -27,7 +22,7 @@ fn survivors_finish_without_waiting_for_a_killed_peer() {
 
     // Kill node 2 (SIGKILL, no goodbye) once the mesh is a few rounds in.
     let start = Instant::now();
-    while progress_round(&nodes[0].dir).unwrap_or(0) < 3 {
+    while progress_round(&nodes[0].dir) < 3 {
         assert!(start.elapsed() < Duration::from_secs(120), "mesh never reached round 3");
         std::thread::sleep(Duration::from_millis(20));
     }

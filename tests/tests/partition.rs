@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshtrain_tests::{
-    meshtrain_bin, progress_round, results, spawn_node, spec_new, wait_all_clean, wait_listen, wait_round,
+    ledger_compare, meshtrain_bin, progress_round, results, spawn_node, spec_new, wait_all_clean, wait_listen, wait_round,
 };
 
 const ROUNDS: u64 = 40;
@@ -76,13 +76,8 @@ fn halves_converge_after_a_partition_heals() {
     assert!(!during.is_empty() && during.iter().all(|m| *m <= 2), "node 0 merged {during:?} updates per round while split");
 
     for (a, b) in [(0, 2), (1, 3), (0, 3)] {
-        let out = Command::new(meshtrain_bin())
-            .args(["ledger", "compare"])
-            .arg(&nodes[a].dir)
-            .arg(&nodes[b].dir)
-            .output()
-            .expect("run ledger compare");
-        assert!(out.status.success(), "ledger compare node-{a} node-{b}:\n{}", String::from_utf8_lossy(&out.stdout));
+        let (ok, text) = ledger_compare(&nodes[a].dir, &nodes[b].dir);
+        assert!(ok, "ledger compare node-{a} node-{b}:\n{text}");
     }
     let accs: Vec<f32> = (0..4).map(|i| results(&nodes[i].dir).final_test_acc).collect();
     let spread = accs.iter().cloned().fold(f32::MIN, f32::max) - accs.iter().cloned().fold(f32::MAX, f32::min);

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshtrain_tests::{
-    log_tail, meshtrain_bin, results, spawn_node, spec_new, wait_all_clean, wait_listen, wait_round,
+    ledger_compare, log_tail, meshtrain_bin, results, spawn_node, spec_new, wait_all_clean, wait_listen, wait_round,
 };
 
 const ROUNDS: u64 = 40;
@@ -34,16 +34,6 @@ fn chain_of(dir: &Path, author: &str) -> BTreeMap<u64, String> {
         }
     }
     chain
-}
-
-fn compare(a: &Path, b: &Path) -> (bool, String) {
-    let out = Command::new(meshtrain_bin())
-        .args(["ledger", "compare"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .expect("run ledger compare");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[test]
@@ -97,7 +87,7 @@ fn killed_node_resumes_its_chain_and_late_joiner_catches_up() {
     let seqs: Vec<u64> = after_self.keys().copied().collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "node 2's chain has gaps");
     for (a, b) in [(0, 2), (1, 2), (0, 3)] {
-        let (ok, text) = compare(&nodes[a].dir, &nodes[b].dir);
+        let (ok, text) = ledger_compare(&nodes[a].dir, &nodes[b].dir);
         assert!(ok, "ledger compare node-{a} node-{b}:\n{text}");
     }
 
