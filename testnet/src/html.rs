@@ -7,23 +7,10 @@ use std::path::Path;
 
 use plotters::style::RGBColor;
 
-use crate::plot::{bars_png, bars_svg, lines_png, lines_svg, Bars, Lines};
+use crate::plot::{bars_png, bars_svg, lines_png, lines_svg, palette, Bars, Lines};
 use crate::report::{NodeReport, Summary};
 
 const ATTACKER: RGBColor = RGBColor(214, 39, 40);
-
-fn honest_colour(i: usize) -> RGBColor {
-    // Blues and greens for honest nodes; red is kept for attackers.
-    const HONEST: [RGBColor; 6] = [
-        RGBColor(31, 119, 180),
-        RGBColor(44, 160, 44),
-        RGBColor(23, 190, 207),
-        RGBColor(148, 103, 189),
-        RGBColor(140, 86, 75),
-        RGBColor(127, 127, 127),
-    ];
-    HONEST[i % HONEST.len()]
-}
 
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
@@ -49,7 +36,8 @@ fn curves(reports: &[Option<NodeReport>], title: &str, y: &str, value: impl Fn(&
                 .map(|h| (h.round as f64, f64::from(value(h))))
                 .filter(|(_, v)| v.is_finite())
                 .collect();
-            let colour = if r.honest { honest_colour(i) } else { ATTACKER };
+            // The shared palette has no red: red is kept for attackers.
+            let colour = if r.honest { palette(i) } else { ATTACKER };
             (node_label(i, r), pts, colour)
         })
         .collect();

@@ -152,31 +152,31 @@ pub fn lines_png(path: &Path, chart: &Lines) -> Result<(), String> {
     root.present().map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// One line chart as an SVG document (for inline use in HTML).
-pub fn lines_svg(chart: &Lines) -> Result<String, String> {
+/// An SVG document of SIZE drawn by DRAW (for inline use in HTML).
+fn svg(
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> Result<(), String>,
+) -> Result<String, String> {
     // Text extents are measured with the font even for SVG.
     ensure_font()?;
     let mut out = String::new();
     {
-        let root = SVGBackend::with_string(&mut out, (900, 420)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut out, size).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
-        draw_lines(&root, chart)?;
+        draw(&root)?;
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(out)
 }
 
+/// One line chart as an SVG document.
+pub fn lines_svg(chart: &Lines) -> Result<String, String> {
+    svg((900, 420), |root| draw_lines(root, chart))
+}
+
 /// One bar chart as an SVG document.
 pub fn bars_svg(chart: &Bars) -> Result<String, String> {
-    ensure_font()?;
-    let mut out = String::new();
-    {
-        let root = SVGBackend::with_string(&mut out, (900, 320)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
-        draw_bars(&root, chart)?;
-        root.present().map_err(|e| e.to_string())?;
-    }
-    Ok(out)
+    svg((900, 320), |root| draw_bars(root, chart))
 }
 
 /// A distinct colour per series index.
