@@ -115,16 +115,17 @@ impl Adam {
 mod tests {
     use super::*;
     use crate::net::Arch;
-    use crate::ImageShape;
+    use crate::Schema;
     use tch::{Device, Kind};
 
     fn net() -> Network {
-        let shape = ImageShape {
+        let shape = Schema::Image {
             channels: 1,
             height: 4,
             width: 4,
+            classes: 3,
         };
-        let mut n = Network::new(Arch::Mlp, shape, 3, Device::Cpu).unwrap();
+        let mut n = Network::new(Arch::Mlp, &shape, Device::Cpu).unwrap();
         let g = n.layout().genesis(1);
         n.load_flat(&g).unwrap();
         n

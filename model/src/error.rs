@@ -20,7 +20,7 @@ pub enum ModelError {
     #[error("dataset {name}: {detail}")]
     BadDataset { name: String, detail: String },
 
-    #[error("unknown model `{0}` (known: mlp, cnn)")]
+    #[error("unknown model `{0}` (known: mlp, cnn, lstm, autoencoder, char-transformer)")]
     UnknownModel(String),
 
     #[error("model `{model}` expects {expected} inputs, the data has {got}")]
@@ -41,6 +41,9 @@ pub enum ModelError {
 
     #[error("bad aggregator spec `{spec}`: {detail}")]
     AggregatorSpec { spec: String, detail: String },
+
+    #[error("device: {0}")]
+    Device(String),
 
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

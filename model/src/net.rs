@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-use crate::dataset::ImageShape;
+use crate::blocks::Schema;
+use crate::zoo::{self, TransformerConfig};
 use crate::{ModelError, Result};
 
 /// The model architectures a run can name.
@@ -26,16 +27,58 @@ pub enum Arch {
     /// Two conv blocks (conv, batch norm, ReLU, max-pool) then two dense
     /// layers: about 0.42M parameters on 28x28x1, 0.55M on 32x32x3.
     Cnn,
+    /// One LSTM layer: classifies images read row by row, or predicts the
+    /// next byte of text.
+    Lstm,
+    /// A dense autoencoder trained on normal records only; its
+    /// reconstruction error scores anomalies.
+    Autoencoder,
+    /// A small decoder-only transformer over bytes.
+    CharTransformer,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 5] = [Arch::Mlp, Arch::Cnn, Arch::Lstm, Arch::Autoencoder, Arch::CharTransformer];
+
+    /// What the model learns on records of `schema`.
+    pub fn task(self, schema: &Schema) -> Result<Task> {
+        match (self, schema) {
+            (Arch::Mlp | Arch::Cnn | Arch::Lstm, Schema::Image { classes, .. }) => Ok(Task::Classify { classes: *classes }),
+            (Arch::Autoencoder, Schema::Image { .. }) => Ok(Task::Reconstruct),
+            (Arch::Lstm | Arch::CharTransformer, Schema::Text { seq_len }) if *seq_len >= 2 => Ok(Task::NextByte),
+            _ => Err(ModelError::ShapeMismatch {
+                model: self.to_string(),
+                expected: match self {
+                    Arch::Mlp | Arch::Cnn | Arch::Autoencoder => "image records".into(),
+                    Arch::Lstm => "image or text records".into(),
+                    Arch::CharTransformer => "text records of at least 2 bytes".into(),
+                },
+                got: format!("{schema:?}"),
+            }),
+        }
+    }
+}
+
+/// What a model is trained to do, which fixes its loss and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// Cross-entropy over classes; accuracy, per-class F1, confusion matrix.
+    Classify { classes: usize },
+    /// Mean squared reconstruction error; ROC-AUC of the error as an
+    /// anomaly score.
+    Reconstruct,
+    /// Cross-entropy of the next byte at every position, in nats per
+    /// character; perplexity.
+    NextByte,
 }
 
 impl FromStr for Arch {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "mlp" => Ok(Arch::Mlp),
-            "cnn" => Ok(Arch::Cnn),
-            other => Err(ModelError::UnknownModel(other.to_string())),
-        }
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.to_string() == s)
+            .ok_or_else(|| ModelError::UnknownModel(s.to_string()))
     }
 }
 
@@ -44,6 +87,9 @@ impl fmt::Display for Arch {
         f.write_str(match self {
             Arch::Mlp => "mlp",
             Arch::Cnn => "cnn",
+            Arch::Lstm => "lstm",
+            Arch::Autoencoder => "autoencoder",
+            Arch::CharTransformer => "char-transformer",
         })
     }
 }
@@ -136,24 +182,23 @@ fn fan_in(shape: &[i64]) -> f32 {
 }
 
 /// PyTorch's defaults: weights and biases of dense and conv layers are
-/// U(±1/sqrt(fan_in)); batch norm scales 1, shifts 0, running stats 0 and 1.
+/// U(±1/sqrt(fan_in)); LSTM weights and biases U(±1/sqrt(hidden)); batch
+/// and layer norm scales 1, shifts 0, running stats 0 and 1.
 fn init_rule(name: &str, shape: &[i64], all: &BTreeMap<String, Vec<i64>>) -> Init {
     let (prefix, leaf) = name.rsplit_once('.').unwrap_or(("", name));
-    let is_norm = all.contains_key(&format!("{prefix}.running_mean"));
+    let weight = all.get(&format!("{prefix}.weight"));
+    let is_norm = all.contains_key(&format!("{prefix}.running_mean")) || weight.is_some_and(|w| w.len() == 1);
     match leaf {
         "running_mean" => Init::Const(0.0),
         "running_var" => Init::Const(1.0),
         "weight" if is_norm || shape.len() == 1 => Init::Const(1.0),
         "bias" if is_norm => Init::Const(0.0),
-        "bias" => {
-            let fan = all
-                .get(&format!("{prefix}.weight"))
-                .map(|w| fan_in(w))
-                .unwrap_or(1.0);
-            Init::Uniform {
-                bound: 1.0 / fan.sqrt(),
-            }
-        }
+        "bias" => Init::Uniform {
+            bound: 1.0 / weight.map(|w| fan_in(w)).unwrap_or(1.0).sqrt(),
+        },
+        l if l.starts_with("weight_") || l.starts_with("bias_") => Init::Uniform {
+            bound: 1.0 / ((shape.first().copied().unwrap_or(4) / 4).max(1) as f32).sqrt(),
+        },
         _ => Init::Uniform {
             bound: 1.0 / fan_in(shape).sqrt(),
         },
@@ -163,10 +208,11 @@ fn init_rule(name: &str, shape: &[i64], all: &BTreeMap<String, Vec<i64>>) -> Ini
 /// A model instance: its variables and forward pass, on one device.
 pub struct Network {
     pub arch: Arch,
-    pub input: ImageShape,
-    pub classes: usize,
+    /// The records it trains on.
+    pub schema: Schema,
+    pub task: Task,
     vs: nn::VarStore,
-    body: nn::SequentialT,
+    body: Box<dyn ModuleT>,
     /// Variables in layout order, shallow handles into `vs`.
     vars: Vec<Tensor>,
     layout: Layout,
@@ -178,46 +224,88 @@ impl fmt::Debug for Network {
     }
 }
 
+/// The character transformer's size for sequences of `seq_len` bytes.
+pub fn transformer_config(seq_len: usize) -> TransformerConfig {
+    TransformerConfig {
+        width: 128,
+        heads: 4,
+        layers: 2,
+        context: seq_len.saturating_sub(1).max(1) as i64,
+    }
+}
+
 impl Network {
-    pub fn new(arch: Arch, input: ImageShape, classes: usize, device: Device) -> Result<Self> {
+    /// The model `arch` for records of `schema`, on `device`.
+    pub fn new(arch: Arch, schema: &Schema, device: Device) -> Result<Self> {
+        let task = arch.task(schema)?;
         let vs = nn::VarStore::new(device);
         let root = vs.root();
-        let c = classes as i64;
-        let body = match arch {
-            Arch::Mlp => {
-                let d = input.len() as i64;
-                nn::seq_t()
-                    .add_fn(|x| x.flatten(1, -1))
-                    .add(nn::linear(&root / "fc1", d, 256, Default::default()))
-                    .add_fn(|x| x.relu())
-                    .add(nn::linear(&root / "fc2", 256, 128, Default::default()))
-                    .add_fn(|x| x.relu())
-                    .add(nn::linear(&root / "fc3", 128, c, Default::default()))
+        let body: Box<dyn ModuleT> = match (arch, schema) {
+            (Arch::Mlp, Schema::Image { classes, .. }) => {
+                let d = schema.record_size() as i64 - 1;
+                Box::new(
+                    nn::seq_t()
+                        .add_fn(|x| x.flatten(1, -1))
+                        .add(nn::linear(&root / "fc1", d, 256, Default::default()))
+                        .add_fn(|x| x.relu())
+                        .add(nn::linear(&root / "fc2", 256, 128, Default::default()))
+                        .add_fn(|x| x.relu())
+                        .add(nn::linear(&root / "fc3", 128, *classes as i64, Default::default())),
+                )
             }
-            Arch::Cnn => {
-                if input.height % 4 != 0 || input.width % 4 != 0 {
+            (
+                Arch::Cnn,
+                Schema::Image {
+                    channels,
+                    height,
+                    width,
+                    classes,
+                },
+            ) => {
+                if height % 4 != 0 || width % 4 != 0 {
                     return Err(ModelError::ShapeMismatch {
                         model: arch.to_string(),
                         expected: "height and width divisible by 4".into(),
-                        got: format!("{}x{}", input.height, input.width),
+                        got: format!("{height}x{width}"),
                     });
                 }
                 let conv = nn::ConvConfig {
                     padding: 1,
                     ..Default::default()
                 };
-                let flat = 64 * (input.height / 4) as i64 * (input.width / 4) as i64;
-                nn::seq_t()
-                    .add(nn::conv2d(&root / "conv1", input.channels as i64, 32, 3, conv))
-                    .add(nn::batch_norm2d(&root / "bn1", 32, Default::default()))
-                    .add_fn(|x| x.relu().max_pool2d_default(2))
-                    .add(nn::conv2d(&root / "conv2", 32, 64, 3, conv))
-                    .add(nn::batch_norm2d(&root / "bn2", 64, Default::default()))
-                    .add_fn(|x| x.relu().max_pool2d_default(2))
-                    .add_fn(|x| x.flatten(1, -1))
-                    .add(nn::linear(&root / "fc1", flat, 128, Default::default()))
-                    .add_fn(|x| x.relu())
-                    .add(nn::linear(&root / "fc2", 128, c, Default::default()))
+                let flat = 64 * (height / 4) as i64 * (width / 4) as i64;
+                Box::new(
+                    nn::seq_t()
+                        .add(nn::conv2d(&root / "conv1", *channels as i64, 32, 3, conv))
+                        .add(nn::batch_norm2d(&root / "bn1", 32, Default::default()))
+                        .add_fn(|x| x.relu().max_pool2d_default(2))
+                        .add(nn::conv2d(&root / "conv2", 32, 64, 3, conv))
+                        .add(nn::batch_norm2d(&root / "bn2", 64, Default::default()))
+                        .add_fn(|x| x.relu().max_pool2d_default(2))
+                        .add_fn(|x| x.flatten(1, -1))
+                        .add(nn::linear(&root / "fc1", flat, 128, Default::default()))
+                        .add_fn(|x| x.relu())
+                        .add(nn::linear(&root / "fc2", 128, *classes as i64, Default::default())),
+                )
+            }
+            (
+                Arch::Lstm,
+                Schema::Image {
+                    channels, width, classes, ..
+                },
+            ) => Box::new(zoo::LstmClassifier::new(&root, (channels * width) as i64, *classes as i64)),
+            (Arch::Lstm, Schema::Text { .. }) => Box::new(zoo::LstmLm::new(&root)),
+            (Arch::Autoencoder, Schema::Image { .. }) => Box::new(zoo::autoencoder(&root, schema.record_size() as i64 - 1)),
+            (Arch::CharTransformer, Schema::Text { seq_len }) => {
+                Box::new(zoo::CharTransformer::new(&root, transformer_config(*seq_len)))
+            }
+            // `task` above refused every other pairing.
+            _ => {
+                return Err(ModelError::ShapeMismatch {
+                    model: arch.to_string(),
+                    expected: "a supported record layout".into(),
+                    got: format!("{schema:?}"),
+                })
             }
         };
         let named = vs.variables();
@@ -230,8 +318,8 @@ impl Network {
             .collect();
         Ok(Self {
             arch,
-            input,
-            classes,
+            schema: schema.clone(),
+            task,
             vs,
             body,
             vars,
@@ -308,34 +396,36 @@ impl Network {
 mod tests {
     use super::*;
 
-    const FMNIST: ImageShape = ImageShape {
+    const FMNIST: Schema = Schema::Image {
         channels: 1,
         height: 28,
         width: 28,
+        classes: 10,
     };
 
     #[test]
     fn mlp_has_the_expected_size() {
-        let n = Network::new(Arch::Mlp, FMNIST, 10, Device::Cpu).unwrap();
+        let n = Network::new(Arch::Mlp, &FMNIST, Device::Cpu).unwrap();
         assert_eq!(n.param_count(), 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10);
     }
 
     #[test]
     fn cnn_is_about_half_a_million() {
-        let n = Network::new(Arch::Cnn, FMNIST, 10, Device::Cpu).unwrap();
+        let n = Network::new(Arch::Cnn, &FMNIST, Device::Cpu).unwrap();
         assert!((400_000..600_000).contains(&n.param_count()), "{}", n.param_count());
-        let cifar = ImageShape {
+        let cifar = Schema::Image {
             channels: 3,
             height: 32,
             width: 32,
+            classes: 10,
         };
-        let n = Network::new(Arch::Cnn, cifar, 10, Device::Cpu).unwrap();
+        let n = Network::new(Arch::Cnn, &cifar, Device::Cpu).unwrap();
         assert!((500_000..700_000).contains(&n.param_count()), "{}", n.param_count());
     }
 
     #[test]
     fn genesis_is_deterministic_and_loads() {
-        let mut n = Network::new(Arch::Cnn, FMNIST, 10, Device::Cpu).unwrap();
+        let mut n = Network::new(Arch::Cnn, &FMNIST, Device::Cpu).unwrap();
         let g1 = n.layout().genesis(42);
         let g2 = n.layout().genesis(42);
         assert_eq!(g1, g2);
@@ -353,8 +443,41 @@ mod tests {
 
     #[test]
     fn forward_shapes() {
-        let n = Network::new(Arch::Cnn, FMNIST, 10, Device::Cpu).unwrap();
+        let n = Network::new(Arch::Cnn, &FMNIST, Device::Cpu).unwrap();
         let x = Tensor::zeros([3, 1, 28, 28], (Kind::Float, Device::Cpu));
         assert_eq!(n.forward(&x, false).size(), vec![3, 10]);
+    }
+
+    #[test]
+    fn zoo_shapes_and_sizes() {
+        let text = Schema::Text { seq_len: 65 };
+        let n = Network::new(Arch::Lstm, &FMNIST, Device::Cpu).unwrap();
+        assert_eq!(n.task, Task::Classify { classes: 10 });
+        let x = Tensor::zeros([3, 1, 28, 28], (Kind::Float, Device::Cpu));
+        assert_eq!(n.forward(&x, false).size(), vec![3, 10]);
+        let n = Network::new(Arch::Autoencoder, &FMNIST, Device::Cpu).unwrap();
+        assert_eq!(n.forward(&x, false).size(), vec![3, 784]);
+        for arch in [Arch::Lstm, Arch::CharTransformer] {
+            let n = Network::new(arch, &text, Device::Cpu).unwrap();
+            assert_eq!(n.task, Task::NextByte);
+            let tokens = Tensor::zeros([2, 64], (Kind::Int64, Device::Cpu));
+            assert_eq!(n.forward(&tokens, false).size(), vec![2, 64, 256], "{arch}");
+        }
+        let t = Network::new(Arch::CharTransformer, &text, Device::Cpu).unwrap();
+        assert!((300_000..600_000).contains(&t.param_count()), "{}", t.param_count());
+        // layer-norm shifts start at zero, LSTM biases are not
+        let g = t.layout().genesis(1);
+        let mut off = 0;
+        for p in &t.layout().params {
+            if p.name == "h0.ln1.bias" {
+                assert!(g[off..off + p.numel].iter().all(|&v| v == 0.0));
+            }
+            off += p.numel;
+        }
+        assert!(Network::new(Arch::CharTransformer, &FMNIST, Device::Cpu).is_err());
+        assert!(Network::new(Arch::Cnn, &text, Device::Cpu).is_err());
+        for a in Arch::ALL {
+            assert_eq!(a.to_string().parse::<Arch>().unwrap(), a);
+        }
     }
 }

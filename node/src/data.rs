@@ -188,6 +188,15 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport, NodeError> {
                 }
             }
             let schema = found.ok_or_else(|| NodeError::Data("no records".into()))?;
+            // One file set (MNIST's t10k alone, say): hold out a test split
+            // by a hash of the record number, so training never sees it.
+            if records.len() == 1 && opts.test_fraction > 0.0 {
+                let all = records.pop_first().map(|(_, r)| r).unwrap_or_default();
+                for (i, r) in all.into_iter().enumerate() {
+                    let split = if row_is_test(i as u64, opts.test_fraction) { "test" } else { "train" };
+                    records.entry(split.to_string()).or_default().push(r);
+                }
+            }
             for (split, mut recs) in records {
                 if opts.sort_by_label {
                     recs.sort_by_key(|r| r[0]);

@@ -99,7 +99,8 @@ struct ImportArgs {
     /// Order records by class before packing (for Dirichlet partitions).
     #[arg(long)]
     sort_by_label: bool,
-    /// CSV and text: the share held out as the test split.
+    /// CSV, text, and image sources that hold one split only: the share
+    /// held out as the test split.
     #[arg(long, default_value_t = 0.1)]
     test_fraction: f64,
     /// Text: bytes per record.
@@ -230,6 +231,9 @@ struct NodeRunArgs {
     /// libtorch threads for this node.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Where the model trains: auto (CUDA when libtorch sees a GPU), cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    device: String,
     /// Testnet and tests only: behave as an attacker (see DESIGN §6).
     #[arg(long)]
     attack: Option<Attack>,
@@ -326,6 +330,12 @@ struct CommonTestnetArgs {
     /// Nodes that join a third of the way through the run.
     #[arg(long, default_value_t = 0)]
     late_join: usize,
+    /// Autoencoder: the class it never trains on and scores as the anomaly.
+    #[arg(long)]
+    anomaly_class: Option<usize>,
+    /// Early stopping: evaluations without a better held-out loss.
+    #[arg(long)]
+    patience: Option<u64>,
 }
 
 fn parse_churn(s: &str) -> Result<(u64, u64)> {
@@ -482,6 +492,13 @@ struct SpecArgs {
     outer: OuterArgs,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Autoencoder: the class it never trains on and scores as the anomaly.
+    #[arg(long)]
+    anomaly_class: Option<usize>,
+    /// Stop once this many evaluations in a row did not improve the
+    /// held-out loss (early stopping).
+    #[arg(long)]
+    patience: Option<u64>,
     /// Write here instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -746,6 +763,7 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
         wait_peers: args.wait_peers,
         wait_peers_timeout: Duration::from_secs(args.wait_peers_timeout_s),
         threads: args.threads,
+        device: meshtrain_model::device(&args.device)?,
         attack: args.attack,
         drain: Duration::from_secs(args.drain_s),
         sync_writes: args.sync_writes,
@@ -779,8 +797,18 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
         };
         node.run(shutdown).await
     })?;
+    let mut task = String::new();
+    if let Some(p) = report.final_task.perplexity {
+        task.push_str(&format!(", {:.4} nats/char (perplexity {p:.2})", report.final_test_loss));
+    }
+    if let Some(a) = report.final_task.roc_auc {
+        task.push_str(&format!(", anomaly ROC-AUC {a:.4}"));
+    }
+    if let Some(f) = report.final_task.macro_f1 {
+        task.push_str(&format!(", macro F1 {f:.4}"));
+    }
     println!(
-        "final test accuracy {:.4} after {} rounds; sent {} B, received {} B",
+        "final test accuracy {:.4}{task} after {} rounds; sent {} B, received {} B",
         report.final_test_acc, report.rounds_completed, report.bytes_sent, report.bytes_received
     );
     Ok(ExitCode::SUCCESS)
@@ -935,6 +963,8 @@ fn spec_new(args: SpecArgs) -> Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!(e))?
         .to_string();
     spec.data.replication = args.replication.max(1);
+    spec.model.anomaly_class = args.anomaly_class;
+    spec.rounds.patience = args.patience;
     spec.rounds.count = match (args.rounds, args.epochs) {
         (Some(r), _) => r,
         (None, Some(e)) => {
@@ -947,6 +977,7 @@ fn spec_new(args: SpecArgs) -> Result<ExitCode> {
         }
         (None, None) => spec.rounds.count,
     };
+    spec.check().map_err(|e| anyhow::anyhow!("the spec is not valid: {e}"))?;
     let text = spec.to_toml()?;
     match args.out {
         Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
@@ -966,6 +997,12 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
     let mut spec_args = c.outer.to_args();
     spec_args.extend(["--lr".to_string(), c.lr.to_string()]);
     spec_args.extend(["--batch-size".to_string(), c.batch_size.to_string()]);
+    if let Some(a) = c.anomaly_class {
+        spec_args.extend(["--anomaly-class".to_string(), a.to_string()]);
+    }
+    if let Some(p) = c.patience {
+        spec_args.extend(["--patience".to_string(), p.to_string()]);
+    }
     Ok(meshtrain_testnet::TestnetOptions {
         binary: bin,
         nodes: c.nodes,

@@ -23,8 +23,9 @@ use meshtrain_ledger::{
     AuthorId, AuthorKey, Head, Ledger, PayloadHash, RejectReason, RunId, RunMeta, Seq, StoreOptions, UpdateRecord,
     Verdict, VerdictBlock, VerdictEntry, VerdictHash, WeightsHash, RECORD_VERSION, VERDICT_VERSION,
 };
+use meshtrain_model::metrics::EarlyStopping;
 use meshtrain_model::{
-    aggregate::aggregate as aggregate_deltas, codec, AggInput, AggVerdict, AggregatorSpec, DeltaEncoder, Evaluation, Manifest, Network, OuterConfig, Schema,
+    aggregate::aggregate as aggregate_deltas, codec, AggInput, AggVerdict, AggregatorSpec, DeltaEncoder, EvalReport, Evaluation, Manifest, Network, OuterConfig,
     OuterOptimizer, StepStats, TrainConfig,
 };
 use meshtrain_testnet::report::{NodeReport, RoundRecord};
@@ -68,6 +69,8 @@ pub struct NodeOptions {
     pub wait_peers: usize,
     pub wait_peers_timeout: Duration,
     pub threads: usize,
+    /// Where the model trains: `auto` (CUDA when available), `cpu`, `cuda`.
+    pub device: meshtrain_model::Device,
     pub attack: Option<Attack>,
     /// Longest time to linger after the last round, serving peers and
     /// completing chains.
@@ -251,7 +254,12 @@ pub struct Node {
     first_payload: Option<Vec<u8>>,
     equivocation: Option<(meshtrain_ledger::SignedRecord, Vec<u8>)>,
     last_eval: Option<(u64, Option<Evaluation>, StepStats, u64)>,
-    final_eval: Option<Evaluation>,
+    final_eval: Option<EvalReport>,
+    /// Early stopping on the held-out loss (the spec's patience).
+    early: Option<EarlyStopping>,
+    /// The round after the last one: the spec's count, or earlier once
+    /// early stopping fires.
+    end_round: u64,
     counters: Counters,
     history: Vec<RoundRecord>,
     recorded_rejections: HashSet<meshtrain_ledger::RecordHash>,
@@ -276,25 +284,9 @@ impl Node {
 
         let store = BlockStore::open(&opts.data.clone().unwrap_or_else(|| opts.data_dir.join("blocks")))?;
         let manifest = store.manifest(&spec.data.manifest)?;
-        let Schema::Image {
-            channels,
-            height,
-            width,
-            classes,
-        } = spec.data.schema
-        else {
-            return Err(NodeError::Data(format!(
-                "model {} trains on images; the run's data is {:?}",
-                spec.model.arch, spec.data.schema
-            )));
-        };
         meshtrain_model::set_threads(opts.threads);
-        let net = Network::new(
-            spec.model.arch,
-            meshtrain_model::ImageShape { channels, height, width },
-            classes,
-            meshtrain_model::Device::Cpu,
-        )?;
+        let net = Network::new(spec.model.arch, &spec.data.schema, opts.device)?;
+        info!(model = %spec.model.arch, params = net.param_count(), device = ?opts.device, "model built");
         let genesis = net.layout().genesis(spec.seed);
         let buffers = net.layout().buffer_ranges();
         let params = genesis.len();
@@ -322,6 +314,7 @@ impl Node {
             batch_size: spec.train.batch_size,
             lr: spec.train.lr,
             label_flip: opts.attack.is_some_and(|a| a.is_label_flip()),
+            anomaly_class: spec.model.anomaly_class,
         };
         // Batch-norm statistics go exactly, outside the lossy code.
         let encoder = DeltaEncoder::new(spec.exchange.codec, params).with_exact_ranges(buffers.clone());
@@ -487,6 +480,8 @@ impl Node {
             equivocation: None,
             last_eval: None,
             final_eval: None,
+            early: opts.spec.rounds.patience.map(EarlyStopping::new),
+            end_round: opts.spec.rounds.count,
             counters: Counters::default(),
             history: Vec::new(),
             recorded_rejections: HashSet::new(),
@@ -1101,6 +1096,20 @@ impl Node {
                         eval_ms,
                         "evaluated the anchor"
                     );
+                    if let Some(early) = self.early.as_mut() {
+                        if early.observe(round, e.loss) && self.end_round > round + 1 {
+                            // This round still closes, so peers waiting on
+                            // our record for it get one.
+                            self.end_round = round + 1;
+                            info!(
+                                round,
+                                best_round = early.best_round,
+                                best_loss = early.best_loss,
+                                patience = early.patience,
+                                "early stopping: the held-out loss stopped improving"
+                            );
+                        }
+                    }
                 }
                 info!(
                     round,
@@ -1127,11 +1136,20 @@ impl Node {
                 }
                 self.sign_and_store(round, payload, decoded, eval, stats, train_ms);
             }
-            TrainerReply::Evaluated { round, eval } => {
+            TrainerReply::Evaluated { round, report } => {
+                let eval = report.summary;
                 self.metrics.test_acc.set(f64::from(eval.accuracy));
                 self.metrics.test_loss.set(f64::from(eval.loss));
-                info!(round, test_acc = format_args!("{:.4}", eval.accuracy), test_loss = format_args!("{:.4}", eval.loss), "final evaluation");
-                self.final_eval = Some(eval);
+                info!(
+                    round,
+                    test_acc = format_args!("{:.4}", eval.accuracy),
+                    test_loss = format_args!("{:.4}", eval.loss),
+                    perplexity = eval.perplexity,
+                    roc_auc = eval.roc_auc,
+                    macro_f1 = eval.macro_f1,
+                    "final evaluation"
+                );
+                self.final_eval = Some(report);
                 self.set_phase(Phase::Draining);
             }
             TrainerReply::Checkpointed { round, result } => match result {
@@ -1394,7 +1412,7 @@ impl Node {
     /// Whether we hold every connected member's record for the last round
     /// (a member that left cannot add to its chain any more).
     fn chains_complete(&self) -> bool {
-        let last = self.spec.rounds.count.saturating_sub(1);
+        let last = self.end_round.saturating_sub(1);
         let authors: HashSet<AuthorId> = self.members.values().copied().collect();
         authors
             .iter()
@@ -1603,7 +1621,7 @@ impl Node {
     /// Trains the next round, or evaluates the final anchor when the run's
     /// rounds are done (also right after joining a mesh that is finishing).
     fn next_round_or_finish(&mut self) -> Result<(), NodeError> {
-        if self.round() >= self.spec.rounds.count {
+        if self.round() >= self.end_round {
             self.trainer_cmd(TrainerCmd::Evaluate {
                 round: self.round(),
                 anchor: self.anchor.clone(),
@@ -1624,11 +1642,14 @@ impl Node {
     fn report_with(&self, bytes: meshtrain_gossip::ByteCounts) -> NodeReport {
         // Without a final evaluation (stopped early), the last one made.
         let last = self.history.iter().rev().find(|r| r.test_acc.is_finite());
-        let eval = self.final_eval.unwrap_or_else(|| Evaluation {
-            loss: last.map_or(f32::NAN, |r| r.test_loss),
-            accuracy: last.map_or(0.0, |r| r.test_acc),
-            samples: 0,
-        });
+        let eval = self.final_eval.as_ref().map_or_else(
+            || Evaluation {
+                loss: last.map_or(f32::NAN, |r| r.test_loss),
+                accuracy: last.map_or(0.0, |r| r.test_acc),
+                ..Default::default()
+            },
+            |r| r.summary,
+        );
         NodeReport {
             peer_id: self.peer_id().to_string(),
             author: self.me.to_string(),
@@ -1639,6 +1660,14 @@ impl Node {
             rounds_completed: self.history.len() as u64,
             final_test_acc: eval.accuracy,
             final_test_loss: eval.loss,
+            final_task: meshtrain_testnet::report::TaskFigures {
+                perplexity: eval.perplexity,
+                roc_auc: eval.roc_auc,
+                macro_f1: eval.macro_f1,
+            },
+            final_eval: self.final_eval.as_ref().and_then(|r| serde_json::to_value(r).ok()),
+            stopped_early_at: (self.end_round < self.spec.rounds.count).then_some(self.end_round),
+            best_round: self.early.as_ref().and_then(|e| e.best_round),
             bytes_sent: bytes.outbound,
             bytes_received: bytes.inbound,
             updates_published: self.counters.published,

@@ -8,7 +8,7 @@
 
 use meshtrain_ledger::{Ledger, LedgerError, RejectReason, SignedVerdictBlock, Verdict, VerdictEntry, WeightsHash};
 use meshtrain_model::{
-    aggregate::aggregate, codec, AggInput, AggVerdict, ImageShape, Network, OuterConfig, OuterOptimizer,
+    aggregate::aggregate, codec, AggInput, AggVerdict, Network, OuterConfig, OuterOptimizer,
 };
 use serde::Serialize;
 
@@ -24,21 +24,6 @@ pub struct ReplayReport {
     pub final_anchor: String,
     /// The first block that did not reproduce, and why.
     pub problem: Option<String>,
-}
-
-/// Input shapes of the datasets a run can name (so an auditor needs no data).
-pub fn dataset_shape(dataset: &str) -> Option<(ImageShape, usize)> {
-    match dataset {
-        "fashion-mnist" | "mnist" => Some((
-            ImageShape {
-                channels: 1,
-                height: 28,
-                width: 28,
-            },
-            10,
-        )),
-        _ => None,
-    }
 }
 
 /// Whether an entry was an input of the aggregator (rather than refused
@@ -100,9 +85,7 @@ fn joined_state(ledger: &Ledger, round: u64, base: &WeightsHash, params: usize) 
 fn replay_core(ledger: &Ledger) -> Result<ReplayState, NodeError> {
     let meta = ledger.meta();
     let spec = RunSpec::from_canonical(&meta.run_spec)?;
-    let (shape, classes) = dataset_shape(&spec.data.dataset)
-        .ok_or_else(|| NodeError::Data(format!("replay does not know the shape of dataset `{}`", spec.data.dataset)))?;
-    let net = Network::new(spec.model.arch, shape, classes, meshtrain_model::Device::Cpu)?;
+    let net = Network::new(spec.model.arch, &spec.data.schema, meshtrain_model::Device::Cpu)?;
     let mut anchor = net.layout().genesis(spec.seed);
     let params = anchor.len();
     let mut report = ReplayReport::default();

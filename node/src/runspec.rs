@@ -29,6 +29,10 @@ pub struct RunSpec {
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub arch: Arch,
+    /// Autoencoder: the class treated as the anomaly (never trained on,
+    /// scored as positive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly_class: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,6 +87,12 @@ pub struct RoundSpec {
     pub max_wait_ms: u64,
     /// Lower bound of the adaptive wait.
     pub min_wait_ms: u64,
+    /// Early stopping: end the run once this many evaluations in a row have
+    /// not improved the validation loss. Every node evaluates the same
+    /// anchor on the same held-out split, so all stop at the same round
+    /// without asking each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patience: Option<u64>,
 }
 
 impl RunSpec {
@@ -91,7 +101,7 @@ impl RunSpec {
         Self {
             name: format!("{arch}-{}", manifest.name),
             seed: 42,
-            model: ModelSpec { arch },
+            model: ModelSpec { arch, anomaly_class: None },
             data: DataSpec {
                 dataset: manifest.name.clone(),
                 manifest: manifest.id(),
@@ -119,6 +129,7 @@ impl RunSpec {
                 count: 50,
                 max_wait_ms: 30_000,
                 min_wait_ms: 1_000,
+                patience: None,
             },
         }
     }
@@ -132,7 +143,7 @@ impl RunSpec {
             path: path.to_path_buf(),
             detail: e.to_string(),
         })?;
-        spec.validate().map_err(|detail| NodeError::RunSpec {
+        spec.check().map_err(|detail| NodeError::RunSpec {
             path: path.to_path_buf(),
             detail,
         })?;
@@ -150,7 +161,8 @@ impl RunSpec {
         })
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Whether the spec's values make a run (`load` checks this).
+    pub fn check(&self) -> Result<(), String> {
         if self.train.batch_size == 0 {
             return Err("train.batch_size must be at least 1".into());
         }
@@ -184,6 +196,20 @@ impl RunSpec {
             .map_err(|e| format!("data.partition: {e}"))?;
         if self.data.replication == 0 {
             return Err("data.replication must be at least 1".into());
+        }
+        self.model.arch.task(&self.data.schema).map_err(|e| format!("model.arch: {e}"))?;
+        match (self.model.anomaly_class, self.data.schema.classes()) {
+            (Some(_), _) if self.model.arch != Arch::Autoencoder => {
+                return Err("model.anomaly_class is for the autoencoder only".into())
+            }
+            (Some(c), Some(k)) if c >= k => return Err(format!("model.anomaly_class {c} is not one of the {k} classes")),
+            (None, _) if self.model.arch == Arch::Autoencoder => {
+                return Err("the autoencoder needs model.anomaly_class (the class it never trains on)".into())
+            }
+            _ => {}
+        }
+        if self.rounds.patience == Some(0) {
+            return Err("rounds.patience must be at least 1".into());
         }
         Ok(())
     }
@@ -247,5 +273,23 @@ mod tests {
         std::fs::write(&p, s.to_toml().unwrap().replace("local_steps = 10", "local_steps = 0")).unwrap();
         let err = RunSpec::load(&p).unwrap_err().to_string();
         assert!(err.contains("local_steps"), "{err}");
+    }
+
+    #[test]
+    fn model_and_data_must_fit() {
+        let mut s = RunSpec::default_for(Arch::CharTransformer, &manifest());
+        assert!(s.check().unwrap_err().contains("model.arch"));
+        s = RunSpec::default_for(Arch::Autoencoder, &manifest());
+        assert!(s.check().unwrap_err().contains("anomaly_class"));
+        s.model.anomaly_class = Some(10);
+        assert!(s.check().unwrap_err().contains("not one of the 10 classes"));
+        s.model.anomaly_class = Some(0);
+        s.check().unwrap();
+        s.rounds.patience = Some(0);
+        assert!(s.check().unwrap_err().contains("patience"));
+        // Left out when unset, so specs written before these fields keep
+        // their run ids.
+        let plain = String::from_utf8(RunSpec::default_for(Arch::Mlp, &manifest()).canonical_bytes()).unwrap();
+        assert!(!plain.contains("patience") && !plain.contains("anomaly_class"));
     }
 }

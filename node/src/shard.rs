@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use meshtrain_gossip::libp2p::PeerId;
 use meshtrain_ledger::AuthorId;
-use meshtrain_model::{BlockReader, Dataset, Manifest};
+use meshtrain_model::{BlockReader, Manifest, Records};
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -126,7 +126,7 @@ impl BlockReader for StoreReader {
 }
 
 /// The test split, read from the local store into memory.
-pub fn test_set(store: &BlockStore, manifest: &Manifest) -> Result<Dataset, NodeError> {
+pub fn test_set(store: &BlockStore, manifest: &Manifest) -> Result<Records, NodeError> {
     let mut records = Vec::new();
     for b in manifest.blocks("test") {
         let bytes = store
@@ -135,7 +135,7 @@ pub fn test_set(store: &BlockStore, manifest: &Manifest) -> Result<Dataset, Node
         manifest.verify_block(b, &bytes)?;
         records.extend_from_slice(&bytes);
     }
-    Ok(Dataset::from_records(&format!("{}/test", manifest.name), &manifest.schema, &records)?)
+    Ok(Records::new(&format!("{}/test", manifest.name), manifest.schema.clone(), records)?)
 }
 
 /// What the node fetched for its shard.

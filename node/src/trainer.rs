@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use meshtrain_model::{Dataset, DeltaEncoder, Evaluation, Network, RecordSource, StepStats, TrainConfig, Trainer};
+use meshtrain_model::{DeltaEncoder, EvalReport, Evaluation, Network, RecordSource, Records, StepStats, TrainConfig, Trainer};
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
@@ -54,7 +54,7 @@ pub enum TrainerReply {
     },
     Evaluated {
         round: u64,
-        eval: Evaluation,
+        report: EvalReport,
     },
     Checkpointed {
         round: u64,
@@ -82,7 +82,7 @@ impl TrainerHandle {
 pub fn spawn(
     net: Network,
     shard: Box<dyn RecordSource>,
-    test: Dataset,
+    test: Records,
     cfg: TrainConfig,
     mut encoder: DeltaEncoder,
     attack: Option<Attack>,
@@ -138,7 +138,7 @@ pub fn spawn(
                     TrainerCmd::Evaluate { round, anchor } => trainer
                         .load(&anchor)
                         .and_then(|_| trainer.evaluate(&test))
-                        .map(|eval| TrainerReply::Evaluated { round, eval })
+                        .map(|report| TrainerReply::Evaluated { round, report })
                         .unwrap_or_else(|e| TrainerReply::Failed(e.to_string())),
                 };
                 if reply_tx.send(reply).is_err() {
@@ -158,7 +158,7 @@ pub fn spawn(
 #[allow(clippy::too_many_arguments)]
 fn run_round(
     trainer: &mut Trainer,
-    test: &Dataset,
+    test: &Records,
     encoder: &mut DeltaEncoder,
     attack: Option<&Attack>,
     round: u64,
@@ -170,7 +170,7 @@ fn run_round(
         let started = std::time::Instant::now();
         let eval = if evaluate {
             trainer.load(anchor)?;
-            Some(trainer.evaluate(test)?)
+            Some(trainer.evaluate(test)?.summary)
         } else {
             None
         };

@@ -159,6 +159,60 @@ fn plots(reports: &[Option<NodeReport>]) -> Plots {
     }
 }
 
+/// The first honest node's final evaluation: the confusion matrix as a
+/// heat map with per-class scores for classifiers, the operating point for
+/// the autoencoder, nats per character for language models.
+fn final_eval_html(reports: &[Option<NodeReport>]) -> String {
+    let Some(r) = reports.iter().flatten().find(|r| r.honest && r.final_eval.is_some()) else {
+        return String::new();
+    };
+    let Some(eval) = &r.final_eval else {
+        return String::new();
+    };
+    let mut html = String::from(r#"<h2>Final evaluation (held-out split)</h2><div id="final-eval">"#);
+    if let Some(p) = r.final_task.perplexity {
+        let _ = write!(html, "<p>{:.4} nats per character, perplexity {p:.2}.</p>", r.final_test_loss);
+    }
+    if let Some(d) = eval.get("detection").filter(|d| !d.is_null()) {
+        let f = |k: &str| d.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        let _ = write!(
+            html,
+            "<p>Anomaly ROC-AUC {:.4}. At threshold {:.5} (95th percentile of normal error): recall {:.1}%, precision {:.1}%, false-positive rate {:.1}%.</p>",
+            r.final_task.roc_auc.unwrap_or(f32::NAN),
+            f("threshold"),
+            100.0 * f("recall"),
+            100.0 * f("precision"),
+            100.0 * f("false_positive_rate")
+        );
+    }
+    let matrix: Vec<Vec<u64>> = eval
+        .pointer("/confusion/matrix")
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default();
+    let scores = eval.get("per_class").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    if !matrix.is_empty() {
+        html.push_str(r#"<table id="confusion"><tr><th>true \ predicted</th>"#);
+        for c in 0..matrix.len() {
+            let _ = write!(html, "<th>{c}</th>");
+        }
+        html.push_str("<th>precision</th><th>recall</th><th>F1</th></tr>");
+        for (t, row) in matrix.iter().enumerate() {
+            let total = row.iter().sum::<u64>().max(1) as f64;
+            let _ = write!(html, "<tr><th>{t}</th>");
+            for &n in row {
+                // Shade by the share of the true class: the diagonal is recall.
+                let alpha = n as f64 / total;
+                let _ = write!(html, r#"<td style="background:rgba(31,119,180,{alpha:.2})">{n}</td>"#);
+            }
+            let s = |k: &str| scores.get(t).and_then(|v| v.get(k)).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+            let _ = write!(html, "<td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>", s("precision"), s("recall"), s("f1"));
+        }
+        html.push_str("</table>");
+    }
+    html.push_str("</div>");
+    html
+}
+
 /// Writes OUT/report.html and OUT/plots/*.png.
 pub fn write_report(out: &Path, summary: &Summary, reports: &[Option<NodeReport>]) -> Result<(), String> {
     let p = plots(reports);
@@ -210,7 +264,9 @@ Audit failures: <b>{}</b>. Restarts: {}. Records lost across kills: {}.</p>"#,
     html.push_str(&lines_svg(&accuracy)?);
     html.push_str(r#"</figure><figure id="loss">"#);
     html.push_str(&lines_svg(&loss)?);
-    html.push_str(r#"</figure><h2>Network</h2><figure id="bytes">"#);
+    html.push_str("</figure>");
+    html.push_str(&final_eval_html(reports));
+    html.push_str(r#"<h2>Network</h2><figure id="bytes">"#);
     html.push_str(&bars_svg(&bytes)?);
     html.push_str(r#"</figure><figure id="mesh"><figcaption>Mesh: who connected to whom (red: attackers)</figcaption>"#);
     html.push_str(&mesh_svg(reports));

@@ -567,6 +567,11 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         if let Some(r) = report {
             row.peer_id = r.peer_id.clone();
             row.final_test_acc = r.final_test_acc;
+            row.final_test_loss = r.final_test_loss;
+            row.final_task = r.final_task;
+            if r.honest {
+                summary.stopped_early_at = summary.stopped_early_at.max(r.stopped_early_at);
+            }
             row.bytes_sent = r.bytes_sent;
             row.bytes_received = r.bytes_received;
             row.updates_merged = r.updates_merged;
@@ -625,6 +630,8 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
     if !honest.is_empty() {
         summary.honest_mean_acc = honest.iter().map(|n| n.final_test_acc).sum::<f32>() / honest.len() as f32;
         summary.honest_min_acc = honest.iter().map(|n| n.final_test_acc).fold(f32::INFINITY, f32::min);
+        summary.honest_mean_loss = honest.iter().map(|n| n.final_test_loss).sum::<f32>() / honest.len() as f32;
+        summary.honest_mean_task = report::TaskFigures::mean(honest.iter().map(|n| &n.final_task));
     }
     summary.bytes_per_update_mean = if payload_n > 0 { payload_sum / payload_n as f64 } else { 0.0 };
     summary.compression_ratio = if summary.bytes_per_update_mean > 0.0 {
@@ -756,6 +763,25 @@ pub fn table(s: &Summary) -> String {
         s.complete_chains,
         s.audit_failures
     );
+    let mut task = Vec::new();
+    if s.honest_mean_loss.is_finite() {
+        task.push(format!("held-out loss {:.4}", s.honest_mean_loss));
+    }
+    if let Some(p) = s.honest_mean_task.perplexity {
+        task.push(format!("perplexity {p:.2}"));
+    }
+    if let Some(a) = s.honest_mean_task.roc_auc {
+        task.push(format!("anomaly ROC-AUC {a:.4}"));
+    }
+    if let Some(f) = s.honest_mean_task.macro_f1 {
+        task.push(format!("macro F1 {f:.4}"));
+    }
+    if let Some(r) = s.stopped_early_at {
+        task.push(format!("stopped early at round {r}"));
+    }
+    if !task.is_empty() {
+        let _ = writeln!(out, "honest means: {}", task.join("; "));
+    }
     if s.restarts > 0 || s.catch_up_rounds_max.is_some() {
         let _ = writeln!(
             out,

@@ -24,6 +24,37 @@ mod lossy_f32 {
     }
 }
 
+fn nan() -> f32 {
+    f32::NAN
+}
+
+/// The figures only some tasks have (the held-out loss and accuracy are
+/// reported for every task).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskFigures {
+    /// Language models: `exp(loss in nats per character)`.
+    pub perplexity: Option<f32>,
+    /// Autoencoder: ROC-AUC of the reconstruction error as anomaly score.
+    pub roc_auc: Option<f32>,
+    /// Classifiers: unweighted mean F1 over classes.
+    pub macro_f1: Option<f32>,
+}
+
+impl TaskFigures {
+    /// The mean of each figure over the items that have it.
+    pub fn mean<'a>(items: impl Iterator<Item = &'a TaskFigures> + Clone) -> TaskFigures {
+        let mean = |f: fn(&TaskFigures) -> Option<f32>| {
+            let v: Vec<f32> = items.clone().filter_map(f).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f32>() / v.len() as f32)
+        };
+        TaskFigures {
+            perplexity: mean(|t| t.perplexity),
+            roc_auc: mean(|t| t.roc_auc),
+            macro_f1: mean(|t| t.macro_f1),
+        }
+    }
+}
+
 /// One round as a node saw it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
@@ -61,6 +92,18 @@ pub struct NodeReport {
     pub final_test_acc: f32,
     #[serde(with = "lossy_f32")]
     pub final_test_loss: f32,
+    /// The task's own figures for the final weights.
+    #[serde(default)]
+    pub final_task: TaskFigures,
+    /// The model crate's full evaluation of the final weights (per-class
+    /// scores and confusion matrix, or the anomaly operating point).
+    #[serde(default)]
+    pub final_eval: Option<serde_json::Value>,
+    /// Early stopping: the round the run ended at, and the best round.
+    #[serde(default)]
+    pub stopped_early_at: Option<u64>,
+    #[serde(default)]
+    pub best_round: Option<u64>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub updates_published: u64,
@@ -103,6 +146,10 @@ pub struct NodeSummary {
     pub attack: Option<String>,
     #[serde(with = "lossy_f32")]
     pub final_test_acc: f32,
+    #[serde(with = "lossy_f32", default = "nan")]
+    pub final_test_loss: f32,
+    #[serde(default)]
+    pub final_task: TaskFigures,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub updates_merged: u64,
@@ -132,6 +179,16 @@ pub struct Summary {
     pub param_count: u64,
     pub honest_mean_acc: f32,
     pub honest_min_acc: f32,
+    /// Mean over honest nodes of the final held-out loss (nats per
+    /// character for language models).
+    #[serde(with = "lossy_f32", default = "nan")]
+    pub honest_mean_loss: f32,
+    /// Means over honest nodes of their task figures.
+    #[serde(default)]
+    pub honest_mean_task: TaskFigures,
+    /// Early stopping: the latest round an honest node stopped at.
+    #[serde(default)]
+    pub stopped_early_at: Option<u64>,
     pub bytes_per_update_mean: f64,
     pub compression_ratio: f64,
     /// Share of attacker updates that honest nodes did not merge at full

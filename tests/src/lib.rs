@@ -24,13 +24,13 @@ pub fn meshtrain_bin() -> PathBuf {
     bin
 }
 
-/// Imports Fashion-MNIST into DIR/dataset (1 MiB blocks) with
-/// `meshtrain data import`, as an operator seeding a mesh would.
-pub fn import_fashion_mnist(dir: &Path) -> PathBuf {
+/// `meshtrain data import ARGS --out DIR/dataset`, as an operator seeding
+/// a mesh would; returns the store.
+pub fn import(dir: &Path, args: &[&str]) -> PathBuf {
     let store = dir.join("dataset");
     let out = Command::new(meshtrain_bin())
-        .args(["data", "import", "--format", "idx", "/usr/share/datasets/fashion-mnist", "--name", "fashion-mnist"])
-        .args(["--block-size", "1048576"])
+        .args(["data", "import"])
+        .args(args)
         .arg("--out")
         .arg(&store)
         .output()
@@ -39,22 +39,35 @@ pub fn import_fashion_mnist(dir: &Path) -> PathBuf {
     store
 }
 
-/// A run spec over a freshly imported Fashion-MNIST store: returns the spec
-/// and the store (which node 0 should seed with `--data`).
-pub fn spec_new(dir: &Path, args: &[&str]) -> (PathBuf, PathBuf) {
-    let store = import_fashion_mnist(dir);
+/// Imports Fashion-MNIST into DIR/dataset (1 MiB blocks).
+pub fn import_fashion_mnist(dir: &Path) -> PathBuf {
+    import(
+        dir,
+        &["--format", "idx", "/usr/share/datasets/fashion-mnist", "--name", "fashion-mnist", "--block-size", "1048576"],
+    )
+}
+
+/// `meshtrain spec new ARGS --data STORE --out DIR/run.toml`.
+pub fn spec_for(dir: &Path, store: &Path, args: &[&str]) -> PathBuf {
     let path = dir.join("run.toml");
     let out = Command::new(meshtrain_bin())
         .args(["spec", "new"])
         .args(args)
         .arg("--data")
-        .arg(&store)
+        .arg(store)
         .arg("--out")
         .arg(&path)
         .output()
         .expect("run meshtrain spec new");
     assert!(out.status.success(), "spec new failed: {}", String::from_utf8_lossy(&out.stderr));
-    (path, store)
+    path
+}
+
+/// A run spec over a freshly imported Fashion-MNIST store: returns the spec
+/// and the store (which node 0 should seed with `--data`).
+pub fn spec_new(dir: &Path, args: &[&str]) -> (PathBuf, PathBuf) {
+    let store = import_fashion_mnist(dir);
+    (spec_for(dir, &store, args), store)
 }
 
 pub struct NodeProc {

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use meshtrain_tests::{import_fashion_mnist, meshtrain_bin};
+use meshtrain_tests::{import_fashion_mnist, meshtrain_bin, spec_for};
 
 #[test]
 fn config_file_environment_and_flags_in_that_order() {
@@ -22,15 +22,7 @@ fn config_file_environment_and_flags_in_that_order() {
         .expect("data inspect");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(std::fs::metadata(&plot).map(|m| m.len() > 1000).unwrap_or(false), "no plot written");
-    let spec = tmp.path().join("run.toml");
-    let out = Command::new(meshtrain_bin())
-        .args(["spec", "new", "--rounds", "3", "--local-steps", "5", "--nodes", "1", "--data"])
-        .arg(&store)
-        .arg("--out")
-        .arg(&spec)
-        .output()
-        .expect("spec new");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spec = spec_for(tmp.path(), &store, &["--rounds", "3", "--local-steps", "5", "--nodes", "1"]);
 
     let defaults = Command::new(meshtrain_bin()).args(["config", "default"]).output().expect("config default");
     assert!(defaults.status.success());
