@@ -170,38 +170,6 @@ impl Dataset {
         out
     }
 
-    /// Image records in block layout, back into a dataset.
-    pub fn from_records(name: &str, schema: &crate::blocks::Schema, records: &[u8]) -> Result<Self> {
-        let crate::blocks::Schema::Image {
-            channels,
-            height,
-            width,
-            classes,
-        } = *schema
-        else {
-            return Err(ModelError::BadDataset {
-                name: name.to_string(),
-                detail: format!("not an image schema: {schema:?}"),
-            });
-        };
-        let shape = ImageShape { channels, height, width };
-        let rec = shape.len() + 1;
-        if records.len() % rec != 0 {
-            return Err(ModelError::BadDataset {
-                name: name.to_string(),
-                detail: format!("{} bytes is not a whole number of {rec}-byte records", records.len()),
-            });
-        }
-        let n = records.len() / rec;
-        let mut pixels = Vec::with_capacity(n * shape.len());
-        let mut labels = Vec::with_capacity(n);
-        for r in records.chunks_exact(rec) {
-            labels.push(r[0]);
-            pixels.extend_from_slice(&r[1..]);
-        }
-        Self::new(name, shape, classes, pixels, labels)
-    }
-
     pub fn label_histogram(&self) -> Vec<u64> {
         let mut h = vec![0u64; self.classes];
         for &l in &self.labels {

@@ -163,10 +163,7 @@ fn plots(reports: &[Option<NodeReport>]) -> Plots {
 /// heat map with per-class scores for classifiers, the operating point for
 /// the autoencoder, nats per character for language models.
 fn final_eval_html(reports: &[Option<NodeReport>]) -> String {
-    let Some(r) = reports.iter().flatten().find(|r| r.honest && r.final_eval.is_some()) else {
-        return String::new();
-    };
-    let Some(eval) = &r.final_eval else {
+    let Some((r, eval)) = reports.iter().flatten().filter(|r| r.honest).find_map(|r| Some((r, r.final_eval.as_ref()?))) else {
         return String::new();
     };
     let mut html = String::from(r#"<h2>Final evaluation (held-out split)</h2><div id="final-eval">"#);
