@@ -50,6 +50,12 @@ mod tests {
         let text = "# HELP x\nlibp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp/p2p\",direction=\"Inbound\"} 120\n\
                     libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp\",direction=\"Inbound\"} 5\n\
                     libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp/p2p\",direction=\"Outbound\"} 77\n";
-        assert_eq!(parse_byte_counts(text), ByteCounts { inbound: 125, outbound: 77 });
+        assert_eq!(
+            parse_byte_counts(text),
+            ByteCounts {
+                inbound: 125,
+                outbound: 77
+            }
+        );
     }
 }

@@ -4,8 +4,10 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, PeerScoreParams, PeerScoreThresholds, TopicScoreParams, ValidationMode};
 use libp2p::allow_block_list::{self, BlockedPeers};
+use libp2p::gossipsub::{
+    self, IdentTopic, MessageAuthenticity, PeerScoreParams, PeerScoreThresholds, TopicScoreParams, ValidationMode,
+};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour};
 use libp2p::{identify, identity, kad, mdns, noise, request_response, tcp, yamux, PeerId, StreamProtocol, Swarm};
 use prometheus_client::registry::Registry;
@@ -76,7 +78,9 @@ impl MeshBehaviour {
             .validate_messages()
             .max_transmit_size(cfg.max_gossip_bytes)
             // Message ids are content hashes, so a re-sent record is a duplicate.
-            .message_id_fn(|m: &gossipsub::Message| gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec()))
+            .message_id_fn(|m: &gossipsub::Message| {
+                gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+            })
             .duplicate_cache_time(Duration::from_secs(600))
             .mesh_n_low(2)
             .mesh_n(4)
@@ -141,10 +145,16 @@ pub fn build_swarm(
     let idle = cfg.idle_timeout;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| GossipError::Build(format!("tcp transport: {e}")))?
         .with_bandwidth_metrics(registry)
-        .with_behaviour(|key| MeshBehaviour::new(key, cfg, topic).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>))
+        .with_behaviour(|key| {
+            MeshBehaviour::new(key, cfg, topic).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
         .map_err(|e| GossipError::Build(format!("behaviour: {e}")))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build();

@@ -13,7 +13,11 @@ pub const MAX_DIALLED: usize = 64;
 
 /// Acts on the discovery part of EVENT. `may_dial` vetoes peers (banned
 /// ones, say).
-pub fn on_event(swarm: &mut Swarm<MeshBehaviour>, event: &SwarmEvent<MeshBehaviourEvent>, may_dial: impl Fn(&PeerId) -> bool) {
+pub fn on_event(
+    swarm: &mut Swarm<MeshBehaviour>,
+    event: &SwarmEvent<MeshBehaviourEvent>,
+    may_dial: impl Fn(&PeerId) -> bool,
+) {
     match event {
         SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
             for addr in &info.listen_addrs {

@@ -31,7 +31,12 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize, what:
     Ok(buf)
 }
 
-async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8], limit: usize, what: &str) -> io::Result<()> {
+async fn write_frame<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    bytes: &[u8],
+    limit: usize,
+    what: &str,
+) -> io::Result<()> {
     if bytes.len() > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

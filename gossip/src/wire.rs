@@ -195,7 +195,10 @@ mod tests {
             config::standard(),
         )
         .unwrap();
-        assert!(matches!(FetchRequest::from_bytes(&newer), Err(GossipError::Version { found: 9, .. })));
+        assert!(matches!(
+            FetchRequest::from_bytes(&newer),
+            Err(GossipError::Version { found: 9, .. })
+        ));
     }
 
     #[test]

@@ -58,7 +58,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             verdict: Verdict::Merged { weight: 0.125 },
         });
         let mut event = ledger.begin();
-        event.append(&verified)?.payload(&verified.signed().record.payload_hash, seq.0, &payload)?;
+        event
+            .append(&verified)?
+            .payload(&verified.signed().record.payload_hash, seq.0, &payload)?;
         if pending.len() == authors.len() {
             let (vseq, vprev) = match ledger.verdict_head() {
                 None => (0, meta.verdict_genesis()),

@@ -315,13 +315,21 @@ pub fn audit(ledger: &Ledger) -> Result<AuditReport> {
                     "record",
                     Some(author),
                     Some(seq.0),
-                    format!("stored under the key of another record ({} seq {})", rec.author, rec.seq),
+                    format!(
+                        "stored under the key of another record ({} seq {})",
+                        rec.author, rec.seq
+                    ),
                 );
                 w.broken = true;
                 continue;
             }
             if rec.run_id != meta.run_id {
-                report.problem("record", Some(author), Some(seq.0), format!("belongs to run {}", rec.run_id));
+                report.problem(
+                    "record",
+                    Some(author),
+                    Some(seq.0),
+                    format!("belongs to run {}", rec.run_id),
+                );
                 w.broken = true;
                 continue;
             }
@@ -350,7 +358,10 @@ pub fn audit(ledger: &Ledger) -> Result<AuditReport> {
                     "record",
                     Some(author),
                     Some(seq.0),
-                    format!("its payload {} has {len} bytes, the record says {}", rec.payload_hash, rec.payload_len),
+                    format!(
+                        "its payload {} has {len} bytes, the record says {}",
+                        rec.payload_hash, rec.payload_len
+                    ),
                 ),
                 Ok(_) => {}
                 Err(e) => report.problem("payload", Some(author), Some(seq.0), e.to_string()),
@@ -386,10 +397,18 @@ pub fn audit(ledger: &Ledger) -> Result<AuditReport> {
                 "head",
                 Some(*author),
                 Some(head.seq.0),
-                format!("head says seq {} {}, chain ends at seq {} {}", head.seq, head.hash, last.seq, last.hash),
+                format!(
+                    "head says seq {} {}, chain ends at seq {} {}",
+                    head.seq, head.hash, last.seq, last.hash
+                ),
             ),
             Some(None) => {} // chain broken at its start; reported above
-            None => report.problem("head", Some(*author), Some(head.seq.0), "head points at records that are not stored"),
+            None => report.problem(
+                "head",
+                Some(*author),
+                Some(head.seq.0),
+                "head points at records that are not stored",
+            ),
         }
     }
     for author in walked.keys() {
@@ -516,7 +535,10 @@ fn audit_verdicts(
                     "verdict",
                     Some(owner),
                     Some(seq),
-                    format!("merged record {}/{} differs from the stored one", entry.author, entry.seq),
+                    format!(
+                        "merged record {}/{} differs from the stored one",
+                        entry.author, entry.seq
+                    ),
                 ),
                 Ok(None) => report.problem(
                     "verdict",
@@ -548,7 +570,11 @@ fn audit_verdicts(
             "verdict",
             Some(owner),
             None,
-            format!("verdict head {:?} does not match the chain's last block {:?}", h.map(|h| h.seq), l.map(|l| l.0)),
+            format!(
+                "verdict head {:?} does not match the chain's last block {:?}",
+                h.map(|h| h.seq),
+                l.map(|l| l.0)
+            ),
         ),
     }
     Ok(())
@@ -667,13 +693,25 @@ pub fn export(ledger: &Ledger, out: &mut dyn std::io::Write) -> Result<u64> {
     for item in ledger.iter_records()? {
         let (_, _, bytes) = item?;
         let signed = SignedRecord::from_bytes(&bytes)?;
-        write(&ExportLine::Record { hash: signed.hash(), signed }, out)?;
+        write(
+            &ExportLine::Record {
+                hash: signed.hash(),
+                signed,
+            },
+            out,
+        )?;
         lines += 1;
     }
     for item in ledger.iter_verdicts()? {
         let (_, bytes) = item?;
         let signed = SignedVerdictBlock::from_bytes(&bytes)?;
-        write(&ExportLine::Verdict { hash: signed.block.hash(), signed }, out)?;
+        write(
+            &ExportLine::Verdict {
+                hash: signed.block.hash(),
+                signed,
+            },
+            out,
+        )?;
         lines += 1;
     }
     for proof in ledger.proofs()? {
@@ -704,10 +742,14 @@ mod tests {
             for seq in 0..5u64 {
                 let payload = vec![a; 10 + seq as usize];
                 let r = rec(&meta, &k, seq, prev, &payload);
-                let v = VerifiedRecord::extend(r.clone(), &meta.run_id, ledger.head(&k.author()), meta.genesis_link()).unwrap();
+                let v = VerifiedRecord::extend(r.clone(), &meta.run_id, ledger.head(&k.author()), meta.genesis_link())
+                    .unwrap();
                 prev = v.hash();
                 let mut ev = ledger.begin();
-                ev.append(&v).unwrap().payload(&r.record.payload_hash, seq, &payload).unwrap();
+                ev.append(&v)
+                    .unwrap()
+                    .payload(&r.record.payload_hash, seq, &payload)
+                    .unwrap();
                 ev.commit().unwrap();
                 if seq < 2 {
                     merged.push((k.author(), Seq(seq), v.hash(), seq));
@@ -759,7 +801,10 @@ mod tests {
         let ledger = populated(dir.path());
         let r = audit(&ledger).unwrap();
         assert!(r.ok, "{:?}", r.problems);
-        assert_eq!((r.records, r.authors, r.verdict_blocks, r.proofs, r.payloads_checked), (15, 3, 2, 1, 15));
+        assert_eq!(
+            (r.records, r.authors, r.verdict_blocks, r.proofs, r.payloads_checked),
+            (15, 3, 2, 1, 15)
+        );
         assert_eq!(r.signatures_verified, 17);
         assert!(r.chain_lengths.values().all(|&n| n == 5));
     }
@@ -781,7 +826,11 @@ mod tests {
                 let r = audit(&ledger).unwrap();
                 assert!(!r.ok, "flip of byte {i} in {author}/{seq} went unnoticed");
                 let first = r.first_problem().unwrap();
-                assert_eq!((first.author, first.seq), (Some(author), Some(seq.0)), "byte {i}: {first}");
+                assert_eq!(
+                    (first.author, first.seq),
+                    (Some(author), Some(seq.0)),
+                    "byte {i}: {first}"
+                );
                 flips += 1;
             }
             ledger.raw_put(CF_RECORDS, &key, &original);
@@ -825,7 +874,10 @@ mod tests {
         let left = populated(d1.path());
         let right = populated(d2.path());
         let same = compare(&left, &right).unwrap();
-        assert!(same.ok && same.shared_authors == 3 && same.records_compared == 15, "{same:?}");
+        assert!(
+            same.ok && same.shared_authors == 3 && same.records_compared == 15,
+            "{same:?}"
+        );
 
         // The same author signs a different seq 3 in the right ledger's view.
         let meta = right.meta().clone();
@@ -834,7 +886,11 @@ mod tests {
         let k = key(2);
         let mut prev = meta.genesis_link();
         for seq in 0..5u64 {
-            let payload = if seq == 3 { vec![0xee; 4] } else { vec![2; 10 + seq as usize] };
+            let payload = if seq == 3 {
+                vec![0xee; 4]
+            } else {
+                vec![2; 10 + seq as usize]
+            };
             let r = rec(&meta, &k, seq, prev, &payload);
             let v = VerifiedRecord::extend(r, &meta.run_id, forked.head(&k.author()), meta.genesis_link()).unwrap();
             prev = v.hash();

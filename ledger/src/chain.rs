@@ -72,9 +72,7 @@ pub fn locate(
         return Ok(Link::Next);
     }
     if rec.seq > next_seq {
-        return Ok(Link::Gap {
-            missing_from: next_seq,
-        });
+        return Ok(Link::Gap { missing_from: next_seq });
     }
     match held_at(rec.seq) {
         Some(held) if held == hash => Ok(Link::Duplicate),
@@ -156,7 +154,6 @@ impl VerifiedRecord {
         Ok(Self { signed, hash })
     }
 
-
     pub fn signed(&self) -> &SignedRecord {
         &self.signed
     }
@@ -201,7 +198,10 @@ mod tests {
         let k = key(1);
         let r0 = record(&k, 0, GEN);
         let r1 = record(&k, 1, r0.hash());
-        let head = Some(Head { seq: Seq(0), hash: r0.hash() });
+        let head = Some(Head {
+            seq: Seq(0),
+            hash: r0.hash(),
+        });
         assert_eq!(locate(head, GEN, &r1, r1.hash(), |_| None).unwrap(), Link::Next);
 
         let r5 = record(&k, 5, RecordHash([3; 32]));

@@ -35,11 +35,7 @@ pub enum LedgerError {
     },
 
     #[error("chain of {author} has a gap: expected seq {expected}, got {got}")]
-    ChainGap {
-        author: AuthorId,
-        expected: Seq,
-        got: Seq,
-    },
+    ChainGap { author: AuthorId, expected: Seq, got: Seq },
 
     #[error("author {author} equivocated at seq {seq}: {first} and {second}")]
     Equivocation {
@@ -50,10 +46,7 @@ pub enum LedgerError {
     },
 
     #[error("payload {expected} does not hash to its name (got {got})")]
-    PayloadHashMismatch {
-        expected: PayloadHash,
-        got: PayloadHash,
-    },
+    PayloadHashMismatch { expected: PayloadHash, got: PayloadHash },
 
     #[error("verdict chain broken at block {seq}: prev is {got}, expected {expected_prev}")]
     VerdictChainBroken {
@@ -69,11 +62,7 @@ pub enum LedgerError {
     NotALedger { path: PathBuf, detail: String },
 
     #[error("ledger at {path} is format version {found}; this build reads up to {supported}")]
-    NewerFormat {
-        path: PathBuf,
-        found: u32,
-        supported: u32,
-    },
+    NewerFormat { path: PathBuf, found: u32, supported: u32 },
 
     #[error("ledger at {path} belongs to run {found}, not to run {expected}")]
     OtherRun {

@@ -155,9 +155,7 @@ impl VerdictHash {
 }
 
 /// An author's position in its own chain, counting up by one from 0.
-#[derive(
-    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Encode, Decode, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Encode, Decode, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Seq(pub u64);
 

@@ -26,7 +26,10 @@ pub struct JoinRecord {
 impl JoinRecord {
     /// Every attestation is validly signed and names this anchor and state.
     pub fn verify(&self) -> Result<(), LedgerError> {
-        let bad = |detail: String| LedgerError::Malformed { what: "join record", detail };
+        let bad = |detail: String| LedgerError::Malformed {
+            what: "join record",
+            detail,
+        };
         if self.attestations.is_empty() {
             return Err(bad("no attestation".into()));
         }
@@ -34,7 +37,10 @@ impl JoinRecord {
             a.verify_signature()?;
             let b = &a.block;
             if b.new_anchor != self.anchor || b.outer_state != self.outer_state || b.round + 1 != self.round {
-                return Err(bad(format!("the verdict block of {} attests another anchor or round", b.owner)));
+                return Err(bad(format!(
+                    "the verdict block of {} attests another anchor or round",
+                    b.owner
+                )));
             }
         }
         Ok(())

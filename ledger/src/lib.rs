@@ -35,5 +35,7 @@ pub use meta::{RunMeta, FORMAT_VERSION};
 pub use proof::EquivocationProof;
 pub use record::{SignedRecord, UpdateRecord, RECORD_VERSION};
 pub use store::{Event, Ledger, Retention, StoreOptions};
-pub use verdict::{RejectReason, SignedVerdictBlock, Verdict, VerdictBlock, VerdictEntry, VerdictHead, VERDICT_VERSION};
+pub use verdict::{
+    RejectReason, SignedVerdictBlock, Verdict, VerdictBlock, VerdictEntry, VerdictHead, VERDICT_VERSION,
+};
 pub use wire::MAX_VALUE_BYTES;

@@ -51,8 +51,12 @@ impl EquivocationProof {
         if self.first.hash() == self.second.hash() {
             return Err(bad("records are identical"));
         }
-        self.first.verify_signature().map_err(|_| bad("first signature invalid"))?;
-        self.second.verify_signature().map_err(|_| bad("second signature invalid"))?;
+        self.first
+            .verify_signature()
+            .map_err(|_| bad("first signature invalid"))?;
+        self.second
+            .verify_signature()
+            .map_err(|_| bad("second signature invalid"))?;
         Ok(())
     }
 

@@ -6,8 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::key::verify_one;
 use crate::wire::{decode_exact, encode};
 use crate::{
-    id::hash_in, AuthorId, AuthorKey, LedgerError, PayloadHash, RecordHash, RunId, Seq, SignatureBytes,
-    WeightsHash,
+    id::hash_in, AuthorId, AuthorKey, LedgerError, PayloadHash, RecordHash, RunId, Seq, SignatureBytes, WeightsHash,
 };
 
 /// The version written into every record; a newer one is refused, not guessed at.
@@ -83,10 +82,7 @@ impl SignedRecord {
         if signed.record.version != RECORD_VERSION {
             return Err(LedgerError::Malformed {
                 what: "update record",
-                detail: format!(
-                    "version {} (this build knows {RECORD_VERSION})",
-                    signed.record.version
-                ),
+                detail: format!("version {} (this build knows {RECORD_VERSION})", signed.record.version),
             });
         }
         Ok(signed)
@@ -165,10 +161,7 @@ pub(crate) mod tests {
         let k = key(1);
         let mut r = record(&k, 3, RecordHash([0; 32]));
         r.record.n_samples += 1;
-        assert!(matches!(
-            r.verify_signature(),
-            Err(LedgerError::BadSignature { .. })
-        ));
+        assert!(matches!(r.verify_signature(), Err(LedgerError::BadSignature { .. })));
     }
 
     #[test]

@@ -23,8 +23,8 @@ use crate::meta::FORMAT_VERSION;
 use crate::verdict::VerdictHead;
 use crate::wire::{decode_exact, encode};
 use crate::{
-    AuthorId, EquivocationProof, LedgerError, PayloadHash, Result, RunMeta, Seq, SignedRecord,
-    SignedVerdictBlock, VerifiedRecord,
+    AuthorId, EquivocationProof, LedgerError, PayloadHash, Result, RunMeta, Seq, SignedRecord, SignedVerdictBlock,
+    VerifiedRecord,
 };
 
 pub(crate) const CF_RECORDS: &str = "records";
@@ -162,8 +162,14 @@ impl Ledger {
         // leaves a store without meta; with nothing in it, finish creating it.
         let half_created = exists && {
             let meta_cf = cf(&db, CF_META)?;
-            let no_meta = db.get_cf(meta_cf, META_FORMAT).map_err(|e| store_err(path, e))?.is_none();
-            let no_records = db.iterator_cf(cf(&db, CF_RECORDS)?, IteratorMode::Start).next().is_none();
+            let no_meta = db
+                .get_cf(meta_cf, META_FORMAT)
+                .map_err(|e| store_err(path, e))?
+                .is_none();
+            let no_records = db
+                .iterator_cf(cf(&db, CF_RECORDS)?, IteratorMode::Start)
+                .next()
+                .is_none();
             no_meta && no_records
         };
         let ledger = if exists && !half_created {
@@ -239,7 +245,10 @@ impl Ledger {
             })?;
         let meta = RunMeta::from_bytes(&meta_bytes).map_err(|e| corrupt(CF_META, META_RUN, e))?;
         let verdict_head = match db.get_cf(meta_cf, META_VERDICT_HEAD).map_err(|e| store_err(path, e))? {
-            Some(bytes) => Some(decode_exact::<VerdictHead>(&bytes, "verdict head").map_err(|e| corrupt(CF_META, META_VERDICT_HEAD, e))?),
+            Some(bytes) => Some(
+                decode_exact::<VerdictHead>(&bytes, "verdict head")
+                    .map_err(|e| corrupt(CF_META, META_VERDICT_HEAD, e))?,
+            ),
             None => None,
         };
 
@@ -310,7 +319,9 @@ impl Ledger {
     pub fn record(&self, author: &AuthorId, seq: Seq) -> Result<Option<SignedRecord>> {
         let key = seq_key(author, seq);
         match self.db.get_cf(self.cf(CF_RECORDS)?, key).map_err(|e| self.err(e))? {
-            Some(bytes) => Ok(Some(SignedRecord::from_bytes(&bytes).map_err(|e| corrupt(CF_RECORDS, &key, e))?)),
+            Some(bytes) => Ok(Some(
+                SignedRecord::from_bytes(&bytes).map_err(|e| corrupt(CF_RECORDS, &key, e))?,
+            )),
             None => Ok(None),
         }
     }
@@ -337,7 +348,9 @@ impl Ledger {
 
     /// Streams every record in key order (by author, then seq), for audits.
     pub fn iter_records(&self) -> Result<impl Iterator<Item = Result<(AuthorId, Seq, Vec<u8>)>> + '_> {
-        let it = self.db.iterator_cf_opt(self.cf(CF_RECORDS)?, scan_options(), IteratorMode::Start);
+        let it = self
+            .db
+            .iterator_cf_opt(self.cf(CF_RECORDS)?, scan_options(), IteratorMode::Start);
         Ok(it.map(move |item| {
             let (key, value) = item.map_err(|e| self.err(e))?;
             let (author, seq) = split_seq_key(CF_RECORDS, &key)?;
@@ -383,7 +396,9 @@ impl Ledger {
 
     /// Streams every stored payload as (name, bytes), for audits.
     pub fn iter_payloads(&self) -> Result<impl Iterator<Item = Result<(PayloadHash, Vec<u8>)>> + '_> {
-        let it = self.db.iterator_cf_opt(self.cf(CF_PAYLOADS)?, scan_options(), IteratorMode::Start);
+        let it = self
+            .db
+            .iterator_cf_opt(self.cf(CF_PAYLOADS)?, scan_options(), IteratorMode::Start);
         Ok(it.map(move |item| {
             let (key, value) = item.map_err(|e| self.err(e))?;
             let hash = PayloadHash::from_slice(&key).map_err(|e| corrupt(CF_PAYLOADS, &key, e))?;
@@ -393,7 +408,9 @@ impl Ledger {
 
     /// The own verdict chain, oldest first, as raw bytes with their seq.
     pub fn iter_verdicts(&self) -> Result<impl Iterator<Item = Result<(u64, Vec<u8>)>> + '_> {
-        let it = self.db.iterator_cf_opt(self.cf(CF_VERDICTS)?, scan_options(), IteratorMode::Start);
+        let it = self
+            .db
+            .iterator_cf_opt(self.cf(CF_VERDICTS)?, scan_options(), IteratorMode::Start);
         Ok(it.map(move |item| {
             let (key, value) = item.map_err(|e| self.err(e))?;
             let seq: [u8; 8] = key.as_ref().try_into().map_err(|_| LedgerError::Corrupt {
@@ -433,7 +450,9 @@ impl Ledger {
     }
 
     pub fn iter_proofs(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_> {
-        let it = self.db.iterator_cf_opt(self.cf(CF_PROOFS)?, scan_options(), IteratorMode::Start);
+        let it = self
+            .db
+            .iterator_cf_opt(self.cf(CF_PROOFS)?, scan_options(), IteratorMode::Start);
         Ok(it.map(move |item| {
             let (key, value) = item.map_err(|e| self.err(e))?;
             Ok((key.into_vec(), value.into_vec()))
@@ -700,10 +719,7 @@ impl Event<'_> {
         let mut wo = WriteOptions::default();
         wo.set_sync(self.sync);
         let batch = std::mem::take(&mut self.batch);
-        self.ledger
-            .db
-            .write_opt(batch, &wo)
-            .map_err(|e| self.ledger.err(e))?;
+        self.ledger.db.write_opt(batch, &wo).map_err(|e| self.ledger.err(e))?;
         let new_heads = std::mem::take(&mut self.new_heads);
         self.state.heads.extend(new_heads);
         self.state.records += self.new_records;
@@ -796,7 +812,13 @@ pub(crate) mod tests {
         split_seq_key(CF_RECORDS, key).unwrap()
     }
 
-    pub(crate) fn rec(meta: &RunMeta, k: &crate::AuthorKey, seq: u64, prev: RecordHash, payload: &[u8]) -> SignedRecord {
+    pub(crate) fn rec(
+        meta: &RunMeta,
+        k: &crate::AuthorKey,
+        seq: u64,
+        prev: RecordHash,
+        payload: &[u8],
+    ) -> SignedRecord {
         UpdateRecord {
             version: RECORD_VERSION,
             run_id: meta.run_id,
@@ -825,10 +847,19 @@ pub(crate) mod tests {
             for seq in 0..5u64 {
                 let payload = seq.to_le_bytes();
                 let r = rec(&meta, &author, seq, prev, &payload);
-                let v = VerifiedRecord::extend(r.clone(), &meta.run_id, ledger.head(&author.author()), meta.genesis_link()).unwrap();
+                let v = VerifiedRecord::extend(
+                    r.clone(),
+                    &meta.run_id,
+                    ledger.head(&author.author()),
+                    meta.genesis_link(),
+                )
+                .unwrap();
                 prev = v.hash();
                 let mut ev = ledger.begin();
-                ev.append(&v).unwrap().payload(&r.record.payload_hash, seq, &payload).unwrap();
+                ev.append(&v)
+                    .unwrap()
+                    .payload(&r.record.payload_hash, seq, &payload)
+                    .unwrap();
                 ev.commit().unwrap();
             }
         }
@@ -868,12 +899,15 @@ pub(crate) mod tests {
         let mut other = meta.clone();
         other.run_spec = b"other".to_vec();
         other.run_id = RunId::of_spec(&other.run_spec);
-        let err = Ledger::open_or_create(dir.path(), &other, StoreOptions::default()).err().unwrap();
+        let err = Ledger::open_or_create(dir.path(), &other, StoreOptions::default())
+            .err()
+            .unwrap();
         assert!(matches!(err, LedgerError::OtherRun { .. }), "{err}");
 
         {
             let db = open_db(dir.path(), &Options::default(), false).unwrap();
-            db.put_cf(cf(&db, CF_META).unwrap(), META_FORMAT, 99u32.to_le_bytes()).unwrap();
+            db.put_cf(cf(&db, CF_META).unwrap(), META_FORMAT, 99u32.to_le_bytes())
+                .unwrap();
         }
         let err = Ledger::open_read_only(dir.path()).err().unwrap();
         assert!(matches!(err, LedgerError::NewerFormat { found: 99, .. }), "{err}");
@@ -903,13 +937,25 @@ pub(crate) mod tests {
             ev.commit().unwrap();
         }
         let dropped = ledger
-            .apply_retention(Retention { rounds: Some(3), bytes: None }, 9)
+            .apply_retention(
+                Retention {
+                    rounds: Some(3),
+                    bytes: None,
+                },
+                9,
+            )
             .unwrap();
         assert_eq!(dropped, 7);
         assert!(ledger.payload(&PayloadHash::of(&[9u8; 100])).unwrap().is_some());
         assert!(ledger.payload(&PayloadHash::of(&[6u8; 100])).unwrap().is_none());
         let dropped = ledger
-            .apply_retention(Retention { rounds: None, bytes: Some(150) }, 9)
+            .apply_retention(
+                Retention {
+                    rounds: None,
+                    bytes: Some(150),
+                },
+                9,
+            )
             .unwrap();
         assert_eq!(dropped, 2);
         assert_eq!(ledger.payload_bytes().unwrap(), 100);

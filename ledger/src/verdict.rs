@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::key::verify_one;
 use crate::wire::{decode_exact, encode};
-use crate::{id::hash_in, AuthorId, AuthorKey, LedgerError, RecordHash, RunId, Seq, SignatureBytes, VerdictHash, WeightsHash};
+use crate::{
+    id::hash_in, AuthorId, AuthorKey, LedgerError, RecordHash, RunId, Seq, SignatureBytes, VerdictHash, WeightsHash,
+};
 
 pub const VERDICT_VERSION: u16 = 1;
 const VERDICT_SIGNING_CONTEXT: &[u8] = b"meshtrain/verdict-block/v1";
@@ -104,10 +106,17 @@ impl fmt::Display for RejectReason {
 #[serde(tag = "verdict", rename_all = "kebab-case")]
 pub enum Verdict {
     /// Merged with this weight in the aggregate.
-    Merged { weight: f32 },
+    Merged {
+        weight: f32,
+    },
     /// Scaled by `factor` (< 1) before merging with `weight`.
-    Clipped { factor: f32, weight: f32 },
-    Rejected { reason: RejectReason },
+    Clipped {
+        factor: f32,
+        weight: f32,
+    },
+    Rejected {
+        reason: RejectReason,
+    },
 }
 
 impl Verdict {

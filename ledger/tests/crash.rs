@@ -58,5 +58,8 @@ fn sigkill_never_breaks_a_chain() {
         last_records = report.records;
     }
     eprintln!("{kills} SIGKILLs, {last_records} records survived, every audit clean");
-    assert!(last_records > 200, "the writer made too little progress to test anything ({last_records})");
+    assert!(
+        last_records > 200,
+        "the writer made too little progress to test anything ({last_records})"
+    );
 }

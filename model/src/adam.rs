@@ -158,7 +158,13 @@ mod tests {
         train(&b, &mut ob, 2);
         assert_eq!(a.flat().unwrap(), b.flat().unwrap());
         assert_eq!(ob.state().unwrap().step, 5);
-        assert!(ob.set_state(&AdamState { step: 1, m: vec![0.0], v: vec![0.0] }).is_err());
+        assert!(ob
+            .set_state(&AdamState {
+                step: 1,
+                m: vec![0.0],
+                v: vec![0.0]
+            })
+            .is_err());
     }
 
     #[test]
@@ -167,7 +173,12 @@ mod tests {
         let mut o = Adam::new(&a, 1e-2);
         let xs = Tensor::ones([8, 1, 4, 4], (Kind::Float, Device::Cpu));
         let ys = Tensor::from_slice(&[1i64; 8]);
-        let loss = |n: &Network| n.forward(&xs, false).log_softmax(-1, Kind::Float).nll_loss(&ys).double_value(&[]);
+        let loss = |n: &Network| {
+            n.forward(&xs, false)
+                .log_softmax(-1, Kind::Float)
+                .nll_loss(&ys)
+                .double_value(&[])
+        };
         let before = loss(&a);
         for _ in 0..20 {
             o.zero_grad();

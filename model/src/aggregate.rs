@@ -44,12 +44,18 @@ pub enum AggregatorSpec {
     /// Coordinate-wise median.
     Median,
     /// Coordinate-wise mean after dropping the `beta` fraction at each end.
-    TrimmedMean { beta: f32 },
+    TrimmedMean {
+        beta: f32,
+    },
     /// Average of the n − f inputs with the best Krum scores.
-    MultiKrum { f: usize },
+    MultiKrum {
+        f: usize,
+    },
     /// Iterative clipping around a robust centre (Karimireddy, He & Jaggi
     /// 2021). `tau` None: the clipping radius adapts to the median distance.
-    CenteredClip { tau: Option<f32> },
+    CenteredClip {
+        tau: Option<f32>,
+    },
     /// Self-centred clipping (He, Karimireddy & Jaggi 2022): clip every
     /// neighbour's delta around this node's own.
     ClippedGossip,
@@ -90,7 +96,11 @@ impl FromStr for AggregatorSpec {
                 Ok(AggregatorSpec::TrimmedMean { beta: beta as f32 })
             }
             "multi-krum" => {
-                let f = if arg.is_some() { num("the number of attackers f")? } else { 1.0 };
+                let f = if arg.is_some() {
+                    num("the number of attackers f")?
+                } else {
+                    1.0
+                };
                 if f < 0.0 || f.fract() != 0.0 {
                     return Err(bad("f must be a whole number"));
                 }
@@ -305,7 +315,10 @@ fn coordinate_rule(inputs: &[AggInput<'_>], trim: usize, median: bool) -> Aggreg
             let relative = u as f64 / (dim as f64 * fair).max(1.0);
             if relative < COORD_REJECT_SHARE {
                 AggVerdict::Rejected {
-                    reason: format!("{rule}: shaped {:.1}% of coordinates", 100.0 * u as f64 / dim.max(1) as f64),
+                    reason: format!(
+                        "{rule}: shaped {:.1}% of coordinates",
+                        100.0 * u as f64 / dim.max(1) as f64
+                    ),
                 }
             } else {
                 AggVerdict::Merged { weight: share as f32 }
@@ -375,7 +388,12 @@ fn clip_around(inputs: &[AggInput<'_>], start: Vec<f32>, tau: Option<f32>, iters
         let radius = match tau {
             Some(t) => t as f64,
             None => {
-                let mut live: Vec<f64> = dists.iter().zip(&weights).filter(|(_, w)| **w > 0.0).map(|(d, _)| *d).collect();
+                let mut live: Vec<f64> = dists
+                    .iter()
+                    .zip(&weights)
+                    .filter(|(_, w)| **w > 0.0)
+                    .map(|(d, _)| *d)
+                    .collect();
                 ADAPTIVE_TAU_FACTOR * median_of(&mut live)
             }
         };
@@ -426,7 +444,15 @@ mod tests {
 
     #[test]
     fn parse_and_print() {
-        for s in ["mean", "median", "trimmed-mean:0.25", "multi-krum:2", "centered-clip", "centered-clip:0.5", "clipped-gossip"] {
+        for s in [
+            "mean",
+            "median",
+            "trimmed-mean:0.25",
+            "multi-krum:2",
+            "centered-clip",
+            "centered-clip:0.5",
+            "clipped-gossip",
+        ] {
             let a: AggregatorSpec = s.parse().unwrap();
             assert_eq!(a.to_string(), s);
         }
@@ -501,7 +527,9 @@ mod tests {
         vs.push(vec![-1.1, -0.6, -0.2]);
         let a = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&vs), None);
         assert!(matches!(a.verdicts[3], AggVerdict::Rejected { .. }), "{:?}", a.verdicts);
-        assert!(a.verdicts[..3].iter().all(|v| !matches!(v, AggVerdict::Rejected { .. })));
+        assert!(a.verdicts[..3]
+            .iter()
+            .all(|v| !matches!(v, AggVerdict::Rejected { .. })));
         // the centre is that of the honest three alone
         let clean = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&honest), None);
         for (x, y) in a.update.iter().zip(&clean.update) {
@@ -533,8 +561,17 @@ mod tests {
 
     #[test]
     fn deterministic_bits() {
-        let vs: Vec<Vec<f32>> = (0..5).map(|i| (0..100).map(|j| ((i * 31 + j * 7) % 13) as f32 * 0.37).collect()).collect();
-        for spec in ["mean", "median", "trimmed-mean:0.2", "multi-krum:1", "centered-clip", "clipped-gossip"] {
+        let vs: Vec<Vec<f32>> = (0..5)
+            .map(|i| (0..100).map(|j| ((i * 31 + j * 7) % 13) as f32 * 0.37).collect())
+            .collect();
+        for spec in [
+            "mean",
+            "median",
+            "trimmed-mean:0.2",
+            "multi-krum:1",
+            "centered-clip",
+            "clipped-gossip",
+        ] {
             let s: AggregatorSpec = spec.parse().unwrap();
             let a = aggregate(s, &inputs(&vs), Some(0));
             let b = aggregate(s, &inputs(&vs), Some(0));

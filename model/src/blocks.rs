@@ -38,7 +38,10 @@ impl Schema {
     pub fn record_size(&self) -> usize {
         match self {
             Schema::Image {
-                channels, height, width, ..
+                channels,
+                height,
+                width,
+                ..
             } => 1 + channels * height * width,
             Schema::Table { features, .. } => 2 + 4 * features.len(),
             Schema::Text { seq_len } => *seq_len,
@@ -66,7 +69,9 @@ impl Schema {
             return Err("records of zero bytes".into());
         }
         match self {
-            Schema::Image { classes, .. } if *classes == 0 || *classes > 256 => Err(format!("{classes} classes (1..=256)")),
+            Schema::Image { classes, .. } if *classes == 0 || *classes > 256 => {
+                Err(format!("{classes} classes (1..=256)"))
+            }
             Schema::Table { classes, features, .. } if *classes == 0 || *classes > 65536 || features.is_empty() => {
                 Err("a table needs features and 1..=65536 classes".into())
             }
@@ -142,23 +147,39 @@ impl Manifest {
         }
         let m: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(format!("not a manifest: {e}")))?;
         if m.version != MANIFEST_VERSION {
-            return Err(bad(format!("manifest version {} (this build reads {MANIFEST_VERSION})", m.version)));
+            return Err(bad(format!(
+                "manifest version {} (this build reads {MANIFEST_VERSION})",
+                m.version
+            )));
         }
         m.schema.check().map_err(|e| bad(format!("schema: {e}")))?;
         if m.record_size != m.schema.record_size() {
-            return Err(bad(format!("record size {} does not match the schema's {}", m.record_size, m.schema.record_size())));
+            return Err(bad(format!(
+                "record size {} does not match the schema's {}",
+                m.record_size,
+                m.schema.record_size()
+            )));
         }
         for (split, blocks) in &m.splits {
             for b in blocks {
                 if b.bytes != b.records * m.record_size as u64 {
-                    return Err(bad(format!("{split} block {}: {} bytes for {} records", b.hash, b.bytes, b.records)));
+                    return Err(bad(format!(
+                        "{split} block {}: {} bytes for {} records",
+                        b.hash, b.bytes, b.records
+                    )));
                 }
                 if b.hash.len() != 64 || !b.hash.bytes().all(|c| c.is_ascii_hexdigit()) {
-                    return Err(bad(format!("{split}: block name `{}` is not a blake3 hex hash", b.hash)));
+                    return Err(bad(format!(
+                        "{split}: block name `{}` is not a blake3 hex hash",
+                        b.hash
+                    )));
                 }
                 if let Some(c) = m.schema.classes() {
                     if b.label_histogram.len() != c || b.label_histogram.iter().sum::<u64>() != b.records {
-                        return Err(bad(format!("{split} block {}: label histogram does not add up", b.hash)));
+                        return Err(bad(format!(
+                            "{split} block {}: label histogram does not add up",
+                            b.hash
+                        )));
                     }
                 }
             }
@@ -300,7 +321,9 @@ mod tests {
         b.finish().unwrap();
         // 12 bytes fit two 5-byte records
         assert_eq!(blocks.len(), 4);
-        assert!(blocks.iter().all(|(i, bytes)| bytes.len() as u64 == i.bytes && i.bytes % 5 == 0));
+        assert!(blocks
+            .iter()
+            .all(|(i, bytes)| bytes.len() as u64 == i.bytes && i.bytes % 5 == 0));
         assert_eq!(blocks[0].0.label_histogram, vec![1, 1, 0]);
         assert_eq!(blocks[3].0.records, 1);
     }
@@ -326,7 +349,10 @@ mod tests {
 
         let mut wrong = m.clone();
         wrong.splits.get_mut("train").unwrap()[0].records = 2;
-        assert!(Manifest::from_bytes(&wrong.to_bytes(), "t").unwrap_err().to_string().contains("bytes for 2 records"));
+        assert!(Manifest::from_bytes(&wrong.to_bytes(), "t")
+            .unwrap_err()
+            .to_string()
+            .contains("bytes for 2 records"));
         assert!(Manifest::from_bytes(b"{}", "t").is_err());
     }
 }

@@ -64,9 +64,13 @@ pub enum CodecSpec {
     Fp16,
     Bf16,
     /// The fraction `rho` of largest-magnitude values, int8 with a scale per chunk.
-    TopKInt8 { rho: f32 },
+    TopKInt8 {
+        rho: f32,
+    },
     /// The fraction `rho` of largest-magnitude values, as signs with a mean-magnitude scale per chunk.
-    TopKSign { rho: f32 },
+    TopKSign {
+        rho: f32,
+    },
 }
 
 impl CodecSpec {
@@ -393,7 +397,11 @@ fn encode_topk(spec: CodecSpec, x: &[f32]) -> Vec<u8> {
         for (c, chunk) in values.chunks(SCALE_CHUNK).enumerate() {
             let s = scales[c];
             for v in chunk {
-                let q = if s > 0.0 { (v / s * 127.0).round().clamp(-127.0, 127.0) } else { 0.0 };
+                let q = if s > 0.0 {
+                    (v / s * 127.0).round().clamp(-127.0, 127.0)
+                } else {
+                    0.0
+                };
                 out.push(q as i8 as u8);
             }
         }
@@ -452,7 +460,10 @@ pub fn decode(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
         return Err(malformed(format!("bad magic {magic:02x?}")));
     }
     if magic[3] != MAGIC[3] {
-        return Err(malformed(format!("format version {} (this build reads {})", magic[3], MAGIC[3])));
+        return Err(malformed(format!(
+            "format version {} (this build reads {})",
+            magic[3], MAGIC[3]
+        )));
     }
     let mode = r.u8("mode")?;
     let n = r.u32("parameter count")? as usize;
@@ -487,7 +498,9 @@ pub fn decode(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
         let start = r.u32("exact range start")? as usize;
         let len = r.u32("exact range length")? as usize;
         if start.checked_add(len).is_none_or(|end| end > n) {
-            return Err(malformed(format!("exact range {i} ({start}+{len}) exceeds the {n} parameters")));
+            return Err(malformed(format!(
+                "exact range {i} ({start}+{len}) exceeds the {n} parameters"
+            )));
         }
         let values = r.take(4 * len, "exact values")?;
         for (slot, b) in out[start..start + len].iter_mut().zip(values.chunks_exact(4)) {
@@ -576,7 +589,10 @@ fn decode_topk(r: &mut Reader<'_>, n: usize, sign: bool) -> Result<Vec<f32>, Cod
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     if let Some(c) = scales.iter().position(|s| !s.is_finite() || *s < 0.0) {
-        return Err(malformed(format!("scale {c} is {} (must be finite and >= 0)", scales[c])));
+        return Err(malformed(format!(
+            "scale {c} is {} (must be finite and >= 0)",
+            scales[c]
+        )));
     }
     let mut out = vec![0f32; n];
     if sign {
@@ -622,7 +638,9 @@ mod tests {
             // With error feedback, nothing of an exact range is left over.
             let mut enc = DeltaEncoder::new(spec, x.len()).with_exact_ranges(exact.clone());
             enc.encode(&x).unwrap();
-            assert!(exact.iter().all(|r| enc.residual()[r.clone()].iter().all(|v| *v == 0.0)));
+            assert!(exact
+                .iter()
+                .all(|r| enc.residual()[r.clone()].iter().all(|v| *v == 0.0)));
         }
         let good = encode_with_exact(CodecSpec::Dense, &x, &[990..1000]);
         let tail = good.len() - 4 * 10 - 8;
@@ -644,8 +662,18 @@ mod tests {
     #[test]
     fn spec_parsing() {
         assert_eq!("dense".parse::<CodecSpec>().unwrap(), CodecSpec::Dense);
-        assert_eq!("topk-int8:0.01".parse::<CodecSpec>().unwrap(), CodecSpec::TopKInt8 { rho: 0.01 });
-        for bad in ["topk-int8", "topk-int8:0", "topk-int8:2", "topk-int8:x", "dense:1", "zip"] {
+        assert_eq!(
+            "topk-int8:0.01".parse::<CodecSpec>().unwrap(),
+            CodecSpec::TopKInt8 { rho: 0.01 }
+        );
+        for bad in [
+            "topk-int8",
+            "topk-int8:0",
+            "topk-int8:2",
+            "topk-int8:x",
+            "dense:1",
+            "zip",
+        ] {
             assert!(bad.parse::<CodecSpec>().is_err(), "{bad}");
         }
         let s: CodecSpec = "topk-sign:0.05".parse().unwrap();

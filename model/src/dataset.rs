@@ -54,7 +54,9 @@ impl Dataset {
             )));
         }
         if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= classes) {
-            return Err(bad(format!("label {l} of record {i} is out of range (classes: {classes})")));
+            return Err(bad(format!(
+                "label {l} of record {i} is out of range (classes: {classes})"
+            )));
         }
         Ok(Self {
             name: name.to_string(),
@@ -290,7 +292,9 @@ mod tests {
             height: 1,
             width: 1,
         };
-        let err = Dataset::new("x", shape, 2, vec![0, 0], vec![0, 5]).unwrap_err().to_string();
+        let err = Dataset::new("x", shape, 2, vec![0, 0], vec![0, 5])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("label 5 of record 1"), "{err}");
     }
 

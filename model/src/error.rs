@@ -11,11 +11,7 @@ pub enum ModelError {
     },
 
     #[error("{path}: {detail} (at byte offset {offset})")]
-    BadDataFile {
-        path: PathBuf,
-        offset: u64,
-        detail: String,
-    },
+    BadDataFile { path: PathBuf, offset: u64, detail: String },
 
     #[error("dataset {name}: {detail}")]
     BadDataset { name: String, detail: String },

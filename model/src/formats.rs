@@ -22,17 +22,29 @@ pub fn idx_records(images: &Path, labels: &Path, mut sink: impl FnMut(&[u8]) -> 
     let img = read_idx(images)?;
     let lab = read_idx(labels)?;
     if img.dims.len() != 3 {
-        return Err(bad(images, 3, format!("expected 3 dimensions (count, rows, cols), got {:?}", img.dims)));
+        return Err(bad(
+            images,
+            3,
+            format!("expected 3 dimensions (count, rows, cols), got {:?}", img.dims),
+        ));
     }
     if lab.dims.len() != 1 || lab.dims[0] != img.dims[0] {
-        return Err(bad(labels, 4, format!("label dims {:?} do not match {} images", lab.dims, img.dims[0])));
+        return Err(bad(
+            labels,
+            4,
+            format!("label dims {:?} do not match {} images", lab.dims, img.dims[0]),
+        ));
     }
     let (h, w) = (img.dims[1], img.dims[2]);
     let classes = 10;
     let mut record = vec![0u8; 1 + h * w];
     for (i, label) in lab.data.iter().enumerate() {
         if *label as usize >= classes {
-            return Err(bad(labels, 8 + i as u64, format!("label {label} is out of range (0..{classes})")));
+            return Err(bad(
+                labels,
+                8 + i as u64,
+                format!("label {label} is out of range (0..{classes})"),
+            ));
         }
         record[0] = *label;
         record[1..].copy_from_slice(&img.data[i * h * w..(i + 1) * h * w]);
@@ -73,12 +85,19 @@ pub fn cifar10_records(path: &Path, mut sink: impl FnMut(&[u8]) -> Result<()>) -
         return Err(bad(
             path,
             (whole * CIFAR10_RECORD) as u64,
-            format!("truncated: record {whole} has {} of its 3073 bytes", bytes.len() % CIFAR10_RECORD),
+            format!(
+                "truncated: record {whole} has {} of its 3073 bytes",
+                bytes.len() % CIFAR10_RECORD
+            ),
         ));
     }
     for (i, rec) in bytes.chunks_exact(CIFAR10_RECORD).enumerate() {
         if rec[0] > 9 {
-            return Err(bad(path, (i * CIFAR10_RECORD) as u64, format!("label {} of record {i} is out of range (0..10)", rec[0])));
+            return Err(bad(
+                path,
+                (i * CIFAR10_RECORD) as u64,
+                format!("label {} of record {i} is out of range (0..10)", rec[0]),
+            ));
         }
         sink(rec)?;
     }
@@ -113,12 +132,21 @@ pub fn csv_records(
     if !read(&mut reader, &mut line, 1)? {
         return Err(line_err(1, "empty file, expected a header row".into()));
     }
-    let header: Vec<String> = line.trim_end_matches(['\n', '\r']).split(',').map(|c| c.trim().to_string()).collect();
+    let header: Vec<String> = line
+        .trim_end_matches(['\n', '\r'])
+        .split(',')
+        .map(|c| c.trim().to_string())
+        .collect();
     let label_col = header
         .iter()
         .position(|c| c == label)
         .ok_or_else(|| line_err(1, format!("no column named `{label}` (columns: {})", header.join(", "))))?;
-    let features: Vec<String> = header.iter().enumerate().filter(|(i, _)| *i != label_col).map(|(_, c)| c.clone()).collect();
+    let features: Vec<String> = header
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != label_col)
+        .map(|(_, c)| c.clone())
+        .collect();
     if features.is_empty() {
         return Err(line_err(1, "no feature columns besides the label".into()));
     }
@@ -134,15 +162,21 @@ pub fn csv_records(
         }
         let cells: Vec<&str> = text.split(',').collect();
         if cells.len() != header.len() {
-            return Err(line_err(n, format!("{} cells, the header has {}", cells.len(), header.len())));
+            return Err(line_err(
+                n,
+                format!("{} cells, the header has {}", cells.len(), header.len()),
+            ));
         }
         let mut f = 0;
         for (i, cell) in cells.iter().enumerate() {
             let cell = cell.trim();
             if i == label_col {
-                let l: u32 = cell
-                    .parse()
-                    .map_err(|_| line_err(n, format!("label `{cell}` is not a class index (a non-negative integer)")))?;
+                let l: u32 = cell.parse().map_err(|_| {
+                    line_err(
+                        n,
+                        format!("label `{cell}` is not a class index (a non-negative integer)"),
+                    )
+                })?;
                 if l > u16::MAX as u32 {
                     return Err(line_err(n, format!("label {l} is out of range (at most 65535)")));
                 }
@@ -190,7 +224,11 @@ pub fn text_records(
     })?;
     let records = bytes.len() / seq_len;
     if records < 2 {
-        return Err(bad(path, bytes.len() as u64, format!("{} bytes make fewer than two {seq_len}-byte records", bytes.len())));
+        return Err(bad(
+            path,
+            bytes.len() as u64,
+            format!("{} bytes make fewer than two {seq_len}-byte records", bytes.len()),
+        ));
     }
     let test_from = records - ((records as f64 * test_fraction).round() as usize).clamp(1, records - 1);
     for (i, rec) in bytes.chunks_exact(seq_len).enumerate() {
@@ -238,10 +276,15 @@ mod tests {
         let path = dir.path().join("t.csv");
         std::fs::write(&path, "amount,class,age\n1.5,0,30\n2.5,1,40\n").unwrap();
         let mut rows = Vec::new();
-        let schema = csv_records(&path, "class", |_| false, |_, r| {
-            rows.push(r.to_vec());
-            Ok(())
-        })
+        let schema = csv_records(
+            &path,
+            "class",
+            |_| false,
+            |_, r| {
+                rows.push(r.to_vec());
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(
             schema,
@@ -263,7 +306,9 @@ mod tests {
             ("", "empty file"),
         ] {
             std::fs::write(&path, body).unwrap();
-            let err = csv_records(&path, "class", |_| false, |_, _| Ok(())).unwrap_err().to_string();
+            let err = csv_records(&path, "class", |_| false, |_, _| Ok(()))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{body:?}: {err}");
             assert!(err.contains("t.csv"), "{err}");
         }

@@ -45,13 +45,25 @@ fn bad(path: &Path, offset: u64, detail: impl Into<String>) -> ModelError {
 /// Parses IDX bytes already in memory (offsets refer to the decompressed bytes).
 pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
     if bytes.len() < 4 {
-        return Err(bad(path, 0, format!("file is {} bytes, too short for an IDX header", bytes.len())));
+        return Err(bad(
+            path,
+            0,
+            format!("file is {} bytes, too short for an IDX header", bytes.len()),
+        ));
     }
     if bytes[0] != 0 || bytes[1] != 0 {
-        return Err(bad(path, 0, format!("bad magic {:02x}{:02x}, expected 0000", bytes[0], bytes[1])));
+        return Err(bad(
+            path,
+            0,
+            format!("bad magic {:02x}{:02x}, expected 0000", bytes[0], bytes[1]),
+        ));
     }
     if bytes[2] != 0x08 {
-        return Err(bad(path, 2, format!("element type 0x{:02x} is not unsigned byte (0x08)", bytes[2])));
+        return Err(bad(
+            path,
+            2,
+            format!("element type 0x{:02x} is not unsigned byte (0x08)", bytes[2]),
+        ));
     }
     let ndims = bytes[3] as usize;
     if ndims == 0 || ndims > 4 {
@@ -124,7 +136,10 @@ mod tests {
         float[2] = 0x0d;
         assert!(parse_idx(p, &float).unwrap_err().to_string().contains("element type"));
         assert!(parse_idx(p, &[0, 0]).is_err());
-        assert!(parse_idx(p, &idx(&[1], &[1, 2])).unwrap_err().to_string().contains("unexpected bytes"));
+        assert!(parse_idx(p, &idx(&[1], &[1, 2]))
+            .unwrap_err()
+            .to_string()
+            .contains("unexpected bytes"));
     }
 
     #[test]

@@ -34,15 +34,15 @@ mod zoo;
 
 pub use adam::AdamState;
 pub use aggregate::{AggInput, AggVerdict, Aggregate, AggregatorSpec};
+pub use blocks::{BlockInfo, Manifest, Schema};
 pub use codec::{CodecError, CodecSpec, DeltaEncoder};
 pub use dataset::{DataSplits, Dataset, ImageShape};
 pub use error::{ModelError, Result};
 pub use net::{Arch, Layout, Network, Task};
 pub use outer::{OuterConfig, OuterOptimizer};
-pub use blocks::{BlockInfo, Manifest, Schema};
 pub use stream::{BlockReader, BlockStream, InMemory, RecordSource};
-pub use train::{evaluate, EvalReport, Evaluation, Records, StepStats, TrainConfig, Trainer};
 pub use tch::Device;
+pub use train::{evaluate, EvalReport, Evaluation, Records, StepStats, TrainConfig, Trainer};
 
 /// Where tensors live: `auto` picks CUDA when libtorch sees a GPU.
 pub fn device(choice: &str) -> Result<Device> {
@@ -50,8 +50,12 @@ pub fn device(choice: &str) -> Result<Device> {
         "auto" => Ok(Device::cuda_if_available()),
         "cpu" => Ok(Device::Cpu),
         "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        "cuda" => Err(ModelError::Device("cuda was asked for, but libtorch sees no CUDA device".into())),
-        other => Err(ModelError::Device(format!("unknown device `{other}` (auto, cpu or cuda)"))),
+        "cuda" => Err(ModelError::Device(
+            "cuda was asked for, but libtorch sees no CUDA device".into(),
+        )),
+        other => Err(ModelError::Device(format!(
+            "unknown device `{other}` (auto, cpu or cuda)"
+        ))),
     }
 }
 

@@ -218,7 +218,15 @@ mod tests {
         assert!((s[1].recall - 0.5).abs() < 1e-12);
         let f1_0 = 2.0 * 0.6 * 0.75 / 1.35;
         assert!((s[0].f1 - f1_0).abs() < 1e-12);
-        assert_eq!(s[2], ClassScore { precision: 0.0, recall: 0.0, f1: 0.0, support: 0 });
+        assert_eq!(
+            s[2],
+            ClassScore {
+                precision: 0.0,
+                recall: 0.0,
+                f1: 0.0,
+                support: 0
+            }
+        );
         assert!((c.macro_f1() - (f1_0 + s[1].f1) / 2.0).abs() < 1e-12);
     }
 

@@ -38,12 +38,20 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 5] = [Arch::Mlp, Arch::Cnn, Arch::Lstm, Arch::Autoencoder, Arch::CharTransformer];
+    pub const ALL: [Arch; 5] = [
+        Arch::Mlp,
+        Arch::Cnn,
+        Arch::Lstm,
+        Arch::Autoencoder,
+        Arch::CharTransformer,
+    ];
 
     /// What the model learns on records of `schema`.
     pub fn task(self, schema: &Schema) -> Result<Task> {
         match (self, schema) {
-            (Arch::Mlp | Arch::Cnn | Arch::Lstm, Schema::Image { classes, .. }) => Ok(Task::Classify { classes: *classes }),
+            (Arch::Mlp | Arch::Cnn | Arch::Lstm, Schema::Image { classes, .. }) => {
+                Ok(Task::Classify { classes: *classes })
+            }
             (Arch::Autoencoder, Schema::Image { .. }) => Ok(Task::Reconstruct),
             (Arch::Lstm | Arch::CharTransformer, Schema::Text { seq_len }) if *seq_len >= 2 => Ok(Task::NextByte),
             _ => Err(ModelError::ShapeMismatch {
@@ -291,11 +299,20 @@ impl Network {
             (
                 Arch::Lstm,
                 Schema::Image {
-                    channels, width, classes, ..
+                    channels,
+                    width,
+                    classes,
+                    ..
                 },
-            ) => Box::new(zoo::LstmClassifier::new(&root, (channels * width) as i64, *classes as i64)),
+            ) => Box::new(zoo::LstmClassifier::new(
+                &root,
+                (channels * width) as i64,
+                *classes as i64,
+            )),
             (Arch::Lstm, Schema::Text { .. }) => Box::new(zoo::LstmLm::new(&root)),
-            (Arch::Autoencoder, Schema::Image { .. }) => Box::new(zoo::autoencoder(&root, schema.record_size() as i64 - 1)),
+            (Arch::Autoencoder, Schema::Image { .. }) => {
+                Box::new(zoo::autoencoder(&root, schema.record_size() as i64 - 1))
+            }
             (Arch::CharTransformer, Schema::Text { seq_len }) => {
                 Box::new(zoo::CharTransformer::new(&root, transformer_config(*seq_len)))
             }
@@ -311,11 +328,7 @@ impl Network {
         let named = vs.variables();
         let shapes: BTreeMap<String, Vec<i64>> = named.iter().map(|(n, t)| (n.clone(), t.size())).collect();
         let layout = Layout::from_shapes(&shapes);
-        let vars = layout
-            .params
-            .iter()
-            .map(|p| named[&p.name].shallow_clone())
-            .collect();
+        let vars = layout.params.iter().map(|p| named[&p.name].shallow_clone()).collect();
         Ok(Self {
             arch,
             schema: schema.clone(),
@@ -433,7 +446,12 @@ mod tests {
         n.load_flat(&g1).unwrap();
         assert_eq!(n.flat().unwrap(), g1);
         // batch-norm running variance starts at one, and is a buffer
-        let bn = n.layout().params.iter().position(|p| p.name == "bn1.running_var").unwrap();
+        let bn = n
+            .layout()
+            .params
+            .iter()
+            .position(|p| p.name == "bn1.running_var")
+            .unwrap();
         let off: usize = n.layout().params[..bn].iter().map(|p| p.numel).sum();
         assert!(g1[off..off + 32].iter().all(|&v| v == 1.0));
         assert!(n.layout().buffer_ranges().contains(&(off..off + 32)));

@@ -39,7 +39,11 @@ impl OuterOptimizer {
     pub fn new(cfg: OuterConfig, params: usize, plain: Vec<std::ops::Range<usize>>) -> Self {
         Self {
             cfg,
-            velocity: if cfg.momentum > 0.0 { vec![0.0; params] } else { Vec::new() },
+            velocity: if cfg.momentum > 0.0 {
+                vec![0.0; params]
+            } else {
+                Vec::new()
+            },
             plain,
         }
     }
@@ -106,7 +110,11 @@ mod tests {
 
     #[test]
     fn nesterov_known_answer() {
-        let cfg = OuterConfig { lr: 0.5, momentum: 0.9, nesterov: true };
+        let cfg = OuterConfig {
+            lr: 0.5,
+            momentum: 0.9,
+            nesterov: true,
+        };
         let mut o = OuterOptimizer::new(cfg, 1, Vec::new());
         let mut a = vec![0.0];
         o.step(&mut a, &[1.0]); // v = 1, step = 1 + 0.9 = 1.9
@@ -117,7 +125,11 @@ mod tests {
 
     #[test]
     fn buffers_step_plainly() {
-        let cfg = OuterConfig { lr: 0.5, momentum: 0.9, nesterov: true };
+        let cfg = OuterConfig {
+            lr: 0.5,
+            momentum: 0.9,
+            nesterov: true,
+        };
         let mut o = OuterOptimizer::new(cfg, 4, vec![1..3]);
         let mut a = vec![0.0; 4];
         o.step(&mut a, &[1.0, 1.0, -2.0, 1.0]);

@@ -150,7 +150,11 @@ fn batch(schema: &Schema, records: &[u8], device: Device, flip: bool, skip: Opti
                 }
                 pixels.extend_from_slice(&r[1..]);
                 labels.push(l);
-                ys.push(if flip { (classes - 1 - l.min(classes - 1)) as i64 } else { l as i64 });
+                ys.push(if flip {
+                    (classes - 1 - l.min(classes - 1)) as i64
+                } else {
+                    l as i64
+                });
             }
             // Pixels map to [0, 1], as torchvision's ToTensor does.
             let xs = Tensor::from_slice(&pixels)
@@ -186,10 +190,12 @@ fn batch(schema: &Schema, records: &[u8], device: Device, flip: bool, skip: Opti
 /// panics) on shape or index trouble.
 fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let k = *logits.size().last().unwrap_or(&1);
-    Ok(logits
-        .f_reshape([-1, k])?
-        .f_log_softmax(-1, Kind::Float)?
-        .f_nll_loss(&targets.f_reshape([-1])?, None::<Tensor>, tch::Reduction::Mean, -100)?)
+    Ok(logits.f_reshape([-1, k])?.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
+        &targets.f_reshape([-1])?,
+        None::<Tensor>,
+        tch::Reduction::Mean,
+        -100,
+    )?)
 }
 
 /// Per-record mean squared reconstruction error, `[N]`.
@@ -392,7 +398,12 @@ pub fn evaluate(net: &Network, data: &Records, anomaly: Option<usize>) -> Result
         }
         Task::NextByte => report.summary.perplexity = Some(loss.exp()),
         Task::Reconstruct => {
-            let normal: Vec<f32> = scores.iter().zip(&positive).filter(|(_, &p)| !p).map(|(&s, _)| s).collect();
+            let normal: Vec<f32> = scores
+                .iter()
+                .zip(&positive)
+                .filter(|(_, &p)| !p)
+                .map(|(&s, _)| s)
+                .collect();
             if let Some(threshold) = metrics::quantile(&normal, NORMAL_QUANTILE) {
                 let d = metrics::detection(&scores, &positive, threshold);
                 let right = (d.recall * d.anomalies as f64) + (1.0 - d.false_positive_rate) * d.normals as f64;

@@ -133,7 +133,9 @@ impl CharTransformer {
         Self {
             tokens: nn::embedding(p / "tok_emb", VOCAB, c.width, Default::default()),
             positions: p.var("pos_emb", &[c.context, c.width], nn::Init::Const(0.0)),
-            blocks: (0..c.layers).map(|i| Block::new(&(p / format!("h{i}")), c.width, c.heads)).collect(),
+            blocks: (0..c.layers)
+                .map(|i| Block::new(&(p / format!("h{i}")), c.width, c.heads))
+                .collect(),
             ln_f: nn::layer_norm(p / "ln_f", vec![c.width], Default::default()),
             head: nn::linear(p / "head", c.width, VOCAB, Default::default()),
         }

@@ -3,13 +3,18 @@
 
 use std::path::Path;
 
-use meshtrain_model::{evaluate, Arch, DataSplits, Device, EvalReport, InMemory, Network, Records, Schema, TrainConfig, Trainer};
+use meshtrain_model::{
+    evaluate, Arch, DataSplits, Device, EvalReport, InMemory, Network, Records, Schema, TrainConfig, Trainer,
+};
 
 const FMNIST: &str = "/usr/share/datasets/fashion-mnist";
 
 fn fashion(train: usize, test: usize) -> (Schema, Vec<u8>, Records) {
     let dir = Path::new(FMNIST);
-    assert!(dir.exists(), "{FMNIST} is missing: scripts/setup.sh installs Debian's dataset-fashion-mnist");
+    assert!(
+        dir.exists(),
+        "{FMNIST} is missing: scripts/setup.sh installs Debian's dataset-fashion-mnist"
+    );
     let d = DataSplits::idx_dir("fashion-mnist", dir).unwrap();
     let tr = d.train.subset(&(0..train).collect::<Vec<_>>(), "train").unwrap();
     let te = d.test.subset(&(0..test).collect::<Vec<_>>(), "test").unwrap();
@@ -28,7 +33,13 @@ fn shakespeare() -> (Schema, Vec<u8>, Records) {
 }
 
 /// Trains `arch` for `steps` and returns its evaluation before and after.
-fn fit(arch: Arch, data: (Schema, Vec<u8>, Records), steps: usize, lr: f64, anomaly: Option<usize>) -> (EvalReport, EvalReport) {
+fn fit(
+    arch: Arch,
+    data: (Schema, Vec<u8>, Records),
+    steps: usize,
+    lr: f64,
+    anomaly: Option<usize>,
+) -> (EvalReport, EvalReport) {
     tch::manual_seed(7);
     let (schema, train, test) = data;
     let mut net = Network::new(arch, &schema, Device::Cpu).unwrap();
@@ -59,7 +70,11 @@ fn assert_classifier(arch: Arch, steps: usize, min_acc: f32) {
     assert_eq!(confusion.total(), 1000);
     assert_eq!(after.per_class.len(), 10);
     assert!((confusion.accuracy() as f32 - s.accuracy).abs() < 1e-6);
-    assert!(s.macro_f1.unwrap() > min_acc - 0.15, "{arch}: macro F1 {:?}", s.macro_f1);
+    assert!(
+        s.macro_f1.unwrap() > min_acc - 0.15,
+        "{arch}: macro F1 {:?}",
+        s.macro_f1
+    );
 }
 
 #[test]
@@ -84,7 +99,10 @@ fn autoencoder_scores_an_unseen_class_as_anomalous() {
     let (before, after) = fit(Arch::Autoencoder, fashion(4000, 1000), 300, 1e-3, Some(8));
     let auc = after.summary.roc_auc.expect("the autoencoder reports ROC-AUC");
     let untrained = before.summary.roc_auc.unwrap_or(1.0);
-    assert!(auc > 0.85 && auc > untrained + 0.2, "ROC-AUC {auc} (chance 0.5; untrained {untrained})");
+    assert!(
+        auc > 0.85 && auc > untrained + 0.2,
+        "ROC-AUC {auc} (chance 0.5; untrained {untrained})"
+    );
     let d = after.detection.expect("an operating point");
     assert!(d.anomalies > 50 && d.normals > 800, "{d:?}");
     assert!(d.false_positive_rate <= 0.06, "{d:?}");
@@ -99,7 +117,11 @@ fn assert_language_model(arch: Arch, steps: usize, lr: f64) {
     assert!(after.summary.loss < 3.0, "{arch}: {} nats/char", after.summary.loss);
     let ppl = after.summary.perplexity.unwrap();
     assert!((ppl - after.summary.loss.exp()).abs() < 1e-3);
-    assert!(after.summary.accuracy > 0.2, "{arch}: next-byte accuracy {}", after.summary.accuracy);
+    assert!(
+        after.summary.accuracy > 0.2,
+        "{arch}: next-byte accuracy {}",
+        after.summary.accuracy
+    );
 }
 
 #[test]
@@ -134,4 +156,3 @@ fn models_refuse_data_they_cannot_read() {
     assert!(Trainer::new(net, Box::new(source), cfg).is_err());
     assert!(Records::new("x", schema, train[..100].to_vec()).is_err());
 }
-

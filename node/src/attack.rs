@@ -180,7 +180,18 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for s in ["sign-flip", "scale:-4", "noise:0.5", "alie:1.5", "ipm:0.1", "label-flip", "free-rider", "replay", "equivocate", "malformed"] {
+        for s in [
+            "sign-flip",
+            "scale:-4",
+            "noise:0.5",
+            "alie:1.5",
+            "ipm:0.1",
+            "label-flip",
+            "free-rider",
+            "replay",
+            "equivocate",
+            "malformed",
+        ] {
             let a: Attack = s.parse().unwrap();
             assert_eq!(a.to_string(), s);
         }

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use meshtrain_ledger::{
-    AuthorKey, Head, Ledger, PayloadHash, RunId, RunMeta, Seq, StoreOptions, UpdateRecord, VerifiedRecord,
-    WeightsHash, RECORD_VERSION,
+    AuthorKey, Head, Ledger, PayloadHash, RunId, RunMeta, Seq, StoreOptions, UpdateRecord, VerifiedRecord, WeightsHash,
+    RECORD_VERSION,
 };
 use serde::Serialize;
 
@@ -155,7 +155,10 @@ fn audit_child(binary: &Path, path: &Path) -> Result<(f64, u64, f64), NodeError>
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| NodeError::Data(format!("audit output: {e}: {}", String::from_utf8_lossy(&out.stderr))))?;
     if v["ok"] != serde_json::Value::Bool(true) {
-        return Err(NodeError::Data(format!("the benchmark ledger failed its audit: {}", v["problems"])));
+        return Err(NodeError::Data(format!(
+            "the benchmark ledger failed its audit: {}",
+            v["problems"]
+        )));
     }
     Ok((
         secs,
@@ -196,7 +199,10 @@ fn batch_speedup(records: &[VerifiedRecord]) -> f64 {
 pub fn ledger(records: u64, authors: u64, binary: &Path, work: &Path) -> Result<LedgerBench, NodeError> {
     let meta = meta();
     let per_author = records.div_ceil(authors);
-    eprintln!("generating {} signed records from {authors} authors ...", per_author * authors);
+    eprintln!(
+        "generating {} signed records from {authors} authors ...",
+        per_author * authors
+    );
     let all = generate(&meta, authors as usize, per_author);
 
     let main = work.join("bench-ledger");
@@ -221,7 +227,13 @@ pub fn ledger(records: u64, authors: u64, binary: &Path, work: &Path) -> Result<
         for v in &all[..verify_sample] {
             let signed = v.signed().clone();
             let author = signed.record.author;
-            let placed = meshtrain_ledger::chain::place(signed, &meta.run_id, ledger.head(&author), meta.genesis_link(), |_| None)?;
+            let placed = meshtrain_ledger::chain::place(
+                signed,
+                &meta.run_id,
+                ledger.head(&author),
+                meta.genesis_link(),
+                |_| None,
+            )?;
             if let meshtrain_ledger::Placement::Next(verified) = placed {
                 let mut event = ledger.begin();
                 event.append(&verified)?;
@@ -290,7 +302,11 @@ pub fn codec(params: usize, specs: &[meshtrain_model::CodecSpec]) -> Vec<CodecBe
     let x: Vec<f32> = (0..params)
         .map(|i| {
             let v = normal.sample(&mut rng);
-            if i % 97 == 0 { v * 20.0 } else { v }
+            if i % 97 == 0 {
+                v * 20.0
+            } else {
+                v
+            }
         })
         .collect();
     let mb = 4.0 * params as f64 / 1e6;
@@ -359,8 +375,8 @@ pub struct DataBench {
 /// Writes a CSV of about `bytes` bytes: 20 numeric features and a binary
 /// label, like a fraud or sensor log.
 fn write_csv(path: &Path, bytes: u64) -> Result<u64, NodeError> {
-    use std::io::Write;
     use rand::{Rng, SeedableRng};
+    use std::io::Write;
     let io = |source| NodeError::Io {
         path: path.to_path_buf(),
         source,
@@ -464,9 +480,15 @@ async fn loopback_swarm(
 > {
     use futures::StreamExt;
     use meshtrain_gossip::libp2p::swarm::SwarmEvent;
-    let mut swarm = meshtrain_gossip::build_swarm(meshtrain_gossip::libp2p::identity::Keypair::generate_ed25519(), cfg, topic, reg)?;
-    let listen: meshtrain_gossip::libp2p::Multiaddr =
-        "/ip4/127.0.0.1/tcp/0".parse().map_err(|e| NodeError::Data(format!("{e}")))?;
+    let mut swarm = meshtrain_gossip::build_swarm(
+        meshtrain_gossip::libp2p::identity::Keypair::generate_ed25519(),
+        cfg,
+        topic,
+        reg,
+    )?;
+    let listen: meshtrain_gossip::libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0"
+        .parse()
+        .map_err(|e| NodeError::Data(format!("{e}")))?;
     swarm.listen_on(listen).map_err(|e| NodeError::Data(e.to_string()))?;
     loop {
         if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
@@ -480,9 +502,9 @@ async fn loopback_swarm(
 /// the other requests them by hash, `in_flight` at a time.
 pub async fn fetch(block_bytes: usize, blocks: usize, in_flight: usize) -> Result<FetchBench, NodeError> {
     use futures::StreamExt;
+    use meshtrain_gossip::libp2p::identity;
     use meshtrain_gossip::libp2p::request_response::{Event, Message};
     use meshtrain_gossip::libp2p::swarm::SwarmEvent;
-    use meshtrain_gossip::libp2p::identity;
     use meshtrain_gossip::{build_swarm, run_topic, FetchRequest, FetchResponse, MeshBehaviourEvent, MeshConfig};
 
     let topic = run_topic("bench");
@@ -499,7 +521,10 @@ pub async fn fetch(block_bytes: usize, blocks: usize, in_flight: usize) -> Resul
                 ..
             })) = server.select_next_some().await
             {
-                let _ = server.behaviour_mut().fetch.send_response(channel, FetchResponse::Block(payload.clone()));
+                let _ = server
+                    .behaviour_mut()
+                    .fetch
+                    .send_response(channel, FetchResponse::Block(payload.clone()));
             }
         }
     });
@@ -512,13 +537,20 @@ pub async fn fetch(block_bytes: usize, blocks: usize, in_flight: usize) -> Resul
     let start = Instant::now();
     let (mut sent, mut got) = (0usize, 0usize);
     while sent < in_flight.min(blocks) {
-        client.behaviour_mut().fetch.send_request(&server_id, FetchRequest::Block { hash: [sent as u8; 32] });
+        client
+            .behaviour_mut()
+            .fetch
+            .send_request(&server_id, FetchRequest::Block { hash: [sent as u8; 32] });
         sent += 1;
     }
     while got < blocks {
         match client.select_next_some().await {
             SwarmEvent::Behaviour(MeshBehaviourEvent::Fetch(Event::Message {
-                message: Message::Response { response: FetchResponse::Block(b), .. },
+                message:
+                    Message::Response {
+                        response: FetchResponse::Block(b),
+                        ..
+                    },
                 ..
             })) => {
                 if b.len() != block_bytes {
@@ -526,7 +558,10 @@ pub async fn fetch(block_bytes: usize, blocks: usize, in_flight: usize) -> Resul
                 }
                 got += 1;
                 if sent < blocks {
-                    client.behaviour_mut().fetch.send_request(&server_id, FetchRequest::Block { hash: [sent as u8; 32] });
+                    client
+                        .behaviour_mut()
+                        .fetch
+                        .send_request(&server_id, FetchRequest::Block { hash: [sent as u8; 32] });
                     sent += 1;
                 }
             }
@@ -592,9 +627,11 @@ pub async fn discovery(trials: usize, nodes: usize, limit: Duration) -> Result<D
         let started = Instant::now();
         let all: Vec<PeerId> = swarms.iter().map(|s| *s.local_peer_id()).collect();
         let full = |swarms: &[meshtrain_gossip::libp2p::Swarm<meshtrain_gossip::MeshBehaviour>]| {
-            swarms
-                .iter()
-                .all(|s| all.iter().filter(|p| *p != s.local_peer_id()).all(|p| s.is_connected(p)))
+            swarms.iter().all(|s| {
+                all.iter()
+                    .filter(|p| *p != s.local_peer_id())
+                    .all(|p| s.is_connected(p))
+            })
         };
         let mut done = false;
         while started.elapsed() < limit {

@@ -53,7 +53,9 @@ impl BlockStore {
     /// Stores a block after checking that its bytes hash to its name.
     pub fn put_block(&self, hash: &str, bytes: &[u8]) -> Result<(), NodeError> {
         if !is_hex_name(hash) || block_hash(bytes) != hash {
-            return Err(NodeError::Data(format!("block {hash}: the bytes do not hash to this name")));
+            return Err(NodeError::Data(format!(
+                "block {hash}: the bytes do not hash to this name"
+            )));
         }
         write_atomic(&self.block_path(hash), bytes)
     }
@@ -97,7 +99,10 @@ impl BlockStore {
         };
         let m = Manifest::from_bytes(&bytes, &path.display().to_string())?;
         if m.id() != id {
-            return Err(NodeError::Data(format!("{}: manifest does not hash to its id", path.display())));
+            return Err(NodeError::Data(format!(
+                "{}: manifest does not hash to its id",
+                path.display()
+            )));
         }
         Ok(Some(m))
     }
@@ -109,7 +114,12 @@ impl BlockStore {
         };
         let mut ids: Vec<String> = entries
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(String::from))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(String::from)
+            })
             .filter(|n| is_hex_name(n))
             .collect();
         ids.sort();

@@ -46,7 +46,10 @@ impl Checkpoint {
     /// rename): a crash leaves the old checkpoint or the new one, whole.
     pub fn save(&self, dir: &Path) -> Result<(), NodeError> {
         let path = dir.join(CHECKPOINT_FILE);
-        let io = |source| NodeError::Io { path: path.clone(), source };
+        let io = |source| NodeError::Io {
+            path: path.clone(),
+            source,
+        };
         let tensors = [
             ("anchor", bytes_of(&self.anchor)),
             ("velocity", bytes_of(&self.velocity)),
@@ -93,7 +96,11 @@ impl Checkpoint {
         let bad = |detail: String| NodeError::Data(format!("{}: {detail}", path.display()));
         let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
-        let get = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("no `{k}` in its metadata")));
+        let get = |k: &str| {
+            meta.get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("no `{k}` in its metadata")))
+        };
         let found: RunId = get("run_id")?.parse().map_err(|e| bad(format!("run id: {e}")))?;
         if found != *run_id {
             return Err(bad(format!("belongs to run {found}, not {run_id}")));
@@ -101,7 +108,11 @@ impl Checkpoint {
         let round: u64 = get("round")?.parse().map_err(|_| bad("bad round".into()))?;
         let step: u64 = get("adam_step")?.parse().map_err(|_| bad("bad adam step".into()))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-        let t = |name: &str| st.tensor(name).map(|v| floats(&v)).map_err(|e| bad(format!("{name}: {e}")));
+        let t = |name: &str| {
+            st.tensor(name)
+                .map(|v| floats(&v))
+                .map_err(|e| bad(format!("{name}: {e}")))
+        };
         let cp = Checkpoint {
             run_id: found,
             round,

@@ -17,7 +17,11 @@ pub enum ConfigError {
     #[error("{file}: unknown key `{key}` (see `meshtrain config default`)")]
     UnknownKey { file: String, key: String },
     #[error("{file}: `{key}` must be {expected}")]
-    WrongType { file: String, key: String, expected: &'static str },
+    WrongType {
+        file: String,
+        key: String,
+        expected: &'static str,
+    },
 }
 
 /// The environment variable that sets the flag with this id.
@@ -27,8 +31,9 @@ pub fn env_name(id: &str) -> String {
 
 /// Args of CMD that a config file may set.
 fn settable(cmd: &Command) -> impl Iterator<Item = &clap::Arg> {
-    cmd.get_arguments()
-        .filter(|a| a.get_long().is_some() && !matches!(a.get_id().as_str(), "help" | "version" | "config" | "log_format"))
+    cmd.get_arguments().filter(|a| {
+        a.get_long().is_some() && !matches!(a.get_id().as_str(), "help" | "version" | "config" | "log_format")
+    })
 }
 
 fn takes_value(arg: &clap::Arg) -> bool {
@@ -40,7 +45,12 @@ fn takes_value(arg: &clap::Arg) -> bool {
 
 /// Turns a config file into flags for CMD. Keys whose environment variable
 /// is set (per `env_set`) are left to the environment.
-pub fn file_args(file: &str, text: &str, cmd: &Command, env_set: impl Fn(&str) -> bool) -> Result<Vec<String>, ConfigError> {
+pub fn file_args(
+    file: &str,
+    text: &str,
+    cmd: &Command,
+    env_set: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, ConfigError> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
         file: file.to_string(),
         detail: e.message().to_string(),
@@ -109,7 +119,11 @@ pub fn default_toml(cmd: &Command) -> String {
                 out.push_str(&format!("# {line}\n"));
             }
         }
-        let defaults: Vec<String> = arg.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
         let quoted = |v: &str| {
             if v.parse::<f64>().is_ok() {
                 v.to_string()
@@ -119,7 +133,9 @@ pub fn default_toml(cmd: &Command) -> String {
         };
         if !takes_value(arg) {
             out.push_str(&format!("{id} = false\n"));
-        } else if arg.get_num_args().is_some_and(|n| n.max_values() > 1) || matches!(arg.get_action(), clap::ArgAction::Append) {
+        } else if arg.get_num_args().is_some_and(|n| n.max_values() > 1)
+            || matches!(arg.get_action(), clap::ArgAction::Append)
+        {
             let items: Vec<String> = defaults.iter().map(|v| quoted(v)).collect();
             out.push_str(&format!("{id} = [{}]\n", items.join(", ")));
         } else if let Some(v) = defaults.first() {
@@ -141,7 +157,12 @@ mod tests {
             .arg(Arg::new("data_dir").long("data-dir").help("Where the data goes"))
             .arg(Arg::new("wait_peers").long("wait-peers").default_value("0"))
             .arg(Arg::new("bootstrap").long("bootstrap").action(ArgAction::Append))
-            .arg(Arg::new("mdns").long("mdns").action(ArgAction::SetTrue).help("LAN discovery"))
+            .arg(
+                Arg::new("mdns")
+                    .long("mdns")
+                    .action(ArgAction::SetTrue)
+                    .help("LAN discovery"),
+            )
             .arg(Arg::new("config").long("config"))
     }
 
@@ -174,7 +195,10 @@ mod tests {
     #[test]
     fn names_unknown_keys_and_bad_values() {
         let e = file_args("c.toml", "wait_peer = 3\n", &cmd(), |_| false).unwrap_err();
-        assert_eq!(e.to_string(), "c.toml: unknown key `wait_peer` (see `meshtrain config default`)");
+        assert_eq!(
+            e.to_string(),
+            "c.toml: unknown key `wait_peer` (see `meshtrain config default`)"
+        );
         let e = file_args("c.toml", "config = \"x\"\n", &cmd(), |_| false).unwrap_err();
         assert!(matches!(e, ConfigError::UnknownKey { .. }), "{e}");
         let e = file_args("c.toml", "mdns = \"yes\"\n", &cmd(), |_| false).unwrap_err();

@@ -91,7 +91,10 @@ fn idx_pairs(sources: &[PathBuf]) -> Result<Vec<(String, PathBuf, PathBuf)>, Nod
     let mut files = Vec::new();
     for s in sources {
         if s.is_dir() {
-            let entries = std::fs::read_dir(s).map_err(|source| NodeError::Io { path: s.clone(), source })?;
+            let entries = std::fs::read_dir(s).map_err(|source| NodeError::Io {
+                path: s.clone(),
+                source,
+            })?;
             files.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()));
         } else {
             files.push(s.clone());
@@ -110,13 +113,22 @@ fn idx_pairs(sources: &[PathBuf]) -> Result<Vec<(String, PathBuf, PathBuf)>, Nod
     let mut pairs = Vec::new();
     for (prefix, img) in images {
         let Some(lab) = labels.remove(&prefix) else {
-            return Err(NodeError::Data(format!("{}: no matching {prefix}-labels file", img.display())));
+            return Err(NodeError::Data(format!(
+                "{}: no matching {prefix}-labels file",
+                img.display()
+            )));
         };
-        let split = if prefix.starts_with("t10k") || prefix.contains("test") { "test" } else { "train" };
+        let split = if prefix.starts_with("t10k") || prefix.contains("test") {
+            "test"
+        } else {
+            "train"
+        };
         pairs.push((split.to_string(), img, lab));
     }
     if pairs.is_empty() {
-        return Err(NodeError::Data("no IDX image/label file pairs (NAME-images-idx3-ubyte[.gz] with NAME-labels-idx1-ubyte[.gz])".into()));
+        return Err(NodeError::Data(
+            "no IDX image/label file pairs (NAME-images-idx3-ubyte[.gz] with NAME-labels-idx1-ubyte[.gz])".into(),
+        ));
     }
     Ok(pairs)
 }
@@ -143,7 +155,12 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport, NodeError> {
         .map(|p| {
             if p.is_dir() {
                 std::fs::read_dir(p)
-                    .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+                    .map(|d| {
+                        d.filter_map(|e| e.ok())
+                            .filter_map(|e| e.metadata().ok())
+                            .map(|m| m.len())
+                            .sum()
+                    })
                     .unwrap_or(0)
             } else {
                 std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
@@ -193,7 +210,11 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport, NodeError> {
             if records.len() == 1 && opts.test_fraction > 0.0 {
                 let all = records.pop_first().map(|(_, r)| r).unwrap_or_default();
                 for (i, r) in all.into_iter().enumerate() {
-                    let split = if row_is_test(i as u64, opts.test_fraction) { "test" } else { "train" };
+                    let split = if row_is_test(i as u64, opts.test_fraction) {
+                        "test"
+                    } else {
+                        "train"
+                    };
                     records.entry(split.to_string()).or_default().push(r);
                 }
             }
@@ -241,7 +262,14 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport, NodeError> {
                 train.finish()?;
                 test.finish()?;
                 found = Some(match (found, parsed) {
-                    (Some(Schema::Table { classes: a, .. }), Schema::Table { features, label, classes: b }) => Schema::Table {
+                    (
+                        Some(Schema::Table { classes: a, .. }),
+                        Schema::Table {
+                            features,
+                            label,
+                            classes: b,
+                        },
+                    ) => Schema::Table {
                         features,
                         label,
                         classes: a.max(b),
@@ -265,7 +293,11 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport, NodeError> {
     manifest.pad_histograms();
     let id = store.put_manifest(&manifest)?;
     let seconds = started.elapsed().as_secs_f64();
-    let records = manifest.splits.keys().map(|s| (s.clone(), manifest.records(s))).collect();
+    let records = manifest
+        .splits
+        .keys()
+        .map(|s| (s.clone(), manifest.records(s)))
+        .collect();
     let blocks = manifest.splits.values().map(Vec::len).sum();
     let bytes = manifest.splits.values().flatten().map(|b| b.bytes).sum();
     Ok(ImportReport {
@@ -294,7 +326,11 @@ fn read_csv_header(path: &Path) -> Result<Vec<String>, NodeError> {
             path: path.to_path_buf(),
             source,
         })?;
-    Ok(line.trim_end_matches(['\n', '\r']).split(',').map(|c| c.trim().to_string()).collect())
+    Ok(line
+        .trim_end_matches(['\n', '\r'])
+        .split(',')
+        .map(|c| c.trim().to_string())
+        .collect())
 }
 
 /// What `data inspect` finds.
@@ -328,7 +364,12 @@ pub fn inspect(dir: &Path, id: Option<&str>) -> Result<InspectReport, NodeError>
         None => match ids.as_slice() {
             [one] => one.clone(),
             [] => return Err(NodeError::Data(format!("{} holds no manifest", dir.display()))),
-            _ => return Err(NodeError::Data(format!("{} holds several datasets; pass --dataset ID", dir.display()))),
+            _ => {
+                return Err(NodeError::Data(format!(
+                    "{} holds several datasets; pass --dataset ID",
+                    dir.display()
+                )))
+            }
         },
     };
     let m = store
@@ -345,7 +386,10 @@ pub fn inspect(dir: &Path, id: Option<&str>) -> Result<InspectReport, NodeError>
     let rs = m.record_size;
     let (channels, hw) = match m.schema {
         Schema::Image {
-            channels, height, width, ..
+            channels,
+            height,
+            width,
+            ..
         } => (channels, height * width),
         _ => (0, 0),
     };
@@ -418,7 +462,11 @@ pub fn inspect(dir: &Path, id: Option<&str>) -> Result<InspectReport, NodeError>
             (mean, (sq[c] / n - mean * mean).max(0.0).sqrt())
         })
         .collect();
-    r.records_per_block = (if n_blocks == 0 { 0 } else { min_r }, tot_r as f64 / n_blocks.max(1) as f64, max_r);
+    r.records_per_block = (
+        if n_blocks == 0 { 0 } else { min_r },
+        tot_r as f64 / n_blocks.max(1) as f64,
+        max_r,
+    );
     Ok(r)
 }
 
@@ -469,14 +517,20 @@ mod tests {
         assert_eq!(ins.brightness_histogram.iter().sum::<u64>(), 30);
 
         // corrupt one block on disk: inspect names it
-        let m = BlockStore::open(&out).unwrap().manifest(&rep.dataset_id).unwrap().unwrap();
+        let m = BlockStore::open(&out)
+            .unwrap()
+            .manifest(&rep.dataset_id)
+            .unwrap()
+            .unwrap();
         let victim = &m.blocks("train")[1].hash;
         std::fs::write(out.join("blocks").join(format!("{victim}.blk")), b"junk").unwrap();
         let ins = inspect(&out, None).unwrap();
         assert_eq!(ins.bad_blocks, vec![victim.clone()]);
 
         let bad = cifar_file(dir.path(), "data_batch_2.bin", 5, Some(3));
-        let err = import(&opts(Format::Cifar10, vec![bad], &dir.path().join("s2"))).unwrap_err().to_string();
+        let err = import(&opts(Format::Cifar10, vec![bad], &dir.path().join("s2")))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("data_batch_2.bin") && err.contains("label 77"), "{err}");
     }
 

@@ -83,7 +83,10 @@ mod tests {
     fn created_once_with_mode_0600_and_stable() {
         let dir = tempfile::tempdir().unwrap();
         let a = Identity::load_or_create(dir.path()).unwrap();
-        let mode = std::fs::metadata(dir.path().join(IDENTITY_FILE)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join(IDENTITY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let b = Identity::load_or_create(dir.path()).unwrap();
         assert_eq!(a.author.author(), b.author.author());
@@ -98,7 +101,11 @@ mod tests {
         Identity::load_or_create(dir.path()).unwrap();
         let p = dir.path().join(IDENTITY_FILE);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(Identity::load_or_create(dir.path()).err().unwrap().to_string().contains("chmod 600"));
+        assert!(Identity::load_or_create(dir.path())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("chmod 600"));
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&p, "zz").unwrap();
         assert!(Identity::load_or_create(dir.path()).is_err());

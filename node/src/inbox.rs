@@ -12,8 +12,8 @@ use std::sync::Arc;
 use meshtrain_gossip::libp2p::{gossipsub::MessageId, PeerId};
 use meshtrain_ledger::chain::place;
 use meshtrain_ledger::{
-    AuthorId, EquivocationProof, Ledger, LedgerError, PayloadHash, Placement, RecordHash, RejectReason,
-    RunId, Seq, SignedRecord, SignedVerdictBlock, Verdict, VerdictEntry, VerifiedRecord,
+    AuthorId, EquivocationProof, Ledger, LedgerError, PayloadHash, Placement, RecordHash, RejectReason, RunId, Seq,
+    SignedRecord, SignedVerdictBlock, Verdict, VerdictEntry, VerifiedRecord,
 };
 use meshtrain_model::{codec, CodecError};
 use tokio::sync::mpsc;
@@ -27,8 +27,13 @@ const GAP_BUFFER_PER_AUTHOR: usize = 64;
 /// Where a record came from, for the gossipsub verdict and for retries.
 #[derive(Clone, Debug)]
 pub enum Origin {
-    Gossip { message_id: MessageId, source: PeerId },
-    Fetched { from: PeerId },
+    Gossip {
+        message_id: MessageId,
+        source: PeerId,
+    },
+    Fetched {
+        from: PeerId,
+    },
     /// Released from the gap buffer once its predecessors arrived.
     Buffered,
 }
@@ -46,9 +51,15 @@ pub enum Job {
         from: PeerId,
     },
     /// Our own record: stored (synced) before it is published.
-    Own { signed: SignedRecord, payload: Vec<u8> },
+    Own {
+        signed: SignedRecord,
+        payload: Vec<u8>,
+    },
     Verdict(Box<SignedVerdictBlock>),
-    Proof { bytes: Vec<u8>, origin: Origin },
+    Proof {
+        bytes: Vec<u8>,
+        origin: Origin,
+    },
     Ban(AuthorId),
     /// The node adopted peers' anchor: keep the record and the payloads.
     Join {
@@ -94,9 +105,14 @@ pub enum Done {
         from: PeerId,
         result: Result<Box<RecordDone>, PayloadFault>,
     },
-    OwnStored { signed: SignedRecord, payload: Vec<u8> },
+    OwnStored {
+        signed: SignedRecord,
+        payload: Vec<u8>,
+    },
     OwnFailed(String),
-    VerdictStored { round: u64 },
+    VerdictStored {
+        round: u64,
+    },
     VerdictFailed(String),
     Proof {
         origin: Origin,
@@ -265,7 +281,11 @@ impl Inbox {
             Job::Proof { bytes, origin } => self.proof(&bytes, origin),
             Job::Join { record, anchor, outer } => {
                 let mut event = self.ledger.begin();
-                if let Err(e) = event.join(&record, &anchor, &outer).map(|_| ()).and_then(|_| event.commit()) {
+                if let Err(e) = event
+                    .join(&record, &anchor, &outer)
+                    .map(|_| ())
+                    .and_then(|_| event.commit())
+                {
                     warn!(error = %e, "cannot record the join");
                 }
                 return true;
@@ -449,7 +469,9 @@ impl Inbox {
     fn release_gap(&mut self, author: AuthorId, results: &mut Vec<RecordDone>) {
         loop {
             let next = self.ledger.head(&author).map(|h| h.seq.next()).unwrap_or(Seq(0));
-            let Some(buffer) = self.gaps.get_mut(&author) else { return };
+            let Some(buffer) = self.gaps.get_mut(&author) else {
+                return;
+            };
             // Drop anything at or below the head: already stored.
             while let Some((&seq, _)) = buffer.first_key_value() {
                 if seq < next {
@@ -490,7 +512,11 @@ impl Inbox {
             Ok(delta) => {
                 self.awaiting.remove(&hash);
                 let mut event = self.ledger.begin();
-                if let Err(e) = event.payload(&hash, signed.record.round, bytes).map(|_| ()).and_then(|_| event.commit()) {
+                if let Err(e) = event
+                    .payload(&hash, signed.record.round, bytes)
+                    .map(|_| ())
+                    .and_then(|_| event.commit())
+                {
                     warn!(error = %e, "payload not stored");
                 }
                 let mut done = RecordDone::new(Origin::Buffered, Outcome::Accepted).about(&signed);
@@ -542,7 +568,11 @@ impl Inbox {
         self.gaps.remove(&author);
         Done::Proof {
             origin,
-            outcome: if known { Outcome::Ignored("known proof") } else { Outcome::Accepted },
+            outcome: if known {
+                Outcome::Ignored("known proof")
+            } else {
+                Outcome::Accepted
+            },
             proof: Some(proof),
         }
     }

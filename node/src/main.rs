@@ -14,7 +14,11 @@ use meshtrain_node::attack::Attack;
 use meshtrain_node::{Node, NodeOptions, RunSpec};
 
 #[derive(Parser)]
-#[command(name = "meshtrain", version, about = "Decentralized, poisoning-robust, auditable peer-to-peer training")]
+#[command(
+    name = "meshtrain",
+    version,
+    about = "Decentralized, poisoning-robust, auditable peer-to-peer training"
+)]
 struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -342,8 +346,12 @@ fn parse_churn(s: &str) -> Result<(u64, u64)> {
     let parts: Vec<&str> = s.split(':').collect();
     match parts.as_slice() {
         ["kill", every, down] => {
-            let every: u64 = every.parse().with_context(|| format!("--churn {s}: EVERY_S is not a number"))?;
-            let down: u64 = down.parse().with_context(|| format!("--churn {s}: DOWN_S is not a number"))?;
+            let every: u64 = every
+                .parse()
+                .with_context(|| format!("--churn {s}: EVERY_S is not a number"))?;
+            let down: u64 = down
+                .parse()
+                .with_context(|| format!("--churn {s}: DOWN_S is not a number"))?;
             if every == 0 {
                 bail!("--churn {s}: EVERY_S must be positive");
             }
@@ -518,7 +526,10 @@ fn node_run_command() -> clap::Command {
 /// MESHTRAIN_<KEY> variables and from `--config FILE`.
 fn parse_cli() -> Result<Cli> {
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let run_at = argv.windows(2).position(|w| w[0] == "node" && w[1] == "run").map(|i| i + 2);
+    let run_at = argv
+        .windows(2)
+        .position(|w| w[0] == "node" && w[1] == "run")
+        .map(|i| i + 2);
     if let Some(at) = run_at {
         let mut config = None;
         for (i, a) in argv.iter().enumerate().skip(at) {
@@ -530,9 +541,12 @@ fn parse_cli() -> Result<Cli> {
             }
         }
         if let Some(path) = config {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the config {}", path.display()))?;
+            let text =
+                std::fs::read_to_string(&path).with_context(|| format!("cannot read the config {}", path.display()))?;
             let file = path.display().to_string();
-            let args = meshtrain_node::config::file_args(&file, &text, &node_run_command(), |k| std::env::var_os(k).is_some())?;
+            let args = meshtrain_node::config::file_args(&file, &text, &node_run_command(), |k| {
+                std::env::var_os(k).is_some()
+            })?;
             argv.splice(at..at, args.into_iter().map(Into::into));
         }
     }
@@ -553,9 +567,12 @@ fn parse_cli() -> Result<Cli> {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHTRAIN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn,libp2p_kad=error,libp2p_swarm=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHTRAIN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn,libp2p_kad=error,libp2p_swarm=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -600,7 +617,12 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Ledger(cmd) => ledger(cmd),
         Command::Spec(SpecCommand::New(args)) => spec_new(args),
         Command::Data(DataCommand::Import(a)) => data_import(a),
-        Command::Data(DataCommand::Inspect { dir, dataset, plot, json }) => data_inspect(&dir, dataset.as_deref(), plot.as_deref(), json),
+        Command::Data(DataCommand::Inspect {
+            dir,
+            dataset,
+            plot,
+            json,
+        }) => data_inspect(&dir, dataset.as_deref(), plot.as_deref(), json),
         Command::Bench(BenchCommand::Ledger {
             records,
             authors,
@@ -618,12 +640,27 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 println!("ledger benchmark: {} records from {} authors", b.records, b.authors);
                 println!("  append, sync off          {:>10.0} records/s", b.append_records_per_s);
-                println!("  append, fsync per batch   {:>10.0} records/s ({} records)", b.append_sync_records_per_s, b.sync_sample);
-                println!("  verify + append (inbox)   {:>10.0} records/s ({} records, 1 thread)", b.verify_and_append_records_per_s, b.verify_sample);
-                println!("  audit incl. signatures    {:>10.0} records/s ({:.1} s)", b.audit_records_per_s, b.audit_s);
+                println!(
+                    "  append, fsync per batch   {:>10.0} records/s ({} records)",
+                    b.append_sync_records_per_s, b.sync_sample
+                );
+                println!(
+                    "  verify + append (inbox)   {:>10.0} records/s ({} records, 1 thread)",
+                    b.verify_and_append_records_per_s, b.verify_sample
+                );
+                println!(
+                    "  audit incl. signatures    {:>10.0} records/s ({:.1} s)",
+                    b.audit_records_per_s, b.audit_s
+                );
                 println!("  batch verify speed-up     {:>10.2}x", b.batch_verify_speedup);
-                println!("  audit peak RSS            {:>10.1} MiB (a tenth of the ledger: {:.1} MiB)", b.audit_peak_rss_mb, b.audit_peak_rss_mb_tenth);
-                println!("  ledger on disk            {:>10.1} MiB", b.ledger_bytes_on_disk as f64 / 1048576.0);
+                println!(
+                    "  audit peak RSS            {:>10.1} MiB (a tenth of the ledger: {:.1} MiB)",
+                    b.audit_peak_rss_mb, b.audit_peak_rss_mb_tenth
+                );
+                println!(
+                    "  ledger on disk            {:>10.1} MiB",
+                    b.ledger_bytes_on_disk as f64 / 1048576.0
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -650,7 +687,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             if block_bytes == 0 || blocks == 0 || in_flight == 0 {
                 bail!("--block-bytes, --blocks and --in-flight must be positive");
             }
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             let b = rt.block_on(meshtrain_node::bench::fetch(block_bytes, blocks, in_flight))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&b)?);
@@ -671,8 +711,15 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             if trials == 0 || nodes < 2 {
                 bail!("--trials must be positive and --nodes at least 2");
             }
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            let b = rt.block_on(meshtrain_node::bench::discovery(trials, nodes, Duration::from_secs(limit_s)))?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let b = rt.block_on(meshtrain_node::bench::discovery(
+                trials,
+                nodes,
+                Duration::from_secs(limit_s),
+            ))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&b)?);
             } else {
@@ -681,17 +728,29 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     b.trials, b.nodes, b.incomplete, b.seconds_median, b.seconds_max
                 );
             }
-            Ok(if b.incomplete == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if b.incomplete == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Bench(BenchCommand::Codec { params, codec, json }) => {
             if params == 0 {
                 bail!("--params must be at least 1");
             }
             let specs = if codec.is_empty() {
-                ["dense", "fp16", "bf16", "topk-int8:0.01", "topk-int8:0.1", "topk-sign:0.01", "topk-sign:0.1"]
-                    .iter()
-                    .map(|s| s.parse())
-                    .collect::<Result<Vec<CodecSpec>, _>>()?
+                [
+                    "dense",
+                    "fp16",
+                    "bf16",
+                    "topk-int8:0.01",
+                    "topk-int8:0.1",
+                    "topk-sign:0.01",
+                    "topk-sign:0.1",
+                ]
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<Vec<CodecSpec>, _>>()?
             } else {
                 codec
             };
@@ -700,7 +759,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!("codec benchmark: {params} parameters, one thread, MB/s of fp32 input");
-                println!("{:<16} {:>10} {:>9} {:>11} {:>11} {:>11} {:>9}", "codec", "bytes", "ratio", "encode", "decode", "encode+EF", "rel err");
+                println!(
+                    "{:<16} {:>10} {:>9} {:>11} {:>11} {:>11} {:>9}",
+                    "codec", "bytes", "ratio", "encode", "decode", "encode+EF", "rel err"
+                );
                 for r in rows {
                     println!(
                         "{:<16} {:>10} {:>8.1}x {:>11.0} {:>11.0} {:>11.0} {:>9.4}",
@@ -725,7 +787,11 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
 }
 
 fn node_status(url: &str) -> Result<ExitCode> {
-    let url = if url.starts_with("http://") { url.to_string() } else { format!("http://{url}/metrics") };
+    let url = if url.starts_with("http://") {
+        url.to_string()
+    } else {
+        format!("http://{url}/metrics")
+    };
     let text = ureq::get(&url)
         .call()
         .with_context(|| format!("cannot read {url}"))?
@@ -799,7 +865,10 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
     })?;
     let mut task = String::new();
     if let Some(p) = report.final_task.perplexity {
-        task.push_str(&format!(", {:.4} nats/char (perplexity {p:.2})", report.final_test_loss));
+        task.push_str(&format!(
+            ", {:.4} nats/char (perplexity {p:.2})",
+            report.final_test_loss
+        ));
     }
     if let Some(a) = report.final_task.roc_auc {
         task.push_str(&format!(", anomaly ROC-AUC {a:.4}"));
@@ -854,14 +923,22 @@ fn ledger(cmd: LedgerCommand) -> Result<ExitCode> {
                     println!("  {p}");
                 }
             }
-            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         LedgerCommand::Compare { left, right } => {
             let a = Ledger::open_read_only(&ledger_dir(&left))?;
             let b = Ledger::open_read_only(&ledger_dir(&right))?;
             let report = audit::compare(&a, &b)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         LedgerCommand::Replay { dir, json } => {
             let path = ledger_dir(&dir);
@@ -881,7 +958,11 @@ fn ledger(cmd: LedgerCommand) -> Result<ExitCode> {
                     report.problem.as_deref().unwrap_or("unknown")
                 );
             }
-            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         LedgerCommand::Export { dir } => {
             let ledger = Ledger::open_read_only(&ledger_dir(&dir))?;
@@ -921,7 +1002,11 @@ fn default_store() -> Result<PathBuf> {
             test_fraction: 0.0,
             seq_len: 1,
         })?;
-        eprintln!("imported Fashion-MNIST into {} as dataset {}", store.display(), r.dataset_id);
+        eprintln!(
+            "imported Fashion-MNIST into {} as dataset {}",
+            store.display(),
+            r.dataset_id
+        );
     }
     Ok(store)
 }
@@ -933,7 +1018,10 @@ fn pick_manifest(store_dir: &Path, dataset: Option<&str>) -> Result<meshtrain_mo
     let id = match (dataset, store.manifest_ids().as_slice()) {
         (Some(id), _) => id.to_string(),
         (None, [one]) => one.clone(),
-        (None, []) => bail!("{} holds no dataset; run `meshtrain data import` first", store_dir.display()),
+        (None, []) => bail!(
+            "{} holds no dataset; run `meshtrain data import` first",
+            store_dir.display()
+        ),
         (None, _) => bail!("{} holds several datasets; pass --dataset ID", store_dir.display()),
     };
     store
@@ -977,7 +1065,8 @@ fn spec_new(args: SpecArgs) -> Result<ExitCode> {
         }
         (None, None) => spec.rounds.count,
     };
-    spec.check().map_err(|e| anyhow::anyhow!("the spec is not valid: {e}"))?;
+    spec.check()
+        .map_err(|e| anyhow::anyhow!("the spec is not valid: {e}"))?;
     let text = spec.to_toml()?;
     match args.out {
         Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
@@ -1046,7 +1135,11 @@ fn testnet_run(args: TestnetArgs) -> Result<ExitCode> {
     };
     let summary = meshtrain_testnet::run(&opts)?;
     print!("{}", meshtrain_testnet::table(&summary));
-    Ok(if summary.audit_failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if summary.audit_failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn testnet_matrix(args: MatrixArgs) -> Result<ExitCode> {
@@ -1085,11 +1178,18 @@ fn testnet_matrix(args: MatrixArgs) -> Result<ExitCode> {
             r.aggregator,
             r.attack.as_deref().unwrap_or("clean"),
             100.0 * r.honest_mean_acc,
-            r.error.as_deref().map(|e| format!(" (failed: {e})")).unwrap_or_default()
+            r.error
+                .as_deref()
+                .map(|e| format!(" (failed: {e})"))
+                .unwrap_or_default()
         );
     })?;
     print!("{}", meshtrain_testnet::matrix::markdown(&rows));
-    eprintln!("tables: {} and {}", out.join("matrix.md").display(), out.join("matrix.json").display());
+    eprintln!(
+        "tables: {} and {}",
+        out.join("matrix.md").display(),
+        out.join("matrix.json").display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1137,12 +1237,18 @@ fn data_inspect(dir: &Path, dataset: Option<&str>, plot: Option<&Path>, json: bo
             println!("  BAD BLOCK {b}");
         }
         for (split, n) in &r.records {
-            println!("{split}: {n} records, class balance {:?}", r.class_balance.get(split).cloned().unwrap_or_default());
+            println!(
+                "{split}: {n} records, class balance {:?}",
+                r.class_balance.get(split).cloned().unwrap_or_default()
+            );
         }
         for (c, (m, s)) in r.channel_stats.iter().enumerate() {
             println!("channel {c}: mean {m:.4}, std {s:.4}");
         }
-        println!("brightness histogram (per-image mean, 0..1): {:?}", r.brightness_histogram);
+        println!(
+            "brightness histogram (per-image mean, 0..1): {:?}",
+            r.brightness_histogram
+        );
         println!("contrast histogram (per-image std, 0..0.5): {:?}", r.contrast_histogram);
         let (lo, mean, hi) = r.records_per_block;
         println!("records per block: min {lo}, mean {mean:.1}, max {hi}");
@@ -1173,5 +1279,9 @@ fn data_inspect(dir: &Path, dataset: Option<&str>, plot: Option<&Path>, json: bo
         bars_png(path, &charts).map_err(|e| anyhow::anyhow!("plotting {}: {e}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
-    Ok(if r.bad_blocks.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if r.bad_blocks.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

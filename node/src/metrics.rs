@@ -74,25 +74,55 @@ impl NodeMetrics {
         };
         let r = registry.sub_registry_with_prefix("meshtrain");
         r.register("round", "The round this node is in", m.round.clone());
-        r.register("test_loss", "Test loss of the anchor at the last evaluation", m.test_loss.clone());
-        r.register("test_accuracy", "Test accuracy of the anchor at the last evaluation", m.test_acc.clone());
-        r.register("train_loss", "Mean training loss of the last local round", m.train_loss.clone());
-        r.register("updates_received", "Peer update records received", m.updates_received.clone());
+        r.register(
+            "test_loss",
+            "Test loss of the anchor at the last evaluation",
+            m.test_loss.clone(),
+        );
+        r.register(
+            "test_accuracy",
+            "Test accuracy of the anchor at the last evaluation",
+            m.test_acc.clone(),
+        );
+        r.register(
+            "train_loss",
+            "Mean training loss of the last local round",
+            m.train_loss.clone(),
+        );
+        r.register(
+            "updates_received",
+            "Peer update records received",
+            m.updates_received.clone(),
+        );
         r.register("updates", "Peer updates by what became of them", m.updates.clone());
         r.register("bytes_in", "Bytes received on all connections", m.bytes_in.clone());
         r.register("bytes_out", "Bytes sent on all connections", m.bytes_out.clone());
         r.register("peers", "Connected members of the run", m.peers.clone());
-        r.register("ledger_records", "Update records in the ledger", m.ledger_records.clone());
+        r.register(
+            "ledger_records",
+            "Update records in the ledger",
+            m.ledger_records.clone(),
+        );
         r.register("ledger_bytes", "Size of the ledger on disk", m.ledger_bytes.clone());
         r.register("stage_seconds", "Time per round stage", m.stage_seconds.clone());
-        r.register("process_cpu_seconds", "CPU time used by the process (user + system)", m.cpu_seconds.clone());
-        r.register("process_resident_bytes", "Resident set size of the process", m.rss_bytes.clone());
+        r.register(
+            "process_cpu_seconds",
+            "CPU time used by the process (user + system)",
+            m.cpu_seconds.clone(),
+        );
+        r.register(
+            "process_resident_bytes",
+            "Resident set size of the process",
+            m.rss_bytes.clone(),
+        );
         m
     }
 
     pub fn stage(&self, stage: &str, took: Duration) {
         self.stage_seconds
-            .get_or_create(&StageLabels { stage: stage.to_string() })
+            .get_or_create(&StageLabels {
+                stage: stage.to_string(),
+            })
             .observe(took.as_secs_f64());
     }
 

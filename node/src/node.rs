@@ -25,8 +25,8 @@ use meshtrain_ledger::{
 };
 use meshtrain_model::metrics::EarlyStopping;
 use meshtrain_model::{
-    aggregate::aggregate as aggregate_deltas, codec, AggInput, AggVerdict, AggregatorSpec, DeltaEncoder, EvalReport, Evaluation, Manifest, Network, OuterConfig,
-    OuterOptimizer, StepStats, TrainConfig,
+    aggregate::aggregate as aggregate_deltas, codec, AggInput, AggVerdict, AggregatorSpec, DeltaEncoder, EvalReport,
+    Evaluation, Manifest, Network, OuterConfig, OuterOptimizer, StepStats, TrainConfig,
 };
 use meshtrain_testnet::report::{NodeReport, RoundRecord};
 use prometheus_client::registry::Registry;
@@ -38,20 +38,20 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::attack::Attack;
 use crate::blockstore::BlockStore;
-use crate::shard::{BlockWant, FetchStats, ShardPlan};
-use crate::reputation::{Reputation, ReputationConfig};
+use crate::checkpoint::Checkpoint;
 use crate::identity::Identity;
 use crate::inbox::{self, Done, InboxConfig, Job, Origin, Outcome, RecordDone};
+use crate::reputation::{Reputation, ReputationConfig};
 use crate::round::{AdaptiveWait, Close, Contribution, RoundBook, RoundInputs};
 use crate::runspec::RunSpec;
-use crate::checkpoint::Checkpoint;
+use crate::shard::{BlockWant, FetchStats, ShardPlan};
 use crate::trainer::{TrainerCmd, TrainerHandle, TrainerReply};
 
 mod deny;
 mod fetching;
 mod sync;
-use sync::{AnchorSync, Offer, SyncOutcome, SyncReason};
 use crate::NodeError;
+use sync::{AnchorSync, Offer, SyncOutcome, SyncReason};
 
 /// Where a node finds its run, data and peers.
 #[derive(Clone, Debug)]
@@ -338,12 +338,12 @@ impl Node {
         let p2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
         let registry = Arc::new(std::sync::Mutex::new(registry));
         let metrics_addr = match opts.metrics {
-            Some(addr) => Some(crate::metrics::serve(addr, registry.clone(), metrics.clone()).map_err(|e| {
-                NodeError::Listen {
+            Some(addr) => Some(
+                crate::metrics::serve(addr, registry.clone(), metrics.clone()).map_err(|e| NodeError::Listen {
                     addr: format!("metrics {addr}"),
                     detail: e.to_string(),
-                }
-            })?),
+                })?,
+            ),
             None => None,
         };
         for addr in &opts.listen {
@@ -623,11 +623,7 @@ impl Node {
 
     fn write_listen_addrs(&mut self) {
         let peer = self.peer_id();
-        let addrs: Vec<String> = self
-            .swarm
-            .listeners()
-            .map(|a| format!("{a}/p2p/{peer}"))
-            .collect();
+        let addrs: Vec<String> = self.swarm.listeners().map(|a| format!("{a}/p2p/{peer}")).collect();
         if addrs.is_empty() {
             return;
         }
@@ -750,7 +746,12 @@ impl Node {
                     self.on_response(peer, request_id, response);
                 }
             },
-            request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
+            request_response::Event::OutboundFailure {
+                request_id,
+                peer,
+                error,
+                ..
+            } => {
                 debug!(peer = %short_peer(&peer), %error, "fetch failed");
                 match self.requests.remove(&request_id) {
                     Some(RequestFor::Payload(hash)) => self.payload_attempt_failed(hash),
@@ -766,7 +767,11 @@ impl Node {
     fn on_response(&mut self, peer: PeerId, id: OutboundRequestId, response: FetchResponse) {
         match (self.requests.remove(&id), response) {
             (Some(RequestFor::Payload(hash)), FetchResponse::Payload(bytes)) => {
-                self.send_job(Job::Payload { hash, bytes, from: peer });
+                self.send_job(Job::Payload {
+                    hash,
+                    bytes,
+                    from: peer,
+                });
             }
             (Some(RequestFor::Payload(hash)), _) => self.payload_attempt_failed(hash),
             (Some(RequestFor::Block(hash)), FetchResponse::Block(bytes)) => self.on_block(hash, peer, bytes),
@@ -816,7 +821,11 @@ impl Node {
         }
         let peers: Vec<PeerId> = self.members.keys().copied().collect();
         let peer = peers[rand::random_range(0..peers.len())];
-        let id = self.swarm.behaviour_mut().fetch.send_request(&peer, FetchRequest::Heads);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .fetch
+            .send_request(&peer, FetchRequest::Heads);
         self.requests.insert(id, RequestFor::Heads);
     }
 
@@ -873,7 +882,11 @@ impl Node {
             if let Some(w) = w {
                 warn!(author = %w.author.short(), round = w.round, "no peer could supply a payload");
                 self.book.unannounce(w.round, &w.author);
-                if let Ok(Some(rec)) = self.ledger.head(&w.author).map_or(Ok(None), |h| self.ledger.record(&w.author, h.seq)) {
+                if let Ok(Some(rec)) = self
+                    .ledger
+                    .head(&w.author)
+                    .map_or(Ok(None), |h| self.ledger.record(&w.author, h.seq))
+                {
                     if rec.record.payload_hash == hash {
                         self.book.reject(VerdictEntry {
                             author: w.author,
@@ -889,7 +902,9 @@ impl Node {
             }
             return;
         }
-        let Some(peer) = want.candidates.pop_front() else { return };
+        let Some(peer) = want.candidates.pop_front() else {
+            return;
+        };
         want.candidates.push_back(peer);
         want.attempts += 1;
         want.in_flight = true;
@@ -993,8 +1008,14 @@ impl Node {
         }
         if let Some(proof) = done.proof {
             let author = proof.author();
-            let msg = GossipMessage::Equivocation { proof: proof.to_bytes() };
-            let _ = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), msg.to_bytes());
+            let msg = GossipMessage::Equivocation {
+                proof: proof.to_bytes(),
+            };
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(self.topic.clone(), msg.to_bytes());
             self.ban(author, "equivocation");
         }
         if let (Some(author), Some(from)) = (done.author, done.gap_from) {
@@ -1062,11 +1083,11 @@ impl Node {
             return Ok(());
         }
         self.trainer_cmd(TrainerCmd::Round {
-                round,
-                anchor: self.anchor.clone(),
-                steps: self.spec.train.local_steps,
-                evaluate: round % self.eval_every == 0,
-            })?;
+            round,
+            anchor: self.anchor.clone(),
+            steps: self.spec.train.local_steps,
+            evaluate: round % self.eval_every == 0,
+        })?;
         self.set_phase(Phase::Training);
         Ok(())
     }
@@ -1245,7 +1266,9 @@ impl Node {
             .collect();
         let crafted = attack.collude(&honest, &c.raw);
         info!(round = c.round, honest = honest.len(), %attack, "crafted a colluding update");
-        let Some(encoder) = self.attack_encoder.as_mut() else { return };
+        let Some(encoder) = self.attack_encoder.as_mut() else {
+            return;
+        };
         match encoder.encode(&crafted) {
             Ok(e) => self.sign_and_store(c.round, e.bytes, Arc::new(e.decoded), c.eval, c.stats, c.train_ms),
             Err(e) => warn!(error = %e, "cannot encode the crafted update"),
@@ -1256,14 +1279,26 @@ impl Node {
     /// node died between publishing and closing the round). Training again
     /// would contribute twice; publish the stored record again and wait.
     fn republish_own(&mut self, round: u64) -> bool {
-        let Some(head) = self.ledger.head(&self.me) else { return false };
-        let Ok(Some(signed)) = self.ledger.record(&self.me, head.seq) else { return false };
+        let Some(head) = self.ledger.head(&self.me) else {
+            return false;
+        };
+        let Ok(Some(signed)) = self.ledger.record(&self.me, head.seq) else {
+            return false;
+        };
         if signed.record.round != round {
             return false;
         }
-        let Ok(Some(payload)) = self.ledger.payload(&signed.record.payload_hash) else { return false };
-        let Ok(decoded) = meshtrain_model::codec::decode(&payload, self.anchor.len()) else { return false };
-        info!(round, seq = head.seq.0, "our update for this round was signed before the restart; publishing it again");
+        let Ok(Some(payload)) = self.ledger.payload(&signed.record.payload_hash) else {
+            return false;
+        };
+        let Ok(decoded) = meshtrain_model::codec::decode(&payload, self.anchor.len()) else {
+            return false;
+        };
+        info!(
+            round,
+            seq = head.seq.0,
+            "our update for this round was signed before the restart; publishing it again"
+        );
         self.own = Some(OwnRound {
             round,
             eval: None,
@@ -1282,7 +1317,12 @@ impl Node {
             record: signed.to_bytes(),
             payload: inline,
         };
-        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), msg.to_bytes()) {
+        if let Err(e) = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.topic.clone(), msg.to_bytes())
+        {
             debug!(round = own.round, error = %e, "publish failed (no peers yet?)");
         }
         if let Some((twin, twin_payload)) = self.equivocation.take() {
@@ -1291,7 +1331,11 @@ impl Node {
                 record: twin.to_bytes(),
                 payload: inline,
             };
-            let _ = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), msg.to_bytes());
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(self.topic.clone(), msg.to_bytes());
         }
         self.counters.published += 1;
         self.last_eval = Some((own.round, own.eval, own.stats, own.train_ms));
@@ -1374,7 +1418,11 @@ impl Node {
                 let waited = now.duration_since(self.phase_since);
                 if enough || waited >= self.wait_peers_timeout {
                     if !enough {
-                        warn!(members = self.members.len(), wanted = self.wait_peers, "starting without all peers");
+                        warn!(
+                            members = self.members.len(),
+                            wanted = self.wait_peers,
+                            "starting without all peers"
+                        );
                     }
                     self.begin_data_phase();
                 }
@@ -1430,10 +1478,16 @@ impl Node {
     /// two rounds further on (a restart into a mesh that moved on): ask for
     /// the mesh's anchor instead of waiting out the deadline.
     fn check_behind(&mut self, now: Instant) {
-        if self.phase != Phase::Waiting || self.sync.is_some() || now.duration_since(self.phase_since) < Duration::from_secs(2) {
+        if self.phase != Phase::Waiting
+            || self.sync.is_some()
+            || now.duration_since(self.phase_since) < Duration::from_secs(2)
+        {
             return;
         }
-        if self.behind_checked.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+        if self
+            .behind_checked
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
             return;
         }
         self.behind_checked = Some(now);
@@ -1445,7 +1499,10 @@ impl Node {
             .filter(|a| self.head_round(a).is_some_and(|r| r >= round + 2))
             .count();
         if ahead >= 2 {
-            info!(round, ahead, "members are rounds ahead of us; asking for the mesh's anchor");
+            info!(
+                round,
+                ahead, "members are rounds ahead of us; asking for the mesh's anchor"
+            );
             self.start_sync(SyncReason::Start, None, None);
         }
     }
@@ -1468,12 +1525,18 @@ impl Node {
         else {
             return;
         };
-        let we_lose = *best != self.anchor_hash && (authors.len() > mine || (authors.len() == mine && *best < self.anchor_hash));
+        let we_lose =
+            *best != self.anchor_hash && (authors.len() > mine || (authors.len() == mine && *best < self.anchor_hash));
         // A node that just took an anchor over gives the mesh a few rounds
         // to settle before it second-guesses it.
         let settled = self.joins.last().is_none_or(|j| inputs.round >= j + MINORITY_SYNC_GAP);
         if we_lose && settled && authors.len() >= 2 && self.sync.is_none() {
-            warn!(round = inputs.round, ours = mine, theirs = authors.len(), "our anchor is the minority's; syncing to the majority");
+            warn!(
+                round = inputs.round,
+                ours = mine,
+                theirs = authors.len(),
+                "our anchor is the minority's; syncing to the majority"
+            );
             let among = authors.clone();
             self.start_sync(SyncReason::Minority, Some(&among), None);
         }
@@ -1505,7 +1568,8 @@ impl Node {
             if e.author == self.me {
                 continue;
             }
-            let from_aggregator = !matches!(&e.verdict, Verdict::Rejected { reason } if !matches!(reason, RejectReason::Outlier(_)));
+            let from_aggregator =
+                !matches!(&e.verdict, Verdict::Rejected { reason } if !matches!(reason, RejectReason::Outlier(_)));
             if from_aggregator {
                 if let Some(ban) = self.reputation.observe(e.author, &e.verdict) {
                     bans.push((e.author, ban));

@@ -30,7 +30,9 @@ impl std::str::FromStr for Partition {
         match s.split_once(':') {
             None if s == "iid" => Ok(Partition::Iid),
             Some(("dirichlet", a)) => {
-                let alpha: f64 = a.parse().map_err(|_| format!("partition `{s}`: `{a}` is not a number"))?;
+                let alpha: f64 = a
+                    .parse()
+                    .map_err(|_| format!("partition `{s}`: `{a}` is not a number"))?;
                 if !(alpha > 0.0 && alpha.is_finite()) {
                     return Err(format!("partition `{s}`: α must be positive"));
                 }
@@ -226,7 +228,14 @@ mod tests {
         let ms = members(5);
         let before = Placement::compute(&m, "train", &ms, 3, Partition::Iid, 1);
         let gone = ms[2];
-        let after = Placement::compute(&m, "train", &ms.iter().copied().filter(|x| *x != gone).collect::<Vec<_>>(), 3, Partition::Iid, 1);
+        let after = Placement::compute(
+            &m,
+            "train",
+            &ms.iter().copied().filter(|x| *x != gone).collect::<Vec<_>>(),
+            3,
+            Partition::Iid,
+            1,
+        );
         for (b, h) in &before.holders {
             let h2 = &after.holders[b];
             if !h.contains(&gone) {

@@ -7,9 +7,7 @@
 //! is bit-exact on the same machine.
 
 use meshtrain_ledger::{Ledger, LedgerError, RejectReason, SignedVerdictBlock, Verdict, VerdictEntry, WeightsHash};
-use meshtrain_model::{
-    aggregate::aggregate, codec, AggInput, AggVerdict, Network, OuterConfig, OuterOptimizer,
-};
+use meshtrain_model::{aggregate::aggregate, codec, AggInput, AggVerdict, Network, OuterConfig, OuterOptimizer};
 use serde::Serialize;
 
 use crate::{NodeError, RunSpec};
@@ -39,7 +37,12 @@ fn same_verdict(recorded: &Verdict, replayed: &AggVerdict) -> bool {
     match (recorded, replayed) {
         (Verdict::Merged { weight: a }, AggVerdict::Merged { weight: b }) => a == b,
         (Verdict::Clipped { factor: a, weight: w }, AggVerdict::Clipped { factor: b, weight: v }) => a == b && w == v,
-        (Verdict::Rejected { reason: RejectReason::Outlier(a) }, AggVerdict::Rejected { reason: b }) => a == b,
+        (
+            Verdict::Rejected {
+                reason: RejectReason::Outlier(a),
+            },
+            AggVerdict::Rejected { reason: b },
+        ) => a == b,
         _ => false,
     }
 }
@@ -67,11 +70,23 @@ pub fn replay_state(ledger: &Ledger) -> Result<ReplayState, NodeError> {
 }
 
 /// A join the replay resumes from: the adopted anchor and outer state.
-fn joined_state(ledger: &Ledger, round: u64, base: &WeightsHash, params: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>, NodeError> {
-    let Some(join) = ledger.joins()?.into_iter().find(|j| j.round == round && j.anchor == *base) else {
+fn joined_state(
+    ledger: &Ledger,
+    round: u64,
+    base: &WeightsHash,
+    params: usize,
+) -> Result<Option<(Vec<f32>, Vec<f32>)>, NodeError> {
+    let Some(join) = ledger
+        .joins()?
+        .into_iter()
+        .find(|j| j.round == round && j.anchor == *base)
+    else {
         return Ok(None);
     };
-    let (Some(a), Some(o)) = (ledger.payload(&join.anchor_payload)?, ledger.payload(&join.outer_payload)?) else {
+    let (Some(a), Some(o)) = (
+        ledger.payload(&join.anchor_payload)?,
+        ledger.payload(&join.outer_payload)?,
+    ) else {
         return Ok(None);
     };
     let anchor = codec::decode(&a, params).map_err(|e| NodeError::Data(format!("joined anchor: {e}")))?;
@@ -99,7 +114,11 @@ fn replay_core(ledger: &Ledger) -> Result<ReplayState, NodeError> {
         })
     };
     if WeightsHash::of_f32(&anchor) != meta.genesis_weights {
-        return fail(report, "genesis weights from the run's seed do not match the ledger's genesis hash".into(), anchor);
+        return fail(
+            report,
+            "genesis weights from the run's seed do not match the ledger's genesis hash".into(),
+            anchor,
+        );
     }
     let mut outer = OuterOptimizer::new(
         OuterConfig {
@@ -125,7 +144,13 @@ fn replay_core(ledger: &Ledger) -> Result<ReplayState, NodeError> {
                     outer.set_velocity(v);
                     report.joins += 1;
                 }
-                None => return fail(report, format!("{here}: its base anchor is not the replayed one"), anchor),
+                None => {
+                    return fail(
+                        report,
+                        format!("{here}: its base anchor is not the replayed one"),
+                        anchor,
+                    )
+                }
             }
         }
         let mut inputs: Vec<&VerdictEntry> = block.entries.iter().filter(|e| was_aggregated(e)).collect();
@@ -143,7 +168,10 @@ fn replay_core(ledger: &Ledger) -> Result<ReplayState, NodeError> {
             let Some(payload) = ledger.payload(&record.record.payload_hash)? else {
                 return fail(
                     report,
-                    format!("{here}: the payload of {}/{} was not retained; replay needs every payload", e.author, e.seq),
+                    format!(
+                        "{here}: the payload of {}/{} was not retained; replay needs every payload",
+                        e.author, e.seq
+                    ),
                     anchor,
                 );
             };
@@ -162,13 +190,20 @@ fn replay_core(ledger: &Ledger) -> Result<ReplayState, NodeError> {
                     .powi(block.round.saturating_sub(e.round) as i32),
             })
             .collect();
-        let own = inputs.iter().position(|e| e.author == meta.owner && e.round == block.round);
+        let own = inputs
+            .iter()
+            .position(|e| e.author == meta.owner && e.round == block.round);
         let result = aggregate(spec.exchange.aggregator, &agg_inputs, own);
         for (e, v) in inputs.iter().zip(&result.verdicts) {
             if !same_verdict(&e.verdict, v) {
                 return fail(
                     report,
-                    format!("{here}: recorded {:?} for {}/{}, the aggregator gives {v:?}", e.verdict, e.author.short(), e.seq),
+                    format!(
+                        "{here}: recorded {:?} for {}/{}, the aggregator gives {v:?}",
+                        e.verdict,
+                        e.author.short(),
+                        e.seq
+                    ),
                     anchor,
                 );
             }
@@ -177,10 +212,18 @@ fn replay_core(ledger: &Ledger) -> Result<ReplayState, NodeError> {
             outer.step(&mut anchor, &result.update);
         }
         if WeightsHash::of_f32(&anchor) != block.new_anchor {
-            return fail(report, format!("{here}: the replayed anchor does not hash to the recorded one"), anchor);
+            return fail(
+                report,
+                format!("{here}: the replayed anchor does not hash to the recorded one"),
+                anchor,
+            );
         }
         if WeightsHash::of_f32(outer.velocity()) != block.outer_state {
-            return fail(report, format!("{here}: the replayed outer state does not hash to the recorded one"), anchor);
+            return fail(
+                report,
+                format!("{here}: the replayed outer state does not hash to the recorded one"),
+                anchor,
+            );
         }
         report.blocks += 1;
         report.deltas += inputs.len() as u64;

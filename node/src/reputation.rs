@@ -103,7 +103,11 @@ impl Reputation {
         let b = badness(verdict)?;
         let cfg = self.cfg;
         let s = self.standing.entry(author).or_default();
-        s.badness = if s.verdicts == 0 { b } else { cfg.alpha * b + (1.0 - cfg.alpha) * s.badness };
+        s.badness = if s.verdicts == 0 {
+            b
+        } else {
+            cfg.alpha * b + (1.0 - cfg.alpha) * s.badness
+        };
         s.verdicts += 1;
         if let Verdict::Rejected { reason } = verdict {
             if reason.is_protocol_offence() {
@@ -132,7 +136,10 @@ mod tests {
         let mut r = Reputation::new(ReputationConfig::default());
         for i in 0..200 {
             let v = if i % 3 == 0 {
-                Verdict::Clipped { factor: 0.7, weight: 0.1 }
+                Verdict::Clipped {
+                    factor: 0.7,
+                    weight: 0.1,
+                }
             } else {
                 Verdict::Merged { weight: 0.1 }
             };
@@ -152,7 +159,10 @@ mod tests {
     #[test]
     fn hard_clipping_counts_like_rejection() {
         let mut r = Reputation::new(ReputationConfig::default());
-        let v = Verdict::Clipped { factor: 0.2, weight: 0.1 };
+        let v = Verdict::Clipped {
+            factor: 0.2,
+            weight: 0.1,
+        };
         let bans: Vec<_> = (0..3).map(|_| r.observe(A, &v)).collect();
         assert!(bans[2].is_some(), "{bans:?}");
     }
@@ -161,9 +171,15 @@ mod tests {
     fn offences_ban_quickly_and_equivocation_at_once() {
         let mut r = Reputation::new(ReputationConfig::default());
         assert_eq!(r.observe(A, &rejected(RejectReason::NonFinite)), None);
-        assert_eq!(r.observe(A, &rejected(RejectReason::Replay)), Some(BanReason::Offences(2)));
+        assert_eq!(
+            r.observe(A, &rejected(RejectReason::Replay)),
+            Some(BanReason::Offences(2))
+        );
         let b = AuthorId([2; 32]);
-        assert_eq!(r.observe(b, &rejected(RejectReason::Equivocation)), Some(BanReason::Equivocation));
+        assert_eq!(
+            r.observe(b, &rejected(RejectReason::Equivocation)),
+            Some(BanReason::Equivocation)
+        );
     }
 
     #[test]

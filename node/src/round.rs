@@ -296,7 +296,12 @@ mod tests {
     }
 
     fn book() -> RoundBook {
-        RoundBook::new(0, 1, 0.5, AdaptiveWait::new(Duration::from_secs(1), Duration::from_secs(10)))
+        RoundBook::new(
+            0,
+            1,
+            0.5,
+            AdaptiveWait::new(Duration::from_secs(1), Duration::from_secs(10)),
+        )
     }
 
     #[test]
@@ -323,7 +328,10 @@ mod tests {
         assert_eq!(b.should_close(t0 + Duration::from_secs(99), &HashSet::new()), None);
         b.own_ready(t0);
         assert_eq!(b.should_close(t0 + Duration::from_secs(5), &expected), None);
-        assert_eq!(b.should_close(t0 + Duration::from_secs(10), &expected), Some(Close::Deadline));
+        assert_eq!(
+            b.should_close(t0 + Duration::from_secs(10), &expected),
+            Some(Close::Deadline)
+        );
     }
 
     #[test]

@@ -101,7 +101,10 @@ impl RunSpec {
         Self {
             name: format!("{arch}-{}", manifest.name),
             seed: 42,
-            model: ModelSpec { arch, anomaly_class: None },
+            model: ModelSpec {
+                arch,
+                anomaly_class: None,
+            },
             data: DataSpec {
                 dataset: manifest.name.clone(),
                 manifest: manifest.id(),
@@ -197,12 +200,17 @@ impl RunSpec {
         if self.data.replication == 0 {
             return Err("data.replication must be at least 1".into());
         }
-        self.model.arch.task(&self.data.schema).map_err(|e| format!("model.arch: {e}"))?;
+        self.model
+            .arch
+            .task(&self.data.schema)
+            .map_err(|e| format!("model.arch: {e}"))?;
         match (self.model.anomaly_class, self.data.schema.classes()) {
             (Some(_), _) if self.model.arch != Arch::Autoencoder => {
                 return Err("model.anomaly_class is for the autoencoder only".into())
             }
-            (Some(c), Some(k)) if c >= k => return Err(format!("model.anomaly_class {c} is not one of the {k} classes")),
+            (Some(c), Some(k)) if c >= k => {
+                return Err(format!("model.anomaly_class {c} is not one of the {k} classes"))
+            }
             (None, _) if self.model.arch == Arch::Autoencoder => {
                 return Err("the autoencoder needs model.anomaly_class (the class it never trains on)".into())
             }

@@ -68,7 +68,11 @@ impl ShardPlan {
     /// Records per class over the primary blocks.
     pub fn label_histogram(&self, manifest: &Manifest) -> Vec<u64> {
         let mut h = vec![0u64; manifest.schema.classes().unwrap_or(0)];
-        for b in manifest.blocks("train").iter().filter(|b| self.primary.contains(&b.hash)) {
+        for b in manifest
+            .blocks("train")
+            .iter()
+            .filter(|b| self.primary.contains(&b.hash))
+        {
             for (a, x) in h.iter_mut().zip(&b.label_histogram) {
                 *a += x;
             }
@@ -87,7 +91,12 @@ pub struct StoreReader {
 }
 
 impl StoreReader {
-    pub fn new(store: BlockStore, manifest: &Manifest, primary: &[String], missing: mpsc::UnboundedSender<String>) -> Self {
+    pub fn new(
+        store: BlockStore,
+        manifest: &Manifest,
+        primary: &[String],
+        missing: mpsc::UnboundedSender<String>,
+    ) -> Self {
         let blocks = manifest
             .blocks("train")
             .iter()
@@ -135,7 +144,11 @@ pub fn test_set(store: &BlockStore, manifest: &Manifest) -> Result<Records, Node
         manifest.verify_block(b, &bytes)?;
         records.extend_from_slice(&bytes);
     }
-    Ok(Records::new(&format!("{}/test", manifest.name), manifest.schema.clone(), records)?)
+    Ok(Records::new(
+        &format!("{}/test", manifest.name),
+        manifest.schema.clone(),
+        records,
+    )?)
 }
 
 /// What the node fetched for its shard.
@@ -152,11 +165,7 @@ pub struct FetchStats {
 }
 
 /// Orders candidates for a block: its holders first, then everyone else.
-pub fn candidates(
-    hash: &str,
-    plan: Option<&ShardPlan>,
-    members: &BTreeMap<AuthorId, PeerId>,
-) -> VecDeque<PeerId> {
+pub fn candidates(hash: &str, plan: Option<&ShardPlan>, members: &BTreeMap<AuthorId, PeerId>) -> VecDeque<PeerId> {
     let mut out = VecDeque::new();
     if let Some(holders) = plan.and_then(|p| p.placement.holders.get(hash)) {
         for a in holders {

@@ -25,13 +25,20 @@ impl Status {
             if line.starts_with('#') || line.trim().is_empty() {
                 continue;
             }
-            let Some((key, value)) = line.rsplit_once(' ') else { continue };
-            let Ok(value) = value.trim().parse::<f64>() else { continue };
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.trim().parse::<f64>() else {
+                continue;
+            };
             let (name, labels) = match key.split_once('{') {
                 Some((n, l)) => (n, l.trim_end_matches('}')),
                 None => (key, ""),
             };
-            samples.entry(name.to_string()).or_default().push((labels.to_string(), value));
+            samples
+                .entry(name.to_string())
+                .or_default()
+                .push((labels.to_string(), value));
         }
         if !samples.contains_key("meshtrain_round") {
             return Err(NotANode);
@@ -46,7 +53,11 @@ impl Status {
     fn sum_where(&self, name: &str, label: &str) -> f64 {
         self.samples
             .get(name)
-            .map(|v| v.iter().filter(|(l, _)| l.contains(label)).fold(0.0, |acc, (_, x)| acc + x))
+            .map(|v| {
+                v.iter()
+                    .filter(|(l, _)| l.contains(label))
+                    .fold(0.0, |acc, (_, x)| acc + x)
+            })
             .unwrap_or(0.0)
     }
 
@@ -81,8 +92,14 @@ fn mib(bytes: f64) -> String {
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let pct = |x: Option<f64>| x.filter(|v| v.is_finite()).map_or("-".to_string(), |v| format!("{:.2}%", v * 100.0));
-        let num = |x: Option<f64>| x.filter(|v| v.is_finite()).map_or("-".to_string(), |v| format!("{v:.4}"));
+        let pct = |x: Option<f64>| {
+            x.filter(|v| v.is_finite())
+                .map_or("-".to_string(), |v| format!("{:.2}%", v * 100.0))
+        };
+        let num = |x: Option<f64>| {
+            x.filter(|v| v.is_finite())
+                .map_or("-".to_string(), |v| format!("{v:.4}"))
+        };
         writeln!(f, "round         {}", self.value("meshtrain_round").unwrap_or(0.0))?;
         writeln!(
             f,

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use meshtrain_model::{DeltaEncoder, EvalReport, Evaluation, Network, RecordSource, Records, StepStats, TrainConfig, Trainer};
+use meshtrain_model::{
+    DeltaEncoder, EvalReport, Evaluation, Network, RecordSource, Records, StepStats, TrainConfig, Trainer,
+};
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
@@ -34,7 +36,10 @@ pub enum TrainerCmd {
         velocity: Vec<f32>,
     },
     /// Restore the residual and Adam state of a checkpoint.
-    Restore { residual: Vec<f32>, adam: meshtrain_model::AdamState },
+    Restore {
+        residual: Vec<f32>,
+        adam: meshtrain_model::AdamState,
+    },
 }
 
 pub enum TrainerReply {

@@ -28,17 +28,30 @@ impl Board {
         if let Ok(page) = std::fs::read_to_string(&final_page) {
             return Ok(page);
         }
-        let dirs = self.dirs.lock().map_err(|_| "dashboard state poisoned".to_string())?.clone();
+        let dirs = self
+            .dirs
+            .lock()
+            .map_err(|_| "dashboard state poisoned".to_string())?
+            .clone();
         let reports: Vec<Option<NodeReport>> = dirs
             .iter()
-            .map(|d| std::fs::read(d.join("live.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()))
+            .map(|d| {
+                std::fs::read(d.join("live.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+            })
             .collect();
         let mut s = self.template.clone();
         s.nodes_total = dirs.len();
         s.wall_s = self.started.elapsed().as_secs_f64();
         s.rounds = reports.iter().flatten().map(|r| r.rounds_completed).max().unwrap_or(0);
         let latest = |r: &NodeReport| r.history.iter().rev().map(|h| h.test_acc).find(|a| a.is_finite());
-        let honest: Vec<f32> = reports.iter().flatten().filter(|r| r.honest).filter_map(latest).collect();
+        let honest: Vec<f32> = reports
+            .iter()
+            .flatten()
+            .filter(|r| r.honest)
+            .filter_map(latest)
+            .collect();
         if !honest.is_empty() {
             s.honest_mean_acc = honest.iter().sum::<f32>() / honest.len() as f32;
             s.honest_min_acc = honest.iter().cloned().fold(f32::MAX, f32::min);
@@ -72,12 +85,16 @@ pub fn serve(addr: SocketAddr, board: Board) -> std::io::Result<SocketAddr> {
                 "/" | "/index.html" => match board.live_page() {
                     Ok(page) => {
                         let mut r = tiny_http::Response::from_string(page);
-                        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"text/html; charset=utf-8"[..]) {
+                        if let Ok(h) =
+                            tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"text/html; charset=utf-8"[..])
+                        {
                             r.add_header(h);
                         }
                         r
                     }
-                    Err(e) => tiny_http::Response::from_string(format!("cannot build the page: {e}\n")).with_status_code(500),
+                    Err(e) => {
+                        tiny_http::Response::from_string(format!("cannot build the page: {e}\n")).with_status_code(500)
+                    }
                 },
                 _ => tiny_http::Response::from_string("not found: try /\n").with_status_code(404),
             };

@@ -13,7 +13,10 @@ use crate::report::{NodeReport, Summary};
 const ATTACKER: RGBColor = RGBColor(214, 39, 40);
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn node_label(i: usize, r: &NodeReport) -> String {
@@ -24,7 +27,12 @@ fn node_label(i: usize, r: &NodeReport) -> String {
 }
 
 /// A per-round curve for every node; attackers drawn in red.
-fn curves(reports: &[Option<NodeReport>], title: &str, y: &str, value: impl Fn(&crate::report::RoundRecord) -> f32) -> Lines {
+fn curves(
+    reports: &[Option<NodeReport>],
+    title: &str,
+    y: &str,
+    value: impl Fn(&crate::report::RoundRecord) -> f32,
+) -> Lines {
     let series = reports
         .iter()
         .enumerate()
@@ -64,7 +72,9 @@ fn mesh_svg(reports: &[Option<NodeReport>]) -> String {
         .enumerate()
         .filter_map(|(i, r)| r.as_ref().map(|r| (r.author.as_str(), i)))
         .collect();
-    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" class="mesh">"#);
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" class="mesh">"#
+    );
     let mut edges = std::collections::BTreeSet::new();
     for (i, r) in reports.iter().enumerate() {
         for p in r.iter().flat_map(|r| &r.peers_seen) {
@@ -121,7 +131,10 @@ fn plots(reports: &[Option<NodeReport>]) -> Plots {
     let bytes = Bars {
         title: "MiB sent per node".into(),
         labels: (0..reports.len()).map(|i| i.to_string()).collect(),
-        values: reports.iter().map(|r| r.as_ref().map_or(0.0, |r| r.bytes_sent as f64 / 1048576.0)).collect(),
+        values: reports
+            .iter()
+            .map(|r| r.as_ref().map_or(0.0, |r| r.bytes_sent as f64 / 1048576.0))
+            .collect(),
     };
     // Rejections summed over the honest nodes that made them.
     let short: BTreeMap<String, String> = reports
@@ -133,7 +146,9 @@ fn plots(reports: &[Option<NodeReport>]) -> Plots {
     let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
     for r in reports.iter().flatten().filter(|r| r.honest) {
         for (a, n) in &r.rejected_by_author {
-            *by_author.entry(short.get(a).cloned().unwrap_or_else(|| a.chars().take(8).collect())).or_default() += n;
+            *by_author
+                .entry(short.get(a).cloned().unwrap_or_else(|| a.chars().take(8).collect()))
+                .or_default() += n;
         }
         for (why, n) in &r.rejected_by_reason {
             *by_reason.entry(why.clone()).or_default() += n;
@@ -163,12 +178,21 @@ fn plots(reports: &[Option<NodeReport>]) -> Plots {
 /// heat map with per-class scores for classifiers, the operating point for
 /// the autoencoder, nats per character for language models.
 fn final_eval_html(reports: &[Option<NodeReport>]) -> String {
-    let Some((r, eval)) = reports.iter().flatten().filter(|r| r.honest).find_map(|r| Some((r, r.final_eval.as_ref()?))) else {
+    let Some((r, eval)) = reports
+        .iter()
+        .flatten()
+        .filter(|r| r.honest)
+        .find_map(|r| Some((r, r.final_eval.as_ref()?)))
+    else {
         return String::new();
     };
     let mut html = String::from(r#"<h2>Final evaluation (held-out split)</h2><div id="final-eval">"#);
     if let Some(p) = r.final_task.perplexity {
-        let _ = write!(html, "<p>{:.4} nats per character, perplexity {p:.2}.</p>", r.final_test_loss);
+        let _ = write!(
+            html,
+            "<p>{:.4} nats per character, perplexity {p:.2}.</p>",
+            r.final_test_loss
+        );
     }
     if let Some(d) = eval.get("detection").filter(|d| !d.is_null()) {
         let f = |k: &str| d.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
@@ -186,7 +210,11 @@ fn final_eval_html(reports: &[Option<NodeReport>]) -> String {
         .pointer("/confusion/matrix")
         .and_then(|m| serde_json::from_value(m.clone()).ok())
         .unwrap_or_default();
-    let scores = eval.get("per_class").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    let scores = eval
+        .get("per_class")
+        .and_then(|v| v.as_array())
+        .cloned()
+        .unwrap_or_default();
     if !matrix.is_empty() {
         html.push_str(r#"<table id="confusion"><tr><th>true \ predicted</th>"#);
         for c in 0..matrix.len() {
@@ -201,8 +229,20 @@ fn final_eval_html(reports: &[Option<NodeReport>]) -> String {
                 let alpha = n as f64 / total;
                 let _ = write!(html, r#"<td style="background:rgba(31,119,180,{alpha:.2})">{n}</td>"#);
             }
-            let s = |k: &str| scores.get(t).and_then(|v| v.get(k)).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-            let _ = write!(html, "<td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>", s("precision"), s("recall"), s("f1"));
+            let s = |k: &str| {
+                scores
+                    .get(t)
+                    .and_then(|v| v.get(k))
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(f64::NAN)
+            };
+            let _ = write!(
+                html,
+                "<td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>",
+                s("precision"),
+                s("recall"),
+                s("f1")
+            );
         }
         html.push_str("</table>");
     }
@@ -218,7 +258,10 @@ pub fn write_report(out: &Path, summary: &Summary, reports: &[Option<NodeReport>
     lines_png(&dir.join("accuracy.png"), &p.accuracy)?;
     lines_png(&dir.join("loss.png"), &p.loss)?;
     bars_png(&dir.join("bytes.png"), std::slice::from_ref(&p.bytes))?;
-    bars_png(&dir.join("rejected.png"), &[p.rejected_author.clone(), p.rejected_reason.clone()])?;
+    bars_png(
+        &dir.join("rejected.png"),
+        &[p.rejected_author.clone(), p.rejected_reason.clone()],
+    )?;
     let html = render(summary, reports, None)?;
     let path = out.join("report.html");
     std::fs::write(&path, html).map_err(|e| format!("{}: {e}", path.display()))
@@ -234,7 +277,9 @@ pub fn render(summary: &Summary, reports: &[Option<NodeReport>], live: Option<u3
         rejected_author,
         rejected_reason,
     } = plots(reports);
-    let refresh = live.map_or(String::new(), |s| format!(r#"<meta http-equiv="refresh" content="{s}">"#));
+    let refresh = live.map_or(String::new(), |s| {
+        format!(r#"<meta http-equiv="refresh" content="{s}">"#)
+    });
     let mut html = String::new();
     let _ = write!(
         html,
@@ -265,7 +310,9 @@ Audit failures: <b>{}</b>. Restarts: {}. Records lost across kills: {}.</p>"#,
     html.push_str(&final_eval_html(reports));
     html.push_str(r#"<h2>Network</h2><figure id="bytes">"#);
     html.push_str(&bars_svg(&bytes)?);
-    html.push_str(r#"</figure><figure id="mesh"><figcaption>Mesh: who connected to whom (red: attackers)</figcaption>"#);
+    html.push_str(
+        r#"</figure><figure id="mesh"><figcaption>Mesh: who connected to whom (red: attackers)</figcaption>"#,
+    );
     html.push_str(&mesh_svg(reports));
     html.push_str(r#"</figure><h2>Poisoning defences</h2><figure id="rejected-author">"#);
     html.push_str(&bars_svg(&rejected_author)?);

@@ -126,15 +126,28 @@ fn dataset_store(opts: &TestnetOptions) -> Result<PathBuf, TestnetError> {
     }
     let sorted = opts.partition.starts_with("dirichlet");
     let store = opts.out.join(if sorted { "dataset-sorted" } else { "dataset" });
-    if store.join("manifests").read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
+    if store
+        .join("manifests")
+        .read_dir()
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+    {
         return Ok(store);
     }
     let mut cmd = Command::new(&opts.binary);
-    cmd.args(["data", "import", "--format", "idx", FASHION_MNIST_IDX, "--name", "fashion-mnist"])
-        .arg("--out")
-        .arg(&store)
-        // Small blocks, so that a handful of nodes has blocks to spread.
-        .args(["--block-size", if sorted { "131072" } else { "1048576" }]);
+    cmd.args([
+        "data",
+        "import",
+        "--format",
+        "idx",
+        FASHION_MNIST_IDX,
+        "--name",
+        "fashion-mnist",
+    ])
+    .arg("--out")
+    .arg(&store)
+    // Small blocks, so that a handful of nodes has blocks to spread.
+    .args(["--block-size", if sorted { "131072" } else { "1048576" }]);
     if sorted {
         cmd.arg("--sort-by-label");
     }
@@ -306,7 +319,9 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
             },
             started,
             dirs: std::sync::Arc::new(std::sync::Mutex::new(
-                (0..opts.nodes + opts.late_join).map(|i| opts.out.join(format!("node-{i}"))).collect(),
+                (0..opts.nodes + opts.late_join)
+                    .map(|i| opts.out.join(format!("node-{i}")))
+                    .collect(),
             )),
         };
         dashboard::serve(addr, board).map_err(|e| TestnetError::Io {
@@ -337,7 +352,10 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
 
     let rounds = std::fs::read_to_string(&spec)
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("count = ").and_then(|v| v.trim().parse::<u64>().ok())))
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("count = ").and_then(|v| v.trim().parse::<u64>().ok()))
+        })
         .unwrap_or(u64::MAX);
     let mut restarts = 0u64;
     let mut killed_heads: Vec<(AuthorId, Seq, RecordHash)> = Vec::new();
@@ -385,7 +403,11 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
                 next_kill = Some(Instant::now() + Duration::from_secs(every));
             }
         }
-        let due: Vec<usize> = down.iter().filter(|(_, t)| Instant::now() >= *t).map(|(i, _)| *i).collect();
+        let due: Vec<usize> = down
+            .iter()
+            .filter(|(_, t)| Instant::now() >= *t)
+            .map(|(i, _)| *i)
+            .collect();
         for i in due {
             down.retain(|(j, _)| *j != i);
             let boots = live_addrs(&nodes, i);
@@ -444,7 +466,11 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
         bar.set_position(mesh_round(&nodes));
         bar.set_message(format!("{running} nodes running"));
         if bar.is_hidden() && last_note.elapsed() > Duration::from_secs(30) {
-            info!(running, elapsed_s = started.elapsed().as_secs(), "testnet still running");
+            info!(
+                running,
+                elapsed_s = started.elapsed().as_secs(),
+                "testnet still running"
+            );
             last_note = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -452,7 +478,11 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
 
     let mut summary = summarise(opts, &nodes, started.elapsed())?;
     summary.restarts = restarts;
-    let finished: Vec<&Path> = nodes.iter().filter(|n| n.status.is_some_and(|s| s.success())).map(|n| n.dir.as_path()).collect();
+    let finished: Vec<&Path> = nodes
+        .iter()
+        .filter(|n| n.status.is_some_and(|s| s.success()))
+        .map(|n| n.dir.as_path())
+        .collect();
     for (author, seq, hash) in &killed_heads {
         for dir in &finished {
             summary.killed_heads_checked += 1;
@@ -530,7 +560,10 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
     let authors: BTreeMap<usize, (String, u64, bool)> = reports
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| r.as_ref().map(|r| (i, (r.author.clone(), r.updates_published, r.honest))))
+        .filter_map(|(i, r)| {
+            r.as_ref()
+                .map(|r| (i, (r.author.clone(), r.updates_published, r.honest)))
+        })
         .collect();
     let mut complete = true;
     let (mut mal_seen, mut mal_hit, mut hon_seen, mut hon_rejected) = (0u64, 0u64, 0u64, 0u64);
@@ -545,7 +578,10 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         .zip(&audits)
         .filter_map(|(r, a)| {
             let r = r.as_ref()?;
-            Some((r.author.clone(), a.as_ref()?.chain_lengths.get(&r.author).copied().unwrap_or(0)))
+            Some((
+                r.author.clone(),
+                a.as_ref()?.chain_lengths.get(&r.author).copied().unwrap_or(0),
+            ))
         })
         .collect();
     for ((n, report), audit) in nodes.iter().zip(&reports).zip(audits) {
@@ -633,7 +669,11 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         summary.honest_mean_loss = honest.iter().map(|n| n.final_test_loss).sum::<f32>() / honest.len() as f32;
         summary.honest_mean_task = report::TaskFigures::mean(honest.iter().map(|n| &n.final_task));
     }
-    summary.bytes_per_update_mean = if payload_n > 0 { payload_sum / payload_n as f64 } else { 0.0 };
+    summary.bytes_per_update_mean = if payload_n > 0 {
+        payload_sum / payload_n as f64
+    } else {
+        0.0
+    };
     summary.compression_ratio = if summary.bytes_per_update_mean > 0.0 {
         4.0 * summary.param_count as f64 / summary.bytes_per_update_mean
     } else {
@@ -672,7 +712,9 @@ fn own_head(dir: &Path) -> Option<(AuthorId, Seq, RecordHash)> {
 
 /// Whether DIR's ledger holds AUTHOR's record at SEQ with this hash.
 fn holds_record(dir: &Path, author: &AuthorId, seq: Seq, hash: &RecordHash) -> bool {
-    let Ok(ledger) = Ledger::open_read_only(&dir.join("ledger")) else { return false };
+    let Ok(ledger) = Ledger::open_read_only(&dir.join("ledger")) else {
+        return false;
+    };
     matches!(ledger.record(author, seq), Ok(Some(r)) if r.hash() == *hash)
 }
 
@@ -692,7 +734,11 @@ fn catch_up_rounds(reports: &[Option<NodeReport>]) -> Option<u64> {
             .history
             .iter()
             .filter(|h| h.round >= joined && h.test_acc.is_finite())
-            .find(|h| acc_at.get(&h.round).is_some_and(|a| !a.is_finite() || (a - h.test_acc).abs() <= 0.01))
+            .find(|h| {
+                acc_at
+                    .get(&h.round)
+                    .is_some_and(|a| !a.is_finite() || (a - h.test_acc).abs() <= 0.01)
+            })
             .map(|h| h.round - joined)
             .unwrap_or_else(|| r.history.last().map_or(0, |h| h.round.saturating_sub(joined)));
         worst = Some(worst.map_or(caught, |w: u64| w.max(caught)));
@@ -703,7 +749,12 @@ fn catch_up_rounds(reports: &[Option<NodeReport>]) -> Option<u64> {
 /// Equivocation proofs that honest ledgers hold against honest authors (a
 /// restarted node that signed twice at one seq would show up here).
 fn audits_proofs(opts: &TestnetOptions, nodes: &[Running], reports: &[Option<NodeReport>]) -> u64 {
-    let honest: Vec<&str> = reports.iter().flatten().filter(|r| r.honest).map(|r| r.author.as_str()).collect();
+    let honest: Vec<&str> = reports
+        .iter()
+        .flatten()
+        .filter(|r| r.honest)
+        .map(|r| r.author.as_str())
+        .collect();
     let mut n = 0;
     for node in nodes.iter().filter(|n| n.attack.is_none()) {
         let out = Command::new(&opts.binary)
@@ -712,7 +763,10 @@ fn audits_proofs(opts: &TestnetOptions, nodes: &[Running], reports: &[Option<Nod
             .stderr(Stdio::null())
             .output();
         if let Ok(out) = out {
-            for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("\"type\":\"proof\"")) {
+            for line in String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("\"type\":\"proof\""))
+            {
                 if honest.iter().any(|a| line.contains(a)) {
                     n += 1;
                 }

@@ -238,9 +238,15 @@ pub fn markdown(rows: &[MatrixRow]) -> String {
             r.compression_ratio,
             r.ratio_vs_dense_every_step,
             r.bytes_sent_per_node / 1048576.0,
-            r.malicious_rejected_or_clipped_share.map(pct).unwrap_or_else(|| "-".into()),
+            r.malicious_rejected_or_clipped_share
+                .map(pct)
+                .unwrap_or_else(|| "-".into()),
             pct(r.honest_rejected_share),
-            if r.audit_failures == 0 { "clean".to_string() } else { format!("{} failed", r.audit_failures) },
+            if r.audit_failures == 0 {
+                "clean".to_string()
+            } else {
+                format!("{} failed", r.audit_failures)
+            },
         );
     }
     out

@@ -78,7 +78,11 @@ fn draw_bars<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>,
 }
 
 fn draw_lines<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, l: &Lines) -> Result<(), String> {
-    let pts = l.series.iter().flat_map(|(_, p, _)| p.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
+    let pts = l
+        .series
+        .iter()
+        .flat_map(|(_, p, _)| p.iter())
+        .filter(|(x, y)| x.is_finite() && y.is_finite());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
     for (x, y) in pts {
         x0 = x0.min(*x);
@@ -217,6 +221,10 @@ mod tests {
             series: vec![("a".into(), vec![(0.0, 0.1), (1.0, 0.5), (2.0, f64::NAN)], palette(0))],
         };
         let svg = lines_svg(&lines).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{}", &svg[..100.min(svg.len())]);
+        assert!(
+            svg.starts_with("<svg") && svg.contains("polyline"),
+            "{}",
+            &svg[..100.min(svg.len())]
+        );
     }
 }

@@ -20,7 +20,11 @@ pub fn meshtrain_bin() -> PathBuf {
         .and_then(Path::parent)
         .map(|d| d.join("meshtrain"))
         .expect("target dir");
-    assert!(bin.exists(), "{} is missing: run scripts/setup.sh --tests first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/setup.sh --tests first",
+        bin.display()
+    );
     bin
 }
 
@@ -35,7 +39,11 @@ pub fn import(dir: &Path, args: &[&str]) -> PathBuf {
         .arg(&store)
         .output()
         .expect("run meshtrain data import");
-    assert!(out.status.success(), "data import failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "data import failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     store
 }
 
@@ -43,7 +51,15 @@ pub fn import(dir: &Path, args: &[&str]) -> PathBuf {
 pub fn import_fashion_mnist(dir: &Path) -> PathBuf {
     import(
         dir,
-        &["--format", "idx", "/usr/share/datasets/fashion-mnist", "--name", "fashion-mnist", "--block-size", "1048576"],
+        &[
+            "--format",
+            "idx",
+            "/usr/share/datasets/fashion-mnist",
+            "--name",
+            "fashion-mnist",
+            "--block-size",
+            "1048576",
+        ],
     )
 }
 
@@ -59,7 +75,11 @@ pub fn spec_for(dir: &Path, store: &Path, args: &[&str]) -> PathBuf {
         .arg(&path)
         .output()
         .expect("run meshtrain spec new");
-    assert!(out.status.success(), "spec new failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "spec new failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     path
 }
 
@@ -156,8 +176,8 @@ pub fn wait_all(nodes: &mut [NodeProc], within: Duration) -> Vec<ExitStatus> {
 }
 
 pub fn results(dir: &Path) -> NodeReport {
-    let bytes = std::fs::read(dir.join("results.json"))
-        .unwrap_or_else(|e| panic!("{}: {e}\n{}", dir.display(), log_tail(dir)));
+    let bytes =
+        std::fs::read(dir.join("results.json")).unwrap_or_else(|e| panic!("{}: {e}\n{}", dir.display(), log_tail(dir)));
     serde_json::from_slice(&bytes).expect("results.json parses")
 }
 
@@ -186,7 +206,11 @@ pub fn progress_round(dir: &Path) -> u64 {
 pub fn wait_round(dir: &Path, round: u64) {
     let start = Instant::now();
     while progress_round(dir) < round {
-        assert!(start.elapsed() < Duration::from_secs(180), "never reached round {round}:\n{}", log_tail(dir));
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "never reached round {round}:\n{}",
+            log_tail(dir)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

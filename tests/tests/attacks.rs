@@ -18,7 +18,12 @@ fn sign_flip_and_equivocating_attackers_are_banned() {
     let mut nodes = Vec::new();
     let mut boot = None;
     for (i, role) in roles.iter().enumerate() {
-        let mut args = vec!["--wait-peers".to_string(), (n - 1).to_string(), "--drain-s".into(), "20".into()];
+        let mut args = vec![
+            "--wait-peers".to_string(),
+            (n - 1).to_string(),
+            "--drain-s".into(),
+            "20".into(),
+        ];
         if let Some(a) = role {
             args.extend(["--attack".to_string(), a.to_string()]);
         }
@@ -54,7 +59,11 @@ fn sign_flip_and_equivocating_attackers_are_banned() {
         let hit = r.clipped_by_author.get(&flipper).copied().unwrap_or(0)
             + r.rejected_by_author.get(&flipper).copied().unwrap_or(0);
         assert!(hit >= 1, "node {i} never clipped the sign-flipper");
-        assert_eq!(r.merged_by_author.get(&flipper).copied().unwrap_or(0), 0, "node {i} merged a sign-flipped update at full weight");
+        assert_eq!(
+            r.merged_by_author.get(&flipper).copied().unwrap_or(0),
+            0,
+            "node {i} merged a sign-flipped update at full weight"
+        );
         for honest in reports.iter().take(3) {
             assert!(!r.banned.contains(&honest.author), "node {i} banned an honest node");
         }
@@ -62,6 +71,10 @@ fn sign_flip_and_equivocating_attackers_are_banned() {
         let (a, status) = audit(&nodes[i].dir);
         assert!(status.success() && a.ok, "node {i} audit: {:?}", a.problems);
         assert!(a.proofs >= 1, "node {i} keeps the equivocation proof");
-        assert!(a.rejected >= 2, "node {i} verdict chain records {} rejections", a.rejected);
+        assert!(
+            a.rejected >= 2,
+            "node {i} verdict chain records {} rejections",
+            a.rejected
+        );
     }
 }

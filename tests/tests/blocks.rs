@@ -19,7 +19,12 @@ fn shards_are_fetched_repaired_and_re_replicated() {
     let (spec, store) = spec_new(tmp.path(), &["--rounds", &ROUNDS.to_string(), "--replication", "3"]);
     let manifest_dir = store.join("manifests");
     let train_blocks: usize = {
-        let m = std::fs::read_dir(&manifest_dir).expect("manifests").next().expect("one").expect("entry").path();
+        let m = std::fs::read_dir(&manifest_dir)
+            .expect("manifests")
+            .next()
+            .expect("one")
+            .expect("entry")
+            .path();
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(m).expect("manifest")).expect("json");
         v["splits"]["train"].as_array().expect("train").len()
     };
@@ -42,10 +47,22 @@ fn shards_are_fetched_repaired_and_re_replicated() {
 
     let store_arg = store.to_str().expect("utf-8");
     let args = ["--wait-peers", "3", "--drain-s", "20"];
-    let mut nodes = vec![spawn_node(&tmp.path().join("node-0"), &spec, "0/4", None, &[&args[..], &["--data", store_arg]].concat())];
+    let mut nodes = vec![spawn_node(
+        &tmp.path().join("node-0"),
+        &spec,
+        "0/4",
+        None,
+        &[&args[..], &["--data", store_arg]].concat(),
+    )];
     let boot = wait_listen(&mut nodes[0], Duration::from_secs(120)).addr;
     for i in 1..4 {
-        nodes.push(spawn_node(&tmp.path().join(format!("node-{i}")), &spec, &format!("{i}/4"), Some(&boot), &args));
+        nodes.push(spawn_node(
+            &tmp.path().join(format!("node-{i}")),
+            &spec,
+            &format!("{i}/4"),
+            Some(&boot),
+            &args,
+        ));
     }
 
     // Kill node 3 a few rounds in: its blocks must be re-replicated.
@@ -60,20 +77,34 @@ fn shards_are_fetched_repaired_and_re_replicated() {
 
     let statuses = wait_all(&mut nodes, Duration::from_secs(600));
     for (i, s) in statuses.iter().enumerate() {
-        assert!(s.success(), "node {i} failed:\n{}", meshtrain_tests::log_tail(&nodes[i].dir));
+        assert!(
+            s.success(),
+            "node {i} failed:\n{}",
+            meshtrain_tests::log_tail(&nodes[i].dir)
+        );
     }
     let reports: Vec<_> = nodes.iter().map(|n| results(&n.dir)).collect();
     assert_eq!(reports[0].blocks_fetched, 0, "the seed fetches nothing");
-    assert!(reports[2].blocks_fetched > 0 && reports[2].data_fetch_ms.is_some(), "node 2 pulled its shard from peers");
+    assert!(
+        reports[2].blocks_fetched > 0 && reports[2].data_fetch_ms.is_some(),
+        "node 2 pulled its shard from peers"
+    );
     for (i, r) in reports.iter().enumerate() {
         assert_eq!(r.rounds_completed, ROUNDS, "node {i}");
         // Three survivors with replication 3: each now holds every block.
-        assert_eq!(r.held_blocks as usize, train_blocks, "node {i} holds {} of {train_blocks} blocks", r.held_blocks);
+        assert_eq!(
+            r.held_blocks as usize, train_blocks,
+            "node {i} holds {} of {train_blocks} blocks",
+            r.held_blocks
+        );
         assert!(r.final_test_acc > 0.6, "node {i} accuracy {}", r.final_test_acc);
     }
     // Node 1 noticed its corrupted block and replaced it with a good copy.
     let log = std::fs::read_to_string(nodes[1].dir.join("node.log")).expect("log");
-    assert!(log.contains("corrupted block on disk"), "node 1 did not notice the corrupted block");
+    assert!(
+        log.contains("corrupted block on disk"),
+        "node 1 did not notice the corrupted block"
+    );
     let name = victim.file_stem().and_then(|n| n.to_str()).expect("hash");
     let repaired = std::fs::read(&victim).expect("the block is back");
     assert_eq!(meshtrain_model::blocks::block_hash(&repaired), name);

@@ -21,18 +21,34 @@ fn config_file_environment_and_flags_in_that_order() {
         .output()
         .expect("data inspect");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(std::fs::metadata(&plot).map(|m| m.len() > 1000).unwrap_or(false), "no plot written");
-    let spec = spec_for(tmp.path(), &store, &["--rounds", "3", "--local-steps", "5", "--nodes", "1"]);
+    assert!(
+        std::fs::metadata(&plot).map(|m| m.len() > 1000).unwrap_or(false),
+        "no plot written"
+    );
+    let spec = spec_for(
+        tmp.path(),
+        &store,
+        &["--rounds", "3", "--local-steps", "5", "--nodes", "1"],
+    );
 
-    let defaults = Command::new(meshtrain_bin()).args(["config", "default"]).output().expect("config default");
+    let defaults = Command::new(meshtrain_bin())
+        .args(["config", "default"])
+        .output()
+        .expect("config default");
     assert!(defaults.status.success());
     let node_dir = tmp.path().join("node");
     let text = String::from_utf8(defaults.stdout)
         .expect("utf-8")
-        .replace("# data_dir =", &format!("data_dir = {:?}", node_dir.display().to_string()))
+        .replace(
+            "# data_dir =",
+            &format!("data_dir = {:?}", node_dir.display().to_string()),
+        )
         .replace("# run =", &format!("run = {:?}", spec.display().to_string()))
         .replace("# data =", &format!("data = {:?}", store.display().to_string()))
-        .replace("listen = [\"/ip4/0.0.0.0/tcp/0\"]", "listen = [\"/ip4/127.0.0.1/tcp/0\"]")
+        .replace(
+            "listen = [\"/ip4/0.0.0.0/tcp/0\"]",
+            "listen = [\"/ip4/127.0.0.1/tcp/0\"]",
+        )
         .replace("drain_s = 30", "drain_s = 0")
         .replace("checkpoint_every = 5", "checkpoint_every = 0")
         // Only the flag below makes this run possible.
@@ -47,9 +63,16 @@ fn config_file_environment_and_flags_in_that_order() {
         .env("MESHTRAIN_CHECKPOINT_EVERY", "1")
         .output()
         .expect("node run --config");
-    assert!(out.status.success(), "node run --config failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "node run --config failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(node_dir.join("results.json").exists(), "the file's data_dir was used");
-    assert!(node_dir.join("checkpoint.safetensors").exists(), "the environment overrode checkpoint_every = 0");
+    assert!(
+        node_dir.join("checkpoint.safetensors").exists(),
+        "the environment overrode checkpoint_every = 0"
+    );
 
     std::fs::write(&config, format!("{text}\nbogus_key = 1\n")).expect("write config");
     let out = Command::new(meshtrain_bin())

@@ -9,7 +9,17 @@ use meshtrain_tests::meshtrain_bin;
 #[test]
 fn meshes_grown_from_one_bootstrap_address_never_split() {
     let out = Command::new(meshtrain_bin())
-        .args(["bench", "discovery", "--trials", "10", "--nodes", "6", "--limit-s", "30", "--json"])
+        .args([
+            "bench",
+            "discovery",
+            "--trials",
+            "10",
+            "--nodes",
+            "6",
+            "--limit-s",
+            "30",
+            "--json",
+        ])
         .output()
         .expect("run meshtrain bench discovery");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)

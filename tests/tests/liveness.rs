@@ -33,7 +33,11 @@ fn survivors_finish_without_waiting_for_a_killed_peer() {
     let statuses = wait_all(&mut nodes, Duration::from_secs(300));
     let max_wait_ms = 30_000;
     for (i, s) in statuses.iter().enumerate() {
-        assert!(s.success(), "node {i} failed:\n{}", meshtrain_tests::log_tail(&nodes[i].dir));
+        assert!(
+            s.success(),
+            "node {i} failed:\n{}",
+            meshtrain_tests::log_tail(&nodes[i].dir)
+        );
         let r = results(&nodes[i].dir);
         assert_eq!(r.rounds_completed, ROUNDS, "node {i} finished every round");
         for round in &r.history {
@@ -51,5 +55,10 @@ fn survivors_finish_without_waiting_for_a_killed_peer() {
     // may get the victim's last payload a round later than the other.)
     let a = results(&nodes[0].dir);
     let b = results(&nodes[1].dir);
-    assert!((a.final_test_acc - b.final_test_acc).abs() < 0.01, "{} vs {}", a.final_test_acc, b.final_test_acc);
+    assert!(
+        (a.final_test_acc - b.final_test_acc).abs() < 0.01,
+        "{} vs {}",
+        a.final_test_acc,
+        b.final_test_acc
+    );
 }

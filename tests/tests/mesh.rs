@@ -7,10 +7,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use meshtrain_gossip::libp2p::{gossipsub, identity, swarm::SwarmEvent, Multiaddr};
-use meshtrain_gossip::{build_swarm, run_topic, GossipMessage, MeshConfig, MeshBehaviourEvent};
-use meshtrain_ledger::{
-    AuthorKey, PayloadHash, RecordHash, RunId, Seq, UpdateRecord, WeightsHash, RECORD_VERSION,
-};
+use meshtrain_gossip::{build_swarm, run_topic, GossipMessage, MeshBehaviourEvent, MeshConfig};
+use meshtrain_ledger::{AuthorKey, PayloadHash, RecordHash, RunId, Seq, UpdateRecord, WeightsHash, RECORD_VERSION};
 use meshtrain_tests::{audit, meshtrain_bin, results, spawn_node, spec_new, wait_all, wait_listen};
 
 const ROUNDS: u64 = 8;
@@ -109,10 +107,31 @@ fn three_nodes_train_audit_and_reject_bad_input() {
     forged.signature.0[10] ^= 0x55;
     let wrong_run = record(&forger, RunId([9; 32])).sign(&forger);
     let messages = vec![
-        (GossipMessage::Update { record: forged.to_bytes(), payload: None }.to_bytes(), false),
+        (
+            GossipMessage::Update {
+                record: forged.to_bytes(),
+                payload: None,
+            }
+            .to_bytes(),
+            false,
+        ),
         (vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3], false),
-        (GossipMessage::Update { record: wrong_run.to_bytes(), payload: None }.to_bytes(), false),
-        (GossipMessage::Update { record: vec![0; 100_000], payload: None }.to_bytes(), true),
+        (
+            GossipMessage::Update {
+                record: wrong_run.to_bytes(),
+                payload: None,
+            }
+            .to_bytes(),
+            false,
+        ),
+        (
+            GossipMessage::Update {
+                record: vec![0; 100_000],
+                payload: None,
+            }
+            .to_bytes(),
+            true,
+        ),
     ];
     rt.block_on(async {
         for (data, big) in messages {
@@ -122,14 +141,25 @@ fn three_nodes_train_audit_and_reject_bad_input() {
 
     let statuses = wait_all(&mut nodes, Duration::from_secs(600));
     for (i, s) in statuses.iter().enumerate() {
-        assert!(s.success(), "node {i} failed ({s}):\n{}", meshtrain_tests::log_tail(&nodes[i].dir));
+        assert!(
+            s.success(),
+            "node {i} failed ({s}):\n{}",
+            meshtrain_tests::log_tail(&nodes[i].dir)
+        );
     }
 
     let reports: Vec<_> = nodes.iter().map(|n| results(&n.dir)).collect();
     for (i, r) in reports.iter().enumerate() {
         assert_eq!(r.rounds_completed, ROUNDS, "node {i} rounds");
-        assert!(r.final_test_acc > 0.6, "node {i} accuracy {} is not well above chance", r.final_test_acc);
-        assert!(r.bytes_sent > 0 && r.bytes_received > 0, "libp2p byte counters are live");
+        assert!(
+            r.final_test_acc > 0.6,
+            "node {i} accuracy {} is not well above chance",
+            r.final_test_acc
+        );
+        assert!(
+            r.bytes_sent > 0 && r.bytes_received > 0,
+            "libp2p byte counters are live"
+        );
     }
     let r0 = &reports[0];
     for reason in ["bad-signature", "malformed", "wrong-run"] {
@@ -147,7 +177,11 @@ fn three_nodes_train_audit_and_reject_bad_input() {
         assert!(status.success() && report.ok, "node {i} audit: {:?}", report.problems);
         assert_eq!(report.verdict_blocks, ROUNDS, "node {i} verdict chain");
         for a in &authors {
-            assert_eq!(report.chain_lengths.get(*a).copied(), Some(ROUNDS), "node {i} chain of {a}");
+            assert_eq!(
+                report.chain_lengths.get(*a).copied(),
+                Some(ROUNDS),
+                "node {i} chain of {a}"
+            );
         }
     }
     let dirs: Vec<_> = nodes.iter().map(|n| n.dir.clone()).collect();
@@ -173,11 +207,17 @@ fn check_auditor_commands(dirs: &[std::path::PathBuf]) {
         assert_eq!(v["blocks"], ROUNDS);
     }
     let (v, status) = ledger_cmd(&[&dirs[2]], "replay", true);
-    assert!(!status.success() && v["ok"] == false, "pruned payloads must fail the replay: {v}");
+    assert!(
+        !status.success() && v["ok"] == false,
+        "pruned payloads must fail the replay: {v}"
+    );
     assert!(v["problem"].as_str().unwrap_or("").contains("not retained"), "{v}");
 
     let (v, status) = ledger_cmd(&[&dirs[0], &dirs[1]], "compare", false);
-    assert!(status.success() && v["ok"] == true && v["shared_authors"] == 3, "compare: {v}");
+    assert!(
+        status.success() && v["ok"] == true && v["shared_authors"] == 3,
+        "compare: {v}"
+    );
 
     let out = std::process::Command::new(meshtrain_bin())
         .args(["ledger", "export"])

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshtrain_tests::{
-    ledger_compare, meshtrain_bin, progress_round, results, spawn_node, spec_new, wait_all_clean, wait_listen, wait_round,
+    ledger_compare, meshtrain_bin, progress_round, results, spawn_node, spec_new, wait_all_clean, wait_listen,
+    wait_round,
 };
 
 const ROUNDS: u64 = 40;
@@ -21,7 +22,10 @@ fn halves_converge_after_a_partition_heals() {
     let (spec, store) = spec_new(tmp.path(), &["--rounds", &ROUNDS.to_string(), "--local-steps", "50"]);
     let deny = |i: usize| tmp.path().join(format!("deny-{i}.txt"));
     let args = |i: usize| -> Vec<String> {
-        let mut a: Vec<String> = ["--wait-peers", "3", "--drain-s", "20"].iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> = ["--wait-peers", "3", "--drain-s", "20"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         a.extend(["--deny-peers".to_string(), deny(i).to_string_lossy().into_owned()]);
         if i == 0 {
             a.extend(["--data".to_string(), store.to_string_lossy().into_owned()]);
@@ -32,7 +36,13 @@ fn halves_converge_after_a_partition_heals() {
     let spawn = |i: usize, boot: Option<&str>| {
         let a = args(i);
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        spawn_node(&tmp.path().join(format!("node-{i}")), &spec, &format!("{i}/4"), boot, &a)
+        spawn_node(
+            &tmp.path().join(format!("node-{i}")),
+            &spec,
+            &format!("{i}/4"),
+            boot,
+            &a,
+        )
     };
     let mut nodes = vec![spawn(0, None)];
     let boot = wait_listen(&mut nodes[0], Duration::from_secs(120));
@@ -52,12 +62,26 @@ fn halves_converge_after_a_partition_heals() {
 
     // An operator's view of node 0 meanwhile: `node status` on its metrics.
     let listen: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(nodes[0].dir.join("listen.json")).expect("listen.json")).expect("json");
-    let url = listen["metrics"].as_str().expect("listen.json names the metrics URL").to_string();
-    let status = Command::new(meshtrain_bin()).args(["node", "status", "--metrics", &url]).output().expect("node status");
+        serde_json::from_str(&std::fs::read_to_string(nodes[0].dir.join("listen.json")).expect("listen.json"))
+            .expect("json");
+    let url = listen["metrics"]
+        .as_str()
+        .expect("listen.json names the metrics URL")
+        .to_string();
+    let status = Command::new(meshtrain_bin())
+        .args(["node", "status", "--metrics", &url])
+        .output()
+        .expect("node status");
     let screen = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "node status: {}", String::from_utf8_lossy(&status.stderr));
-    assert!(screen.contains("round") && screen.contains("updates       received"), "{screen}");
+    assert!(
+        status.status.success(),
+        "node status: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        screen.contains("round") && screen.contains("updates       received"),
+        "{screen}"
+    );
     wait_round(&nodes[0].dir, split_at + 8);
     wait_round(&nodes[2].dir, split_at + 8);
     for i in 0..4 {
@@ -73,7 +97,10 @@ fn halves_converge_after_a_partition_heals() {
         .filter(|h| h.round > split_at + 1 && h.round < split_at + 7)
         .map(|h| h.merged)
         .collect();
-    assert!(!during.is_empty() && during.iter().all(|m| *m <= 2), "node 0 merged {during:?} updates per round while split");
+    assert!(
+        !during.is_empty() && during.iter().all(|m| *m <= 2),
+        "node 0 merged {during:?} updates per round while split"
+    );
 
     for (a, b) in [(0, 2), (1, 3), (0, 3)] {
         let (ok, text) = ledger_compare(&nodes[a].dir, &nodes[b].dir);
@@ -81,5 +108,8 @@ fn halves_converge_after_a_partition_heals() {
     }
     let accs: Vec<f32> = (0..4).map(|i| results(&nodes[i].dir).final_test_acc).collect();
     let spread = accs.iter().cloned().fold(f32::MIN, f32::max) - accs.iter().cloned().fold(f32::MAX, f32::min);
-    assert!(spread <= 0.005, "the halves did not converge: final accuracies {accs:?}");
+    assert!(
+        spread <= 0.005,
+        "the halves did not converge: final accuracies {accs:?}"
+    );
 }

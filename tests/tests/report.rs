@@ -36,17 +36,29 @@ fn http_get(port: u16) -> Option<String> {
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200").then(|| body.to_string()).or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_string()))
+    head.starts_with("HTTP/1.0 200")
+        .then(|| body.to_string())
+        .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_string()))
 }
 
 fn screenshot(page: &Path, shot: &Path) {
     let out = Command::new(CHROMIUM)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,3200"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1200,3200",
+        ])
         .arg(format!("--screenshot={}", shot.display()))
         .arg(format!("file://{}", page.display()))
         .output()
         .unwrap_or_else(|e| panic!("{CHROMIUM}: {e} (scripts/setup.sh --tests installs Debian's chromium)"));
-    assert!(shot.exists(), "chromium wrote no screenshot: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        shot.exists(),
+        "chromium wrote no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -59,7 +71,19 @@ fn report_renders_in_chromium_with_attackers_told_apart() {
         .expect("free port")
         .port();
     let mut testnet = Command::new(meshtrain_bin())
-        .args(["testnet", "run", "--nodes", "4", "--byzantine", "1", "--attack", "sign-flip", "--rounds", "12", "--out"])
+        .args([
+            "testnet",
+            "run",
+            "--nodes",
+            "4",
+            "--byzantine",
+            "1",
+            "--attack",
+            "sign-flip",
+            "--rounds",
+            "12",
+            "--out",
+        ])
         .arg(&out_dir)
         .args(["--dashboard", &format!("127.0.0.1:{port}")])
         .stdout(std::process::Stdio::null())
@@ -78,15 +102,32 @@ fn report_renders_in_chromium_with_attackers_told_apart() {
     let status = testnet.wait().expect("testnet");
     assert!(status.success(), "testnet failed: see {}", out_dir.display());
     let live = live.expect("the dashboard never served a live page while the testnet ran");
-    assert!(live.contains("pending (runs at the end)"), "a live page shows audits as pending");
+    assert!(
+        live.contains("pending (runs at the end)"),
+        "a live page shows audits as pending"
+    );
     let page = out_dir.join("report.html");
     let html = std::fs::read_to_string(&page).expect("report.html");
-    for id in ["accuracy", "loss", "bytes", "mesh", "rejected-author", "rejected-reason", "audits"] {
+    for id in [
+        "accuracy",
+        "loss",
+        "bytes",
+        "mesh",
+        "rejected-author",
+        "rejected-reason",
+        "audits",
+    ] {
         assert!(html.contains(&format!("id=\"{id}\"")), "report lacks {id}");
     }
-    assert!(!html.contains("<script") && !html.contains("src=\"http"), "the report must be self-contained");
+    assert!(
+        !html.contains("<script") && !html.contains("src=\"http"),
+        "the report must be self-contained"
+    );
     for png in ["accuracy", "loss", "bytes", "rejected"] {
-        assert!(out_dir.join("plots").join(format!("{png}.png")).exists(), "{png}.png missing");
+        assert!(
+            out_dir.join("plots").join(format!("{png}.png")).exists(),
+            "{png}.png missing"
+        );
     }
 
     let shot = tmp.path().join("shot.png");
@@ -106,7 +147,10 @@ fn report_renders_in_chromium_with_attackers_told_apart() {
     // A page with the plots taken out has none of those pixels: the check
     // above measures the plots, not the page chrome.
     let stripped = tmp.path().join("stripped.html");
-    let without: String = html.split("<svg").map(|part| part.split_once("</svg>").map_or(part, |(_, rest)| rest)).collect();
+    let without: String = html
+        .split("<svg")
+        .map(|part| part.split_once("</svg>").map_or(part, |(_, rest)| rest))
+        .collect();
     std::fs::write(&stripped, without).expect("write stripped page");
     let shot2 = tmp.path().join("shot2.png");
     screenshot(&stripped, &shot2);

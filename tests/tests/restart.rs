@@ -23,7 +23,12 @@ fn chain_of(dir: &Path, author: &str) -> BTreeMap<u64, String> {
         .arg(dir)
         .output()
         .expect("run ledger export");
-    assert!(out.status.success(), "export {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "export {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut chain = BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let v: serde_json::Value = serde_json::from_str(line).expect("export line is JSON");
@@ -57,7 +62,11 @@ fn killed_node_resumes_its_chain_and_late_joiner_catches_up() {
     nodes[2].child.kill().expect("kill node 2");
     let _ = nodes[2].child.wait();
     let before = chain_of(&victim_dir, &victim_author);
-    assert!(before.len() >= 3, "node 2 signed only {} records before the kill", before.len());
+    assert!(
+        before.len() >= 3,
+        "node 2 signed only {} records before the kill",
+        before.len()
+    );
 
     // Restart it from the same data dir, and add a fourth node mid-run.
     std::thread::sleep(Duration::from_secs(1));
@@ -74,8 +83,16 @@ fn killed_node_resumes_its_chain_and_late_joiner_catches_up() {
     let after_self = chain_of(&victim_dir, &victim_author);
     let after_peer = chain_of(&nodes[0].dir, &victim_author);
     for (seq, hash) in &before {
-        assert_eq!(after_self.get(seq), Some(hash), "node 2 lost or rewrote its record at seq {seq}");
-        assert_eq!(after_peer.get(seq), Some(hash), "node 0 lacks node 2's record at seq {seq}");
+        assert_eq!(
+            after_self.get(seq),
+            Some(hash),
+            "node 2 lost or rewrote its record at seq {seq}"
+        );
+        assert_eq!(
+            after_peer.get(seq),
+            Some(hash),
+            "node 0 lacks node 2's record at seq {seq}"
+        );
     }
     assert!(
         after_self.len() > before.len() + 5,
@@ -85,7 +102,11 @@ fn killed_node_resumes_its_chain_and_late_joiner_catches_up() {
         log_tail(&victim_dir)
     );
     let seqs: Vec<u64> = after_self.keys().copied().collect();
-    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "node 2's chain has gaps");
+    assert_eq!(
+        seqs,
+        (0..seqs.len() as u64).collect::<Vec<_>>(),
+        "node 2's chain has gaps"
+    );
     for (a, b) in [(0, 2), (1, 2), (0, 3)] {
         let (ok, text) = ledger_compare(&nodes[a].dir, &nodes[b].dir);
         assert!(ok, "ledger compare node-{a} node-{b}:\n{text}");
@@ -95,10 +116,18 @@ fn killed_node_resumes_its_chain_and_late_joiner_catches_up() {
     assert!(r2.restarted, "node 2 reports its restart");
     let r3 = results(&nodes[3].dir);
     assert!(!r3.joined_at.is_empty(), "the late joiner adopted an anchor");
-    assert!(r3.updates_published > 0, "the late joiner contributed:\n{}", log_tail(&nodes[3].dir));
+    assert!(
+        r3.updates_published > 0,
+        "the late joiner contributed:\n{}",
+        log_tail(&nodes[3].dir)
+    );
     let r0 = results(&nodes[0].dir);
     let curve = |r: &meshtrain_testnet::report::NodeReport| -> String {
-        r.history.iter().map(|h| format!("{}:{:.4}", h.round, h.test_acc)).collect::<Vec<_>>().join(" ")
+        r.history
+            .iter()
+            .map(|h| format!("{}:{:.4}", h.round, h.test_acc))
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     // Catching up means not ending behind the nodes that stayed up. A node
     // can end ahead of them: after a round in which members merged

@@ -11,19 +11,53 @@ use meshtrain_tests::{import, results, spawn_node, spec_for, wait_all_clean, wai
 #[test]
 fn two_nodes_train_the_char_transformer_and_stop_together() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let text = concat!(env!("CARGO_MANIFEST_DIR"), "/../model/tests/data/tinyshakespeare-head.txt");
-    let store = import(tmp.path(), &["--format", "text", "--seq-len", "65", "--block-size", "16965", text]);
+    let text = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../model/tests/data/tinyshakespeare-head.txt"
+    );
+    let store = import(
+        tmp.path(),
+        &["--format", "text", "--seq-len", "65", "--block-size", "16965", text],
+    );
     // A learning rate this high overfits 2,000 records within a few
     // rounds, so early stopping fires well before round 40.
     let spec = spec_for(
         tmp.path(),
         &store,
-        &["--model", "char-transformer", "--rounds", "40", "--local-steps", "5", "--batch-size", "32", "--lr", "1e-2", "--patience", "2"],
+        &[
+            "--model",
+            "char-transformer",
+            "--rounds",
+            "40",
+            "--local-steps",
+            "5",
+            "--batch-size",
+            "32",
+            "--lr",
+            "1e-2",
+            "--patience",
+            "2",
+        ],
     );
 
     let store = store.to_str().expect("utf-8 path");
-    let common = ["--wait-peers", "1", "--drain-s", "2", "--checkpoint-every", "0", "--device", "cpu"];
-    let mut first = spawn_node(&tmp.path().join("n0"), &spec, "0/2", None, &[&common[..], &["--data", store]].concat());
+    let common = [
+        "--wait-peers",
+        "1",
+        "--drain-s",
+        "2",
+        "--checkpoint-every",
+        "0",
+        "--device",
+        "cpu",
+    ];
+    let mut first = spawn_node(
+        &tmp.path().join("n0"),
+        &spec,
+        "0/2",
+        None,
+        &[&common[..], &["--data", store]].concat(),
+    );
     let info = wait_listen(&mut first, Duration::from_secs(60));
     let boot = format!("{}/p2p/{}", info.addr, info.peer_id);
     let second = spawn_node(&tmp.path().join("n1"), &spec, "1/2", Some(&boot), &common);
@@ -39,7 +73,10 @@ fn two_nodes_train_the_char_transformer_and_stop_together() {
         assert!(r.stopped_early_at.is_some(), "early stopping never fired in 40 rounds");
         assert!(r.best_round.is_some());
     }
-    assert_eq!(reports[0].stopped_early_at, reports[1].stopped_early_at, "the nodes stopped at different rounds");
+    assert_eq!(
+        reports[0].stopped_early_at, reports[1].stopped_early_at,
+        "the nodes stopped at different rounds"
+    );
     let stop = reports[0].stopped_early_at.unwrap_or(0);
     assert!(stop < 40);
     assert_eq!(reports[0].rounds_completed, stop);

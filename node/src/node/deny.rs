@@ -25,7 +25,9 @@ pub fn parse(text: &str, file: &Path) -> HashSet<PeerId> {
             Ok(p) => {
                 peers.insert(p);
             }
-            Err(e) => warn!(file = %file.display(), line = n + 1, error = %e, "deny-list line is not a peer id; skipped"),
+            Err(e) => {
+                warn!(file = %file.display(), line = n + 1, error = %e, "deny-list line is not a peer id; skipped")
+            }
         }
     }
     peers

@@ -70,7 +70,12 @@ impl Node {
     /// missing. Called at the start and after membership changes.
     pub(super) fn replan(&mut self) {
         let Some(manifest) = self.manifest.clone() else { return };
-        let others: Vec<AuthorId> = self.members.values().filter(|a| !self.banned.contains(a)).copied().collect();
+        let others: Vec<AuthorId> = self
+            .members
+            .values()
+            .filter(|a| !self.banned.contains(a))
+            .copied()
+            .collect();
         let plan = ShardPlan::compute(
             &manifest,
             self.me,
@@ -89,13 +94,19 @@ impl Node {
             .filter(|h| !matches!(self.store.block(h), Ok(Some(_))))
             .collect();
         if !missing.is_empty() {
-            info!(blocks = missing.len(), members = others.len() + 1, "fetching blocks for this node's shard");
+            info!(
+                blocks = missing.len(),
+                members = others.len() + 1,
+                "fetching blocks for this node's shard"
+            );
             match &self.fetch.bar {
                 Some(bar) => bar.inc_length(missing.len() as u64),
                 None => {
                     let bar = indicatif::ProgressBar::new(missing.len() as u64).with_style(
-                        indicatif::ProgressStyle::with_template("{spinner} fetching blocks {pos}/{len} {wide_bar} {per_sec}")
-                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                        indicatif::ProgressStyle::with_template(
+                            "{spinner} fetching blocks {pos}/{len} {wide_bar} {per_sec}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
                     );
                     self.fetch.bar = Some(bar);
                 }
@@ -105,7 +116,10 @@ impl Node {
             self.want_block(h);
         }
         if changed_primary == Some(true) && self.trainer.is_some() {
-            info!(round = self.round(), "membership changed: this node's primary blocks changed");
+            info!(
+                round = self.round(),
+                "membership changed: this node's primary blocks changed"
+            );
             if let Err(e) = self.swap_training_source() {
                 warn!(error = %e, "cannot switch the training shard");
             }
@@ -145,7 +159,9 @@ impl Node {
         }
         for hash in ready {
             let plan = self.plan.as_ref();
-            let Some(w) = self.block_wants.get_mut(&hash) else { continue };
+            let Some(w) = self.block_wants.get_mut(&hash) else {
+                continue;
+            };
             if w.candidates.is_empty() {
                 w.candidates = candidates(&hash, plan, &peers);
             }
@@ -157,7 +173,11 @@ impl Node {
             let Ok(raw) = <[u8; 32]>::try_from(raw) else { continue };
             w.attempts += 1;
             w.in_flight = true;
-            let id = self.swarm.behaviour_mut().fetch.send_request(&peer, FetchRequest::Block { hash: raw });
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .fetch
+                .send_request(&peer, FetchRequest::Block { hash: raw });
             self.requests.insert(id, RequestFor::Block(hash));
         }
         if self.phase == Phase::Fetching && self.block_wants.is_empty() && self.manifest.is_some() {
@@ -228,14 +248,25 @@ impl Node {
     }
 
     fn training_source(&self) -> Result<Box<dyn meshtrain_model::RecordSource>, NodeError> {
-        let manifest = self.manifest.as_ref().ok_or_else(|| NodeError::Data("no manifest".into()))?;
-        let plan = self.plan.as_ref().ok_or_else(|| NodeError::Data("no placement".into()))?;
+        let manifest = self
+            .manifest
+            .as_ref()
+            .ok_or_else(|| NodeError::Data("no manifest".into()))?;
+        let plan = self
+            .plan
+            .as_ref()
+            .ok_or_else(|| NodeError::Data("no placement".into()))?;
         let reader = StoreReader::new(self.store.clone(), manifest, &plan.primary, self.missing_tx.clone());
         // Mix in the next seq: a restarted node must not replay the batches
         // (and so the payload bytes) of its previous life.
         let next_seq = self.own_head.map_or(0, |h| h.seq.0 + 1);
         let seed = self.shard_seed ^ next_seq.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        Ok(Box::new(BlockStream::new(manifest.schema.clone(), reader, STREAM_WINDOW, seed)?))
+        Ok(Box::new(BlockStream::new(
+            manifest.schema.clone(),
+            reader,
+            STREAM_WINDOW,
+            seed,
+        )?))
     }
 
     fn swap_training_source(&mut self) -> Result<(), NodeError> {
@@ -248,8 +279,14 @@ impl Node {
         let Some((net, cfg, encoder)) = self.pending_trainer.take() else {
             return Ok(());
         };
-        let manifest = self.manifest.clone().ok_or_else(|| NodeError::Data("no manifest".into()))?;
-        let plan = self.plan.clone().ok_or_else(|| NodeError::Data("no placement".into()))?;
+        let manifest = self
+            .manifest
+            .clone()
+            .ok_or_else(|| NodeError::Data("no manifest".into()))?;
+        let plan = self
+            .plan
+            .clone()
+            .ok_or_else(|| NodeError::Data("no placement".into()))?;
         let test = test_set(&self.store, &manifest)?;
         let source = self.training_source()?;
         self.fetch.finished_ms = self.fetch.started.map(|t| t.elapsed().as_millis() as u64);
@@ -282,4 +319,3 @@ impl Node {
         Ok(())
     }
 }
-

@@ -86,7 +86,13 @@ impl Node {
         self.ask_anchors(reason, among.map(<[AuthorId]>::to_vec), target, 1);
     }
 
-    fn ask_anchors(&mut self, reason: SyncReason, among: Option<Vec<AuthorId>>, target: Option<WeightsHash>, attempt: u32) {
+    fn ask_anchors(
+        &mut self,
+        reason: SyncReason,
+        among: Option<Vec<AuthorId>>,
+        target: Option<WeightsHash>,
+        attempt: u32,
+    ) {
         let among_ref = among.as_deref();
         let mut peers: Vec<PeerId> = self
             .members
@@ -103,7 +109,13 @@ impl Node {
             let id = self.swarm.behaviour_mut().fetch.send_request(p, FetchRequest::Anchor);
             self.requests.insert(id, RequestFor::Anchor);
         }
-        info!(round = self.round(), ?reason, asked = peers.len(), attempt, "asking peers for the current anchor");
+        info!(
+            round = self.round(),
+            ?reason,
+            asked = peers.len(),
+            attempt,
+            "asking peers for the current anchor"
+        );
         self.sync = Some(AnchorSync {
             reason,
             asked: peers.into_iter().collect(),
@@ -128,7 +140,9 @@ impl Node {
             // The newest few records: those of this round and later.
             let mut seq = head.seq.0;
             loop {
-                let Ok(Some(rec)) = self.ledger.record(&author, meshtrain_ledger::Seq(seq)) else { break };
+                let Ok(Some(rec)) = self.ledger.record(&author, meshtrain_ledger::Seq(seq)) else {
+                    break;
+                };
                 let r = &rec.record;
                 if r.round < round {
                     break;
@@ -238,7 +252,9 @@ impl Node {
             if now < at {
                 return SyncOutcome::Pending;
             }
-            let Some(s) = self.sync.take() else { return SyncOutcome::Nothing };
+            let Some(s) = self.sync.take() else {
+                return SyncOutcome::Nothing;
+            };
             self.ask_anchors(s.reason, s.among, s.target, s.attempt + 1);
             return SyncOutcome::Pending;
         }
@@ -252,7 +268,9 @@ impl Node {
         // Group identical offers; count distinct attesting signers.
         let mut groups: BTreeMap<(u64, WeightsHash, WeightsHash), (HashSet<Option<AuthorId>>, usize)> = BTreeMap::new();
         for (i, o) in sync.offers.iter().enumerate() {
-            let g = groups.entry((o.round, o.anchor_hash, o.outer_hash)).or_insert((HashSet::new(), i));
+            let g = groups
+                .entry((o.round, o.anchor_hash, o.outer_hash))
+                .or_insert((HashSet::new(), i));
             g.0.insert(o.attestation.as_ref().map(|a| a.block.owner));
         }
         let need = if sync.answered.len() >= 2 { 2 } else { 1 };
@@ -260,7 +278,11 @@ impl Node {
             .iter()
             .filter(|(_, (signers, _))| signers.len() >= need || (signers.contains(&None) && sync.offers.len() >= need))
             .max_by(|a, b| {
-                (a.1 .0.len(), a.0 .0, std::cmp::Reverse(a.0 .1)).cmp(&(b.1 .0.len(), b.0 .0, std::cmp::Reverse(b.0 .1)))
+                (a.1 .0.len(), a.0 .0, std::cmp::Reverse(a.0 .1)).cmp(&(
+                    b.1 .0.len(),
+                    b.0 .0,
+                    std::cmp::Reverse(b.0 .1),
+                ))
             });
         let Some((&(round, hash, _), &(_, first))) = best else {
             let attempts = match sync.reason {
@@ -275,7 +297,10 @@ impl Node {
                 self.sync = Some(sync);
                 return SyncOutcome::Pending;
             }
-            warn!(offers = sync.offers.len(), attempts, "no two peers agreed on an anchor; keeping ours");
+            warn!(
+                offers = sync.offers.len(),
+                attempts, "no two peers agreed on an anchor; keeping ours"
+            );
             return SyncOutcome::Nothing;
         };
         let ahead = round > self.round();
