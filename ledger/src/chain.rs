@@ -93,7 +93,7 @@ pub fn locate(
 /// Where an incoming record goes, once its run and signature are checked.
 #[derive(Debug)]
 pub enum Placement {
-    Next(VerifiedRecord),
+    Next(Box<VerifiedRecord>),
     Duplicate,
     Gap { missing_from: Seq },
 }
@@ -110,7 +110,7 @@ pub fn place(
     check_signed(&signed, run_id)?;
     let hash = signed.hash();
     Ok(match locate(head, genesis, &signed, hash, held_at)? {
-        Link::Next => Placement::Next(VerifiedRecord { signed, hash }),
+        Link::Next => Placement::Next(Box::new(VerifiedRecord { signed, hash })),
         Link::Duplicate => Placement::Duplicate,
         Link::Gap { missing_from } => Placement::Gap { missing_from },
     })

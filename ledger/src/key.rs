@@ -1,5 +1,8 @@
 //! Signing keys of authors.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 
 use crate::{AuthorId, LedgerError, SignatureBytes};
@@ -42,11 +45,50 @@ impl AuthorId {
     }
 }
 
+thread_local! {
+    /// Results of signature checks already made on this thread, when the
+    /// simulator asks for it: its nodes all check the same records.
+    static MEMO: RefCell<Option<HashMap<[u8; 32], bool>>> = const { RefCell::new(None) };
+}
+
+/// Checks on this thread remember their results (keyed by a hash of key,
+/// message and signature, so a different byte is a different check). For
+/// the simulator, where every node checks every record; never on in a node.
+pub fn memoize_signature_checks(on: bool) {
+    MEMO.with(|m| *m.borrow_mut() = on.then(HashMap::new));
+}
+
+/// Bound on remembered checks before the memo starts over.
+const MEMO_CAPACITY: usize = 1 << 20;
+
 /// Verifies one signature strictly (rejecting malleable and small-order forms).
 pub(crate) fn verify_one(author: &AuthorId, message: &[u8], signature: &SignatureBytes) -> bool {
-    let Ok(key) = author.verifying_key() else {
-        return false;
+    let check = || {
+        let Ok(key) = author.verifying_key() else {
+            return false;
+        };
+        let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
+        key.verify_strict(message, &sig).is_ok()
     };
-    let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
-    key.verify_strict(message, &sig).is_ok()
+    MEMO.with(|m| {
+        let mut memo = m.borrow_mut();
+        let Some(memo) = memo.as_mut() else {
+            return check();
+        };
+        let id = *blake3::Hasher::new()
+            .update(&author.0)
+            .update(&signature.0)
+            .update(message)
+            .finalize()
+            .as_bytes();
+        if let Some(ok) = memo.get(&id) {
+            return *ok;
+        }
+        if memo.len() >= MEMO_CAPACITY {
+            memo.clear();
+        }
+        let ok = check();
+        memo.insert(id, ok);
+        ok
+    })
 }

@@ -10,7 +10,9 @@
 //! - [`VerifiedRecord`]: a record with a valid signature that extends its
 //!   author's chain; only [`chain::place`] and [`VerifiedRecord::extend`] make one.
 //! - [`SignedVerdictBlock`]: what a node did with a round's updates.
-//! - [`Ledger`]: the store; every event is one atomic [`Event`].
+//! - [`Ledger`]: the RocksDB store; every event is one atomic [`Event`].
+//! - [`Store`]: what node logic reads and writes, over [`Ledger`] or the
+//!   in-memory [`MemLedger`] of the simulator, one atomic [`Batch`] at a time.
 //! - [`audit::audit`]: streams a ledger and checks everything in it.
 
 pub mod audit;
@@ -19,7 +21,9 @@ mod error;
 mod id;
 mod join;
 mod key;
+mod mem;
 mod meta;
+mod ops;
 mod proof;
 mod record;
 mod store;
@@ -30,8 +34,10 @@ pub use chain::{Head, Placement, VerifiedRecord};
 pub use error::{LedgerError, Result};
 pub use id::{AuthorId, PayloadHash, RecordHash, RunId, Seq, SignatureBytes, VerdictHash, WeightsHash};
 pub use join::JoinRecord;
-pub use key::AuthorKey;
+pub use key::{memoize_signature_checks, AuthorKey};
+pub use mem::MemLedger;
 pub use meta::{RunMeta, FORMAT_VERSION};
+pub use ops::{check_append, check_payload, check_verdict, Batch, Op, Store};
 pub use proof::EquivocationProof;
 pub use record::{SignedRecord, UpdateRecord, RECORD_VERSION};
 pub use store::{Event, Ledger, Retention, StoreOptions};

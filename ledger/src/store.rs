@@ -18,8 +18,9 @@ use rocksdb::{
     WriteBatch, WriteOptions, DB,
 };
 
-use crate::chain::{expected_next, Head};
+use crate::chain::Head;
 use crate::meta::FORMAT_VERSION;
+use crate::ops::{check_append, check_payload, check_verdict, Batch, Op, Store};
 use crate::verdict::VerdictHead;
 use crate::wire::{decode_exact, encode};
 use crate::{
@@ -65,17 +66,11 @@ impl Retention {
     };
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct StoreOptions {
     /// fsync every write batch. Off, a `kill -9` still loses nothing that was
     /// written (the WAL is in the page cache); on, a power cut loses nothing.
     pub sync_writes: bool,
-}
-
-impl Default for StoreOptions {
-    fn default() -> Self {
-        Self { sync_writes: false }
-    }
 }
 
 /// Mutable state shared by writers: cached heads, so that appends need no
@@ -598,30 +593,7 @@ impl Event<'_> {
     /// as of this event, records earlier in the same event included.
     pub fn append(&mut self, record: &VerifiedRecord) -> Result<&mut Self> {
         let rec = &record.signed().record;
-        let (next_seq, expected_prev) = expected_next(self.current_head(&rec.author), self.ledger.meta.genesis_link());
-        if rec.seq != next_seq {
-            return Err(LedgerError::ChainGap {
-                author: rec.author,
-                expected: next_seq,
-                got: rec.seq,
-            });
-        }
-        if rec.prev != expected_prev {
-            return Err(LedgerError::ChainBroken {
-                author: rec.author,
-                seq: rec.seq,
-                expected_prev,
-                got: rec.prev,
-            });
-        }
-        if rec.run_id != self.ledger.meta.run_id {
-            return Err(LedgerError::WrongRun {
-                author: rec.author,
-                seq: rec.seq,
-                expected: self.ledger.meta.run_id,
-                got: rec.run_id,
-            });
-        }
+        check_append(&self.ledger.meta, self.current_head(&rec.author), rec)?;
         let head = record.head();
         self.batch.put_cf(
             self.ledger.cf(CF_RECORDS)?,
@@ -637,10 +609,7 @@ impl Event<'_> {
 
     /// Stores a payload under its hash, indexed by `round` for retention.
     pub fn payload(&mut self, hash: &PayloadHash, round: u64, bytes: &[u8]) -> Result<&mut Self> {
-        let got = PayloadHash::of(bytes);
-        if got != *hash {
-            return Err(LedgerError::PayloadHashMismatch { expected: *hash, got });
-        }
+        check_payload(hash, bytes)?;
         self.batch.put_cf(self.ledger.cf(CF_PAYLOADS)?, hash.0, bytes);
         let mut key = [0u8; 40];
         key[..8].copy_from_slice(&round.to_be_bytes());
@@ -656,33 +625,12 @@ impl Event<'_> {
     /// Appends the owner's next verdict block. It must be signed by the owner
     /// and extend the verdict chain.
     pub fn verdict(&mut self, block: &SignedVerdictBlock) -> Result<&mut Self> {
-        let meta = &self.ledger.meta;
+        let new_head = check_verdict(
+            &self.ledger.meta,
+            self.new_verdict_head.or(self.state.verdict_head),
+            block,
+        )?;
         let b = &block.block;
-        if b.owner != meta.owner || b.run_id != meta.run_id {
-            return Err(LedgerError::Malformed {
-                what: "verdict block",
-                detail: "not of this ledger's owner and run".into(),
-            });
-        }
-        let head = self.new_verdict_head.or(self.state.verdict_head);
-        let (next, prev) = match head {
-            None => (0, meta.verdict_genesis()),
-            Some(h) => (h.seq + 1, h.hash),
-        };
-        if b.seq != next || b.prev != prev {
-            return Err(LedgerError::VerdictChainBroken {
-                seq: b.seq,
-                expected_prev: prev,
-                got: b.prev,
-            });
-        }
-        block.verify_signature()?;
-        let new_head = VerdictHead {
-            seq: b.seq,
-            hash: b.hash(),
-            anchor: b.new_anchor,
-            round: b.round,
-        };
         self.batch
             .put_cf(self.ledger.cf(CF_VERDICTS)?, b.seq.to_be_bytes(), block.to_bytes());
         self.batch
@@ -727,6 +675,68 @@ impl Event<'_> {
             self.state.verdict_head = Some(h);
         }
         Ok(())
+    }
+}
+
+impl Ledger {
+    /// Applies a batch as one event.
+    pub fn write(&self, batch: Batch) -> Result<()> {
+        let mut event = self.begin();
+        if batch.sync {
+            event.sync();
+        }
+        for op in &batch.ops {
+            match op {
+                Op::Append(record) => event.append(record)?,
+                Op::Payload { hash, round, bytes } => event.payload(hash, *round, bytes)?,
+                Op::Verdict(block) => event.verdict(block)?,
+                Op::Join { join, anchor, outer } => event.join(join, anchor, outer)?,
+                Op::Proof(proof) => event.proof(proof)?,
+            };
+        }
+        event.commit()
+    }
+}
+
+impl Store for Ledger {
+    fn meta(&self) -> &RunMeta {
+        Ledger::meta(self)
+    }
+    fn head(&self, author: &AuthorId) -> Option<Head> {
+        Ledger::head(self, author)
+    }
+    fn heads(&self) -> Vec<(AuthorId, Head)> {
+        Ledger::heads(self)
+    }
+    fn record(&self, author: &AuthorId, seq: Seq) -> Result<Option<SignedRecord>> {
+        Ledger::record(self, author, seq)
+    }
+    fn records_from(&self, author: &AuthorId, from: Seq, limit: usize) -> Result<Vec<SignedRecord>> {
+        Ledger::records_from(self, author, from, limit)
+    }
+    fn has_payload(&self, hash: &PayloadHash) -> Result<bool> {
+        Ledger::has_payload(self, hash)
+    }
+    fn payload(&self, hash: &PayloadHash) -> Result<Option<Vec<u8>>> {
+        Ledger::payload(self, hash)
+    }
+    fn verdict_head(&self) -> Option<VerdictHead> {
+        Ledger::verdict_head(self)
+    }
+    fn verdict(&self, seq: u64) -> Result<Option<SignedVerdictBlock>> {
+        Ledger::verdict(self, seq)
+    }
+    fn joins(&self) -> Result<Vec<crate::JoinRecord>> {
+        Ledger::joins(self)
+    }
+    fn has_proof_against(&self, author: &AuthorId) -> Result<bool> {
+        Ledger::has_proof_against(self, author)
+    }
+    fn write(&self, batch: Batch) -> Result<()> {
+        Ledger::write(self, batch)
+    }
+    fn apply_retention(&self, retention: Retention, current_round: u64) -> Result<u64> {
+        Ledger::apply_retention(self, retention, current_round)
     }
 }
 
