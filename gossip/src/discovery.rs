@@ -24,10 +24,10 @@ pub fn on_event(
                 swarm.behaviour_mut().kad.add_address(peer_id, addr.clone());
             }
         }
-        SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
-            if !swarm.is_connected(peer) && may_dial(peer) && swarm.connected_peers().count() < MAX_DIALLED {
-                let _ = swarm.dial(*peer);
-            }
+        SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }))
+            if !swarm.is_connected(peer) && may_dial(peer) && swarm.connected_peers().count() < MAX_DIALLED =>
+        {
+            let _ = swarm.dial(*peer);
         }
         _ => {}
     }

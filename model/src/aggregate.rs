@@ -292,14 +292,14 @@ fn coordinate_rule(inputs: &[AggInput<'_>], trim: usize, median: bool) -> Aggreg
     } else {
         (trim, n - trim)
     };
-    for j in 0..dim {
+    for (j, out) in update.iter_mut().enumerate().take(dim) {
         column.clear();
         column.extend(inputs.iter().enumerate().map(|(i, inp)| (inp.delta[j], i)));
         // Ties break by input index, so the result is deterministic.
         column.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let window = &column[lo..hi];
         let sum: f64 = window.iter().map(|(v, _)| *v as f64).sum();
-        update[j] = (sum / window.len() as f64) as f32;
+        *out = (sum / window.len() as f64) as f32;
         for (_, i) in window {
             used[*i] += 1;
         }

@@ -642,7 +642,8 @@ mod tests {
                 .iter()
                 .all(|r| enc.residual()[r.clone()].iter().all(|v| *v == 0.0)));
         }
-        let good = encode_with_exact(CodecSpec::Dense, &x, &[990..1000]);
+        let exact: Vec<std::ops::Range<usize>> = std::iter::once(990..1000).collect();
+        let good = encode_with_exact(CodecSpec::Dense, &x, &exact);
         let tail = good.len() - 4 * 10 - 8;
         // A range past the end of the model.
         let mut bad = good.clone();

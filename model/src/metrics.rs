@@ -185,7 +185,7 @@ impl EarlyStopping {
     /// never counts as an improvement.
     pub fn observe(&mut self, round: u64, loss: f32) -> bool {
         match self.best_loss {
-            Some(best) if !(loss < best) => self.stale += 1,
+            Some(best) if loss.partial_cmp(&best) != Some(std::cmp::Ordering::Less) => self.stale += 1,
             _ if loss.is_nan() => self.stale += 1,
             _ => {
                 self.best_loss = Some(loss);

@@ -130,7 +130,8 @@ mod tests {
             momentum: 0.9,
             nesterov: true,
         };
-        let mut o = OuterOptimizer::new(cfg, 4, vec![1..3]);
+        let buffers: Vec<std::ops::Range<usize>> = std::iter::once(1..3).collect();
+        let mut o = OuterOptimizer::new(cfg, 4, buffers);
         let mut a = vec![0.0; 4];
         o.step(&mut a, &[1.0, 1.0, -2.0, 1.0]);
         assert_eq!(a, vec![0.95, 1.0, -2.0, 0.95]);

@@ -34,7 +34,7 @@ pub struct InMemory {
 impl InMemory {
     pub fn new(schema: Schema, records: Vec<u8>, seed: u64) -> Result<Self> {
         let rs = schema.record_size();
-        if records.len() % rs != 0 {
+        if !records.len().is_multiple_of(rs) {
             return Err(ModelError::BadDataset {
                 name: "in-memory records".into(),
                 detail: format!("{} bytes is not a whole number of {rs}-byte records", records.len()),

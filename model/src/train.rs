@@ -84,7 +84,7 @@ pub struct Records {
 impl Records {
     pub fn new(name: &str, schema: Schema, bytes: Vec<u8>) -> Result<Self> {
         let rs = schema.record_size();
-        if rs == 0 || bytes.len() % rs != 0 {
+        if rs == 0 || !bytes.len().is_multiple_of(rs) {
             return Err(ModelError::BadDataset {
                 name: name.to_string(),
                 detail: format!("{} bytes is not a whole number of {rs}-byte records", bytes.len()),

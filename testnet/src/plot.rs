@@ -36,13 +36,16 @@ pub struct Bars {
     pub values: Vec<f64>,
 }
 
+/// One named, coloured line of (x, y) points.
+pub type Series = (String, Vec<(f64, f64)>, RGBColor);
+
 /// One line chart: a title, axis names and named series of (x, y) points.
 #[derive(Clone)]
 pub struct Lines {
     pub title: String,
     pub x_label: String,
     pub y_label: String,
-    pub series: Vec<(String, Vec<(f64, f64)>, RGBColor)>,
+    pub series: Vec<Series>,
 }
 
 fn draw_bars<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, b: &Bars) -> Result<(), String> {
