@@ -729,7 +729,9 @@ fn catch_up_rounds(reports: &[Option<NodeReport>]) -> Option<u64> {
     let acc_at: BTreeMap<u64, f32> = reference.history.iter().map(|h| (h.round, h.test_acc)).collect();
     let mut worst: Option<u64> = None;
     for r in reports.iter().flatten().filter(|r| r.honest) {
-        let Some(&joined) = r.joined_at.first() else { continue };
+        let Some(&joined) = r.joined_at.first() else {
+            continue;
+        };
         let caught = r
             .history
             .iter()
