@@ -102,6 +102,68 @@ impl Attack {
     }
 }
 
+/// What an attacker's trainer hands the node for one round.
+pub struct Update {
+    /// The payload as it goes on the wire (empty when colluding: the node
+    /// crafts it once it has seen the round's honest updates).
+    pub payload: Vec<u8>,
+    /// The delta the payload stands for (the raw delta when colluding).
+    pub decoded: Vec<f32>,
+    /// An equivocating attacker's second payload for the same seq.
+    pub twin: Option<Vec<u8>>,
+}
+
+/// An attack with the state it keeps across rounds (its first payload, for
+/// replays). Used by the node's trainer and by the simulator's, so both
+/// attack alike.
+pub struct Attacker {
+    attack: Attack,
+    first_payload: Option<Vec<u8>>,
+}
+
+impl Attacker {
+    pub fn new(attack: Attack) -> Self {
+        Self {
+            attack,
+            first_payload: None,
+        }
+    }
+
+    /// Turns one round's honest delta into what this attacker sends.
+    pub fn make_update(
+        &mut self,
+        round: u64,
+        mut delta: Vec<f32>,
+        encoder: &mut meshtrain_model::DeltaEncoder,
+    ) -> Result<Update, meshtrain_model::ModelError> {
+        if self.attack.colludes() {
+            return Ok(Update {
+                payload: Vec::new(),
+                decoded: delta,
+                twin: None,
+            });
+        }
+        self.attack.corrupt_delta(&mut delta, round);
+        let params = delta.len();
+        let encoded = encoder.encode(&delta)?;
+        let payload = self
+            .attack
+            .corrupt_payload(round, encoded.bytes, params, self.first_payload.as_ref());
+        if self.first_payload.is_none() {
+            self.first_payload = Some(payload.clone());
+        }
+        let twin = (self.attack == Attack::Equivocate).then(|| {
+            let negated: Vec<f32> = encoded.decoded.iter().map(|v| -v).collect();
+            meshtrain_model::codec::encode(encoder.spec(), &negated)
+        });
+        Ok(Update {
+            payload,
+            decoded: encoded.decoded,
+            twin,
+        })
+    }
+}
+
 impl FromStr for Attack {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

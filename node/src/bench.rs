@@ -153,9 +153,9 @@ fn audit_child(binary: &Path, path: &Path) -> Result<(f64, u64, f64), NodeError>
         })?;
     let secs = start.elapsed().as_secs_f64();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| NodeError::Data(format!("audit output: {e}: {}", String::from_utf8_lossy(&out.stderr))))?;
+        .map_err(|e| NodeError::Bench(format!("audit output: {e}: {}", String::from_utf8_lossy(&out.stderr))))?;
     if v["ok"] != serde_json::Value::Bool(true) {
-        return Err(NodeError::Data(format!(
+        return Err(NodeError::Bench(format!(
             "the benchmark ledger failed its audit: {}",
             v["problems"]
         )));
@@ -488,8 +488,8 @@ async fn loopback_swarm(
     )?;
     let listen: meshtrain_gossip::libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0"
         .parse()
-        .map_err(|e| NodeError::Data(format!("{e}")))?;
-    swarm.listen_on(listen).map_err(|e| NodeError::Data(e.to_string()))?;
+        .map_err(|e| NodeError::Bench(format!("{e}")))?;
+    swarm.listen_on(listen).map_err(|e| NodeError::Bench(e.to_string()))?;
     loop {
         if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
             return Ok((swarm, address));
@@ -528,7 +528,7 @@ pub async fn fetch(block_bytes: usize, blocks: usize, in_flight: usize) -> Resul
             }
         }
     });
-    client.dial(addr).map_err(|e| NodeError::Data(e.to_string()))?;
+    client.dial(addr).map_err(|e| NodeError::Bench(e.to_string()))?;
     loop {
         if let SwarmEvent::ConnectionEstablished { .. } = client.select_next_some().await {
             break;
@@ -554,7 +554,7 @@ pub async fn fetch(block_bytes: usize, blocks: usize, in_flight: usize) -> Resul
                 ..
             })) => {
                 if b.len() != block_bytes {
-                    return Err(NodeError::Data("short block".into()));
+                    return Err(NodeError::Bench("short block".into()));
                 }
                 got += 1;
                 if sent < blocks {
@@ -566,7 +566,7 @@ pub async fn fetch(block_bytes: usize, blocks: usize, in_flight: usize) -> Resul
                 }
             }
             SwarmEvent::Behaviour(MeshBehaviourEvent::Fetch(Event::OutboundFailure { error, .. })) => {
-                return Err(NodeError::Data(format!("fetch failed: {error}")));
+                return Err(NodeError::Bench(format!("fetch failed: {error}")));
             }
             _ => {}
         }
@@ -619,7 +619,7 @@ pub async fn discovery(trials: usize, nodes: usize, limit: Duration) -> Result<D
                 // As `node run --bootstrap ADDR` does.
                 let (peer, boot) = addrs[rng.random_range(0..i)].clone();
                 s.behaviour_mut().kad.add_address(&peer, boot.clone());
-                s.dial(boot).map_err(|e| NodeError::Data(e.to_string()))?;
+                s.dial(boot).map_err(|e| NodeError::Bench(e.to_string()))?;
             }
             addrs.push((me, addr.with(meshtrain_gossip::libp2p::multiaddr::Protocol::P2p(me))));
             swarms.push(s);

@@ -53,9 +53,7 @@ impl BlockStore {
     /// Stores a block after checking that its bytes hash to its name.
     pub fn put_block(&self, hash: &str, bytes: &[u8]) -> Result<(), NodeError> {
         if !is_hex_name(hash) || block_hash(bytes) != hash {
-            return Err(NodeError::Data(format!(
-                "block {hash}: the bytes do not hash to this name"
-            )));
+            return Err(NodeError::BlockCorrupt { hash: hash.to_string() });
         }
         write_atomic(&self.block_path(hash), bytes)
     }
@@ -99,10 +97,9 @@ impl BlockStore {
         };
         let m = Manifest::from_bytes(&bytes, &path.display().to_string())?;
         if m.id() != id {
-            return Err(NodeError::Data(format!(
-                "{}: manifest does not hash to its id",
-                path.display()
-            )));
+            return Err(NodeError::ManifestCorrupt {
+                path: path.to_path_buf(),
+            });
         }
         Ok(Some(m))
     }

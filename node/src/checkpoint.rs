@@ -62,7 +62,10 @@ impl Checkpoint {
             .map(|(name, b)| {
                 TensorView::new(Dtype::F32, vec![b.len() / 4], b)
                     .map(|v| (*name, v))
-                    .map_err(|e| NodeError::Data(format!("checkpoint tensor {name}: {e}")))
+                    .map_err(|e| NodeError::Checkpoint {
+                        path: path.clone(),
+                        detail: format!("tensor {name}: {e}"),
+                    })
             })
             .collect::<Result<_, _>>()?;
         let meta: HashMap<String, String> = [
@@ -72,8 +75,10 @@ impl Checkpoint {
             ("anchor_hash".to_string(), self.anchor_hash().to_string()),
         ]
         .into();
-        let bytes = safetensors::tensor::serialize(views, Some(meta))
-            .map_err(|e| NodeError::Data(format!("serialising the checkpoint: {e}")))?;
+        let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| NodeError::Checkpoint {
+            path: path.clone(),
+            detail: format!("serialising: {e}"),
+        })?;
         let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
         {
             use std::io::Write;
@@ -93,7 +98,10 @@ impl Checkpoint {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(NodeError::Io { path, source }),
         };
-        let bad = |detail: String| NodeError::Data(format!("{}: {detail}", path.display()));
+        let bad = |detail: String| NodeError::Checkpoint {
+            path: path.clone(),
+            detail,
+        };
         let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
         let get = |k: &str| {

@@ -113,7 +113,7 @@ fn idx_pairs(sources: &[PathBuf]) -> Result<Vec<(String, PathBuf, PathBuf)>, Nod
     let mut pairs = Vec::new();
     for (prefix, img) in images {
         let Some(lab) = labels.remove(&prefix) else {
-            return Err(NodeError::Data(format!(
+            return Err(NodeError::Import(format!(
                 "{}: no matching {prefix}-labels file",
                 img.display()
             )));
@@ -126,7 +126,7 @@ fn idx_pairs(sources: &[PathBuf]) -> Result<Vec<(String, PathBuf, PathBuf)>, Nod
         pairs.push((split.to_string(), img, lab));
     }
     if pairs.is_empty() {
-        return Err(NodeError::Data(
+        return Err(NodeError::Import(
             "no IDX image/label file pairs (NAME-images-idx3-ubyte[.gz] with NAME-labels-idx1-ubyte[.gz])".into(),
         ));
     }
@@ -142,10 +142,10 @@ fn row_is_test(row: u64, fraction: f64) -> bool {
 
 pub fn import(opts: &ImportOptions) -> Result<ImportReport, NodeError> {
     if opts.sources.is_empty() {
-        return Err(NodeError::Data("no source files given".into()));
+        return Err(NodeError::Import("no source files given".into()));
     }
     if opts.block_size == 0 {
-        return Err(NodeError::Data("--block-size must be positive".into()));
+        return Err(NodeError::Import("--block-size must be positive".into()));
     }
     let started = Instant::now();
     let store = BlockStore::open(&opts.out)?;
@@ -204,7 +204,7 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport, NodeError> {
                     })?);
                 }
             }
-            let schema = found.ok_or_else(|| NodeError::Data("no records".into()))?;
+            let schema = found.ok_or_else(|| NodeError::Import("no records".into()))?;
             // One file set (MNIST's t10k alone, say): hold out a test split
             // by a hash of the record number, so training never sees it.
             if records.len() == 1 && opts.test_fraction > 0.0 {
@@ -240,7 +240,7 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport, NodeError> {
                         let label = opts
                             .label_column
                             .as_deref()
-                            .ok_or_else(|| NodeError::Data("CSV import needs --label-column NAME".into()))?;
+                            .ok_or_else(|| NodeError::Import("CSV import needs --label-column NAME".into()))?;
                         Schema::Table {
                             features: read_csv_header(src)?.into_iter().filter(|c| c != label).collect(),
                             label: label.to_string(),
@@ -277,7 +277,7 @@ pub fn import(opts: &ImportOptions) -> Result<ImportReport, NodeError> {
                     (_, s) => s,
                 });
             }
-            found.ok_or_else(|| NodeError::Data("no records".into()))?
+            found.ok_or_else(|| NodeError::Import("no records".into()))?
         }
     };
     let splits = packer.finish()?;
@@ -363,18 +363,24 @@ pub fn inspect(dir: &Path, id: Option<&str>) -> Result<InspectReport, NodeError>
         Some(i) => i.to_string(),
         None => match ids.as_slice() {
             [one] => one.clone(),
-            [] => return Err(NodeError::Data(format!("{} holds no manifest", dir.display()))),
+            [] => {
+                return Err(NodeError::Dataset {
+                    dir: dir.to_path_buf(),
+                    detail: "holds no manifest".into(),
+                })
+            }
             _ => {
-                return Err(NodeError::Data(format!(
-                    "{} holds several datasets; pass --dataset ID",
-                    dir.display()
-                )))
+                return Err(NodeError::Dataset {
+                    dir: dir.to_path_buf(),
+                    detail: "holds several datasets; pass --dataset ID".into(),
+                })
             }
         },
     };
-    let m = store
-        .manifest(&id)?
-        .ok_or_else(|| NodeError::Data(format!("{} has no manifest {id}", dir.display())))?;
+    let m = store.manifest(&id)?.ok_or_else(|| NodeError::Dataset {
+        dir: dir.to_path_buf(),
+        detail: format!("has no manifest {id}"),
+    })?;
     let mut r = InspectReport {
         dataset_id: id,
         name: m.name.clone(),
@@ -439,7 +445,7 @@ pub fn inspect(dir: &Path, id: Option<&str>) -> Result<InspectReport, NodeError>
                 pixels_per_channel += (bytes.len() / rs * hw) as u64;
             }
             if hist != b.label_histogram && m.schema.classes().is_some() {
-                return Err(NodeError::Data(format!(
+                return Err(NodeError::Import(format!(
                     "the manifest does not match block {} ({split}): it lists labels {:?}, the block holds {:?}",
                     b.hash, b.label_histogram, hist
                 )));

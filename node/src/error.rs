@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-/// What can stop a node, in an operator's terms.
+/// What can stop a node (or one of its commands), in an operator's terms.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("{path}: {source}")]
@@ -19,8 +19,35 @@ pub enum NodeError {
     #[error("bad --shard `{0}`: expected I/N with 0 <= I < N")]
     Shard(String),
 
-    #[error("dataset: {0}")]
-    Data(String),
+    #[error("importing: {0}")]
+    Import(String),
+
+    #[error("dataset in {dir}: {detail}")]
+    Dataset { dir: PathBuf, detail: String },
+
+    #[error("block {hash}: the bytes do not hash to this name")]
+    BlockCorrupt { hash: String },
+
+    #[error("{path}: the manifest does not hash to its id")]
+    ManifestCorrupt { path: PathBuf },
+
+    #[error("test block {hash} is missing from the local store")]
+    MissingTestBlock { hash: String },
+
+    #[error("the run's manifest is not here yet")]
+    NoManifest,
+
+    #[error("{missing} blocks of this node's data are missing and no member has been reachable for {waited_s} s to fetch them from")]
+    DataUnreachable { missing: usize, waited_s: u64 },
+
+    #[error("checkpoint {path}: {detail}")]
+    Checkpoint { path: PathBuf, detail: String },
+
+    #[error("replay: {0}")]
+    Replay(String),
+
+    #[error("benchmark: {0}")]
+    Bench(String),
 
     #[error("ledger: {0}")]
     Ledger(#[from] meshtrain_ledger::LedgerError),
@@ -31,8 +58,21 @@ pub enum NodeError {
     #[error("network: {0}")]
     Gossip(#[from] meshtrain_gossip::GossipError),
 
-    #[error("trainer thread: {0}")]
-    Trainer(String),
+    #[error("training failed: {0}")]
+    Training(String),
+
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("the {name} thread stopped unexpectedly (it panicked or was killed); the node shuts down")]
+    ThreadDied { name: &'static str },
+
+    #[error("{0}")]
+    Core(#[from] crate::core::CoreFault),
 
     #[error("listen on {addr}: {detail}")]
     Listen { addr: String, detail: String },

@@ -2,38 +2,44 @@
 //! ledger, the model and the gossip layer into one process that trains,
 //! exchanges signed deltas, judges what it receives and records it.
 //!
-//! It owns configuration ([`RunSpec`]), identity, the event loop ([`Node`]),
-//! the training thread, the inbox (record checks and ledger writes), round
-//! bookkeeping ([`round::RoundBook`]) and the CLI's commands.
+//! It owns configuration ([`RunSpec`]), identity, the pure protocol core,
+//! the shell that runs it over libp2p and RocksDB, the training thread, the
+//! inbox (record checks and ledger writes), the deterministic simulator and
+//! the CLI's commands. It knows nothing of the testnet (only the binary's
+//! front end drives one).
 //!
 //! Main types:
 //! - [`RunSpec`]: what a run's nodes agree on; its hash is the run id.
-//! - [`Node`] / [`NodeOptions`]: one node's event loop.
-//! - [`round::RoundBook`]: which deltas wait for which round, and when a
-//!   round closes.
-//! - [`inbox`]: the receive checks, cheapest first, and their three outcomes.
+//! - [`core::Core`]: every decision of a node, `handle(input, now) ->
+//!   effects`, with no I/O of its own.
+//! - [`Node`] / [`NodeOptions`]: the shell, one node's event loop.
+//! - [`inbox::Inbox`]: the receive checks, cheapest first, and their three
+//!   outcomes, over any [`meshtrain_ledger::Store`].
+//! - [`sim::Sim`]: many cores in one process under a seeded fault schedule.
 
 pub mod attack;
 pub mod bench;
 pub mod blockstore;
 pub mod checkpoint;
 pub mod config;
+pub mod core;
 pub mod data;
 mod error;
 pub mod identity;
 pub mod inbox;
 pub mod metrics;
-pub mod node;
 pub mod placement;
 pub mod replay;
 pub mod reputation;
-pub mod round;
 pub mod runspec;
 mod serve;
 pub mod shard;
+mod shell;
+pub mod sim;
+
 pub mod status;
 mod trainer;
 
 pub use error::NodeError;
-pub use node::{Node, NodeOptions};
 pub use runspec::RunSpec;
+pub use shell::{write_json, Node, NodeOptions};

@@ -6,6 +6,7 @@
 //! for the registry lock while a scrape encodes.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +29,14 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabels {
+    /// accepted, ignored or invalid.
+    pub outcome: String,
+    /// Why it was ignored or invalid (empty when accepted).
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
     /// train, encode, verify, aggregate or ledger.
     pub stage: String,
@@ -43,6 +52,7 @@ pub struct NodeMetrics {
     pub train_loss: FGauge,
     pub updates_received: Counter,
     pub updates: Family<OutcomeLabels, Counter>,
+    pub messages: Family<MessageLabels, Counter>,
     pub bytes_in: Gauge,
     pub bytes_out: Gauge,
     pub peers: Gauge,
@@ -63,6 +73,7 @@ impl NodeMetrics {
             train_loss: FGauge::default(),
             updates_received: Counter::default(),
             updates: Family::default(),
+            messages: Family::default(),
             bytes_in: Gauge::default(),
             bytes_out: Gauge::default(),
             peers: Gauge::default(),
@@ -95,6 +106,11 @@ impl NodeMetrics {
             m.updates_received.clone(),
         );
         r.register("updates", "Peer updates by what became of them", m.updates.clone());
+        r.register(
+            "messages",
+            "Messages from peers by outcome (accepted, ignored, invalid) and reason",
+            m.messages.clone(),
+        );
         r.register("bytes_in", "Bytes received on all connections", m.bytes_in.clone());
         r.register("bytes_out", "Bytes sent on all connections", m.bytes_out.clone());
         r.register("peers", "Connected members of the run", m.peers.clone());
@@ -135,6 +151,15 @@ impl NodeMetrics {
             .inc();
     }
 
+    pub fn message(&self, outcome: &str, reason: &str) {
+        self.messages
+            .get_or_create(&MessageLabels {
+                outcome: outcome.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
     /// Reads the process's CPU time and RSS (at scrape time).
     fn sample_process(&self) {
         // SAFETY: getrusage only writes the struct we hand it.
@@ -149,6 +174,21 @@ impl NodeMetrics {
     }
 }
 
+/// Bytes of the files under DIR (the ledger's RocksDB files).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 /// VmRSS from /proc/self/status.
 fn resident_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -159,7 +199,12 @@ fn resident_bytes() -> Option<u64> {
 
 /// Serves `GET /metrics` on ADDR from its own thread until the process ends.
 /// Returns the address actually bound (ADDR may ask for port 0).
-pub fn serve(addr: SocketAddr, registry: Arc<Mutex<Registry>>, metrics: NodeMetrics) -> std::io::Result<SocketAddr> {
+pub fn serve(
+    addr: SocketAddr,
+    registry: Arc<Mutex<Registry>>,
+    metrics: NodeMetrics,
+    ledger_dir: PathBuf,
+) -> std::io::Result<SocketAddr> {
     let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
     let bound = server
         .server_addr()
@@ -170,6 +215,9 @@ pub fn serve(addr: SocketAddr, registry: Arc<Mutex<Registry>>, metrics: NodeMetr
         for request in server.incoming_requests() {
             let response = if request.url() == "/metrics" || request.url().starts_with("/metrics?") {
                 metrics.sample_process();
+                // Walking the ledger's files is a scrape's work, never the
+                // event loop's.
+                metrics.ledger_bytes.set(dir_bytes(&ledger_dir) as i64);
                 let mut body = String::new();
                 let encoded = match registry.lock() {
                     Ok(r) => encode(&mut body, &r).is_ok(),

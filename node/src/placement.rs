@@ -256,7 +256,7 @@ mod tests {
             let p = Placement::compute(&m, "train", &ms, 1, Partition::Dirichlet(alpha), 7);
             let mut worst = 0f64;
             for me in &ms {
-                let mut h = vec![0u64; 10];
+                let mut h = [0u64; 10];
                 for b in p.primary_of(me) {
                     let info = m.blocks("train").iter().find(|x| x.hash == b).unwrap();
                     h[dominant_class(info)] += 1;

@@ -6,7 +6,7 @@
 //! Aggregation and the outer step are plain deterministic Rust, so the replay
 //! is bit-exact on the same machine.
 
-use meshtrain_ledger::{Ledger, LedgerError, RejectReason, SignedVerdictBlock, Verdict, VerdictEntry, WeightsHash};
+use meshtrain_ledger::{LedgerError, RejectReason, Store, Verdict, VerdictEntry, WeightsHash};
 use meshtrain_model::{aggregate::aggregate, codec, AggInput, AggVerdict, Network, OuterConfig, OuterOptimizer};
 use serde::Serialize;
 
@@ -55,27 +55,51 @@ pub struct ReplayState {
     pub report: ReplayReport,
 }
 
-pub fn replay(ledger: &Ledger) -> Result<ReplayReport, NodeError> {
-    Ok(replay_core(ledger)?.report)
+/// What a replay needs of the model: its genesis weights and which ranges
+/// are buffers (stepped plainly by the outer optimiser).
+#[derive(Clone, Debug)]
+pub struct ModelShape {
+    pub genesis: Vec<f32>,
+    pub buffers: Vec<std::ops::Range<usize>>,
+}
+
+impl ModelShape {
+    /// The shape of the spec's model (built once on the CPU).
+    pub fn of_spec(spec: &RunSpec) -> Result<Self, NodeError> {
+        let net = Network::new(spec.model.arch, &spec.data.schema, meshtrain_model::Device::Cpu)?;
+        Ok(Self {
+            genesis: net.layout().genesis(spec.seed),
+            buffers: net.layout().buffer_ranges(),
+        })
+    }
+}
+
+/// Replays a ledger of a run of one of the built-in models.
+pub fn replay<S: Store + ?Sized>(ledger: &S) -> Result<ReplayReport, NodeError> {
+    let spec = RunSpec::from_canonical(&ledger.meta().run_spec)?;
+    Ok(replay_core(ledger, &ModelShape::of_spec(&spec)?)?.report)
 }
 
 /// The anchor and outer state a node reaches by replaying its ledger (used
 /// to resume when the checkpoint is older than the verdict chain).
-pub fn replay_state(ledger: &Ledger) -> Result<ReplayState, NodeError> {
-    let state = replay_core(ledger)?;
+pub fn replay_state<S: Store + ?Sized>(ledger: &S, shape: &ModelShape) -> Result<ReplayState, NodeError> {
+    let state = replay_core(ledger, shape)?;
     match &state.report.problem {
-        Some(p) => Err(NodeError::Data(format!("replay: {p}"))),
+        Some(p) => Err(NodeError::Replay(p.clone())),
         None => Ok(state),
     }
 }
 
+/// An adopted anchor and outer state.
+type JoinedState = (Vec<f32>, Vec<f32>);
+
 /// A join the replay resumes from: the adopted anchor and outer state.
-fn joined_state(
-    ledger: &Ledger,
+fn joined_state<S: Store + ?Sized>(
+    ledger: &S,
     round: u64,
     base: &WeightsHash,
     params: usize,
-) -> Result<Option<(Vec<f32>, Vec<f32>)>, NodeError> {
+) -> Result<Option<JoinedState>, NodeError> {
     let Some(join) = ledger
         .joins()?
         .into_iter()
@@ -89,19 +113,18 @@ fn joined_state(
     ) else {
         return Ok(None);
     };
-    let anchor = codec::decode(&a, params).map_err(|e| NodeError::Data(format!("joined anchor: {e}")))?;
+    let anchor = codec::decode(&a, params).map_err(|e| NodeError::Replay(format!("joined anchor: {e}")))?;
     let outer = match codec::peek_len(&o) {
         Ok(0) => Vec::new(),
-        _ => codec::decode(&o, params).map_err(|e| NodeError::Data(format!("joined outer state: {e}")))?,
+        _ => codec::decode(&o, params).map_err(|e| NodeError::Replay(format!("joined outer state: {e}")))?,
     };
     Ok(Some((anchor, outer)))
 }
 
-fn replay_core(ledger: &Ledger) -> Result<ReplayState, NodeError> {
+fn replay_core<S: Store + ?Sized>(ledger: &S, shape: &ModelShape) -> Result<ReplayState, NodeError> {
     let meta = ledger.meta();
     let spec = RunSpec::from_canonical(&meta.run_spec)?;
-    let net = Network::new(spec.model.arch, &spec.data.schema, meshtrain_model::Device::Cpu)?;
-    let mut anchor = net.layout().genesis(spec.seed);
+    let mut anchor = shape.genesis.clone();
     let params = anchor.len();
     let mut report = ReplayReport::default();
     let fail = |mut report: ReplayReport, problem: String, anchor: Vec<f32>| {
@@ -127,13 +150,16 @@ fn replay_core(ledger: &Ledger) -> Result<ReplayState, NodeError> {
             nesterov: spec.exchange.nesterov,
         },
         params,
-        net.layout().buffer_ranges(),
+        shape.buffers.clone(),
     );
-    drop(net);
 
-    for item in ledger.iter_verdicts()? {
-        let (seq, bytes) = item?;
-        let signed = SignedVerdictBlock::from_bytes(&bytes)?;
+    let last = ledger.verdict_head().map(|h| h.seq);
+    for seq in (0..).take_while(|s| last.is_some_and(|l| *s <= l)) {
+        let signed = ledger.verdict(seq)?.ok_or_else(|| LedgerError::Corrupt {
+            column: "verdicts",
+            key: seq.to_string(),
+            detail: "missing below the verdict head".into(),
+        })?;
         let block = &signed.block;
         let here = format!("verdict block {seq} (round {})", block.round);
         if WeightsHash::of_f32(&anchor) != block.base_anchor {
@@ -176,7 +202,7 @@ fn replay_core(ledger: &Ledger) -> Result<ReplayState, NodeError> {
                 );
             };
             let delta = codec::decode(&payload, params)
-                .map_err(|err| NodeError::Data(format!("{here}: payload of {}/{}: {err}", e.author, e.seq)))?;
+                .map_err(|err| NodeError::Replay(format!("{here}: payload of {}/{}: {err}", e.author, e.seq)))?;
             deltas.push(delta);
         }
         let agg_inputs: Vec<AggInput<'_>> = inputs

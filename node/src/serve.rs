@@ -1,12 +1,13 @@
-//! Answers peers' fetch requests from the ledger (run on a blocking thread).
+//! Answers peers' fetch requests from the ledger (run on a blocking thread
+//! by the node, inline by the simulator).
 
 use meshtrain_gossip::{FetchRequest, FetchResponse, HeadInfo};
-use meshtrain_ledger::{AuthorId, Ledger, PayloadHash, Seq};
+use meshtrain_ledger::{AuthorId, PayloadHash, Seq, Store};
 
 /// Most records sent in one answer.
 pub const MAX_RECORDS_PER_RESPONSE: u32 = 256;
 
-pub fn answer(ledger: &Ledger, request: &FetchRequest) -> FetchResponse {
+pub fn answer<S: Store + ?Sized>(ledger: &S, request: &FetchRequest) -> FetchResponse {
     let result = match request {
         FetchRequest::Payload { hash } => ledger.payload(&PayloadHash(*hash)).map(|p| match p {
             Some(bytes) => FetchResponse::Payload(bytes),

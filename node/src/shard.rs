@@ -140,7 +140,7 @@ pub fn test_set(store: &BlockStore, manifest: &Manifest) -> Result<Records, Node
     for b in manifest.blocks("test") {
         let bytes = store
             .block(&b.hash)?
-            .ok_or_else(|| NodeError::Data(format!("test block {} is missing", b.hash)))?;
+            .ok_or_else(|| NodeError::MissingTestBlock { hash: b.hash.clone() })?;
         manifest.verify_block(b, &bytes)?;
         records.extend_from_slice(&bytes);
     }

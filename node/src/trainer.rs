@@ -5,13 +5,12 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use meshtrain_model::{
-    DeltaEncoder, EvalReport, Evaluation, Network, RecordSource, Records, StepStats, TrainConfig, Trainer,
-};
+use meshtrain_model::{DeltaEncoder, EvalReport, Network, RecordSource, Records, TrainConfig, Trainer};
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
 use crate::attack::Attack;
+use crate::core::Trained;
 
 pub enum TrainerCmd {
     /// Evaluate `anchor` on the test set, train H steps from it, encode the delta.
@@ -22,6 +21,8 @@ pub enum TrainerCmd {
         /// Evaluate the anchor on the test set first.
         evaluate: bool,
     },
+    /// Encode a colluding attacker's crafted delta (as `like`'s round).
+    Craft { delta: Vec<f32>, like: Box<Trained> },
     /// Only evaluate `anchor` (the final weights).
     Evaluate { round: u64, anchor: Arc<Vec<f32>> },
     /// Train on other blocks from now on (the placement changed).
@@ -44,19 +45,11 @@ pub enum TrainerCmd {
 
 pub enum TrainerReply {
     RoundDone {
-        round: u64,
-        /// The anchor's test loss and accuracy, before training (if asked).
-        eval: Option<Evaluation>,
+        trained: Box<Trained>,
         eval_ms: u64,
-        stats: StepStats,
-        /// The encoded delta as it goes on the wire (empty for colluding
-        /// attackers, whose `decoded` is then the raw delta).
-        payload: Vec<u8>,
-        /// What every receiver decodes from `payload`.
-        decoded: Arc<Vec<f32>>,
-        train_ms: u64,
         encode_ms: u64,
     },
+    Crafted(Box<Trained>),
     Evaluated {
         round: u64,
         report: EvalReport,
@@ -93,6 +86,7 @@ pub fn spawn(
     attack: Option<Attack>,
 ) -> Result<TrainerHandle, crate::NodeError> {
     let mut trainer = Trainer::new(net, shard, cfg)?;
+    let mut attacker = attack.map(crate::attack::Attacker::new);
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<TrainerCmd>();
     let (reply_tx, reply_rx) = mpsc::unbounded_channel();
     let thread = std::thread::Builder::new()
@@ -105,7 +99,15 @@ pub fn spawn(
                         anchor,
                         steps,
                         evaluate,
-                    } => run_round(&mut trainer, &test, &mut encoder, attack.as_ref(), round, &anchor, steps, evaluate),
+                    } => run_round(&mut trainer, &test, &mut encoder, &mut attacker, round, &anchor, steps, evaluate),
+                    TrainerCmd::Craft { delta, like } => match encoder.encode(&delta) {
+                        Ok(e) => TrainerReply::Crafted(Box::new(Trained {
+                            payload: e.bytes,
+                            decoded: Arc::new(e.decoded),
+                            ..*like
+                        })),
+                        Err(e) => TrainerReply::Failed(format!("encoding the crafted update: {e}")),
+                    },
                     TrainerCmd::SetSource(source) => {
                         trainer.set_source(source);
                         continue;
@@ -152,7 +154,7 @@ pub fn spawn(
             }
             debug!("trainer thread stops");
         })
-        .map_err(|e| crate::NodeError::Trainer(e.to_string()))?;
+        .map_err(|source| crate::NodeError::Thread { name: "trainer", source })?;
     Ok(TrainerHandle {
         cmd: cmd_tx,
         replies: reply_rx,
@@ -165,7 +167,7 @@ fn run_round(
     trainer: &mut Trainer,
     test: &Records,
     encoder: &mut DeltaEncoder,
-    attack: Option<&Attack>,
+    attacker: &mut Option<crate::attack::Attacker>,
     round: u64,
     anchor: &[f32],
     steps: usize,
@@ -192,33 +194,29 @@ fn run_round(
             *d -= *s;
         }
         let train_ms = started.elapsed().as_millis() as u64;
-        if let Some(attack) = attack {
-            if attack.colludes() {
-                // The node crafts and encodes this one once it has seen the
-                // honest updates of the round.
-                return Ok(TrainerReply::RoundDone {
-                    round,
-                    eval,
-                    eval_ms,
-                    stats,
-                    payload: Vec::new(),
-                    decoded: Arc::new(delta),
-                    train_ms,
-                    encode_ms: 0,
-                });
-            }
-            attack.corrupt_delta(&mut delta, round);
-        }
         let started = std::time::Instant::now();
-        let encoded = encoder.encode(&delta)?;
+        let trained = match attacker {
+            Some(a) => a.make_update(round, delta, encoder)?,
+            None => {
+                let encoded = encoder.encode(&delta)?;
+                crate::attack::Update {
+                    payload: encoded.bytes,
+                    decoded: encoded.decoded,
+                    twin: None,
+                }
+            }
+        };
         Ok(TrainerReply::RoundDone {
-            round,
-            eval,
+            trained: Box::new(Trained {
+                round,
+                eval,
+                stats,
+                payload: trained.payload,
+                decoded: Arc::new(trained.decoded),
+                twin: trained.twin,
+                train_ms,
+            }),
             eval_ms,
-            stats,
-            payload: encoded.bytes,
-            decoded: Arc::new(encoded.decoded),
-            train_ms,
             encode_ms: started.elapsed().as_millis() as u64,
         })
     })();

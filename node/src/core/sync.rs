@@ -10,19 +10,19 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use meshtrain_gossip::libp2p::PeerId;
 use meshtrain_gossip::{FetchRequest, FetchResponse};
-use meshtrain_ledger::{AuthorId, JoinRecord, PayloadHash, SignedVerdictBlock, WeightsHash};
+use meshtrain_ledger::{AuthorId, JoinRecord, PayloadHash, RunId, SignedVerdictBlock, WeightsHash};
 use meshtrain_model::{codec, CodecSpec};
 use tracing::{debug, info, warn};
 
-use super::{Node, RequestFor};
+use super::start::short;
+use super::{Core, Effect, Millis, Phase, RequestFor, Timer};
 use crate::inbox::Job;
 
 /// How long a sync waits for answers.
-const SYNC_WAIT: Duration = Duration::from_secs(5);
+const SYNC_WAIT_MS: Millis = 5000;
 /// Peers asked at once.
 const SYNC_FANOUT: usize = 5;
 /// Asks before giving up when answers disagree (peers caught between two
@@ -31,7 +31,7 @@ const SYNC_FANOUT: usize = 5;
 const SYNC_ATTEMPTS_START: u32 = 40;
 const SYNC_ATTEMPTS_MINORITY: u32 = 10;
 /// Pause between asks.
-const SYNC_RETRY: Duration = Duration::from_millis(300);
+const SYNC_RETRY_MS: Millis = 300;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncReason {
@@ -41,8 +41,8 @@ pub enum SyncReason {
     Minority,
 }
 
-/// One verified offer.
-#[derive(Clone)]
+/// One checked offer.
+#[derive(Clone, Debug)]
 pub struct Offer {
     pub round: u64,
     pub anchor_hash: WeightsHash,
@@ -58,25 +58,94 @@ pub struct AnchorSync {
     pub reason: SyncReason,
     asked: HashSet<PeerId>,
     answered: HashSet<PeerId>,
+    /// Answers handed off to be checked, not back yet.
+    checking: usize,
     offers: Vec<Offer>,
-    started: Instant,
+    started: Millis,
     /// Only offers with this anchor count (Minority syncs target a group).
     target: Option<WeightsHash>,
     among: Option<Vec<AuthorId>>,
     attempt: u32,
     /// Ask again at this time (after a disagreement).
-    retry_at: Option<Instant>,
+    retry_at: Option<Millis>,
 }
 
+/// Offers that name the same round, anchor and outer state.
+type OfferKey = (u64, WeightsHash, WeightsHash);
+
 /// What a sync decided.
-pub enum SyncOutcome {
+enum SyncOutcome {
     Pending,
     /// Take this offer; the verdict blocks of its distinct signers attest it.
     Adopt(Box<Offer>, Vec<SignedVerdictBlock>),
     Nothing,
 }
 
-impl Node {
+/// Checks an offer: decodable, and (past round 0) attested by a signed
+/// verdict block of this run naming exactly these weights and state. Heavy
+/// (it decodes the whole anchor): the node runs it on a worker thread.
+pub fn check_offer(
+    run_id: &RunId,
+    genesis: &WeightsHash,
+    params: usize,
+    response: FetchResponse,
+) -> Result<Offer, String> {
+    let FetchResponse::Anchor {
+        round,
+        weights,
+        outer,
+        verdict,
+    } = response
+    else {
+        return Err("not an anchor".into());
+    };
+    let w = codec::decode(&weights, params).map_err(|e| format!("weights: {e}"))?;
+    let v = match codec::peek_len(&outer) {
+        Ok(0) => Vec::new(),
+        _ => codec::decode(&outer, params).map_err(|e| format!("outer state: {e}"))?,
+    };
+    let anchor_hash = WeightsHash::of_f32(&w);
+    let outer_hash = WeightsHash::of_f32(&v);
+    let attestation = if round == 0 {
+        if anchor_hash != *genesis {
+            return Err("round 0 but not the genesis weights".into());
+        }
+        None
+    } else {
+        let block = SignedVerdictBlock::from_bytes(&verdict).map_err(|e| e.to_string())?;
+        block.verify_signature().map_err(|e| e.to_string())?;
+        let b = &block.block;
+        if b.run_id != *run_id {
+            return Err("attested by a block of another run".into());
+        }
+        if b.new_anchor != anchor_hash || b.outer_state != outer_hash || b.round.checked_add(1) != Some(round) {
+            return Err("the verdict block attests other weights or another round".into());
+        }
+        Some(block)
+    };
+    Ok(Offer {
+        round,
+        anchor_hash,
+        outer_hash,
+        weights: Arc::new(w),
+        velocity: v,
+        attestation,
+        weights_bytes: weights,
+        outer_bytes: outer,
+    })
+}
+
+/// Our anchor as it goes on the wire (the shell caches this per anchor).
+pub fn encode_anchor(snapshot: &super::AnchorSnapshot) -> FetchResponse {
+    FetchResponse::Anchor {
+        round: snapshot.round,
+        weights: codec::encode(CodecSpec::Dense, &snapshot.weights),
+        outer: codec::encode(CodecSpec::Dense, &snapshot.velocity),
+        verdict: snapshot.attestation.as_ref().map(|v| v.to_bytes()).unwrap_or_default(),
+    }
+}
+
+impl Core {
     /// Asks up to five members for their anchor. `among` restricts the
     /// choice (for a minority sync: authors of the majority group).
     pub(super) fn start_sync(&mut self, reason: SyncReason, among: Option<&[AuthorId]>, target: Option<WeightsHash>) {
@@ -95,10 +164,10 @@ impl Node {
     ) {
         let among_ref = among.as_deref();
         let mut peers: Vec<PeerId> = self
-            .members
-            .iter()
-            .filter(|(_, a)| !self.banned.contains(a) && among_ref.is_none_or(|set| set.contains(a)))
-            .map(|(p, _)| *p)
+            .voters_by_author()
+            .into_iter()
+            .filter(|(a, _)| among_ref.is_none_or(|set| set.contains(a)))
+            .map(|(_, p)| p)
             .collect();
         peers.sort();
         peers.truncate(SYNC_FANOUT);
@@ -106,8 +175,7 @@ impl Node {
             return;
         }
         for p in &peers {
-            let id = self.swarm.behaviour_mut().fetch.send_request(p, FetchRequest::Anchor);
-            self.requests.insert(id, RequestFor::Anchor);
+            self.request(*p, FetchRequest::Anchor, RequestFor::Anchor);
         }
         info!(
             round = self.round(),
@@ -120,131 +188,89 @@ impl Node {
             reason,
             asked: peers.into_iter().collect(),
             answered: HashSet::new(),
+            checking: 0,
             offers: Vec::new(),
-            started: Instant::now(),
+            started: self.now,
             target,
             among,
             attempt,
             retry_at: None,
         });
-    }
-
-    /// After jumping to a new round: records for it that came in earlier
-    /// (while their round did not matter yet) need their payloads now.
-    pub(super) fn fetch_held_payloads(&mut self) {
-        let round = self.round();
-        for (author, head) in self.ledger.heads() {
-            if author == self.me || self.banned.contains(&author) {
-                continue;
-            }
-            // The newest few records: those of this round and later.
-            let mut seq = head.seq.0;
-            loop {
-                let Ok(Some(rec)) = self.ledger.record(&author, meshtrain_ledger::Seq(seq)) else {
-                    break;
-                };
-                let r = &rec.record;
-                if r.round < round {
-                    break;
-                }
-                if !self.ledger.has_payload(&r.payload_hash).unwrap_or(true) {
-                    self.book.announce(r.round, author);
-                    self.want_payload(r.payload_hash, author, r.round, None);
-                }
-                if seq == 0 || head.seq.0 - seq >= 8 {
-                    break;
-                }
-                seq -= 1;
-            }
-        }
-    }
-
-    /// Serves `FetchRequest::Anchor`: our round, anchor, outer state, and the
-    /// verdict block that names them (ours, or the attestation we joined on).
-    pub(super) fn anchor_response(&self) -> FetchResponse {
-        let Some(outer) = self.outer.as_ref() else {
-            return FetchResponse::Refused("aggregating".into());
-        };
-        FetchResponse::Anchor {
-            round: self.round(),
-            weights: codec::encode(CodecSpec::Dense, &self.anchor),
-            outer: codec::encode(CodecSpec::Dense, outer.velocity()),
-            verdict: self.attestation.as_ref().map(|v| v.to_bytes()).unwrap_or_default(),
-        }
-    }
-
-    /// Checks an offer: decodable, and (past round 0) attested by a signed
-    /// verdict block of this run naming exactly these weights and state.
-    fn check_offer(&self, round: u64, weights: Vec<u8>, outer: Vec<u8>, verdict: Vec<u8>) -> Result<Offer, String> {
-        let params = self.anchor.len();
-        let w = codec::decode(&weights, params).map_err(|e| format!("weights: {e}"))?;
-        let v = match codec::peek_len(&outer) {
-            Ok(0) => Vec::new(),
-            _ => codec::decode(&outer, params).map_err(|e| format!("outer state: {e}"))?,
-        };
-        let anchor_hash = WeightsHash::of_f32(&w);
-        let outer_hash = WeightsHash::of_f32(&v);
-        let attestation = if round == 0 {
-            if anchor_hash != self.ledger.meta().genesis_weights {
-                return Err("round 0 but not the genesis weights".into());
-            }
-            None
-        } else {
-            let block = SignedVerdictBlock::from_bytes(&verdict).map_err(|e| e.to_string())?;
-            block.verify_signature().map_err(|e| e.to_string())?;
-            let b = &block.block;
-            if b.run_id != self.run_id {
-                return Err("attested by a block of another run".into());
-            }
-            if b.new_anchor != anchor_hash || b.outer_state != outer_hash || b.round + 1 != round {
-                return Err("the verdict block attests other weights or another round".into());
-            }
-            Some(block)
-        };
-        Ok(Offer {
-            round,
-            anchor_hash,
-            outer_hash,
-            weights: Arc::new(w),
-            velocity: v,
-            attestation,
-            weights_bytes: weights,
-            outer_bytes: outer,
-        })
+        self.arm(Timer::Sync, self.now + SYNC_WAIT_MS);
     }
 
     pub(super) fn on_anchor_response(&mut self, peer: PeerId, response: FetchResponse) {
-        let Some(sync) = self.sync.as_mut() else { return };
-        sync.answered.insert(peer);
-        let FetchResponse::Anchor {
-            round,
-            weights,
-            outer,
-            verdict,
-        } = response
-        else {
+        let Some(sync) = self.sync.as_mut() else {
             return;
         };
-        match self.check_offer(round, weights, outer, verdict) {
+        if matches!(response, FetchResponse::Anchor { .. }) {
+            sync.checking += 1;
+            self.emit(Effect::CheckOffer { peer, response });
+        } else {
+            sync.answered.insert(peer);
+            self.sync_tick();
+        }
+    }
+
+    pub(super) fn on_offer_checked(&mut self, peer: PeerId, result: Result<Box<Offer>, String>) {
+        let Some(sync) = self.sync.as_mut() else {
+            return;
+        };
+        sync.checking = sync.checking.saturating_sub(1);
+        sync.answered.insert(peer);
+        match result {
             Ok(offer) => {
-                if let Some(sync) = self.sync.as_mut() {
-                    if sync.target.is_none_or(|t| t == offer.anchor_hash) {
-                        sync.offers.push(offer);
-                    }
+                if sync.target.is_none_or(|t| t == offer.anchor_hash) {
+                    sync.offers.push(*offer);
                 }
             }
-            Err(e) => warn!(peer = %super::short_peer(&peer), error = %e, "refused an anchor offer"),
+            Err(e) => warn!(peer = %short(&peer), error = %e, "refused an anchor offer"),
         }
+        self.sync_tick();
     }
 
     pub(super) fn anchor_request_failed(&mut self, peer: PeerId) {
         if let Some(sync) = self.sync.as_mut() {
             sync.answered.insert(peer);
+            self.sync_tick();
+        }
+    }
+
+    /// Decides a sync when it can, and acts on the decision.
+    pub(super) fn sync_tick(&mut self) {
+        if self.sync.is_none() {
+            return;
+        }
+        match self.sync_outcome() {
+            SyncOutcome::Pending => {}
+            SyncOutcome::Adopt(offer, attestations) => {
+                // The anchor is in use only while aggregating; a majority
+                // already a round ahead is taken at our close.
+                let aggregating = matches!(self.phase, Phase::Aggregating(_));
+                let syncing = matches!(self.phase, Phase::Syncing);
+                let now_ok = syncing || (!aggregating && offer.round == self.round());
+                // Waiting on a round the mesh has left behind: jump.
+                let jump = matches!(self.phase, Phase::Waiting(_)) && offer.round > self.round();
+                if now_ok {
+                    self.adopt(*offer, attestations);
+                } else if jump {
+                    self.adopt(*offer, attestations);
+                    self.set_phase(Phase::Syncing);
+                } else {
+                    self.pending_adoption = Some((offer, attestations));
+                }
+            }
+            SyncOutcome::Nothing => {}
+        }
+        if self.sync.is_none() && matches!(self.phase, Phase::Syncing) {
+            info!(round = self.round(), "starting to train");
+            self.begin_rounds();
         }
     }
 
     /// Decides once every asked peer answered or the wait is over.
-    pub(super) fn sync_outcome(&mut self, now: Instant) -> SyncOutcome {
+    fn sync_outcome(&mut self) -> SyncOutcome {
+        let now = self.now;
         let Some(sync) = self.sync.as_ref() else {
             return SyncOutcome::Nothing;
         };
@@ -258,7 +284,8 @@ impl Node {
             self.ask_anchors(s.reason, s.among, s.target, s.attempt + 1);
             return SyncOutcome::Pending;
         }
-        let done = sync.answered.len() >= sync.asked.len() || now.duration_since(sync.started) > SYNC_WAIT;
+        let all_in = sync.answered.len() >= sync.asked.len() && sync.checking == 0;
+        let done = all_in || now.saturating_sub(sync.started) >= SYNC_WAIT_MS;
         if !done {
             return SyncOutcome::Pending;
         }
@@ -266,7 +293,7 @@ impl Node {
             return SyncOutcome::Nothing;
         };
         // Group identical offers; count distinct attesting signers.
-        let mut groups: BTreeMap<(u64, WeightsHash, WeightsHash), (HashSet<Option<AuthorId>>, usize)> = BTreeMap::new();
+        let mut groups: BTreeMap<OfferKey, (HashSet<Option<AuthorId>>, usize)> = BTreeMap::new();
         for (i, o) in sync.offers.iter().enumerate() {
             let g = groups
                 .entry((o.round, o.anchor_hash, o.outer_hash))
@@ -293,8 +320,9 @@ impl Node {
                 // Probably caught between rounds (answers disagree, or peers
                 // refused while aggregating): ask again in a moment.
                 let mut sync = sync;
-                sync.retry_at = Some(now + SYNC_RETRY);
+                sync.retry_at = Some(now + SYNC_RETRY_MS);
                 self.sync = Some(sync);
+                self.arm(Timer::Sync, now + SYNC_RETRY_MS);
                 return SyncOutcome::Pending;
             }
             warn!(
@@ -309,8 +337,9 @@ impl Node {
             // The majority has not closed the round we already closed: its
             // next anchor is moments away.
             let mut sync = sync;
-            sync.retry_at = Some(now + SYNC_RETRY);
+            sync.retry_at = Some(now + SYNC_RETRY_MS);
             self.sync = Some(sync);
+            self.arm(Timer::Sync, now + SYNC_RETRY_MS);
             return SyncOutcome::Pending;
         }
         if !(ahead || minority_switch) {
@@ -345,12 +374,15 @@ impl Node {
         );
         if let Some(outer) = self.outer.as_mut() {
             outer.set_velocity(offer.velocity.clone());
+            self.velocity = Arc::new(outer.velocity().to_vec());
         }
         self.anchor = offer.weights.clone();
         self.anchor_hash = offer.anchor_hash;
         if offer.round > self.round() {
             self.book.restart_at(offer.round);
-            self.fetch_held_payloads();
+            self.wants
+                .drop_before(offer.round.saturating_sub(self.cfg.spec.exchange.staleness));
+            self.rebuild(offer.round);
         }
         // (At our own round, only the anchor this round's aggregation
         // starts from changes; what was gathered for the round stays.)
@@ -365,11 +397,11 @@ impl Node {
                 outer_payload: PayloadHash::of(&offer.outer_bytes),
                 attestations,
             };
-            self.send_job(Job::Join {
+            self.emit(Effect::Inbox(Job::Join {
                 record: Box::new(join),
                 anchor: offer.weights_bytes,
                 outer: offer.outer_bytes,
-            });
+            }));
         }
     }
 }

@@ -10,7 +10,8 @@ use std::time::SystemTime;
 use meshtrain_gossip::libp2p::PeerId;
 use tracing::{info, warn};
 
-use super::{short_peer, Node};
+use super::Node;
+use crate::core::start::short as short_peer;
 
 /// Parses a deny-list: one peer id per line; blank lines and `#` comments
 /// are skipped. A line that is not a peer id is reported, not fatal.
@@ -39,11 +40,23 @@ pub struct DenyList {
     pub peers: HashSet<PeerId>,
 }
 
+impl DenyList {
+    pub fn new(file: std::path::PathBuf) -> Self {
+        Self {
+            file,
+            modified: None,
+            peers: HashSet::new(),
+        }
+    }
+}
+
 impl Node {
     /// Re-reads the deny-list if it changed; blocks added peers (closing
     /// their connections) and unblocks and redials removed ones.
     pub(super) fn refresh_deny_list(&mut self) {
-        let Some(deny) = self.deny.as_mut() else { return };
+        let Some(deny) = self.deny.as_mut() else {
+            return;
+        };
         let modified = std::fs::metadata(&deny.file).and_then(|m| m.modified()).ok();
         if modified == deny.modified {
             return;
@@ -66,13 +79,13 @@ impl Node {
         }
         for p in &removed {
             self.swarm.behaviour_mut().blocked.unblock_peer(*p);
-            if !self.is_banned_peer(p) {
+            if !self.core.is_banned_peer(p) {
                 let _ = self.swarm.dial(*p);
             }
         }
         if !added.is_empty() || !removed.is_empty() {
             let show = |v: &[PeerId]| v.iter().map(short_peer).collect::<Vec<_>>();
-            info!(round = self.round(), denied = ?show(&added), allowed = ?show(&removed), "deny-list changed");
+            info!(round = self.core.round(), denied = ?show(&added), allowed = ?show(&removed), "deny-list changed");
         }
     }
 }

@@ -1,43 +1,36 @@
-//! The inbox: one worker thread that checks every incoming record and payload
-//! and writes the ledger, in order. Keeping verification and writes on one
-//! queue means a chain head never changes under a check, and the event loop
-//! never waits on a signature or an fsync.
+//! The inbox: checks every incoming record and payload and writes the
+//! ledger, in order. Keeping verification and writes on one queue means a
+//! chain head never changes under a check.
 //!
-//! Checks run cheapest first (DESIGN §3.5): decode with limits, run, round,
-//! signature, chain link, then the payload's hash, shape and finiteness.
+//! [`Inbox`] is plain logic over a [`Store`]: the node runs it on its own
+//! thread over RocksDB ([`thread::spawn`]), the simulator runs it inline over
+//! a [`meshtrain_ledger::MemLedger`]. Checks run cheapest first (DESIGN
+//! §3.5): decode with limits, run, round, signature, chain link, then the
+//! payload's hash, shape and finiteness.
+
+pub mod thread;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use meshtrain_gossip::libp2p::{gossipsub::MessageId, PeerId};
+use meshtrain_gossip::libp2p::PeerId;
 use meshtrain_ledger::chain::place;
 use meshtrain_ledger::{
-    AuthorId, EquivocationProof, Ledger, LedgerError, PayloadHash, Placement, RecordHash, RejectReason, RunId, Seq,
-    SignedRecord, SignedVerdictBlock, Verdict, VerdictEntry, VerifiedRecord,
+    AuthorId, Batch, EquivocationProof, JoinRecord, LedgerError, Op, PayloadHash, Placement, RecordHash, RejectReason,
+    Retention, RunId, Seq, SignedRecord, SignedVerdictBlock, Store, Verdict, VerdictEntry, VerifiedRecord,
 };
 use meshtrain_model::{codec, CodecError};
-use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::round::Contribution;
+use crate::core::outcome::{IgnoreReason, Origin, Outcome};
+use crate::core::rounds::Contribution;
 
 /// Records held per author while a gap before them is being filled.
 const GAP_BUFFER_PER_AUTHOR: usize = 64;
+/// Records read back per author when rebuilding a round after a restart.
+const REBUILD_DEPTH: u64 = 8;
 
-/// Where a record came from, for the gossipsub verdict and for retries.
-#[derive(Clone, Debug)]
-pub enum Origin {
-    Gossip {
-        message_id: MessageId,
-        source: PeerId,
-    },
-    Fetched {
-        from: PeerId,
-    },
-    /// Released from the gap buffer once its predecessors arrived.
-    Buffered,
-}
-
+#[derive(Debug)]
 pub enum Job {
     Record {
         bytes: Vec<u8>,
@@ -63,18 +56,16 @@ pub enum Job {
     Ban(AuthorId),
     /// The node adopted peers' anchor: keep the record and the payloads.
     Join {
-        record: Box<meshtrain_ledger::JoinRecord>,
+        record: Box<JoinRecord>,
         anchor: Vec<u8>,
         outer: Vec<u8>,
     },
-}
-
-/// The three outcomes of a message, one-to-one with gossipsub's acceptance.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    Accepted,
-    Ignored(&'static str),
-    Invalid(RejectReason),
+    /// After a restart or a jump to `round`: the records of `round` and later
+    /// already held become contributions again (their payloads are read back
+    /// and checked) or wanted payloads.
+    Rebuild {
+        round: u64,
+    },
 }
 
 /// What the inbox learned about one record.
@@ -85,7 +76,12 @@ pub struct RecordDone {
     pub author: Option<AuthorId>,
     pub seq: Option<Seq>,
     pub round: Option<u64>,
+    pub record_hash: Option<RecordHash>,
     pub payload_hash: Option<PayloadHash>,
+    /// The anchor the author says it trained from.
+    pub base: Option<meshtrain_ledger::WeightsHash>,
+    /// Stored in the chain (a new record, not a duplicate or a refusal).
+    pub stored: bool,
     /// Payload verified: the delta is ready to aggregate.
     pub contribution: Option<Contribution>,
     /// The author is at fault for this record's payload; recorded as a verdict.
@@ -99,14 +95,14 @@ pub struct RecordDone {
 
 pub enum Done {
     Record(Box<RecordDone>),
-    /// A fetched payload: the contribution, or why not.
-    Payload {
+    /// A fetched payload that did not settle its record: who sent it and why.
+    PayloadRefused {
         hash: PayloadHash,
         from: PeerId,
-        result: Result<Box<RecordDone>, PayloadFault>,
+        fault: PayloadFault,
     },
     OwnStored {
-        signed: SignedRecord,
+        signed: Box<SignedRecord>,
         payload: Vec<u8>,
     },
     OwnFailed(String),
@@ -117,8 +113,12 @@ pub enum Done {
     Proof {
         origin: Origin,
         outcome: Outcome,
-        proof: Option<EquivocationProof>,
+        proof: Option<Box<EquivocationProof>>,
     },
+    JoinStored {
+        round: u64,
+    },
+    JoinFailed(String),
 }
 
 /// Why a payload could not be used.
@@ -127,7 +127,7 @@ pub enum PayloadFault {
     /// These bytes are not the payload the record names (whoever sent them
     /// is at fault, not necessarily the author): try another peer.
     NotThePayload,
-    /// No stored record names this payload (or it was already handled).
+    /// No stored record waits for this payload (or it was already handled).
     Unknown,
     /// The author's payload itself is bad.
     Author(RejectReason),
@@ -139,71 +139,23 @@ pub struct InboxConfig {
     pub params: usize,
     /// Rounds of the run; records beyond them are invalid.
     pub rounds: u64,
-    pub retention: meshtrain_ledger::Retention,
-    /// Where checking (`verify`) and own writes (`ledger`) report their time.
-    pub metrics: Option<crate::metrics::NodeMetrics>,
+    pub retention: Retention,
 }
 
-struct Inbox {
-    ledger: Arc<Ledger>,
+/// A record held out of order, with the payload that came with it.
+type Held = (SignedRecord, Option<Vec<u8>>);
+
+/// Record checks and ledger writes over a store.
+pub struct Inbox<S: Store + ?Sized> {
+    store: Arc<S>,
     cfg: InboxConfig,
     banned: HashSet<AuthorId>,
-    gaps: HashMap<AuthorId, BTreeMap<Seq, (SignedRecord, Option<Vec<u8>>)>>,
+    gaps: HashMap<AuthorId, BTreeMap<Seq, Held>>,
     /// Stored records still waiting for their payload, by payload hash.
     awaiting: HashMap<PayloadHash, SignedRecord>,
     /// Every payload hash a stored record has named, with that record: a
     /// second record naming one again is a replay.
     named: HashMap<PayloadHash, RecordHash>,
-    out: mpsc::UnboundedSender<Done>,
-}
-
-/// The inbox's ends: jobs in, results out, and the thread to join at exit
-/// (it holds the ledger, which must close before the process ends).
-pub struct InboxHandle {
-    pub jobs: std::sync::mpsc::Sender<Job>,
-    pub done: mpsc::UnboundedReceiver<Done>,
-    pub thread: std::thread::JoinHandle<()>,
-}
-
-pub fn spawn(ledger: Arc<Ledger>, cfg: InboxConfig) -> Result<InboxHandle, crate::NodeError> {
-    let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let mut inbox = Inbox {
-        ledger,
-        cfg,
-        banned: HashSet::new(),
-        gaps: HashMap::new(),
-        awaiting: HashMap::new(),
-        named: HashMap::new(),
-        out: out_tx,
-    };
-    let thread = std::thread::Builder::new()
-        .name("inbox".into())
-        .spawn(move || {
-            while let Ok(job) = job_rx.recv() {
-                // Checking what peers sent (storing it included) is
-                // `verify`; writing our own records and verdicts is `ledger`.
-                let stage = match job {
-                    Job::Record { .. } | Job::Payload { .. } | Job::Proof { .. } => Some("verify"),
-                    Job::Own { .. } | Job::Verdict(_) | Job::Join { .. } => Some("ledger"),
-                    _ => None,
-                };
-                let started = std::time::Instant::now();
-                let alive = inbox.handle(job);
-                if let (Some(stage), Some(m)) = (stage, inbox.cfg.metrics.as_ref()) {
-                    m.stage(stage, started.elapsed());
-                }
-                if !alive {
-                    break;
-                }
-            }
-        })
-        .map_err(|e| crate::NodeError::Trainer(format!("cannot start the inbox thread: {e}")))?;
-    Ok(InboxHandle {
-        jobs: job_tx,
-        done: out_rx,
-        thread,
-    })
 }
 
 fn reason_of(e: &LedgerError) -> RejectReason {
@@ -216,6 +168,12 @@ fn reason_of(e: &LedgerError) -> RejectReason {
     }
 }
 
+/// Whether a ledger error is about the data (the sender's fault) rather
+/// than this node's disk.
+fn is_local(e: &LedgerError) -> bool {
+    matches!(e, LedgerError::Store { .. } | LedgerError::Corrupt { .. })
+}
+
 impl RecordDone {
     fn new(origin: Origin, outcome: Outcome) -> Self {
         Self {
@@ -224,7 +182,10 @@ impl RecordDone {
             author: None,
             seq: None,
             round: None,
+            record_hash: None,
             payload_hash: None,
+            base: None,
+            stored: false,
             contribution: None,
             rejection: None,
             need_payload: false,
@@ -237,70 +198,88 @@ impl RecordDone {
         self.author = Some(signed.record.author);
         self.seq = Some(signed.record.seq);
         self.round = Some(signed.record.round);
+        self.record_hash = Some(signed.hash());
         self.payload_hash = Some(signed.record.payload_hash);
+        self.base = Some(signed.record.base_hash);
         self
     }
 }
 
-impl Inbox {
-    /// Returns false when the event loop is gone.
-    fn handle(&mut self, job: Job) -> bool {
-        let done = match job {
+impl<S: Store + ?Sized> Inbox<S> {
+    pub fn new(store: Arc<S>, cfg: InboxConfig) -> Self {
+        Self {
+            store,
+            cfg,
+            banned: HashSet::new(),
+            gaps: HashMap::new(),
+            awaiting: HashMap::new(),
+            named: HashMap::new(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// Runs one job; what it learned, in order.
+    pub fn handle(&mut self, job: Job) -> Vec<Done> {
+        match job {
             Job::Record { bytes, payload, origin } => {
                 let mut results = Vec::new();
                 self.record(&bytes, payload, origin, &mut results);
-                for r in results {
-                    if self.out.send(Done::Record(Box::new(r))).is_err() {
-                        return false;
-                    }
-                }
-                return true;
+                results.into_iter().map(|r| Done::Record(Box::new(r))).collect()
             }
-            Job::Payload { hash, bytes, from } => Done::Payload {
-                hash,
-                from,
-                result: self.payload(hash, &bytes),
+            Job::Payload { hash, bytes, from } => match self.payload(hash, &bytes, Origin::Fetched { from }) {
+                Ok(done) => vec![Done::Record(done)],
+                Err(fault) => vec![Done::PayloadRefused { hash, from, fault }],
             },
-            Job::Own { signed, payload } => match self.own(&signed, &payload) {
-                Ok(()) => Done::OwnStored { signed, payload },
+            Job::Own { signed, payload } => vec![match self.own(&signed, &payload) {
+                Ok(()) => Done::OwnStored {
+                    signed: Box::new(signed),
+                    payload,
+                },
                 Err(e) => Done::OwnFailed(e.to_string()),
-            },
+            }],
             Job::Verdict(block) => {
-                let mut event = self.ledger.begin();
-                match event.verdict(&block).map(|_| ()).and_then(|_| event.commit()) {
+                let round = block.block.round;
+                vec![match self.store.write(Batch::new().op(Op::Verdict(block))) {
                     Ok(()) => {
-                        let round = block.block.round;
-                        if let Err(e) = self.ledger.apply_retention(self.cfg.retention, round) {
+                        if let Err(e) = self.store.apply_retention(self.cfg.retention, round) {
                             warn!(error = %e, "payload retention failed");
                         }
                         Done::VerdictStored { round }
                     }
                     Err(e) => Done::VerdictFailed(e.to_string()),
-                }
+                }]
             }
-            Job::Proof { bytes, origin } => self.proof(&bytes, origin),
+            Job::Proof { bytes, origin } => vec![self.proof(&bytes, origin)],
             Job::Join { record, anchor, outer } => {
-                let mut event = self.ledger.begin();
-                if let Err(e) = event
-                    .join(&record, &anchor, &outer)
-                    .map(|_| ())
-                    .and_then(|_| event.commit())
-                {
-                    warn!(error = %e, "cannot record the join");
-                }
-                return true;
+                let round = record.round;
+                vec![match self.store.write(Batch::new().op(Op::Join {
+                    join: record,
+                    anchor,
+                    outer,
+                })) {
+                    Ok(()) => Done::JoinStored { round },
+                    Err(e) => Done::JoinFailed(e.to_string()),
+                }]
             }
             Job::Ban(author) => {
                 self.banned.insert(author);
                 self.gaps.remove(&author);
-                return true;
+                self.awaiting.retain(|_, r| r.record.author != author);
+                Vec::new()
             }
-        };
-        self.out.send(done).is_ok()
+            Job::Rebuild { round } => self
+                .rebuild(round)
+                .into_iter()
+                .map(|r| Done::Record(Box::new(r)))
+                .collect(),
+        }
     }
 
     fn held_hash(&self, author: &AuthorId, seq: Seq) -> Option<RecordHash> {
-        self.ledger.record(author, seq).ok().flatten().map(|r| r.hash())
+        self.store.record(author, seq).ok().flatten().map(|r| r.hash())
     }
 
     fn record(&mut self, bytes: &[u8], payload: Option<Vec<u8>>, origin: Origin, results: &mut Vec<RecordDone>) {
@@ -314,36 +293,36 @@ impl Inbox {
         };
         let author = signed.record.author;
         if self.banned.contains(&author) {
-            results.push(RecordDone::new(origin, Outcome::Ignored("banned author")).about(&signed));
+            results.push(RecordDone::new(origin, Outcome::Ignored(IgnoreReason::BannedAuthor)).about(&signed));
             return;
         }
         if signed.record.round >= self.cfg.rounds {
             results.push(RecordDone::new(origin, Outcome::Invalid(RejectReason::Malformed)).about(&signed));
             return;
         }
-        let head = self.ledger.head(&author);
+        let head = self.store.head(&author);
         let held = |seq: Seq| self.held_hash(&author, seq);
         match place(signed.clone(), &self.cfg.run_id, head, self.cfg.genesis, held) {
             Ok(Placement::Next(verified)) => {
-                let seq = signed.record.seq;
-                let done = self.store(verified, payload, origin);
-                let stored = self.ledger.head(&author).is_some_and(|h| h.seq == seq);
+                let done = self.store_record(verified, payload, origin);
+                let stored = done.stored;
                 results.push(done);
                 if stored {
                     self.release_gap(author, results);
                 }
             }
             Ok(Placement::Duplicate) => {
-                // A payload we were still missing may ride along a duplicate.
+                // A payload we were still missing may ride along a duplicate;
+                // the message is settled once, by whichever result it gets.
                 if let Some(p) = payload {
                     if self.awaiting.contains_key(&signed.record.payload_hash) {
-                        if let Ok(done) = self.payload(signed.record.payload_hash, &p) {
+                        if let Ok(done) = self.payload(signed.record.payload_hash, &p, origin.clone()) {
                             results.push(*done);
                             return;
                         }
                     }
                 }
-                results.push(RecordDone::new(origin, Outcome::Ignored("duplicate")).about(&signed));
+                results.push(RecordDone::new(origin, Outcome::Ignored(IgnoreReason::Duplicate)).about(&signed));
             }
             Ok(Placement::Gap { missing_from }) => {
                 let buffer = self.gaps.entry(author).or_default();
@@ -356,7 +335,7 @@ impl Inbox {
             }
             Err(LedgerError::Equivocation { first, .. }) => {
                 let proof = self
-                    .ledger
+                    .store
                     .record(&author, signed.record.seq)
                     .ok()
                     .flatten()
@@ -364,36 +343,29 @@ impl Inbox {
                     .map(|held| EquivocationProof::new(held, signed.clone()));
                 let mut done = RecordDone::new(origin, Outcome::Invalid(RejectReason::Equivocation)).about(&signed);
                 if let Some(p) = &proof {
-                    let mut event = self.ledger.begin();
-                    if let Err(e) = event.proof(p).map(|_| ()).and_then(|_| event.commit()) {
+                    if let Err(e) = self.store.write(Batch::new().op(Op::Proof(Box::new(p.clone())))) {
                         warn!(error = %e, "cannot store an equivocation proof");
                     }
                 }
                 self.banned.insert(author);
                 self.gaps.remove(&author);
-                done.rejection = Some(VerdictEntry {
-                    author,
-                    seq: signed.record.seq,
-                    record_hash: signed.hash(),
-                    round: signed.record.round,
-                    verdict: Verdict::Rejected {
-                        reason: RejectReason::Equivocation,
-                    },
-                });
+                done.rejection = Some(rejection(&signed, RejectReason::Equivocation));
                 done.proof = proof;
                 results.push(done);
+            }
+            Err(e) if is_local(&e) => {
+                warn!(%author, error = %e, "cannot check a record against the local ledger");
+                results.push(RecordDone::new(origin, Outcome::Ignored(IgnoreReason::LocalFault)).about(&signed));
             }
             Err(e) => {
                 let reason = reason_of(&e);
                 debug!(%author, error = %e, "record refused");
                 let mut done = RecordDone::new(origin, Outcome::Invalid(reason.clone())).about(&signed);
-                done.rejection = Some(VerdictEntry {
-                    author,
-                    seq: signed.record.seq,
-                    record_hash: signed.hash(),
-                    round: signed.record.round,
-                    verdict: Verdict::Rejected { reason },
-                });
+                // A bad signature or another run names an author the sender
+                // may have made up: no verdict against that author.
+                if !matches!(reason, RejectReason::BadSignature | RejectReason::WrongRun) {
+                    done.rejection = Some(rejection(&signed, reason));
+                }
                 results.push(done);
             }
         }
@@ -401,66 +373,67 @@ impl Inbox {
 
     /// Stores a record that extends its chain, with its payload when that
     /// is present and genuine, in one event.
-    fn store(&mut self, verified: VerifiedRecord, payload: Option<Vec<u8>>, origin: Origin) -> RecordDone {
+    fn store_record(&mut self, verified: Box<VerifiedRecord>, payload: Option<Vec<u8>>, origin: Origin) -> RecordDone {
         let signed = verified.signed().clone();
         let rec = &signed.record;
-        let mut done = RecordDone::new(origin, Outcome::Accepted).about(&signed);
+        let mut done = RecordDone::new(origin.clone(), Outcome::Accepted).about(&signed);
         // A payload some earlier record already named (still awaited, or
         // stored, which survives restarts) is being replayed.
         let replayed = match self.named.get(&rec.payload_hash) {
             Some(first) => *first != verified.hash(),
-            None => self.ledger.has_payload(&rec.payload_hash).unwrap_or(false),
+            None => self.store.has_payload(&rec.payload_hash).unwrap_or(false),
         };
         let checked = if replayed {
             Some(Err(PayloadFault::Author(RejectReason::Replay)))
         } else {
             payload.as_ref().map(|p| check_payload(&signed, p, self.cfg.params))
         };
-        let mut event = self.ledger.begin();
-        if let Err(e) = event.append(&verified) {
-            done.outcome = Outcome::Invalid(reason_of(&e));
-            return done;
-        }
-        self.named.entry(rec.payload_hash).or_insert(verified.hash());
-        if replayed {
-            // The record stands in the chain; its payload is someone's old one.
-            if let Err(e) = event.commit() {
-                warn!(error = %e, "ledger write failed");
-            }
-            done.outcome = Outcome::Invalid(RejectReason::Replay);
-            done.rejection = Some(rejection(&signed, RejectReason::Replay));
-            return done;
-        }
+        let mut batch = Batch::new().op(Op::Append(verified.clone()));
         match (&checked, &payload) {
             (Some(Ok(delta)), Some(p)) => {
-                if let Err(e) = event.payload(&rec.payload_hash, rec.round, p) {
-                    warn!(error = %e, "payload not stored");
-                }
+                batch = batch.op(Op::Payload {
+                    hash: rec.payload_hash,
+                    round: rec.round,
+                    bytes: p.clone(),
+                });
                 done.contribution = Some(contribution(&signed, delta.clone()));
+            }
+            (Some(Err(PayloadFault::Author(RejectReason::Replay))), _) => {
+                // The record stands in the chain; its payload is someone's old one.
+                done.outcome = Outcome::Invalid(RejectReason::Replay);
+                done.rejection = Some(rejection(&signed, RejectReason::Replay));
             }
             (Some(Err(PayloadFault::Author(reason))), Some(p)) => {
                 // Keep the bad payload as evidence for auditors.
-                let _ = event.payload(&rec.payload_hash, rec.round, p);
+                batch = batch.op(Op::Payload {
+                    hash: rec.payload_hash,
+                    round: rec.round,
+                    bytes: p.clone(),
+                });
                 done.outcome = Outcome::Invalid(reason.clone());
                 done.rejection = Some(rejection(&signed, reason.clone()));
             }
             (Some(Err(_)), _) => {
-                // Not the payload the record names: the record still stands.
+                // Not the payload the record names: the record still stands,
+                // only its carrier lied.
                 done.outcome = Outcome::Invalid(RejectReason::PayloadHashMismatch);
                 done.need_payload = true;
             }
             _ => done.need_payload = true,
         }
-        if let Err(e) = event.commit() {
+        if let Err(e) = self.store.write(batch) {
             warn!(error = %e, "ledger write failed");
-            return RecordDone::new(done.origin, Outcome::Ignored("ledger write failed")).about(&signed);
+            let outcome = if is_local(&e) {
+                Outcome::Ignored(IgnoreReason::LocalFault)
+            } else {
+                Outcome::Invalid(reason_of(&e))
+            };
+            return RecordDone::new(origin, outcome).about(&signed);
         }
+        done.stored = true;
+        self.named.entry(rec.payload_hash).or_insert(verified.hash());
         if done.need_payload {
             self.awaiting.insert(rec.payload_hash, signed.clone());
-        }
-        if matches!(done.outcome, Outcome::Invalid(RejectReason::PayloadHashMismatch)) {
-            // The record is stored and valid; only its carrier lied.
-            done.rejection = None;
         }
         done
     }
@@ -468,7 +441,7 @@ impl Inbox {
     /// Processes buffered records of `author` that now extend the chain.
     fn release_gap(&mut self, author: AuthorId, results: &mut Vec<RecordDone>) {
         loop {
-            let next = self.ledger.head(&author).map(|h| h.seq.next()).unwrap_or(Seq(0));
+            let next = self.store.head(&author).map(|h| h.seq.next()).unwrap_or(Seq(0));
             let Some(buffer) = self.gaps.get_mut(&author) else {
                 return;
             };
@@ -487,39 +460,48 @@ impl Inbox {
                 return;
             };
             let before = results.len();
-            self.record(&signed.to_bytes(), payload, Origin::Buffered, results);
-            if results.len() == before {
+            self.record(&signed.to_bytes(), payload, Origin::Local, results);
+            if results.len() == before || !results.last().is_some_and(|r| r.stored) {
                 return;
             }
         }
     }
 
-    fn payload(&mut self, hash: PayloadHash, bytes: &[u8]) -> Result<Box<RecordDone>, PayloadFault> {
+    /// Checks payload bytes for a stored record that waits for them.
+    fn payload(&mut self, hash: PayloadHash, bytes: &[u8], origin: Origin) -> Result<Box<RecordDone>, PayloadFault> {
         let signed = self.awaiting.get(&hash).cloned().ok_or(PayloadFault::Unknown)?;
-        let checked = check_payload(&signed, bytes, self.cfg.params);
-        match checked {
+        match check_payload(&signed, bytes, self.cfg.params) {
             Err(PayloadFault::NotThePayload) => Err(PayloadFault::NotThePayload),
+            Err(PayloadFault::Unknown) => Err(PayloadFault::Unknown),
             Err(PayloadFault::Author(reason)) => {
                 self.awaiting.remove(&hash);
-                let mut event = self.ledger.begin();
-                let _ = event.payload(&hash, signed.record.round, bytes).map(|_| ());
-                let _ = event.commit();
-                let mut done = RecordDone::new(Origin::Buffered, Outcome::Invalid(reason.clone())).about(&signed);
-                done.rejection = Some(rejection(&signed, reason.clone()));
+                let stored = Batch::new().op(Op::Payload {
+                    hash,
+                    round: signed.record.round,
+                    bytes: bytes.to_vec(),
+                });
+                if let Err(e) = self.store.write(stored) {
+                    warn!(error = %e, "cannot keep a bad payload as evidence");
+                }
+                let mut done = RecordDone::new(origin, Outcome::Invalid(reason.clone())).about(&signed);
+                done.rejection = Some(rejection(&signed, reason));
                 Ok(Box::new(done))
             }
-            Err(PayloadFault::Unknown) => Err(PayloadFault::Unknown),
             Ok(delta) => {
-                self.awaiting.remove(&hash);
-                let mut event = self.ledger.begin();
-                if let Err(e) = event
-                    .payload(&hash, signed.record.round, bytes)
-                    .map(|_| ())
-                    .and_then(|_| event.commit())
-                {
+                let stored = Batch::new().op(Op::Payload {
+                    hash,
+                    round: signed.record.round,
+                    bytes: bytes.to_vec(),
+                });
+                if let Err(e) = self.store.write(stored) {
+                    // Keep waiting: the payload is good, our disk is not.
                     warn!(error = %e, "payload not stored");
+                    return Ok(Box::new(
+                        RecordDone::new(origin, Outcome::Ignored(IgnoreReason::LocalFault)).about(&signed),
+                    ));
                 }
-                let mut done = RecordDone::new(Origin::Buffered, Outcome::Accepted).about(&signed);
+                self.awaiting.remove(&hash);
+                let mut done = RecordDone::new(origin, Outcome::Accepted).about(&signed);
                 done.contribution = Some(contribution(&signed, delta));
                 Ok(Box::new(done))
             }
@@ -527,40 +509,41 @@ impl Inbox {
     }
 
     fn own(&mut self, signed: &SignedRecord, payload: &[u8]) -> Result<(), LedgerError> {
-        let head = self.ledger.head(&signed.record.author);
+        let head = self.store.head(&signed.record.author);
         let verified = VerifiedRecord::extend(signed.clone(), &self.cfg.run_id, head, self.cfg.genesis)?;
-        let mut event = self.ledger.begin();
-        event
-            .append(&verified)?
-            .payload(&signed.record.payload_hash, signed.record.round, payload)?
-            .sync();
-        event.commit()
+        self.named.insert(signed.record.payload_hash, signed.hash());
+        self.store.write(
+            Batch::new()
+                .op(Op::Append(Box::new(verified)))
+                .op(Op::Payload {
+                    hash: signed.record.payload_hash,
+                    round: signed.record.round,
+                    bytes: payload.to_vec(),
+                })
+                .synced(),
+        )
     }
 
     fn proof(&mut self, bytes: &[u8], origin: Origin) -> Done {
+        let invalid = |origin, reason| Done::Proof {
+            origin,
+            outcome: Outcome::Invalid(reason),
+            proof: None,
+        };
         let proof = match EquivocationProof::from_bytes(bytes).and_then(|p| p.verify().map(|_| p)) {
             Ok(p) => p,
             Err(e) => {
                 debug!(error = %e, "invalid equivocation proof");
-                return Done::Proof {
-                    origin,
-                    outcome: Outcome::Invalid(RejectReason::Malformed),
-                    proof: None,
-                };
+                return invalid(origin, RejectReason::Malformed);
             }
         };
         if proof.first.record.run_id != self.cfg.run_id {
-            return Done::Proof {
-                origin,
-                outcome: Outcome::Invalid(RejectReason::WrongRun),
-                proof: None,
-            };
+            return invalid(origin, RejectReason::WrongRun);
         }
         let author = proof.author();
-        let known = self.ledger.has_proof_against(&author).unwrap_or(false);
+        let known = self.store.has_proof_against(&author).unwrap_or(false);
         if !known {
-            let mut event = self.ledger.begin();
-            if let Err(e) = event.proof(&proof).map(|_| ()).and_then(|_| event.commit()) {
+            if let Err(e) = self.store.write(Batch::new().op(Op::Proof(Box::new(proof.clone())))) {
                 warn!(error = %e, "cannot store an equivocation proof");
             }
         }
@@ -569,12 +552,52 @@ impl Inbox {
         Done::Proof {
             origin,
             outcome: if known {
-                Outcome::Ignored("known proof")
+                Outcome::Ignored(IgnoreReason::KnownProof)
             } else {
                 Outcome::Accepted
             },
-            proof: Some(proof),
+            proof: Some(Box::new(proof)),
         }
+    }
+
+    /// The newest records of every author, for rounds from `round` on: those
+    /// with a stored payload become contributions again, the others wanted
+    /// payloads.
+    fn rebuild(&mut self, round: u64) -> Vec<RecordDone> {
+        let mut out = Vec::new();
+        let owner = self.store.meta().owner;
+        for (author, head) in self.store.heads() {
+            // Our own record of the round is published again by the core.
+            if author == owner || self.banned.contains(&author) {
+                continue;
+            }
+            let from = Seq(head.seq.0.saturating_sub(REBUILD_DEPTH - 1));
+            let Ok(records) = self.store.records_from(&author, from, REBUILD_DEPTH as usize) else {
+                continue;
+            };
+            for signed in records.into_iter().filter(|r| r.record.round >= round) {
+                let hash = signed.record.payload_hash;
+                let mut done = RecordDone::new(Origin::Local, Outcome::Accepted).about(&signed);
+                match self.store.payload(&hash) {
+                    Ok(Some(bytes)) => match check_payload(&signed, &bytes, self.cfg.params) {
+                        Ok(delta) => done.contribution = Some(contribution(&signed, delta)),
+                        // Judged when it first came in: nothing to add now.
+                        Err(_) => continue,
+                    },
+                    Ok(None) => {
+                        self.awaiting.insert(hash, signed.clone());
+                        done.need_payload = true;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot read a payload back from the ledger");
+                        continue;
+                    }
+                }
+                self.named.entry(hash).or_insert(signed.hash());
+                out.push(done);
+            }
+        }
+        out
     }
 }
 

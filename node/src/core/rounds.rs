@@ -1,14 +1,15 @@
 //! Round bookkeeping: which verified deltas wait for which round, when a
 //! round may close, and how long to wait for stragglers.
 //!
-//! Plain structs and the caller's clock, so every rule here is tested without
-//! a network.
+//! Plain structs and the caller's clock (milliseconds), so every rule here
+//! is tested without a network.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use meshtrain_ledger::{AuthorId, RecordHash, RejectReason, Seq, Verdict, VerdictEntry};
+
+use super::Millis;
 
 /// A verified update whose payload decoded: ready to aggregate.
 #[derive(Clone, Debug)]
@@ -49,19 +50,19 @@ pub enum Close {
 /// on a slow one).
 #[derive(Clone, Debug)]
 pub struct AdaptiveWait {
-    min: Duration,
-    max: Duration,
+    min: Millis,
+    max: Millis,
     ema_ms: Option<f64>,
 }
 
 impl AdaptiveWait {
-    pub fn new(min: Duration, max: Duration) -> Self {
+    pub fn new(min: Millis, max: Millis) -> Self {
         Self { min, max, ema_ms: None }
     }
 
     /// Records how long the last complete round waited after the own update.
-    pub fn observe(&mut self, waited: Duration) {
-        let ms = waited.as_secs_f64() * 1000.0;
+    pub fn observe(&mut self, waited: Millis) {
+        let ms = waited as f64;
         self.ema_ms = Some(match self.ema_ms {
             None => ms,
             Some(e) => 0.7 * e + 0.3 * ms,
@@ -70,10 +71,10 @@ impl AdaptiveWait {
 
     /// Four times the typical wait plus a second of slack, within bounds;
     /// the maximum until anything was observed.
-    pub fn timeout(&self) -> Duration {
+    pub fn timeout(&self) -> Millis {
         match self.ema_ms {
             None => self.max,
-            Some(e) => Duration::from_secs_f64((4.0 * e + 1000.0) / 1000.0).clamp(self.min, self.max),
+            Some(e) => ((4.0 * e + 1000.0) as Millis).clamp(self.min, self.max),
         }
     }
 }
@@ -88,7 +89,7 @@ pub struct RoundBook {
     rejections: Vec<VerdictEntry>,
     /// Authors (other than us) seen contributing, with their latest round.
     last_seen: BTreeMap<AuthorId, u64>,
-    own_ready_at: Option<Instant>,
+    own_ready_at: Option<Millis>,
     /// The round this node (re)joined at; older updates are ignored.
     joined_at: u64,
     /// Authors whose verified record for a round is in, payload still on its
@@ -180,7 +181,7 @@ impl RoundBook {
         self.pending.get(&round).into_iter().flat_map(|m| m.values())
     }
 
-    pub fn own_ready(&mut self, now: Instant) {
+    pub fn own_ready(&mut self, now: Millis) {
         self.own_ready_at = Some(now);
     }
 
@@ -203,7 +204,7 @@ impl RoundBook {
     }
 
     /// Whether the current round may close at `now`.
-    pub fn should_close(&self, now: Instant, expected: &HashSet<AuthorId>) -> Option<Close> {
+    pub fn should_close(&self, now: Millis, expected: &HashSet<AuthorId>) -> Option<Close> {
         let ready_at = self.own_ready_at?;
         let have = self.pending.get(&self.current);
         let announced = self.announced.get(&self.current).into_iter().flatten();
@@ -218,7 +219,7 @@ impl RoundBook {
     }
 
     /// When the current round's deadline falls, if the own update is ready.
-    pub fn deadline(&self) -> Option<Instant> {
+    pub fn deadline(&self) -> Option<Millis> {
         self.own_ready_at.map(|t| t + self.wait.timeout())
     }
 
@@ -239,15 +240,17 @@ impl RoundBook {
 
     /// Closes the current round: takes its contributions and the late ones
     /// still in the window, and moves on to the next round.
-    pub fn close(&mut self, now: Instant, how: Close) -> RoundInputs {
+    pub fn close(&mut self, now: Millis, how: Close) -> RoundInputs {
         if let (Some(ready), Close::AllIn) = (self.own_ready_at, how) {
-            self.wait.observe(now.saturating_duration_since(ready));
+            self.wait.observe(now.saturating_sub(ready));
         }
         let round = self.current;
         let mut inputs = Vec::new();
         let rounds: Vec<u64> = self.pending.range(..=round).map(|(r, _)| *r).collect();
         for r in rounds {
-            let Some(slot) = self.pending.remove(&r) else { continue };
+            let Some(slot) = self.pending.remove(&r) else {
+                continue;
+            };
             let lag = round - r;
             if lag > self.staleness {
                 for c in slot.into_values() {
@@ -296,18 +299,13 @@ mod tests {
     }
 
     fn book() -> RoundBook {
-        RoundBook::new(
-            0,
-            1,
-            0.5,
-            AdaptiveWait::new(Duration::from_secs(1), Duration::from_secs(10)),
-        )
+        RoundBook::new(0, 1, 0.5, AdaptiveWait::new(1000, 10_000))
     }
 
     #[test]
     fn closes_when_all_expected_are_in() {
         let mut b = book();
-        let t0 = Instant::now();
+        let t0 = 1_000;
         let expected: HashSet<_> = [AuthorId([2; 32]), AuthorId([3; 32])].into();
         b.offer(c(1, 0));
         b.own_ready(t0);
@@ -315,7 +313,7 @@ mod tests {
         assert_eq!(b.should_close(t0, &expected), None);
         b.offer(c(3, 0));
         assert_eq!(b.should_close(t0, &expected), Some(Close::AllIn));
-        let inputs = b.close(t0 + Duration::from_millis(200), Close::AllIn);
+        let inputs = b.close(t0 + 200, Close::AllIn);
         assert_eq!(inputs.inputs.len(), 3);
         assert_eq!(b.current(), 1);
     }
@@ -323,21 +321,18 @@ mod tests {
     #[test]
     fn never_closes_before_own_update_and_times_out_without_stragglers() {
         let mut b = book();
-        let t0 = Instant::now();
+        let t0 = 1_000;
         let expected: HashSet<_> = [AuthorId([2; 32])].into();
-        assert_eq!(b.should_close(t0 + Duration::from_secs(99), &HashSet::new()), None);
+        assert_eq!(b.should_close(t0 + 99_000, &HashSet::new()), None);
         b.own_ready(t0);
-        assert_eq!(b.should_close(t0 + Duration::from_secs(5), &expected), None);
-        assert_eq!(
-            b.should_close(t0 + Duration::from_secs(10), &expected),
-            Some(Close::Deadline)
-        );
+        assert_eq!(b.should_close(t0 + 5_000, &expected), None);
+        assert_eq!(b.should_close(t0 + 10_000, &expected), Some(Close::Deadline));
     }
 
     #[test]
     fn late_updates_are_decayed_then_stale() {
         let mut b = book();
-        let t = Instant::now();
+        let t = 1_000;
         b.own_ready(t);
         b.close(t, Close::Deadline); // round 0 closes without author 2
         assert_eq!(b.offer(c(2, 0)), Offer::Kept); // one round late: kept
@@ -355,7 +350,7 @@ mod tests {
     #[test]
     fn an_announced_payload_holds_the_round_until_it_arrives() {
         let mut b = book();
-        let t = Instant::now();
+        let t = 1_000;
         b.own_ready(t);
         b.announce(0, AuthorId([5; 32]));
         assert_eq!(b.should_close(t, &HashSet::new()), None);
@@ -372,8 +367,8 @@ mod tests {
         assert_eq!(b.offer(c(2, 0)), Offer::Kept);
         assert_eq!(b.offer(c(2, 0)), Offer::Duplicate);
         b.offer(c(2, 3));
-        b.own_ready(Instant::now());
-        let inputs = b.close(Instant::now(), Close::AllIn);
+        b.own_ready(1_000);
+        let inputs = b.close(1_000, Close::AllIn);
         assert_eq!(inputs.inputs.len(), 1);
         assert!(b.has(3, &AuthorId([2; 32])));
     }
@@ -385,8 +380,8 @@ mod tests {
         assert_eq!(b.expected(&connected).len(), 2);
         for r in 0..4 {
             b.offer(c(2, r));
-            b.own_ready(Instant::now());
-            b.close(Instant::now(), Close::Deadline);
+            b.own_ready(1_000);
+            b.close(1_000, Close::Deadline);
         }
         let e = b.expected(&connected);
         assert!(e.contains(&AuthorId([2; 32])) && !e.contains(&AuthorId([3; 32])));
@@ -394,12 +389,12 @@ mod tests {
 
     #[test]
     fn adaptive_wait_follows_observations() {
-        let mut w = AdaptiveWait::new(Duration::from_millis(500), Duration::from_secs(30));
-        assert_eq!(w.timeout(), Duration::from_secs(30));
+        let mut w = AdaptiveWait::new(500, 30_000);
+        assert_eq!(w.timeout(), 30_000);
         for _ in 0..10 {
-            w.observe(Duration::from_millis(100));
+            w.observe(100);
         }
-        assert!(w.timeout() < Duration::from_secs(2));
-        assert!(w.timeout() >= Duration::from_millis(500));
+        assert!(w.timeout() < 2_000);
+        assert!(w.timeout() >= 500);
     }
 }

@@ -1,0 +1,194 @@
+//! `meshtrain spec new`, and the dataset a spec names by default.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use meshtrain_model::{AggregatorSpec, Arch, CodecSpec};
+use meshtrain_node::RunSpec;
+
+#[derive(Subcommand)]
+pub(super) enum SpecCommand {
+    /// Print a run spec for the given choices.
+    New(SpecArgs),
+}
+
+#[derive(Args)]
+pub(super) struct SpecArgs {
+    #[arg(long, default_value = "mlp")]
+    pub(super) model: Arch,
+    /// A block store holding the dataset (see `data import`). By default
+    /// Fashion-MNIST, imported into out/datasets/fashion-mnist on first use.
+    #[arg(long)]
+    pub(super) data: Option<PathBuf>,
+    /// Which dataset of the store, when it holds several.
+    #[arg(long)]
+    pub(super) dataset: Option<String>,
+    /// `iid`, or `dirichlet:ALPHA` for label-skewed shards.
+    #[arg(long, default_value = "iid")]
+    pub(super) partition: String,
+    /// Members holding each block.
+    #[arg(long, default_value_t = 3)]
+    pub(super) replication: usize,
+    #[arg(long, conflicts_with = "epochs")]
+    pub(super) rounds: Option<u64>,
+    /// Passes over the training set, summed over `--nodes` nodes.
+    #[arg(long)]
+    pub(super) epochs: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    pub(super) nodes: usize,
+    #[arg(long, default_value_t = 10)]
+    pub(super) local_steps: usize,
+    #[arg(long, default_value_t = 64)]
+    pub(super) batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub(super) lr: f64,
+    #[arg(long, default_value = "dense")]
+    pub(super) codec: CodecSpec,
+    /// Robust aggregation rule (CenteredClip by default).
+    #[arg(long, default_value = "centered-clip")]
+    pub(super) aggregator: AggregatorSpec,
+    #[command(flatten)]
+    pub(super) outer: OuterArgs,
+    #[arg(long, default_value_t = 42)]
+    pub(super) seed: u64,
+    /// Autoencoder: the class it never trains on and scores as the anomaly.
+    #[arg(long)]
+    pub(super) anomaly_class: Option<usize>,
+    /// Stop once this many evaluations in a row did not improve the
+    /// held-out loss (early stopping).
+    #[arg(long)]
+    pub(super) patience: Option<u64>,
+    /// Write here instead of standard output.
+    #[arg(long)]
+    pub(super) out: Option<PathBuf>,
+}
+
+/// The DiLoCo-style outer step.
+#[derive(Args, Clone, Copy)]
+pub(super) struct OuterArgs {
+    /// Outer learning rate applied to the aggregate (1 with momentum 0 is
+    /// plain averaging).
+    #[arg(long, default_value_t = 0.7)]
+    pub(super) outer_lr: f32,
+    /// Outer momentum, as in DiLoCo.
+    #[arg(long, default_value_t = 0.9)]
+    pub(super) outer_momentum: f32,
+    /// Nesterov (true) or heavy-ball (false) outer momentum.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(super) nesterov: bool,
+}
+
+impl OuterArgs {
+    pub(super) fn to_args(self) -> Vec<String> {
+        let mut v = vec![
+            "--outer-lr".to_string(),
+            self.outer_lr.to_string(),
+            "--outer-momentum".to_string(),
+            self.outer_momentum.to_string(),
+        ];
+        v.extend(["--nesterov".to_string(), self.nesterov.to_string()]);
+        v
+    }
+}
+
+/// The default dataset: Fashion-MNIST from Debian's package, imported
+/// into content-addressed blocks (1 MiB, so that a mesh has blocks to
+/// spread) on first use.
+pub(super) const DEFAULT_STORE: &str = "out/datasets/fashion-mnist";
+pub(super) const FASHION_MNIST_IDX: &str = "/usr/share/datasets/fashion-mnist";
+
+pub(super) fn default_store() -> Result<PathBuf> {
+    let store = PathBuf::from(DEFAULT_STORE);
+    let has_manifest = meshtrain_node::blockstore::BlockStore::open(&store)
+        .map(|s| !s.manifest_ids().is_empty())
+        .unwrap_or(false);
+    if !has_manifest {
+        let src = PathBuf::from(FASHION_MNIST_IDX);
+        if !src.exists() {
+            bail!("{FASHION_MNIST_IDX} is missing: install Debian's dataset-fashion-mnist (scripts/setup.sh does), or pass --data STORE");
+        }
+        let r = meshtrain_node::data::import(&meshtrain_node::data::ImportOptions {
+            format: meshtrain_node::data::Format::Idx,
+            sources: vec![src],
+            out: store.clone(),
+            block_size: 1 << 20,
+            name: Some("fashion-mnist".into()),
+            label_column: None,
+            sort_by_label: false,
+            test_fraction: 0.0,
+            seq_len: 1,
+        })?;
+        eprintln!(
+            "imported Fashion-MNIST into {} as dataset {}",
+            store.display(),
+            r.dataset_id
+        );
+    }
+    Ok(store)
+}
+
+/// The manifest a spec or a testnet names: the only one in the store, or
+/// the one given.
+pub(super) fn pick_manifest(store_dir: &Path, dataset: Option<&str>) -> Result<meshtrain_model::Manifest> {
+    let store = meshtrain_node::blockstore::BlockStore::open(store_dir)?;
+    let id = match (dataset, store.manifest_ids().as_slice()) {
+        (Some(id), _) => id.to_string(),
+        (None, [one]) => one.clone(),
+        (None, []) => bail!(
+            "{} holds no dataset; run `meshtrain data import` first",
+            store_dir.display()
+        ),
+        (None, _) => bail!("{} holds several datasets; pass --dataset ID", store_dir.display()),
+    };
+    store
+        .manifest(&id)?
+        .with_context(|| format!("{} has no manifest {id}", store_dir.display()))
+}
+
+pub(super) fn spec_new(args: SpecArgs) -> Result<ExitCode> {
+    let store = match &args.data {
+        Some(d) => d.clone(),
+        None => default_store()?,
+    };
+    let manifest = pick_manifest(&store, args.dataset.as_deref())?;
+    let mut spec = RunSpec::default_for(args.model, &manifest);
+    spec.seed = args.seed;
+    spec.train.local_steps = args.local_steps;
+    spec.train.batch_size = args.batch_size;
+    spec.train.lr = args.lr;
+    spec.exchange.codec = args.codec;
+    spec.exchange.aggregator = args.aggregator;
+    spec.exchange.outer_lr = args.outer.outer_lr;
+    spec.exchange.outer_momentum = args.outer.outer_momentum;
+    spec.exchange.nesterov = args.outer.nesterov;
+    spec.data.partition = args
+        .partition
+        .parse::<meshtrain_node::placement::Partition>()
+        .map_err(|e| anyhow::anyhow!(e))?
+        .to_string();
+    spec.data.replication = args.replication.max(1);
+    spec.model.anomaly_class = args.anomaly_class;
+    spec.rounds.patience = args.patience;
+    spec.rounds.count = match (args.rounds, args.epochs) {
+        (Some(r), _) => r,
+        (None, Some(e)) => {
+            if e.is_nan() || e <= 0.0 || args.nodes == 0 {
+                bail!("--epochs must be positive and --nodes at least 1");
+            }
+            let samples = e * manifest.records("train") as f64;
+            let per_round = (args.nodes * args.local_steps * args.batch_size) as f64;
+            (samples / per_round).ceil().max(1.0) as u64
+        }
+        (None, None) => spec.rounds.count,
+    };
+    spec.check()
+        .map_err(|e| anyhow::anyhow!("the spec is not valid: {e}"))?;
+    let text = spec.to_toml()?;
+    match args.out {
+        Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

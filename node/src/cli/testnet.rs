@@ -1,0 +1,264 @@
+//! `meshtrain testnet run|matrix`: local meshes of node processes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use meshtrain_model::{AggregatorSpec, Arch, CodecSpec};
+use meshtrain_node::attack::Attack;
+
+use super::spec::OuterArgs;
+
+#[derive(Subcommand)]
+pub(super) enum TestnetCommand {
+    /// Start N node processes on loopback, wait for them, report.
+    Run(TestnetArgs),
+    /// Run a grid of testnets (lists are comma-separated) and tabulate them.
+    Matrix(MatrixArgs),
+}
+
+/// What every testnet of a run or a matrix shares.
+#[derive(Args)]
+pub(super) struct CommonTestnetArgs {
+    #[arg(long, default_value_t = 4)]
+    pub(super) nodes: usize,
+    /// Rounds to run (or give --epochs).
+    #[arg(long, conflicts_with = "epochs")]
+    pub(super) rounds: Option<u64>,
+    /// Passes over the whole training set, summed over nodes.
+    #[arg(long)]
+    pub(super) epochs: Option<f64>,
+    #[arg(long, default_value = "out/testnet")]
+    pub(super) out: PathBuf,
+    #[command(flatten)]
+    pub(super) outer: OuterArgs,
+    /// Inner (Adam) learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub(super) lr: f64,
+    #[arg(long, default_value_t = 64)]
+    pub(super) batch_size: usize,
+    /// How many nodes (the last ones) attack, when an attack is given.
+    #[arg(long, default_value_t = 0)]
+    pub(super) byzantine: usize,
+    #[arg(long, default_value_t = 42)]
+    pub(super) seed: u64,
+    /// A block store with the dataset (default: Fashion-MNIST, imported
+    /// into OUT/dataset). Node 0 seeds it; the others fetch their shards.
+    #[arg(long)]
+    pub(super) data: Option<PathBuf>,
+    /// `iid`, or `dirichlet:ALPHA` for label-skewed shards.
+    #[arg(long, default_value = "iid")]
+    pub(super) partition: String,
+    /// Members holding each block.
+    #[arg(long, default_value_t = 3)]
+    pub(super) replication: usize,
+    /// Give up on a testnet after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub(super) timeout_s: u64,
+    /// Nodes evaluate on the test set every N rounds (always at the end).
+    #[arg(long, default_value_t = 1)]
+    pub(super) eval_every: u64,
+    /// `kill:EVERY_S:DOWN_S`: SIGKILL a random node every EVERY_S seconds
+    /// and restart it DOWN_S seconds later, for the whole run.
+    #[arg(long)]
+    pub(super) churn: Option<String>,
+    /// Nodes that join a third of the way through the run.
+    #[arg(long, default_value_t = 0)]
+    pub(super) late_join: usize,
+    /// Autoencoder: the class it never trains on and scores as the anomaly.
+    #[arg(long)]
+    pub(super) anomaly_class: Option<usize>,
+    /// Early stopping: evaluations without a better held-out loss.
+    #[arg(long)]
+    pub(super) patience: Option<u64>,
+}
+
+fn parse_churn(s: &str) -> Result<(u64, u64)> {
+    let parts: Vec<&str> = s.split(':').collect();
+    match parts.as_slice() {
+        ["kill", every, down] => {
+            let every: u64 = every
+                .parse()
+                .with_context(|| format!("--churn {s}: EVERY_S is not a number"))?;
+            let down: u64 = down
+                .parse()
+                .with_context(|| format!("--churn {s}: DOWN_S is not a number"))?;
+            if every == 0 {
+                bail!("--churn {s}: EVERY_S must be positive");
+            }
+            Ok((every, down))
+        }
+        _ => bail!("--churn takes kill:EVERY_S:DOWN_S, got `{s}`"),
+    }
+}
+
+#[derive(Args)]
+pub(super) struct TestnetArgs {
+    #[command(flatten)]
+    pub(super) common: CommonTestnetArgs,
+    /// Serve the report live at http://ADDR/ while the testnet runs.
+    #[arg(long)]
+    pub(super) dashboard: Option<std::net::SocketAddr>,
+    #[arg(long, default_value = "mlp")]
+    pub(super) model: Arch,
+    /// H: local steps per round.
+    #[arg(long, default_value_t = 10)]
+    pub(super) local_steps: usize,
+    #[arg(long, default_value = "dense")]
+    pub(super) codec: CodecSpec,
+    /// Robust aggregation rule (CenteredClip by default).
+    #[arg(long, default_value = "centered-clip")]
+    pub(super) aggregator: AggregatorSpec,
+    #[arg(long)]
+    pub(super) attack: Option<Attack>,
+}
+
+#[derive(Args)]
+pub(super) struct MatrixArgs {
+    #[command(flatten)]
+    pub(super) common: CommonTestnetArgs,
+    #[arg(long, value_delimiter = ',', default_value = "mlp")]
+    pub(super) models: Vec<Arch>,
+    #[arg(long, value_delimiter = ',', default_value = "10")]
+    pub(super) local_steps: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "dense")]
+    pub(super) codecs: Vec<CodecSpec>,
+    #[arg(long, value_delimiter = ',', default_value = "centered-clip")]
+    pub(super) aggregators: Vec<AggregatorSpec>,
+    /// Attacks (`none` for the clean run), each with --byzantine attackers.
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    pub(super) attacks: Vec<String>,
+    /// Keep every node's ledger (removed after each run by default).
+    #[arg(long)]
+    pub(super) keep_ledgers: bool,
+    /// Reuse the summaries of runs finished by an earlier invocation.
+    #[arg(long)]
+    pub(super) resume: bool,
+}
+
+pub(super) fn run(command: TestnetCommand) -> Result<ExitCode> {
+    match command {
+        TestnetCommand::Run(args) => testnet_run(args),
+        TestnetCommand::Matrix(args) => testnet_matrix(args),
+    }
+}
+
+fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtrain_testnet::TestnetOptions> {
+    let bin = std::env::current_exe().context("locating the meshtrain binary")?;
+    if c.byzantine >= c.nodes {
+        bail!("--byzantine must leave at least one honest node");
+    }
+    if c.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let mut spec_args = c.outer.to_args();
+    spec_args.extend(["--lr".to_string(), c.lr.to_string()]);
+    spec_args.extend(["--batch-size".to_string(), c.batch_size.to_string()]);
+    if let Some(a) = c.anomaly_class {
+        spec_args.extend(["--anomaly-class".to_string(), a.to_string()]);
+    }
+    if let Some(p) = c.patience {
+        spec_args.extend(["--patience".to_string(), p.to_string()]);
+    }
+    Ok(meshtrain_testnet::TestnetOptions {
+        binary: bin,
+        nodes: c.nodes,
+        rounds: c.rounds,
+        epochs: c.epochs.or(if c.rounds.is_none() { Some(1.0) } else { None }),
+        model: Arch::Mlp.to_string(),
+        out: c.out.clone(),
+        local_steps: 10,
+        codec: CodecSpec::Dense.to_string(),
+        aggregator: AggregatorSpec::CenteredClip { tau: None }.to_string(),
+        byzantine: if attack.is_some() { c.byzantine } else { 0 },
+        attack,
+        seed: c.seed,
+        data: c.data.clone(),
+        partition: c
+            .partition
+            .parse::<meshtrain_node::placement::Partition>()
+            .map_err(|e| anyhow::anyhow!(e))?
+            .to_string(),
+        replication: c.replication.max(1),
+        timeout: Duration::from_secs(c.timeout_s),
+        spec_args,
+        node_args: vec!["--eval-every".to_string(), c.eval_every.to_string()],
+        churn: c.churn.as_deref().map(parse_churn).transpose()?,
+        late_join: c.late_join,
+        dashboard: None,
+    })
+}
+
+fn testnet_run(args: TestnetArgs) -> Result<ExitCode> {
+    if args.common.byzantine > 0 && args.attack.is_none() {
+        bail!("--byzantine {} needs --attack MODE", args.common.byzantine);
+    }
+    let opts = meshtrain_testnet::TestnetOptions {
+        model: args.model.to_string(),
+        local_steps: args.local_steps,
+        codec: args.codec.to_string(),
+        aggregator: args.aggregator.to_string(),
+        dashboard: args.dashboard,
+        ..base_options(&args.common, args.attack.map(|a| a.to_string()))?
+    };
+    let summary = meshtrain_testnet::run(&opts)?;
+    print!("{}", meshtrain_testnet::table(&summary));
+    Ok(if summary.audit_failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn testnet_matrix(args: MatrixArgs) -> Result<ExitCode> {
+    let mut attacks = Vec::new();
+    for a in &args.attacks {
+        if a == "none" {
+            attacks.push(None);
+        } else {
+            let parsed: Attack = a.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            attacks.push(Some(parsed.to_string()));
+        }
+    }
+    if attacks.iter().any(Option::is_some) && args.common.byzantine == 0 {
+        bail!("attacks need --byzantine K");
+    }
+    let mut base = base_options(&args.common, None)?;
+    base.byzantine = args.common.byzantine;
+    let axes = meshtrain_testnet::matrix::Axes {
+        models: args.models.iter().map(|m| m.to_string()).collect(),
+        codecs: args.codecs.iter().map(|c| c.to_string()).collect(),
+        local_steps: args.local_steps.clone(),
+        aggregators: args.aggregators.iter().map(|a| a.to_string()).collect(),
+        attacks,
+    };
+    let out = args.common.out.clone();
+    let policy = meshtrain_testnet::matrix::MatrixPolicy {
+        keep_ledgers: args.keep_ledgers,
+        resume: args.resume,
+    };
+    let rows = meshtrain_testnet::matrix::run_matrix(&base, &axes, &out, policy, |i, n, r| {
+        eprintln!(
+            "[{i}/{n}] {} {} H={} {} {}: honest mean {:.2}%{}",
+            r.model,
+            r.codec,
+            r.local_steps,
+            r.aggregator,
+            r.attack.as_deref().unwrap_or("clean"),
+            100.0 * r.honest_mean_acc,
+            r.error
+                .as_deref()
+                .map(|e| format!(" (failed: {e})"))
+                .unwrap_or_default()
+        );
+    })?;
+    print!("{}", meshtrain_testnet::matrix::markdown(&rows));
+    eprintln!(
+        "tables: {} and {}",
+        out.join("matrix.md").display(),
+        out.join("matrix.json").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,741 @@
+//! The node's pure core: every decision a node makes (the round lifecycle,
+//! message outcomes, membership, anchor sync, reputation) with no sockets,
+//! files, threads or clocks of its own.
+//!
+//! [`Core::handle`] takes one [`Input`] and the time, and returns the
+//! [`Effect`]s for whoever runs it to execute: the libp2p shell
+//! ([`crate::shell`]) in a real node, the simulator ([`crate::sim`]) in
+//! tests. Like rust-libp2p's `NetworkBehaviour`, it only asks; what it asks
+//! for comes back as inputs (a stored record, a trained round, a fired
+//! timer).
+//!
+//! One file per part of a round: [`start`] (gathering, data, sync at start),
+//! [`train`] (our own update), [`receive`] (what peers send and ask),
+//! [`close`] (waiting, aggregation, the verdict block), [`sync`] (taking the
+//! mesh's anchor over), [`finish`] (the final evaluation and draining).
+
+mod close;
+mod finish;
+pub mod members;
+pub mod outcome;
+mod receive;
+pub mod resume;
+pub mod rounds;
+pub mod start;
+pub mod sync;
+mod train;
+pub mod wants;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use meshtrain_gossip::libp2p::gossipsub::MessageId;
+use meshtrain_gossip::libp2p::PeerId;
+use meshtrain_gossip::{FetchRequest, FetchResponse, GossipMessage};
+use meshtrain_ledger::{
+    AuthorId, AuthorKey, Head, PayloadHash, RecordHash, RunId, SignedRecord, SignedVerdictBlock, VerdictHash,
+    WeightsHash,
+};
+use meshtrain_model::metrics::EarlyStopping;
+use meshtrain_model::{EvalReport, Evaluation, OuterOptimizer, StepStats};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+pub use close::{run_aggregation, AggregateDone, AggregateJob};
+pub use outcome::{Acceptance, IgnoreReason, Origin, Outcome};
+pub use resume::Resume;
+
+use crate::attack::Attack;
+use crate::inbox::{Done, Job};
+use crate::reputation::{Reputation, ReputationConfig};
+use crate::runspec::RunSpec;
+use members::Members;
+use rounds::{AdaptiveWait, RoundBook};
+use sync::{AnchorSync, Offer};
+use wants::Wants;
+
+/// Milliseconds on the clock of whoever drives the core (the process's
+/// uptime in a node, simulated time in the simulator).
+pub type Millis = u64;
+
+/// Names one of our fetch requests (the shell maps libp2p's ids onto these).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReqId(pub u64);
+
+/// Names a peer's request to us that awaits an answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChanId(pub u64);
+
+/// The core's named timers. Setting one again moves it; a timer that fires
+/// after the core moved on is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Timer {
+    /// Stop waiting for `wait_peers` and start anyway.
+    Gather,
+    /// The current round's deadline for stragglers.
+    Deadline,
+    /// The earliest retry of a payload fetch.
+    PayloadRetry,
+    /// Ask a random member for its chain heads.
+    AntiEntropy,
+    /// Decide an anchor sync, or ask again.
+    Sync,
+    /// Look whether the mesh has left our round behind.
+    Behind,
+    /// A colluding attacker crafts its update.
+    Collude,
+    /// Whether draining is over.
+    Drain,
+    /// Membership settled after a change: re-plan the data placement.
+    Replan,
+}
+
+/// What the core is told.
+pub enum Input {
+    /// The node is up: start gathering peers.
+    Start,
+    Connected(PeerId),
+    /// The last connection to the peer closed.
+    Disconnected(PeerId),
+    /// A peer subscribed to the run's topic.
+    Subscribed(PeerId),
+    Unsubscribed(PeerId),
+    /// A gossip message, to be settled exactly once.
+    Gossip {
+        id: MessageId,
+        source: PeerId,
+        data: Vec<u8>,
+    },
+    /// A peer asks us for something.
+    Request {
+        peer: PeerId,
+        chan: ChanId,
+        request: FetchRequest,
+    },
+    Response {
+        req: ReqId,
+        peer: PeerId,
+        response: FetchResponse,
+    },
+    RequestFailed {
+        req: ReqId,
+        peer: PeerId,
+    },
+    /// What the inbox did with a job.
+    Checked(Box<Done>),
+    /// The trainer finished a round.
+    Trained(Box<Trained>),
+    /// The trainer encoded a colluding attacker's crafted delta.
+    Crafted(Box<Trained>),
+    /// The final evaluation.
+    Evaluated {
+        round: u64,
+        report: Box<EvalReport>,
+    },
+    Aggregated(Box<AggregateDone>),
+    /// An anchor offer, decoded and checked off the event loop.
+    OfferChecked {
+        peer: PeerId,
+        result: Result<Box<Offer>, String>,
+    },
+    /// The manifest and this node's blocks are all here; the trainer runs.
+    DataReady,
+    Timer(Timer),
+}
+
+/// What the trainer made of one round.
+#[derive(Clone, Debug)]
+pub struct Trained {
+    pub round: u64,
+    /// The anchor's test figures before training (if asked).
+    pub eval: Option<Evaluation>,
+    pub stats: StepStats,
+    /// The encoded delta as it goes on the wire (empty for colluding
+    /// attackers, whose `decoded` is then the raw delta).
+    pub payload: Vec<u8>,
+    /// What every receiver decodes from `payload`.
+    pub decoded: Arc<Vec<f32>>,
+    /// An equivocating attacker's second payload for the same seq.
+    pub twin: Option<Vec<u8>>,
+    pub train_ms: u64,
+}
+
+/// What the core asks for.
+#[derive(Debug)]
+pub enum Effect {
+    Publish(GossipMessage),
+    /// A message's outcome: gossipsub's acceptance (for gossip), a counter,
+    /// a log line. Exactly one per gossip message.
+    Settle {
+        origin: Origin,
+        outcome: Outcome,
+        update: bool,
+    },
+    /// An update counted as merged, clipped or rejected (with its reason).
+    Counted {
+        outcome: &'static str,
+        reason: &'static str,
+    },
+    Request {
+        req: ReqId,
+        peer: PeerId,
+        request: FetchRequest,
+    },
+    /// Answer from the ledger or the block store (off the event loop).
+    Serve {
+        peer: PeerId,
+        chan: ChanId,
+        request: FetchRequest,
+    },
+    /// Answer with our anchor (encoded off the event loop, once per anchor).
+    ServeAnchor {
+        chan: ChanId,
+        anchor: AnchorSnapshot,
+    },
+    Respond {
+        chan: ChanId,
+        response: FetchResponse,
+    },
+    /// Decode and check an anchor offer (off the event loop); the result
+    /// comes back as [`Input::OfferChecked`].
+    CheckOffer {
+        peer: PeerId,
+        response: FetchResponse,
+    },
+    Inbox(Job),
+    /// Train H steps from `anchor` (evaluating it first if asked).
+    Train {
+        round: u64,
+        anchor: Arc<Vec<f32>>,
+        evaluate: bool,
+    },
+    /// Encode a colluding attacker's crafted delta.
+    Craft {
+        round: u64,
+        delta: Vec<f32>,
+        like: Box<Trained>,
+    },
+    Evaluate {
+        round: u64,
+        anchor: Arc<Vec<f32>>,
+    },
+    Checkpoint {
+        round: u64,
+        anchor: Arc<Vec<f32>>,
+        velocity: Vec<f32>,
+    },
+    Aggregate(Box<AggregateJob>),
+    /// Gathering is over: fetch the manifest and this node's blocks.
+    BeginData {
+        members: BTreeMap<AuthorId, PeerId>,
+    },
+    /// Membership changed: re-plan the placement.
+    Replan {
+        members: BTreeMap<AuthorId, PeerId>,
+    },
+    /// Refuse this author's peer (blacklist, disconnect).
+    Ban {
+        author: AuthorId,
+        peer: Option<PeerId>,
+    },
+    SetTimer {
+        timer: Timer,
+        at: Millis,
+    },
+    /// A round closed (for the history, progress files and gauges).
+    RoundClosed(Box<RoundClosed>),
+    /// Nothing left to do: the node may exit.
+    Finished,
+    /// The node cannot go on.
+    Fatal(CoreFault),
+}
+
+/// What stops a node from inside the core.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CoreFault {
+    #[error("storing our own record failed: {0}")]
+    OwnRecord(String),
+    #[error("storing our verdict block failed: {0}")]
+    VerdictBlock(String),
+}
+
+/// Our anchor as a peer may fetch it, with the verdict block that names it.
+#[derive(Clone, Debug)]
+pub struct AnchorSnapshot {
+    pub round: u64,
+    pub anchor_hash: WeightsHash,
+    pub weights: Arc<Vec<f32>>,
+    pub velocity: Arc<Vec<f32>>,
+    pub attestation: Option<SignedVerdictBlock>,
+}
+
+/// One closed round, as the history and the progress files show it.
+#[derive(Clone, Debug)]
+pub struct RoundClosed {
+    pub round: u64,
+    pub eval: Option<Evaluation>,
+    pub stats: StepStats,
+    pub train_ms: u64,
+    pub wait_ms: u64,
+    /// Contributions merged or clipped, our own included.
+    pub merged: u64,
+    pub clipped: u64,
+    pub rejected: u64,
+    pub anchor_hash: WeightsHash,
+    pub members: usize,
+}
+
+/// Everything fixed for a node's life.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub run_id: RunId,
+    /// The `prev` of every author's first record.
+    pub genesis_link: RecordHash,
+    pub genesis_weights: WeightsHash,
+    pub verdict_genesis: VerdictHash,
+    pub params: usize,
+    pub spec: RunSpec,
+    pub wait_peers: usize,
+    pub wait_peers_timeout: Millis,
+    /// Longest time to linger after the last round.
+    pub drain: Millis,
+    pub eval_every: u64,
+    pub checkpoint_every: u64,
+    pub reputation: ReputationConfig,
+    pub max_inline_payload: usize,
+    pub attack: Option<Attack>,
+    /// Seeds the core's own choices (which member to ask).
+    pub seed: u64,
+}
+
+/// Where a node is in its life. Each phase carries what only it needs.
+enum Phase {
+    /// Waiting for enough peers before round 0.
+    Gathering,
+    /// The shell fetches the manifest and this node's blocks.
+    Fetching,
+    /// Asking peers where the mesh is (a late join or a restart).
+    Syncing,
+    /// The trainer works on the current round.
+    Training,
+    /// A colluding attacker waits for the round's honest updates.
+    Colluding(Box<Collusion>),
+    /// Our record is being stored before it is published.
+    Publishing(Box<OwnRound>),
+    /// Our update is out; waiting for peers' updates or the deadline.
+    Waiting(RoundNote),
+    Aggregating(RoundNote),
+    /// Evaluating the final anchor.
+    Finishing,
+    /// Serving peers and completing chains before exiting.
+    Draining,
+    Done,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Gathering => "gathering",
+            Phase::Fetching => "fetching",
+            Phase::Syncing => "syncing",
+            Phase::Training => "training",
+            Phase::Colluding(_) => "colluding",
+            Phase::Publishing(_) => "publishing",
+            Phase::Waiting(_) => "waiting",
+            Phase::Aggregating(_) => "aggregating",
+            Phase::Finishing => "finishing",
+            Phase::Draining => "draining",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// What the history keeps of our own part of a round.
+#[derive(Clone, Debug, Default)]
+struct RoundNote {
+    round: u64,
+    eval: Option<Evaluation>,
+    stats: StepStats,
+    train_ms: u64,
+}
+
+/// Our own update between training and publication.
+struct OwnRound {
+    note: RoundNote,
+    decoded: Arc<Vec<f32>>,
+    /// An equivocating attacker's second record.
+    twin: Option<(SignedRecord, Vec<u8>)>,
+}
+
+/// A colluding attacker's trained round, waiting for honest updates.
+struct Collusion {
+    trained: Box<Trained>,
+    since: Millis,
+    seen: usize,
+    seen_changed: Millis,
+    crafting: bool,
+}
+
+/// What we are waiting for from one of our requests.
+#[derive(Clone, Copy, Debug)]
+enum RequestFor {
+    Payload(PayloadHash),
+    Records,
+    Heads,
+    Anchor,
+}
+
+/// The newest record of an author that this node holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainPos {
+    pub seq: u64,
+    pub round: u64,
+}
+
+/// What this node did with what it received, for its report.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub received: u64,
+    pub merged: u64,
+    pub clipped: u64,
+    pub rejected: u64,
+    pub published: u64,
+    pub payload_bytes: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub rejected_by_author: BTreeMap<String, u64>,
+    pub clipped_by_author: BTreeMap<String, u64>,
+    pub merged_by_author: BTreeMap<String, u64>,
+}
+
+pub struct Core {
+    cfg: CoreConfig,
+    key: AuthorKey,
+    me: AuthorId,
+    phase: Phase,
+    book: RoundBook,
+    anchor: Arc<Vec<f32>>,
+    anchor_hash: WeightsHash,
+    /// Taken while a round aggregates.
+    outer: Option<OuterOptimizer>,
+    /// The outer state as of the current anchor, shared with peers that ask.
+    velocity: Arc<Vec<f32>>,
+    own_head: Option<Head>,
+    /// Our newest record and its payload and delta, when a restart may need
+    /// to publish it again.
+    own_last: Option<(SignedRecord, Vec<u8>, Arc<Vec<f32>>)>,
+    verdict_head: Option<(u64, VerdictHash)>,
+    /// The verdict block naming our current anchor (ours, or the one we
+    /// joined on): what we show peers who ask for the anchor.
+    attestation: Option<SignedVerdictBlock>,
+    members: Members,
+    chains: HashMap<AuthorId, ChainPos>,
+    reputation: Reputation,
+    wants: Wants,
+    requests: HashMap<ReqId, RequestFor>,
+    next_req: u64,
+    sync: Option<AnchorSync>,
+    /// An anchor to take over at the next round boundary.
+    pending_adoption: Option<(Box<Offer>, Vec<SignedVerdictBlock>)>,
+    /// Rounds at which this node adopted the mesh's anchor.
+    joins: Vec<u64>,
+    /// The round held records were last turned back into contributions for.
+    rebuilt_for: Option<u64>,
+    restarted: bool,
+    recorded_rejections: HashSet<RecordHash>,
+    /// Gossip messages not settled yet.
+    unsettled: HashSet<MessageId>,
+    early: Option<EarlyStopping>,
+    /// The round after the last one: the spec's count, or earlier once
+    /// early stopping fires.
+    end_round: u64,
+    counters: Counters,
+    final_eval: Option<EvalReport>,
+    armed: HashMap<Timer, Millis>,
+    rng: ChaCha8Rng,
+    phase_since: Millis,
+    last_served: Millis,
+    now: Millis,
+    out: Vec<Effect>,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig, key: AuthorKey, resume: Resume) -> Self {
+        let me = key.author();
+        let spec = &cfg.spec;
+        let wait = AdaptiveWait::new(spec.rounds.min_wait_ms, spec.rounds.max_wait_ms);
+        let book = RoundBook::new(
+            resume.round,
+            spec.exchange.staleness,
+            spec.exchange.staleness_decay,
+            wait,
+        );
+        let rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ u64::from_le_bytes(me.0[..8].try_into().unwrap_or([0; 8])));
+        let velocity = Arc::new(resume.outer.velocity().to_vec());
+        Self {
+            early: spec.rounds.patience.map(EarlyStopping::new),
+            end_round: spec.rounds.count,
+            reputation: Reputation::new(cfg.reputation),
+            key,
+            me,
+            phase: Phase::Gathering,
+            book,
+            anchor: Arc::new(resume.anchor),
+            anchor_hash: resume.anchor_hash,
+            outer: Some(resume.outer),
+            velocity,
+            own_head: resume.own_head,
+            own_last: resume.own_last,
+            verdict_head: resume.verdict_head,
+            attestation: None,
+            members: Members::default(),
+            chains: resume.chains,
+            wants: Wants::default(),
+            requests: HashMap::new(),
+            next_req: 0,
+            sync: None,
+            pending_adoption: None,
+            joins: Vec::new(),
+            rebuilt_for: None,
+            restarted: resume.restarted,
+            recorded_rejections: HashSet::new(),
+            unsettled: HashSet::new(),
+            counters: Counters::default(),
+            final_eval: None,
+            armed: HashMap::new(),
+            rng,
+            phase_since: 0,
+            last_served: 0,
+            now: 0,
+            out: Vec::new(),
+            cfg,
+        }
+    }
+
+    /// Handles one input at time `now`; returns what to do about it.
+    pub fn handle(&mut self, input: Input, now: Millis) -> Vec<Effect> {
+        self.now = self.now.max(now);
+        match input {
+            Input::Start => self.on_start(),
+            Input::Connected(peer) => self.on_connected(peer),
+            Input::Disconnected(peer) => self.on_disconnected(peer),
+            Input::Subscribed(peer) => self.on_subscribed(peer),
+            Input::Unsubscribed(peer) => self.members.unsubscribe(&peer),
+            Input::Gossip { id, source, data } => self.on_gossip(id, source, &data),
+            Input::Request { peer, chan, request } => self.on_request(peer, chan, request),
+            Input::Response { req, peer, response } => self.on_response(req, peer, response),
+            Input::RequestFailed { req, peer } => self.on_request_failed(req, peer),
+            Input::Checked(done) => self.on_checked(*done),
+            Input::Trained(t) => self.on_trained(t),
+            Input::Crafted(t) => self.on_crafted(*t),
+            Input::Evaluated { round, report } => self.on_evaluated(round, *report),
+            Input::Aggregated(done) => self.on_aggregated(*done),
+            Input::OfferChecked { peer, result } => self.on_offer_checked(peer, result),
+            Input::DataReady => self.on_data_ready(),
+            Input::Timer(timer) => {
+                if self.armed.get(&timer).is_some_and(|at| *at <= self.now) {
+                    self.armed.remove(&timer);
+                    self.on_timer(timer);
+                }
+            }
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn on_timer(&mut self, timer: Timer) {
+        match timer {
+            Timer::Gather => self.on_gather_timeout(),
+            Timer::Deadline => self.maybe_close(),
+            Timer::PayloadRetry => self.retry_payloads(),
+            Timer::AntiEntropy => self.anti_entropy(),
+            Timer::Sync => self.sync_tick(),
+            Timer::Behind => self.check_behind(),
+            Timer::Collude => self.try_collude(),
+            Timer::Drain => self.drain_tick(),
+            Timer::Replan => {
+                let members = self.voters_by_author();
+                self.emit(Effect::Replan { members });
+            }
+        }
+    }
+
+    // ---- small helpers --------------------------------------------------
+
+    fn emit(&mut self, effect: Effect) {
+        self.out.push(effect);
+    }
+
+    fn arm(&mut self, timer: Timer, at: Millis) {
+        self.armed.insert(timer, at);
+        self.emit(Effect::SetTimer { timer, at });
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.phase_since = self.now;
+    }
+
+    fn request(&mut self, peer: PeerId, request: FetchRequest, what: RequestFor) {
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        self.requests.insert(req, what);
+        self.emit(Effect::Request { req, peer, request });
+    }
+
+    pub fn round(&self) -> u64 {
+        self.book.current()
+    }
+
+    pub fn me(&self) -> AuthorId {
+        self.me
+    }
+
+    pub fn anchor_hash(&self) -> WeightsHash {
+        self.anchor_hash
+    }
+
+    pub fn anchor(&self) -> &Arc<Vec<f32>> {
+        &self.anchor
+    }
+
+    pub fn phase_name(&self) -> &'static str {
+        self.phase.name()
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    pub fn members(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether `peer`'s author is banned here (its connections are refused).
+    pub fn is_banned_peer(&self, peer: &PeerId) -> bool {
+        self.members.is_banned_peer(peer)
+    }
+
+    /// Gossip messages handed in and not settled yet.
+    pub fn unsettled(&self) -> usize {
+        self.unsettled.len()
+    }
+
+    /// Whether the node takes part in rounds yet (before, updates of the
+    /// mesh are history to it: no payloads to fetch, no verdicts to give).
+    fn in_rounds(&self) -> bool {
+        !matches!(self.phase, Phase::Gathering | Phase::Fetching | Phase::Syncing)
+    }
+
+    /// Members not banned, by author (a stable order for every choice).
+    fn voters_by_author(&self) -> BTreeMap<AuthorId, PeerId> {
+        self.members
+            .by_author()
+            .into_iter()
+            .filter(|(a, _)| !self.members.is_banned(a))
+            .collect()
+    }
+
+    fn connected_authors(&self) -> HashSet<AuthorId> {
+        self.voters_by_author().into_keys().collect()
+    }
+
+    /// The round of AUTHOR's newest record that we hold.
+    fn head_round(&self, author: &AuthorId) -> Option<u64> {
+        self.chains.get(author).map(|c| c.round)
+    }
+
+    fn count_rejection(&mut self, reason: &'static str, author: Option<&AuthorId>) {
+        self.counters.rejected += 1;
+        *self.counters.rejected_by_reason.entry(reason.to_string()).or_default() += 1;
+        if let Some(a) = author {
+            *self.counters.rejected_by_author.entry(a.to_string()).or_default() += 1;
+        }
+        self.emit(Effect::Counted {
+            outcome: "rejected",
+            reason,
+        });
+    }
+
+    /// The one place a message's outcome is reported: to gossipsub (for
+    /// gossip), to the metrics and the log (by the shell).
+    fn settle(&mut self, origin: &Origin, outcome: &Outcome, update: bool) {
+        if let Origin::Gossip { id, .. } = origin {
+            if !self.unsettled.remove(id) {
+                // Already settled (or never handed in): never report twice.
+                tracing::error!(?id, "a gossip message was settled twice; ignoring the second outcome");
+                return;
+            }
+        }
+        self.emit(Effect::Settle {
+            origin: origin.clone(),
+            outcome: outcome.clone(),
+            update,
+        });
+    }
+
+    /// Schedules a re-plan of the data placement (debounced).
+    fn schedule_replan(&mut self) {
+        if !matches!(self.phase, Phase::Gathering) {
+            self.arm(Timer::Replan, self.now + 1000);
+        }
+    }
+
+    fn ban(&mut self, author: AuthorId, why: &str) {
+        if author == self.me || !self.members.ban(author) {
+            return;
+        }
+        self.book.forget(&author);
+        self.book.unannounce(self.round(), &author);
+        self.wants.drop_author(&author);
+        tracing::warn!(author = %author.short(), round = self.round(), why, "banning author");
+        self.emit(Effect::Inbox(Job::Ban(author)));
+        self.emit(Effect::Ban {
+            author,
+            peer: members::peer_of(&author),
+        });
+        self.schedule_replan();
+        // One fewer author to wait for.
+        self.maybe_close();
+    }
+
+    /// What this node did, for its report.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn banned(&self) -> Vec<AuthorId> {
+        let mut b: Vec<AuthorId> = self.members.banned().copied().collect();
+        b.sort();
+        b
+    }
+
+    pub fn joins(&self) -> &[u64] {
+        &self.joins
+    }
+
+    pub fn restarted(&self) -> bool {
+        self.restarted
+    }
+
+    pub fn final_eval(&self) -> Option<&EvalReport> {
+        self.final_eval.as_ref()
+    }
+
+    /// The round the run ended at when early stopping fired.
+    pub fn stopped_early_at(&self) -> Option<u64> {
+        (self.end_round < self.cfg.spec.rounds.count).then_some(self.end_round)
+    }
+
+    pub fn best_round(&self) -> Option<u64> {
+        self.early.as_ref().and_then(|e| e.best_round)
+    }
+
+    /// Authors whose chains we hold.
+    pub fn authors_seen(&self) -> Vec<AuthorId> {
+        let mut a: Vec<AuthorId> = self.chains.keys().copied().collect();
+        a.sort();
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests;

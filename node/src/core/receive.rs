@@ -1,0 +1,306 @@
+//! What peers send and ask: gossip, fetch requests and responses, and what
+//! the inbox made of it. Every gossip message ends in exactly one
+//! [`Core::settle`].
+
+use meshtrain_gossip::libp2p::gossipsub::MessageId;
+use meshtrain_gossip::libp2p::PeerId;
+use meshtrain_gossip::{FetchRequest, FetchResponse, GossipMessage};
+use meshtrain_ledger::{AuthorId, PayloadHash, RejectReason, Seq, Verdict, VerdictEntry};
+use tracing::{debug, warn};
+
+use super::outcome::{Origin, Outcome};
+use super::rounds::{Contribution, Offer as BookOffer};
+use super::start::short;
+use super::wants::{Next, WantedFor};
+use super::{members, ChainPos, ChanId, Core, CoreFault, Effect, Phase, ReqId, RequestFor, Timer};
+use crate::inbox::{Done, Job, PayloadFault, RecordDone};
+use crate::serve::MAX_RECORDS_PER_RESPONSE;
+
+impl Core {
+    pub(super) fn on_gossip(&mut self, id: MessageId, source: PeerId, data: &[u8]) {
+        if !self.unsettled.insert(id.clone()) {
+            // gossipsub hands each message id over once; a second copy
+            // would be settled twice.
+            debug!(?id, "gossip message handed in twice; ignored");
+            return;
+        }
+        let origin = Origin::Gossip { id, source };
+        match GossipMessage::from_bytes(data) {
+            Ok(GossipMessage::Update { record, payload }) => {
+                self.counters.received += 1;
+                if payload.as_ref().is_some_and(|p| p.len() > self.cfg.max_inline_payload) {
+                    self.count_rejection("oversized-inline", None);
+                    self.settle(&origin, &Outcome::Invalid(RejectReason::Malformed), true);
+                    return;
+                }
+                self.emit(Effect::Inbox(Job::Record {
+                    bytes: record,
+                    payload,
+                    origin,
+                }));
+            }
+            Ok(GossipMessage::Equivocation { proof }) => self.emit(Effect::Inbox(Job::Proof { bytes: proof, origin })),
+            Err(e) => {
+                warn!(peer = %short(&source), error = %e, round = self.round(), "rejected garbage gossip");
+                self.count_rejection("malformed", None);
+                self.settle(&origin, &Outcome::Invalid(RejectReason::Malformed), false);
+            }
+        }
+    }
+
+    pub(super) fn on_request(&mut self, peer: PeerId, chan: ChanId, request: FetchRequest) {
+        if self.members.is_banned_peer(&peer) {
+            self.emit(Effect::Respond {
+                chan,
+                response: FetchResponse::Refused("banned".into()),
+            });
+            return;
+        }
+        if request == FetchRequest::Anchor {
+            let response = match self.anchor_snapshot() {
+                Some(anchor) => Effect::ServeAnchor { chan, anchor },
+                None => Effect::Respond {
+                    chan,
+                    response: FetchResponse::Refused("aggregating".into()),
+                },
+            };
+            self.emit(response);
+            return;
+        }
+        self.last_served = self.now;
+        self.emit(Effect::Serve { peer, chan, request });
+    }
+
+    pub(super) fn on_response(&mut self, req: ReqId, peer: PeerId, response: FetchResponse) {
+        let Some(what) = self.requests.remove(&req) else {
+            return;
+        };
+        match (what, response) {
+            (RequestFor::Payload(hash), FetchResponse::Payload(bytes)) => {
+                self.emit(Effect::Inbox(Job::Payload {
+                    hash,
+                    bytes,
+                    from: peer,
+                }));
+            }
+            (RequestFor::Payload(hash), _) => self.payload_attempt_failed(hash),
+            (RequestFor::Anchor, response) => self.on_anchor_response(peer, response),
+            (RequestFor::Records, FetchResponse::Records(records)) => {
+                for bytes in records.into_iter().take(MAX_RECORDS_PER_RESPONSE as usize) {
+                    self.emit(Effect::Inbox(Job::Record {
+                        bytes,
+                        payload: None,
+                        origin: Origin::Fetched { from: peer },
+                    }));
+                }
+            }
+            (RequestFor::Heads, FetchResponse::Heads(heads)) => {
+                for h in heads {
+                    let author = AuthorId(h.author);
+                    if author == self.me || self.members.is_banned(&author) {
+                        continue;
+                    }
+                    let ours = self.chains.get(&author).map_or(0, |c| c.seq.saturating_add(1));
+                    if h.seq.saturating_add(1) > ours {
+                        self.request_records(peer, author, Seq(ours));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_request_failed(&mut self, req: ReqId, peer: PeerId) {
+        debug!(peer = %short(&peer), "fetch failed");
+        match self.requests.remove(&req) {
+            Some(RequestFor::Payload(hash)) => self.payload_attempt_failed(hash),
+            Some(RequestFor::Anchor) => self.anchor_request_failed(peer),
+            _ => {}
+        }
+    }
+
+    pub(super) fn request_records(&mut self, peer: PeerId, author: AuthorId, from: Seq) {
+        self.request(
+            peer,
+            FetchRequest::Records {
+                author: author.0,
+                from_seq: from.0,
+                max: MAX_RECORDS_PER_RESPONSE,
+            },
+            RequestFor::Records,
+        );
+    }
+
+    pub(super) fn on_checked(&mut self, done: Done) {
+        match done {
+            Done::Record(done) => self.on_record(*done),
+            Done::PayloadRefused { hash, from, fault } => match fault {
+                PayloadFault::NotThePayload => {
+                    warn!(peer = %short(&from), payload = %hash.short(), "peer served bytes that are not the payload");
+                    self.payload_attempt_failed(hash);
+                }
+                PayloadFault::Unknown | PayloadFault::Author(_) => {
+                    if let Some(w) = self.wants.done(&hash) {
+                        self.book.unannounce(w.round, &w.author);
+                        self.maybe_close();
+                    }
+                }
+            },
+            Done::OwnStored { signed, payload } => self.publish_own(*signed, payload),
+            Done::OwnFailed(e) => self.emit(Effect::Fatal(CoreFault::OwnRecord(e))),
+            Done::VerdictStored { round } => debug!(round, "verdict block stored"),
+            Done::VerdictFailed(e) => self.emit(Effect::Fatal(CoreFault::VerdictBlock(e))),
+            Done::Proof { origin, outcome, proof } => {
+                self.settle(&origin, &outcome, false);
+                if let Some(p) = proof {
+                    self.ban(p.author(), "equivocation proof");
+                }
+            }
+            Done::JoinStored { round } => debug!(round, "join stored"),
+            Done::JoinFailed(e) => warn!(error = %e, "cannot record the join in the ledger"),
+        }
+    }
+
+    fn on_record(&mut self, done: RecordDone) {
+        self.settle(&done.origin, &done.outcome, true);
+        let source = done.origin.peer();
+        if let Outcome::Invalid(reason) = &done.outcome {
+            warn!(
+                round = self.round(),
+                author = ?done.author.map(|a| a.short()),
+                seq = ?done.seq.map(|s| s.0),
+                from = ?source.map(|p| short(&p)),
+                %reason,
+                "rejected update"
+            );
+            if reason != &RejectReason::PayloadHashMismatch {
+                self.count_rejection(reason.code(), done.author.as_ref());
+            }
+        }
+        if done.outcome == Outcome::Ignored(super::IgnoreReason::BannedAuthor) {
+            self.count_rejection("banned", done.author.as_ref());
+        }
+        if let (true, Some(author), Some(seq), Some(round)) = (done.stored, done.author, done.seq, done.round) {
+            self.chains.insert(author, ChainPos { seq: seq.0, round });
+        }
+        // The payload's fate is known: stop asking for it.
+        if done.contribution.is_some() || done.rejection.is_some() {
+            if let Some(h) = done.payload_hash {
+                self.wants.done(&h);
+            }
+        }
+        if let Some(entry) = done.rejection {
+            self.book.unannounce(entry.round, &entry.author);
+            if self.recorded_rejections.insert(entry.record_hash) {
+                if let Some(ban) = self.reputation.observe(entry.author, &entry.verdict) {
+                    self.ban(entry.author, &ban.to_string());
+                }
+                self.book.reject(entry);
+            }
+            self.maybe_close();
+        }
+        if let Some(proof) = done.proof {
+            let author = proof.author();
+            self.emit(Effect::Publish(GossipMessage::Equivocation {
+                proof: proof.to_bytes(),
+            }));
+            self.ban(author, "equivocation");
+        }
+        if let (Some(author), Some(from), Some(peer)) = (done.author, done.gap_from, source) {
+            self.request_records(peer, author, from);
+        }
+        if done.need_payload {
+            if let (Some(hash), Some(author), Some(seq), Some(record_hash), Some(round)) =
+                (done.payload_hash, done.author, done.seq, done.record_hash, done.round)
+            {
+                if self.round_matters(round) && !self.members.is_banned(&author) {
+                    self.book.announce(round, author);
+                }
+                let of = WantedFor {
+                    author,
+                    seq,
+                    record_hash,
+                    round,
+                };
+                self.want_payload(hash, of, source);
+            }
+        }
+        if let Some(c) = done.contribution {
+            self.offer(c);
+        }
+    }
+
+    /// Whether an update for `round` may still matter to this node: not
+    /// behind the staleness window, and (before the node trains, when its
+    /// round is only a guess) not far ahead of where it starts.
+    pub(super) fn round_matters(&self, round: u64) -> bool {
+        round.saturating_add(self.cfg.spec.exchange.staleness) >= self.round()
+            && (self.in_rounds() || round <= self.round().saturating_add(1))
+    }
+
+    fn want_payload(&mut self, hash: PayloadHash, of: WantedFor, first: Option<PeerId>) {
+        if self.wants.contains(&hash) || !self.round_matters(of.round) {
+            return;
+        }
+        let mut candidates: Vec<PeerId> = first.into_iter().collect();
+        candidates.extend(members::peer_of(&of.author));
+        candidates.extend(self.members.peers());
+        if self.wants.want(hash, of, candidates) {
+            self.next_payload_attempt(hash);
+        }
+    }
+
+    fn next_payload_attempt(&mut self, hash: PayloadHash) {
+        match self.wants.next(&hash) {
+            Next::Ask(peer) => self.request(peer, FetchRequest::Payload { hash: hash.0 }, RequestFor::Payload(hash)),
+            Next::GiveUp(of) => {
+                warn!(author = %of.author.short(), round = of.round, "no peer could supply a payload");
+                self.book.unannounce(of.round, &of.author);
+                self.book.reject(VerdictEntry {
+                    author: of.author,
+                    seq: of.seq,
+                    record_hash: of.record_hash,
+                    round: of.round,
+                    verdict: Verdict::Rejected {
+                        reason: RejectReason::PayloadUnavailable,
+                    },
+                });
+                self.maybe_close();
+            }
+            Next::Nothing => {}
+        }
+    }
+
+    fn payload_attempt_failed(&mut self, hash: PayloadHash) {
+        self.wants.failed(&hash, self.now);
+        if let Some(at) = self.wants.next_retry() {
+            self.arm(Timer::PayloadRetry, at);
+        }
+    }
+
+    pub(super) fn retry_payloads(&mut self) {
+        for hash in self.wants.due(self.now) {
+            self.next_payload_attempt(hash);
+        }
+        if let Some(at) = self.wants.next_retry() {
+            self.arm(Timer::PayloadRetry, at);
+        }
+    }
+
+    /// A verified delta for some round: kept for its round's aggregation.
+    pub(super) fn offer(&mut self, c: Contribution) {
+        if self.members.is_banned(&c.author) {
+            return;
+        }
+        debug!(round = self.round(), author = %c.author.short(), for_round = c.round, "update verified");
+        let (author, seq, hash, round) = (c.author, c.seq, c.record_hash, c.round);
+        if self.book.offer(c) == BookOffer::Stale {
+            self.count_rejection("stale", Some(&author));
+            debug!(author = %author.short(), seq = seq.0, record = %hash.short(), round, "stale update");
+        }
+        if let Phase::Colluding(_) = self.phase {
+            self.collusion_saw_update();
+        }
+        self.maybe_close();
+    }
+}

@@ -1,0 +1,128 @@
+//! Before round 0: gathering peers, the data phase (run by the shell), and
+//! where the mesh is when this node arrives late or restarts. Also the
+//! membership events, which matter in every phase.
+
+use meshtrain_gossip::libp2p::PeerId;
+use meshtrain_gossip::FetchRequest;
+use rand::Rng;
+use tracing::{info, warn};
+
+use super::sync::SyncReason;
+use super::{members, Core, Effect, Phase, RequestFor, Timer};
+use crate::inbox::Job;
+
+/// Pause between anti-entropy asks.
+const ANTI_ENTROPY_MS: u64 = 2000;
+
+impl Core {
+    pub(super) fn on_start(&mut self) {
+        self.set_phase(Phase::Gathering);
+        self.arm(Timer::AntiEntropy, self.now + ANTI_ENTROPY_MS);
+        if self.members.joined() >= self.cfg.wait_peers {
+            self.begin_data();
+        } else {
+            self.arm(Timer::Gather, self.now + self.cfg.wait_peers_timeout);
+        }
+    }
+
+    pub(super) fn on_connected(&mut self, peer: PeerId) {
+        self.members.connect(peer);
+        if self.members.is_banned_peer(&peer) {
+            let author = members::author_of(&peer);
+            if let Some(author) = author {
+                self.emit(Effect::Ban {
+                    author,
+                    peer: Some(peer),
+                });
+            }
+        }
+    }
+
+    pub(super) fn on_disconnected(&mut self, peer: PeerId) {
+        if let Some(author) = self.members.disconnect(&peer) {
+            info!(peer = %short(&peer), round = self.round(), "peer left");
+            self.book.forget(&author);
+            self.schedule_replan();
+            // A member we waited for is gone.
+            self.maybe_close();
+        }
+    }
+
+    pub(super) fn on_subscribed(&mut self, peer: PeerId) {
+        if self.members.subscribe(peer).is_some() {
+            info!(peer = %short(&peer), members = self.members.len(), "peer joined the run");
+            self.schedule_replan();
+        }
+        if matches!(self.phase, Phase::Gathering) && self.members.joined() >= self.cfg.wait_peers {
+            self.begin_data();
+        }
+    }
+
+    pub(super) fn on_gather_timeout(&mut self) {
+        if matches!(self.phase, Phase::Gathering) {
+            warn!(
+                members = self.members.len(),
+                wanted = self.cfg.wait_peers,
+                "starting without all peers"
+            );
+            self.begin_data();
+        }
+    }
+
+    /// Gathering is over: the shell makes sure the shard is here.
+    fn begin_data(&mut self) {
+        self.set_phase(Phase::Fetching);
+        let members = self.voters_by_author();
+        self.emit(Effect::BeginData { members });
+    }
+
+    /// The shard is here and the trainer runs. A late joiner or a restarted
+    /// node first asks where the mesh is.
+    pub(super) fn on_data_ready(&mut self) {
+        if !matches!(self.phase, Phase::Fetching) {
+            return;
+        }
+        if self.members.is_empty() {
+            self.begin_rounds();
+            return;
+        }
+        self.set_phase(Phase::Syncing);
+        self.start_sync(SyncReason::Start, None, None);
+        if self.sync.is_none() {
+            self.begin_rounds();
+        }
+    }
+
+    /// Takes part in rounds from the current one on. Records of it that
+    /// came in before (or were held before a restart) count again.
+    pub(super) fn begin_rounds(&mut self) {
+        self.rebuild(self.round());
+        self.next_round_or_finish();
+    }
+
+    /// Asks the inbox to turn held records of `round` and later back into
+    /// contributions or wanted payloads (once per round).
+    pub(super) fn rebuild(&mut self, round: u64) {
+        if self.rebuilt_for != Some(round) {
+            self.rebuilt_for = Some(round);
+            self.emit(Effect::Inbox(Job::Rebuild { round }));
+        }
+    }
+
+    /// Asks a random member for its chain heads, to fill what gossip missed.
+    pub(super) fn anti_entropy(&mut self) {
+        self.arm(Timer::AntiEntropy, self.now + ANTI_ENTROPY_MS);
+        let peers = self.members.peers();
+        if peers.is_empty() {
+            return;
+        }
+        let peer = peers[self.rng.random_range(0..peers.len())];
+        self.request(peer, FetchRequest::Heads, RequestFor::Heads);
+    }
+}
+
+/// The last 8 characters of a peer id, for logs.
+pub fn short(peer: &PeerId) -> String {
+    let s = peer.to_string();
+    s[s.len().saturating_sub(8)..].to_string()
+}

@@ -1,0 +1,518 @@
+//! The core under test with its real inbox over an in-memory ledger, and
+//! records signed by made-up peers: every outcome reason, gap release,
+//! duplicates, closing on quorum and on deadline, and settling each gossip
+//! message exactly once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use meshtrain_gossip::libp2p::gossipsub::MessageId;
+use meshtrain_gossip::libp2p::PeerId;
+use meshtrain_gossip::{FetchRequest, FetchResponse, GossipMessage};
+use meshtrain_ledger::{
+    AuthorKey, MemLedger, PayloadHash, RecordHash, RejectReason, RunId, Seq, SignedRecord, UpdateRecord, WeightsHash,
+    RECORD_VERSION,
+};
+use meshtrain_model::{codec, CodecSpec, StepStats};
+
+use super::outcome::{IgnoreReason, Origin, Outcome};
+use super::resume::resume;
+use super::{members, Core, CoreConfig, Effect, Input, Timer, Trained};
+use crate::inbox::{Inbox, InboxConfig};
+use crate::reputation::ReputationConfig;
+use crate::sim::standin;
+
+const PARAMS: usize = 8;
+
+/// One core (node A) with its inbox, and peers whose records we forge.
+struct Harness {
+    core: Core,
+    inbox: Inbox<MemLedger>,
+    run_id: RunId,
+    genesis: RecordHash,
+    anchor_hash: WeightsHash,
+    now: u64,
+    /// Settle effects per gossip id.
+    settled: HashMap<MessageId, Vec<Outcome>>,
+    /// Everything but inbox jobs, in order.
+    effects: Vec<Effect>,
+    next_id: u64,
+}
+
+struct Peer {
+    key: AuthorKey,
+    peer: PeerId,
+    head: Option<(Seq, RecordHash)>,
+}
+
+impl Peer {
+    fn new(n: u8) -> Self {
+        let key = AuthorKey::from_secret([n; 32]);
+        let peer = members::peer_of(&key.author()).expect("peer id");
+        Self { key, peer, head: None }
+    }
+
+    /// Signs this peer's next record for `round` over `payload`.
+    fn record(&mut self, h: &Harness, round: u64, payload: &[u8]) -> SignedRecord {
+        let (seq, prev) = match self.head {
+            None => (Seq(0), h.genesis),
+            Some((s, hash)) => (s.next(), hash),
+        };
+        let signed = UpdateRecord {
+            version: RECORD_VERSION,
+            run_id: h.run_id,
+            author: self.key.author(),
+            seq,
+            prev,
+            round,
+            base_hash: h.anchor_hash,
+            payload_hash: PayloadHash::of(payload),
+            payload_len: payload.len() as u64,
+            n_samples: 64,
+            train_loss: 0.5,
+        }
+        .sign(&self.key);
+        self.head = Some((seq, signed.hash()));
+        signed
+    }
+}
+
+fn delta(v: f32) -> Vec<u8> {
+    codec::encode(CodecSpec::Dense, &[v; PARAMS])
+}
+
+impl Harness {
+    fn new(wait_peers: usize) -> Self {
+        let spec = standin::sim_spec(20, CodecSpec::Dense, meshtrain_model::AggregatorSpec::Mean, 7);
+        let shape = standin::shape(PARAMS, 7);
+        let key = AuthorKey::from_secret([1; 32]);
+        let meta = standin::meta(&spec, key.author(), &shape);
+        let ledger = Arc::new(MemLedger::new(meta.clone()).expect("meta"));
+        let resumed = resume(&*ledger, key.author(), None, &spec, &shape).expect("resume");
+        assert!(!resumed.restarted);
+        let core = Core::new(
+            CoreConfig {
+                run_id: meta.run_id,
+                genesis_link: meta.genesis_link(),
+                genesis_weights: meta.genesis_weights,
+                verdict_genesis: meta.verdict_genesis(),
+                params: PARAMS,
+                spec: spec.clone(),
+                wait_peers,
+                wait_peers_timeout: 10_000,
+                drain: 1000,
+                eval_every: 1,
+                checkpoint_every: 0,
+                reputation: ReputationConfig::default(),
+                max_inline_payload: 48 * 1024,
+                attack: None,
+                seed: 7,
+            },
+            key,
+            resumed,
+        );
+        let inbox = Inbox::new(
+            ledger,
+            InboxConfig {
+                run_id: meta.run_id,
+                genesis: meta.genesis_link(),
+                params: PARAMS,
+                rounds: 20,
+                retention: meshtrain_ledger::Retention::KEEP_ALL,
+            },
+        );
+        Self {
+            core,
+            inbox,
+            run_id: meta.run_id,
+            genesis: meta.genesis_link(),
+            anchor_hash: meta.genesis_weights,
+            now: 0,
+            settled: HashMap::new(),
+            effects: Vec::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Feeds an input and runs the inbox jobs it causes to the end.
+    fn input(&mut self, input: Input) {
+        let mut queue = vec![input];
+        while let Some(input) = queue.pop() {
+            for e in self.core.handle(input, self.now) {
+                match e {
+                    Effect::Inbox(job) => {
+                        for done in self.inbox.handle(job) {
+                            queue.insert(0, Input::Checked(Box::new(done)));
+                        }
+                    }
+                    Effect::CheckOffer { peer, response } => {
+                        let result =
+                            super::sync::check_offer(&self.run_id, &self.anchor_hash, PARAMS, response).map(Box::new);
+                        queue.insert(0, Input::OfferChecked { peer, result });
+                    }
+                    Effect::Settle {
+                        origin,
+                        outcome,
+                        update,
+                    } => {
+                        if let Origin::Gossip { id, .. } = &origin {
+                            self.settled.entry(id.clone()).or_default().push(outcome.clone());
+                        }
+                        self.effects.push(Effect::Settle {
+                            origin,
+                            outcome,
+                            update,
+                        });
+                    }
+                    other => self.effects.push(other),
+                }
+            }
+        }
+    }
+
+    fn gossip(&mut self, from: &Peer, record: &SignedRecord, payload: Option<Vec<u8>>) -> MessageId {
+        let data = GossipMessage::Update {
+            record: record.to_bytes(),
+            payload,
+        }
+        .to_bytes();
+        self.raw_gossip(from, data)
+    }
+
+    fn raw_gossip(&mut self, from: &Peer, data: Vec<u8>) -> MessageId {
+        self.next_id += 1;
+        let id = MessageId::new(&self.next_id.to_le_bytes());
+        self.input(Input::Gossip {
+            id: id.clone(),
+            source: from.peer,
+            data,
+        });
+        id
+    }
+
+    fn outcome(&self, id: &MessageId) -> Outcome {
+        let all = self.settled.get(id).cloned().unwrap_or_default();
+        assert_eq!(all.len(), 1, "message settled {} times: {all:?}", all.len());
+        all[0].clone()
+    }
+
+    fn join(&mut self, p: &Peer) {
+        self.input(Input::Connected(p.peer));
+        self.input(Input::Subscribed(p.peer));
+    }
+
+    /// Starts, runs the data phase and answers the anchor sync as peers at
+    /// round 0 would (with genesis); the core then trains round 0.
+    fn start_training(&mut self) {
+        self.input(Input::Start);
+        self.input(Input::DataReady);
+        let asks: Vec<(super::ReqId, PeerId)> = self
+            .take()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Request {
+                    req,
+                    peer,
+                    request: FetchRequest::Anchor,
+                } => Some((req, peer)),
+                _ => None,
+            })
+            .collect();
+        let genesis = standin::shape(PARAMS, 7).genesis;
+        for (req, peer) in asks {
+            self.input(Input::Response {
+                req,
+                peer,
+                response: FetchResponse::Anchor {
+                    round: 0,
+                    weights: codec::encode(CodecSpec::Dense, &genesis),
+                    outer: codec::encode(CodecSpec::Dense, &[]),
+                    verdict: Vec::new(),
+                },
+            });
+        }
+        assert!(
+            self.take().iter().any(|e| matches!(e, Effect::Train { round: 0, .. })),
+            "round 0 starts after the sync"
+        );
+    }
+
+    /// Our own round: trained, stored, published.
+    fn train_own(&mut self, round: u64) {
+        let payload = delta(0.5);
+        let decoded = Arc::new(codec::decode(&payload, PARAMS).expect("decodes"));
+        self.input(Input::Trained(Box::new(Trained {
+            round,
+            eval: None,
+            stats: StepStats::default(),
+            payload,
+            decoded,
+            twin: None,
+            train_ms: 1,
+        })));
+    }
+
+    fn take(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    fn aggregated(effects: &[Effect]) -> bool {
+        effects.iter().any(|e| matches!(e, Effect::Aggregate(_)))
+    }
+}
+
+#[test]
+fn garbage_and_forged_messages_are_invalid_and_blame_the_forwarder() {
+    let mut h = Harness::new(0);
+    let b = Peer::new(2);
+    h.join(&b);
+    let id = h.raw_gossip(&b, vec![0xff; 40]);
+    assert_eq!(h.outcome(&id), Outcome::Invalid(RejectReason::Malformed));
+
+    let mut forger = Peer::new(3);
+    let mut r = forger.record(&h, 0, &delta(0.1));
+    r.signature.0[3] ^= 1;
+    let id = h.gossip(&b, &r, Some(delta(0.1)));
+    assert_eq!(h.outcome(&id), Outcome::Invalid(RejectReason::BadSignature));
+    assert_eq!(h.outcome(&id).acceptance(), super::Acceptance::Reject);
+
+    let mut other = Peer::new(4);
+    let mut wrong = other.record(&h, 0, &delta(0.1)).record;
+    wrong.run_id = RunId([9; 32]);
+    let wrong = wrong.sign(&other.key);
+    let id = h.gossip(&b, &wrong, None);
+    assert_eq!(h.outcome(&id), Outcome::Invalid(RejectReason::WrongRun));
+
+    let mut late = Peer::new(5);
+    let beyond = late.record(&h, 99, &delta(0.1));
+    let id = h.gossip(&b, &beyond, None);
+    assert_eq!(
+        h.outcome(&id),
+        Outcome::Invalid(RejectReason::Malformed),
+        "a round past the run's end"
+    );
+}
+
+#[test]
+fn bad_payloads_are_the_authors_fault() {
+    let mut h = Harness::new(0);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    let mut cases: Vec<(Vec<u8>, RejectReason)> = vec![
+        (vec![1, 2, 3], RejectReason::PayloadMalformed),
+        (
+            codec::encode(CodecSpec::Dense, &[0.1; PARAMS + 1]),
+            RejectReason::WrongShape,
+        ),
+        (codec::encode(CodecSpec::Dense, &[0.0; PARAMS]), RejectReason::FreeRider),
+        (
+            {
+                let mut v = vec![0.1f32; PARAMS];
+                v[2] = f32::NAN;
+                codec::encode(CodecSpec::Dense, &v)
+            },
+            RejectReason::NonFinite,
+        ),
+    ];
+    // One offence each from fresh authors (two would ban an author).
+    for (n, (payload, reason)) in cases.drain(..2).enumerate() {
+        let mut a = Peer::new(10 + n as u8);
+        let r = a.record(&h, 0, &payload);
+        let id = h.gossip(&b, &r, Some(payload));
+        assert_eq!(h.outcome(&id), Outcome::Invalid(reason));
+    }
+    for (round, (payload, reason)) in cases.into_iter().enumerate() {
+        let r = b.record(&h, round as u64, &payload);
+        let id = h.gossip(&b, &r, Some(payload));
+        assert_eq!(h.outcome(&id), Outcome::Invalid(reason));
+    }
+    // Two protocol offences: B is banned, and its next record is ignored.
+    assert!(h.core.banned().contains(&b.key.author()));
+    let r = b.record(&h, 3, &delta(0.2));
+    let id = h.gossip(&b, &r, Some(delta(0.2)));
+    assert_eq!(h.outcome(&id), Outcome::Ignored(IgnoreReason::BannedAuthor));
+}
+
+#[test]
+fn duplicates_are_ignored_and_a_duplicate_carrying_the_missing_payload_settles_once() {
+    let mut h = Harness::new(0);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    let payload = delta(0.3);
+    let r = b.record(&h, 0, &payload);
+    // The record first arrives without its payload (too big to inline, say).
+    let first = h.gossip(&b, &r, None);
+    assert_eq!(h.outcome(&first), Outcome::Accepted);
+    let asked = h.take().iter().any(|e| {
+        matches!(
+            e,
+            Effect::Request {
+                request: FetchRequest::Payload { .. },
+                ..
+            }
+        )
+    });
+    assert!(asked, "the payload is fetched by hash");
+    // The same record again, now with the payload: settled under its own id.
+    let second = h.gossip(&b, &r, Some(payload));
+    assert_eq!(h.outcome(&second), Outcome::Accepted);
+    // And once more: a plain duplicate.
+    let third = h.gossip(&b, &r, None);
+    assert_eq!(h.outcome(&third), Outcome::Ignored(IgnoreReason::Duplicate));
+    assert_eq!(h.core.unsettled(), 0);
+}
+
+#[test]
+fn a_gap_is_filled_and_released_in_order() {
+    let mut h = Harness::new(0);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    let r0 = b.record(&h, 0, &delta(0.1));
+    let r1 = b.record(&h, 1, &delta(0.2));
+    let id1 = h.gossip(&b, &r1, Some(delta(0.2)));
+    assert_eq!(h.outcome(&id1), Outcome::Accepted, "held in the gap buffer");
+    let asks: Vec<_> = h
+        .take()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Request {
+                request: FetchRequest::Records { from_seq, .. },
+                ..
+            } => Some(from_seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asks, vec![0], "the missing records are asked for");
+    let id0 = h.gossip(&b, &r0, Some(delta(0.1)));
+    assert_eq!(h.outcome(&id0), Outcome::Accepted);
+    let head = h.inbox.store().clone();
+    assert_eq!(
+        meshtrain_ledger::Store::head(&*head, &b.key.author()).map(|x| x.seq),
+        Some(Seq(1))
+    );
+}
+
+#[test]
+fn equivocation_is_proven_gossiped_and_banned() {
+    let mut h = Harness::new(0);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    let r0 = b.record(&h, 0, &delta(0.1));
+    let mut twin = r0.record.clone();
+    twin.payload_hash = PayloadHash::of(&delta(0.9));
+    let twin = twin.sign(&b.key);
+    let id = h.gossip(&b, &r0, Some(delta(0.1)));
+    assert_eq!(h.outcome(&id), Outcome::Accepted);
+    let id = h.gossip(&b, &twin, Some(delta(0.9)));
+    assert_eq!(h.outcome(&id), Outcome::Invalid(RejectReason::Equivocation));
+    assert_eq!(
+        h.outcome(&id).acceptance(),
+        super::Acceptance::Ignore,
+        "a relay may have seen the other half first"
+    );
+    let effects = h.take();
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::Publish(GossipMessage::Equivocation { .. }))));
+    assert!(effects.iter().any(|e| matches!(e, Effect::Ban { .. })));
+    // Gossiping the proof to us again is known.
+    let proof = meshtrain_ledger::EquivocationProof::new(r0, twin);
+    let id = h.raw_gossip(
+        &b,
+        GossipMessage::Equivocation {
+            proof: proof.to_bytes(),
+        }
+        .to_bytes(),
+    );
+    assert_eq!(h.outcome(&id), Outcome::Ignored(IgnoreReason::KnownProof));
+}
+
+#[test]
+fn replayed_payloads_are_refused() {
+    let mut h = Harness::new(0);
+    let mut b = Peer::new(2);
+    let mut c = Peer::new(3);
+    h.join(&b);
+    h.join(&c);
+    h.start_training();
+    let payload = delta(0.4);
+    let rb = b.record(&h, 0, &payload);
+    let id = h.gossip(&b, &rb, Some(payload.clone()));
+    assert_eq!(h.outcome(&id), Outcome::Accepted);
+    let rc = c.record(&h, 0, &payload);
+    let id = h.gossip(&c, &rc, Some(payload));
+    assert_eq!(h.outcome(&id), Outcome::Invalid(RejectReason::Replay));
+}
+
+#[test]
+fn a_round_closes_the_moment_the_last_expected_update_arrives() {
+    let mut h = Harness::new(1);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    h.train_own(0);
+    assert!(!Harness::aggregated(&h.take()), "B's update is still expected");
+    let r = b.record(&h, 0, &delta(0.2));
+    h.gossip(&b, &r, Some(delta(0.2)));
+    assert!(Harness::aggregated(&h.take()), "closed on quorum, without a timer");
+}
+
+#[test]
+fn a_round_closes_at_its_deadline_without_a_silent_member() {
+    let mut h = Harness::new(1);
+    let b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    h.train_own(0);
+    let effects = h.take();
+    let deadline = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::SetTimer {
+                timer: Timer::Deadline,
+                at,
+            } => Some(*at),
+            _ => None,
+        })
+        .expect("the deadline is armed");
+    assert!(!Harness::aggregated(&effects));
+    // A timer that fires early (a stale one) changes nothing.
+    h.input(Input::Timer(Timer::Deadline));
+    assert!(!Harness::aggregated(&h.take()));
+    h.now = deadline;
+    h.input(Input::Timer(Timer::Deadline));
+    assert!(Harness::aggregated(&h.take()));
+}
+
+#[test]
+fn banned_peers_are_refused_service() {
+    let mut h = Harness::new(0);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    for round in 0..2 {
+        let r = b.record(&h, round, &[7, 7]);
+        h.gossip(&b, &r, Some(vec![7, 7]));
+    }
+    assert!(h.core.is_banned_peer(&b.peer));
+    h.take();
+    h.input(Input::Request {
+        peer: b.peer,
+        chan: super::ChanId(1),
+        request: FetchRequest::Heads,
+    });
+    let refused = h.take().into_iter().any(|e| {
+        matches!(
+            e,
+            Effect::Respond {
+                response: FetchResponse::Refused(_),
+                ..
+            }
+        )
+    });
+    assert!(refused);
+}

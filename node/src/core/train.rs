@@ -1,0 +1,257 @@
+//! Our own part of a round: train, sign, store, then publish. A record is
+//! durable before anyone can see it, so a node never signs two records at
+//! one seq, even across a `kill -9`.
+
+use meshtrain_gossip::GossipMessage;
+use meshtrain_ledger::{PayloadHash, Seq, SignedRecord, UpdateRecord, RECORD_VERSION};
+use tracing::info;
+
+use super::rounds::Contribution;
+use super::{Collusion, Core, Effect, OwnRound, Phase, RoundNote, Timer, Trained};
+use crate::inbox::Job;
+
+/// A colluding attacker crafts its update once the honest updates of a
+/// round stop arriving for this long ...
+const COLLUDE_SETTLE_MS: u64 = 500;
+/// ... or after this long in any case.
+const COLLUDE_MAX_MS: u64 = 5000;
+
+impl Core {
+    pub(super) fn start_round(&mut self) {
+        let round = self.round();
+        if self.republish_own(round) {
+            return;
+        }
+        self.set_phase(Phase::Training);
+        self.emit(Effect::Train {
+            round,
+            anchor: self.anchor.clone(),
+            evaluate: round.is_multiple_of(self.cfg.eval_every.max(1)),
+        });
+    }
+
+    /// Trains the next round, or evaluates the final anchor when the run's
+    /// rounds are done (also right after joining a mesh that is finishing).
+    pub(super) fn next_round_or_finish(&mut self) {
+        if self.round() >= self.end_round {
+            self.set_phase(Phase::Finishing);
+            self.emit(Effect::Evaluate {
+                round: self.round(),
+                anchor: self.anchor.clone(),
+            });
+        } else {
+            self.start_round();
+        }
+    }
+
+    pub(super) fn on_trained(&mut self, t: Box<Trained>) {
+        if !matches!(self.phase, Phase::Training) || t.round != self.round() {
+            return;
+        }
+        if let Some(e) = t.eval {
+            if let Some(early) = self.early.as_mut() {
+                if early.observe(t.round, e.loss) && self.end_round > t.round + 1 {
+                    // This round still closes, so peers waiting on our
+                    // record for it get one.
+                    self.end_round = t.round + 1;
+                    info!(
+                        round = t.round,
+                        best_round = early.best_round,
+                        best_loss = early.best_loss,
+                        patience = early.patience,
+                        "early stopping: the held-out loss stopped improving"
+                    );
+                }
+            }
+        }
+        if self.cfg.attack.is_some_and(|a| a.colludes()) {
+            let now = self.now;
+            self.set_phase(Phase::Colluding(Box::new(Collusion {
+                trained: t,
+                since: now,
+                seen: 0,
+                seen_changed: now,
+                crafting: false,
+            })));
+            self.arm(Timer::Collude, now + COLLUDE_MAX_MS);
+            self.collusion_saw_update();
+            return;
+        }
+        self.sign_and_store(*t);
+    }
+
+    /// The crafted update of a colluding attacker, encoded.
+    pub(super) fn on_crafted(&mut self, t: Trained) {
+        if matches!(&self.phase, Phase::Colluding(c) if c.crafting && c.trained.round == t.round) {
+            self.sign_and_store(t);
+        }
+    }
+
+    /// Signs our update, stores it (synced) and, once stored, publishes it
+    /// (see `publish_own`).
+    fn sign_and_store(&mut self, t: Trained) {
+        let (seq, prev) = match self.own_head {
+            None => (Seq(0), self.cfg.genesis_link),
+            Some(h) => (h.seq.next(), h.hash),
+        };
+        let record = UpdateRecord {
+            version: RECORD_VERSION,
+            run_id: self.cfg.run_id,
+            author: self.me,
+            seq,
+            prev,
+            round: t.round,
+            base_hash: self.anchor_hash,
+            payload_hash: PayloadHash::of(&t.payload),
+            payload_len: t.payload.len() as u64,
+            n_samples: t.stats.samples,
+            train_loss: t.stats.mean_loss,
+        };
+        let twin = t.twin.map(|other| {
+            // An equivocating attacker: a second, different record at the
+            // same seq, for other peers.
+            let mut r = record.clone();
+            r.payload_hash = PayloadHash::of(&other);
+            r.payload_len = other.len() as u64;
+            (r.sign(&self.key), other)
+        });
+        let signed = record.sign(&self.key);
+        self.own_head = Some(meshtrain_ledger::Head {
+            seq,
+            hash: signed.hash(),
+        });
+        self.counters.payload_bytes += t.payload.len() as u64;
+        self.set_phase(Phase::Publishing(Box::new(OwnRound {
+            note: RoundNote {
+                round: t.round,
+                eval: t.eval,
+                stats: t.stats,
+                train_ms: t.train_ms,
+            },
+            decoded: t.decoded,
+            twin,
+        })));
+        self.emit(Effect::Inbox(Job::Own {
+            signed,
+            payload: t.payload,
+        }));
+    }
+
+    /// After a restart our record for ROUND may already be signed (the node
+    /// died between publishing and closing the round). Training again would
+    /// contribute twice; publish the stored record again and wait.
+    fn republish_own(&mut self, round: u64) -> bool {
+        let Some((signed, payload, decoded)) = self.own_last.take() else {
+            return false;
+        };
+        if signed.record.round != round {
+            return false;
+        }
+        info!(
+            round,
+            seq = signed.record.seq.0,
+            "our update for this round was signed before the restart; publishing it again"
+        );
+        self.set_phase(Phase::Publishing(Box::new(OwnRound {
+            note: RoundNote {
+                round,
+                ..Default::default()
+            },
+            decoded,
+            twin: None,
+        })));
+        self.publish_own(signed, payload);
+        true
+    }
+
+    pub(super) fn publish_own(&mut self, signed: SignedRecord, payload: Vec<u8>) {
+        let Phase::Publishing(own) = std::mem::replace(&mut self.phase, Phase::Training) else {
+            return;
+        };
+        let OwnRound { note, decoded, twin } = *own;
+        let max_inline = self.cfg.max_inline_payload;
+        let inline = (payload.len() <= max_inline).then_some(payload);
+        self.emit(Effect::Publish(GossipMessage::Update {
+            record: signed.to_bytes(),
+            payload: inline,
+        }));
+        if let Some((twin, twin_payload)) = twin {
+            let inline = (twin_payload.len() <= max_inline).then_some(twin_payload);
+            self.emit(Effect::Publish(GossipMessage::Update {
+                record: twin.to_bytes(),
+                payload: inline,
+            }));
+        }
+        self.counters.published += 1;
+        self.book.offer(Contribution {
+            author: self.me,
+            seq: signed.record.seq,
+            record_hash: signed.hash(),
+            round: note.round,
+            n_samples: signed.record.n_samples,
+            base: signed.record.base_hash,
+            delta: decoded,
+        });
+        self.book.own_ready(self.now);
+        self.set_phase(Phase::Waiting(note));
+        if let Some(at) = self.book.deadline() {
+            self.arm(Timer::Deadline, at);
+        }
+        self.arm(Timer::Behind, self.now + 2000);
+        self.maybe_close();
+    }
+
+    /// An honest update of the round we collude in arrived.
+    pub(super) fn collusion_saw_update(&mut self) {
+        let me = self.me;
+        let now = self.now;
+        let Phase::Colluding(c) = &mut self.phase else {
+            return;
+        };
+        let seen = self.book.for_round(c.trained.round).filter(|x| x.author != me).count();
+        if seen != c.seen {
+            c.seen = seen;
+            c.seen_changed = now;
+        }
+        let at = (now + COLLUDE_SETTLE_MS).min(c.since + COLLUDE_MAX_MS);
+        self.arm(Timer::Collude, at);
+    }
+
+    /// A colluding attacker crafts its update once the honest updates of the
+    /// round stop arriving (or after a few seconds), and has it encoded.
+    pub(super) fn try_collude(&mut self) {
+        let now = self.now;
+        let Some(attack) = self.cfg.attack else {
+            return;
+        };
+        let Phase::Colluding(c) = &self.phase else {
+            return;
+        };
+        if c.crafting {
+            return;
+        }
+        let settled = c.seen > 0 && now.saturating_sub(c.seen_changed) >= COLLUDE_SETTLE_MS;
+        if !settled && now.saturating_sub(c.since) < COLLUDE_MAX_MS {
+            self.arm(Timer::Collude, (c.seen_changed + COLLUDE_SETTLE_MS).max(now + 1));
+            return;
+        }
+        let round = c.trained.round;
+        let honest: Vec<&[f32]> = self
+            .book
+            .for_round(round)
+            .filter(|x| x.author != self.me)
+            .map(|x| x.delta.as_slice())
+            .collect();
+        let crafted = attack.collude(&honest, &c.trained.decoded);
+        info!(round, honest = honest.len(), %attack, "crafted a colluding update");
+        let like = c.trained.clone();
+        if let Phase::Colluding(c) = &mut self.phase {
+            c.crafting = true;
+        }
+        self.emit(Effect::Craft {
+            round,
+            delta: crafted,
+            like,
+        });
+    }
+}

@@ -1,0 +1,927 @@
+//! The shell around the core: the libp2p swarm, the RocksDB ledger (through
+//! the inbox thread), the trainer thread, files and metrics. It turns what
+//! happens into [`Input`]s for the [`Core`] and executes the [`Effect`]s it
+//! returns; it decides nothing about the protocol.
+//!
+//! One `tokio::select!` over network events, the trainer's, the inbox's and
+//! the workers' channels, and the next named timer. Heavy work (serving from
+//! the ledger, aggregating, encoding and checking anchors, writing progress
+//! files) runs on blocking tasks and reports back by message.
+
+mod deny;
+mod fetching;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use meshtrain_gossip::libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
+use meshtrain_gossip::libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use meshtrain_gossip::libp2p::swarm::SwarmEvent;
+use meshtrain_gossip::libp2p::{Multiaddr, PeerId, Swarm};
+use meshtrain_gossip::{
+    build_swarm, byte_counts, run_topic, FetchRequest, FetchResponse, MeshBehaviour, MeshBehaviourEvent, MeshConfig,
+};
+use meshtrain_ledger::{AuthorId, Ledger, RunId, RunMeta, StoreOptions, WeightsHash};
+use meshtrain_model::{DeltaEncoder, Evaluation, Network, TrainConfig};
+use meshtrain_report::{ListenFile, NodeReport, Progress, RoundRecord, TaskFigures};
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::attack::Attack;
+use crate::blockstore::BlockStore;
+use crate::checkpoint::Checkpoint;
+use crate::core::resume::{resume, SavedAnchor};
+use crate::core::start::short;
+use crate::core::sync::{check_offer, encode_anchor, Offer};
+use crate::core::{
+    run_aggregation, Acceptance, AggregateDone, AnchorSnapshot, ChanId, Core, CoreConfig, Effect, Input, Millis,
+    Origin, ReqId, RoundClosed, Timer,
+};
+use crate::identity::Identity;
+use crate::inbox::thread::InboxHandle;
+use crate::inbox::InboxConfig;
+use crate::metrics::NodeMetrics;
+use crate::replay::ModelShape;
+use crate::reputation::ReputationConfig;
+use crate::runspec::RunSpec;
+use crate::trainer::{TrainerCmd, TrainerHandle, TrainerReply};
+use crate::NodeError;
+
+/// Where a node finds its run, data and peers.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub data_dir: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub spec: RunSpec,
+    /// Shard `.0` of `.1`.
+    pub shard: (usize, usize),
+    /// The block store (default: DIR/blocks). A node that lacks the
+    /// manifest or its blocks fetches them from peers.
+    pub data: Option<PathBuf>,
+    /// Connected peers to wait for before the first round.
+    pub wait_peers: usize,
+    pub wait_peers_timeout: Duration,
+    pub threads: usize,
+    /// Where the model trains: `auto` (CUDA when available), `cpu`, `cuda`.
+    pub device: meshtrain_model::Device,
+    pub attack: Option<Attack>,
+    /// Longest time to linger after the last round, serving peers and
+    /// completing chains.
+    pub drain: Duration,
+    pub sync_writes: bool,
+    /// Evaluate on the test set every this many rounds (and always at the end).
+    pub eval_every: u64,
+    /// Write a checkpoint every this many rounds (0: never).
+    pub checkpoint_every: u64,
+    /// When authors are banned.
+    pub reputation: ReputationConfig,
+    /// How long payloads are kept in the ledger.
+    pub retention: meshtrain_ledger::Retention,
+    pub mesh: MeshConfig,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Peer ids to refuse, one per line, re-read when the file changes.
+    pub deny_peers: Option<PathBuf>,
+}
+
+/// One of our outbound requests: the core's, or a block the data phase wants.
+enum Outbound {
+    Core(ReqId),
+    Block(String),
+}
+
+/// What a blocking task hands back to the loop.
+enum WorkerDone {
+    Served {
+        channel: ResponseChannel<FetchResponse>,
+        response: FetchResponse,
+    },
+    AnchorEncoded {
+        key: AnchorKey,
+        response: FetchResponse,
+    },
+    Aggregated(Box<AggregateDone>, Duration),
+    OfferChecked {
+        peer: PeerId,
+        result: Result<Box<Offer>, String>,
+    },
+}
+
+/// Which anchor an encoded answer holds.
+type AnchorKey = (u64, WeightsHash);
+
+/// The anchor as last encoded for peers, and who waits for an encoding.
+#[derive(Default)]
+struct AnchorCache {
+    encoded: Option<(AnchorKey, FetchResponse)>,
+    encoding: Option<AnchorKey>,
+    waiting: Vec<ResponseChannel<FetchResponse>>,
+}
+
+/// Timers of the shell itself (the core's are in `core_timers`).
+const DENY_REFRESH: Duration = Duration::from_secs(1);
+
+pub struct Node {
+    core: Core,
+    spec: RunSpec,
+    run_id: RunId,
+    me: AuthorId,
+    genesis: WeightsHash,
+    params: usize,
+    ledger: Arc<Ledger>,
+    swarm: Swarm<MeshBehaviour>,
+    topic: IdentTopic,
+    registry: Arc<std::sync::Mutex<Registry>>,
+    metrics: NodeMetrics,
+    p2p_metrics: libp2p::metrics::Metrics,
+    metrics_addr: Option<std::net::SocketAddr>,
+    deny: Option<deny::DenyList>,
+    data_dir: PathBuf,
+    attack: Option<Attack>,
+    shard: String,
+    inbox: InboxHandle,
+    /// Started once the node holds its shard.
+    trainer: Option<TrainerHandle>,
+    /// What the trainer is built from, until then.
+    pending_trainer: Option<(Network, TrainConfig, DeltaEncoder)>,
+    /// Residual and Adam state to hand the trainer once it starts.
+    restored: Option<Checkpoint>,
+    data: fetching::DataPhase,
+    outbound: HashMap<OutboundRequestId, Outbound>,
+    channels: HashMap<ChanId, ResponseChannel<FetchResponse>>,
+    next_chan: u64,
+    worker_tx: mpsc::UnboundedSender<WorkerDone>,
+    worker_rx: mpsc::UnboundedReceiver<WorkerDone>,
+    anchor_cache: AnchorCache,
+    core_timers: HashMap<Timer, Millis>,
+    deny_at: Instant,
+    history: Vec<RoundRecord>,
+    started: Instant,
+    finished: bool,
+    fatal: Option<NodeError>,
+}
+
+impl Node {
+    /// Loads identity, data, model and ledger, and starts the swarm and the
+    /// inbox; the trainer starts once the shard is here.
+    pub async fn start(opts: NodeOptions) -> Result<Self, NodeError> {
+        std::fs::create_dir_all(&opts.data_dir).map_err(|source| NodeError::Io {
+            path: opts.data_dir.clone(),
+            source,
+        })?;
+        let identity = Identity::load_or_create(&opts.data_dir)?;
+        let me = identity.author.author();
+        let spec = opts.spec.clone();
+        let run_id = spec.run_id();
+        let (index, count) = opts.shard;
+
+        let store = BlockStore::open(&opts.data.clone().unwrap_or_else(|| opts.data_dir.join("blocks")))?;
+        let manifest = store.manifest(&spec.data.manifest)?;
+        meshtrain_model::set_threads(opts.threads);
+        let net = Network::new(spec.model.arch, &spec.data.schema, opts.device)?;
+        info!(model = %spec.model.arch, params = net.param_count(), device = ?opts.device, "model built");
+        let shape = ModelShape {
+            genesis: net.layout().genesis(spec.seed),
+            buffers: net.layout().buffer_ranges(),
+        };
+        let params = shape.genesis.len();
+        let genesis_hash = WeightsHash::of_f32(&shape.genesis);
+
+        let meta = RunMeta {
+            run_id,
+            owner: me,
+            genesis_weights: genesis_hash,
+            run_spec: spec.canonical_bytes(),
+        };
+        let ledger = Arc::new(Ledger::open_or_create(
+            &opts.data_dir.join("ledger"),
+            &meta,
+            StoreOptions {
+                sync_writes: opts.sync_writes,
+            },
+        )?);
+        let checkpoint = Checkpoint::load(&opts.data_dir, &run_id)?;
+        let saved = checkpoint.as_ref().map(|cp| SavedAnchor {
+            round: cp.round,
+            anchor: cp.anchor.clone(),
+            velocity: cp.velocity.clone(),
+        });
+        let resumed = resume(&*ledger, me, saved.as_ref(), &spec, &shape)?;
+        let next_seq = resumed.own_head.map_or(0, |h| h.seq.0 + 1);
+
+        let cfg = TrainConfig {
+            batch_size: spec.train.batch_size,
+            lr: spec.train.lr,
+            label_flip: opts.attack.is_some_and(|a| a.is_label_flip()),
+            anomaly_class: spec.model.anomaly_class,
+        };
+        // Batch-norm statistics go exactly, outside the lossy code.
+        let encoder = DeltaEncoder::new(spec.exchange.codec, params).with_exact_ranges(shape.buffers.clone());
+
+        let mut registry = Registry::default();
+        let metrics = NodeMetrics::register(&mut registry);
+        let inbox = crate::inbox::thread::spawn(
+            ledger.clone(),
+            InboxConfig {
+                run_id,
+                genesis: meta.genesis_link(),
+                params,
+                rounds: spec.rounds.count,
+                retention: opts.retention,
+            },
+            Some(metrics.clone()),
+        )?;
+
+        let topic = run_topic(&run_id.to_string());
+        let mut swarm = build_swarm(identity.keypair.clone(), &opts.mesh, &topic, &mut registry)?;
+        let p2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
+        let registry = Arc::new(std::sync::Mutex::new(registry));
+        let metrics_addr = match opts.metrics {
+            Some(addr) => Some(
+                crate::metrics::serve(addr, registry.clone(), metrics.clone(), ledger.path().to_path_buf()).map_err(
+                    |e| NodeError::Listen {
+                        addr: format!("metrics {addr}"),
+                        detail: e.to_string(),
+                    },
+                )?,
+            ),
+            None => None,
+        };
+        for addr in &opts.listen {
+            swarm.listen_on(addr.clone()).map_err(|e| NodeError::Listen {
+                addr: addr.to_string(),
+                detail: e.to_string(),
+            })?;
+        }
+        for addr in &opts.bootstrap {
+            if let Some(peer) = peer_of_addr(addr) {
+                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            }
+            if let Err(e) = swarm.dial(addr.clone()) {
+                warn!(%addr, error = %e, "cannot dial bootstrap peer");
+            }
+        }
+        if let Some(a) = opts.attack {
+            warn!(attack = %a, "THIS NODE IS AN ATTACKER (testnet/test mode): it will send poisoned updates");
+        }
+        let core = Core::new(
+            CoreConfig {
+                run_id,
+                genesis_link: meta.genesis_link(),
+                genesis_weights: genesis_hash,
+                verdict_genesis: meta.verdict_genesis(),
+                params,
+                spec: spec.clone(),
+                wait_peers: opts.wait_peers,
+                wait_peers_timeout: opts.wait_peers_timeout.as_millis() as Millis,
+                drain: opts.drain.as_millis() as Millis,
+                eval_every: opts.eval_every.max(1),
+                checkpoint_every: opts.checkpoint_every,
+                reputation: opts.reputation,
+                max_inline_payload: opts.mesh.max_inline_payload,
+                attack: opts.attack,
+                seed: spec.seed,
+            },
+            identity.author,
+            resumed,
+        );
+        let (worker_tx, worker_rx) = mpsc::unbounded_channel();
+        Ok(Self {
+            core,
+            data: fetching::DataPhase::new(store, manifest, spec.seed ^ ((index as u64 + 1) << 32), next_seq),
+            spec,
+            run_id,
+            me,
+            genesis: genesis_hash,
+            params,
+            ledger,
+            swarm,
+            topic,
+            registry,
+            metrics,
+            p2p_metrics,
+            metrics_addr,
+            deny: opts.deny_peers.clone().map(deny::DenyList::new),
+            data_dir: opts.data_dir,
+            attack: opts.attack,
+            shard: format!("{index}/{count}"),
+            inbox,
+            trainer: None,
+            pending_trainer: Some((net, cfg, encoder)),
+            restored: checkpoint,
+            outbound: HashMap::new(),
+            channels: HashMap::new(),
+            next_chan: 0,
+            worker_tx,
+            worker_rx,
+            anchor_cache: AnchorCache::default(),
+            core_timers: HashMap::new(),
+            deny_at: Instant::now(),
+            history: Vec::new(),
+            started: Instant::now(),
+            finished: false,
+            fatal: None,
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        *self.swarm.local_peer_id()
+    }
+
+    /// Runs the node until its last round is done and drained, or until
+    /// `shutdown` resolves. Writes `DIR/results.json` either way.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<NodeReport, NodeError> {
+        let span = info_span!("node", id = %short(&self.peer_id()));
+        async move {
+            info!(run = %self.run_id.short(), shard = %self.shard, params = self.params, "node started");
+            tokio::pin!(shutdown);
+            self.feed(Input::Start);
+            let outcome = loop {
+                if self.finished {
+                    break Ok(());
+                }
+                if let Some(e) = self.fatal.take() {
+                    break Err(e);
+                }
+                let wake = tokio::time::Instant::from_std(self.next_wake());
+                tokio::select! {
+                    event = self.swarm.select_next_some() => self.on_swarm(event),
+                    reply = next_reply(&mut self.trainer) => match reply {
+                        Some(reply) => self.on_trainer(reply),
+                        None => break Err(NodeError::ThreadDied { name: "trainer" }),
+                    },
+                    done = self.inbox.done.recv() => match done {
+                        Some(done) => self.feed(Input::Checked(Box::new(done))),
+                        None => break Err(NodeError::ThreadDied { name: "inbox" }),
+                    },
+                    Some(hash) = self.data.missing_rx.recv() => self.data.want_block(hash),
+                    Some(done) = self.worker_rx.recv() => self.on_worker(done),
+                    _ = tokio::time::sleep_until(wake) => self.on_wake(),
+                    _ = &mut shutdown => {
+                        info!("shutdown requested");
+                        break Ok(());
+                    }
+                }
+            };
+            let report = self.report();
+            let written = write_json(&self.data_dir.join("results.json"), &report);
+            if let Some(t) = self.trainer.take() {
+                t.stop();
+            }
+            // The inbox thread holds the ledger: let it finish its queue and
+            // close RocksDB before the process exits.
+            drop(self.inbox.jobs);
+            let _ = self.inbox.thread.join();
+            outcome?;
+            written?;
+            Ok(report)
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn now_ms(&self) -> Millis {
+        self.started.elapsed().as_millis() as Millis
+    }
+
+    /// Hands one input to the core and executes what it asks for.
+    fn feed(&mut self, input: Input) {
+        let effects = self.core.handle(input, self.now_ms());
+        for effect in effects {
+            self.execute(effect);
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = self.deny_at;
+        if let Some(at) = self.core_timers.values().min() {
+            wake = wake.min(self.started + Duration::from_millis(*at));
+        }
+        if let Some(at) = self.data.next_wake() {
+            wake = wake.min(at);
+        }
+        wake
+    }
+
+    /// Fires every timer that is due.
+    fn on_wake(&mut self) {
+        let now = Instant::now();
+        if now >= self.deny_at {
+            self.deny_at = now + DENY_REFRESH;
+            self.refresh_deny_list();
+        }
+        if self.data.next_wake().is_some_and(|t| now >= t) {
+            if let Err(e) = self.fetch_tick(now) {
+                self.fatal = Some(e);
+                return;
+            }
+        }
+        let now_ms = self.now_ms();
+        let mut due: Vec<(Millis, Timer)> = self
+            .core_timers
+            .iter()
+            .filter(|(_, at)| **at <= now_ms)
+            .map(|(t, at)| (*at, *t))
+            .collect();
+        due.sort();
+        for (_, timer) in due {
+            self.core_timers.remove(&timer);
+            self.feed(Input::Timer(timer));
+        }
+    }
+
+    // ---- effects --------------------------------------------------------
+
+    fn execute(&mut self, effect: Effect) {
+        match effect {
+            Effect::Publish(msg) => {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.topic.clone(), msg.to_bytes())
+                {
+                    debug!(round = self.core.round(), error = %e, "publish failed (no peers yet?)");
+                }
+            }
+            Effect::Settle {
+                origin,
+                outcome,
+                update,
+            } => {
+                self.metrics.message(outcome.kind(), outcome.reason());
+                if let Origin::Gossip { id, source } = &origin {
+                    if update {
+                        self.metrics.updates_received.inc();
+                    }
+                    let acceptance = match outcome.acceptance() {
+                        Acceptance::Accept => MessageAcceptance::Accept,
+                        Acceptance::Ignore => MessageAcceptance::Ignore,
+                        Acceptance::Reject => MessageAcceptance::Reject,
+                    };
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(id, source, acceptance);
+                }
+                debug!(round = self.core.round(), from = ?origin.peer().map(|p| short(&p)), outcome = outcome.kind(), reason = outcome.reason(), "message settled");
+            }
+            Effect::Counted { outcome, reason } => self.metrics.outcome(outcome, reason),
+            Effect::Request { req, peer, request } => {
+                let id = self.swarm.behaviour_mut().fetch.send_request(&peer, request);
+                self.outbound.insert(id, Outbound::Core(req));
+            }
+            Effect::Serve { peer, chan, request } => self.serve(peer, chan, request),
+            Effect::ServeAnchor { chan, anchor } => self.serve_anchor(chan, anchor),
+            Effect::Respond { chan, response } => {
+                if let Some(channel) = self.channels.remove(&chan) {
+                    let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
+                }
+            }
+            Effect::CheckOffer { peer, response } => {
+                let (run_id, genesis, params, tx) = (self.run_id, self.genesis, self.params, self.worker_tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    let result = check_offer(&run_id, &genesis, params, response).map(Box::new);
+                    let _ = tx.send(WorkerDone::OfferChecked { peer, result });
+                });
+            }
+            Effect::Inbox(job) => {
+                if self.inbox.jobs.send(job).is_err() {
+                    self.fatal = Some(NodeError::ThreadDied { name: "inbox" });
+                }
+            }
+            Effect::Train {
+                round,
+                anchor,
+                evaluate,
+            } => self.trainer_cmd(TrainerCmd::Round {
+                round,
+                anchor,
+                steps: self.spec.train.local_steps,
+                evaluate,
+            }),
+            Effect::Craft { delta, like, .. } => self.trainer_cmd(TrainerCmd::Craft { delta, like }),
+            Effect::Evaluate { round, anchor } => self.trainer_cmd(TrainerCmd::Evaluate { round, anchor }),
+            Effect::Checkpoint {
+                round,
+                anchor,
+                velocity,
+            } => self.trainer_cmd(TrainerCmd::Checkpoint {
+                dir: self.data_dir.clone(),
+                run_id: self.run_id,
+                round,
+                anchor,
+                velocity,
+            }),
+            Effect::Aggregate(job) => {
+                let tx = self.worker_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
+                    let done = run_aggregation(*job);
+                    let _ = tx.send(WorkerDone::Aggregated(Box::new(done), started.elapsed()));
+                });
+            }
+            Effect::BeginData { members } => self.begin_data_phase(members),
+            Effect::Replan { members } => self.replan(members),
+            Effect::Ban { peer, .. } => {
+                if let Some(peer) = peer {
+                    let gs = &mut self.swarm.behaviour_mut().gossipsub;
+                    gs.blacklist_peer(&peer);
+                    gs.set_application_score(&peer, -1000.0);
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+            Effect::SetTimer { timer, at } => {
+                self.core_timers.insert(timer, at);
+            }
+            Effect::RoundClosed(closed) => self.on_round_closed(*closed),
+            Effect::Finished => self.finished = true,
+            Effect::Fatal(fault) => self.fatal = Some(NodeError::Core(fault)),
+        }
+    }
+
+    fn trainer_cmd(&mut self, cmd: TrainerCmd) {
+        let sent = match self.trainer.as_ref() {
+            Some(t) => t.cmd.send(cmd).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.fatal = Some(NodeError::ThreadDied { name: "trainer" });
+        }
+    }
+
+    /// Answers a peer from the ledger or the block store, off the loop.
+    fn serve(&mut self, _peer: PeerId, chan: ChanId, request: FetchRequest) {
+        let Some(channel) = self.channels.remove(&chan) else {
+            return;
+        };
+        let ledger = self.ledger.clone();
+        let store = self.data.store.clone();
+        let tx = self.worker_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let response = match &request {
+                FetchRequest::Block { hash } => match store.serve(&hex::encode(hash)) {
+                    Ok(Some(bytes)) => FetchResponse::Block(bytes),
+                    Ok(None) => FetchResponse::NotFound,
+                    Err(e) => FetchResponse::Refused(e.to_string()),
+                },
+                _ => crate::serve::answer(&*ledger, &request),
+            };
+            let _ = tx.send(WorkerDone::Served { channel, response });
+        });
+    }
+
+    /// Answers with our anchor, encoded once per anchor however many ask.
+    fn serve_anchor(&mut self, chan: ChanId, anchor: AnchorSnapshot) {
+        let Some(channel) = self.channels.remove(&chan) else {
+            return;
+        };
+        let key = (anchor.round, anchor.anchor_hash);
+        if let Some((k, response)) = &self.anchor_cache.encoded {
+            if *k == key {
+                let response = response.clone();
+                let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
+                return;
+            }
+        }
+        self.anchor_cache.waiting.push(channel);
+        if self.anchor_cache.encoding == Some(key) {
+            return;
+        }
+        self.anchor_cache.encoding = Some(key);
+        let tx = self.worker_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let response = encode_anchor(&anchor);
+            let _ = tx.send(WorkerDone::AnchorEncoded { key, response });
+        });
+    }
+
+    fn on_worker(&mut self, done: WorkerDone) {
+        match done {
+            WorkerDone::Served { channel, response } => {
+                let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
+            }
+            WorkerDone::AnchorEncoded { key, response } => {
+                if self.anchor_cache.encoding == Some(key) {
+                    self.anchor_cache.encoding = None;
+                }
+                for channel in std::mem::take(&mut self.anchor_cache.waiting) {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .fetch
+                        .send_response(channel, response.clone());
+                }
+                self.anchor_cache.encoded = Some((key, response));
+            }
+            WorkerDone::Aggregated(done, took) => {
+                self.metrics.stage("aggregate", took);
+                self.feed(Input::Aggregated(done));
+            }
+            WorkerDone::OfferChecked { peer, result } => self.feed(Input::OfferChecked { peer, result }),
+        }
+    }
+
+    fn on_trainer(&mut self, reply: TrainerReply) {
+        match reply {
+            TrainerReply::RoundDone {
+                trained,
+                eval_ms,
+                encode_ms,
+            } => {
+                self.metrics.stage("train", Duration::from_millis(trained.train_ms));
+                self.metrics.stage("encode", Duration::from_millis(encode_ms));
+                self.metrics.train_loss.set(f64::from(trained.stats.mean_loss));
+                if let Some(e) = trained.eval {
+                    self.metrics.test_acc.set(f64::from(e.accuracy));
+                    self.metrics.test_loss.set(f64::from(e.loss));
+                    info!(
+                        round = trained.round,
+                        test_acc = format_args!("{:.4}", e.accuracy),
+                        test_loss = format_args!("{:.4}", e.loss),
+                        eval_ms,
+                        "evaluated the anchor"
+                    );
+                }
+                info!(
+                    round = trained.round,
+                    train_loss = format_args!("{:.4}", trained.stats.mean_loss),
+                    train_ms = trained.train_ms,
+                    encode_ms,
+                    payload_bytes = trained.payload.len(),
+                    "trained"
+                );
+                self.feed(Input::Trained(trained));
+            }
+            TrainerReply::Crafted(trained) => self.feed(Input::Crafted(trained)),
+            TrainerReply::Evaluated { round, report } => {
+                self.metrics.test_acc.set(f64::from(report.summary.accuracy));
+                self.metrics.test_loss.set(f64::from(report.summary.loss));
+                self.feed(Input::Evaluated {
+                    round,
+                    report: Box::new(report),
+                });
+            }
+            TrainerReply::Checkpointed { round, result } => match result {
+                Ok(()) => debug!(round, "checkpoint written"),
+                Err(e) => warn!(round, error = %e, "checkpoint failed"),
+            },
+            TrainerReply::Failed(e) => self.fatal = Some(NodeError::Training(e)),
+        }
+    }
+
+    fn on_round_closed(&mut self, closed: RoundClosed) {
+        let bytes = self.byte_counts();
+        self.history.push(RoundRecord {
+            round: closed.round,
+            test_loss: closed.eval.map_or(f32::NAN, |e| e.loss),
+            test_acc: closed.eval.map_or(f32::NAN, |e| e.accuracy),
+            train_loss: closed.stats.mean_loss,
+            merged: closed.merged,
+            rejected: closed.rejected,
+            bytes_sent: bytes.outbound,
+            bytes_received: bytes.inbound,
+            at_ms: self.started.elapsed().as_millis() as u64,
+            train_ms: closed.train_ms,
+            wait_ms: closed.wait_ms,
+        });
+        self.metrics.round.set(self.core.round() as i64);
+        self.metrics.bytes_in.set(bytes.inbound as i64);
+        self.metrics.bytes_out.set(bytes.outbound as i64);
+        self.metrics.peers.set(closed.members as i64);
+        self.metrics.ledger_records.set(self.ledger.record_count() as i64);
+        let progress = Progress {
+            round: closed.round,
+            rounds: self.spec.rounds.count,
+            test_acc: self.history.iter().rev().map(|r| r.test_acc).find(|a| a.is_finite()),
+            members: closed.members,
+        };
+        // What a live dashboard shows: the report so far.
+        let live = self.report_with(bytes);
+        let dir = self.data_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = write_json(&dir.join("progress.json"), &progress) {
+                debug!(error = %e, "cannot write progress.json");
+            }
+            if let Err(e) = write_json(&dir.join("live.json"), &live) {
+                debug!(error = %e, "cannot write live.json");
+            }
+        });
+    }
+
+    // ---- network --------------------------------------------------------
+
+    fn byte_counts(&self) -> meshtrain_gossip::ByteCounts {
+        match self.registry.lock() {
+            Ok(r) => byte_counts(&r),
+            Err(_) => meshtrain_gossip::ByteCounts::default(),
+        }
+    }
+
+    fn on_swarm(&mut self, event: SwarmEvent<MeshBehaviourEvent>) {
+        use libp2p::metrics::Recorder;
+        self.p2p_metrics.record(&event);
+        match &event {
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Gossipsub(ev)) => self.p2p_metrics.record(ev),
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(ev)) => self.p2p_metrics.record(ev),
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(ev)) => self.p2p_metrics.record(ev),
+            _ => {}
+        }
+        let core = &self.core;
+        meshtrain_gossip::discovery::on_event(&mut self.swarm, &event, |p| !core.is_banned_peer(p));
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.write_listen_addrs();
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => self.feed(Input::Connected(peer_id)),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => self.feed(Input::Disconnected(peer_id)),
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Gossipsub(ev)) => match ev {
+                gossipsub::Event::Message {
+                    propagation_source,
+                    message_id,
+                    message,
+                } => self.feed(Input::Gossip {
+                    id: message_id,
+                    source: propagation_source,
+                    data: message.data,
+                }),
+                gossipsub::Event::Subscribed { peer_id, topic } if topic == self.topic.hash() => {
+                    self.feed(Input::Subscribed(peer_id))
+                }
+                gossipsub::Event::Unsubscribed { peer_id, topic } if topic == self.topic.hash() => {
+                    self.feed(Input::Unsubscribed(peer_id))
+                }
+                _ => {}
+            },
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Fetch(ev)) => self.on_fetch(ev),
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id.map(|p| short(&p)), %error, "dial failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_fetch(&mut self, event: request_response::Event<FetchRequest, FetchResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let chan = ChanId(self.next_chan);
+                    self.next_chan += 1;
+                    self.channels.insert(chan, channel);
+                    self.feed(Input::Request { peer, chan, request });
+                }
+                request_response::Message::Response { request_id, response } => match self.outbound.remove(&request_id)
+                {
+                    Some(Outbound::Core(req)) => self.feed(Input::Response { req, peer, response }),
+                    Some(Outbound::Block(hash)) => match response {
+                        FetchResponse::Block(bytes) => self.on_block(hash, peer, bytes),
+                        _ => self.data.block_attempt_failed(&hash),
+                    },
+                    None => {}
+                },
+            },
+            request_response::Event::OutboundFailure {
+                request_id,
+                peer,
+                error,
+                ..
+            } => {
+                debug!(peer = %short(&peer), %error, "fetch failed");
+                match self.outbound.remove(&request_id) {
+                    Some(Outbound::Core(req)) => self.feed(Input::RequestFailed { req, peer }),
+                    Some(Outbound::Block(hash)) => self.data.block_attempt_failed(&hash),
+                    None => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn write_listen_addrs(&mut self) {
+        let peer = self.peer_id();
+        let addrs: Vec<String> = self.swarm.listeners().map(|a| format!("{a}/p2p/{peer}")).collect();
+        if addrs.is_empty() {
+            return;
+        }
+        let body = ListenFile {
+            peer_id: peer.to_string(),
+            author: self.me.to_string(),
+            metrics: self.metrics_addr.map(|a| format!("http://{a}/metrics")),
+            run_id: self.run_id.to_string(),
+            addrs,
+        };
+        if let Err(e) = write_json(&self.data_dir.join("listen.json"), &body) {
+            warn!(error = %e, "cannot write listen.json");
+        }
+    }
+
+    // ---- report ---------------------------------------------------------
+
+    fn report(&self) -> NodeReport {
+        self.report_with(self.byte_counts())
+    }
+
+    /// The report, with byte counts already read (reading them encodes the
+    /// whole metrics registry).
+    fn report_with(&self, bytes: meshtrain_gossip::ByteCounts) -> NodeReport {
+        // Without a final evaluation (stopped early), the last one made.
+        let last = self.history.iter().rev().find(|r| r.test_acc.is_finite());
+        let final_eval = self.core.final_eval();
+        let eval = final_eval.map_or_else(
+            || Evaluation {
+                loss: last.map_or(f32::NAN, |r| r.test_loss),
+                accuracy: last.map_or(0.0, |r| r.test_acc),
+                ..Default::default()
+            },
+            |r| r.summary,
+        );
+        let c = self.core.counters();
+        NodeReport {
+            peer_id: self.peer_id().to_string(),
+            author: self.me.to_string(),
+            honest: self.attack.is_none(),
+            attack: self.attack.map(|a| a.to_string()),
+            shard: self.shard.clone(),
+            param_count: self.params as u64,
+            rounds_completed: self.history.len() as u64,
+            final_test_acc: eval.accuracy,
+            final_test_loss: eval.loss,
+            final_task: TaskFigures {
+                perplexity: eval.perplexity,
+                roc_auc: eval.roc_auc,
+                macro_f1: eval.macro_f1,
+            },
+            final_eval: final_eval.and_then(|r| serde_json::to_value(r).ok()),
+            stopped_early_at: self.core.stopped_early_at(),
+            best_round: self.core.best_round(),
+            bytes_sent: bytes.outbound,
+            bytes_received: bytes.inbound,
+            updates_published: c.published,
+            payload_bytes_mean: if c.published == 0 {
+                0.0
+            } else {
+                c.payload_bytes as f64 / c.published as f64
+            },
+            updates_received: c.received,
+            updates_merged: c.merged,
+            updates_clipped: c.clipped,
+            updates_rejected: c.rejected,
+            rejected_by_reason: c.rejected_by_reason.clone(),
+            rejected_by_author: c.rejected_by_author.clone(),
+            clipped_by_author: c.clipped_by_author.clone(),
+            merged_by_author: c.merged_by_author.clone(),
+            banned: self.core.banned().iter().map(|a| a.to_string()).collect(),
+            peers_seen: self.core.authors_seen().iter().map(|a| a.to_string()).collect(),
+            label_histogram: self.data.label_histogram(),
+            primary_blocks: self.data.plan.as_ref().map_or(0, |p| p.primary.len() as u64),
+            held_blocks: self.data.plan.as_ref().map_or(0, |p| p.held.len() as u64),
+            blocks_fetched: self.data.fetch.blocks,
+            bytes_fetched: self.data.fetch.bytes,
+            data_fetch_ms: self.data.fetch.finished_ms,
+            restarted: self.core.restarted(),
+            joined_at: self.core.joins().to_vec(),
+            wall_s: self.started.elapsed().as_secs_f64(),
+            history: self.history.clone(),
+        }
+    }
+}
+
+/// The trainer's next reply, or never while it has not started.
+async fn next_reply(trainer: &mut Option<TrainerHandle>) -> Option<TrainerReply> {
+    match trainer {
+        Some(t) => t.replies.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn peer_of_addr(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        meshtrain_gossip::libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+/// Writes JSON atomically (a temp file, then a rename).
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), NodeError> {
+    let io = |source| NodeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(value).map_err(|e| io(e.into()))?;
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The plan's members as a map for the data phase.
+pub(crate) type MemberPeers = BTreeMap<AuthorId, PeerId>;

@@ -1,0 +1,189 @@
+//! The invariants a simulated run must keep, checked when it ends.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use meshtrain_ledger::{AuthorId, RecordHash, Seq, WeightsHash};
+use serde::Serialize;
+
+use super::World;
+
+/// Rounds after the faults stop before agreement is required.
+pub const QUIET_ROUNDS: u64 = 2;
+
+/// One broken invariant, named so that a reader knows what failed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "invariant", rename_all = "kebab-case")]
+pub enum Violation {
+    /// An honest author signed two records at one seq or for one round.
+    TwoRecords { author: String, at: String },
+    /// A node holds a broken chain.
+    BrokenChain { node: usize, detail: String },
+    /// Honest nodes closed a round, after the network was quiet, on
+    /// different anchors.
+    AnchorSplit {
+        round: u64,
+        anchors: BTreeMap<usize, String>,
+    },
+    /// Honest nodes ended on different anchors.
+    FinalSplit { anchors: BTreeMap<usize, String> },
+    /// A gossip message was settled twice, or never.
+    Settlement { node: usize, detail: String },
+    /// An honest node did not finish in time.
+    Unfinished { node: usize, round: u64, phase: String },
+    /// A node stopped on an error.
+    Fatal { node: usize, error: String },
+}
+
+impl Violation {
+    pub fn invariant(&self) -> &'static str {
+        match self {
+            Violation::TwoRecords { .. } => "two-records",
+            Violation::BrokenChain { .. } => "broken-chain",
+            Violation::AnchorSplit { .. } => "anchor-split",
+            Violation::FinalSplit { .. } => "final-split",
+            Violation::Settlement { .. } => "settlement",
+            Violation::Unfinished { .. } => "unfinished",
+            Violation::Fatal { .. } => "fatal",
+        }
+    }
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Violation::TwoRecords { author, at } => {
+                write!(f, "author {author} signed two records at {at}")
+            }
+            Violation::BrokenChain { node, detail } => {
+                write!(f, "node {node} holds a broken chain: {detail}")
+            }
+            Violation::AnchorSplit { round, anchors } => {
+                write!(f, "round {round} closed on different anchors: {anchors:?}")
+            }
+            Violation::FinalSplit { anchors } => {
+                write!(f, "honest nodes ended on different anchors: {anchors:?}")
+            }
+            Violation::Settlement { node, detail } => write!(f, "node {node}: {detail}"),
+            Violation::Unfinished { node, round, phase } => {
+                write!(f, "node {node} did not finish (round {round}, {phase})")
+            }
+            Violation::Fatal { node, error } => write!(f, "node {node} stopped: {error}"),
+        }
+    }
+}
+
+pub fn check(world: &World) -> Vec<Violation> {
+    let mut out = Vec::new();
+    one_record_per_seq_and_round(world, &mut out);
+    for n in &world.nodes {
+        if let Err(e) = n.ledger().check_chains() {
+            out.push(Violation::BrokenChain {
+                node: n.index,
+                detail: e.to_string(),
+            });
+        }
+        if let Some(e) = &n.fatal {
+            out.push(Violation::Fatal {
+                node: n.index,
+                error: e.clone(),
+            });
+        }
+        if n.double_settles > 0 {
+            out.push(Violation::Settlement {
+                node: n.index,
+                detail: format!("{} gossip messages settled twice", n.double_settles),
+            });
+        }
+        if n.is_up() && n.unsettled() > 0 {
+            out.push(Violation::Settlement {
+                node: n.index,
+                detail: format!("{} gossip messages never settled", n.unsettled()),
+            });
+        }
+    }
+    for n in world.nodes.iter().filter(|n| n.honest()) {
+        if !n.finished && n.fatal.is_none() {
+            out.push(Violation::Unfinished {
+                node: n.index,
+                round: n.closed.keys().next_back().copied().unwrap_or(0),
+                phase: if n.is_up() { "up".into() } else { "down".into() },
+            });
+        }
+    }
+    agreement(world, &mut out);
+    out
+}
+
+/// No honest author has two different records at one seq or one round in
+/// any ledger.
+fn one_record_per_seq_and_round(world: &World, out: &mut Vec<Violation>) {
+    let honest: BTreeSet<AuthorId> = world.nodes.iter().filter(|n| n.honest()).map(|n| n.author).collect();
+    let mut by_seq: HashMap<(AuthorId, Seq), RecordHash> = HashMap::new();
+    let mut by_round: HashMap<(AuthorId, u64), RecordHash> = HashMap::new();
+    for n in &world.nodes {
+        for r in n.ledger().all_records() {
+            let a = r.record.author;
+            if !honest.contains(&a) {
+                continue;
+            }
+            let h = r.hash();
+            if by_seq.insert((a, r.record.seq), h).is_some_and(|o| o != h) {
+                out.push(Violation::TwoRecords {
+                    author: a.short(),
+                    at: format!("seq {}", r.record.seq),
+                });
+            }
+            if by_round.insert((a, r.record.round), h).is_some_and(|o| o != h) {
+                out.push(Violation::TwoRecords {
+                    author: a.short(),
+                    at: format!("round {}", r.record.round),
+                });
+            }
+        }
+    }
+}
+
+/// Once the network has been quiet for two rounds, every honest node
+/// closes each round on the same anchor, and all end on the same one.
+fn agreement(world: &World, out: &mut Vec<Violation>) {
+    let honest: Vec<_> = world.nodes.iter().filter(|n| n.honest()).collect();
+    // The last round any honest node closed while faults lasted.
+    let faulty_round = honest
+        .iter()
+        .flat_map(|n| {
+            n.closed
+                .iter()
+                .filter(|(_, (_, at))| *at <= world.quiet_at)
+                .map(|(r, _)| *r)
+        })
+        .max()
+        .unwrap_or(0);
+    let from = faulty_round + QUIET_ROUNDS + 1;
+    let mut rounds: BTreeMap<u64, BTreeMap<usize, WeightsHash>> = BTreeMap::new();
+    for n in &honest {
+        for (r, (h, _)) in n.closed.range(from..) {
+            rounds.entry(*r).or_default().insert(n.index, *h);
+        }
+    }
+    for (round, anchors) in rounds {
+        let distinct: BTreeSet<&WeightsHash> = anchors.values().collect();
+        if distinct.len() > 1 {
+            out.push(Violation::AnchorSplit {
+                round,
+                anchors: anchors.into_iter().map(|(i, h)| (i, h.short())).collect(),
+            });
+            // The first split round says it; the rest follow from it.
+            break;
+        }
+    }
+    let finals: BTreeMap<usize, WeightsHash> = honest
+        .iter()
+        .filter(|n| n.finished)
+        .filter_map(|n| n.final_anchor.map(|h| (n.index, h)))
+        .collect();
+    if finals.values().collect::<BTreeSet<_>>().len() > 1 {
+        out.push(Violation::FinalSplit {
+            anchors: finals.into_iter().map(|(i, h)| (i, h.short())).collect(),
+        });
+    }
+}

@@ -1,0 +1,190 @@
+//! The deterministic simulator: many node cores in one process, driven by a
+//! seeded scheduler over a simulated network that delays, reorders, drops
+//! and duplicates messages, partitions and heals, and crashes and restarts
+//! nodes (a restart rebuilds the core from what its ledger and checkpoint
+//! hold, through the same [`crate::core::resume::resume`] a node uses).
+//! Training is a cheap stand-in ([`standin`]); everything else (the core,
+//! the inbox, chains, signatures, the codec, aggregation) is the real code.
+//!
+//! After each run the [`check`]s name any broken invariant, and the seed
+//! replays it exactly: `meshtrain sim --seed-from SEED --seeds 1`.
+//! FoundationDB's simulation testing and TigerBeetle's VOPR are the models.
+
+pub mod check;
+pub mod standin;
+mod world;
+
+use std::ops::Range;
+
+use meshtrain_model::{AggregatorSpec, CodecSpec};
+use serde::Serialize;
+
+use crate::attack::Attack;
+pub use check::Violation;
+pub use world::World;
+
+/// One scenario, run under many seeds.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Honest nodes.
+    pub nodes: usize,
+    /// Attacking nodes (after the honest ones), running `attack`.
+    pub byzantine: usize,
+    pub attack: Option<Attack>,
+    pub rounds: u64,
+    /// Parameters of the stand-in model.
+    pub params: usize,
+    pub codec: CodecSpec,
+    pub aggregator: AggregatorSpec,
+    /// Simulated training time per round.
+    pub train_ms: u64,
+    pub checkpoint_every: u64,
+    /// Nodes (the last honest ones) that start a third of the way in.
+    pub late_join: usize,
+    /// While faults last: message loss, duplication, and delay range.
+    pub drop: f64,
+    pub dup: f64,
+    pub delay_ms: (u64, u64),
+    pub partitions: bool,
+    pub crashes: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            nodes: 8,
+            byzantine: 0,
+            attack: None,
+            rounds: 30,
+            params: 16,
+            codec: CodecSpec::Dense,
+            aggregator: AggregatorSpec::CenteredClip { tau: None },
+            train_ms: 100,
+            checkpoint_every: 5,
+            late_join: 0,
+            drop: 0.02,
+            dup: 0.02,
+            delay_ms: (1, 80),
+            partitions: true,
+            crashes: true,
+        }
+    }
+}
+
+/// What one seed did.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedOutcome {
+    pub seed: u64,
+    pub violations: Vec<Violation>,
+    /// Simulated milliseconds until every honest node finished.
+    pub sim_ms: u64,
+    pub crashes: u64,
+    pub partitions: u64,
+}
+
+/// Runs one seed and checks it.
+pub fn run_seed(cfg: &SimConfig, seed: u64) -> SeedOutcome {
+    let mut world = World::new(cfg.clone(), seed);
+    let limit = cfg.rounds * (cfg.train_ms + 3000) * 4 + 60_000;
+    world.run(limit);
+    SeedOutcome {
+        seed,
+        violations: check::check(&world),
+        sim_ms: world.now(),
+        crashes: world.crashes,
+        partitions: world.partitions,
+    }
+}
+
+/// Seeds run, and those that broke an invariant.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    pub seeds: u64,
+    pub failed: Vec<SeedOutcome>,
+    pub wall_s: f64,
+    pub seeds_per_s: f64,
+    /// Failures per invariant.
+    pub by_invariant: std::collections::BTreeMap<String, u64>,
+}
+
+impl Summary {
+    /// The one line the `sim` command prints.
+    pub fn line(&self, seeds: &Range<u64>) -> String {
+        let failed: Vec<String> = self.failed.iter().map(|f| f.seed.to_string()).collect();
+        format!(
+            "sim: {} seeds ({}..{}) in {:.1} s ({:.0} seeds/s); {} failed{}{}",
+            self.seeds,
+            seeds.start,
+            seeds.end,
+            self.wall_s,
+            self.seeds_per_s,
+            self.failed.len(),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ": seeds {}",
+                    failed.iter().take(20).cloned().collect::<Vec<_>>().join(", ")
+                )
+            },
+            if self.by_invariant.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({})",
+                    self.by_invariant
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        )
+    }
+}
+
+/// Runs `seeds` on `threads` threads (each seed on one thread, so each
+/// replays alike whatever the thread count), calling `progress` after each.
+pub fn run_seeds(cfg: &SimConfig, seeds: Range<u64>, threads: usize, progress: impl Fn(u64) + Sync) -> Summary {
+    let started = std::time::Instant::now();
+    let next = std::sync::atomic::AtomicU64::new(seeds.start);
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let failed = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                meshtrain_ledger::memoize_signature_checks(true);
+                loop {
+                    let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if seed >= seeds.end {
+                        break;
+                    }
+                    let outcome = run_seed(cfg, seed);
+                    if !outcome.violations.is_empty() {
+                        failed.lock().unwrap_or_else(|p| p.into_inner()).push(outcome);
+                    }
+                    progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+                }
+                meshtrain_ledger::memoize_signature_checks(false);
+            });
+        }
+    });
+    let mut failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+    failed.sort_by_key(|f| f.seed);
+    let mut by_invariant = std::collections::BTreeMap::new();
+    for f in &failed {
+        let kinds: std::collections::BTreeSet<&str> = f.violations.iter().map(|v| v.invariant()).collect();
+        for k in kinds {
+            *by_invariant.entry(k.to_string()).or_default() += 1;
+        }
+    }
+    let wall_s = started.elapsed().as_secs_f64();
+    let n = seeds.end.saturating_sub(seeds.start);
+    Summary {
+        seeds: n,
+        failed,
+        wall_s,
+        seeds_per_s: n as f64 / wall_s.max(1e-9),
+        by_invariant,
+    }
+}
