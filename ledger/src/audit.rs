@@ -612,7 +612,9 @@ pub fn compare(left: &Ledger, right: &Ledger) -> Result<CompareReport> {
     let mut report = CompareReport::default();
     let right_heads: HashMap<AuthorId, Head> = right.heads().into_iter().collect();
     for (author, lh) in left.heads() {
-        let Some(rh) = right_heads.get(&author) else { continue };
+        let Some(rh) = right_heads.get(&author) else {
+            continue;
+        };
         report.shared_authors += 1;
         let end = lh.seq.0.min(rh.seq.0);
         let mut seq = 0u64;
