@@ -39,9 +39,30 @@ impl std::fmt::Debug for AuthorKey {
     }
 }
 
+thread_local! {
+    /// Decompressed public keys: decompressing one costs about as much as
+    /// half a signature check, and a node checks the same few authors again
+    /// and again.
+    static KEYS: RefCell<HashMap<AuthorId, VerifyingKey>> = RefCell::new(HashMap::new());
+}
+
+/// Bound on cached keys before the cache starts over.
+const KEY_CACHE_CAPACITY: usize = 4096;
+
 impl AuthorId {
     pub(crate) fn verifying_key(&self) -> Result<VerifyingKey, LedgerError> {
-        VerifyingKey::from_bytes(&self.0).map_err(|_| LedgerError::BadAuthorKey { author: *self })
+        if let Some(k) = KEYS.with(|c| c.borrow().get(self).copied()) {
+            return Ok(k);
+        }
+        let key = VerifyingKey::from_bytes(&self.0).map_err(|_| LedgerError::BadAuthorKey { author: *self })?;
+        KEYS.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() >= KEY_CACHE_CAPACITY {
+                c.clear();
+            }
+            c.insert(*self, key);
+        });
+        Ok(key)
     }
 }
 
