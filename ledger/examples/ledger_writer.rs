@@ -43,6 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             prev,
             round: seq.0,
             base_hash: WeightsHash([0; 32]),
+            base_outer: WeightsHash([0; 32]),
             payload_hash: PayloadHash::of(&payload),
             payload_len: payload.len() as u64,
             n_samples: 64,
@@ -55,6 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             seq,
             record_hash: verified.hash(),
             round: seq.0,
+            prior: 0.0,
             verdict: Verdict::Merged { weight: 0.125 },
         });
         let mut event = ledger.begin();

@@ -252,6 +252,8 @@ struct ChainWalk {
     author: AuthorId,
     next_seq: Seq,
     prev: RecordHash,
+    /// The round of the record before (rounds strictly increase).
+    round: Option<u64>,
     broken: bool,
 }
 
@@ -292,6 +294,7 @@ pub fn audit(ledger: &Ledger) -> Result<AuditReport> {
                     author,
                     next_seq: Seq(0),
                     prev: genesis,
+                    round: None,
                     broken: false,
                 });
             }
@@ -353,6 +356,20 @@ pub fn audit(ledger: &Ledger) -> Result<AuditReport> {
                 w.broken = true;
                 continue;
             }
+            if w.round.is_some_and(|r| rec.round <= r) {
+                report.problem(
+                    "record",
+                    Some(author),
+                    Some(seq.0),
+                    format!(
+                        "round {} after a record for round {:?}: rounds must increase",
+                        rec.round, w.round
+                    ),
+                );
+                w.broken = true;
+                continue;
+            }
+            w.round = Some(rec.round);
             match ledger.payload_len(&rec.payload_hash) {
                 Ok(Some(len)) if len != rec.payload_len => report.problem(
                     "record",
@@ -436,7 +453,7 @@ pub fn audit(ledger: &Ledger) -> Result<AuditReport> {
         Ok(joins) => {
             for j in joins {
                 report.joins += 1;
-                if let Err(e) = j.verify() {
+                if let Err(e) = j.verify(&meta.run_id) {
                     report.problem("join", None, Some(j.round), e.to_string());
                 }
             }
@@ -473,6 +490,7 @@ fn last_head(w: &ChainWalk) -> Option<Head> {
     (w.next_seq.0 > 0).then(|| Head {
         seq: Seq(w.next_seq.0 - 1),
         hash: w.prev,
+        round: w.round.unwrap_or(0),
     })
 }
 
@@ -591,12 +609,59 @@ pub struct Divergence {
     pub equivocation: bool,
 }
 
+/// How two nodes' anchors compare, round by round, as their verdict
+/// chains name them (the anchor each closed the round on).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AnchorComparison {
+    /// Rounds both nodes closed.
+    pub rounds_compared: u64,
+    pub rounds_differing: u64,
+    /// The first round the two closed on different anchors.
+    pub first_difference: Option<u64>,
+    /// The last round both closed, and whether they closed it alike.
+    pub last_common_round: Option<u64>,
+    pub agree_at_end: bool,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CompareReport {
+    /// No chain diverges and the two end on the same anchor.
     pub ok: bool,
     pub shared_authors: u64,
     pub records_compared: u64,
     pub divergences: Vec<Divergence>,
+    pub anchors: AnchorComparison,
+}
+
+/// Round -> the anchor the owner closed it on.
+fn closed_anchors(ledger: &Ledger) -> Result<std::collections::BTreeMap<u64, crate::WeightsHash>> {
+    let mut out = std::collections::BTreeMap::new();
+    for item in ledger.iter_verdicts()? {
+        let (_, bytes) = item?;
+        let b = crate::SignedVerdictBlock::from_bytes(&bytes)?;
+        out.insert(b.block.round, b.block.new_anchor);
+    }
+    Ok(out)
+}
+
+/// Compares the anchors two ledgers' owners closed each round on.
+pub fn compare_anchors(left: &Ledger, right: &Ledger) -> Result<AnchorComparison> {
+    let (a, b) = (closed_anchors(left)?, closed_anchors(right)?);
+    let mut c = AnchorComparison::default();
+    for (round, x) in &a {
+        let Some(y) = b.get(round) else { continue };
+        c.rounds_compared += 1;
+        c.last_common_round = Some(*round);
+        c.agree_at_end = x == y;
+        if x != y {
+            c.rounds_differing += 1;
+            c.first_difference.get_or_insert(*round);
+        }
+    }
+    if c.rounds_compared == 0 {
+        c.agree_at_end = true;
+    }
+    Ok(c)
 }
 
 /// Checks that two ledgers of one run agree on every chain they both hold,
@@ -646,7 +711,8 @@ pub fn compare(left: &Ledger, right: &Ledger) -> Result<CompareReport> {
             }
         }
     }
-    report.ok = report.divergences.is_empty();
+    report.anchors = compare_anchors(left, right)?;
+    report.ok = report.divergences.is_empty() && report.anchors.agree_at_end;
     Ok(report)
 }
 
@@ -778,6 +844,7 @@ mod tests {
                         seq: *s,
                         record_hash: *h,
                         round: *r,
+                        prior: 0.0,
                         verdict: Verdict::Merged { weight: 1.0 / 3.0 },
                     })
                     .collect(),

@@ -12,6 +12,8 @@ use crate::{LedgerError, RecordHash, RunId, Seq, SignedRecord};
 pub struct Head {
     pub seq: Seq,
     pub hash: RecordHash,
+    /// Its round: the next record must be for a later one.
+    pub round: u64,
 }
 
 /// Where a correctly signed record of this run sits in its author's chain.
@@ -69,6 +71,7 @@ pub fn locate(
                 got: rec.prev,
             });
         }
+        check_round(head, rec)?;
         return Ok(Link::Next);
     }
     if rec.seq > next_seq {
@@ -87,6 +90,22 @@ pub fn locate(
             key: format!("{}/{}", rec.author, rec.seq),
             detail: "head lies beyond a missing record".into(),
         }),
+    }
+}
+
+/// Rounds strictly increase along a chain: an author contributes once per
+/// round, and a second record for a round (or an earlier one) is an offence
+/// like equivocation, provable by the two signed records.
+pub fn check_round(head: Option<Head>, rec: &crate::UpdateRecord) -> Result<(), LedgerError> {
+    match head {
+        Some(h) if rec.round <= h.round => Err(LedgerError::RoundReused {
+            author: rec.author,
+            seq: rec.seq,
+            round: rec.round,
+            previous_round: h.round,
+            previous: h.hash,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -150,6 +169,7 @@ impl VerifiedRecord {
                 got: rec.prev,
             });
         }
+        check_round(head, rec)?;
         let hash = signed.hash();
         Ok(Self { signed, hash })
     }
@@ -166,6 +186,7 @@ impl VerifiedRecord {
         Head {
             seq: self.signed.record.seq,
             hash: self.hash,
+            round: self.signed.record.round,
         }
     }
 
@@ -194,6 +215,35 @@ mod tests {
     }
 
     #[test]
+    fn rounds_strictly_increase_along_a_chain() {
+        let k = key(1);
+        let r0 = record(&k, 0, GEN);
+        let head = Some(Head {
+            seq: Seq(0),
+            hash: r0.hash(),
+            round: 4,
+        });
+        assert!(check_round(None, &r0.record).is_ok());
+        let mut next = record(&k, 1, r0.hash()).record;
+        next.round = 5;
+        assert!(check_round(head, &next).is_ok());
+        for reused in [4, 3, 0] {
+            next.round = reused;
+            match check_round(head, &next) {
+                Err(LedgerError::RoundReused {
+                    round,
+                    previous_round: 4,
+                    previous,
+                    ..
+                }) => {
+                    assert_eq!((round, previous), (reused, r0.hash()));
+                }
+                other => panic!("round {reused} after round 4 was not refused: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn next_gap_duplicate_equivocation() {
         let k = key(1);
         let r0 = record(&k, 0, GEN);
@@ -201,6 +251,7 @@ mod tests {
         let head = Some(Head {
             seq: Seq(0),
             hash: r0.hash(),
+            round: 0,
         });
         assert_eq!(locate(head, GEN, &r1, r1.hash(), |_| None).unwrap(), Link::Next);
 

@@ -45,6 +45,15 @@ pub enum LedgerError {
         second: RecordHash,
     },
 
+    #[error("author {author} signed seq {seq} for round {round}, after a record for round {previous_round} ({previous}): one record per round, rounds increasing")]
+    RoundReused {
+        author: AuthorId,
+        seq: Seq,
+        round: u64,
+        previous_round: u64,
+        previous: RecordHash,
+    },
+
     #[error("payload {expected} does not hash to its name (got {got})")]
     PayloadHashMismatch { expected: PayloadHash, got: PayloadHash },
 
@@ -60,6 +69,9 @@ pub enum LedgerError {
 
     #[error("{path} holds no meshtrain ledger ({detail})")]
     NotALedger { path: PathBuf, detail: String },
+
+    #[error("ledger at {path} is format version {found}, written by an older meshtrain; this build reads format {supported} only (start the run afresh)")]
+    OlderFormat { path: PathBuf, found: u32, supported: u32 },
 
     #[error("ledger at {path} is format version {found}; this build reads up to {supported}")]
     NewerFormat { path: PathBuf, found: u32, supported: u32 },

@@ -61,7 +61,8 @@ impl MemLedger {
     }
 
     /// Checks every chain held: contiguous from seq 0, each record linked to
-    /// the one before, validly signed, of this run, heads matching.
+    /// the one before with a later round, validly signed, of this run, heads
+    /// matching.
     pub fn check_chains(&self) -> Result<u64> {
         let c = self.contents();
         let mut checked = 0;
@@ -83,6 +84,7 @@ impl MemLedger {
             let h = Head {
                 seq: *seq,
                 hash: signed.hash(),
+                round: signed.record.round,
             };
             current = Some((*author, h));
             checked += 1;
@@ -170,7 +172,7 @@ impl Store for MemLedger {
                 Op::Payload { hash, bytes, .. } => check_payload(hash, bytes)?,
                 Op::Verdict(block) => verdict_head = Some(check_verdict(&self.meta, verdict_head, block)?),
                 Op::Join { join, anchor, outer } => {
-                    join.verify()?;
+                    join.verify(&self.meta.run_id)?;
                     check_payload(&join.anchor_payload, anchor)?;
                     check_payload(&join.outer_payload, outer)?;
                 }

@@ -112,7 +112,7 @@ pub fn check_append(meta: &RunMeta, head: Option<Head>, rec: &UpdateRecord) -> R
             got: rec.run_id,
         });
     }
-    Ok(())
+    crate::chain::check_round(head, rec)
 }
 
 /// Payload bytes must hash to the name they are stored under.

@@ -10,7 +10,7 @@ use crate::{
 };
 
 /// The version written into every record; a newer one is refused, not guessed at.
-pub const RECORD_VERSION: u16 = 1;
+pub const RECORD_VERSION: u16 = 2;
 
 const RECORD_SIGNING_CONTEXT: &[u8] = b"meshtrain/update-record/v1";
 
@@ -27,6 +27,10 @@ pub struct UpdateRecord {
     pub round: u64,
     /// Hash of the anchor weights the delta was trained from.
     pub base_hash: WeightsHash,
+    /// Hash of the outer optimiser's state that came with them. With
+    /// `base_hash` it is the author's signed vote for the anchor it closed
+    /// round `round - 1` on (see the node's agreement rule).
+    pub base_outer: WeightsHash,
     pub payload_hash: PayloadHash,
     pub payload_len: u64,
     pub n_samples: u64,
@@ -137,6 +141,7 @@ pub(crate) mod tests {
             prev,
             round: seq,
             base_hash: WeightsHash([1; 32]),
+            base_outer: WeightsHash([0; 32]),
             payload_hash: PayloadHash::of(&seq.to_le_bytes()),
             payload_len: 8,
             n_samples: 64,

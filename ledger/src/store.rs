@@ -224,6 +224,13 @@ impl Ledger {
             detail: format!("{} bytes, expected 4", format.len()),
         })?;
         let format = u32::from_le_bytes(format);
+        if format < FORMAT_VERSION {
+            return Err(LedgerError::OlderFormat {
+                path: path.to_path_buf(),
+                found: format,
+                supported: FORMAT_VERSION,
+            });
+        }
         if format > FORMAT_VERSION {
             return Err(LedgerError::NewerFormat {
                 path: path.to_path_buf(),
@@ -640,9 +647,9 @@ impl Event<'_> {
     }
 
     /// Records a join with the anchor and outer state it adopted (stored as
-    /// payloads), after checking its attestations.
+    /// payloads), after checking its votes.
     pub fn join(&mut self, join: &crate::JoinRecord, anchor: &[u8], outer: &[u8]) -> Result<&mut Self> {
-        join.verify()?;
+        join.verify(&self.ledger.meta.run_id)?;
         self.payload(&join.anchor_payload, join.round, anchor)?;
         self.payload(&join.outer_payload, join.round, outer)?;
         let mut key = META_JOIN_PREFIX.to_vec();
@@ -837,6 +844,7 @@ pub(crate) mod tests {
             prev,
             round: seq,
             base_hash: WeightsHash([0; 32]),
+            base_outer: WeightsHash([0; 32]),
             payload_hash: PayloadHash::of(payload),
             payload_len: payload.len() as u64,
             n_samples: 10,

@@ -41,6 +41,15 @@ pub enum RejectReason {
     Stale,
     /// No peer could supply its payload before the round closed.
     PayloadUnavailable,
+    /// A second record for a round its author already contributed to (or
+    /// an earlier one).
+    RoundReused,
+    /// Its author is not admitted to the run (not on the roster).
+    NotAMember,
+    /// Trained from another anchor than the one its round closed on (an
+    /// author that was behind or on a sibling anchor; it repairs, and is
+    /// not blamed).
+    OffBase,
 }
 
 impl RejectReason {
@@ -61,6 +70,9 @@ impl RejectReason {
             RejectReason::FreeRider => "free-rider",
             RejectReason::Stale => "stale",
             RejectReason::PayloadUnavailable => "payload-unavailable",
+            RejectReason::RoundReused => "round-reused",
+            RejectReason::NotAMember => "not-a-member",
+            RejectReason::OffBase => "off-base",
         }
     }
 
@@ -79,6 +91,7 @@ impl RejectReason {
                 | RejectReason::WrongShape
                 | RejectReason::NonFinite
                 | RejectReason::FreeRider
+                | RejectReason::NotAMember
         )
     }
 
@@ -87,7 +100,12 @@ impl RejectReason {
     pub fn is_protocol_offence(&self) -> bool {
         !matches!(
             self,
-            RejectReason::Outlier(_) | RejectReason::Stale | RejectReason::PayloadUnavailable | RejectReason::Banned
+            RejectReason::Outlier(_)
+                | RejectReason::Stale
+                | RejectReason::PayloadUnavailable
+                | RejectReason::Banned
+                | RejectReason::NotAMember
+                | RejectReason::OffBase
         )
     }
 }
@@ -133,6 +151,10 @@ pub struct VerdictEntry {
     pub record_hash: RecordHash,
     /// The round the update was made for (it may be older than the block's).
     pub round: u64,
+    /// The prior weight the aggregator was given for it (the staleness
+    /// discount times the admission share; 0 when refused before
+    /// aggregation), so that a replay needs nothing but the ledger.
+    pub prior: f32,
     pub verdict: Verdict,
 }
 
@@ -247,6 +269,7 @@ mod tests {
                 seq: Seq(0),
                 record_hash: RecordHash([4; 32]),
                 round: 0,
+                prior: 0.0,
                 verdict: Verdict::Rejected {
                     reason: RejectReason::Outlier("distance 9.1 > 3.0".into()),
                 },
