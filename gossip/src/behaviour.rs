@@ -143,14 +143,38 @@ pub fn build_swarm(
     registry: &mut Registry,
 ) -> Result<Swarm<MeshBehaviour>, GossipError> {
     let idle = cfg.idle_timeout;
+    let Some(psk) = cfg.psk else {
+        let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| GossipError::Build(format!("tcp transport: {e}")))?
+            .with_bandwidth_metrics(registry)
+            .with_behaviour(|key| {
+                MeshBehaviour::new(key, cfg, topic).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            })
+            .map_err(|e| GossipError::Build(format!("behaviour: {e}")))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build();
+        return Ok(swarm);
+    };
+    // A private network: every TCP stream first proves it holds the key
+    // (pnet), then authenticates (noise) and multiplexes (yamux) as usual.
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| GossipError::Build(format!("tcp transport: {e}")))?
+        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            use libp2p::Transport as _;
+            let noise = noise::Config::new(key)?;
+            Ok(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                .and_then(move |socket, _| libp2p::pnet::PnetConfig::new(psk).handshake(socket))
+                .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default()))
+        })
+        .map_err(|e| GossipError::Build(format!("private tcp transport: {e}")))?
         .with_bandwidth_metrics(registry)
         .with_behaviour(|key| {
             MeshBehaviour::new(key, cfg, topic).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)

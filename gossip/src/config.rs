@@ -21,6 +21,9 @@ pub struct MeshConfig {
     pub idle_timeout: Duration,
     /// Discover peers on the LAN by mDNS (opt-in).
     pub mdns: bool,
+    /// A libp2p private network key: only peers holding it complete a
+    /// handshake (pnet over TCP, under noise).
+    pub psk: Option<libp2p::pnet::PreSharedKey>,
 }
 
 impl Default for MeshConfig {
@@ -34,6 +37,7 @@ impl Default for MeshConfig {
             heartbeat: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(120),
             mdns: false,
+            psk: None,
         }
     }
 }

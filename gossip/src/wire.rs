@@ -11,15 +11,19 @@ use bincode::{Decode, Encode};
 use crate::GossipError;
 
 /// The envelope version this build speaks.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 
 /// Gossiped on `meshtrain/<run_id>/v1`.
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
 pub enum GossipMessage {
     /// A signed update record, with its payload when that is small.
     Update { record: Vec<u8>, payload: Option<Vec<u8>> },
-    /// Proof that an author signed two records at one seq.
+    /// Proof that an author signed two conflicting records.
     Equivocation { proof: Vec<u8> },
+    /// A node's signed verdict block for the run's last round: its vote for
+    /// the final anchor (earlier rounds are voted by the next round's
+    /// records).
+    Vote { block: Vec<u8> },
 }
 
 /// One author's chain head, as a peer knows it.
@@ -39,8 +43,13 @@ pub enum FetchRequest {
     Records { author: [u8; 32], from_seq: u64, max: u32 },
     /// Every chain head the peer holds (anti-entropy).
     Heads,
-    /// The peer's current anchor weights (for nodes that join late).
-    Anchor,
+    /// Anchor weights and their outer state: those hashing to `weights`
+    /// (None: the peer's current ones), for nodes that join late, catch up
+    /// or repair.
+    Anchor { weights: Option<[u8; 32]> },
+    /// The peer's signed verdict block for the run's last round, its vote
+    /// for the final anchor (for a node that missed the gossiped one).
+    FinalVote,
     /// A data block, by content hash.
     Block { hash: [u8; 32] },
 }
@@ -50,9 +59,9 @@ pub enum FetchResponse {
     Payload(Vec<u8>),
     Records(Vec<Vec<u8>>),
     Heads(Vec<HeadInfo>),
-    /// The peer's current round, its anchor weights and outer optimiser
-    /// state (encoded by the node), and the signed verdict block that names
-    /// both hashes.
+    /// The round the anchor starts, its weights and outer optimiser state
+    /// (encoded by the node), and the peer's signed verdict block that names
+    /// both hashes (empty for genesis).
     Anchor {
         round: u64,
         weights: Vec<u8>,
@@ -60,6 +69,8 @@ pub enum FetchResponse {
         verdict: Vec<u8>,
     },
     Block(Vec<u8>),
+    /// A signed verdict block (answer to `FinalVote`).
+    Vote(Vec<u8>),
     NotFound,
     /// The peer will not answer (busy, banned requester, ...).
     Refused(String),
