@@ -633,6 +633,31 @@ pub struct CompareReport {
     pub anchors: AnchorComparison,
 }
 
+/// One round as a node's verdict block records it: the anchor it
+/// aggregated onto (after any repair) and the anchor it ended on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClosedRound {
+    pub base: crate::WeightsHash,
+    pub anchor: crate::WeightsHash,
+}
+
+/// Every round the owner closed, from its verdict blocks.
+pub fn closed_rounds(ledger: &Ledger) -> Result<std::collections::BTreeMap<u64, ClosedRound>> {
+    let mut out = std::collections::BTreeMap::new();
+    for item in ledger.iter_verdicts()? {
+        let (_, bytes) = item?;
+        let b = crate::SignedVerdictBlock::from_bytes(&bytes)?.block;
+        out.insert(
+            b.round,
+            ClosedRound {
+                base: b.base_anchor,
+                anchor: b.new_anchor,
+            },
+        );
+    }
+    Ok(out)
+}
+
 /// Round -> the anchor the owner closed it on.
 fn closed_anchors(ledger: &Ledger) -> Result<std::collections::BTreeMap<u64, crate::WeightsHash>> {
     let mut out = std::collections::BTreeMap::new();
@@ -735,7 +760,7 @@ pub enum ExportLine {
         #[serde(flatten)]
         signed: SignedVerdictBlock,
     },
-    Proof(EquivocationProof),
+    Proof(Box<EquivocationProof>),
 }
 
 /// Writes the ledger as JSON lines: meta, records, verdict blocks, proofs.
@@ -783,7 +808,7 @@ pub fn export(ledger: &Ledger, out: &mut dyn std::io::Write) -> Result<u64> {
         lines += 1;
     }
     for proof in ledger.proofs()? {
-        write(&ExportLine::Proof(proof), out)?;
+        write(&ExportLine::Proof(Box::new(proof)), out)?;
         lines += 1;
     }
     Ok(lines)

@@ -50,6 +50,10 @@ pub enum RejectReason {
     /// author that was behind or on a sibling anchor; it repairs, and is
     /// not blamed).
     OffBase,
+    /// Its round was given up: no anchor of it had half the voting power,
+    /// and the node went back to the last decided one (merging nothing, so
+    /// that every node going back lands on the same anchor).
+    RoundAbandoned,
 }
 
 impl RejectReason {
@@ -73,6 +77,7 @@ impl RejectReason {
             RejectReason::RoundReused => "round-reused",
             RejectReason::NotAMember => "not-a-member",
             RejectReason::OffBase => "off-base",
+            RejectReason::RoundAbandoned => "round-abandoned",
         }
     }
 
@@ -106,6 +111,7 @@ impl RejectReason {
                 | RejectReason::Banned
                 | RejectReason::NotAMember
                 | RejectReason::OffBase
+                | RejectReason::RoundAbandoned
         )
     }
 }
