@@ -137,8 +137,13 @@ pub struct NodeReport {
     pub data_fetch_ms: Option<u64>,
     /// This run of the node resumed from an existing data dir.
     pub restarted: bool,
-    /// Rounds at which the node adopted the mesh's anchor from peers.
+    /// Rounds at which the node adopted the mesh's anchor from peers (at
+    /// start, or when left rounds behind).
     pub joined_at: Vec<u64>,
+    /// Rounds whose anchor the node repaired onto the one the votes decided
+    /// (or gave up for the last decided one).
+    #[serde(default)]
+    pub repaired_at: Vec<u64>,
     pub wall_s: f64,
     pub history: Vec<RoundRecord>,
 }
