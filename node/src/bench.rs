@@ -86,6 +86,7 @@ fn generate(meta: &RunMeta, authors: usize, per_author: u64) -> Vec<VerifiedReco
                                         prev,
                                         round: seq,
                                         base_hash: WeightsHash([3; 32]),
+                                        base_outer: WeightsHash([4; 32]),
                                         payload_hash: PayloadHash::of(&seq.to_le_bytes()),
                                         payload_len: 4096,
                                         n_samples: 640,

@@ -107,6 +107,23 @@ fn joined_state<S: Store + ?Sized>(
     else {
         return Ok(None);
     };
+    // A permissioned run's roster says whose votes count: the join needs
+    // half of it or more behind the anchor.
+    let spec = RunSpec::from_canonical(&ledger.meta().run_spec)?;
+    if join.votes.is_empty() && join.anchor != ledger.meta().genesis_weights {
+        return Err(NodeError::Replay(format!(
+            "the join at round {round} takes an anchor without votes that is not genesis"
+        )));
+    }
+    if let (Ok(Some(roster)), false) = (spec.admission.roster(), join.votes.is_empty()) {
+        let voters = join.votes.iter().filter(|v| roster.contains(&v.voter())).count();
+        if 2 * voters < roster.len() {
+            return Err(NodeError::Replay(format!(
+                "the join at round {round} has the votes of {voters} of the {} members, fewer than half",
+                roster.len()
+            )));
+        }
+    }
     let (Some(a), Some(o)) = (
         ledger.payload(&join.anchor_payload)?,
         ledger.payload(&join.outer_payload)?,
@@ -205,15 +222,32 @@ fn replay_core<S: Store + ?Sized>(ledger: &S, shape: &ModelShape) -> Result<Repl
                 .map_err(|err| NodeError::Replay(format!("{here}: payload of {}/{}: {err}", e.author, e.seq)))?;
             deltas.push(delta);
         }
+        // The recorded prior may discount (admission shares) but never
+        // exceed what the staleness rule allows.
+        for e in &inputs {
+            let allowed = spec
+                .exchange
+                .staleness_decay
+                .powi(block.round.saturating_sub(e.round) as i32);
+            if !(e.prior > 0.0 && e.prior <= allowed) {
+                return fail(
+                    report,
+                    format!(
+                        "{here}: {}/{} was aggregated at prior weight {}, the rules allow at most {allowed}",
+                        e.author.short(),
+                        e.seq,
+                        e.prior
+                    ),
+                    anchor,
+                );
+            }
+        }
         let agg_inputs: Vec<AggInput<'_>> = inputs
             .iter()
             .zip(&deltas)
             .map(|(e, d)| AggInput {
                 delta: d,
-                weight: spec
-                    .exchange
-                    .staleness_decay
-                    .powi(block.round.saturating_sub(e.round) as i32),
+                weight: e.prior,
             })
             .collect();
         let own = inputs

@@ -68,6 +68,7 @@ fn badness(verdict: &Verdict) -> Option<f32> {
         Verdict::Rejected { reason } => match reason {
             RejectReason::Malformed | RejectReason::BadSignature | RejectReason::WrongRun => None,
             RejectReason::Stale | RejectReason::PayloadUnavailable | RejectReason::Banned => None,
+            RejectReason::OffBase | RejectReason::RoundAbandoned => None,
             _ => Some(1.0),
         },
     }
@@ -101,6 +102,7 @@ impl Reputation {
             return Some(BanReason::Equivocation);
         }
         let b = badness(verdict)?;
+
         let cfg = self.cfg;
         let s = self.standing.entry(author).or_default();
         s.badness = if s.verdicts == 0 {

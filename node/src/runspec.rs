@@ -23,6 +23,73 @@ pub struct RunSpec {
     pub train: TrainSpec,
     pub exchange: ExchangeSpec,
     pub rounds: RoundSpec,
+    /// Who may contribute, and whose vote counts.
+    #[serde(default)]
+    pub admission: Admission,
+}
+
+/// Who may contribute to a run. Every count the protocol takes (votes on
+/// anchors, the updates a round waits for, block placement) counts the
+/// voting power this gives, never raw peers or keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum Admission {
+    /// Only these author keys (hex ed25519 public keys, as `meshtrain
+    /// identity show` prints them) take part, one vote each. Records,
+    /// requests and connections of anyone else are refused.
+    Permissioned { members: Vec<String> },
+    /// Anyone may contribute, through the robust aggregator; a key gets a
+    /// vote once its updates were merged in `earn_rounds` rounds, and no key
+    /// has more than one. Until then all unearned keys together weigh as
+    /// much as one member in the aggregate. `founders` (hex author keys)
+    /// have a vote from round 0, so that anchors are agreed from the start;
+    /// without founders nothing is decided until keys earn their votes.
+    Open {
+        earn_rounds: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        founders: Vec<String>,
+    },
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission::Open {
+            earn_rounds: 3,
+            founders: Vec::new(),
+        }
+    }
+}
+
+impl Admission {
+    /// The roster of a permissioned run.
+    pub fn roster(&self) -> Result<Option<std::collections::BTreeSet<meshtrain_ledger::AuthorId>>, String> {
+        match self {
+            Admission::Open { .. } => Ok(None),
+            Admission::Permissioned { members } => keys("admission.members", members).map(Some),
+        }
+    }
+
+    /// The founders of an open run (none for a permissioned one).
+    pub fn founders(&self) -> Result<std::collections::BTreeSet<meshtrain_ledger::AuthorId>, String> {
+        match self {
+            Admission::Open { founders, .. } => keys("admission.founders", founders),
+            Admission::Permissioned { .. } => Ok(Default::default()),
+        }
+    }
+}
+
+fn keys(field: &str, list: &[String]) -> Result<std::collections::BTreeSet<meshtrain_ledger::AuthorId>, String> {
+    let mut set = std::collections::BTreeSet::new();
+    for m in list {
+        let a: meshtrain_ledger::AuthorId = m
+            .trim()
+            .parse()
+            .map_err(|_| format!("{field}: `{m}` is not an author key (64 hex digits)"))?;
+        if !set.insert(a) {
+            return Err(format!("{field}: `{m}` is listed twice"));
+        }
+    }
+    Ok(set)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -134,6 +201,7 @@ impl RunSpec {
                 min_wait_ms: 1_000,
                 patience: None,
             },
+            admission: Admission::default(),
         }
     }
 
@@ -219,6 +287,15 @@ impl RunSpec {
         if self.rounds.patience == Some(0) {
             return Err("rounds.patience must be at least 1".into());
         }
+        match &self.admission {
+            Admission::Open { earn_rounds: 0, .. } => return Err("admission.earn_rounds must be at least 1".into()),
+            Admission::Permissioned { members } if members.is_empty() => {
+                return Err("admission.members: a permissioned run needs at least one member".into())
+            }
+            _ => {}
+        }
+        self.admission.roster()?;
+        self.admission.founders()?;
         Ok(())
     }
 

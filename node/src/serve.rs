@@ -37,7 +37,9 @@ pub fn answer<S: Store + ?Sized>(ledger: &S, request: &FetchRequest) -> FetchRes
                 .collect(),
         )),
         // Answered by the event loop, which holds the anchor.
-        FetchRequest::Anchor | FetchRequest::Block { .. } => Ok(FetchResponse::NotFound),
+        FetchRequest::Anchor { .. } | FetchRequest::FinalVote | FetchRequest::Block { .. } => {
+            Ok(FetchResponse::NotFound)
+        }
     };
     result.unwrap_or_else(|e| FetchResponse::Refused(format!("ledger error: {e}")))
 }

@@ -1,25 +1,35 @@
 //! Closing a round: the moment the last expected update or the deadline
-//! arrives (no polling), the robust aggregation (run off the event loop),
-//! and the signed verdict block that records what was done with each update
-//! and which anchor came of it.
+//! arrives (no polling), onto the anchor the voting power decided for the
+//! round (repairing ours first when it differs), the robust aggregation
+//! (run off the event loop), and the signed verdict block that records what
+//! was done with each update and which anchor came of it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use meshtrain_ledger::{AuthorId, RejectReason, Verdict, VerdictBlock, VerdictEntry, WeightsHash, VERDICT_VERSION};
 use meshtrain_model::aggregate::aggregate as aggregate_deltas;
 use meshtrain_model::{AggInput, AggVerdict, AggregatorSpec, OuterOptimizer};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::rounds::{Close, RoundInputs};
-use super::sync::SyncReason;
-use super::{AnchorSnapshot, Core, Effect, Phase, RoundClosed, Timer};
+use super::sync::Fetched;
+use super::sync::Purpose;
+use super::{AnchorSnapshot, Core, CoreFault, Effect, Millis, Phase, RoundClosed, Settled, Timer};
 use crate::inbox::Job;
 
-/// Rounds between a join and the next minority sync.
-const MINORITY_SYNC_GAP: u64 = 3;
-/// How often a waiting node looks whether the mesh left it behind.
-const BEHIND_CHECK_MS: u64 = 1000;
+/// How long a round's close waits for the decided anchor it must repair
+/// onto before it goes on with its own.
+const REPAIR_WAIT_MS: Millis = 15_000;
+/// How often a close that cannot go on yet looks again.
+const RECHECK_MS: Millis = 1000;
+
+/// How long past a round's deadline a node waits to hear from more than
+/// half the voting power before it gives up: long enough for a short
+/// partition to heal or crashed members to come back.
+fn isolation_ms(max_wait_ms: Millis) -> Millis {
+    (2 * max_wait_ms).max(60_000)
+}
 
 /// One round's aggregation, for a worker thread (or inline, simulated).
 #[derive(Debug)]
@@ -54,32 +64,292 @@ impl std::fmt::Debug for RoundInputs {
 
 impl Core {
     /// Closes the current round if every expected update is in or its
-    /// deadline passed. Called whenever either may have changed.
+    /// deadline passed, onto the decided anchor. Called whenever any of
+    /// these may have changed.
     pub(super) fn maybe_close(&mut self) {
-        if !matches!(self.phase, Phase::Waiting(_)) {
+        // Deciding the base can fail a fetch, which asks to close again:
+        // one close at a time.
+        if self.closing || !matches!(self.phase, Phase::Waiting(_)) || self.outer.is_none() {
+            tracing::trace!(
+                closing = self.closing,
+                phase = self.phase.name(),
+                outer = self.outer.is_some(),
+                "cannot close now"
+            );
             return;
         }
         let expected = self.book.expected(&self.connected_authors());
         let Some(how) = self.book.should_close(self.now, &expected) else {
+            tracing::trace!(round = self.round(), deadline = ?self.book.deadline(), "not closing yet");
             return;
         };
+        self.closing = true;
+        let decided = self.base_is_decided();
+        self.closing = false;
+        if !decided {
+            let tally = self.votes.tally(self.round(), &self.power);
+            tracing::trace!(
+                round = self.round(),
+                support = tally.support,
+                seen = tally.seen,
+                total = tally.total,
+                decided = tally.decided().is_some(),
+                fetching = self.fetch.is_some(),
+                "the round's base is not decided yet"
+            );
+            // Whatever we wait for (votes, a fetch, the grace), look again
+            // soon: no wait may depend on an event that might never come.
+            let again = self.now + RECHECK_MS;
+            if self
+                .armed
+                .get(&Timer::Deadline)
+                .is_none_or(|at| *at <= self.now || *at > again)
+            {
+                self.arm(Timer::Deadline, again);
+            }
+            return;
+        }
         if how == Close::Deadline {
             let have: HashSet<AuthorId> = self.book.for_round(self.round()).map(|c| c.author).collect();
             let missing: Vec<String> = expected.difference(&have).map(|a| a.short()).collect();
             info!(round = self.round(), ?missing, "round deadline passed");
         }
         let inputs = self.book.close(self.now, how);
-        self.check_minority(&inputs);
         self.aggregate(inputs);
     }
 
-    fn aggregate(&mut self, inputs: RoundInputs) {
-        let Some(outer) = self.outer.take() else {
-            return;
+    /// Whether this round may be aggregated onto the base we hold: ours is
+    /// the decided one, or the decided one is fetched (and taken over
+    /// here) or cannot be had in time, or enough voters were heard to know
+    /// that none will be decided (then we go back to the last decided one).
+    fn base_is_decided(&mut self) -> bool {
+        let round = self.round();
+        if round == 0 {
+            // Round 0 starts from the genesis weights the run spec fixes.
+            return true;
+        }
+        let tally = self.votes.tally(round, &self.power);
+        let Some(key) = tally.decided() else {
+            if self.power.total() == 0 {
+                // Nobody has a vote yet (an open run's first rounds).
+                return true;
+            }
+            if 2 * tally.seen < tally.total {
+                // Too few voters heard from to decide anything (we are on
+                // a minority side, or most members are down): wait for
+                // them rather than run ahead on an anchor nobody agreed,
+                // but not forever (a node cut off for good, or banned by
+                // everyone, stops with an error instead of hanging).
+                if let Some(deadline) = self.book.deadline() {
+                    let give_up = deadline + isolation_ms(self.cfg.spec.rounds.max_wait_ms);
+                    if self.now >= give_up {
+                        self.emit(Effect::Fatal(CoreFault::Isolated {
+                            round,
+                            waited_s: (self.now - deadline) / 1000,
+                            heard: tally.seen,
+                            of: tally.total,
+                        }));
+                    } else {
+                        self.arm(Timer::Deadline, give_up);
+                    }
+                }
+                return false;
+            }
+            let outstanding = tally.total.saturating_sub(tally.seen);
+            let deadline = self.book.deadline();
+            if deadline.is_some_and(|d| self.now < d) && 2 * (tally.support + outstanding) >= tally.total {
+                // Votes still out could decide it: wait for them until the
+                // round's deadline (a voter may be catching up, not training).
+                return false;
+            }
+            // Past the deadline, wait on for the votes of connected members
+            // only, and one more round timeout at most: a node a little
+            // ahead of the mesh (it closes at deadlines while the others
+            // still train) would otherwise give up on an anchor about to be
+            // decided, go back a round, and stay a round behind in anchors
+            // from then on. Members we are cut off from cannot vote soon.
+            let voted = self.votes.voters(round);
+            let reachable: u64 = self
+                .connected_authors()
+                .iter()
+                .filter(|a| !voted.contains(a))
+                .map(|a| self.power.of(a))
+                .sum();
+            let best = tally.support + reachable;
+            let could = if reachable >= outstanding {
+                2 * best >= tally.total
+            } else {
+                2 * best > tally.total
+            };
+            let grace = deadline.map(|d| d + self.book.wait.timeout());
+            if could && grace.is_some_and(|g| self.now < g) {
+                return false;
+            }
+            return self.revert_if_split(round);
         };
+        self.note_decision(round, key);
+        if key == self.anchor_key() {
+            self.settle_here(round);
+            return true;
+        }
+        if let Some(f) = self.fetched.take() {
+            if f.starts == round && f.key == key {
+                self.adopt(*f, Purpose::Repair);
+                self.settle_here(round);
+                return true;
+            }
+        }
+        match &self.fetch {
+            Some(f) if f.starts == round && f.key == key => {
+                if self.now.saturating_sub(f.since) < REPAIR_WAIT_MS {
+                    return false;
+                }
+                warn!(round, "the decided anchor did not arrive in time; closing on ours");
+                self.fetch = None;
+                true
+            }
+            // Nobody could serve it: go on with ours.
+            _ if self.unavailable == Some((round, key)) => true,
+            _ => {
+                self.fetch_anchor(round, key, Purpose::Repair);
+                self.fetch.is_none()
+            }
+        }
+    }
+
+    /// Our base for `round` is the decided anchor: remember it whole.
+    fn settle_here(&mut self, round: u64) {
+        let key = self.anchor_key();
+        if self.settled.as_ref().is_some_and(|s| s.starts == round && s.key == key) {
+            return;
+        }
+        self.settled = Some(Settled {
+            starts: round,
+            key,
+            weights: self.anchor.clone(),
+            velocity: self.velocity.clone(),
+            votes: self.votes.for_anchor(round, &key, &self.power),
+        });
+    }
+
+    /// No anchor for `round` has half the voting power: the mesh split
+    /// into more pieces than votes can mend. Every node goes back to the
+    /// latest anchor the votes decided (the same for all once they see the
+    /// same votes), giving up the rounds since; a minority side of a
+    /// partition makes no lasting progress this way, and nothing a minority
+    /// votes for is ever taken. Returns whether the round may close now
+    /// (false while the decided anchor is being fetched).
+    pub(super) fn revert_if_split(&mut self, round: u64) -> bool {
+        if self.power.total() == 0 {
+            return true;
+        }
+        let target = match (&self.decided, &self.settled) {
+            (Some(d), _) if d.starts < round => (d.starts, d.key, d.votes.clone()),
+            (_, Some(s)) if s.starts < round => (s.starts, s.key, s.votes.clone()),
+            _ => return true,
+        };
+        let (starts, key, votes) = target;
+        if key == self.anchor_key() {
+            // Already on the latest decided anchor: give this round up all
+            // the same (merging would move us onto an anchor nobody decided).
+            self.abandoned = Some(round);
+            return true;
+        }
+        let held = match (&self.settled, &self.fetched) {
+            (Some(s), _) if s.key == key => Some((s.weights.clone(), s.velocity.to_vec())),
+            (_, Some(f)) if f.key == key => Some((f.weights.clone(), f.velocity.clone())),
+            _ => None,
+        };
+        let Some((weights, velocity)) = held else {
+            if self.unavailable == Some((starts, key)) {
+                return true;
+            }
+            if let Some(f) = self.fetch.as_ref().filter(|f| f.key == key) {
+                return self.now.saturating_sub(f.since) >= REPAIR_WAIT_MS;
+            }
+            self.fetch_anchor(starts, key, Purpose::Revert);
+            return self.fetch.is_none();
+        };
+        self.fetched = None;
+        warn!(round, back_to = starts, anchor = %key.0.short(), "no anchor has half the voting power; going back to the last decided one");
+        let weights_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &weights);
+        let outer_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &velocity);
+        self.take_over(
+            Fetched {
+                starts: round,
+                key,
+                weights,
+                velocity,
+                weights_bytes,
+                outer_bytes,
+            },
+            meshtrain_ledger::JoinKind::Revert,
+            starts,
+            votes,
+        );
+        self.abandoned = Some(round);
+        true
+    }
+
+    /// The votes decided the anchor that starts `starts`: remember the
+    /// latest such decision (a split mesh goes back to it).
+    pub(super) fn note_decision(&mut self, starts: u64, key: super::agreement::AnchorKey) {
+        if self
+            .decided
+            .as_ref()
+            .is_some_and(|d| d.starts > starts || (d.starts == starts && d.key == key))
+        {
+            return;
+        }
+        let votes = self.votes.for_anchor(starts, &key, &self.power);
+        self.decided = Some(super::Decision { starts, key, votes });
+    }
+
+    fn aggregate(&mut self, mut inputs: RoundInputs) {
+        let Some(outer) = self.outer.take() else { return };
         let Phase::Waiting(note) = std::mem::replace(&mut self.phase, Phase::Training) else {
             return;
         };
+        // Only updates trained from the anchor their round closed on are
+        // merged: every node that closes a round on one base then merges
+        // from one candidate set, and a node that trained on a sibling or
+        // stale anchor (and repairs) cannot drag the base elsewhere.
+        self.bases.insert(inputs.round, self.anchor_hash);
+        self.bases
+            .retain(|r, _| r + self.cfg.spec.exchange.staleness + 1 > inputs.round);
+        // A round given up merges nothing: every node that goes back lands
+        // on the same anchor, and the next round's votes agree again.
+        let abandoned = self.abandoned.take() == Some(inputs.round);
+        let bases = &self.bases;
+        let (on, off): (Vec<_>, Vec<_>) = std::mem::take(&mut inputs.inputs)
+            .into_iter()
+            .partition(|(c, _)| !abandoned && bases.get(&c.round) == Some(&c.base));
+        inputs.inputs = on;
+        let reason = if abandoned {
+            RejectReason::RoundAbandoned
+        } else {
+            RejectReason::OffBase
+        };
+        for (c, _) in off {
+            inputs.rejections.push(VerdictEntry {
+                author: c.author,
+                seq: c.seq,
+                record_hash: c.record_hash,
+                round: c.round,
+                prior: 0.0,
+                verdict: Verdict::Rejected { reason: reason.clone() },
+            });
+        }
+        // Keys without a vote weigh together as much as one member (open
+        // runs): any number of fresh keys buys no more influence than one.
+        let unearned = inputs
+            .inputs
+            .iter()
+            .filter(|(c, _)| self.power.of(&c.author) == 0)
+            .count();
+        for (c, w) in inputs.inputs.iter_mut() {
+            *w *= self.power.prior(&c.author, unearned);
+        }
         let wait_ms = self.now.saturating_sub(self.phase_since);
         self.set_phase(Phase::Aggregating(note));
         self.emit(Effect::Aggregate(Box::new(AggregateJob {
@@ -100,13 +370,17 @@ impl Core {
         let new_hash = WeightsHash::of_f32(&done.anchor);
         let (mut merged, mut clipped, mut rejected) = (0u64, 0u64, 0u64);
         let mut bans = Vec::new();
+        self.power.credit_round(done.round, &done.entries);
         for e in &done.entries {
             if e.author == self.me {
                 continue;
             }
             let from_aggregator =
                 !matches!(&e.verdict, Verdict::Rejected { reason } if !matches!(reason, RejectReason::Outlier(_)));
-            if from_aggregator {
+            // A late update (from an earlier round) is judged against
+            // updates trained for another round: its clipping says more
+            // about the network than about its author.
+            if from_aggregator && e.round == done.round {
                 if let Some(ban) = self.reputation.observe(e.author, &e.verdict) {
                     bans.push((e.author, ban));
                 }
@@ -143,6 +417,7 @@ impl Core {
             None => (0, self.cfg.verdict_genesis),
             Some((s, h)) => (s + 1, h),
         };
+        let outer_hash = WeightsHash::of_f32(done.outer.velocity());
         let block = VerdictBlock {
             version: VERDICT_VERSION,
             run_id: self.cfg.run_id,
@@ -152,7 +427,7 @@ impl Core {
             round: done.round,
             base_anchor: base,
             new_anchor: new_hash,
-            outer_state: WeightsHash::of_f32(done.outer.velocity()),
+            outer_state: outer_hash,
             entries: done.entries,
         }
         .sign(&self.key);
@@ -162,7 +437,10 @@ impl Core {
         self.velocity = Arc::new(done.outer.velocity().to_vec());
         self.anchor = Arc::new(done.anchor);
         self.anchor_hash = new_hash;
+        self.outer_hash = outer_hash;
         self.outer = Some(done.outer);
+        self.remember_snapshot();
+        self.votes.prune_below(self.vote_floor());
         info!(
             round = done.round,
             merged = merged + 1,
@@ -181,16 +459,12 @@ impl Core {
             merged: merged + 1,
             clipped,
             rejected,
+            base_hash: base,
             anchor_hash: new_hash,
             members: self.members.len(),
         })));
         for (author, ban) in bans {
             self.ban(author, &ban.to_string());
-        }
-        if let Some((offer, attestations)) = self.pending_adoption.take() {
-            if offer.round >= self.round() {
-                self.adopt(*offer, attestations);
-            }
         }
         if self.cfg.checkpoint_every > 0 && self.round().is_multiple_of(self.cfg.checkpoint_every) {
             self.emit(Effect::Checkpoint {
@@ -199,80 +473,34 @@ impl Core {
                 velocity: self.velocity.to_vec(),
             });
         }
-        self.next_round_or_finish();
-    }
-
-    /// Our anchor for a peer that asks, unless it is being replaced.
-    pub(super) fn anchor_snapshot(&self) -> Option<AnchorSnapshot> {
-        self.outer.as_ref()?;
-        Some(AnchorSnapshot {
-            round: self.round(),
-            anchor_hash: self.anchor_hash,
-            weights: self.anchor.clone(),
-            velocity: self.velocity.clone(),
-            attestation: self.attestation.clone(),
-        })
-    }
-
-    /// After a partition heals, the halves' updates are built on different
-    /// anchors. Every node sees the same groups; the smaller group (ties:
-    /// the larger anchor hash) takes the larger one's anchor over.
-    fn check_minority(&mut self, inputs: &RoundInputs) {
-        let mut groups: BTreeMap<WeightsHash, Vec<AuthorId>> = BTreeMap::new();
-        for (c, _) in inputs.inputs.iter().filter(|(c, _)| c.round == inputs.round) {
-            groups.entry(c.base).or_default().push(c.author);
-        }
-        if groups.len() < 2 {
+        // The mesh may have decided anchors rounds ahead meanwhile.
+        if self.fetched.as_ref().is_some_and(|f| f.starts > self.round()) {
+            self.catch_up();
             return;
         }
-        let mine = groups.get(&self.anchor_hash).map_or(0, Vec::len);
-        let Some((best, authors)) = groups
-            .iter()
-            .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)))
-        else {
-            return;
+        if self.round() >= self.end_round {
+            self.settle_final();
+        } else {
+            self.start_round();
+        }
+    }
+
+    /// Our anchor for a peer that asks: the one with these weights (one of
+    /// our last two, or the last decided one), or the current one.
+    pub(super) fn anchor_snapshot(&self, weights: Option<WeightsHash>) -> Option<AnchorSnapshot> {
+        let Some(w) = weights else {
+            return self.snapshots.back().cloned();
         };
-        let we_lose =
-            *best != self.anchor_hash && (authors.len() > mine || (authors.len() == mine && *best < self.anchor_hash));
-        // A node that just took an anchor over gives the mesh a few rounds
-        // to settle before it second-guesses it.
-        let settled = self.joins.last().is_none_or(|j| inputs.round >= j + MINORITY_SYNC_GAP);
-        if we_lose && settled && authors.len() >= 2 && self.sync.is_none() {
-            tracing::warn!(
-                round = inputs.round,
-                ours = mine,
-                theirs = authors.len(),
-                "our anchor is the minority's; syncing to the majority"
-            );
-            let among = authors.clone();
-            self.start_sync(SyncReason::Minority, Some(&among), None);
+        if let Some(s) = self.snapshots.iter().rev().find(|s| s.anchor_hash == w) {
+            return Some(s.clone());
         }
-    }
-
-    /// Waiting on a round while two or more members already sign records
-    /// two rounds further on (a restart into a mesh that moved on): ask for
-    /// the mesh's anchor instead of waiting out the deadline.
-    pub(super) fn check_behind(&mut self) {
-        if !matches!(self.phase, Phase::Waiting(_)) {
-            return;
-        }
-        self.arm(Timer::Behind, self.now + BEHIND_CHECK_MS);
-        if self.sync.is_some() || self.now.saturating_sub(self.phase_since) < 2000 {
-            return;
-        }
-        let round = self.round();
-        let ahead = self
-            .connected_authors()
-            .iter()
-            .filter(|a| self.head_round(a).is_some_and(|r| r >= round + 2))
-            .count();
-        if ahead >= 2 {
-            info!(
-                round,
-                ahead, "members are rounds ahead of us; asking for the mesh's anchor"
-            );
-            self.start_sync(SyncReason::Start, None, None);
-        }
+        self.settled.as_ref().filter(|s| s.key.0 == w).map(|s| AnchorSnapshot {
+            round: s.starts,
+            anchor_hash: s.key.0,
+            weights: s.weights.clone(),
+            velocity: s.velocity.clone(),
+            attestation: None,
+        })
     }
 }
 
@@ -308,11 +536,12 @@ pub fn run_aggregation(job: AggregateJob) -> AggregateDone {
         .inputs
         .iter()
         .zip(&result.verdicts)
-        .map(|((c, _), v)| VerdictEntry {
+        .map(|((c, w), v)| VerdictEntry {
             author: c.author,
             seq: c.seq,
             record_hash: c.record_hash,
             round: c.round,
+            prior: *w,
             verdict: match v {
                 AggVerdict::Merged { weight } => Verdict::Merged { weight: *weight },
                 AggVerdict::Clipped { factor, weight } => Verdict::Clipped {

@@ -1,13 +1,17 @@
-//! After the last round: evaluate the final anchor, then linger while
+//! After the last round: settle the final anchor (every node gossips its
+//! signed verdict block for the last round as its vote, and repairs onto
+//! the decided anchor like after any round), evaluate it, then linger while
 //! peers still fetch from us and our copies of their chains complete.
 
 use std::collections::HashSet;
 
-use meshtrain_ledger::AuthorId;
+use meshtrain_gossip::{FetchRequest, GossipMessage};
+use meshtrain_ledger::{AuthorId, SignedVerdictBlock, Vote};
 use meshtrain_model::EvalReport;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::{Core, Effect, Millis, Phase, Timer};
+use super::sync::Purpose;
+use super::{Core, Effect, Millis, Phase, RequestFor, Timer};
 
 /// Draining ends once nobody fetched from us for this long ...
 const QUIET_MS: Millis = 1500;
@@ -16,9 +20,133 @@ const MIN_DRAIN_MS: Millis = 500;
 /// How often draining looks whether it is over.
 const DRAIN_CHECK_MS: Millis = 250;
 
+/// The shortest wait for the final votes.
+const MIN_SETTLE_MS: Millis = 1000;
+/// How often a settling node asks again for the final votes it lacks.
+const ASK_AGAIN_MS: Millis = 400;
+
 impl Core {
+    /// The last round is closed: vote for its anchor and collect the votes.
+    pub(super) fn settle_final(&mut self) {
+        if let Some(block) = self.attestation.clone() {
+            self.votes.add(Vote::Block(block.clone()));
+            self.emit(Effect::Publish(GossipMessage::Vote {
+                block: block.to_bytes(),
+            }));
+        }
+        // The slowest member closes its last round up to a round's longest
+        // wait after us: its vote may take that long.
+        let wait = self.cfg.spec.rounds.max_wait_ms.max(MIN_SETTLE_MS);
+        self.set_phase(Phase::Settling { until: self.now + wait });
+        self.settle_tick(false);
+    }
+
+    /// Asks each connected member whose final vote we lack for it (a node
+    /// that was away when the votes were gossiped gets them this way).
+    fn ask_final_votes(&mut self) {
+        let voted = self.votes.voters(self.round());
+        let asking: HashSet<AuthorId> = self
+            .requests
+            .values()
+            .filter_map(|w| match w {
+                RequestFor::FinalVote(a) => Some(*a),
+                _ => None,
+            })
+            .collect();
+        for (author, peer) in self.voters_by_author() {
+            if !voted.contains(&author) && !asking.contains(&author) {
+                debug!(voter = %author.short(), "asking for a final vote");
+                self.request(peer, FetchRequest::FinalVote, RequestFor::FinalVote(author));
+            }
+        }
+    }
+
+    /// The final phase's timer: ask again for missing votes, or give up
+    /// waiting.
+    pub(super) fn settle_timer(&mut self) {
+        self.settle_tick(false);
+    }
+
+    /// Decides the final anchor once it is decided for good (more than half
+    /// the voting power, or half with every member's vote in), or when the
+    /// wait is over; repairs onto it first when ours differs.
+    pub(super) fn settle_tick(&mut self, force: bool) {
+        let Phase::Settling { until } = self.phase else { return };
+        let timed_out = force || self.now >= until;
+        let starts = self.round();
+        let tally = self.votes.tally(starts, &self.power);
+        let voted = self.votes.voters(starts);
+        let all_in = self.connected_authors().iter().all(|a| voted.contains(a));
+        let settled = tally.decided().is_some() && (2 * tally.support > tally.total || all_in);
+        debug!(
+            round = starts,
+            support = tally.support,
+            total = tally.total,
+            voters = voted.len(),
+            all_in,
+            settled,
+            timed_out,
+            "final votes"
+        );
+        if !settled && !timed_out {
+            self.ask_final_votes();
+            self.arm(Timer::Settle, until.min(self.now + ASK_AGAIN_MS));
+            return;
+        }
+        match tally.decided() {
+            Some(key) if key != self.anchor_key() => {
+                if let Some(f) = self.fetched.take().filter(|f| f.starts == starts && f.key == key) {
+                    self.adopt(*f, Purpose::Final);
+                } else if self.fetch.is_some() {
+                    // Being fetched: its arrival or failure comes back here.
+                    return;
+                } else if !timed_out {
+                    self.fetch_anchor(starts, key, Purpose::Final);
+                    if self.fetch.is_some() {
+                        return;
+                    }
+                } else {
+                    warn!(
+                        round = starts,
+                        "the decided final anchor could not be fetched; evaluating ours"
+                    );
+                }
+            }
+            Some(_) => {}
+            None => {
+                if !self.revert_if_split(starts) && !timed_out {
+                    return;
+                }
+            }
+        }
+        self.finish_run();
+    }
+
+    /// Our vote for the final anchor, once we cast it.
+    pub(super) fn final_vote(&self) -> Option<SignedVerdictBlock> {
+        let cast = matches!(
+            self.phase,
+            Phase::Settling { .. } | Phase::Finishing | Phase::Draining | Phase::Done
+        );
+        let last = self.end_round.checked_sub(1)?;
+        self.attestation.clone().filter(|a| cast && a.block.round == last)
+    }
+
+    /// Evaluates the final anchor. Counted: when the final anchor changes
+    /// while one evaluation is under way, only the last one's report counts
+    /// (reports come back in order).
+    pub(super) fn finish_run(&mut self) {
+        self.set_phase(Phase::Finishing);
+        self.evals_pending += 1;
+        self.emit(Effect::Evaluate {
+            round: self.round(),
+            anchor: self.anchor.clone(),
+        });
+    }
+
     pub(super) fn on_evaluated(&mut self, round: u64, report: EvalReport) {
-        if !matches!(self.phase, Phase::Finishing) {
+        self.evals_pending = self.evals_pending.saturating_sub(1);
+        if !matches!(self.phase, Phase::Finishing) || self.evals_pending > 0 {
             return;
         }
         let eval = report.summary;

@@ -11,13 +11,17 @@
 //!
 //! One file per part of a round: [`start`] (gathering, data, sync at start),
 //! [`train`] (our own update), [`receive`] (what peers send and ask),
-//! [`close`] (waiting, aggregation, the verdict block), [`sync`] (taking the
-//! mesh's anchor over), [`finish`] (the final evaluation and draining).
+//! [`close`] (waiting, aggregation, the verdict block), [`sync`] (taking
+//! over an anchor the voting power decided), [`finish`] (settling the last
+//! anchor, the final evaluation and draining). [`power`] and [`agreement`]
+//! hold the admission and voting rules.
 
+pub mod agreement;
 mod close;
 mod finish;
 pub mod members;
 pub mod outcome;
+pub mod power;
 mod receive;
 pub mod resume;
 pub mod rounds;
@@ -51,7 +55,7 @@ use crate::reputation::{Reputation, ReputationConfig};
 use crate::runspec::RunSpec;
 use members::Members;
 use rounds::{AdaptiveWait, RoundBook};
-use sync::{AnchorSync, Offer};
+use sync::{AnchorFetch, AnchorSync, Fetched, Offer};
 use wants::Wants;
 
 /// Milliseconds on the clock of whoever drives the core (the process's
@@ -78,10 +82,12 @@ pub enum Timer {
     PayloadRetry,
     /// Ask a random member for its chain heads.
     AntiEntropy,
-    /// Decide an anchor sync, or ask again.
+    /// Decide a start sync, or ask again.
     Sync,
-    /// Look whether the mesh has left our round behind.
-    Behind,
+    /// An anchor fetch takes too long: ask the next voter.
+    Fetch,
+    /// Stop waiting for the final votes.
+    Settle,
     /// A colluding attacker crafts its update.
     Collude,
     /// Whether draining is over.
@@ -137,6 +143,11 @@ pub enum Input {
     OfferChecked {
         peer: PeerId,
         result: Result<Box<Offer>, String>,
+    },
+    /// A fetched anchor, checked off the event loop against the voted hashes.
+    AnchorChecked {
+        peer: PeerId,
+        result: Result<Box<Fetched>, String>,
     },
     /// The manifest and this node's blocks are all here; the trainer runs.
     DataReady,
@@ -202,6 +213,14 @@ pub enum Effect {
         peer: PeerId,
         response: FetchResponse,
     },
+    /// Decode a fetched anchor and check it against `key` (off the event
+    /// loop); the result comes back as [`Input::AnchorChecked`].
+    CheckAnchor {
+        peer: PeerId,
+        starts: u64,
+        key: agreement::AnchorKey,
+        response: FetchResponse,
+    },
     Inbox(Job),
     /// Train H steps from `anchor` (evaluating it first if asked).
     Train {
@@ -257,6 +276,15 @@ pub enum CoreFault {
     OwnRecord(String),
     #[error("storing our verdict block failed: {0}")]
     VerdictBlock(String),
+    #[error(
+        "cut off from the mesh: at round {round}, {waited_s} s past the deadline, only {heard} of {of} voting power heard from (deciding a round's anchor needs more than half)"
+    )]
+    Isolated {
+        round: u64,
+        waited_s: u64,
+        heard: u64,
+        of: u64,
+    },
 }
 
 /// Our anchor as a peer may fetch it, with the verdict block that names it.
@@ -281,6 +309,9 @@ pub struct RoundClosed {
     pub merged: u64,
     pub clipped: u64,
     pub rejected: u64,
+    /// The anchor the round was aggregated onto (the decided one, after
+    /// any repair) and the one it ended on.
+    pub base_hash: WeightsHash,
     pub anchor_hash: WeightsHash,
     pub members: usize,
 }
@@ -306,6 +337,8 @@ pub struct CoreConfig {
     pub attack: Option<Attack>,
     /// Seeds the core's own choices (which member to ask).
     pub seed: u64,
+    /// Who is admitted, and how voting power is earned.
+    pub admission: power::Rule,
 }
 
 /// Where a node is in its life. Each phase carries what only it needs.
@@ -325,6 +358,11 @@ enum Phase {
     /// Our update is out; waiting for peers' updates or the deadline.
     Waiting(RoundNote),
     Aggregating(RoundNote),
+    /// The last round is closed: collecting the final votes (and repairing
+    /// onto the decided anchor) before the final evaluation.
+    Settling {
+        until: Millis,
+    },
     /// Evaluating the final anchor.
     Finishing,
     /// Serving peers and completing chains before exiting.
@@ -343,6 +381,7 @@ impl Phase {
             Phase::Publishing(_) => "publishing",
             Phase::Waiting(_) => "waiting",
             Phase::Aggregating(_) => "aggregating",
+            Phase::Settling { .. } => "settling",
             Phase::Finishing => "finishing",
             Phase::Draining => "draining",
             Phase::Done => "done",
@@ -376,6 +415,24 @@ struct Collusion {
     crafting: bool,
 }
 
+/// A decided anchor, kept whole.
+#[derive(Clone, Debug)]
+struct Settled {
+    starts: u64,
+    key: agreement::AnchorKey,
+    weights: Arc<Vec<f32>>,
+    velocity: Arc<Vec<f32>>,
+    votes: Vec<meshtrain_ledger::Vote>,
+}
+
+/// The latest decided anchor and its votes.
+#[derive(Clone, Debug)]
+struct Decision {
+    starts: u64,
+    key: agreement::AnchorKey,
+    votes: Vec<meshtrain_ledger::Vote>,
+}
+
 /// What we are waiting for from one of our requests.
 #[derive(Clone, Copy, Debug)]
 enum RequestFor {
@@ -383,6 +440,7 @@ enum RequestFor {
     Records,
     Heads,
     Anchor,
+    FinalVote(AuthorId),
 }
 
 /// The newest record of an author that this node holds.
@@ -419,6 +477,32 @@ pub struct Core {
     outer: Option<OuterOptimizer>,
     /// The outer state as of the current anchor, shared with peers that ask.
     velocity: Arc<Vec<f32>>,
+    outer_hash: WeightsHash,
+    /// Our last anchors, by the round they start, for peers that fetch them.
+    snapshots: std::collections::VecDeque<AnchorSnapshot>,
+    /// The anchor each recent round closed on: an update is merged only if
+    /// it was trained from its round's.
+    bases: BTreeMap<u64, WeightsHash>,
+    /// A round given up (gone back to the last decided anchor): it merges
+    /// nothing.
+    abandoned: Option<u64>,
+    /// The anchor the round in training started from.
+    trained_from: Option<agreement::AnchorKey>,
+    power: power::Power,
+    votes: agreement::Votes,
+    /// A decided anchor being fetched, and one fetched, waiting to be used.
+    fetch: Option<AnchorFetch>,
+    fetched: Option<Box<Fetched>>,
+    /// A decided anchor no voter could serve (not asked for again).
+    unavailable: Option<(u64, agreement::AnchorKey)>,
+    /// The last anchor half the voting power decided that we held, with
+    /// its votes.
+    settled: Option<Settled>,
+    /// The latest anchor the votes decided, held or not: where a mesh split
+    /// into many goes back to.
+    decided: Option<Decision>,
+    /// A round is being closed (guards against closing it twice).
+    closing: bool,
     own_head: Option<Head>,
     /// Our newest record and its payload and delta, when a restart may need
     /// to publish it again.
@@ -434,10 +518,8 @@ pub struct Core {
     requests: HashMap<ReqId, RequestFor>,
     next_req: u64,
     sync: Option<AnchorSync>,
-    /// An anchor to take over at the next round boundary.
-    pending_adoption: Option<(Box<Offer>, Vec<SignedVerdictBlock>)>,
-    /// Rounds at which this node adopted the mesh's anchor.
-    joins: Vec<u64>,
+    /// Where this node took an anchor over, and why.
+    joins: Vec<(u64, meshtrain_ledger::JoinKind)>,
     /// The round held records were last turned back into contributions for.
     rebuilt_for: Option<u64>,
     restarted: bool,
@@ -450,6 +532,8 @@ pub struct Core {
     end_round: u64,
     counters: Counters,
     final_eval: Option<EvalReport>,
+    /// Final evaluations asked for and not yet reported.
+    evals_pending: u32,
     armed: HashMap<Timer, Millis>,
     rng: ChaCha8Rng,
     phase_since: Millis,
@@ -471,7 +555,12 @@ impl Core {
         );
         let rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ u64::from_le_bytes(me.0[..8].try_into().unwrap_or([0; 8])));
         let velocity = Arc::new(resume.outer.velocity().to_vec());
-        Self {
+        let outer_hash = WeightsHash::of_f32(&velocity);
+        let mut power = power::Power::new(cfg.admission.clone()).with_me(me);
+        for (round, entries) in &resume.verdicts {
+            power.credit_round(*round, entries);
+        }
+        let mut core = Self {
             early: spec.rounds.patience.map(EarlyStopping::new),
             end_round: spec.rounds.count,
             reputation: Reputation::new(cfg.reputation),
@@ -483,17 +572,29 @@ impl Core {
             anchor_hash: resume.anchor_hash,
             outer: Some(resume.outer),
             velocity,
+            outer_hash,
+            snapshots: std::collections::VecDeque::new(),
+            bases: BTreeMap::new(),
+            trained_from: None,
+            abandoned: None,
+            power,
+            votes: agreement::Votes::default(),
+            fetch: None,
+            fetched: None,
+            unavailable: None,
+            settled: None,
+            decided: None,
+            closing: false,
             own_head: resume.own_head,
             own_last: resume.own_last,
             verdict_head: resume.verdict_head,
-            attestation: None,
+            attestation: resume.attestation,
             members: Members::default(),
             chains: resume.chains,
             wants: Wants::default(),
             requests: HashMap::new(),
             next_req: 0,
             sync: None,
-            pending_adoption: None,
             joins: Vec::new(),
             rebuilt_for: None,
             restarted: resume.restarted,
@@ -501,6 +602,7 @@ impl Core {
             unsettled: HashSet::new(),
             counters: Counters::default(),
             final_eval: None,
+            evals_pending: 0,
             armed: HashMap::new(),
             rng,
             phase_since: 0,
@@ -508,7 +610,19 @@ impl Core {
             now: 0,
             out: Vec::new(),
             cfg,
+        };
+        core.remember_snapshot();
+        if core.round() == 0 && core.anchor_hash == core.cfg.genesis_weights {
+            // Genesis needs no vote: every node derives it from the seed.
+            core.settled = Some(Settled {
+                starts: 0,
+                key: core.anchor_key(),
+                weights: core.anchor.clone(),
+                velocity: core.velocity.clone(),
+                votes: Vec::new(),
+            });
         }
+        core
     }
 
     /// Handles one input at time `now`; returns what to do about it.
@@ -530,6 +644,7 @@ impl Core {
             Input::Evaluated { round, report } => self.on_evaluated(round, *report),
             Input::Aggregated(done) => self.on_aggregated(*done),
             Input::OfferChecked { peer, result } => self.on_offer_checked(peer, result),
+            Input::AnchorChecked { peer, result } => self.on_anchor_checked(peer, result),
             Input::DataReady => self.on_data_ready(),
             Input::Timer(timer) => {
                 if self.armed.get(&timer).is_some_and(|at| *at <= self.now) {
@@ -548,7 +663,8 @@ impl Core {
             Timer::PayloadRetry => self.retry_payloads(),
             Timer::AntiEntropy => self.anti_entropy(),
             Timer::Sync => self.sync_tick(),
-            Timer::Behind => self.check_behind(),
+            Timer::Fetch => self.fetch_tick(),
+            Timer::Settle => self.settle_timer(),
             Timer::Collude => self.try_collude(),
             Timer::Drain => self.drain_tick(),
             Timer::Replan => {
@@ -570,6 +686,12 @@ impl Core {
     }
 
     fn set_phase(&mut self, phase: Phase) {
+        tracing::trace!(
+            round = self.round(),
+            from = self.phase.name(),
+            to = phase.name(),
+            "phase"
+        );
         self.phase = phase;
         self.phase_since = self.now;
     }
@@ -625,12 +747,16 @@ impl Core {
         !matches!(self.phase, Phase::Gathering | Phase::Fetching | Phase::Syncing)
     }
 
-    /// Members not banned, by author (a stable order for every choice).
+    /// Members that count, by author (a stable order for every choice):
+    /// not banned, and with voting power (in an open run where nobody has
+    /// earned any yet, every member).
     fn voters_by_author(&self) -> BTreeMap<AuthorId, PeerId> {
+        let anyone = self.power.total() == 0;
         self.members
             .by_author()
             .into_iter()
-            .filter(|(a, _)| !self.members.is_banned(a))
+            .filter(|(a, _)| !self.members.is_banned(a) && self.power.admitted(a))
+            .filter(|(a, _)| anyone || self.power.of(a) > 0)
             .collect()
     }
 
@@ -708,8 +834,34 @@ impl Core {
         b
     }
 
-    pub fn joins(&self) -> &[u64] {
-        &self.joins
+    /// Rounds at which this node took the mesh's anchor over at start or
+    /// when left behind.
+    pub fn joins(&self) -> Vec<u64> {
+        self.joins
+            .iter()
+            .filter(|(_, k)| {
+                matches!(
+                    k,
+                    meshtrain_ledger::JoinKind::Start | meshtrain_ledger::JoinKind::Behind
+                )
+            })
+            .map(|(r, _)| *r)
+            .collect()
+    }
+
+    /// Rounds whose anchor this node repaired onto the decided one, or gave
+    /// up for the last decided one.
+    pub fn repairs(&self) -> Vec<u64> {
+        self.joins
+            .iter()
+            .filter(|(_, k)| {
+                matches!(
+                    k,
+                    meshtrain_ledger::JoinKind::Repair | meshtrain_ledger::JoinKind::Revert
+                )
+            })
+            .map(|(r, _)| *r)
+            .collect()
     }
 
     pub fn restarted(&self) -> bool {

@@ -5,9 +5,11 @@
 use meshtrain_gossip::libp2p::gossipsub::MessageId;
 use meshtrain_gossip::libp2p::PeerId;
 use meshtrain_gossip::{FetchRequest, FetchResponse, GossipMessage};
-use meshtrain_ledger::{AuthorId, PayloadHash, RejectReason, Seq, Verdict, VerdictEntry};
+use meshtrain_ledger::{AuthorId, PayloadHash, RejectReason, Seq, Verdict, VerdictEntry, Vote, WeightsHash};
 use tracing::{debug, warn};
 
+use super::agreement::Added;
+use super::members::author_of;
 use super::outcome::{Origin, Outcome};
 use super::rounds::{Contribution, Offer as BookOffer};
 use super::start::short;
@@ -15,6 +17,9 @@ use super::wants::{Next, WantedFor};
 use super::{members, ChainPos, ChanId, Core, CoreFault, Effect, Phase, ReqId, RequestFor, Timer};
 use crate::inbox::{Done, Job, PayloadFault, RecordDone};
 use crate::serve::MAX_RECORDS_PER_RESPONSE;
+
+/// Rounds of votes kept behind the current one at most.
+const VOTE_HISTORY: u64 = 32;
 
 impl Core {
     pub(super) fn on_gossip(&mut self, id: MessageId, source: PeerId, data: &[u8]) {
@@ -40,6 +45,7 @@ impl Core {
                 }));
             }
             Ok(GossipMessage::Equivocation { proof }) => self.emit(Effect::Inbox(Job::Proof { bytes: proof, origin })),
+            Ok(GossipMessage::Vote { block }) => self.emit(Effect::Inbox(Job::Vote { bytes: block, origin })),
             Err(e) => {
                 warn!(peer = %short(&source), error = %e, round = self.round(), "rejected garbage gossip");
                 self.count_rejection("malformed", None);
@@ -56,15 +62,31 @@ impl Core {
             });
             return;
         }
-        if request == FetchRequest::Anchor {
-            let response = match self.anchor_snapshot() {
+        if author_of(&peer).is_none_or(|a| !self.power.admitted(&a)) {
+            self.emit(Effect::Respond {
+                chan,
+                response: FetchResponse::Refused("not a member of this run".into()),
+            });
+            return;
+        }
+        if let FetchRequest::Anchor { weights } = request {
+            let response = match self.anchor_snapshot(weights.map(WeightsHash)) {
                 Some(anchor) => Effect::ServeAnchor { chan, anchor },
                 None => Effect::Respond {
                     chan,
-                    response: FetchResponse::Refused("aggregating".into()),
+                    response: FetchResponse::Refused("no such anchor held".into()),
                 },
             };
+            self.last_served = self.now;
             self.emit(response);
+            return;
+        }
+        if let FetchRequest::FinalVote = request {
+            let response = match self.final_vote() {
+                Some(block) => FetchResponse::Vote(block.to_bytes()),
+                None => FetchResponse::NotFound,
+            };
+            self.emit(Effect::Respond { chan, response });
             return;
         }
         self.last_served = self.now;
@@ -85,6 +107,10 @@ impl Core {
             }
             (RequestFor::Payload(hash), _) => self.payload_attempt_failed(hash),
             (RequestFor::Anchor, response) => self.on_anchor_response(peer, response),
+            (RequestFor::FinalVote(_), FetchResponse::Vote(block)) => self.emit(Effect::Inbox(Job::Vote {
+                bytes: block,
+                origin: Origin::Fetched { from: peer },
+            })),
             (RequestFor::Records, FetchResponse::Records(records)) => {
                 for bytes in records.into_iter().take(MAX_RECORDS_PER_RESPONSE as usize) {
                     self.emit(Effect::Inbox(Job::Record {
@@ -158,6 +184,12 @@ impl Core {
             }
             Done::JoinStored { round } => debug!(round, "join stored"),
             Done::JoinFailed(e) => warn!(error = %e, "cannot record the join in the ledger"),
+            Done::Vote { origin, outcome, block } => {
+                self.settle(&origin, &outcome, false);
+                if let Some(block) = block {
+                    self.add_vote(Vote::Block(*block));
+                }
+            }
         }
     }
 
@@ -182,6 +214,10 @@ impl Core {
         }
         if let (true, Some(author), Some(seq), Some(round)) = (done.stored, done.author, done.seq, done.round) {
             self.chains.insert(author, ChainPos { seq: seq.0, round });
+        }
+        if let Some(signed) = done.signed {
+            self.add_vote(Vote::Record(*signed));
+            self.check_round_lag();
         }
         // The payload's fate is known: stop asking for it.
         if done.contribution.is_some() || done.rejection.is_some() {
@@ -261,6 +297,7 @@ impl Core {
                     seq: of.seq,
                     record_hash: of.record_hash,
                     round: of.round,
+                    prior: 0.0,
                     verdict: Verdict::Rejected {
                         reason: RejectReason::PayloadUnavailable,
                     },
@@ -285,6 +322,44 @@ impl Core {
         if let Some(at) = self.wants.next_retry() {
             self.arm(Timer::PayloadRetry, at);
         }
+    }
+
+    /// A signed vote (a record, or a final verdict block) of an admitted
+    /// author that is not banned.
+    pub(super) fn add_vote(&mut self, vote: Vote) {
+        let voter = vote.voter();
+        if !self.power.admitted(&voter) || self.members.is_banned(&voter) {
+            return;
+        }
+        let Some(starts) = vote.starts() else { return };
+        // Votes from before our latest decision change nothing; voters
+        // without power (unearned keys) count for nothing; and no anchor
+        // starts after the run's last round. This bounds what is kept by
+        // rounds times voters.
+        if starts < self.vote_floor() || starts > self.end_round {
+            return;
+        }
+        if self.power.total() > 0 && self.power.of(&voter) == 0 {
+            return;
+        }
+        match self.votes.add(vote) {
+            Added::New => self.on_vote(starts),
+            Added::Known => {}
+            Added::Conflict => {
+                warn!(voter = %voter.short(), round = starts, "a second, different vote for one round; the first stands")
+            }
+        }
+    }
+
+    /// The oldest round whose votes we keep: that of our latest decision
+    /// (a later decision, learnt late, is where a split mesh goes back to),
+    /// but no more than [`VOTE_HISTORY`] rounds back.
+    pub(super) fn vote_floor(&self) -> u64 {
+        let current = self.round();
+        let decided = self.decided.as_ref().map_or(0, |d| d.starts);
+        decided
+            .min(current.saturating_sub(1))
+            .max(current.saturating_sub(VOTE_HISTORY))
     }
 
     /// A verified delta for some round: kept for its round's aggregation.

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use meshtrain_ledger::{AuthorId, Head, SignedRecord, Store, VerdictHash, WeightsHash};
+use meshtrain_ledger::{AuthorId, Head, SignedRecord, SignedVerdictBlock, Store, VerdictHash, WeightsHash};
 use meshtrain_model::{codec, OuterConfig, OuterOptimizer};
 use tracing::{info, warn};
 
@@ -36,6 +36,11 @@ pub struct Resume {
     pub restarted: bool,
     /// The newest record held of every author.
     pub chains: HashMap<AuthorId, ChainPos>,
+    /// Our last verdict block (it attests our anchor to peers that ask).
+    pub attestation: Option<SignedVerdictBlock>,
+    /// Our verdicts, round by round: in an open run, how voting power was
+    /// earned (credited again in order, by the same rule).
+    pub verdicts: Vec<(u64, Vec<meshtrain_ledger::VerdictEntry>)>,
 }
 
 /// A fresh outer optimiser for `spec` over `shape`.
@@ -106,6 +111,16 @@ pub fn resume<S: Store + ?Sized>(
             }
         }
     }
+    let mut verdicts = Vec::new();
+    let mut attestation = None;
+    if let Some(head) = store.verdict_head() {
+        for seq in 0..=head.seq {
+            let Some(block) = store.verdict(seq)? else { continue };
+            verdicts.push((block.block.round, block.block.entries.clone()));
+            // It attests our anchor only if we resume on the anchor it names.
+            attestation = (block.block.new_anchor == at.2 && block.block.round + 1 == at.0).then_some(block);
+        }
+    }
     Ok(Resume {
         round: at.0,
         anchor: at.1,
@@ -116,5 +131,7 @@ pub fn resume<S: Store + ?Sized>(
         verdict_head: store.verdict_head().map(|h| (h.seq, h.hash)),
         restarted,
         chains,
+        attestation,
+        verdicts,
     })
 }

@@ -139,6 +139,7 @@ impl RoundBook {
                 seq: c.seq,
                 record_hash: c.record_hash,
                 round: c.round,
+                prior: 0.0,
                 verdict: Verdict::Rejected {
                     reason: RejectReason::Stale,
                 },
@@ -259,6 +260,7 @@ impl RoundBook {
                         seq: c.seq,
                         record_hash: c.record_hash,
                         round: c.round,
+                        prior: 0.0,
                         verdict: Verdict::Rejected {
                             reason: RejectReason::Stale,
                         },

@@ -7,7 +7,6 @@ use meshtrain_gossip::FetchRequest;
 use rand::Rng;
 use tracing::{info, warn};
 
-use super::sync::SyncReason;
 use super::{members, Core, Effect, Phase, RequestFor, Timer};
 use crate::inbox::Job;
 
@@ -26,9 +25,20 @@ impl Core {
     }
 
     pub(super) fn on_connected(&mut self, peer: PeerId) {
+        let author = members::author_of(&peer);
+        if author.is_none_or(|a| !self.power.admitted(&a)) {
+            // Not on the run's roster: refused at the door.
+            warn!(peer = %short(&peer), "refusing a connection from a peer that is not a member of this run");
+            if let Some(author) = author {
+                self.emit(Effect::Ban {
+                    author,
+                    peer: Some(peer),
+                });
+            }
+            return;
+        }
         self.members.connect(peer);
         if self.members.is_banned_peer(&peer) {
-            let author = members::author_of(&peer);
             if let Some(author) = author {
                 self.emit(Effect::Ban {
                     author,
@@ -49,6 +59,9 @@ impl Core {
     }
 
     pub(super) fn on_subscribed(&mut self, peer: PeerId) {
+        if members::author_of(&peer).is_none_or(|a| !self.power.admitted(&a)) {
+            return;
+        }
         if self.members.subscribe(peer).is_some() {
             info!(peer = %short(&peer), members = self.members.len(), "peer joined the run");
             self.schedule_replan();
@@ -87,7 +100,7 @@ impl Core {
             return;
         }
         self.set_phase(Phase::Syncing);
-        self.start_sync(SyncReason::Start, None, None);
+        self.start_sync();
         if self.sync.is_none() {
             self.begin_rounds();
         }
@@ -98,6 +111,8 @@ impl Core {
     pub(super) fn begin_rounds(&mut self) {
         self.rebuild(self.round());
         self.next_round_or_finish();
+        // Votes that came in while we synced may show the mesh far ahead.
+        self.check_ahead();
     }
 
     /// Asks the inbox to turn held records of `round` and later back into

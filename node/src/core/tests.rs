@@ -16,13 +16,17 @@ use meshtrain_ledger::{
 use meshtrain_model::{codec, CodecSpec, StepStats};
 
 use super::outcome::{IgnoreReason, Origin, Outcome};
+use super::power::Rule;
 use super::resume::resume;
 use super::{members, Core, CoreConfig, Effect, Input, Timer, Trained};
 use crate::inbox::{Inbox, InboxConfig};
 use crate::reputation::ReputationConfig;
+use crate::runspec::Admission;
 use crate::sim::standin;
 
 const PARAMS: usize = 8;
+/// Keys `[1; 32]` ..= `[ROSTER; 32]` are admitted.
+const ROSTER: u8 = 7;
 
 /// One core (node A) with its inbox, and peers whose records we forge.
 struct Harness {
@@ -31,6 +35,7 @@ struct Harness {
     run_id: RunId,
     genesis: RecordHash,
     anchor_hash: WeightsHash,
+    outer_hash: WeightsHash,
     now: u64,
     /// Settle effects per gossip id.
     settled: HashMap<MessageId, Vec<Outcome>>,
@@ -66,6 +71,7 @@ impl Peer {
             prev,
             round,
             base_hash: h.anchor_hash,
+            base_outer: h.outer_hash,
             payload_hash: PayloadHash::of(payload),
             payload_len: payload.len() as u64,
             n_samples: 64,
@@ -83,7 +89,18 @@ fn delta(v: f32) -> Vec<u8> {
 
 impl Harness {
     fn new(wait_peers: usize) -> Self {
-        let spec = standin::sim_spec(20, CodecSpec::Dense, meshtrain_model::AggregatorSpec::Mean, 7);
+        // A roster of node A (key 1) and the peers the tests forge (2..=6).
+        let members = (1..=ROSTER)
+            .map(|n| AuthorKey::from_secret([n; 32]).author().to_string())
+            .collect();
+        let admission = Admission::Permissioned { members };
+        let spec = standin::sim_spec(
+            20,
+            CodecSpec::Dense,
+            meshtrain_model::AggregatorSpec::Mean,
+            7,
+            admission,
+        );
         let shape = standin::shape(PARAMS, 7);
         let key = AuthorKey::from_secret([1; 32]);
         let meta = standin::meta(&spec, key.author(), &shape);
@@ -107,14 +124,17 @@ impl Harness {
                 max_inline_payload: 48 * 1024,
                 attack: None,
                 seed: 7,
+                admission: Rule::of(&spec.admission).expect("roster"),
             },
             key,
             resumed,
         );
+        let core_outer = core.anchor_key().1;
         let inbox = Inbox::new(
             ledger,
             InboxConfig {
                 run_id: meta.run_id,
+                roster: spec.admission.roster().expect("roster"),
                 genesis: meta.genesis_link(),
                 params: PARAMS,
                 rounds: 20,
@@ -127,6 +147,7 @@ impl Harness {
             run_id: meta.run_id,
             genesis: meta.genesis_link(),
             anchor_hash: meta.genesis_weights,
+            outer_hash: core_outer,
             now: 0,
             settled: HashMap::new(),
             effects: Vec::new(),
@@ -213,7 +234,7 @@ impl Harness {
                 Effect::Request {
                     req,
                     peer,
-                    request: FetchRequest::Anchor,
+                    request: FetchRequest::Anchor { weights: None },
                 } => Some((req, peer)),
                 _ => None,
             })
@@ -317,7 +338,7 @@ fn bad_payloads_are_the_authors_fault() {
     ];
     // One offence each from fresh authors (two would ban an author).
     for (n, (payload, reason)) in cases.drain(..2).enumerate() {
-        let mut a = Peer::new(10 + n as u8);
+        let mut a = Peer::new(5 + n as u8);
         let r = a.record(&h, 0, &payload);
         let id = h.gossip(&b, &r, Some(payload));
         assert_eq!(h.outcome(&id), Outcome::Invalid(reason));

@@ -22,6 +22,26 @@ impl Core {
         if self.republish_own(round) {
             return;
         }
+        if self.own_head.is_some_and(|h| h.round >= round) {
+            // We signed for this round or a later one before a restart, and
+            // no longer hold that update: one record per round, so we sit
+            // this one out.
+            info!(
+                round,
+                "already signed a record for this round or a later one; not contributing to it"
+            );
+            self.set_phase(Phase::Waiting(RoundNote {
+                round,
+                ..Default::default()
+            }));
+            self.book.own_ready(self.now);
+            if let Some(at) = self.book.deadline() {
+                self.arm(Timer::Deadline, at);
+            }
+            self.maybe_close();
+            return;
+        }
+        self.trained_from = Some(self.anchor_key());
         self.set_phase(Phase::Training);
         self.emit(Effect::Train {
             round,
@@ -34,11 +54,7 @@ impl Core {
     /// rounds are done (also right after joining a mesh that is finishing).
     pub(super) fn next_round_or_finish(&mut self) {
         if self.round() >= self.end_round {
-            self.set_phase(Phase::Finishing);
-            self.emit(Effect::Evaluate {
-                round: self.round(),
-                anchor: self.anchor.clone(),
-            });
+            self.finish_run();
         } else {
             self.start_round();
         }
@@ -46,6 +62,16 @@ impl Core {
 
     pub(super) fn on_trained(&mut self, t: Box<Trained>) {
         if !matches!(self.phase, Phase::Training) || t.round != self.round() {
+            return;
+        }
+        if self.trained_from != Some(self.anchor_key()) {
+            // Our anchor was repaired while we trained: an update from the
+            // old one would be merged by nobody.
+            info!(
+                round = t.round,
+                "the anchor changed while training; training again from the new one"
+            );
+            self.start_round();
             return;
         }
         if let Some(e) = t.eval {
@@ -102,6 +128,7 @@ impl Core {
             prev,
             round: t.round,
             base_hash: self.anchor_hash,
+            base_outer: self.outer_hash,
             payload_hash: PayloadHash::of(&t.payload),
             payload_len: t.payload.len() as u64,
             n_samples: t.stats.samples,
@@ -119,6 +146,7 @@ impl Core {
         self.own_head = Some(meshtrain_ledger::Head {
             seq,
             hash: signed.hash(),
+            round: t.round,
         });
         self.counters.payload_bytes += t.payload.len() as u64;
         self.set_phase(Phase::Publishing(Box::new(OwnRound {
@@ -141,12 +169,12 @@ impl Core {
     /// died between publishing and closing the round). Training again would
     /// contribute twice; publish the stored record again and wait.
     fn republish_own(&mut self, round: u64) -> bool {
+        if self.own_last.as_ref().is_none_or(|(s, _, _)| s.record.round != round) {
+            return false;
+        }
         let Some((signed, payload, decoded)) = self.own_last.take() else {
             return false;
         };
-        if signed.record.round != round {
-            return false;
-        }
         info!(
             round,
             seq = signed.record.seq.0,
@@ -183,6 +211,7 @@ impl Core {
             }));
         }
         self.counters.published += 1;
+        self.add_vote(meshtrain_ledger::Vote::Record(signed.clone()));
         self.book.offer(Contribution {
             author: self.me,
             seq: signed.record.seq,
@@ -197,7 +226,7 @@ impl Core {
         if let Some(at) = self.book.deadline() {
             self.arm(Timer::Deadline, at);
         }
-        self.arm(Timer::Behind, self.now + 2000);
+
         self.maybe_close();
     }
 

@@ -66,6 +66,11 @@ pub enum Job {
     Rebuild {
         round: u64,
     },
+    /// A gossiped verdict block: a vote for the run's final anchor.
+    Vote {
+        bytes: Vec<u8>,
+        origin: Origin,
+    },
 }
 
 /// What the inbox learned about one record.
@@ -91,6 +96,9 @@ pub struct RecordDone {
     /// Records of this author from this seq on are missing.
     pub gap_from: Option<Seq>,
     pub proof: Option<EquivocationProof>,
+    /// The record, when it is in the chain now (or was read back from it):
+    /// its author's vote for the anchor it trained from.
+    pub signed: Option<Box<SignedRecord>>,
 }
 
 pub enum Done {
@@ -119,6 +127,12 @@ pub enum Done {
         round: u64,
     },
     JoinFailed(String),
+    /// A checked vote (its block, when valid).
+    Vote {
+        origin: Origin,
+        outcome: Outcome,
+        block: Option<Box<SignedVerdictBlock>>,
+    },
 }
 
 /// Why a payload could not be used.
@@ -135,6 +149,8 @@ pub enum PayloadFault {
 
 pub struct InboxConfig {
     pub run_id: RunId,
+    /// A permissioned run's roster: records of anyone else are refused.
+    pub roster: Option<std::collections::BTreeSet<AuthorId>>,
     pub genesis: RecordHash,
     pub params: usize,
     /// Rounds of the run; records beyond them are invalid.
@@ -191,6 +207,7 @@ impl RecordDone {
             need_payload: false,
             gap_from: None,
             proof: None,
+            signed: None,
         }
     }
 
@@ -275,6 +292,7 @@ impl<S: Store + ?Sized> Inbox<S> {
                 .into_iter()
                 .map(|r| Done::Record(Box::new(r)))
                 .collect(),
+            Job::Vote { bytes, origin } => vec![self.vote(&bytes, origin)],
         }
     }
 
@@ -292,6 +310,10 @@ impl<S: Store + ?Sized> Inbox<S> {
             }
         };
         let author = signed.record.author;
+        if self.cfg.roster.as_ref().is_some_and(|r| !r.contains(&author)) {
+            results.push(RecordDone::new(origin, Outcome::Invalid(RejectReason::NotAMember)).about(&signed));
+            return;
+        }
         if self.banned.contains(&author) {
             results.push(RecordDone::new(origin, Outcome::Ignored(IgnoreReason::BannedAuthor)).about(&signed));
             return;
@@ -350,6 +372,27 @@ impl<S: Store + ?Sized> Inbox<S> {
                 self.banned.insert(author);
                 self.gaps.remove(&author);
                 done.rejection = Some(rejection(&signed, RejectReason::Equivocation));
+                done.proof = proof;
+                results.push(done);
+            }
+            Err(LedgerError::RoundReused { previous, .. }) => {
+                // A second record for a round (or an earlier one): provable
+                // with the record held before it.
+                let proof = self
+                    .store
+                    .head(&author)
+                    .and_then(|h| self.store.record(&author, h.seq).ok().flatten())
+                    .filter(|held| held.hash() == previous)
+                    .map(|held| EquivocationProof::new(held, signed.clone()));
+                let mut done = RecordDone::new(origin, Outcome::Invalid(RejectReason::RoundReused)).about(&signed);
+                if let Some(p) = &proof {
+                    if let Err(e) = self.store.write(Batch::new().op(Op::Proof(Box::new(p.clone())))) {
+                        warn!(error = %e, "cannot store a proof of two records for one round");
+                    }
+                }
+                self.banned.insert(author);
+                self.gaps.remove(&author);
+                done.rejection = Some(rejection(&signed, RejectReason::RoundReused));
                 done.proof = proof;
                 results.push(done);
             }
@@ -431,6 +474,7 @@ impl<S: Store + ?Sized> Inbox<S> {
             return RecordDone::new(origin, outcome).about(&signed);
         }
         done.stored = true;
+        done.signed = Some(Box::new(signed.clone()));
         self.named.entry(rec.payload_hash).or_insert(verified.hash());
         if done.need_payload {
             self.awaiting.insert(rec.payload_hash, signed.clone());
@@ -560,6 +604,46 @@ impl<S: Store + ?Sized> Inbox<S> {
         }
     }
 
+    /// Checks a gossiped vote: a verdict block of this run, validly signed,
+    /// by an admitted member.
+    fn vote(&mut self, bytes: &[u8], origin: Origin) -> Done {
+        let invalid = |origin, reason| Done::Vote {
+            origin,
+            outcome: Outcome::Invalid(reason),
+            block: None,
+        };
+        let block = match SignedVerdictBlock::from_bytes(bytes) {
+            Ok(b) => b,
+            Err(_) => return invalid(origin, RejectReason::Malformed),
+        };
+        if block.block.run_id != self.cfg.run_id {
+            return invalid(origin, RejectReason::WrongRun);
+        }
+        if self
+            .cfg
+            .roster
+            .as_ref()
+            .is_some_and(|r| !r.contains(&block.block.owner))
+        {
+            return invalid(origin, RejectReason::NotAMember);
+        }
+        if self.banned.contains(&block.block.owner) {
+            return Done::Vote {
+                origin,
+                outcome: Outcome::Ignored(IgnoreReason::BannedAuthor),
+                block: None,
+            };
+        }
+        if block.verify_signature().is_err() {
+            return invalid(origin, RejectReason::BadSignature);
+        }
+        Done::Vote {
+            origin,
+            outcome: Outcome::Accepted,
+            block: Some(Box::new(block)),
+        }
+    }
+
     /// The newest records of every author, for rounds from `round` on: those
     /// with a stored payload become contributions again, the others wanted
     /// payloads.
@@ -594,6 +678,7 @@ impl<S: Store + ?Sized> Inbox<S> {
                     }
                 }
                 self.named.entry(hash).or_insert(signed.hash());
+                done.signed = Some(Box::new(signed));
                 out.push(done);
             }
         }
@@ -607,6 +692,7 @@ fn rejection(signed: &SignedRecord, reason: RejectReason) -> VerdictEntry {
         seq: signed.record.seq,
         record_hash: signed.hash(),
         round: signed.record.round,
+        prior: 0.0,
         verdict: Verdict::Rejected { reason },
     }
 }

@@ -32,9 +32,11 @@ pub fn spawn(
                 // Checking what peers sent (storing it included) is
                 // `verify`; writing our own records and verdicts is `ledger`.
                 let stage = match job {
-                    Job::Record { .. } | Job::Payload { .. } | Job::Proof { .. } | Job::Rebuild { .. } => {
-                        Some("verify")
-                    }
+                    Job::Record { .. }
+                    | Job::Payload { .. }
+                    | Job::Proof { .. }
+                    | Job::Rebuild { .. }
+                    | Job::Vote { .. } => Some("verify"),
                     Job::Own { .. } | Job::Verdict(_) | Job::Join { .. } => Some("ledger"),
                     Job::Ban(_) => None,
                 };

@@ -36,7 +36,7 @@ use crate::blockstore::BlockStore;
 use crate::checkpoint::Checkpoint;
 use crate::core::resume::{resume, SavedAnchor};
 use crate::core::start::short;
-use crate::core::sync::{check_offer, encode_anchor, Offer};
+use crate::core::sync::{check_fetched, check_offer, encode_anchor, Fetched, Offer};
 use crate::core::{
     run_aggregation, Acceptance, AggregateDone, AnchorSnapshot, ChanId, Core, CoreConfig, Effect, Input, Millis,
     Origin, ReqId, RoundClosed, Timer,
@@ -109,6 +109,10 @@ enum WorkerDone {
     OfferChecked {
         peer: PeerId,
         result: Result<Box<Offer>, String>,
+    },
+    AnchorChecked {
+        peer: PeerId,
+        result: Result<Box<Fetched>, String>,
     },
 }
 
@@ -223,12 +227,17 @@ impl Node {
         // Batch-norm statistics go exactly, outside the lossy code.
         let encoder = DeltaEncoder::new(spec.exchange.codec, params).with_exact_ranges(shape.buffers.clone());
 
+        let admission = crate::core::power::Rule::of(&spec.admission).map_err(|detail| NodeError::RunSpec {
+            path: "<run spec>".into(),
+            detail,
+        })?;
         let mut registry = Registry::default();
         let metrics = NodeMetrics::register(&mut registry);
         let inbox = crate::inbox::thread::spawn(
             ledger.clone(),
             InboxConfig {
                 run_id,
+                roster: admission.roster().cloned(),
                 genesis: meta.genesis_link(),
                 params,
                 rounds: spec.rounds.count,
@@ -286,6 +295,7 @@ impl Node {
                 max_inline_payload: opts.mesh.max_inline_payload,
                 attack: opts.attack,
                 seed: spec.seed,
+                admission,
             },
             identity.author,
             resumed,
@@ -483,6 +493,18 @@ impl Node {
                     let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
                 }
             }
+            Effect::CheckAnchor {
+                peer,
+                starts,
+                key,
+                response,
+            } => {
+                let (params, tx) = (self.params, self.worker_tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    let result = check_fetched(starts, key, params, response).map(Box::new);
+                    let _ = tx.send(WorkerDone::AnchorChecked { peer, result });
+                });
+            }
             Effect::CheckOffer { peer, response } => {
                 let (run_id, genesis, params, tx) = (self.run_id, self.genesis, self.params, self.worker_tx.clone());
                 tokio::task::spawn_blocking(move || {
@@ -624,6 +646,7 @@ impl Node {
                 self.feed(Input::Aggregated(done));
             }
             WorkerDone::OfferChecked { peer, result } => self.feed(Input::OfferChecked { peer, result }),
+            WorkerDone::AnchorChecked { peer, result } => self.feed(Input::AnchorChecked { peer, result }),
         }
     }
 
@@ -890,6 +913,7 @@ impl Node {
             data_fetch_ms: self.data.fetch.finished_ms,
             restarted: self.core.restarted(),
             joined_at: self.core.joins().to_vec(),
+            repaired_at: self.core.repairs(),
             wall_s: self.started.elapsed().as_secs_f64(),
             history: self.history.clone(),
         }

@@ -1,0 +1,272 @@
+//! Agreement on anchors: every node's signed vote for the anchor each round
+//! ended on, and the rule that picks the one honest nodes converge to.
+//!
+//! A vote costs no message of its own: a record for round `r` names, signed,
+//! the anchor weights and outer state its author trained from, which is the
+//! anchor it closed round `r - 1` on. Only the last round's anchor is voted
+//! by a gossiped verdict block. The rule ([`decide`]):
+//!
+//! - the support of an anchor is the voting power of its distinct voters;
+//! - the winner is the anchor with the most support (ties: the smaller
+//!   hash), and it is decided once its support is more than half of the
+//!   run's whole voting power, or exactly half with every vote in.
+//!
+//! An honest node moves only onto a decided winner. If attackers hold less
+//! than half the voting power, half or more of it behind an anchor includes
+//! at least one honest voter: the anchor is one an honest node computed
+//! with the robust aggregator. So no minority can move an honest node's
+//! anchor by itself, however many keys or claims it makes. Once the network
+//! is quiet every node sees the same votes, decides the same winner and
+//! repairs onto it. docs/design.md has the whole argument.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use meshtrain_ledger::{AuthorId, Vote, WeightsHash};
+
+use super::power::Power;
+
+/// What a vote is for: anchor weights and outer state.
+pub type AnchorKey = (WeightsHash, WeightsHash);
+
+/// What adding a vote did.
+#[derive(Debug, PartialEq)]
+pub enum Added {
+    New,
+    /// This voter's vote for that round is known (the same one).
+    Known,
+    /// This voter voted otherwise for the same round before: the first vote
+    /// stands, the second is evidence of misbehaviour.
+    Conflict,
+}
+
+/// A decision, or why there is none.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tally {
+    /// The anchor with the most support (ties: the smaller hash).
+    pub winner: Option<AnchorKey>,
+    pub support: u64,
+    /// The run's whole voting power.
+    pub total: u64,
+    /// Power of the voters seen, whatever they voted for.
+    pub seen: u64,
+    /// Whether the winner has more than half of the whole voting power (or
+    /// half, with every vote in).
+    pub decided: bool,
+}
+
+impl Tally {
+    /// The decided anchor, if any.
+    pub fn decided(&self) -> Option<AnchorKey> {
+        self.winner.filter(|_| self.decided)
+    }
+}
+
+/// Picks the winner among anchors with their supporting voting power.
+pub fn decide(support: &BTreeMap<AnchorKey, u64>, total: u64, seen: u64) -> Tally {
+    let winner = support
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+        .map(|(k, s)| (*k, *s));
+    let (winner, s) = match winner {
+        Some((k, s)) if s > 0 => (Some(k), s),
+        _ => (None, 0),
+    };
+    // Exactly half decides only once every vote is in: until then the other
+    // half may still vote for one anchor, and win the tie.
+    let decided = total > 0 && (2 * s > total || (2 * s == total && seen >= total));
+    Tally {
+        winner,
+        support: s,
+        total,
+        seen,
+        decided,
+    }
+}
+
+/// Every vote this node holds, by the round the voted anchor starts.
+#[derive(Debug, Default)]
+pub struct Votes {
+    rounds: BTreeMap<u64, BTreeMap<AuthorId, Vote>>,
+}
+
+impl Votes {
+    pub fn add(&mut self, vote: Vote) -> Added {
+        let Some(starts) = vote.starts() else {
+            return Added::Known;
+        };
+        let voter = vote.voter();
+        let round = self.rounds.entry(starts).or_default();
+        match round.get(&voter) {
+            Some(v) if v.anchor() == vote.anchor() => Added::Known,
+            Some(_) => Added::Conflict,
+            None => {
+                round.insert(voter, vote);
+                Added::New
+            }
+        }
+    }
+
+    /// The decision on the anchor that starts round `starts`.
+    pub fn tally(&self, starts: u64, power: &Power) -> Tally {
+        let mut support: BTreeMap<AnchorKey, u64> = BTreeMap::new();
+        let mut seen = 0;
+        for (voter, vote) in self.rounds.get(&starts).into_iter().flatten() {
+            let p = power.of(voter);
+            if p == 0 {
+                continue;
+            }
+            seen += p;
+            *support.entry(vote.anchor()).or_default() += p;
+        }
+        decide(&support, power.total(), seen)
+    }
+
+    /// The votes for `key` starting round `starts`, one per voter with power.
+    pub fn for_anchor(&self, starts: u64, key: &AnchorKey, power: &Power) -> Vec<Vote> {
+        self.rounds
+            .get(&starts)
+            .into_iter()
+            .flatten()
+            .filter(|(voter, v)| v.anchor() == *key && power.of(voter) > 0)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Every vote for `key` starting round `starts`, whatever the voter's
+    /// power (the evidence of a weak-subjectivity start).
+    pub fn unweighted_for_anchor(&self, starts: u64, key: &AnchorKey) -> Vec<Vote> {
+        self.rounds
+            .get(&starts)
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| v.anchor() == *key)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// The latest round with a decided anchor, from `from` on.
+    pub fn latest_decided(&self, from: u64, power: &Power) -> Option<(u64, AnchorKey)> {
+        self.rounds
+            .range(from..)
+            .rev()
+            .find_map(|(starts, _)| self.tally(*starts, power).decided().map(|k| (*starts, k)))
+    }
+
+    /// Voters with power that voted for round `starts`.
+    pub fn voters(&self, starts: u64) -> BTreeSet<AuthorId> {
+        self.rounds
+            .get(&starts)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets rounds before `starts`.
+    pub fn prune_below(&mut self, starts: u64) {
+        self.rounds = self.rounds.split_off(&starts);
+    }
+
+    /// Rounds held (for bounds checks).
+    pub fn rounds(&self) -> usize {
+        self.rounds.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::power::Rule;
+    use meshtrain_ledger::{AuthorKey, PayloadHash, RecordHash, RunId, Seq, UpdateRecord, RECORD_VERSION};
+
+    fn k(n: u8) -> AnchorKey {
+        (WeightsHash([n; 32]), WeightsHash([0; 32]))
+    }
+
+    fn vote(voter: u8, starts: u64, anchor: u8) -> Vote {
+        let key = AuthorKey::from_secret([voter; 32]);
+        Vote::Record(
+            UpdateRecord {
+                version: RECORD_VERSION,
+                run_id: RunId([1; 32]),
+                author: key.author(),
+                seq: Seq(starts),
+                prev: RecordHash([0; 32]),
+                round: starts,
+                base_hash: WeightsHash([anchor; 32]),
+                base_outer: WeightsHash([0; 32]),
+                payload_hash: PayloadHash([voter; 32]),
+                payload_len: 1,
+                n_samples: 1,
+                train_loss: 0.0,
+            }
+            .sign(&key),
+        )
+    }
+
+    fn roster(n: u8) -> Power {
+        Power::new(Rule::Permissioned(
+            (1..=n).map(|i| AuthorKey::from_secret([i; 32]).author()).collect(),
+        ))
+    }
+
+    #[test]
+    fn a_majority_or_a_complete_half_decides_and_ties_go_to_the_smaller_hash() {
+        let t = decide(&[(k(5), 2), (k(3), 2)].into(), 4, 4);
+        assert_eq!(t.decided(), Some(k(3)));
+        let t = decide(&[(k(5), 2)].into(), 4, 2);
+        assert_eq!(t.decided(), None, "half, while the other half may still tie it");
+        let t = decide(&[(k(5), 2), (k(3), 1)].into(), 5, 3);
+        assert_eq!(t.decided(), None, "2 of 5 is a minority");
+        let t = decide(&[(k(5), 3)].into(), 5, 3);
+        assert_eq!(t.decided(), Some(k(5)));
+        assert_eq!(decide(&BTreeMap::new(), 0, 0).decided(), None);
+    }
+
+    #[test]
+    fn a_minority_of_power_cannot_decide_however_many_keys_it_has() {
+        let power = roster(8);
+        let mut votes = Votes::default();
+        // Forty keys off the roster vote for a poisoned anchor.
+        for v in 100..140 {
+            assert_eq!(votes.add(vote(v, 7, 66)), Added::New);
+        }
+        // Three members (a minority of eight) join them.
+        for v in 1..=3 {
+            votes.add(vote(v, 7, 66));
+        }
+        assert_eq!(votes.tally(7, &power).decided(), None);
+        // The honest majority votes its own anchor.
+        for v in 4..=8 {
+            votes.add(vote(v, 7, 1));
+        }
+        let t = votes.tally(7, &power);
+        assert_eq!(t.decided(), Some(k(1)));
+        assert_eq!((t.support, t.total, t.seen), (5, 8, 8));
+        assert_eq!(votes.for_anchor(7, &k(1), &power).len(), 5);
+    }
+
+    #[test]
+    fn a_second_vote_for_one_round_is_a_conflict_and_the_first_stands() {
+        let power = roster(2);
+        let mut votes = Votes::default();
+        assert_eq!(votes.add(vote(1, 3, 9)), Added::New);
+        assert_eq!(votes.add(vote(1, 3, 9)), Added::Known);
+        assert_eq!(votes.add(vote(1, 3, 8)), Added::Conflict);
+        assert_eq!(votes.tally(3, &power).decided(), None, "half, with a vote still out");
+        votes.add(vote(2, 3, 9));
+        assert_eq!(votes.tally(3, &power).decided(), Some(k(9)));
+        votes.add(vote(2, 5, 4));
+        assert_eq!(
+            votes.latest_decided(0, &power),
+            Some((3, k(9))),
+            "one of two is half, not yet decided"
+        );
+        votes.add(vote(1, 5, 7));
+        assert_eq!(
+            votes.latest_decided(0, &power),
+            Some((5, k(4))),
+            "a full tie goes to the smaller hash"
+        );
+        votes.prune_below(4);
+        assert_eq!(votes.rounds(), 1);
+    }
+}
