@@ -18,8 +18,11 @@ pub enum Violation {
     TwoRecords { author: String, at: String },
     /// A node holds a broken chain.
     BrokenChain { node: usize, detail: String },
-    /// Honest nodes closed a round, after the network was quiet, on
-    /// different anchors.
+    /// An honest node took or ended a round on an anchor no honest node
+    /// computed (the attackers' poisoned one).
+    Hijacked { node: usize, round: u64 },
+    /// Honest nodes aggregated a round, after the network was quiet, onto
+    /// different anchors (after any repair: the anchor that started it).
     AnchorSplit {
         round: u64,
         anchors: BTreeMap<usize, String>,
@@ -40,6 +43,7 @@ impl Violation {
             Violation::TwoRecords { .. } => "two-records",
             Violation::BrokenChain { .. } => "broken-chain",
             Violation::AnchorSplit { .. } => "anchor-split",
+            Violation::Hijacked { .. } => "hijacked",
             Violation::FinalSplit { .. } => "final-split",
             Violation::Settlement { .. } => "settlement",
             Violation::Unfinished { .. } => "unfinished",
@@ -57,8 +61,9 @@ impl std::fmt::Display for Violation {
             Violation::BrokenChain { node, detail } => {
                 write!(f, "node {node} holds a broken chain: {detail}")
             }
+            Violation::Hijacked { node, round } => write!(f, "node {node} took the poisoned anchor at round {round}"),
             Violation::AnchorSplit { round, anchors } => {
-                write!(f, "round {round} closed on different anchors: {anchors:?}")
+                write!(f, "round {round} was aggregated onto different anchors: {anchors:?}")
             }
             Violation::FinalSplit { anchors } => {
                 write!(f, "honest nodes ended on different anchors: {anchors:?}")
@@ -111,7 +116,32 @@ pub fn check(world: &World) -> Vec<Violation> {
         }
     }
     agreement(world, &mut out);
+    not_hijacked(world, &mut out);
     out
+}
+
+/// No honest node ever aggregates onto, ends on, or joins the attackers'
+/// poisoned anchor.
+fn not_hijacked(world: &World, out: &mut Vec<Violation>) {
+    let Some(poisoned) = world.sybils.as_ref().and_then(|s| s.poisoned.as_ref().map(|p| p.2 .0)) else {
+        return;
+    };
+    for n in world.nodes.iter().filter(|n| n.honest()) {
+        let closed = n
+            .closed
+            .iter()
+            .find(|(_, c)| c.base == poisoned || c.anchor == poisoned)
+            .map(|(r, _)| *r);
+        let joined = meshtrain_ledger::Store::joins(&**n.ledger())
+            .unwrap_or_default()
+            .iter()
+            .find(|j| j.anchor == poisoned)
+            .map(|j| j.round);
+        let ended = (n.final_anchor == Some(poisoned)).then_some(u64::MAX);
+        if let Some(round) = closed.or(joined).or(ended) {
+            out.push(Violation::Hijacked { node: n.index, round });
+        }
+    }
 }
 
 /// No honest author has two different records at one seq or one round in
@@ -143,36 +173,57 @@ fn one_record_per_seq_and_round(world: &World, out: &mut Vec<Violation>) {
     }
 }
 
-/// Once the network has been quiet for two rounds, every honest node
-/// closes each round on the same anchor, and all end on the same one.
+/// Once the network has been quiet for two rounds, a majority of the
+/// honest nodes aggregates every round onto one anchor, the others repair
+/// onto it within a round, and all end on the same anchor.
 fn agreement(world: &World, out: &mut Vec<Violation>) {
     let honest: Vec<_> = world.nodes.iter().filter(|n| n.honest()).collect();
-    // The last round any honest node closed while faults lasted.
-    let faulty_round = honest
+    // Quiet for two rounds: faults over, and two of the longest rounds
+    // (each waits at most the spec's max wait) gone by since. The first
+    // round every honest node closed after that is where agreement is owed.
+    let settled_at = world.quiet_at + QUIET_ROUNDS * (world.spec.rounds.max_wait_ms + world.cfg.train_ms);
+    let from = honest
         .iter()
-        .flat_map(|n| {
-            n.closed
-                .iter()
-                .filter(|(_, (_, at))| *at <= world.quiet_at)
-                .map(|(r, _)| *r)
-        })
+        .filter_map(|n| n.closed.iter().find(|(_, c)| c.at > settled_at).map(|(r, _)| *r))
         .max()
-        .unwrap_or(0);
-    let from = faulty_round + QUIET_ROUNDS + 1;
+        .unwrap_or(u64::MAX);
     let mut rounds: BTreeMap<u64, BTreeMap<usize, WeightsHash>> = BTreeMap::new();
     for n in &honest {
-        for (r, (h, _)) in n.closed.range(from..) {
-            rounds.entry(*r).or_default().insert(n.index, *h);
+        for (r, c) in n.closed.range(from..) {
+            rounds.entry(*r).or_default().insert(n.index, c.base);
         }
     }
-    for (round, anchors) in rounds {
-        let distinct: BTreeSet<&WeightsHash> = anchors.values().collect();
-        if distinct.len() > 1 {
-            out.push(Violation::AnchorSplit {
-                round,
-                anchors: anchors.into_iter().map(|(i, h)| (i, h.short())).collect(),
-            });
-            // The first split round says it; the rest follow from it.
+    // Each round after that: half the honest nodes or more aggregated it
+    // onto one anchor, and any node that did not was back on the majority's
+    // the round after (it notices within one round and repairs).
+    let majority = |anchors: &BTreeMap<usize, WeightsHash>| -> Option<WeightsHash> {
+        let mut count: BTreeMap<WeightsHash, usize> = BTreeMap::new();
+        for h in anchors.values() {
+            *count.entry(*h).or_default() += 1;
+        }
+        count
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .filter(|(_, n)| 2 * n >= anchors.len())
+            .map(|(h, _)| h)
+    };
+    for (round, anchors) in &rounds {
+        let split = || Violation::AnchorSplit {
+            round: *round,
+            anchors: anchors.iter().map(|(i, h)| (*i, h.short())).collect(),
+        };
+        let Some(top) = majority(anchors) else {
+            out.push(split());
+            break;
+        };
+        let next = rounds.get(&(round + 1));
+        let next_top = next.and_then(majority);
+        let lagging = anchors.iter().filter(|(_, h)| **h != top).map(|(i, _)| *i);
+        let unrepaired = lagging
+            .filter(|i| next.and_then(|n| n.get(i)).is_some_and(|h| Some(*h) != next_top))
+            .count();
+        if unrepaired > 0 {
+            out.push(split());
             break;
         }
     }

@@ -12,6 +12,7 @@
 
 pub mod check;
 pub mod standin;
+mod sybil;
 mod world;
 
 use std::ops::Range;
@@ -47,6 +48,22 @@ pub struct SimConfig {
     pub delay_ms: (u64, u64),
     pub partitions: bool,
     pub crashes: bool,
+    pub admission: SimAdmission,
+    /// Identities one attacker runs besides the nodes (Sybils): each signs
+    /// a poisoned update every round and votes for a poisoned anchor.
+    pub sybils: usize,
+    /// The Sybils also claim their poisoned anchor as the base of their
+    /// records and offer it, self-attested, to anyone who asks.
+    pub hijack: bool,
+}
+
+/// How the simulated run admits nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimAdmission {
+    /// A roster of the honest and Byzantine nodes (not the Sybils).
+    Permissioned,
+    /// Anyone; votes earned by merged rounds.
+    Open { earn_rounds: u64 },
 }
 
 impl Default for SimConfig {
@@ -67,6 +84,9 @@ impl Default for SimConfig {
             delay_ms: (1, 80),
             partitions: true,
             crashes: true,
+            admission: SimAdmission::Permissioned,
+            sybils: 0,
+            hijack: false,
         }
     }
 }

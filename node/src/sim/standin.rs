@@ -14,19 +14,19 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::attack::{Attacker, Update};
 use crate::replay::ModelShape;
-use crate::runspec::{DataSpec, ExchangeSpec, ModelSpec, RoundSpec, RunSpec, TrainSpec};
+use crate::runspec::{Admission, DataSpec, ExchangeSpec, ModelSpec, RoundSpec, RunSpec, TrainSpec};
 
 /// Step size of the stand-in's local steps.
 const INNER_LR: f32 = 0.03;
 /// How far the shared optimum moves per round: learning goes on, so honest
 /// deltas keep a common direction (as real ones do), rather than cancelling
 /// out around a reached optimum, where any robust rule flags half of them.
-const DRIFT: f32 = 0.05;
+const DRIFT: f32 = 0.1;
 /// How far one node's optimum lies from the shared one (its shard's skew).
-const SKEW: f32 = 0.1;
+const SKEW: f32 = 0.03;
 
 /// The run spec every simulated node shares.
-pub fn sim_spec(rounds: u64, codec: CodecSpec, aggregator: AggregatorSpec, seed: u64) -> RunSpec {
+pub fn sim_spec(rounds: u64, codec: CodecSpec, aggregator: AggregatorSpec, seed: u64, admission: Admission) -> RunSpec {
     RunSpec {
         name: "simulation".into(),
         seed,
@@ -66,6 +66,7 @@ pub fn sim_spec(rounds: u64, codec: CodecSpec, aggregator: AggregatorSpec, seed:
             min_wait_ms: 500,
             patience: None,
         },
+        admission,
     }
 }
 

@@ -16,15 +16,16 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::standin::{self, StandIn};
-use super::SimConfig;
+use super::sybil::Sybils;
+use super::{SimAdmission, SimConfig};
 use crate::attack::Attack;
 use crate::core::resume::{resume, SavedAnchor};
-use crate::core::sync::{check_offer, encode_anchor};
+use crate::core::sync::{check_fetched, check_offer, encode_anchor};
 use crate::core::{members, run_aggregation, ChanId, Core, CoreConfig, Effect, Input, Millis, ReqId, Trained};
 use crate::inbox::{Inbox, InboxConfig};
 use crate::replay::ModelShape;
 use crate::reputation::ReputationConfig;
-use crate::runspec::RunSpec;
+use crate::runspec::{Admission, RunSpec};
 
 /// How long a request to an unreachable peer takes to fail.
 const REQUEST_TIMEOUT_MS: Millis = 1000;
@@ -51,6 +52,14 @@ struct Live {
     settled: HashMap<MessageId, u32>,
 }
 
+/// One round as a node closed it.
+#[derive(Clone, Copy, Debug)]
+pub struct Closed {
+    pub base: WeightsHash,
+    pub anchor: WeightsHash,
+    pub at: Millis,
+}
+
 pub struct SimNode {
     pub index: usize,
     pub key: [u8; 32],
@@ -63,8 +72,9 @@ pub struct SimNode {
     /// Finished its run (evaluated and drained).
     pub finished: bool,
     pub started: bool,
-    /// Anchor hash per closed round, as the node reported it, and when.
-    pub closed: BTreeMap<u64, (WeightsHash, Millis)>,
+    /// Per closed round, as the node reported it: the anchor it aggregated
+    /// onto, the one it ended on, and when.
+    pub closed: BTreeMap<u64, Closed>,
     pub fatal: Option<String>,
     /// Gossip messages this node settled more than once.
     pub double_settles: u64,
@@ -119,7 +129,12 @@ enum Event {
     Start(usize),
     Partition(Vec<BTreeSet<usize>>),
     Heal,
+    /// The Sybils gossip their records for a round.
+    SybilRound(u64),
 }
+
+/// Stands for the Sybils' host in links and blocks.
+const HOST: usize = usize::MAX;
 
 pub struct World {
     pub cfg: SimConfig,
@@ -138,20 +153,46 @@ pub struct World {
     blocked: HashSet<(usize, usize)>,
     /// When faults stop.
     pub quiet_at: Millis,
+    /// One attacker's many identities, when the scenario has them.
+    pub sybils: Option<Sybils>,
     pub crashes: u64,
     pub partitions: u64,
 }
 
 impl World {
     pub fn new(cfg: SimConfig, seed: u64) -> Self {
-        let spec = standin::sim_spec(cfg.rounds, cfg.codec, cfg.aggregator, seed);
         let shape = standin::shape(cfg.params, seed);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let total = cfg.nodes + cfg.byzantine;
+        let keys: Vec<[u8; 32]> = (0..total)
+            .map(|_| {
+                let mut key = [0u8; 32];
+                rng.fill(&mut key[..]);
+                key
+            })
+            .collect();
+        let admission = match cfg.admission {
+            SimAdmission::Permissioned => Admission::Permissioned {
+                members: keys
+                    .iter()
+                    .map(|k| AuthorKey::from_secret(*k).author().to_string())
+                    .collect(),
+            },
+            // The nodes that start the run found it; late joiners (and the
+            // Sybils) earn their votes.
+            SimAdmission::Open { earn_rounds } => Admission::Open {
+                earn_rounds,
+                founders: keys
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i < cfg.nodes - cfg.late_join.min(cfg.nodes) || *i >= cfg.nodes)
+                    .map(|(_, k)| AuthorKey::from_secret(*k).author().to_string())
+                    .collect(),
+            },
+        };
+        let spec = standin::sim_spec(cfg.rounds, cfg.codec, cfg.aggregator, seed, admission);
         let mut nodes = Vec::with_capacity(total);
-        for index in 0..total {
-            let mut key = [0u8; 32];
-            rng.fill(&mut key[..]);
+        for (index, key) in keys.into_iter().enumerate() {
             let author = AuthorKey::from_secret(key).author();
             let peer = members::peer_of(&author).expect("an ed25519 key is always a peer id");
             let ledger = Arc::new(
@@ -178,7 +219,9 @@ impl World {
                 final_anchor: None,
             });
         }
+        let sybils = (cfg.sybils > 0).then(|| Sybils::new(&cfg, &spec, &shape, &mut rng));
         let mut world = Self {
+            sybils,
             quiet_at: 0,
             cfg,
             seed,
@@ -204,6 +247,12 @@ impl World {
                 world.rng.random_range(0..50)
             };
             world.at(at, Event::Start(i));
+        }
+        if world.sybils.is_some() {
+            for r in 0..world.cfg.rounds {
+                let at = 60 + r * world.round_ms();
+                world.at(at, Event::SybilRound(r));
+            }
         }
         world
     }
@@ -306,13 +355,18 @@ impl World {
                     self.start(node, false);
                 }
             }
-            Event::Crash(node) => self.crash(node),
+            Event::Crash(node) => {
+                tracing::info!(node, t = self.now, "sim: crash");
+                self.crash(node)
+            }
             Event::Restart(node) => {
                 if !self.nodes[node].is_up() && !self.nodes[node].finished {
+                    tracing::info!(node, t = self.now, "sim: restart");
                     self.start(node, true);
                 }
             }
             Event::Partition(groups) => {
+                tracing::info!(?groups, t = self.now, "sim: partition");
                 self.partitions += 1;
                 let old: Vec<(usize, usize)> = self.links();
                 self.groups = groups;
@@ -322,7 +376,9 @@ impl World {
                     }
                 }
             }
+            Event::SybilRound(r) => self.sybil_round(r),
             Event::Heal => {
+                tracing::info!(t = self.now, "sim: heal");
                 let before: HashSet<(usize, usize)> = self.links().into_iter().collect();
                 self.groups.clear();
                 for (a, b) in self.links() {
@@ -396,6 +452,14 @@ impl World {
             }
         };
         let meta = node.durable.ledger.meta().clone();
+        let admission = match crate::core::power::Rule::of(&spec.admission) {
+            Ok(a) => a,
+            Err(e) => {
+                self.nodes[index].fatal = Some(format!("admission: {e}"));
+                return;
+            }
+        };
+        let node = &self.nodes[index];
         let core_cfg = CoreConfig {
             run_id: meta.run_id,
             genesis_link: meta.genesis_link(),
@@ -412,12 +476,14 @@ impl World {
             max_inline_payload: 48 * 1024,
             attack: node.attack,
             seed: self.seed,
+            admission: admission.clone(),
         };
         let core = Core::new(core_cfg, AuthorKey::from_secret(node.key), resumed);
         let inbox = Inbox::new(
             node.durable.ledger.clone(),
             InboxConfig {
                 run_id: meta.run_id,
+                roster: admission.roster().cloned(),
                 genesis: meta.genesis_link(),
                 params: cfg.params,
                 rounds: cfg.rounds,
@@ -444,6 +510,12 @@ impl World {
             if other != index && self.linked(index, other) {
                 self.connect(index, other);
                 self.connect(other, index);
+            }
+        }
+        if let Some(host) = self.sybils.as_ref().map(|s| s.host_peer) {
+            if !self.blocked.contains(&(index, HOST)) {
+                self.deliver(index, Input::Connected(host), 1);
+                self.deliver(index, Input::Subscribed(host), 2);
             }
         }
         self.deliver(index, Input::Start, 0);
@@ -545,6 +617,9 @@ impl World {
             }
             Effect::Counted { .. } => {}
             Effect::Request { req, peer, request } => {
+                if self.sybils.as_ref().is_some_and(|s| s.host_peer == peer) {
+                    return self.ask_host(index, req, peer, &request);
+                }
                 let Some(to) = self.nodes.iter().position(|n| n.peer == peer) else {
                     self.deliver(index, Input::RequestFailed { req, peer }, REQUEST_TIMEOUT_MS);
                     return;
@@ -573,6 +648,22 @@ impl World {
                 self.respond(index, chan, response);
             }
             Effect::Respond { chan, response } => self.respond(index, chan, response),
+            Effect::CheckAnchor {
+                peer,
+                starts,
+                key,
+                response,
+            } => {
+                let result = check_fetched(starts, key, self.cfg.params, response).map(Box::new);
+                self.at(
+                    self.now + LOCAL_MS,
+                    Event::Input {
+                        node: index,
+                        epoch: Some(epoch),
+                        input: Box::new(Input::AnchorChecked { peer, result }),
+                    },
+                );
+            }
             Effect::CheckOffer { peer, response } => {
                 let meta = self.nodes[index].durable.ledger.meta().clone();
                 let result = check_offer(&meta.run_id, &meta.genesis_weights, self.cfg.params, response).map(Box::new);
@@ -711,6 +802,10 @@ impl World {
             ),
             Effect::Replan { .. } => {}
             Effect::Ban { peer, .. } => {
+                if peer.is_some() && peer == self.sybils.as_ref().map(|s| s.host_peer) {
+                    self.blocked.insert((index, HOST));
+                    return;
+                }
                 if let Some(to) = peer.and_then(|p| self.nodes.iter().position(|n| n.peer == p)) {
                     let was = self.linked(index, to);
                     self.blocked.insert((index, to));
@@ -731,8 +826,15 @@ impl World {
                 );
             }
             Effect::RoundClosed(c) => {
-                let now = self.now;
-                self.nodes[index].closed.insert(c.round, (c.anchor_hash, now));
+                let at = self.now;
+                self.nodes[index].closed.insert(
+                    c.round,
+                    Closed {
+                        base: c.base_hash,
+                        anchor: c.anchor_hash,
+                        at,
+                    },
+                );
             }
             Effect::Finished => {
                 let peers: Vec<usize> = (0..self.nodes.len())
@@ -745,6 +847,59 @@ impl World {
             }
             Effect::Fatal(f) => self.nodes[index].fatal = Some(f.to_string()),
         }
+    }
+
+    /// The Sybils gossip this round's records to every node that has not
+    /// refused them.
+    fn sybil_round(&mut self, round: u64) {
+        let Some(sybils) = self.sybils.as_mut() else { return };
+        let source = sybils.host_peer;
+        let msgs = sybils.round(round);
+        for msg in msgs {
+            let data = msg.to_bytes();
+            let id = MessageId::new(blake3::hash(&data).as_bytes());
+            for to in 0..self.nodes.len() {
+                if !self.host_linked(to) {
+                    continue;
+                }
+                let d = self.link_delay();
+                self.deliver(
+                    to,
+                    Input::Gossip {
+                        id: id.clone(),
+                        source,
+                        data: data.clone(),
+                    },
+                    d,
+                );
+            }
+        }
+    }
+
+    fn host_linked(&self, node: usize) -> bool {
+        let n = &self.nodes[node];
+        n.is_up() && !n.finished && !self.blocked.contains(&(node, HOST))
+    }
+
+    /// A node asks the Sybils' host something.
+    fn ask_host(&mut self, index: usize, req: ReqId, peer: PeerId, request: &FetchRequest) {
+        if !self.host_linked(index) {
+            self.deliver(index, Input::RequestFailed { req, peer }, REQUEST_TIMEOUT_MS);
+            return;
+        }
+        let round = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.closed.keys().next_back())
+            .max()
+            .copied()
+            .unwrap_or(0);
+        let response = self
+            .sybils
+            .as_ref()
+            .map_or(FetchResponse::NotFound, |s| s.answer(request, round));
+        let d = self.link_delay();
+        self.deliver(index, Input::Response { req, peer, response }, d);
     }
 
     fn on_request(&mut self, node: usize, from: usize, req: ReqId, request: FetchRequest) {
