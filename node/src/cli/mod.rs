@@ -4,6 +4,8 @@
 
 mod bench;
 mod data;
+mod identity;
+
 mod ledger;
 mod node;
 mod sim;
@@ -49,6 +51,9 @@ enum Command {
     /// Write run specs.
     #[command(subcommand)]
     Spec(spec::SpecCommand),
+    /// A node's key, as a permissioned run's roster names it.
+    #[command(subcommand)]
+    Identity(identity::IdentityCommand),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -187,6 +192,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Testnet(cmd) => testnet::run(cmd),
         Command::Ledger(cmd) => ledger::run(cmd),
         Command::Spec(spec::SpecCommand::New(args)) => spec::spec_new(args),
+        Command::Identity(cmd) => identity::run(cmd),
         Command::Data(cmd) => data::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Sim(args) => sim::run(args),

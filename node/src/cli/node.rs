@@ -104,6 +104,10 @@ pub(super) struct NodeRunArgs {
     /// Discover peers on the LAN by mDNS.
     #[arg(long)]
     pub(super) mdns: bool,
+    /// A libp2p private network key (the `/key/swarm/psk/1.0.0/` format,
+    /// 64 hex digits): peers without it cannot complete a handshake.
+    #[arg(long)]
+    pub(super) psk_file: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
     #[arg(long)]
     pub(super) metrics: Option<std::net::SocketAddr>,
@@ -191,6 +195,7 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
         },
         mesh: MeshConfig {
             mdns: args.mdns,
+            psk: args.psk_file.as_deref().map(read_psk).transpose()?,
             ..Default::default()
         },
         metrics: args.metrics,
@@ -222,4 +227,15 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
         report.final_test_acc, report.rounds_completed, report.bytes_sent, report.bytes_received
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads a private network key file (the IPFS swarm.key format).
+fn read_psk(path: &std::path::Path) -> Result<meshtrain_gossip::libp2p::pnet::PreSharedKey> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the network key {}", path.display()))?;
+    text.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a private network key ({e}); expected `/key/swarm/psk/1.0.0/`, `/base16/` and 64 hex digits on three lines",
+            path.display()
+        )
+    })
 }

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use meshtrain_model::{AggregatorSpec, CodecSpec};
 use meshtrain_node::attack::Attack;
-use meshtrain_node::sim::{run_seeds, SimConfig};
+use meshtrain_node::sim::{run_seeds, SimAdmission, SimConfig};
 
 #[derive(Args)]
 pub(super) struct SimArgs {
@@ -48,6 +48,21 @@ pub(super) struct SimArgs {
     codec: CodecSpec,
     #[arg(long, default_value = "centered-clip")]
     aggregator: AggregatorSpec,
+    /// Who may contribute: `permissioned` (a roster of the nodes) or
+    /// `open` (anyone; a key earns its vote after --earn-rounds merged rounds).
+    #[arg(long, default_value = "permissioned")]
+    admission: String,
+    /// In open admission, merged rounds before a key has a vote.
+    #[arg(long, default_value_t = 3)]
+    earn_rounds: u64,
+    /// Identities one attacker runs besides the nodes; each signs a poisoned
+    /// update every round and votes for a poisoned anchor.
+    #[arg(long, default_value_t = 0)]
+    sybils: usize,
+    /// The Sybils claim their poisoned anchor as their base and offer it,
+    /// self-attested, to anyone who asks (needs --sybils).
+    #[arg(long)]
+    hijack: bool,
     /// Threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -83,6 +98,16 @@ pub(super) fn run(a: SimArgs) -> Result<ExitCode> {
     if a.rounds == 0 || a.seeds == 0 {
         bail!("--rounds and --seeds must be at least 1");
     }
+    if a.hijack && a.sybils == 0 {
+        bail!("--hijack needs --sybils K");
+    }
+    let admission = match a.admission.as_str() {
+        "permissioned" => SimAdmission::Permissioned,
+        "open" => SimAdmission::Open {
+            earn_rounds: a.earn_rounds,
+        },
+        other => bail!("--admission takes `permissioned` or `open`, got `{other}`"),
+    };
     let cfg = SimConfig {
         nodes: a.nodes,
         byzantine: a.byzantine,
@@ -96,6 +121,9 @@ pub(super) fn run(a: SimArgs) -> Result<ExitCode> {
         delay_ms: parse_delay(&a.delay_ms)?,
         partitions: a.partitions,
         crashes: a.crashes,
+        admission,
+        sybils: a.sybils,
+        hijack: a.hijack,
         ..SimConfig::default()
     };
     let threads = a

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use meshtrain_model::{AggregatorSpec, Arch, CodecSpec};
+use meshtrain_node::runspec::Admission;
 use meshtrain_node::RunSpec;
 
 #[derive(Subcommand)]
@@ -60,9 +61,78 @@ pub(super) struct SpecArgs {
     /// held-out loss (early stopping).
     #[arg(long)]
     pub(super) patience: Option<u64>,
+    /// Who may contribute: `open` (anyone; influence is earned; the
+    /// default) or `permissioned` (only the keys in --members, the default
+    /// when --members is given).
+    #[arg(long)]
+    pub(super) admission: Option<String>,
+    /// Open admission: rounds a key's updates must be merged in before it
+    /// has a vote.
+    #[arg(long, default_value_t = 3)]
+    pub(super) earn_rounds: u64,
+    /// Permissioned admission: a file of author keys, one per line (as
+    /// `meshtrain identity show DIR --key-only` prints them; `#` comments).
+    /// Implies --admission permissioned.
+    #[arg(long)]
+    pub(super) members: Option<PathBuf>,
+    /// Open admission: a file of author keys (same format as --members)
+    /// that have a vote from round 0, so that anchors are agreed from the
+    /// start; without founders nothing is decided until keys earn votes.
+    #[arg(long, conflicts_with = "members")]
+    pub(super) founders: Option<PathBuf>,
     /// Write here instead of standard output.
     #[arg(long)]
     pub(super) out: Option<PathBuf>,
+}
+
+/// Reads a roster file: one author key per line, blank lines and `#`
+/// comments ignored.
+pub(super) fn read_roster(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the roster {}", path.display()))?;
+    let mut members = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line.parse::<meshtrain_ledger::AuthorId>().is_err() {
+            bail!(
+                "{}:{}: `{line}` is not an author key (64 hex digits)",
+                path.display(),
+                i + 1
+            );
+        }
+        members.push(line.to_string());
+    }
+    if members.is_empty() {
+        bail!("the roster {} names no member", path.display());
+    }
+    Ok(members)
+}
+
+/// The admission section from --admission, --earn-rounds and --members.
+pub(super) fn admission(
+    mode: Option<&str>,
+    earn_rounds: u64,
+    members: Option<&Path>,
+    founders: Option<&Path>,
+) -> Result<Admission> {
+    let mode = mode.unwrap_or(if members.is_some() { "permissioned" } else { "open" });
+    match (mode, members) {
+        ("permissioned", _) if founders.is_some() => {
+            bail!("--founders is for open runs; a permissioned run has --members")
+        }
+        ("permissioned", Some(path)) => Ok(Admission::Permissioned {
+            members: read_roster(path)?,
+        }),
+        ("permissioned", None) => bail!("--admission permissioned needs --members FILE"),
+        ("open", None) => Ok(Admission::Open {
+            earn_rounds,
+            founders: founders.map(read_roster).transpose()?.unwrap_or_default(),
+        }),
+        ("open", Some(_)) => bail!("--members names a roster, which open admission has none of (see --founders)"),
+        (other, _) => bail!("--admission takes `open` or `permissioned`, got `{other}`"),
+    }
 }
 
 /// The DiLoCo-style outer step.
@@ -171,6 +241,12 @@ pub(super) fn spec_new(args: SpecArgs) -> Result<ExitCode> {
     spec.data.replication = args.replication.max(1);
     spec.model.anomaly_class = args.anomaly_class;
     spec.rounds.patience = args.patience;
+    spec.admission = admission(
+        args.admission.as_deref(),
+        args.earn_rounds,
+        args.members.as_deref(),
+        args.founders.as_deref(),
+    )?;
     spec.rounds.count = match (args.rounds, args.epochs) {
         (Some(r), _) => r,
         (None, Some(e)) => {

@@ -54,6 +54,11 @@ pub(super) struct CommonTestnetArgs {
     /// Members holding each block.
     #[arg(long, default_value_t = 3)]
     pub(super) replication: usize,
+    /// `permissioned` (the default: the run admits exactly the testnet's
+    /// nodes, whose keys go to OUT/members.txt) or `open` (anyone may join;
+    /// a key earns its vote by merged rounds).
+    #[arg(long, default_value = "permissioned", value_parser = ["permissioned", "open"])]
+    pub(super) admission: String,
     /// Give up on a testnet after this many seconds.
     #[arg(long, default_value_t = 3600)]
     pub(super) timeout_s: u64,
@@ -188,6 +193,7 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
         churn: c.churn.as_deref().map(parse_churn).transpose()?,
         late_join: c.late_join,
         dashboard: None,
+        admission: c.admission.clone(),
     })
 }
 
