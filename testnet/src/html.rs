@@ -269,6 +269,38 @@ pub fn write_report(out: &Path, summary: &Summary, reports: &[Option<NodeReport>
 
 /// The page. With `live = Some(seconds)` it reloads itself that often and
 /// shows audits as pending (they run once the nodes have stopped).
+/// Whether the honest nodes trained each round from one anchor: distinct
+/// anchors per round (1 is agreement) and the repairs made onto each.
+fn agreement_html(summary: &Summary) -> Result<String, String> {
+    if summary.anchor_rounds.is_empty() {
+        return Ok(String::new());
+    }
+    let points = |f: &dyn Fn(&crate::report::AnchorRound) -> f64| -> Vec<(f64, f64)> {
+        summary.anchor_rounds.iter().map(|r| (r.round as f64, f(r))).collect()
+    };
+    let chart = Lines {
+        title: format!(
+            "Anchor agreement {:.3}: distinct honest anchors and repairs per round",
+            summary.anchor_agreement.unwrap_or(f64::NAN)
+        ),
+        x_label: "round".into(),
+        y_label: "count".into(),
+        series: vec![
+            ("distinct anchors".into(), points(&|r| r.anchors as f64), palette(0)),
+            ("repairs".into(), points(&|r| r.repairs as f64), palette(3)),
+        ],
+    };
+    Ok(format!(
+        r#"<h2>Agreement</h2><p>Anchor agreement: <b>{:.3}</b>; repairs: {}; first split: {}.</p><figure id="agreement">{}</figure>"#,
+        summary.anchor_agreement.unwrap_or(f64::NAN),
+        summary.anchor_repairs,
+        summary
+            .first_anchor_split
+            .map_or("none".to_string(), |r| format!("round {r}")),
+        lines_svg(&chart)?
+    ))
+}
+
 pub fn render(summary: &Summary, reports: &[Option<NodeReport>], live: Option<u32>) -> Result<String, String> {
     let Plots {
         accuracy,
@@ -308,6 +340,7 @@ Audit failures: <b>{}</b>. Restarts: {}. Records lost across kills: {}.</p>"#,
     html.push_str(&lines_svg(&loss)?);
     html.push_str("</figure>");
     html.push_str(&final_eval_html(reports));
+    html.push_str(&agreement_html(summary)?);
     html.push_str(r#"<h2>Network</h2><figure id="bytes">"#);
     html.push_str(&bars_svg(&bytes)?);
     html.push_str(

@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meshtrain_ledger::audit::AuditReport;
-use meshtrain_ledger::{AuthorId, Ledger, RecordHash, Seq};
+use meshtrain_ledger::{AuthorId, Ledger, RecordHash, Seq, WeightsHash};
 use report::{NodeReport, NodeSummary, Summary};
 use tracing::{info, warn};
 
@@ -92,6 +92,10 @@ pub struct TestnetOptions {
     pub late_join: usize,
     /// Serve the report live at http://ADDR/ while the run goes on.
     pub dashboard: Option<std::net::SocketAddr>,
+    /// `permissioned`: the run admits exactly the testnet's nodes (their
+    /// keys are made first and written to `out/members.txt`); `open`:
+    /// anyone, influence earned.
+    pub admission: String,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TestnetError + '_ {
@@ -161,8 +165,45 @@ fn dataset_store(opts: &TestnetOptions) -> Result<PathBuf, TestnetError> {
     Ok(store)
 }
 
+/// Makes every node's key (in its data dir, where the node will find it)
+/// and writes their author keys to `out/members.txt`: a permissioned run's
+/// roster (every node), or an open run's founders (the nodes that start it;
+/// late joiners earn their votes).
+fn write_roster(opts: &TestnetOptions) -> Result<PathBuf, TestnetError> {
+    let mut keys = String::new();
+    let listed = if opts.admission == "open" {
+        opts.nodes
+    } else {
+        opts.nodes + opts.late_join
+    };
+    for i in 0..listed {
+        let dir = opts.out.join(format!("node-{i}"));
+        let out = Command::new(&opts.binary)
+            .args(["identity", "show", "--key-only"])
+            .arg(&dir)
+            .output()
+            .map_err(|source| TestnetError::Spawn {
+                what: "meshtrain identity show".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(TestnetError::Spec(format!(
+                "identity of node {i}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        keys.push_str(&format!(
+            "{}  # node-{i}\n",
+            String::from_utf8_lossy(&out.stdout).trim()
+        ));
+    }
+    let path = opts.out.join("members.txt");
+    std::fs::write(&path, keys).map_err(io_err(&path))?;
+    Ok(path)
+}
+
 /// Writes the run spec by asking the binary (which reads the manifest).
-fn write_spec(opts: &TestnetOptions, store: &Path, path: &Path) -> Result<(), TestnetError> {
+fn write_spec(opts: &TestnetOptions, store: &Path, path: &Path, roster: &Path) -> Result<(), TestnetError> {
     let mut cmd = Command::new(&opts.binary);
     cmd.args(["spec", "new", "--model", &opts.model])
         .arg("--data")
@@ -175,6 +216,11 @@ fn write_spec(opts: &TestnetOptions, store: &Path, path: &Path) -> Result<(), Te
         .args(&opts.spec_args)
         .arg("--out")
         .arg(path);
+    if opts.admission == "open" {
+        cmd.args(["--admission", "open", "--founders"]).arg(roster);
+    } else {
+        cmd.arg("--members").arg(roster);
+    }
     match (opts.rounds, opts.epochs) {
         (Some(r), _) => {
             cmd.args(["--rounds", &r.to_string()]);
@@ -292,7 +338,7 @@ fn audit(binary: &Path, dir: &Path) -> Option<AuditReport> {
 pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-    for i in 0..opts.nodes {
+    for i in 0..opts.nodes + opts.late_join {
         // A stale ledger from an earlier testnet would belong to another run.
         let dir = opts.out.join(format!("node-{i}"));
         if dir.exists() {
@@ -305,7 +351,14 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
     }
     let store = dataset_store(opts)?;
     let spec = opts.out.join("run.toml");
-    write_spec(opts, &store, &spec)?;
+    if !matches!(opts.admission.as_str(), "permissioned" | "open") {
+        return Err(TestnetError::Spec(format!(
+            "admission `{}`: expected `permissioned` or `open`",
+            opts.admission
+        )));
+    }
+    let roster = write_roster(opts)?;
+    write_spec(opts, &store, &spec, &roster)?;
     info!(nodes = opts.nodes, out = %opts.out.display(), "starting testnet");
     if let Some(addr) = opts.dashboard {
         let board = dashboard::Board {
@@ -699,7 +752,81 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         .filter_map(|(_, r)| r.as_ref()?.history.first().map(|h| h.at_ms as f64 / 1000.0))
         .reduce(f64::max);
     summary.proofs_against_honest = audits_proofs(opts, nodes, &reports);
+    anchor_agreement(&mut summary, nodes);
     Ok(summary)
+}
+
+/// Reads every honest node's verdict blocks and join records: whether the
+/// honest nodes trained each round from one anchor, and ended on one.
+fn anchor_agreement(summary: &mut Summary, nodes: &[Running]) {
+    let mut per_node = Vec::new();
+    for (n, row) in nodes.iter().zip(summary.nodes.iter_mut()) {
+        if n.attack.is_some() {
+            continue;
+        }
+        let Ok(ledger) = Ledger::open_read_only(&n.dir.join("ledger")) else {
+            continue;
+        };
+        let Ok(closed) = meshtrain_ledger::audit::closed_rounds(&ledger) else {
+            continue;
+        };
+        let joins = ledger.joins().unwrap_or_default();
+        let repairs: Vec<u64> = joins
+            .iter()
+            .filter(|j| j.kind != meshtrain_ledger::JoinKind::Start)
+            .map(|j| j.round)
+            .collect();
+        row.final_anchor = closed.values().next_back().map(|c| c.anchor.to_string());
+        row.anchor_repairs = repairs.len() as u64;
+        summary.anchor_repairs += repairs.len() as u64;
+        per_node.push((closed, repairs));
+    }
+    if per_node.is_empty() {
+        return;
+    }
+    let last = per_node
+        .iter()
+        .filter_map(|(c, _)| c.keys().next_back().copied())
+        .max()
+        .unwrap_or(0);
+    let (mut agreed, mut counted) = (0u64, 0u64);
+    // Round 0 starts from the genesis for everyone; from round 1 on, the
+    // base each node aggregated onto is its anchor for that round.
+    for round in 1..=last + 1 {
+        let anchors: std::collections::BTreeSet<WeightsHash> = per_node
+            .iter()
+            .filter_map(|(c, _)| {
+                if round > last {
+                    c.get(&last).map(|x| x.anchor)
+                } else {
+                    c.get(&round).map(|x| x.base)
+                }
+            })
+            .collect();
+        let closers = per_node
+            .iter()
+            .filter(|(c, _)| c.contains_key(&round.min(last)))
+            .count();
+        if anchors.is_empty() {
+            continue;
+        }
+        counted += 1;
+        if anchors.len() == 1 {
+            agreed += 1;
+        } else if summary.first_anchor_split.is_none() {
+            summary.first_anchor_split = Some(round);
+        }
+        summary.anchor_rounds.push(report::AnchorRound {
+            round,
+            anchors: anchors.len(),
+            nodes: closers,
+            repairs: per_node
+                .iter()
+                .map(|(_, r)| r.iter().filter(|x| **x == round).count() as u64)
+                .sum(),
+        });
+    }
+    summary.anchor_agreement = (counted > 0).then(|| agreed as f64 / counted as f64);
 }
 
 /// The owner's chain head of a (stopped) node's ledger.
@@ -849,6 +976,15 @@ pub fn table(s: &Summary) -> String {
             s.lost_records,
             s.killed_heads_checked,
             s.late_join_first_merge_s.map_or("-".to_string(), |t| format!("{t:.1} s"))
+        );
+    }
+    if let Some(a) = s.anchor_agreement {
+        let _ = writeln!(
+            out,
+            "anchor agreement: {a:.3} ({} repairs; first split: {})",
+            s.anchor_repairs,
+            s.first_anchor_split
+                .map_or("none".to_string(), |r| format!("round {r}"))
         );
     }
     if let Some(m) = s.malicious_rejected_or_clipped_share {

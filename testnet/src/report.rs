@@ -37,6 +37,27 @@ pub struct NodeSummary {
     pub audit_records: u64,
     pub audit_first_problem: Option<String>,
     pub exit_code: Option<i32>,
+    /// The anchor the node ended on (hex), from its last verdict block.
+    #[serde(default)]
+    pub final_anchor: Option<String>,
+    /// Times the node moved onto an anchor the votes decided (repairs,
+    /// catch-ups, reverts), from its ledger's join records.
+    #[serde(default)]
+    pub anchor_repairs: u64,
+}
+
+/// One round of the anchor agreement, over the honest nodes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnchorRound {
+    pub round: u64,
+    /// Distinct anchors the honest nodes that closed this round trained it
+    /// from (the base their verdict block names, after any repair): 1 is
+    /// agreement.
+    pub anchors: usize,
+    /// Honest nodes that closed it.
+    pub nodes: usize,
+    /// Repairs (of any kind) honest nodes made onto this round's anchor.
+    pub repairs: u64,
 }
 
 /// `OUT/summary.json`.
@@ -91,5 +112,18 @@ pub struct Summary {
     /// slowest joiner.
     pub late_join_first_merge_s: Option<f64>,
     pub wall_s: f64,
+    /// Share of rounds after which every honest node trained the next
+    /// round from the same anchor (a repair before aggregating counts as
+    /// agreement), the final anchor counted as one more round.
+    #[serde(default)]
+    pub anchor_agreement: Option<f64>,
+    /// Repairs, catch-ups and reverts of honest nodes.
+    #[serde(default)]
+    pub anchor_repairs: u64,
+    /// The first round honest nodes trained from different anchors.
+    #[serde(default)]
+    pub first_anchor_split: Option<u64>,
+    #[serde(default)]
+    pub anchor_rounds: Vec<AnchorRound>,
     pub nodes: Vec<NodeSummary>,
 }
