@@ -83,6 +83,40 @@ pub fn spec_for(dir: &Path, store: &Path, args: &[&str]) -> PathBuf {
     path
 }
 
+/// Makes the keys of the nodes that will run in DIRS (`meshtrain identity
+/// show`, which creates a key where none is) and writes their author keys to
+/// DIR/members.txt: a permissioned run's roster, for `spec new --members`.
+pub fn roster(dir: &Path, node_dirs: &[PathBuf]) -> PathBuf {
+    let mut keys = String::new();
+    for d in node_dirs {
+        let out = Command::new(meshtrain_bin())
+            .args(["identity", "show", "--key-only"])
+            .arg(d)
+            .output()
+            .expect("run meshtrain identity show");
+        assert!(
+            out.status.success(),
+            "identity show: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        keys.push_str(String::from_utf8_lossy(&out.stdout).trim());
+        keys.push('\n');
+    }
+    let path = dir.join("members.txt");
+    std::fs::write(&path, keys).expect("write the roster");
+    path
+}
+
+/// A permissioned run spec over a freshly imported Fashion-MNIST store,
+/// admitting the nodes of DIR/node-0 .. DIR/node-{N-1}.
+pub fn spec_with_roster(dir: &Path, nodes: usize, args: &[&str]) -> (PathBuf, PathBuf) {
+    let dirs: Vec<PathBuf> = (0..nodes).map(|i| dir.join(format!("node-{i}"))).collect();
+    let members = roster(dir, &dirs);
+    let members = members.to_str().expect("utf-8 path").to_string();
+    let args: Vec<&str> = args.iter().copied().chain(["--members", members.as_str()]).collect();
+    spec_new(dir, &args)
+}
+
 /// A run spec over a freshly imported Fashion-MNIST store: returns the spec
 /// and the store (which node 0 should seed with `--data`).
 pub fn spec_new(dir: &Path, args: &[&str]) -> (PathBuf, PathBuf) {

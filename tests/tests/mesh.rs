@@ -22,6 +22,7 @@ fn record(key: &AuthorKey, run_id: RunId) -> UpdateRecord {
         prev: RecordHash([0; 32]),
         round: 0,
         base_hash: WeightsHash([0; 32]),
+        base_outer: WeightsHash([0; 32]),
         payload_hash: PayloadHash::of(b"nothing"),
         payload_len: 7,
         n_samples: 64,
