@@ -479,8 +479,8 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
             late_started = true;
             for k in 0..opts.late_join {
                 let i = opts.nodes + k;
-                let dir = opts.out.join(format!("node-{i}"));
-                let _ = std::fs::remove_dir_all(&dir);
+                // Its directory holds only the identity on the roster
+                // (written, after cleaning, before anyone started).
                 let boots = live_addrs(&nodes, i);
                 match spawn_node(opts, i, &spec, &boots, None, 1) {
                     Ok(n) => {
