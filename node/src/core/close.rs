@@ -185,6 +185,25 @@ impl Core {
             if could && grace.is_some_and(|g| self.now < g) {
                 return false;
             }
+            // Members still behind us (their chains end before this round)
+            // will vote once they train it: while their votes could decide,
+            // wait for them (bounded). A node that ran ahead of a slowed
+            // mesh would otherwise give round after round up alone.
+            let behind: u64 = self
+                .connected_authors()
+                .iter()
+                .filter(|a| !voted.contains(a) && self.head_round(a).is_none_or(|r| r < round))
+                .map(|a| self.power.of(a))
+                .sum();
+            let could_later = if behind >= outstanding {
+                2 * (tally.support + behind) >= tally.total
+            } else {
+                2 * (tally.support + behind) > tally.total
+            };
+            let patience = deadline.map(|d| d + isolation_ms(self.cfg.spec.rounds.max_wait_ms));
+            if could_later && patience.is_some_and(|p| self.now < p) {
+                return false;
+            }
             return self.revert_if_split(round);
         };
         self.note_decision(round, key);
