@@ -87,16 +87,18 @@ impl Core {
         let decided = self.base_is_decided();
         self.closing = false;
         if !decided {
-            let tally = self.votes.tally(self.round(), &self.power);
-            tracing::trace!(
-                round = self.round(),
-                support = tally.support,
-                seen = tally.seen,
-                total = tally.total,
-                decided = tally.decided().is_some(),
-                fetching = self.fetch.is_some(),
-                "the round's base is not decided yet"
-            );
+            if tracing::enabled!(tracing::Level::TRACE) {
+                let tally = self.votes.tally(self.round(), &self.power);
+                tracing::trace!(
+                    round = self.round(),
+                    support = tally.support,
+                    seen = tally.seen,
+                    total = tally.total,
+                    decided = tally.decided().is_some(),
+                    fetching = self.fetch.is_some(),
+                    "the round's base is not decided yet"
+                );
+            }
             // Whatever we wait for (votes, a fetch, the grace), look again
             // soon: no wait may depend on an event that might never come.
             let again = self.now + RECHECK_MS;

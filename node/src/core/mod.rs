@@ -837,31 +837,19 @@ impl Core {
     /// Rounds at which this node took the mesh's anchor over at start or
     /// when left behind.
     pub fn joins(&self) -> Vec<u64> {
-        self.joins
-            .iter()
-            .filter(|(_, k)| {
-                matches!(
-                    k,
-                    meshtrain_ledger::JoinKind::Start | meshtrain_ledger::JoinKind::Behind
-                )
-            })
-            .map(|(r, _)| *r)
-            .collect()
+        use meshtrain_ledger::JoinKind;
+        self.join_rounds(|k| matches!(k, JoinKind::Start | JoinKind::Behind))
     }
 
     /// Rounds whose anchor this node repaired onto the decided one, or gave
     /// up for the last decided one.
     pub fn repairs(&self) -> Vec<u64> {
-        self.joins
-            .iter()
-            .filter(|(_, k)| {
-                matches!(
-                    k,
-                    meshtrain_ledger::JoinKind::Repair | meshtrain_ledger::JoinKind::Revert
-                )
-            })
-            .map(|(r, _)| *r)
-            .collect()
+        use meshtrain_ledger::JoinKind;
+        self.join_rounds(|k| matches!(k, JoinKind::Repair | JoinKind::Revert))
+    }
+
+    fn join_rounds(&self, kind: impl Fn(&meshtrain_ledger::JoinKind) -> bool) -> Vec<u64> {
+        self.joins.iter().filter(|(_, k)| kind(k)).map(|(r, _)| *r).collect()
     }
 
     pub fn restarted(&self) -> bool {
