@@ -1,7 +1,8 @@
 //! The deterministic simulator over a few hundred seeds per scenario: the
 //! agreement and safety invariants hold under drops, duplicates, delays,
 //! partitions and crashes, in both admission modes, with and without an
-//! attacker running twenty identities. A failure names the seed and the
+//! attacker running twenty identities (scripted, or a member node running
+//! the real `sybil:K`, `anchor-hijack:K` and `split` attacks). A failure names the seed and the
 //! command that replays it. (Long sweeps are `meshtrain sim --seeds 10000`.)
 
 use meshtrain_node::sim::{run_seeds, SimAdmission, SimConfig};
@@ -13,7 +14,11 @@ fn threads() -> usize {
 }
 
 fn sweep(name: &str, cfg: SimConfig, flags: &str) {
-    let seeds = 0..SEEDS;
+    sweep_n(name, cfg, flags, SEEDS);
+}
+
+fn sweep_n(name: &str, cfg: SimConfig, flags: &str, n: u64) {
+    let seeds = 0..n;
     let summary = run_seeds(&cfg, seeds.clone(), threads(), |_| {});
     eprintln!("{name}: {}", summary.line(&seeds));
     let report: Vec<String> = summary
@@ -65,4 +70,46 @@ fn open_with_sybils_hijacking() {
         ..SimConfig::default()
     };
     sweep("open + sybils", cfg, "--admission open --sybils 20 --hijack");
+}
+
+fn attacker(attack: &str, admission: SimAdmission) -> SimConfig {
+    SimConfig {
+        admission,
+        byzantine: 1,
+        attack: Some(attack.parse().expect("a known attack")),
+        ..SimConfig::default()
+    }
+}
+
+/// A member that signs for twenty more keys, each a copy of its own
+/// (sign-flipped) update: on probation, the copies weigh nothing and never
+/// earn a vote.
+#[test]
+fn open_with_a_member_running_sybils() {
+    let cfg = attacker("sybil:20", SimAdmission::Open { earn_rounds: 3 });
+    sweep_n(
+        "open + sybil:20",
+        cfg,
+        "--admission open --byzantine 1 --attack sybil:20",
+        80,
+    );
+}
+
+#[test]
+fn open_with_a_member_hijacking() {
+    let cfg = attacker("anchor-hijack:20", SimAdmission::Open { earn_rounds: 3 });
+    sweep_n(
+        "open + anchor-hijack:20",
+        cfg,
+        "--admission open --byzantine 1 --attack anchor-hijack:20",
+        80,
+    );
+}
+
+/// Half the mesh gets the attacker's payload a round's longest wait late:
+/// the halves close on different anchors and the minority repairs.
+#[test]
+fn permissioned_with_a_splitting_member() {
+    let cfg = attacker("split", SimAdmission::Permissioned);
+    sweep_n("permissioned + split", cfg, "--byzantine 1 --attack split", 80);
 }

@@ -124,6 +124,9 @@ pub struct NodeReport {
     pub rejected_by_author: BTreeMap<String, u64>,
     pub clipped_by_author: BTreeMap<String, u64>,
     pub merged_by_author: BTreeMap<String, u64>,
+    /// Updates of keys without a vote yet, judged but not merged (open runs).
+    #[serde(default)]
+    pub probation_by_author: BTreeMap<String, u64>,
     pub banned: Vec<String>,
     pub peers_seen: Vec<String>,
     /// Records per class in the blocks this node trained on.
@@ -144,6 +147,15 @@ pub struct NodeReport {
     /// (or gave up for the last decided one).
     #[serde(default)]
     pub repaired_at: Vec<u64>,
+    /// An attacker running Sybil identities (`sybil:K`, `anchor-hijack:K`):
+    /// their author keys, the records they signed, and the anchor a hijack
+    /// pushes (hex), so the testnet can check that nobody took it.
+    #[serde(default)]
+    pub sybil_authors: Vec<String>,
+    #[serde(default)]
+    pub sybil_records: u64,
+    #[serde(default)]
+    pub poisoned_anchor: Option<String>,
     pub wall_s: f64,
     pub history: Vec<RoundRecord>,
 }

@@ -14,7 +14,7 @@ pub mod matrix;
 pub mod plot;
 pub mod report;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -752,14 +752,35 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         .filter_map(|(_, r)| r.as_ref()?.history.first().map(|h| h.at_ms as f64 / 1000.0))
         .reduce(f64::max);
     summary.proofs_against_honest = audits_proofs(opts, nodes, &reports);
-    anchor_agreement(&mut summary, nodes);
+    sybil_figures(&mut summary, &reports);
+    let poisoned: BTreeSet<String> = reports
+        .iter()
+        .flatten()
+        .filter_map(|r| r.poisoned_anchor.clone())
+        .collect();
+    anchor_agreement(&mut summary, nodes, &poisoned);
     Ok(summary)
+}
+
+/// What the honest nodes made of the attackers' Sybil identities.
+fn sybil_figures(summary: &mut Summary, reports: &[Option<NodeReport>]) {
+    let sybils: BTreeSet<&String> = reports.iter().flatten().flat_map(|r| &r.sybil_authors).collect();
+    summary.sybil_identities = sybils.len() as u64;
+    summary.sybil_records = reports.iter().flatten().map(|r| r.sybil_records).sum();
+    for r in reports.iter().flatten().filter(|r| r.honest) {
+        let sum = |m: &BTreeMap<String, u64>| sybils.iter().filter_map(|a| m.get(*a)).sum::<u64>();
+        summary.sybil_merged += sum(&r.merged_by_author);
+        summary.sybil_clipped += sum(&r.clipped_by_author);
+        summary.sybil_rejected += sum(&r.rejected_by_author);
+        summary.sybil_probation += sum(&r.probation_by_author);
+    }
 }
 
 /// Reads every honest node's verdict blocks and join records: whether the
 /// honest nodes trained each round from one anchor, and ended on one.
-fn anchor_agreement(summary: &mut Summary, nodes: &[Running]) {
+fn anchor_agreement(summary: &mut Summary, nodes: &[Running], poisoned: &BTreeSet<String>) {
     let mut per_node = Vec::new();
+    let mut hijacked = 0u64;
     for (n, row) in nodes.iter().zip(summary.nodes.iter_mut()) {
         if n.attack.is_some() {
             continue;
@@ -776,10 +797,18 @@ fn anchor_agreement(summary: &mut Summary, nodes: &[Running]) {
             .filter(|j| j.kind != meshtrain_ledger::JoinKind::Start)
             .map(|j| j.round)
             .collect();
+        let took_poison = closed
+            .values()
+            .any(|c| poisoned.contains(&c.base.to_string()) || poisoned.contains(&c.anchor.to_string()))
+            || joins.iter().any(|j| poisoned.contains(&j.anchor.to_string()));
+        hijacked += u64::from(took_poison);
         row.final_anchor = closed.values().next_back().map(|c| c.anchor.to_string());
         row.anchor_repairs = repairs.len() as u64;
         summary.anchor_repairs += repairs.len() as u64;
         per_node.push((closed, repairs));
+    }
+    if !poisoned.is_empty() {
+        summary.hijacked_nodes = Some(hijacked);
     }
     if per_node.is_empty() {
         return;
@@ -985,6 +1014,20 @@ pub fn table(s: &Summary) -> String {
             s.anchor_repairs,
             s.first_anchor_split
                 .map_or("none".to_string(), |r| format!("round {r}"))
+        );
+    }
+    if s.sybil_identities > 0 {
+        let _ = writeln!(
+            out,
+            "sybils: {} identities signed {} records; honest nodes merged {}, clipped {}, rejected {}, judged on probation {} of them{}",
+            s.sybil_identities,
+            s.sybil_records,
+            s.sybil_merged,
+            s.sybil_clipped,
+            s.sybil_rejected,
+            s.sybil_probation,
+            s.hijacked_nodes
+                .map_or(String::new(), |h| format!("; honest nodes that took the hijacked anchor: {h}"))
         );
     }
     if let Some(m) = s.malicious_rejected_or_clipped_share {

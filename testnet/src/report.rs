@@ -125,5 +125,24 @@ pub struct Summary {
     pub first_anchor_split: Option<u64>,
     #[serde(default)]
     pub anchor_rounds: Vec<AnchorRound>,
+    /// Sybil attacks: identities the attackers ran and records they signed;
+    /// how the honest nodes treated those records (summed over honest
+    /// nodes; records refused outright are in `rejected_by_reason`); and
+    /// how many honest nodes ever trained from, ended on or joined the
+    /// anchor a hijack pushed.
+    #[serde(default)]
+    pub sybil_identities: u64,
+    #[serde(default)]
+    pub sybil_records: u64,
+    #[serde(default)]
+    pub sybil_merged: u64,
+    #[serde(default)]
+    pub sybil_clipped: u64,
+    #[serde(default)]
+    pub sybil_rejected: u64,
+    #[serde(default)]
+    pub sybil_probation: u64,
+    #[serde(default)]
+    pub hijacked_nodes: Option<u64>,
     pub nodes: Vec<NodeSummary>,
 }

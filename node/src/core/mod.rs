@@ -20,6 +20,7 @@ pub mod agreement;
 mod close;
 mod finish;
 pub mod members;
+mod mischief;
 pub mod outcome;
 pub mod power;
 mod receive;
@@ -94,6 +95,8 @@ pub enum Timer {
     Drain,
     /// Membership settled after a change: re-plan the data placement.
     Replan,
+    /// A `split` attacker answers the requests it held back.
+    Held,
 }
 
 /// What the core is told.
@@ -463,6 +466,8 @@ pub struct Counters {
     pub rejected_by_author: BTreeMap<String, u64>,
     pub clipped_by_author: BTreeMap<String, u64>,
     pub merged_by_author: BTreeMap<String, u64>,
+    /// Updates of keys without a vote, judged but not merged (open runs).
+    pub probation_by_author: BTreeMap<String, u64>,
 }
 
 pub struct Core {
@@ -527,6 +532,8 @@ pub struct Core {
     /// Gossip messages not settled yet.
     unsettled: HashSet<MessageId>,
     early: Option<EarlyStopping>,
+    /// An attacking node's Sybils and held-back answers (never an honest one).
+    mischief: Option<mischief::Mischief>,
     /// The round after the last one: the spec's count, or earlier once
     /// early stopping fires.
     end_round: u64,
@@ -556,12 +563,14 @@ impl Core {
         let rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ u64::from_le_bytes(me.0[..8].try_into().unwrap_or([0; 8])));
         let velocity = Arc::new(resume.outer.velocity().to_vec());
         let outer_hash = WeightsHash::of_f32(&velocity);
+        let mischief = mischief::Mischief::new(&cfg, &key, &resume.anchor);
         let mut power = power::Power::new(cfg.admission.clone()).with_me(me);
         for (round, entries) in &resume.verdicts {
             power.credit_round(*round, entries);
         }
         let mut core = Self {
             early: spec.rounds.patience.map(EarlyStopping::new),
+            mischief,
             end_round: spec.rounds.count,
             reputation: Reputation::new(cfg.reputation),
             key,
@@ -667,6 +676,7 @@ impl Core {
             Timer::Settle => self.settle_timer(),
             Timer::Collude => self.try_collude(),
             Timer::Drain => self.drain_tick(),
+            Timer::Held => self.release_held(),
             Timer::Replan => {
                 let members = self.voters_by_author();
                 self.emit(Effect::Replan { members });

@@ -62,6 +62,9 @@ impl Core {
             });
             return;
         }
+        if self.mischief_request(peer, chan, &request) {
+            return;
+        }
         if author_of(&peer).is_none_or(|a| !self.power.admitted(&a)) {
             self.emit(Effect::Respond {
                 chan,

@@ -197,7 +197,11 @@ impl Core {
             return;
         };
         let OwnRound { note, decoded, twin } = *own;
-        let max_inline = self.cfg.max_inline_payload;
+        let max_inline = if self.withholds_inline() {
+            0
+        } else {
+            self.cfg.max_inline_payload
+        };
         let inline = (payload.len() <= max_inline).then_some(payload);
         self.emit(Effect::Publish(GossipMessage::Update {
             record: signed.to_bytes(),
@@ -211,6 +215,7 @@ impl Core {
             }));
         }
         self.counters.published += 1;
+        self.mischief_published(note.round, signed.record.payload_hash, &decoded);
         self.add_vote(meshtrain_ledger::Vote::Record(signed.clone()));
         self.book.offer(Contribution {
             author: self.me,

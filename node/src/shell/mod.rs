@@ -903,6 +903,7 @@ impl Node {
             rejected_by_author: c.rejected_by_author.clone(),
             clipped_by_author: c.clipped_by_author.clone(),
             merged_by_author: c.merged_by_author.clone(),
+            probation_by_author: c.probation_by_author.clone(),
             banned: self.core.banned().iter().map(|a| a.to_string()).collect(),
             peers_seen: self.core.authors_seen().iter().map(|a| a.to_string()).collect(),
             label_histogram: self.data.label_histogram(),
@@ -914,6 +915,9 @@ impl Node {
             restarted: self.core.restarted(),
             joined_at: self.core.joins().to_vec(),
             repaired_at: self.core.repairs(),
+            sybil_authors: self.core.sybil_authors().iter().map(|a| a.to_string()).collect(),
+            sybil_records: self.core.sybil_records(),
+            poisoned_anchor: self.core.poisoned_anchor().map(|h| h.to_string()),
             wall_s: self.started.elapsed().as_secs_f64(),
             history: self.history.clone(),
         }

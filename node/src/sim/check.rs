@@ -123,21 +123,28 @@ pub fn check(world: &World) -> Vec<Violation> {
 /// No honest node ever aggregates onto, ends on, or joins the attackers'
 /// poisoned anchor.
 fn not_hijacked(world: &World, out: &mut Vec<Violation>) {
-    let Some(poisoned) = world.sybils.as_ref().and_then(|s| s.poisoned.as_ref().map(|p| p.2 .0)) else {
+    let mut poisoned = world.poisoned.clone();
+    poisoned.extend(
+        world
+            .sybils
+            .as_ref()
+            .and_then(|s| s.inner.poisoned.as_ref().map(|p| p.key.0)),
+    );
+    if poisoned.is_empty() {
         return;
-    };
+    }
     for n in world.nodes.iter().filter(|n| n.honest()) {
         let closed = n
             .closed
             .iter()
-            .find(|(_, c)| c.base == poisoned || c.anchor == poisoned)
+            .find(|(_, c)| poisoned.contains(&c.base) || poisoned.contains(&c.anchor))
             .map(|(r, _)| *r);
         let joined = meshtrain_ledger::Store::joins(&**n.ledger())
             .unwrap_or_default()
             .iter()
-            .find(|j| j.anchor == poisoned)
+            .find(|j| poisoned.contains(&j.anchor))
             .map(|j| j.round);
-        let ended = (n.final_anchor == Some(poisoned)).then_some(u64::MAX);
+        let ended = n.final_anchor.filter(|a| poisoned.contains(a)).map(|_| u64::MAX);
         if let Some(round) = closed.or(joined).or(ended) {
             out.push(Violation::Hijacked { node: n.index, round });
         }

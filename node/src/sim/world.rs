@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::standin::{self, StandIn};
-use super::sybil::Sybils;
+use super::sybil::SimSybils;
 use super::{SimAdmission, SimConfig};
 use crate::attack::Attack;
 use crate::core::resume::{resume, SavedAnchor};
@@ -154,7 +154,9 @@ pub struct World {
     /// When faults stop.
     pub quiet_at: Millis,
     /// One attacker's many identities, when the scenario has them.
-    pub sybils: Option<Sybils>,
+    pub sybils: Option<SimSybils>,
+    /// Anchors that attacking nodes' own hijacks pushed (`anchor-hijack:K`).
+    pub poisoned: HashSet<WeightsHash>,
     pub crashes: u64,
     pub partitions: u64,
 }
@@ -219,9 +221,10 @@ impl World {
                 final_anchor: None,
             });
         }
-        let sybils = (cfg.sybils > 0).then(|| Sybils::new(&cfg, &spec, &shape, &mut rng));
+        let sybils = (cfg.sybils > 0).then(|| SimSybils::new(&cfg, &spec, &shape, &mut rng));
         let mut world = Self {
             sybils,
+            poisoned: HashSet::new(),
             quiet_at: 0,
             cfg,
             seed,
@@ -479,6 +482,7 @@ impl World {
             admission: admission.clone(),
         };
         let core = Core::new(core_cfg, AuthorKey::from_secret(node.key), resumed);
+        self.poisoned.extend(core.poisoned_anchor());
         let inbox = Inbox::new(
             node.durable.ledger.clone(),
             InboxConfig {

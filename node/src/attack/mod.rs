@@ -1,5 +1,9 @@
 //! Attack modes for testnets and tests (DESIGN §6). A node running one says
 //! so loudly in its logs and its results; honest operators never set one.
+//! `Attacker` poisons a node's own updates; `sybil::Sybils` signs for the
+//! extra identities of `sybil:K` and `anchor-hijack:K`.
+
+pub mod sybil;
 
 use std::fmt;
 use std::str::FromStr;
@@ -32,13 +36,30 @@ pub enum Attack {
     Equivocate,
     /// Sends payloads that do not decode.
     Malformed,
+    /// One attacker, K identities: besides its own (sign-flipped) update,
+    /// K more keys of its own each sign a sign-flipped update every round.
+    Sybil(u32),
+    /// K Sybil identities claim a poisoned anchor as their base (a vote for
+    /// it), and the attacker offers that anchor, self-attested and claimed
+    /// rounds ahead, to whoever asks where the mesh is.
+    AnchorHijack(u32),
+    /// Splits the mesh in time: its (honest) update goes out by hash only,
+    /// and half the peers get the payload at once, the other half only
+    /// after the round's longest wait, so they close the round without it.
+    Split,
 }
+
+/// Most identities one attacking node runs.
+pub const MAX_SYBILS: u32 = 1000;
+
+/// Identities of an `anchor-hijack` given without a count.
+pub const DEFAULT_HIJACK_SYBILS: u32 = 40;
 
 impl Attack {
     /// The delta-level attacks act on the trainer's output directly.
     pub fn corrupt_delta(&self, delta: &mut [f32], round: u64) {
         match *self {
-            Attack::SignFlip => delta.iter_mut().for_each(|d| *d = -*d),
+            Attack::SignFlip | Attack::Sybil(_) | Attack::AnchorHijack(_) => delta.iter_mut().for_each(|d| *d = -*d),
             Attack::Scale(l) => delta.iter_mut().for_each(|d| *d *= l),
             Attack::Noise(sigma) => {
                 let mut rng = ChaCha8Rng::seed_from_u64(0xbad ^ round);
@@ -99,6 +120,15 @@ impl Attack {
 
     pub fn is_label_flip(&self) -> bool {
         matches!(self, Attack::LabelFlip)
+    }
+
+    /// The extra identities this attack signs for, and whether they hijack.
+    pub fn sybils(&self) -> Option<(u32, bool)> {
+        match *self {
+            Attack::Sybil(k) => Some((k, false)),
+            Attack::AnchorHijack(k) => Some((k, true)),
+            _ => None,
+        }
     }
 }
 
@@ -179,6 +209,23 @@ impl FromStr for Attack {
             }
             Ok(v)
         };
+        let count = |default: Option<u32>| -> Result<u32, String> {
+            let k = match (arg, default) {
+                (None, Some(d)) => d,
+                (None, None) => {
+                    return Err(format!(
+                        "attack `{name}` needs a number of identities, e.g. `{name}:40`"
+                    ))
+                }
+                (Some(a), _) => a
+                    .parse()
+                    .map_err(|_| format!("attack `{s}`: `{a}` is not a whole number"))?,
+            };
+            if !(1..=MAX_SYBILS).contains(&k) {
+                return Err(format!("attack `{s}`: between 1 and {MAX_SYBILS} identities"));
+            }
+            Ok(k)
+        };
         let plain = |a: Attack| match arg {
             None => Ok(a),
             Some(_) => Err(format!("attack `{name}` takes no argument")),
@@ -200,8 +247,11 @@ impl FromStr for Attack {
             "replay" => plain(Attack::Replay),
             "equivocate" => plain(Attack::Equivocate),
             "malformed" => plain(Attack::Malformed),
+            "sybil" => Ok(Attack::Sybil(count(None)?)),
+            "anchor-hijack" => Ok(Attack::AnchorHijack(count(Some(DEFAULT_HIJACK_SYBILS))?)),
+            "split" => plain(Attack::Split),
             _ => Err(format!(
-                "unknown attack `{s}`; known: sign-flip, scale:L, noise:SIGMA, alie:Z, ipm:EPS, label-flip, free-rider, replay, equivocate, malformed"
+                "unknown attack `{s}`; known: sign-flip, scale:L, noise:SIGMA, alie:Z, ipm:EPS, label-flip, free-rider, replay, equivocate, malformed, sybil:K, anchor-hijack[:K], split"
             )),
         }
     }
@@ -220,6 +270,9 @@ impl fmt::Display for Attack {
             Attack::Replay => f.write_str("replay"),
             Attack::Equivocate => f.write_str("equivocate"),
             Attack::Malformed => f.write_str("malformed"),
+            Attack::Sybil(k) => write!(f, "sybil:{k}"),
+            Attack::AnchorHijack(k) => write!(f, "anchor-hijack:{k}"),
+            Attack::Split => f.write_str("split"),
         }
     }
 }
@@ -253,11 +306,29 @@ mod tests {
             "replay",
             "equivocate",
             "malformed",
+            "sybil:40",
+            "anchor-hijack:7",
+            "split",
         ] {
             let a: Attack = s.parse().unwrap();
             assert_eq!(a.to_string(), s);
         }
-        for s in ["scale", "noise:-1", "sign-flip:2", "alie:x", "nuke"] {
+        assert_eq!(
+            "anchor-hijack".parse::<Attack>(),
+            Ok(Attack::AnchorHijack(DEFAULT_HIJACK_SYBILS))
+        );
+        for s in [
+            "scale",
+            "noise:-1",
+            "sign-flip:2",
+            "alie:x",
+            "nuke",
+            "sybil",
+            "sybil:0",
+            "sybil:1.5",
+            "sybil:5000",
+            "split:2",
+        ] {
             assert!(s.parse::<Attack>().is_err(), "{s}");
         }
     }

@@ -1,0 +1,181 @@
+//! What an attacking node does besides poisoning its own update (which the
+//! trainer does): the Sybil identities of `sybil:K` and `anchor-hijack:K`
+//! and the held-back payloads of `split`. Honest nodes never build this.
+
+use meshtrain_gossip::libp2p::PeerId;
+use meshtrain_gossip::{FetchRequest, FetchResponse};
+use meshtrain_ledger::{AuthorId, AuthorKey, PayloadHash, WeightsHash};
+use tracing::{debug, info};
+
+use super::{ChanId, Core, CoreConfig, Effect, Millis, Timer};
+use crate::attack::sybil::{Poisoned, Sybils};
+use crate::attack::Attack;
+
+/// `split` answers the late half after at most this long (peers give up on
+/// a request after 30 s).
+const SPLIT_DELAY_CAP_MS: Millis = 20_000;
+
+/// Held-back answers at most (each is a payload request of ours).
+const MAX_HELD: usize = 256;
+
+pub(super) struct Mischief {
+    sybils: Option<Sybils>,
+    /// `split`: our newest payload, and the answers held back for the late
+    /// half of the mesh.
+    own_payload: Option<PayloadHash>,
+    held: Vec<Held>,
+}
+
+struct Held {
+    due: Millis,
+    peer: PeerId,
+    chan: ChanId,
+    request: FetchRequest,
+}
+
+impl Mischief {
+    pub(super) fn new(cfg: &CoreConfig, key: &AuthorKey, anchor: &[f32]) -> Option<Self> {
+        let attack = cfg.attack?;
+        let sybils = attack.sybils().map(|(count, hijack)| {
+            let (host, identities) = Sybils::derive_keys(key, count as usize);
+            Sybils::new(
+                host,
+                identities,
+                cfg.run_id,
+                cfg.genesis_link,
+                cfg.spec.exchange.codec,
+                hijack.then(|| Poisoned::from(anchor)),
+            )
+        });
+        (sybils.is_some() || attack == Attack::Split).then_some(Self {
+            sybils,
+            own_payload: None,
+            held: Vec::new(),
+        })
+    }
+}
+
+/// Which half of the mesh a `split` attacker answers late.
+fn late_half(peer: &PeerId) -> bool {
+    blake3::hash(&peer.to_bytes()).as_bytes()[0] & 1 == 1
+}
+
+impl Core {
+    /// Our update for `round` is out: the Sybils send theirs, each a copy
+    /// of ours (already poisoned) a little apart from the others.
+    pub(super) fn mischief_published(&mut self, round: u64, payload: PayloadHash, decoded: &[f32]) {
+        let base = self.anchor_key();
+        let max_inline = self.cfg.max_inline_payload;
+        let Some(m) = self.mischief.as_mut() else {
+            return;
+        };
+        m.own_payload = Some(payload);
+        let Some(sybils) = m.sybils.as_mut() else {
+            return;
+        };
+        let msgs = sybils.round(round, base, max_inline, |i| {
+            // Apart from ours too: an identical payload would be a replay.
+            let f = 1.0 + (i + 1) as f32 * 1e-3;
+            decoded.iter().map(|v| v * f).collect()
+        });
+        info!(
+            round,
+            identities = msgs.len(),
+            "ATTACK: the Sybil identities published their updates"
+        );
+        for msg in msgs {
+            self.emit(Effect::Publish(msg));
+        }
+    }
+
+    /// Whether a `split` attacker sends its payload by hash only.
+    pub(super) fn withholds_inline(&self) -> bool {
+        self.cfg.attack == Some(Attack::Split)
+    }
+
+    /// Answers a request the attacker's way, if it has one: the Sybils'
+    /// payloads, the poisoned anchor, or our payload held back from the
+    /// late half. Returns whether it answered (or will).
+    pub(super) fn mischief_request(&mut self, peer: PeerId, chan: ChanId, request: &FetchRequest) -> bool {
+        let round = self.round();
+        let genesis = self.cfg.genesis_weights;
+        let delay = self.cfg.spec.rounds.max_wait_ms.min(SPLIT_DELAY_CAP_MS);
+        let now = self.now;
+        let Some(m) = self.mischief.as_mut() else {
+            return false;
+        };
+        let response = match (request, m.sybils.as_ref()) {
+            (FetchRequest::Payload { hash }, Some(s)) => {
+                s.payload(&PayloadHash(*hash)).cloned().map(FetchResponse::Payload)
+            }
+            (FetchRequest::Anchor { weights }, Some(s)) => s.anchor_offer(round, genesis, weights.map(WeightsHash)),
+            (FetchRequest::Payload { hash }, None)
+                if m.own_payload == Some(PayloadHash(*hash)) && late_half(&peer) && m.held.len() < MAX_HELD =>
+            {
+                debug!(round, peer = %super::start::short(&peer), "ATTACK: holding our payload back from this peer");
+                m.held.push(Held {
+                    due: now + delay,
+                    peer,
+                    chan,
+                    request: request.clone(),
+                });
+                let first = m.held.iter().map(|h| h.due).min().unwrap_or(now);
+                self.arm(Timer::Held, first);
+                return true;
+            }
+            _ => None,
+        };
+        match response {
+            Some(response) => {
+                self.emit(Effect::Respond { chan, response });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Answers the held-back requests that are due.
+    pub(super) fn release_held(&mut self) {
+        let now = self.now;
+        let Some(m) = self.mischief.as_mut() else {
+            return;
+        };
+        let (due, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut m.held).into_iter().partition(|h| h.due <= now);
+        m.held = kept;
+        let next = m.held.iter().map(|h| h.due).min();
+        for h in due {
+            self.emit(Effect::Serve {
+                peer: h.peer,
+                chan: h.chan,
+                request: h.request,
+            });
+        }
+        if let Some(at) = next {
+            self.arm(Timer::Held, at);
+        }
+    }
+
+    /// The Sybil identities (for the results), and the anchor they push.
+    pub fn sybil_authors(&self) -> Vec<AuthorId> {
+        self.mischief
+            .as_ref()
+            .and_then(|m| m.sybils.as_ref())
+            .map(|s| s.authors())
+            .unwrap_or_default()
+    }
+
+    pub fn poisoned_anchor(&self) -> Option<WeightsHash> {
+        self.mischief
+            .as_ref()
+            .and_then(|m| m.sybils.as_ref())
+            .and_then(|s| s.poisoned.as_ref())
+            .map(|p| p.key.0)
+    }
+
+    pub fn sybil_records(&self) -> u64 {
+        self.mischief
+            .as_ref()
+            .and_then(|m| m.sybils.as_ref())
+            .map_or(0, |s| s.published())
+    }
+}
