@@ -77,6 +77,9 @@ pub struct AuditReport {
     pub merged: u64,
     pub clipped: u64,
     pub rejected: u64,
+    /// Updates of keys without a vote, judged but weighing nothing.
+    #[serde(default)]
+    pub probation: u64,
     pub payloads_checked: u64,
     pub proofs: u64,
     /// Times the node adopted anchor weights from peers.
@@ -542,6 +545,7 @@ fn audit_verdicts(
                 Verdict::Merged { .. } => report.merged += 1,
                 Verdict::Clipped { .. } => report.clipped += 1,
                 Verdict::Rejected { .. } => report.rejected += 1,
+                Verdict::Probation { .. } => report.probation += 1,
             }
             if entry.verdict.is_rejected() {
                 continue;

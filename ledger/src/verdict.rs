@@ -141,6 +141,16 @@ pub enum Verdict {
     Rejected {
         reason: RejectReason,
     },
+    /// An update by a key without a vote yet (open runs): judged by the
+    /// aggregator alongside the round's voters, but weighing nothing. No
+    /// node waits for such an update, so merging it would make honest
+    /// anchors depend on when it arrived. `factor` is what the aggregator
+    /// would have scaled it by among the voters (1 merged, below 1 clipped,
+    /// 0 rejected, or a near-copy of another update of the round); passing
+    /// at 1 is what earns the key its vote.
+    Probation {
+        factor: f32,
+    },
 }
 
 impl Verdict {

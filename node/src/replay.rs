@@ -30,6 +30,8 @@ fn was_aggregated(entry: &VerdictEntry) -> bool {
     match &entry.verdict {
         Verdict::Merged { .. } | Verdict::Clipped { .. } => true,
         Verdict::Rejected { reason } => matches!(reason, RejectReason::Outlier(_)),
+        // Judged in a pass of its own; it weighs nothing in the anchor.
+        Verdict::Probation { .. } => false,
     }
 }
 

@@ -64,7 +64,7 @@ impl std::fmt::Display for BanReason {
 fn badness(verdict: &Verdict) -> Option<f32> {
     match verdict {
         Verdict::Merged { .. } => Some(0.0),
-        Verdict::Clipped { factor, .. } => Some((1.0 - factor).clamp(0.0, 1.0)),
+        Verdict::Clipped { factor, .. } | Verdict::Probation { factor } => Some((1.0 - factor).clamp(0.0, 1.0)),
         Verdict::Rejected { reason } => match reason {
             RejectReason::Malformed | RejectReason::BadSignature | RejectReason::WrongRun => None,
             RejectReason::Stale | RejectReason::PayloadUnavailable | RejectReason::Banned => None,

@@ -37,6 +37,8 @@ pub struct AggregateJob {
     pub spec: AggregatorSpec,
     pub anchor: Arc<Vec<f32>>,
     pub inputs: RoundInputs,
+    /// Updates of keys on probation: judged, not merged.
+    pub probation: Vec<(super::rounds::Contribution, f32)>,
     pub outer: OuterOptimizer,
     pub me: AuthorId,
     pub wait_ms: u64,
@@ -361,22 +363,23 @@ impl Core {
                 verdict: Verdict::Rejected { reason: reason.clone() },
             });
         }
-        // Keys without a vote weigh together as much as one member (open
-        // runs): any number of fresh keys buys no more influence than one.
-        let unearned = inputs
-            .inputs
-            .iter()
-            .filter(|(c, _)| self.power.of(&c.author) == 0)
-            .count();
-        for (c, w) in inputs.inputs.iter_mut() {
-            *w *= self.power.prior(&c.author, unearned);
-        }
+        // Keys without a vote (open runs) are on probation: judged on their
+        // own against the voters' updates, but left out of the anchor, which
+        // only updates that every node waits for may shape (a Sybil crowd's
+        // updates, merged as they happen to arrive, would give every node
+        // another anchor each round).
+        let power = &self.power;
+        let (probation, voters): (Vec<_>, Vec<_>) = std::mem::take(&mut inputs.inputs)
+            .into_iter()
+            .partition(|(c, _)| power.on_probation(&c.author));
+        inputs.inputs = voters;
         let wait_ms = self.now.saturating_sub(self.phase_since);
         self.set_phase(Phase::Aggregating(note));
         self.emit(Effect::Aggregate(Box::new(AggregateJob {
             spec: self.cfg.spec.exchange.aggregator,
             anchor: self.anchor.clone(),
             inputs,
+            probation,
             outer,
             me: self.me,
             wait_ms,
@@ -389,7 +392,7 @@ impl Core {
         };
         let base = self.anchor_hash;
         let new_hash = WeightsHash::of_f32(&done.anchor);
-        let (mut merged, mut clipped, mut rejected) = (0u64, 0u64, 0u64);
+        let (mut merged, mut clipped, mut rejected, mut probation) = (0u64, 0u64, 0u64, 0u64);
         let mut bans = Vec::new();
         self.power.credit_round(done.round, &done.entries);
         for e in &done.entries {
@@ -430,6 +433,14 @@ impl Core {
                         self.count_rejection(reason.code(), Some(&e.author));
                     }
                 }
+                Verdict::Probation { .. } => {
+                    probation += 1;
+                    self.emit(Effect::Counted {
+                        outcome: "probation",
+                        reason: "",
+                    });
+                    *self.counters.probation_by_author.entry(who).or_default() += 1;
+                }
             }
         }
         self.counters.merged += merged;
@@ -467,6 +478,7 @@ impl Core {
             merged = merged + 1,
             clipped,
             rejected,
+            probation,
             wait_ms = done.wait_ms,
             anchor = %new_hash.short(),
             "round closed"
@@ -532,6 +544,7 @@ pub fn run_aggregation(job: AggregateJob) -> AggregateDone {
         spec,
         anchor,
         inputs,
+        probation,
         mut outer,
         me,
         wait_ms,
@@ -575,6 +588,9 @@ pub fn run_aggregation(job: AggregateJob) -> AggregateDone {
             },
         })
         .collect();
+    if !probation.is_empty() {
+        entries.extend(judge_probation(spec, &agg_inputs, &probation, me));
+    }
     entries.extend(inputs.rejections);
     AggregateDone {
         round: inputs.round,
@@ -583,4 +599,63 @@ pub fn run_aggregation(job: AggregateJob) -> AggregateDone {
         entries,
         wait_ms,
     }
+}
+
+/// Above this cosine similarity two updates are one piece of work (an
+/// attacker's copies under many keys, scaled or not); honest nodes training
+/// on their own shards stay below it even when their updates share most of
+/// their direction (the simulator's stand-in updates reach 0.99).
+const COPY_COSINE: f64 = 0.9999;
+
+/// Judges each update on probation on its own against the voters' updates
+/// (as one member among them), so that its verdict does not depend on which
+/// other unearned updates happened to arrive. A near-copy of another update
+/// of the round earns nothing: one training run earns one vote.
+fn judge_probation(
+    spec: AggregatorSpec,
+    voters: &[AggInput<'_>],
+    probation: &[(super::rounds::Contribution, f32)],
+    me: AuthorId,
+) -> Vec<VerdictEntry> {
+    let norm = |x: &[f32]| x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+    let copies = |a: &[f32], b: &[f32]| {
+        let (na, nb) = (norm(a), norm(b));
+        if na == 0.0 || nb == 0.0 || a.len() != b.len() {
+            return false;
+        }
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+        dot / (na * nb) >= COPY_COSINE
+    };
+    probation
+        .iter()
+        .enumerate()
+        .map(|(i, (c, _))| {
+            let delta = c.delta.as_slice();
+            let copied = voters.iter().any(|v| copies(delta, v.delta))
+                || probation
+                    .iter()
+                    .enumerate()
+                    .any(|(j, (o, _))| j != i && copies(delta, o.delta.as_slice()));
+            let factor = if copied {
+                0.0
+            } else {
+                let mut all = voters.to_vec();
+                all.push(AggInput { delta, weight: 1.0 });
+                let own = (c.author == me).then_some(voters.len());
+                match aggregate_deltas(spec, &all, own).verdicts.last() {
+                    Some(AggVerdict::Merged { .. }) => 1.0,
+                    Some(AggVerdict::Clipped { factor, .. }) => *factor,
+                    _ => 0.0,
+                }
+            };
+            VerdictEntry {
+                author: c.author,
+                seq: c.seq,
+                record_hash: c.record_hash,
+                round: c.round,
+                prior: 0.0,
+                verdict: Verdict::Probation { factor },
+            }
+        })
+        .collect()
 }

@@ -170,14 +170,22 @@ impl Core {
         }
         let elapsed = self.now.saturating_sub(self.phase_since);
         let complete = self.chains_complete();
+        // A member that closes its last round after us may be on another
+        // anchor and need ours (the decided one): we stay until every
+        // connected member has voted, and then while it still fetches.
+        let voted = self.votes.voters(self.round());
+        let votes_in = self.connected_authors().iter().all(|a| voted.contains(a));
         let quiet = self.now.saturating_sub(self.last_served) > QUIET_MS;
-        if (complete && quiet && elapsed > MIN_DRAIN_MS) || elapsed > self.cfg.drain {
+        if (complete && votes_in && quiet && elapsed > MIN_DRAIN_MS) || elapsed > self.cfg.drain {
             if !complete {
                 warn!("leaving with incomplete chains (drain timeout)");
             }
             self.set_phase(Phase::Done);
             self.emit(Effect::Finished);
             return;
+        }
+        if !votes_in {
+            self.ask_final_votes();
         }
         self.arm(Timer::Drain, self.now + DRAIN_CHECK_MS);
     }

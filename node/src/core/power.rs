@@ -137,7 +137,8 @@ impl Power {
     }
 
     /// Open runs: credits the authors whose update for `round` our verdicts
-    /// for it merged at full weight (not clipped). Only in rounds that half
+    /// for it merged at full weight (not clipped), or would have (on
+    /// probation). Only in rounds that half
     /// the voting power took part in: a node left alone with a crowd of
     /// fresh keys (partitioned, or gone back to an old anchor that they
     /// claim too) must not hand them votes for being merged among
@@ -155,22 +156,20 @@ impl Power {
         if 2 * voters_merged < self.total() {
             return;
         }
-        for e in current.filter(|e| matches!(e.verdict, Verdict::Merged { .. })) {
+        let earns = |v: &Verdict| match v {
+            Verdict::Merged { .. } => true,
+            Verdict::Probation { factor } => *factor >= 1.0,
+            _ => false,
+        };
+        for e in current.filter(|e| earns(&e.verdict)) {
             self.merged.entry(e.author).or_default().insert(round);
         }
     }
 
-    /// The prior weight of an update by `author` in an aggregate where
-    /// `unearned` updates come from keys without a vote: full for voters
-    /// (and for everyone while nobody has earned a vote yet), and a share
-    /// of one voter's weight for the unearned, so that any number of fresh
-    /// keys together weigh as much as one member.
-    pub fn prior(&self, author: &AuthorId, unearned: usize) -> f32 {
-        match &self.rule {
-            Rule::Permissioned(_) => 1.0,
-            Rule::Open { .. } if self.total() == 0 || self.of(author) > 0 => 1.0,
-            Rule::Open { .. } => 1.0 / unearned.max(1) as f32,
-        }
+    /// Whether `author`'s updates are on probation: judged, but weighing
+    /// nothing (open runs, a key without a vote once anybody has one).
+    pub fn on_probation(&self, author: &AuthorId) -> bool {
+        matches!(self.rule, Rule::Open { .. }) && self.total() > 0 && self.of(author) == 0
     }
 }
 
@@ -216,13 +215,16 @@ mod tests {
         p.credit_round(0, &[merged(a(1), 0)]);
         p.credit_round(0, &[merged(a(1), 0)]);
         assert_eq!(p.of(&a(1)), 0, "one round, counted once");
-        assert_eq!(p.prior(&a(5), 40), 1.0, "nobody has a vote yet: everyone weighs alike");
+        assert!(!p.on_probation(&a(5)), "nobody has a vote yet: everyone weighs alike");
         p.credit_round(1, &[merged(a(1), 1)]);
         p.credit_round(2, &[merged(a(1), 2)]);
         assert_eq!(p.of(&a(1)), 1, "never more than one vote");
         assert_eq!(p.total(), 1);
-        assert_eq!(p.prior(&a(1), 40), 1.0);
-        assert!((p.prior(&a(5), 40) - 1.0 / 40.0).abs() < 1e-6);
+        assert!(!p.on_probation(&a(1)));
+        assert!(
+            p.on_probation(&a(5)),
+            "once anybody votes, the unearned are on probation"
+        );
         let mut clipped = merged(a(2), 3);
         clipped.verdict = Verdict::Clipped {
             factor: 0.5,
@@ -233,6 +235,15 @@ mod tests {
             p.credit_round(r, &[merged(a(1), r), clipped.clone()]);
         }
         assert_eq!(p.of(&a(2)), 0, "clipped updates earn nothing");
+        // Probation verdicts earn at full weight only.
+        let judged = |author, r, factor| VerdictEntry {
+            verdict: Verdict::Probation { factor },
+            ..merged(author, r)
+        };
+        for r in 9..12 {
+            p.credit_round(r, &[merged(a(1), r), judged(a(3), r, 1.0), judged(a(4), r, 0.9)]);
+        }
+        assert_eq!((p.of(&a(3)), p.of(&a(4))), (1, 0));
     }
 
     #[test]
