@@ -1019,7 +1019,7 @@ pub fn table(s: &Summary) -> String {
     if s.sybil_identities > 0 {
         let _ = writeln!(
             out,
-            "sybils: {} identities signed {} records; honest nodes merged {}, clipped {}, rejected {}, judged on probation {} of them{}",
+            "sybils: {} identities signed {} records; honest nodes merged {}, clipped {}, rejected as outliers {}, judged on probation {} of them{}",
             s.sybil_identities,
             s.sybil_records,
             s.sybil_merged,

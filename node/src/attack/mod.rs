@@ -36,12 +36,14 @@ pub enum Attack {
     Equivocate,
     /// Sends payloads that do not decode.
     Malformed,
-    /// One attacker, K identities: besides its own (sign-flipped) update,
-    /// K more keys of its own each sign a sign-flipped update every round.
+    /// One attacker, K identities: besides its own honest update (so that
+    /// nobody bans it), K more keys of its own each sign a copy of that
+    /// update, sign-flipped, every round.
     Sybil(u32),
     /// K Sybil identities claim a poisoned anchor as their base (a vote for
-    /// it), and the attacker offers that anchor, self-attested and claimed
-    /// rounds ahead, to whoever asks where the mesh is.
+    /// it), and the attacker (its own update honest) offers that anchor,
+    /// self-attested and claimed rounds ahead, to whoever asks where the
+    /// mesh is.
     AnchorHijack(u32),
     /// Splits the mesh in time: its (honest) update goes out by hash only,
     /// and half the peers get the payload at once, the other half only
@@ -59,7 +61,7 @@ impl Attack {
     /// The delta-level attacks act on the trainer's output directly.
     pub fn corrupt_delta(&self, delta: &mut [f32], round: u64) {
         match *self {
-            Attack::SignFlip | Attack::Sybil(_) | Attack::AnchorHijack(_) => delta.iter_mut().for_each(|d| *d = -*d),
+            Attack::SignFlip => delta.iter_mut().for_each(|d| *d = -*d),
             Attack::Scale(l) => delta.iter_mut().for_each(|d| *d *= l),
             Attack::Noise(sigma) => {
                 let mut rng = ChaCha8Rng::seed_from_u64(0xbad ^ round);

@@ -429,8 +429,14 @@ impl Core {
                 }
                 Verdict::Rejected { reason } => {
                     rejected += 1;
-                    if matches!(reason, RejectReason::Outlier(_)) {
-                        self.count_rejection(reason.code(), Some(&e.author));
+                    // Refusals made before this point were counted then;
+                    // an update off the decided base blames nobody.
+                    match reason {
+                        RejectReason::Outlier(_) => self.count_rejection(reason.code(), Some(&e.author)),
+                        RejectReason::OffBase | RejectReason::RoundAbandoned => {
+                            self.count_rejection(reason.code(), None)
+                        }
+                        _ => {}
                     }
                 }
                 Verdict::Probation { .. } => {

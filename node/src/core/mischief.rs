@@ -61,8 +61,8 @@ fn late_half(peer: &PeerId) -> bool {
 }
 
 impl Core {
-    /// Our update for `round` is out: the Sybils send theirs, each a copy
-    /// of ours (already poisoned) a little apart from the others.
+    /// Our (honest) update for `round` is out: the Sybils send theirs, each
+    /// a sign-flipped copy of ours, a little apart from the others.
     pub(super) fn mischief_published(&mut self, round: u64, payload: PayloadHash, decoded: &[f32]) {
         let base = self.anchor_key();
         let max_inline = self.cfg.max_inline_payload;
@@ -74,8 +74,7 @@ impl Core {
             return;
         };
         let msgs = sybils.round(round, base, max_inline, |i| {
-            // Apart from ours too: an identical payload would be a replay.
-            let f = 1.0 + (i + 1) as f32 * 1e-3;
+            let f = -(1.0 + i as f32 * 1e-3);
             decoded.iter().map(|v| v * f).collect()
         });
         info!(
