@@ -802,10 +802,20 @@ fn anchor_agreement(summary: &mut Summary, nodes: &[Running], poisoned: &BTreeSe
             .any(|c| poisoned.contains(&c.base.to_string()) || poisoned.contains(&c.anchor.to_string()))
             || joins.iter().any(|j| poisoned.contains(&j.anchor.to_string()));
         hijacked += u64::from(took_poison);
-        row.final_anchor = closed.values().next_back().map(|c| c.anchor.to_string());
+        // A repair onto the decided final anchor comes after the last
+        // close: it is the anchor the node ended on.
+        let last_closed = closed.keys().next_back().copied();
+        let final_join = joins
+            .iter()
+            .rev()
+            .find(|j| Some(j.round) == last_closed.map(|r| r + 1))
+            .map(|j| j.anchor);
+        row.final_anchor = final_join
+            .or_else(|| closed.values().next_back().map(|c| c.anchor))
+            .map(|a| a.to_string());
         row.anchor_repairs = repairs.len() as u64;
         summary.anchor_repairs += repairs.len() as u64;
-        per_node.push((closed, repairs));
+        per_node.push((closed, repairs, final_join));
     }
     if !poisoned.is_empty() {
         summary.hijacked_nodes = Some(hijacked);
@@ -815,7 +825,7 @@ fn anchor_agreement(summary: &mut Summary, nodes: &[Running], poisoned: &BTreeSe
     }
     let last = per_node
         .iter()
-        .filter_map(|(c, _)| c.keys().next_back().copied())
+        .filter_map(|(c, _, _)| c.keys().next_back().copied())
         .max()
         .unwrap_or(0);
     let (mut agreed, mut counted) = (0u64, 0u64);
@@ -824,9 +834,9 @@ fn anchor_agreement(summary: &mut Summary, nodes: &[Running], poisoned: &BTreeSe
     for round in 1..=last + 1 {
         let anchors: std::collections::BTreeSet<WeightsHash> = per_node
             .iter()
-            .filter_map(|(c, _)| {
+            .filter_map(|(c, _, final_join)| {
                 if round > last {
-                    c.get(&last).map(|x| x.anchor)
+                    final_join.or_else(|| c.get(&last).map(|x| x.anchor))
                 } else {
                     c.get(&round).map(|x| x.base)
                 }
@@ -834,7 +844,7 @@ fn anchor_agreement(summary: &mut Summary, nodes: &[Running], poisoned: &BTreeSe
             .collect();
         let closers = per_node
             .iter()
-            .filter(|(c, _)| c.contains_key(&round.min(last)))
+            .filter(|(c, _, _)| c.contains_key(&round.min(last)))
             .count();
         if anchors.is_empty() {
             continue;
@@ -851,7 +861,7 @@ fn anchor_agreement(summary: &mut Summary, nodes: &[Running], poisoned: &BTreeSe
             nodes: closers,
             repairs: per_node
                 .iter()
-                .map(|(_, r)| r.iter().filter(|x| **x == round).count() as u64)
+                .map(|(_, r, _)| r.iter().filter(|x| **x == round).count() as u64)
                 .sum(),
         });
     }
@@ -1019,7 +1029,7 @@ pub fn table(s: &Summary) -> String {
     if s.sybil_identities > 0 {
         let _ = writeln!(
             out,
-            "sybils: {} identities signed {} records; honest nodes merged {}, clipped {}, rejected as outliers {}, judged on probation {} of them{}",
+            "sybils: {} identities signed {} records; honest nodes merged {}, clipped {}, rejected or refused {}, judged on probation {} of them{}",
             s.sybil_identities,
             s.sybil_records,
             s.sybil_merged,
