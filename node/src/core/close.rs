@@ -85,6 +85,9 @@ impl Core {
             tracing::trace!(round = self.round(), deadline = ?self.book.deadline(), "not closing yet");
             return;
         };
+        if how == Close::AllIn {
+            self.book.note_all_in(self.now);
+        }
         self.closing = true;
         let decided = self.base_is_decided();
         self.closing = false;

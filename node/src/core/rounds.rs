@@ -90,6 +90,10 @@ pub struct RoundBook {
     /// Authors (other than us) seen contributing, with their latest round.
     last_seen: BTreeMap<AuthorId, u64>,
     own_ready_at: Option<Millis>,
+    /// When every expected update of the current round was first in: the
+    /// straggler wait the adaptive deadline learns from (not the close,
+    /// which may wait longer, for votes).
+    all_in_at: Option<Millis>,
     /// The round this node (re)joined at; older updates are ignored.
     joined_at: u64,
     /// Authors whose verified record for a round is in, payload still on its
@@ -117,6 +121,7 @@ impl RoundBook {
             rejections: Vec::new(),
             last_seen: BTreeMap::new(),
             own_ready_at: None,
+            all_in_at: None,
             joined_at: start_round,
             announced: BTreeMap::new(),
             wait,
@@ -230,6 +235,7 @@ impl RoundBook {
     pub fn restart_at(&mut self, round: u64) {
         self.current = round;
         self.own_ready_at = None;
+        self.all_in_at = None;
         self.pending.retain(|r, _| *r >= round);
         self.joined_at = round;
     }
@@ -241,10 +247,20 @@ impl RoundBook {
 
     /// Closes the current round: takes its contributions and the late ones
     /// still in the window, and moves on to the next round.
+    /// The current round's expected updates are all in at `now` (the
+    /// first time counts).
+    pub fn note_all_in(&mut self, now: Millis) {
+        if self.own_ready_at.is_some() && self.all_in_at.is_none() {
+            self.all_in_at = Some(now);
+        }
+    }
+
     pub fn close(&mut self, now: Millis, how: Close) -> RoundInputs {
         if let (Some(ready), Close::AllIn) = (self.own_ready_at, how) {
-            self.wait.observe(now.saturating_sub(ready));
+            let all_in = self.all_in_at.unwrap_or(now);
+            self.wait.observe(all_in.saturating_sub(ready));
         }
+        self.all_in_at = None;
         let round = self.current;
         let mut inputs = Vec::new();
         let rounds: Vec<u64> = self.pending.range(..=round).map(|(r, _)| *r).collect();
@@ -387,6 +403,23 @@ mod tests {
         }
         let e = b.expected(&connected);
         assert!(e.contains(&AuthorId([2; 32])) && !e.contains(&AuthorId([3; 32])));
+    }
+
+    /// A round whose updates were all in early but that closed late (it
+    /// waited for votes, say in a partition) teaches the deadline the
+    /// early time: otherwise every such round would lengthen the next
+    /// one's wait, which lengthens the vote wait in turn.
+    #[test]
+    fn the_wait_learns_when_updates_were_in_not_when_the_round_closed() {
+        let mut b = book();
+        for r in 0..10 {
+            let t = r * 100_000;
+            b.own_ready(t);
+            b.note_all_in(t + 100);
+            b.note_all_in(t + 5_000);
+            b.close(t + 30_000, Close::AllIn);
+        }
+        assert!(b.wait.timeout() < 2_000, "learnt {} ms", b.wait.timeout());
     }
 
     #[test]
