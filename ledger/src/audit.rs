@@ -613,14 +613,14 @@ pub struct Divergence {
     pub equivocation: bool,
 }
 
-/// How two nodes' anchors compare, round by round, as their verdict
-/// chains name them (the anchor each closed the round on).
+/// How two nodes' anchors compare, round by round: the anchor each went on
+/// from after the round, as its verdict chain and repairs name it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AnchorComparison {
     /// Rounds both nodes closed.
     pub rounds_compared: u64,
     pub rounds_differing: u64,
-    /// The first round the two closed on different anchors.
+    /// The first round after which the two went on from different anchors.
     pub first_difference: Option<u64>,
     /// The last round both closed, and whether they closed it alike.
     pub last_common_round: Option<u64>,
@@ -662,20 +662,31 @@ pub fn closed_rounds(ledger: &Ledger) -> Result<std::collections::BTreeMap<u64, 
     Ok(out)
 }
 
-/// Round -> the anchor the owner closed it on.
-fn closed_anchors(ledger: &Ledger) -> Result<std::collections::BTreeMap<u64, crate::WeightsHash>> {
-    let mut out = std::collections::BTreeMap::new();
-    for item in ledger.iter_verdicts()? {
-        let (_, bytes) = item?;
-        let b = crate::SignedVerdictBlock::from_bytes(&bytes)?;
-        out.insert(b.block.round, b.block.new_anchor);
-    }
-    Ok(out)
+/// Round -> the anchor the owner went on from after it: the base of its
+/// next round (after any repair onto the decided anchor), a repair onto the
+/// decided final anchor after its last round, or else the anchor it closed
+/// the round on. A node that closed a round on a sibling anchor and then
+/// repaired agrees with the others.
+fn ended_anchors(ledger: &Ledger) -> Result<std::collections::BTreeMap<u64, crate::WeightsHash>> {
+    let closed = closed_rounds(ledger)?;
+    let joins = ledger.joins()?;
+    Ok(closed
+        .iter()
+        .map(|(round, c)| {
+            let next = round + 1;
+            let went_on = closed
+                .get(&next)
+                .map(|n| n.base)
+                .or_else(|| joins.iter().rev().find(|j| j.round == next).map(|j| j.anchor))
+                .unwrap_or(c.anchor);
+            (*round, went_on)
+        })
+        .collect())
 }
 
-/// Compares the anchors two ledgers' owners closed each round on.
+/// Compares the anchors two ledgers' owners went on from after each round.
 pub fn compare_anchors(left: &Ledger, right: &Ledger) -> Result<AnchorComparison> {
-    let (a, b) = (closed_anchors(left)?, closed_anchors(right)?);
+    let (a, b) = (ended_anchors(left)?, ended_anchors(right)?);
     let mut c = AnchorComparison::default();
     for (round, x) in &a {
         let Some(y) = b.get(round) else { continue };
