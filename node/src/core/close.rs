@@ -38,7 +38,7 @@ pub struct AggregateJob {
     pub anchor: Arc<Vec<f32>>,
     pub inputs: RoundInputs,
     /// Updates of keys on probation: judged, not merged.
-    pub probation: Vec<(super::rounds::Contribution, f32)>,
+    pub probation: Vec<super::rounds::Contribution>,
     pub outer: OuterOptimizer,
     pub me: AuthorId,
     pub wait_ms: u64,
@@ -376,6 +376,7 @@ impl Core {
             .into_iter()
             .partition(|(c, _)| power.on_probation(&c.author));
         inputs.inputs = voters;
+        let probation = probation.into_iter().map(|(c, _)| c).collect();
         let wait_ms = self.now.saturating_sub(self.phase_since);
         self.set_phase(Phase::Aggregating(note));
         self.emit(Effect::Aggregate(Box::new(AggregateJob {
@@ -623,12 +624,14 @@ const COPY_COSINE: f64 = 0.9999;
 fn judge_probation(
     spec: AggregatorSpec,
     voters: &[AggInput<'_>],
-    probation: &[(super::rounds::Contribution, f32)],
+    probation: &[super::rounds::Contribution],
     me: AuthorId,
 ) -> Vec<VerdictEntry> {
+    // Every update with its norm, computed once: each is compared with all.
     let norm = |x: &[f32]| x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
-    let copies = |a: &[f32], b: &[f32]| {
-        let (na, nb) = (norm(a), norm(b));
+    let voters_n: Vec<(&[f32], f64)> = voters.iter().map(|v| (v.delta, norm(v.delta))).collect();
+    let probation_n: Vec<(&[f32], f64)> = probation.iter().map(|c| (c.delta.as_slice(), norm(&c.delta))).collect();
+    let copies = |(a, na): (&[f32], f64), (b, nb): (&[f32], f64)| {
         if na == 0.0 || nb == 0.0 || a.len() != b.len() {
             return false;
         }
@@ -637,14 +640,12 @@ fn judge_probation(
     };
     probation
         .iter()
+        .zip(&probation_n)
         .enumerate()
-        .map(|(i, (c, _))| {
+        .map(|(i, (c, &own))| {
             let delta = c.delta.as_slice();
-            let copied = voters.iter().any(|v| copies(delta, v.delta))
-                || probation
-                    .iter()
-                    .enumerate()
-                    .any(|(j, (o, _))| j != i && copies(delta, o.delta.as_slice()));
+            let copied = voters_n.iter().any(|&v| copies(own, v))
+                || probation_n.iter().enumerate().any(|(j, &o)| j != i && copies(own, o));
             let factor = if copied {
                 0.0
             } else {

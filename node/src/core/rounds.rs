@@ -245,8 +245,6 @@ impl RoundBook {
         self.last_seen.remove(author);
     }
 
-    /// Closes the current round: takes its contributions and the late ones
-    /// still in the window, and moves on to the next round.
     /// The current round's expected updates are all in at `now` (the
     /// first time counts).
     pub fn note_all_in(&mut self, now: Millis) {
@@ -255,6 +253,8 @@ impl RoundBook {
         }
     }
 
+    /// Closes the current round: takes its contributions and the late ones
+    /// still in the window, and moves on to the next round.
     pub fn close(&mut self, now: Millis, how: Close) -> RoundInputs {
         if let (Some(ready), Close::AllIn) = (self.own_ready_at, how) {
             let all_in = self.all_in_at.unwrap_or(now);
