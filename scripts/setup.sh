@@ -42,7 +42,13 @@ mkdir -p "$MESHTRAIN_CACHE"
 ln -sfn "$torch_dir" "$LIBTORCH"
 
 # 3. Build (release: tests and binaries share one profile, so RocksDB and
-#    libtorch's bindings are compiled once).
+#    libtorch's bindings are compiled once). MESHTRAIN_NO_BUILD=1 (set by the
+#    README's test, which runs inside `cargo test` and so cannot build) uses
+#    the binary already built.
+if [ -n "${MESHTRAIN_NO_BUILD:-}" ] && [ -x "$MESHTRAIN_BIN" ]; then
+  echo "setup: MESHTRAIN_NO_BUILD: using $MESHTRAIN_BIN as built" >&2
+  exit 0
+fi
 if [ "${1:-}" = "--tests" ]; then
   cargo build --release --workspace --all-targets
 else

@@ -37,6 +37,9 @@ pub enum NodeError {
     #[error("the run's manifest is not here yet")]
     NoManifest,
 
+    #[error("this node has nothing to train on: the placement over {members} members gave it no records of the {records} in the training split")]
+    NothingToTrain { members: usize, records: u64 },
+
     #[error("{missing} blocks of this node's data are missing and no member has been reachable for {waited_s} s to fetch them from")]
     DataUnreachable { missing: usize, waited_s: u64 },
 

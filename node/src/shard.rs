@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::blockstore::BlockStore;
-use crate::placement::{Partition, Placement};
+use crate::placement::{Partition, Placement, Slice};
 use crate::NodeError;
 
 /// A block (or the manifest) still to fetch, and from whom.
@@ -30,7 +30,7 @@ pub struct ShardPlan {
     pub members: Vec<AuthorId>,
     pub placement: Placement,
     pub held: BTreeSet<String>,
-    pub primary: Vec<String>,
+    pub primary: Vec<Slice>,
 }
 
 impl ShardPlan {
@@ -65,28 +65,30 @@ impl ShardPlan {
         out
     }
 
-    /// Records per class over the primary blocks.
+    /// Records per class over the primary slices (a part of a block
+    /// counts its share of the block's histogram).
     pub fn label_histogram(&self, manifest: &Manifest) -> Vec<u64> {
-        let mut h = vec![0u64; manifest.schema.classes().unwrap_or(0)];
-        for b in manifest
-            .blocks("train")
-            .iter()
-            .filter(|b| self.primary.contains(&b.hash))
-        {
-            for (a, x) in h.iter_mut().zip(&b.label_histogram) {
-                *a += x;
+        let mut h = vec![0f64; manifest.schema.classes().unwrap_or(0)];
+        for s in &self.primary {
+            if let Some(b) = manifest.blocks("train").iter().find(|b| b.hash == s.hash) {
+                let share = s.share(b.records);
+                for (a, x) in h.iter_mut().zip(&b.label_histogram) {
+                    *a += *x as f64 * share;
+                }
             }
         }
-        h
+        h.into_iter().map(|x| x.round() as u64).collect()
     }
 }
 
-/// Streams blocks from the local store. A block that is missing or fails
-/// its hash is reported on `missing` (the node fetches it again) and reads
-/// as empty for now, so training carries on with the others.
+/// Streams the primary slices from the local store. A block that is
+/// missing or fails its hash is reported on `missing` (the node fetches it
+/// again) and reads as empty for now, so training carries on with the
+/// others.
 pub struct StoreReader {
     store: BlockStore,
-    blocks: Vec<(String, usize)>,
+    slices: Vec<Slice>,
+    record_size: usize,
     missing: mpsc::UnboundedSender<String>,
 }
 
@@ -94,32 +96,52 @@ impl StoreReader {
     pub fn new(
         store: BlockStore,
         manifest: &Manifest,
-        primary: &[String],
+        primary: &[Slice],
         missing: mpsc::UnboundedSender<String>,
     ) -> Self {
-        let blocks = manifest
-            .blocks("train")
-            .iter()
-            .filter(|b| primary.contains(&b.hash))
-            .map(|b| (b.hash.clone(), b.records as usize))
-            .collect();
-        Self { store, blocks, missing }
+        let slices = primary.iter().filter(|s| s.records > 0).cloned().collect();
+        Self {
+            store,
+            slices,
+            record_size: manifest.schema.record_size(),
+            missing,
+        }
+    }
+
+    /// The slice's bytes within its block's (the block's hash was checked
+    /// on read, and its length against the manifest when stored).
+    fn cut(&self, slice: &Slice, block: Vec<u8>) -> Option<Vec<u8>> {
+        let start = usize::try_from(slice.start).ok()?.checked_mul(self.record_size)?;
+        let len = usize::try_from(slice.records).ok()?.checked_mul(self.record_size)?;
+        let end = start.checked_add(len)?;
+        if start == 0 && end == block.len() {
+            return Some(block);
+        }
+        block.get(start..end).map(<[u8]>::to_vec)
     }
 }
 
 impl BlockReader for StoreReader {
     fn blocks(&self) -> usize {
-        self.blocks.len()
+        self.slices.len()
     }
 
     fn records_in(&self, block: usize) -> usize {
-        self.blocks[block].1
+        usize::try_from(self.slices[block].records).unwrap_or(0)
     }
 
     fn read(&mut self, block: usize) -> meshtrain_model::Result<Vec<u8>> {
-        let hash = &self.blocks[block].0;
+        let slice = &self.slices[block];
+        let hash = &slice.hash;
         match self.store.block(hash) {
-            Ok(Some(bytes)) => Ok(bytes),
+            Ok(Some(bytes)) => match self.cut(slice, bytes) {
+                Some(bytes) => Ok(bytes),
+                None => {
+                    warn!(block = %&hash[..8], "a primary block is shorter than its manifest entry; fetching it again");
+                    let _ = self.missing.send(hash.clone());
+                    Ok(Vec::new())
+                }
+            },
             Ok(None) => {
                 warn!(block = %&hash[..8], "a primary block is gone or corrupt; fetching it again");
                 let _ = self.missing.send(hash.clone());

@@ -11,6 +11,7 @@
 pub mod dashboard;
 pub mod html;
 pub mod matrix;
+pub mod netns;
 pub mod plot;
 pub mod report;
 
@@ -47,12 +48,22 @@ pub enum TestnetError {
         status: String,
         log_tail: String,
     },
+    #[error("node {index} stopped before it closed a round (status {status}); the testnet stopped the others; its log ends:\n{log_tail}")]
+    FailedBeforeTraining {
+        index: usize,
+        status: String,
+        log_tail: String,
+    },
     #[error("node {index} did not report its listen address within {secs} s")]
     NoListenAddr { index: usize, secs: u64 },
     #[error("the testnet ran past its {0} s timeout; nodes were stopped")]
     Timeout(u64),
     #[error("{path}: {detail}")]
     BadReport { path: PathBuf, detail: String },
+    #[error("network namespaces: {0}")]
+    Netns(String),
+    #[error("interrupted; nodes stopped and namespaces removed")]
+    Interrupted,
 }
 
 /// What to run.
@@ -96,6 +107,49 @@ pub struct TestnetOptions {
     /// keys are made first and written to `out/members.txt`); `open`:
     /// anyone, influence earned.
     pub admission: String,
+    /// Where the nodes run: all on loopback, or each in its own network
+    /// namespace behind a shaped link.
+    pub hosts: Hosts,
+    /// Netns: every node's link rate (unshaped when None).
+    pub link: Option<netns::Rate>,
+    /// Netns: some nodes' links at another rate.
+    pub slow: Vec<(usize, netns::Rate)>,
+    /// Netns: a partition by re-wiring links.
+    pub cut: Option<netns::Cut>,
+    /// The summary says when every honest node first reached this test
+    /// accuracy.
+    pub target_acc: Option<f32>,
+}
+
+/// Where a testnet's nodes run.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Hosts {
+    /// One host: every node on 127.0.0.1.
+    #[default]
+    Loopback,
+    /// A network namespace, address and shaped link per node
+    /// ([`netns`]).
+    Netns,
+}
+
+impl std::str::FromStr for Hosts {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "loopback" => Ok(Hosts::Loopback),
+            "netns" => Ok(Hosts::Netns),
+            _ => Err(format!("--hosts `{s}`: loopback or netns")),
+        }
+    }
+}
+
+impl std::fmt::Display for Hosts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Hosts::Loopback => "loopback",
+            Hosts::Netns => "netns",
+        })
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TestnetError + '_ {
@@ -247,6 +301,7 @@ fn spawn_node(
     bootstrap: &[String],
     seed_store: Option<&Path>,
     wait_peers: usize,
+    net: Option<&netns::Net>,
 ) -> Result<Running, TestnetError> {
     let dir = opts.out.join(format!("node-{index}"));
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -261,8 +316,17 @@ fn spawn_node(
     let attack = (index >= opts.nodes - opts.byzantine)
         .then(|| opts.attack.clone())
         .flatten();
-    let mut cmd = Command::new(&opts.binary);
-    cmd.args(["node", "run", "--listen", "/ip4/127.0.0.1/tcp/0"])
+    let (mut cmd, listen) = match net.and_then(|n| Some((n.hosts.get(index)?, n.listen_addr(index)?))) {
+        Some((host, listen)) => {
+            // `ip netns exec` execs the node in place: same pid, and the
+            // parent-death signal set below survives the exec.
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &host.ns]).arg(&opts.binary);
+            (c, listen)
+        }
+        None => (Command::new(&opts.binary), "/ip4/127.0.0.1/tcp/0".to_string()),
+    };
+    cmd.args(["node", "run", "--listen", &listen])
         .arg("--data-dir")
         .arg(&dir)
         .arg("--run")
@@ -284,6 +348,7 @@ fn spawn_node(
     if let Some(store) = seed_store {
         cmd.arg("--data").arg(store);
     }
+    die_with_parent(&mut cmd);
     let child = cmd.spawn().map_err(|source| TestnetError::Spawn {
         what: format!("node {index}"),
         source,
@@ -295,6 +360,29 @@ fn spawn_node(
         attack,
         status: None,
     })
+}
+
+/// Makes the node process die with the testnet, even when the testnet is
+/// killed with SIGKILL and cannot clean up: the kernel sends the child
+/// SIGKILL when the thread that spawned it exits (nodes are spawned from
+/// the testnet's main thread, which lives as long as the run).
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The testnet may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Waits for a node's `listen.json` and returns its first address.
@@ -383,8 +471,25 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
         })?;
     }
 
+    netns::catch_interrupts();
+    let mut net = match opts.hosts {
+        Hosts::Loopback => None,
+        Hosts::Netns => Some(netns::Net::create(
+            opts.nodes + opts.late_join,
+            opts.link.as_ref(),
+            &opts.slow,
+            opts.cut.map_or(1, |c| c.groups),
+        )?),
+    };
+    if let Some(n) = &net {
+        info!(
+            hosts = n.hosts.len(),
+            link = %opts.link.as_ref().map_or("unshaped".to_string(), |r| r.to_string()),
+            "one network namespace per node"
+        );
+    }
     let mut nodes = Vec::with_capacity(opts.nodes + opts.late_join);
-    let first = spawn_node(opts, 0, &spec, &[], Some(&store), opts.nodes - 1)?;
+    let first = spawn_node(opts, 0, &spec, &[], Some(&store), opts.nodes - 1, net.as_ref())?;
     nodes.push(first);
     let boot = match listen_addr(&mut nodes[0], Duration::from_secs(120)) {
         Ok(a) => a,
@@ -394,7 +499,15 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
         }
     };
     for i in 1..opts.nodes {
-        match spawn_node(opts, i, &spec, std::slice::from_ref(&boot), None, opts.nodes - 1) {
+        match spawn_node(
+            opts,
+            i,
+            &spec,
+            std::slice::from_ref(&boot),
+            None,
+            opts.nodes - 1,
+            net.as_ref(),
+        ) {
             Ok(n) => nodes.push(n),
             Err(e) => {
                 stop_all(&mut nodes);
@@ -425,6 +538,27 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
     );
     loop {
         let progress = mesh_round(&nodes);
+        if netns::interrupted() {
+            bar.abandon();
+            stop_all(&mut nodes);
+            return Err(TestnetError::Interrupted);
+        }
+        if let (Some(n), Some(cut)) = (net.as_mut(), opts.cut) {
+            let on = progress >= cut.at_round && progress < cut.at_round + cut.rounds;
+            if on != n.is_cut() {
+                if let Err(e) = n.set_cut(on) {
+                    bar.abandon();
+                    stop_all(&mut nodes);
+                    return Err(e);
+                }
+                info!(
+                    round = progress,
+                    groups = cut.groups,
+                    "links {}",
+                    if on { "cut" } else { "healed" }
+                );
+            }
+        }
         // No kills whose restart would come after the mesh has finished.
         let per_round = started.elapsed().as_secs_f64() / progress.max(1) as f64;
         let left_s = rounds.saturating_sub(progress) as f64 * per_round;
@@ -463,8 +597,20 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
             .collect();
         for i in due {
             down.retain(|(j, _)| *j != i);
-            let boots = live_addrs(&nodes, i);
-            match spawn_node(opts, i, &spec, &boots, if i == 0 { Some(&store) } else { None }, 1) {
+            let mut boots = live_addrs(&nodes, i);
+            if net.is_some() {
+                // As on real hosts: one bootstrap address, Kademlia finds the rest.
+                boots.truncate(1);
+            }
+            match spawn_node(
+                opts,
+                i,
+                &spec,
+                &boots,
+                if i == 0 { Some(&store) } else { None },
+                1,
+                net.as_ref(),
+            ) {
                 Ok(n) => {
                     info!(node = i, round = progress, "churn: restarted from its data dir");
                     restarts += 1;
@@ -481,8 +627,12 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
                 let i = opts.nodes + k;
                 // Its directory holds only the identity on the roster
                 // (written, after cleaning, before anyone started).
-                let boots = live_addrs(&nodes, i);
-                match spawn_node(opts, i, &spec, &boots, None, 1) {
+                let mut boots = live_addrs(&nodes, i);
+                if net.is_some() {
+                    // As on real hosts: one bootstrap address, Kademlia finds the rest.
+                    boots.truncate(1);
+                }
+                match spawn_node(opts, i, &spec, &boots, None, 1, net.as_ref()) {
                     Ok(n) => {
                         info!(node = i, round = progress, "late joiner started");
                         nodes.push(n);
@@ -493,12 +643,21 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
         }
 
         let mut running = 0;
+        let mut failed_early = None;
         for n in nodes.iter_mut() {
             if n.status.is_none() {
                 match n.child.try_wait() {
                     Ok(Some(s)) => {
                         if !s.success() {
                             warn!(node = n.index, status = %s, "node failed; see {}", n.dir.join("node.log").display());
+                            // An honest node that stops before its first
+                            // round (no data, a model that does not fit,
+                            // no peers) will not come back: say why now,
+                            // not when the testnet's timeout runs out.
+                            let killed = down.iter().any(|(i, _)| *i == n.index);
+                            if !killed && n.attack.is_none() && !n.dir.join("progress.json").exists() {
+                                failed_early = Some((n.index, s.to_string(), tail(&n.dir.join("node.log"), 5)));
+                            }
                         }
                         n.status = Some(s);
                     }
@@ -506,6 +665,15 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
                     Err(_) => n.status = Some(std::process::ExitStatus::default()),
                 }
             }
+        }
+        if let Some((index, status, log_tail)) = failed_early {
+            bar.abandon();
+            stop_all(&mut nodes);
+            return Err(TestnetError::FailedBeforeTraining {
+                index,
+                status,
+                log_tail,
+            });
         }
         if running == 0 && down.is_empty() && late_started {
             bar.finish_and_clear();
@@ -531,6 +699,16 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
 
     let mut summary = summarise(opts, &nodes, started.elapsed())?;
     summary.restarts = restarts;
+    summary.hosts = opts.hosts.to_string();
+    if let Some(n) = &net {
+        for row in &mut summary.nodes {
+            if let Some(h) = n.hosts.get(row.index) {
+                row.host_addr = Some(h.addr.to_string());
+                row.link = h.rate.as_ref().map(|r| r.to_string());
+            }
+        }
+    }
+    drop(net);
     let finished: Vec<&Path> = nodes
         .iter()
         .filter(|n| n.status.is_some_and(|s| s.success()))
@@ -671,6 +849,12 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
             row.banned = r.banned.clone();
             row.label_histogram = r.label_histogram.clone();
             row.data_fetch_ms = r.data_fetch_ms;
+            row.time_to_target_s = opts.target_acc.and_then(|t| {
+                r.history
+                    .iter()
+                    .find(|h| h.test_acc.is_finite() && h.test_acc >= t)
+                    .map(|h| h.at_ms as f64 / 1000.0)
+            });
             summary.param_count = r.param_count;
             summary.rounds = summary.rounds.max(r.rounds_completed);
             if r.updates_published > 0 {
@@ -716,6 +900,20 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         summary.nodes.push(row);
     }
     let honest: Vec<&NodeSummary> = summary.nodes.iter().filter(|n| n.honest).collect();
+    summary.target_acc = opts.target_acc;
+    // Every honest node there: the slowest one's time.
+    summary.time_to_target_s = opts.target_acc.and_then(|_| {
+        honest
+            .iter()
+            .map(|n| n.time_to_target_s)
+            .try_fold(0f64, |a, t| t.map(|t| a.max(t)))
+    });
+    let node_rounds: u64 = honest.iter().map(|n| n.rounds_completed).sum();
+    summary.bytes_sent_per_node_round = if node_rounds > 0 {
+        honest.iter().map(|n| n.bytes_sent).sum::<u64>() as f64 / node_rounds as f64
+    } else {
+        0.0
+    };
     if !honest.is_empty() {
         summary.honest_mean_acc = honest.iter().map(|n| n.final_test_acc).sum::<f32>() / honest.len() as f32;
         summary.honest_min_acc = honest.iter().map(|n| n.final_test_acc).fold(f32::INFINITY, f32::min);
@@ -1015,6 +1213,28 @@ pub fn table(s: &Summary) -> String {
             s.lost_records,
             s.killed_heads_checked,
             s.late_join_first_merge_s.map_or("-".to_string(), |t| format!("{t:.1} s"))
+        );
+    }
+    if s.hosts == "netns" {
+        let links: BTreeSet<String> = s
+            .nodes
+            .iter()
+            .map(|n| n.link.clone().unwrap_or_else(|| "unshaped".into()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "hosts: one network namespace per node; links {}; {} sent per honest node per round",
+            links.into_iter().collect::<Vec<_>>().join(", "),
+            human_bytes(s.bytes_sent_per_node_round as u64)
+        );
+    }
+    if let Some(t) = s.target_acc {
+        let _ = writeln!(
+            out,
+            "time to {:.1}% test accuracy (every honest node): {}",
+            100.0 * t,
+            s.time_to_target_s
+                .map_or("not reached".to_string(), |x| format!("{x:.1} s"))
         );
     }
     if let Some(a) = s.anchor_agreement {

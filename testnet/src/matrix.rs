@@ -160,6 +160,10 @@ pub fn run_matrix(
             Some(s) => Ok(s),
             None => run(&opts),
         };
+        if let Err(crate::TestnetError::Interrupted) = result {
+            // Ctrl-C stops the whole grid, not just this cell.
+            return Err(crate::TestnetError::Interrupted);
+        }
         if !policy.keep_ledgers {
             drop_ledgers(&opts.out);
         }

@@ -44,6 +44,15 @@ pub struct NodeSummary {
     /// catch-ups, reverts), from its ledger's join records.
     #[serde(default)]
     pub anchor_repairs: u64,
+    /// `--hosts netns`: the node's address and link rate.
+    #[serde(default)]
+    pub host_addr: Option<String>,
+    #[serde(default)]
+    pub link: Option<String>,
+    /// Seconds from the node's start to its first evaluation at or above
+    /// `--target-acc`.
+    #[serde(default)]
+    pub time_to_target_s: Option<f64>,
 }
 
 /// One round of the anchor agreement, over the honest nodes.
@@ -144,5 +153,17 @@ pub struct Summary {
     pub sybil_probation: u64,
     #[serde(default)]
     pub hijacked_nodes: Option<u64>,
+    /// `loopback` or `netns`.
+    #[serde(default)]
+    pub hosts: String,
+    #[serde(default)]
+    pub target_acc: Option<f32>,
+    /// Seconds until every honest node had reached `target_acc` (from each
+    /// node's start); None when one never did.
+    #[serde(default)]
+    pub time_to_target_s: Option<f64>,
+    /// Bytes an honest node sent per round, on average.
+    #[serde(default)]
+    pub bytes_sent_per_node_round: f64,
     pub nodes: Vec<NodeSummary>,
 }

@@ -35,7 +35,7 @@ pub(super) struct ImportArgs {
     /// The block store to write.
     #[arg(long)]
     pub(super) out: PathBuf,
-    /// Block size in bytes (whole records only); HDFS's 64 MiB by default.
+    /// Block size in bytes (whole records only); 4 MiB by default.
     #[arg(long, default_value_t = meshtrain_model::blocks::DEFAULT_BLOCK_SIZE)]
     pub(super) block_size: usize,
     /// CSV: the column holding the class.

@@ -110,6 +110,15 @@ pub(super) fn read_roster(path: &Path) -> Result<Vec<String>> {
     Ok(members)
 }
 
+/// The rounds a spec is capped at under `MESHTRAIN_QUICK`.
+const QUICK_ROUNDS: u64 = 4;
+
+/// `MESHTRAIN_QUICK=1` (anything but empty or 0): every run is cut short,
+/// so that the README's commands run as printed in a few minutes in tests.
+fn quick() -> bool {
+    std::env::var("MESHTRAIN_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 /// The admission section from --admission, --earn-rounds and --members.
 pub(super) fn admission(
     mode: Option<&str>,
@@ -259,6 +268,13 @@ pub(super) fn spec_new(args: SpecArgs) -> Result<ExitCode> {
         }
         (None, None) => spec.rounds.count,
     };
+    if quick() && spec.rounds.count > QUICK_ROUNDS {
+        eprintln!(
+            "MESHTRAIN_QUICK: {QUICK_ROUNDS} rounds instead of {}",
+            spec.rounds.count
+        );
+        spec.rounds.count = QUICK_ROUNDS;
+    }
     spec.check()
         .map_err(|e| anyhow::anyhow!("the spec is not valid: {e}"))?;
     let text = spec.to_toml()?;

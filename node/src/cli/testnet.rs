@@ -13,7 +13,8 @@ use super::spec::OuterArgs;
 
 #[derive(Subcommand)]
 pub(super) enum TestnetCommand {
-    /// Start N node processes on loopback, wait for them, report.
+    /// Start N node processes (on loopback, or each in its own network
+    /// namespace), wait for them, report.
     Run(TestnetArgs),
     /// Run a grid of testnets (lists are comma-separated) and tabulate them.
     Matrix(MatrixArgs),
@@ -78,6 +79,29 @@ pub(super) struct CommonTestnetArgs {
     /// Early stopping: evaluations without a better held-out loss.
     #[arg(long)]
     pub(super) patience: Option<u64>,
+    /// `loopback` (every node on 127.0.0.1) or `netns` (each node in its
+    /// own network namespace with its own address, on a bridge; needs
+    /// root). Netns nodes find each other only through one bootstrap
+    /// address and Kademlia.
+    #[arg(long, default_value = "loopback")]
+    pub(super) hosts: meshtrain_testnet::Hosts,
+    /// Netns: every node's link rate, both directions, shaped with tbf
+    /// (e.g. 20mbit, 500kbit, 1gbit). Unshaped without it.
+    #[arg(long)]
+    pub(super) link: Option<meshtrain_testnet::netns::Rate>,
+    /// Netns: `NODES:RATE` for a few slower (or faster) hosts, e.g.
+    /// `7:2mbit` or `2,4-5:10mbit`. Repeatable.
+    #[arg(long)]
+    pub(super) slow: Vec<String>,
+    /// Netns: `AT_ROUND:ROUNDS:GROUPS`: from round AT_ROUND, for ROUNDS
+    /// rounds, the nodes are split into GROUPS contiguous groups whose
+    /// links cannot reach each other. (`--partition` is the data's.)
+    #[arg(long)]
+    pub(super) cut: Option<meshtrain_testnet::netns::Cut>,
+    /// Report when every honest node first reached this test accuracy
+    /// (a fraction, e.g. 0.86).
+    #[arg(long)]
+    pub(super) target_acc: Option<f32>,
 }
 
 fn parse_churn(s: &str) -> Result<(u64, u64)> {
@@ -158,6 +182,18 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
     if c.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    if c.hosts != meshtrain_testnet::Hosts::Netns && (c.link.is_some() || !c.slow.is_empty() || c.cut.is_some()) {
+        bail!("--link, --slow and --cut shape the links between hosts: they need --hosts netns");
+    }
+    if let Some(t) = c.target_acc {
+        if !(t > 0.0 && t <= 1.0) {
+            bail!("--target-acc {t}: give a fraction in (0, 1], e.g. 0.86");
+        }
+    }
+    let mut slow = Vec::new();
+    for s in &c.slow {
+        slow.extend(meshtrain_testnet::netns::parse_slow(s).map_err(|e| anyhow::anyhow!(e))?);
+    }
     let mut spec_args = c.outer.to_args();
     spec_args.extend(["--lr".to_string(), c.lr.to_string()]);
     spec_args.extend(["--batch-size".to_string(), c.batch_size.to_string()]);
@@ -194,6 +230,11 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
         late_join: c.late_join,
         dashboard: None,
         admission: c.admission.clone(),
+        hosts: c.hosts,
+        link: c.link.clone(),
+        slow,
+        cut: c.cut,
+        target_acc: c.target_acc,
     })
 }
 

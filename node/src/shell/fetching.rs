@@ -115,6 +115,12 @@ impl DataPhase {
     fn training_source(&self) -> Result<Box<dyn meshtrain_model::RecordSource>, NodeError> {
         let manifest = self.manifest.as_ref().ok_or(NodeError::NoManifest)?;
         let plan = self.plan.as_ref().ok_or(NodeError::NoManifest)?;
+        if plan.primary.iter().all(|s| s.records == 0) {
+            return Err(NodeError::NothingToTrain {
+                members: plan.members.len(),
+                records: manifest.records("train"),
+            });
+        }
         let reader = StoreReader::new(self.store.clone(), manifest, &plan.primary, self.missing_tx.clone());
         let seed = self.shard_seed ^ self.next_seq.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         Ok(Box::new(BlockStream::new(
