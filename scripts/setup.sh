@@ -37,7 +37,10 @@ if ! torch_ok; then
   .venv/bin/pip install -q torch==2.13.0
   torch_ok || { echo "setup: torch 2.13.0 did not install" >&2; exit 1; }
 fi
-torch_dir="$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)"
+# The real path: a venv reached through a symlink (the README's test links
+# one into a temporary checkout) must not leave the cache's link pointing
+# into a directory that is about to disappear.
+torch_dir="$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(os.path.realpath(torch.__file__)))' 2>/dev/null)"
 mkdir -p "$MESHTRAIN_CACHE"
 ln -sfn "$torch_dir" "$LIBTORCH"
 

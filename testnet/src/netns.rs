@@ -48,7 +48,7 @@ impl std::str::FromStr for Rate {
             .parse()
             .map_err(|_| format!("link rate `{s}`: `{num}` is not a number"))?;
         let bits = n * mult as f64;
-        if !(bits.is_finite() && bits >= 8_000.0 && bits <= 100e9) {
+        if !(bits.is_finite() && (8_000.0..=100e9).contains(&bits)) {
             return Err(format!("link rate `{s}`: must be between 8kbit and 100gbit"));
         }
         Ok(Rate {
@@ -60,11 +60,11 @@ impl std::str::FromStr for Rate {
 impl std::fmt::Display for Rate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let b = self.bits_per_s;
-        if b % 1_000_000_000 == 0 {
+        if b.is_multiple_of(1_000_000_000) {
             write!(f, "{}gbit", b / 1_000_000_000)
-        } else if b % 1_000_000 == 0 {
+        } else if b.is_multiple_of(1_000_000) {
             write!(f, "{}mbit", b / 1_000_000)
-        } else if b % 1_000 == 0 {
+        } else if b.is_multiple_of(1_000) {
             write!(f, "{}kbit", b / 1_000)
         } else {
             write!(f, "{b}bit")

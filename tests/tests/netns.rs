@@ -36,9 +36,9 @@ fn nodes_on_their_own_hosts_train_through_shaped_and_cut_links() {
             "--rounds",
             "10",
             "--link",
-            "20mbit",
+            "1gbit",
             "--slow",
-            "3:5mbit",
+            "3:100mbit",
             "--codec",
             "topk-int8:0.01",
             "--cut",
@@ -65,10 +65,10 @@ fn nodes_on_their_own_hosts_train_through_shaped_and_cut_links() {
     assert_eq!(
         links,
         [
-            Some("20mbit".into()),
-            Some("20mbit".into()),
-            Some("20mbit".into()),
-            Some("5mbit".into())
+            Some("1gbit".into()),
+            Some("1gbit".into()),
+            Some("1gbit".into()),
+            Some("100mbit".into())
         ]
     );
     // Nodes listened on their own addresses, never on loopback.
