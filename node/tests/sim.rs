@@ -113,3 +113,16 @@ fn permissioned_with_a_splitting_member() {
     let cfg = attacker("split", SimAdmission::Permissioned);
     sweep_n("permissioned + split", cfg, "--byzantine 1 --attack split", 80);
 }
+
+/// Every node but the first fetches its shard for three minutes before its
+/// first round (the 20 Mbit/s case): the node that was ready first closes
+/// round 0 alone, waits for the others' votes instead of stopping as cut
+/// off, and repairs onto the anchor they decide.
+#[test]
+fn a_mesh_slow_to_fetch_its_shards_waits_for_them() {
+    let cfg = SimConfig {
+        slow_first_ms: 180_000,
+        ..SimConfig::default()
+    };
+    sweep_n("permissioned + slow first round", cfg, "--slow-first-ms 180000", 80);
+}

@@ -63,6 +63,10 @@ pub(super) struct SimArgs {
     /// self-attested, to anyone who asks (needs --sybils).
     #[arg(long)]
     hijack: bool,
+    /// Every node but node 0 spends this many milliseconds more on its
+    /// first round (fetching its shard over a slow link).
+    #[arg(long, default_value_t = 0)]
+    slow_first_ms: u64,
     /// Threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -124,6 +128,7 @@ pub(super) fn run(a: SimArgs) -> Result<ExitCode> {
         admission,
         sybils: a.sybils,
         hijack: a.hijack,
+        slow_first_ms: a.slow_first_ms,
         ..SimConfig::default()
     };
     let threads = a

@@ -159,6 +159,10 @@ pub(super) struct MatrixArgs {
     /// Attacks (`none` for the clean run), each with --byzantine attackers.
     #[arg(long, value_delimiter = ',', default_value = "none")]
     pub(super) attacks: Vec<String>,
+    /// Netns link rates to compare (every node's link; overrides --link),
+    /// e.g. `10mbit,50mbit,1gbit`.
+    #[arg(long, value_delimiter = ',')]
+    pub(super) links: Vec<meshtrain_testnet::netns::Rate>,
     /// Keep every node's ledger (removed after each run by default).
     #[arg(long)]
     pub(super) keep_ledgers: bool,
@@ -280,7 +284,11 @@ fn testnet_matrix(args: MatrixArgs) -> Result<ExitCode> {
         local_steps: args.local_steps.clone(),
         aggregators: args.aggregators.iter().map(|a| a.to_string()).collect(),
         attacks,
+        links: args.links.clone(),
     };
+    if !args.links.is_empty() && args.common.hosts != meshtrain_testnet::Hosts::Netns {
+        bail!("--links shapes the links between hosts: it needs --hosts netns");
+    }
     let out = args.common.out.clone();
     let policy = meshtrain_testnet::matrix::MatrixPolicy {
         keep_ledgers: args.keep_ledgers,
@@ -288,13 +296,17 @@ fn testnet_matrix(args: MatrixArgs) -> Result<ExitCode> {
     };
     let rows = meshtrain_testnet::matrix::run_matrix(&base, &axes, &out, policy, |i, n, r| {
         eprintln!(
-            "[{i}/{n}] {} {} H={} {} {}: honest mean {:.2}%{}",
+            "[{i}/{n}] {} {} H={} {} {}{}: honest mean {:.2}%{}{}",
             r.model,
             r.codec,
             r.local_steps,
             r.aggregator,
             r.attack.as_deref().unwrap_or("clean"),
+            r.link.as_deref().map(|l| format!(" at {l}")).unwrap_or_default(),
             100.0 * r.honest_mean_acc,
+            r.time_to_target_s
+                .map(|t| format!(", target in {t:.1} s"))
+                .unwrap_or_default(),
             r.error
                 .as_deref()
                 .map(|e| format!(" (failed: {e})"))

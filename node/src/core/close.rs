@@ -31,6 +31,12 @@ fn isolation_ms(max_wait_ms: Millis) -> Millis {
     (2 * max_wait_ms).max(60_000)
 }
 
+/// How many times that long a node waits when most of the voting power is
+/// connected but has not voted yet: those members are alive and behind
+/// (fetching their shard over a slow link before their first round), and
+/// giving up on them would stop the one node that was ready first.
+const BEHIND_FACTOR: Millis = 10;
+
 /// One round's aggregation, for a worker thread (or inline, simulated).
 #[derive(Debug)]
 pub struct AggregateJob {
@@ -147,8 +153,24 @@ impl Core {
                 // them rather than run ahead on an anchor nobody agreed,
                 // but not forever (a node cut off for good, or banned by
                 // everyone, stops with an error instead of hanging).
+                // While members we are connected to could still make up
+                // the half, they are alive and behind (fetching their
+                // shard over a slow link, say), not gone: wait longer.
+                let voted = self.votes.voters(round);
+                let connected: u64 = self
+                    .connected_authors()
+                    .iter()
+                    .filter(|a| !voted.contains(a))
+                    .map(|a| self.power.of(a))
+                    .sum();
+                let isolation = isolation_ms(self.cfg.spec.rounds.max_wait_ms);
+                let patience = if 2 * (tally.seen + connected) > tally.total {
+                    BEHIND_FACTOR * isolation
+                } else {
+                    isolation
+                };
                 if let Some(deadline) = self.book.deadline() {
-                    let give_up = deadline + isolation_ms(self.cfg.spec.rounds.max_wait_ms);
+                    let give_up = deadline + patience;
                     if self.now >= give_up {
                         self.emit(Effect::Fatal(CoreFault::Isolated {
                             round,

@@ -55,6 +55,10 @@ pub struct SimConfig {
     /// The Sybils also claim their poisoned anchor as the base of their
     /// records and offer it, self-attested, to anyone who asks.
     pub hijack: bool,
+    /// Every node but the first spends this much longer on its first
+    /// round: it fetches its shard over a slow link from node 0, which
+    /// holds the data and is ready at once.
+    pub slow_first_ms: u64,
 }
 
 /// How the simulated run admits nodes.
@@ -87,6 +91,7 @@ impl Default for SimConfig {
             admission: SimAdmission::Permissioned,
             sybils: 0,
             hijack: false,
+            slow_first_ms: 0,
         }
     }
 }
@@ -105,7 +110,7 @@ pub struct SeedOutcome {
 /// Runs one seed and checks it.
 pub fn run_seed(cfg: &SimConfig, seed: u64) -> SeedOutcome {
     let mut world = World::new(cfg.clone(), seed);
-    let limit = cfg.rounds * (cfg.train_ms + 3000) * 4 + 60_000;
+    let limit = cfg.rounds * (cfg.train_ms + 3000) * 4 + 60_000 + cfg.slow_first_ms;
     world.run(limit);
     SeedOutcome {
         seed,

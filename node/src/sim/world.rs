@@ -80,6 +80,8 @@ pub struct SimNode {
     pub double_settles: u64,
     /// The anchor the node evaluated at the end.
     pub final_anchor: Option<WeightsHash>,
+    /// Has trained a round (its shard is here: a restart does not fetch it again).
+    trained_once: bool,
 }
 
 impl SimNode {
@@ -219,6 +221,7 @@ impl World {
                 fatal: None,
                 double_settles: 0,
                 final_anchor: None,
+                trained_once: false,
             });
         }
         let sybils = (cfg.sybils > 0).then(|| SimSybils::new(&cfg, &spec, &shape, &mut rng));
@@ -701,7 +704,11 @@ impl World {
                 evaluate,
             } => {
                 let eval = evaluate.then(|| standin::evaluate(&anchor, self.cfg.params, self.seed, round).summary);
-                let jitter = self.rng.random_range(0..=self.cfg.train_ms / 3);
+                let mut jitter = self.rng.random_range(0..=self.cfg.train_ms / 3);
+                if index > 0 && !self.nodes[index].trained_once {
+                    jitter += self.cfg.slow_first_ms;
+                }
+                self.nodes[index].trained_once = true;
                 let Some(live) = self.nodes[index].live.as_mut() else {
                     return;
                 };
