@@ -797,6 +797,8 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         })
         .collect();
     let mut complete = true;
+    // Per node: how many of its updates the other honest nodes merged.
+    let mut merged_of: BTreeMap<usize, u64> = BTreeMap::new();
     let (mut mal_seen, mut mal_hit, mut hon_seen, mut hon_rejected) = (0u64, 0u64, 0u64, 0u64);
     let mut all_banned = true;
     let mut payload_sum = 0f64;
@@ -849,6 +851,12 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
             row.banned = r.banned.clone();
             row.label_histogram = r.label_histogram.clone();
             row.data_fetch_ms = r.data_fetch_ms;
+            row.round_s = match (r.history.first(), r.history.last()) {
+                (Some(a), Some(b)) if b.round > a.round => {
+                    Some(b.at_ms.saturating_sub(a.at_ms) as f64 / 1000.0 / (b.round - a.round) as f64)
+                }
+                _ => None,
+            };
             row.time_to_target_s = opts.target_acc.and_then(|t| {
                 r.history
                     .iter()
@@ -870,6 +878,7 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
                     let rejected = r.rejected_by_author.get(author).copied().unwrap_or(0);
                     let clipped = r.clipped_by_author.get(author).copied().unwrap_or(0);
                     let merged = r.merged_by_author.get(author).copied().unwrap_or(0);
+                    *merged_of.entry(*j).or_default() += merged;
                     if *honest {
                         hon_seen += rejected + clipped + merged;
                         hon_rejected += rejected;
@@ -898,6 +907,10 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
             complete = false;
         }
         summary.nodes.push(row);
+    }
+    for row in &mut summary.nodes {
+        row.updates_published = authors.get(&row.index).map_or(0, |a| a.1);
+        row.merged_by_peers = merged_of.get(&row.index).copied().unwrap_or(0);
     }
     let honest: Vec<&NodeSummary> = summary.nodes.iter().filter(|n| n.honest).collect();
     summary.target_acc = opts.target_acc;
@@ -1227,6 +1240,18 @@ pub fn table(s: &Summary) -> String {
             links.into_iter().collect::<Vec<_>>().join(", "),
             human_bytes(s.bytes_sent_per_node_round as u64)
         );
+        for n in &s.nodes {
+            let _ = writeln!(
+                out,
+                "  node {} at {} on {}: {} s per round, {} of its {} updates merged by the other honest nodes",
+                n.index,
+                n.host_addr.as_deref().unwrap_or("?"),
+                n.link.as_deref().unwrap_or("unshaped"),
+                n.round_s.map_or("-".to_string(), |r| format!("{r:.2}")),
+                n.merged_by_peers,
+                n.updates_published
+            );
+        }
     }
     if let Some(t) = s.target_acc {
         let _ = writeln!(

@@ -18,6 +18,8 @@ pub struct Axes {
     pub aggregators: Vec<String>,
     /// `None` is the clean run (no attackers).
     pub attacks: Vec<Option<String>>,
+    /// Netns link rates (every node's); empty: the base options' link.
+    pub links: Vec<crate::netns::Rate>,
 }
 
 /// One testnet of the grid.
@@ -29,6 +31,9 @@ pub struct MatrixRow {
     pub aggregator: String,
     pub attack: Option<String>,
     pub byzantine: usize,
+    /// Every node's link rate (netns), when shaped.
+    #[serde(default)]
+    pub link: Option<String>,
     pub rounds: u64,
     pub param_count: u64,
     pub honest_mean_acc: f32,
@@ -45,6 +50,10 @@ pub struct MatrixRow {
     pub audit_failures: u64,
     pub complete_chains: bool,
     pub wall_s: f64,
+    /// Wall-clock seconds until every honest node reached the target
+    /// accuracy (`--target-acc`), if it did.
+    #[serde(default)]
+    pub time_to_target_s: Option<f64>,
     /// Set when the testnet itself failed.
     pub error: Option<String>,
 }
@@ -59,6 +68,7 @@ impl MatrixRow {
             aggregator: s.aggregator.clone(),
             attack,
             byzantine,
+            link: None,
             rounds: s.rounds,
             param_count: s.param_count,
             honest_mean_acc: s.honest_mean_acc,
@@ -72,6 +82,7 @@ impl MatrixRow {
             audit_failures: s.audit_failures,
             complete_chains: s.complete_chains,
             wall_s: s.wall_s,
+            time_to_target_s: s.time_to_target_s,
             error: None,
         }
     }
@@ -118,13 +129,20 @@ pub fn run_matrix(
         path: out.to_path_buf(),
         source,
     })?;
+    let links: Vec<Option<crate::netns::Rate>> = if axes.links.is_empty() {
+        vec![base.link.clone()]
+    } else {
+        axes.links.iter().cloned().map(Some).collect()
+    };
     let mut grid = Vec::new();
     for m in &axes.models {
         for a in &axes.attacks {
             for g in &axes.aggregators {
-                for c in &axes.codecs {
-                    for h in &axes.local_steps {
-                        grid.push((m.clone(), c.clone(), *h, g.clone(), a.clone()));
+                for l in &links {
+                    for c in &axes.codecs {
+                        for h in &axes.local_steps {
+                            grid.push((m.clone(), c.clone(), *h, g.clone(), a.clone(), l.clone()));
+                        }
                     }
                 }
             }
@@ -132,14 +150,19 @@ pub fn run_matrix(
     }
     let total = grid.len();
     let mut rows = Vec::with_capacity(total);
-    for (i, (model, codec, h, aggregator, attack)) in grid.into_iter().enumerate() {
+    for (i, (model, codec, h, aggregator, attack, link)) in grid.into_iter().enumerate() {
         let byzantine = if attack.is_some() { base.byzantine } else { 0 };
-        let name = format!(
+        let mut name = format!(
             "{model}-{}-h{h}-{}-{}",
             slug(&codec),
             slug(&aggregator),
             attack.as_deref().map(slug).unwrap_or_else(|| "clean".into())
         );
+        if !axes.links.is_empty() {
+            if let Some(l) = &link {
+                name = format!("{name}-{}", slug(&l.to_string()));
+            }
+        }
         let opts = TestnetOptions {
             model: model.clone(),
             codec: codec.clone(),
@@ -147,6 +170,7 @@ pub fn run_matrix(
             aggregator: aggregator.clone(),
             attack: attack.clone(),
             byzantine,
+            link: link.clone(),
             out: out.join(&name),
             ..base.clone()
         };
@@ -167,7 +191,7 @@ pub fn run_matrix(
         if !policy.keep_ledgers {
             drop_ledgers(&opts.out);
         }
-        let row = match result {
+        let mut row = match result {
             Ok(summary) => MatrixRow::from_summary(&summary, attack, byzantine),
             Err(e) => MatrixRow {
                 model,
@@ -180,6 +204,7 @@ pub fn run_matrix(
                 ..Default::default()
             },
         };
+        row.link = link.map(|l| l.to_string());
         progress(i + 1, total, &row);
         rows.push(row);
         write_outputs(out, &rows)?;
@@ -195,7 +220,52 @@ fn write_outputs(out: &Path, rows: &[MatrixRow]) -> Result<(), TestnetError> {
     })?;
     std::fs::write(&json, text).map_err(|source| TestnetError::Io { path: json, source })?;
     let md = out.join("matrix.md");
-    std::fs::write(&md, markdown(rows)).map_err(|source| TestnetError::Io { path: md, source })
+    std::fs::write(&md, markdown(rows)).map_err(|source| TestnetError::Io { path: md, source })?;
+    if let Some(chart) = time_to_target_chart(rows) {
+        // A missing font costs the picture, not the table.
+        let png = out.join("time-to-target.png");
+        if let Err(e) = crate::plot::lines_png(&png, &chart) {
+            tracing::warn!(path = %png.display(), "cannot draw the time-to-target chart: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Time to the target accuracy against link rate, one line per model,
+/// codec and H: where compression pays in wall-clock time. `None` when no
+/// row has both a link and a time.
+pub fn time_to_target_chart(rows: &[MatrixRow]) -> Option<crate::plot::Lines> {
+    let mut series: Vec<crate::plot::Series> = Vec::new();
+    for r in rows {
+        let (Some(link), Some(t)) = (r.link.as_deref(), r.time_to_target_s) else {
+            continue;
+        };
+        let Ok(rate) = link.parse::<crate::netns::Rate>() else {
+            continue;
+        };
+        let mbit = rate.bits_per_s as f64 / 1e6;
+        let name = format!("{} {} H={}", r.model, r.codec, r.local_steps);
+        let point = (mbit.log10(), t);
+        match series.iter_mut().find(|(n, _, _)| *n == name) {
+            Some((_, points, _)) => points.push(point),
+            None => {
+                let color = crate::plot::palette(series.len());
+                series.push((name, vec![point], color));
+            }
+        }
+    }
+    if series.is_empty() {
+        return None;
+    }
+    for (_, points, _) in &mut series {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    Some(crate::plot::Lines {
+        title: "time to the target accuracy".into(),
+        x_label: "link rate, log10 Mbit/s (1 = 10, 3 = 1000)".into(),
+        y_label: "seconds".into(),
+        series,
+    })
 }
 
 fn pct(v: f64) -> String {
@@ -207,14 +277,17 @@ pub fn markdown(rows: &[MatrixRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| model | codec | H | aggregator | attack | rounds | honest acc (mean / min) | bytes / update | x smaller per exchange | x vs dense every step | MiB sent / node | attackers rejected or clipped | honest rejected | audits |"
+        "| model | codec | H | aggregator | attack | rounds | honest acc (mean / min) | bytes / update | x smaller per exchange | x vs dense every step | MiB sent / node | attackers rejected or clipped | honest rejected | audits | link | wall s | to target s |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for r in rows {
         if let Some(e) = &r.error {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | failed: {} |||||||||",
+                "| {} | {} | {} | {} | {} | failed: {} ||||||||||||",
                 r.model,
                 r.codec,
                 r.local_steps,
@@ -226,7 +299,7 @@ pub fn markdown(rows: &[MatrixRow]) -> String {
         }
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} | {:.1} | {} |",
             r.model,
             r.codec,
             r.local_steps,
@@ -251,7 +324,58 @@ pub fn markdown(rows: &[MatrixRow]) -> String {
             } else {
                 format!("{} failed", r.audit_failures)
             },
+            r.link.as_deref().unwrap_or("-"),
+            r.wall_s,
+            r.time_to_target_s
+                .map(|t| format!("{t:.1}"))
+                .unwrap_or_else(|| "-".into()),
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(codec: &str, link: &str, t: Option<f64>) -> MatrixRow {
+        MatrixRow {
+            model: "mlp".into(),
+            codec: codec.into(),
+            local_steps: 10,
+            aggregator: "trimmed-mean:0.2".into(),
+            link: Some(link.into()),
+            time_to_target_s: t,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn time_to_target_is_charted_per_codec_against_link_rate() {
+        let rows = vec![
+            row("dense", "1gbit", Some(40.0)),
+            row("dense", "10mbit", Some(400.0)),
+            row("topk-int8:0.01", "10mbit", Some(45.0)),
+            row("topk-int8:0.01", "1gbit", None),
+        ];
+        let chart = time_to_target_chart(&rows).expect("a chart");
+        assert_eq!(chart.series.len(), 2);
+        let (name, points, _) = &chart.series[0];
+        assert_eq!(name, "mlp dense H=10");
+        // Sorted by rate: 10 Mbit/s is log10 1, 1 Gbit/s is log10 3.
+        assert_eq!(points.len(), 2);
+        assert!((points[0].0 - 1.0).abs() < 1e-9 && points[0].1 == 400.0);
+        assert!((points[1].0 - 3.0).abs() < 1e-9 && points[1].1 == 40.0);
+        // A run that never reached the target is not a point.
+        assert_eq!(chart.series[1].1.len(), 1);
+        let md = markdown(&rows);
+        assert!(md.contains("| 10mbit | 0.0 | 400.0 |"), "{md}");
+        assert!(md.contains("| 1gbit | 0.0 | - |"), "{md}");
+        // No links, no chart.
+        let plain = MatrixRow {
+            link: None,
+            ..row("dense", "1gbit", Some(1.0))
+        };
+        assert!(time_to_target_chart(&[plain]).is_none());
+    }
 }

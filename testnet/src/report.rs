@@ -53,6 +53,16 @@ pub struct NodeSummary {
     /// `--target-acc`.
     #[serde(default)]
     pub time_to_target_s: Option<f64>,
+    /// Updates the node published, and how many times the other honest
+    /// nodes merged one of them (at most published x their number).
+    #[serde(default)]
+    pub updates_published: u64,
+    #[serde(default)]
+    pub merged_by_peers: u64,
+    /// Mean seconds per round after the first (which includes fetching
+    /// the shard), from the node's round history.
+    #[serde(default)]
+    pub round_s: Option<f64>,
 }
 
 /// One round of the anchor agreement, over the honest nodes.
