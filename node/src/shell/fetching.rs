@@ -20,8 +20,52 @@ use crate::shard::{candidates, test_set, BlockWant, FetchStats, ShardPlan, Store
 use crate::trainer;
 use crate::NodeError;
 
-/// Block requests in flight at once.
+/// Block requests in flight at once, at most.
 const MAX_BLOCK_REQUESTS: usize = 8;
+/// And at first: the window grows by one per block that arrives.
+const FIRST_BLOCK_WINDOW: usize = 2;
+/// Timeouts closer together than this are one congestion event.
+const SHRINK_GAP: Duration = Duration::from_secs(5);
+
+/// How many block requests may be in flight: grows by one per block that
+/// arrives, halves when requests time out. Eight 1 MiB blocks take 34 s
+/// on a 2 Mbit/s link, longer than the request timeout, so a fixed eight
+/// timed out together, were sent again and wasted the link (5 blocks in
+/// 94 s); one or two at a time arrive in a few seconds each.
+#[derive(Clone, Debug)]
+pub struct FetchWindow {
+    size: usize,
+    last_shrink: Option<Instant>,
+}
+
+impl Default for FetchWindow {
+    fn default() -> Self {
+        Self {
+            size: FIRST_BLOCK_WINDOW,
+            last_shrink: None,
+        }
+    }
+}
+
+impl FetchWindow {
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn arrived(&mut self) {
+        self.size = (self.size + 1).min(MAX_BLOCK_REQUESTS);
+    }
+
+    /// A request timed out at `now`: halve, once per burst of timeouts
+    /// (every request in flight times out at about the same moment).
+    pub fn timed_out(&mut self, now: Instant) {
+        if self.last_shrink.is_some_and(|t| now.duration_since(t) < SHRINK_GAP) {
+            return;
+        }
+        self.size = (self.size / 2).max(1);
+        self.last_shrink = Some(now);
+    }
+}
 /// How long a node with blocks still missing waits for any member to appear.
 const FETCH_ALONE_LIMIT: Duration = Duration::from_secs(30);
 /// Blocks held in memory by the training stream.
@@ -36,6 +80,7 @@ pub struct DataPhase {
     pub plan: Option<ShardPlan>,
     wants: BTreeMap<String, BlockWant>,
     pub fetch: FetchStats,
+    pub window: FetchWindow,
     missing_tx: mpsc::UnboundedSender<String>,
     pub missing_rx: mpsc::UnboundedReceiver<String>,
     /// The members the core last named (never banned ones).
@@ -60,6 +105,7 @@ impl DataPhase {
             plan: None,
             wants: BTreeMap::new(),
             fetch: FetchStats::default(),
+            window: FetchWindow::default(),
             missing_tx,
             missing_rx,
             members: BTreeMap::new(),
@@ -232,7 +278,7 @@ impl Node {
             .iter()
             .filter(|(_, w)| !w.in_flight && w.retry_at.is_none_or(|t| now >= t))
             .map(|(h, _)| h.clone())
-            .take(MAX_BLOCK_REQUESTS.saturating_sub(in_flight))
+            .take(self.data.window.size().saturating_sub(in_flight))
             .collect();
         if !self.data.ready {
             let alone = *self.data.fetch.alone_since.get_or_insert(now);
@@ -303,6 +349,7 @@ impl Node {
         match self.data.store.put_block(&hash, &bytes) {
             Ok(()) => {
                 self.data.wants.remove(&hash);
+                self.data.window.arrived();
                 self.data.fetch.blocks += 1;
                 self.data.fetch.bytes += bytes.len() as u64;
                 let left = self.data.wants.len();
@@ -360,5 +407,32 @@ impl Node {
         self.data.ready = true;
         self.feed(Input::DataReady);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fetch_window_grows_per_block_and_halves_once_per_timeout_burst() {
+        let mut w = FetchWindow::default();
+        assert_eq!(w.size(), FIRST_BLOCK_WINDOW);
+        for _ in 0..20 {
+            w.arrived();
+        }
+        assert_eq!(w.size(), MAX_BLOCK_REQUESTS);
+        let t0 = Instant::now();
+        // Eight requests time out together: one halving, not three.
+        for i in 0..8 {
+            w.timed_out(t0 + Duration::from_millis(i * 10));
+        }
+        assert_eq!(w.size(), MAX_BLOCK_REQUESTS / 2);
+        w.timed_out(t0 + SHRINK_GAP + Duration::from_secs(1));
+        w.timed_out(t0 + 3 * SHRINK_GAP);
+        w.timed_out(t0 + 5 * SHRINK_GAP);
+        assert_eq!(w.size(), 1, "never below one");
+        w.arrived();
+        assert_eq!(w.size(), 2);
     }
 }

@@ -822,7 +822,13 @@ impl Node {
                 debug!(peer = %short(&peer), %error, "fetch failed");
                 match self.outbound.remove(&request_id) {
                     Some(Outbound::Core(req)) => self.feed(Input::RequestFailed { req, peer }),
-                    Some(Outbound::Block(hash)) => self.data.block_attempt_failed(&hash),
+                    Some(Outbound::Block(hash)) => {
+                        if matches!(error, request_response::OutboundFailure::Timeout) {
+                            self.data.window.timed_out(Instant::now());
+                            info!(peer = %short(&peer), window = self.data.window.size(), "a block request timed out: fewer in flight");
+                        }
+                        self.data.block_attempt_failed(&hash);
+                    }
                     None => {}
                 }
             }
