@@ -281,6 +281,13 @@ impl Core {
         if self.wants.contains(&hash) || !self.round_matters(of.round) {
             return;
         }
+        if matches!(self.phase, Phase::Fetching) {
+            // Our shard is still coming: payloads would take the link from
+            // it (on 2 Mbit/s, a round's payloads every half second left
+            // the blocks none), and rounds we cannot train in need none.
+            // The records are held; `begin_rounds` wants their payloads.
+            return;
+        }
         let mut candidates: Vec<PeerId> = first.into_iter().collect();
         candidates.extend(members::peer_of(&of.author));
         candidates.extend(self.members.peers());

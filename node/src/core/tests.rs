@@ -226,6 +226,12 @@ impl Harness {
     /// round 0 would (with genesis); the core then trains round 0.
     fn start_training(&mut self) {
         self.input(Input::Start);
+        self.data_ready();
+    }
+
+    /// The shard is here: answers the anchor sync as peers at round 0
+    /// would; returns the effects after the answer (round 0 trains).
+    fn data_ready(&mut self) -> Vec<Effect> {
         self.input(Input::DataReady);
         let asks: Vec<(super::ReqId, PeerId)> = self
             .take()
@@ -252,10 +258,12 @@ impl Harness {
                 },
             });
         }
+        let after = self.take();
         assert!(
-            self.take().iter().any(|e| matches!(e, Effect::Train { round: 0, .. })),
+            after.iter().any(|e| matches!(e, Effect::Train { round: 0, .. })),
             "round 0 starts after the sync"
         );
+        after
     }
 
     /// Our own round: trained, stored, published.
@@ -467,6 +475,41 @@ fn replayed_payloads_are_refused() {
     let rc = c.record(&h, 0, &payload);
     let id = h.gossip(&c, &rc, Some(payload));
     assert_eq!(h.outcome(&id), Outcome::Invalid(RejectReason::Replay));
+}
+
+fn asks_for_a_payload(effects: &[Effect]) -> bool {
+    effects.iter().any(|e| {
+        matches!(
+            e,
+            Effect::Request {
+                request: FetchRequest::Payload { .. },
+                ..
+            }
+        )
+    })
+}
+
+#[test]
+fn a_node_still_fetching_its_shard_leaves_payloads_until_it_trains() {
+    let mut h = Harness::new(1);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.input(Input::Start);
+    assert!(
+        h.take().iter().any(|e| matches!(e, Effect::BeginData { .. })),
+        "the data phase begins"
+    );
+    // B's round-0 record comes by hash while our blocks are still coming.
+    let r = b.record(&h, 0, &delta(0.2));
+    let id = h.gossip(&b, &r, None);
+    assert_eq!(h.outcome(&id), Outcome::Accepted);
+    assert!(
+        !asks_for_a_payload(&h.take()),
+        "no payload fetch competes with the shard"
+    );
+    // Once the shard is here and round 0 starts, the held record's payload
+    // is wanted.
+    assert!(asks_for_a_payload(&h.data_ready()), "wanted once rounds begin");
 }
 
 #[test]
