@@ -1240,16 +1240,21 @@ pub fn table(s: &Summary) -> String {
             links.into_iter().collect::<Vec<_>>().join(", "),
             human_bytes(s.bytes_sent_per_node_round as u64)
         );
+        let honest = s.nodes.iter().filter(|n| n.honest).count() as u64;
         for n in &s.nodes {
+            // Each of the other honest nodes merges each update at most once.
+            let peers = honest.saturating_sub(u64::from(n.honest));
             let _ = writeln!(
                 out,
-                "  node {} at {} on {}: {} s per round, {} of its {} updates merged by the other honest nodes",
+                "  node {} at {} on {}: {} s per round; its {} updates merged {} times by the {} other honest nodes (of {})",
                 n.index,
                 n.host_addr.as_deref().unwrap_or("?"),
                 n.link.as_deref().unwrap_or("unshaped"),
                 n.round_s.map_or("-".to_string(), |r| format!("{r:.2}")),
+                n.updates_published,
                 n.merged_by_peers,
-                n.updates_published
+                peers,
+                n.updates_published * peers
             );
         }
     }
