@@ -21,6 +21,8 @@ pub struct BlockWant {
     pub candidates: VecDeque<PeerId>,
     pub attempts: u32,
     pub in_flight: bool,
+    /// When the request in flight went out.
+    pub sent_at: Option<Instant>,
     pub retry_at: Option<Instant>,
 }
 

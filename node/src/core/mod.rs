@@ -336,7 +336,10 @@ pub struct CoreConfig {
     pub eval_every: u64,
     pub checkpoint_every: u64,
     pub reputation: ReputationConfig,
+    /// Largest payload accepted inline with its record.
     pub max_inline_payload: usize,
+    /// Our own payloads up to this size are published inline.
+    pub send_inline_payload: usize,
     pub attack: Option<Attack>,
     /// Seeds the core's own choices (which member to ask).
     pub seed: u64,

@@ -122,6 +122,7 @@ impl Harness {
                 checkpoint_every: 0,
                 reputation: ReputationConfig::default(),
                 max_inline_payload: 48 * 1024,
+                send_inline_payload: 48 * 1024,
                 attack: None,
                 seed: 7,
                 admission: Rule::of(&spec.admission).expect("roster"),

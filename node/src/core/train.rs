@@ -200,7 +200,7 @@ impl Core {
         let max_inline = if self.withholds_inline() {
             0
         } else {
-            self.cfg.max_inline_payload
+            self.cfg.send_inline_payload.min(self.cfg.max_inline_payload)
         };
         let inline = (payload.len() <= max_inline).then_some(payload);
         self.emit(Effect::Publish(GossipMessage::Update {

@@ -26,12 +26,16 @@ const MAX_BLOCK_REQUESTS: usize = 8;
 const FIRST_BLOCK_WINDOW: usize = 2;
 /// Timeouts closer together than this are one congestion event.
 const SHRINK_GAP: Duration = Duration::from_secs(5);
+/// A block that took longer than this (a third of the request timeout)
+/// means the link is full: one request fewer.
+const SLOW_BLOCK: Duration = Duration::from_secs(10);
 
-/// How many block requests may be in flight: grows by one per block that
-/// arrives, halves when requests time out. Eight 1 MiB blocks take 34 s
-/// on a 2 Mbit/s link, longer than the request timeout, so a fixed eight
-/// timed out together, were sent again and wasted the link (5 blocks in
-/// 94 s); one or two at a time arrive in a few seconds each.
+/// How many block requests may be in flight: one more per block that
+/// arrives quickly, one fewer per block that took long, half when
+/// requests time out. Eight 1 MiB blocks take 34 s on a 2 Mbit/s link,
+/// longer than the request timeout, so a fixed eight timed out together,
+/// were sent again and wasted the link (5 blocks in 94 s); one or two at a
+/// time arrive in a few seconds each.
 #[derive(Clone, Debug)]
 pub struct FetchWindow {
     size: usize,
@@ -52,8 +56,13 @@ impl FetchWindow {
         self.size
     }
 
-    pub fn arrived(&mut self) {
-        self.size = (self.size + 1).min(MAX_BLOCK_REQUESTS);
+    /// A block arrived `took` after it was asked for.
+    pub fn arrived(&mut self, took: Duration) {
+        self.size = if took > SLOW_BLOCK {
+            (self.size - 1).max(1)
+        } else {
+            (self.size + 1).min(MAX_BLOCK_REQUESTS)
+        };
     }
 
     /// A request timed out at `now`: halve, once per burst of timeouts
@@ -133,6 +142,7 @@ impl DataPhase {
                 candidates,
                 attempts: 0,
                 in_flight: false,
+                sent_at: None,
                 retry_at: None,
             },
         );
@@ -314,6 +324,7 @@ impl Node {
             };
             w.attempts += 1;
             w.in_flight = true;
+            w.sent_at = Some(now);
             let id = self
                 .swarm
                 .behaviour_mut()
@@ -348,8 +359,14 @@ impl Node {
         }
         match self.data.store.put_block(&hash, &bytes) {
             Ok(()) => {
-                self.data.wants.remove(&hash);
-                self.data.window.arrived();
+                let took = self
+                    .data
+                    .wants
+                    .remove(&hash)
+                    .and_then(|w| w.sent_at)
+                    .map(|t| t.elapsed())
+                    .unwrap_or_default();
+                self.data.window.arrived(took);
                 self.data.fetch.blocks += 1;
                 self.data.fetch.bytes += bytes.len() as u64;
                 let left = self.data.wants.len();
@@ -415,13 +432,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_fetch_window_grows_per_block_and_halves_once_per_timeout_burst() {
+    fn the_fetch_window_grows_per_quick_block_and_shrinks_on_slow_ones_and_timeouts() {
+        let quick = Duration::from_millis(300);
         let mut w = FetchWindow::default();
         assert_eq!(w.size(), FIRST_BLOCK_WINDOW);
         for _ in 0..20 {
-            w.arrived();
+            w.arrived(quick);
         }
         assert_eq!(w.size(), MAX_BLOCK_REQUESTS);
+        w.arrived(SLOW_BLOCK + Duration::from_secs(1));
+        assert_eq!(w.size(), MAX_BLOCK_REQUESTS - 1, "a slow block: one fewer");
+        w.arrived(quick);
         let t0 = Instant::now();
         // Eight requests time out together: one halving, not three.
         for i in 0..8 {
@@ -432,7 +453,9 @@ mod tests {
         w.timed_out(t0 + 3 * SHRINK_GAP);
         w.timed_out(t0 + 5 * SHRINK_GAP);
         assert_eq!(w.size(), 1, "never below one");
-        w.arrived();
+        w.arrived(SLOW_BLOCK * 2);
+        assert_eq!(w.size(), 1, "never below one");
+        w.arrived(quick);
         assert_eq!(w.size(), 2);
     }
 }

@@ -293,6 +293,7 @@ impl Node {
                 checkpoint_every: opts.checkpoint_every,
                 reputation: opts.reputation,
                 max_inline_payload: opts.mesh.max_inline_payload,
+                send_inline_payload: opts.mesh.send_inline_payload,
                 attack: opts.attack,
                 seed: spec.seed,
                 admission,

@@ -480,6 +480,7 @@ impl World {
             checkpoint_every: cfg.checkpoint_every,
             reputation: ReputationConfig::default(),
             max_inline_payload: 48 * 1024,
+            send_inline_payload: meshtrain_gossip::MeshConfig::default().send_inline_payload,
             attack: node.attack,
             seed: self.seed,
             admission: admission.clone(),
