@@ -75,6 +75,7 @@ impl FetchWindow {
         self.last_shrink = Some(now);
     }
 }
+
 /// How long a node with blocks still missing waits for any member to appear.
 const FETCH_ALONE_LIMIT: Duration = Duration::from_secs(30);
 /// Blocks held in memory by the training stream.
