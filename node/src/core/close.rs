@@ -131,6 +131,15 @@ impl Core {
         self.aggregate(inputs);
     }
 
+    /// Voting power of the members we are connected to that `keep` picks.
+    fn connected_power_where(&self, keep: impl Fn(&AuthorId) -> bool) -> u64 {
+        self.connected_authors()
+            .iter()
+            .filter(|a| keep(a))
+            .map(|a| self.power.of(a))
+            .sum()
+    }
+
     /// Whether this round may be aggregated onto the base we hold: ours is
     /// the decided one, or the decided one is fetched (and taken over
     /// here) or cannot be had in time, or enough voters were heard to know
@@ -157,12 +166,7 @@ impl Core {
                 // the half, they are alive and behind (fetching their
                 // shard over a slow link, say), not gone: wait longer.
                 let voted = self.votes.voters(round);
-                let connected: u64 = self
-                    .connected_authors()
-                    .iter()
-                    .filter(|a| !voted.contains(a))
-                    .map(|a| self.power.of(a))
-                    .sum();
+                let connected = self.connected_power_where(|a| !voted.contains(a));
                 let isolation = isolation_ms(self.cfg.spec.rounds.max_wait_ms);
                 let patience = if 2 * (tally.seen + connected) > tally.total {
                     BEHIND_FACTOR * isolation
@@ -198,12 +202,7 @@ impl Core {
             // decided, go back a round, and stay a round behind in anchors
             // from then on. Members we are cut off from cannot vote soon.
             let voted = self.votes.voters(round);
-            let reachable: u64 = self
-                .connected_authors()
-                .iter()
-                .filter(|a| !voted.contains(a))
-                .map(|a| self.power.of(a))
-                .sum();
+            let reachable = self.connected_power_where(|a| !voted.contains(a));
             let best = tally.support + reachable;
             let could = if reachable >= outstanding {
                 2 * best >= tally.total
@@ -218,12 +217,8 @@ impl Core {
             // will vote once they train it: while their votes could decide,
             // wait for them (bounded). A node that ran ahead of a slowed
             // mesh would otherwise give round after round up alone.
-            let behind: u64 = self
-                .connected_authors()
-                .iter()
-                .filter(|a| !voted.contains(a) && self.head_round(a).is_none_or(|r| r < round))
-                .map(|a| self.power.of(a))
-                .sum();
+            let behind =
+                self.connected_power_where(|a| !voted.contains(a) && self.head_round(a).is_none_or(|r| r < round));
             let could_later = if behind >= outstanding {
                 2 * (tally.support + behind) >= tally.total
             } else {
