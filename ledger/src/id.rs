@@ -126,14 +126,27 @@ impl WeightsHash {
     /// Hashes the little-endian bytes of a weight vector.
     pub fn of_f32(values: &[f32]) -> Self {
         let mut hasher = blake3::Hasher::new_derive_key("meshtrain weights v1");
-        // Chunked so that hashing a large model does not need a second copy.
-        let mut buf = Vec::with_capacity(4 * 4096);
-        for chunk in values.chunks(4096) {
-            buf.clear();
-            for v in chunk {
-                buf.extend_from_slice(&v.to_le_bytes());
+        // The little-endian bytes of the values: on a little-endian machine
+        // that is the slice's own memory, hashed in place (a node hashes its
+        // anchor twice a round, on the event loop).
+        #[cfg(target_endian = "little")]
+        {
+            // SAFETY: an f32 is four initialised bytes without padding, and
+            // u8 has no alignment to keep; the slice borrows `values`.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) };
+            hasher.update(bytes);
+        }
+        #[cfg(not(target_endian = "little"))]
+        {
+            let mut buf = Vec::with_capacity(4 * 4096);
+            for chunk in values.chunks(4096) {
+                buf.clear();
+                for v in chunk {
+                    buf.extend_from_slice(&v.to_le_bytes());
+                }
+                hasher.update(&buf);
             }
-            hasher.update(&buf);
         }
         Self(*hasher.finalize().as_bytes())
     }
@@ -201,6 +214,19 @@ impl<'de> Deserialize<'de> for SignatureBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_hash_is_of_the_little_endian_bytes() {
+        // What ledgers written so far hold: the hash of the values'
+        // little-endian bytes, whatever the machine.
+        let values: Vec<f32> = (0..10_007).map(|i| (i as f32 * 0.37).sin() * 1e-3 - 2.5).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let expected = blake3::Hasher::new_derive_key("meshtrain weights v1")
+            .update(&bytes)
+            .finalize();
+        assert_eq!(WeightsHash::of_f32(&values).0, *expected.as_bytes());
+        assert_ne!(WeightsHash::of_f32(&values[1..]), WeightsHash::of_f32(&values));
+    }
 
     #[test]
     fn hex_round_trip_and_errors() {
