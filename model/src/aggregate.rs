@@ -218,6 +218,14 @@ pub fn aggregate(spec: AggregatorSpec, inputs: &[AggInput<'_>], own: Option<usiz
         };
     }
     debug_assert!(inputs.iter().all(|i| i.delta.len() == dim));
+    // One input (a lone node): the mean, the median, the trimmed mean and
+    // the clipped centre of one point are that point; skip their passes.
+    if n == 1 && inputs[0].weight > 0.0 && !matches!(spec, AggregatorSpec::MultiKrum { .. }) {
+        return Aggregate {
+            update: inputs[0].delta.to_vec(),
+            verdicts: vec![AggVerdict::Merged { weight: 1.0 }],
+        };
+    }
     match spec {
         AggregatorSpec::Mean => {
             let weights: Vec<f64> = inputs.iter().map(|i| i.weight.max(0.0) as f64).collect();
@@ -437,6 +445,32 @@ fn clip_around(inputs: &[AggInput<'_>], start: Vec<f32>, tau: Option<f32>, iters
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_input_is_its_own_aggregate_under_every_rule() {
+        let d: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.1).cos()).collect();
+        let one = [AggInput { delta: &d, weight: 0.7 }];
+        let merged = vec![AggVerdict::Merged { weight: 1.0 }];
+        // The passes the shortcut skips give the same.
+        for slow in [
+            coordinate_rule(&one, 0, true),
+            coordinate_rule(&one, 0, false),
+            clip_around(&one, d.clone(), None, CLIP_ITERS),
+        ] {
+            assert_eq!(slow.update, d);
+            assert_eq!(slow.verdicts, merged);
+        }
+        for spec in [
+            AggregatorSpec::Mean,
+            AggregatorSpec::Median,
+            AggregatorSpec::TrimmedMean { beta: 0.2 },
+            AggregatorSpec::CenteredClip { tau: None },
+        ] {
+            let a = aggregate(spec, &one, Some(0));
+            assert_eq!(a.update, d, "{spec:?}");
+            assert_eq!(a.verdicts, merged, "{spec:?}");
+        }
+    }
 
     fn inputs(vs: &[Vec<f32>]) -> Vec<AggInput<'_>> {
         vs.iter().map(|v| AggInput { delta: v, weight: 1.0 }).collect()
