@@ -288,8 +288,12 @@ impl Core {
             // The records are held; `begin_rounds` wants their payloads.
             return;
         }
-        let mut candidates: Vec<PeerId> = first.into_iter().collect();
-        candidates.extend(members::peer_of(&of.author));
+        // The author first: it stored the payload before it announced the
+        // record, where the peer that relayed the record may still be
+        // fetching it (each such miss cost a retry pause, and rounds of
+        // four nodes on loopback took 300 ms instead of 100).
+        let mut candidates: Vec<PeerId> = members::peer_of(&of.author).into_iter().collect();
+        candidates.extend(first);
         candidates.extend(self.members.peers());
         if self.wants.want(hash, of, candidates) {
             self.next_payload_attempt(hash);

@@ -9,8 +9,8 @@ use meshtrain_ledger::{AuthorId, PayloadHash, RecordHash, Seq};
 
 use super::Millis;
 
-/// Pause before asking again after a failed attempt: the peer may not have
-/// fetched the payload itself yet.
+/// Pause before asking the candidates round again once each has failed: they
+/// may not have fetched the payload themselves yet.
 const RETRY_MS: Millis = 300;
 /// Rounds through the candidates before giving up.
 const ROUNDS_OF_ASKING: u32 = 3;
@@ -107,11 +107,13 @@ impl Wants {
         Next::Ask(peer)
     }
 
-    /// An attempt failed: ask again (the next candidate) after a pause.
+    /// An attempt failed: ask the next candidate now, or, once each was
+    /// asked in this pass, go round again after a pause.
     pub fn failed(&mut self, hash: &PayloadHash, now: Millis) {
         if let Some(w) = self.map.get_mut(hash) {
             w.in_flight = false;
-            w.retry_at = Some(now + RETRY_MS);
+            let pass_done = w.attempts.is_multiple_of((w.candidates.len() as u32).max(1));
+            w.retry_at = Some(if pass_done { now + RETRY_MS } else { now });
         }
     }
 
@@ -183,8 +185,14 @@ mod tests {
                 other => panic!("attempt {t}: {other:?}"),
             }
             w.failed(&h, 100 * t);
-            assert_eq!(w.due(100 * t), Vec::<PayloadHash>::new());
-            assert_eq!(w.due(100 * t + RETRY_MS), vec![h]);
+            if t % 2 == 0 {
+                // peer(2) not asked in this pass yet: at once.
+                assert_eq!(w.due(100 * t), vec![h]);
+            } else {
+                // Both asked: a pause before the next pass.
+                assert_eq!(w.due(100 * t), Vec::<PayloadHash>::new());
+                assert_eq!(w.due(100 * t + RETRY_MS), vec![h]);
+            }
         }
         assert_eq!(asked, vec![peer(1), peer(2), peer(1), peer(2), peer(1), peer(2)]);
         assert_eq!(w.next(&h), Next::GiveUp(of()));
