@@ -185,7 +185,7 @@ impl RunSpec {
                 local_steps: 10,
             },
             exchange: ExchangeSpec {
-                codec: CodecSpec::Dense,
+                codec: CodecSpec::DEFAULT,
                 aggregator: AggregatorSpec::CenteredClip { tau: None },
                 // DiLoCo's outer step; with H = 10 it gains about a point
                 // over plain averaging on Fashion-MNIST (docs/figures.md).

@@ -45,7 +45,8 @@ pub(super) struct SpecArgs {
     pub(super) batch_size: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub(super) lr: f64,
-    #[arg(long, default_value = "dense")]
+    /// How deltas are compressed (`dense` sends them whole).
+    #[arg(long, default_value = CodecSpec::DEFAULT_NAME)]
     pub(super) codec: CodecSpec,
     /// Robust aggregation rule (CenteredClip by default).
     #[arg(long, default_value = "centered-clip")]
