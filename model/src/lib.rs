@@ -59,7 +59,24 @@ pub fn device(choice: &str) -> Result<Device> {
     }
 }
 
-/// Pins libtorch's intra-op threads: several nodes share one machine.
+static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Chooses libtorch's intra-op threads for the thread that trains, which
+/// takes them with [`apply_threads`]; the calling thread (which only builds
+/// the model) keeps one. OpenMP keeps a team per thread that runs parallel
+/// kernels, and once a process's teams hold more threads than there are
+/// cores, libgomp stops spinning between kernels and puts its workers to
+/// sleep: a two-thread local step of the MLP took three times as long as a
+/// one-thread step until only the trainer had a team.
 pub fn set_threads(n: usize) {
-    tch::set_num_threads(n.max(1) as i32);
+    THREADS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    tch::set_num_threads(1);
+}
+
+/// Applies the count [`set_threads`] chose to the calling thread.
+pub fn apply_threads() {
+    let n = THREADS.load(std::sync::atomic::Ordering::Relaxed);
+    if n > 0 {
+        tch::set_num_threads(n as i32);
+    }
 }

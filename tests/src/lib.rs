@@ -129,7 +129,9 @@ pub struct NodeProc {
     pub child: Child,
 }
 
-/// Starts `meshtrain node run` with its log in DIR/node.log.
+/// Starts `meshtrain node run` with its log in DIR/node.log, on one
+/// libtorch thread unless EXTRA says otherwise (tests run several nodes, and
+/// several tests, on one machine).
 pub fn spawn_node(dir: &Path, spec: &Path, shard: &str, bootstrap: Option<&str>, extra: &[&str]) -> NodeProc {
     std::fs::create_dir_all(dir).expect("node dir");
     let log = std::fs::File::create(dir.join("node.log")).expect("log file");
@@ -143,6 +145,9 @@ pub fn spawn_node(dir: &Path, spec: &Path, shard: &str, bootstrap: Option<&str>,
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log);
+    if !extra.contains(&"--threads") {
+        cmd.args(["--threads", "1"]);
+    }
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }

@@ -67,9 +67,10 @@ pub(super) struct NodeRunArgs {
     /// Start anyway after this many seconds without enough peers.
     #[arg(long, default_value_t = 120)]
     pub(super) wait_peers_timeout_s: u64,
-    /// libtorch threads for this node.
-    #[arg(long, default_value_t = 1)]
-    pub(super) threads: usize,
+    /// libtorch threads for this node (default: every core; `testnet`
+    /// divides the cores among the nodes it starts).
+    #[arg(long)]
+    pub(super) threads: Option<usize>,
     /// Where the model trains: auto (CUDA when libtorch sees a GPU), cpu or cuda.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     pub(super) device: String,
@@ -177,7 +178,7 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
         data: args.data,
         wait_peers: args.wait_peers,
         wait_peers_timeout: Duration::from_secs(args.wait_peers_timeout_s),
-        threads: args.threads,
+        threads: args.threads.unwrap_or_else(meshtrain_node::cores),
         device: meshtrain_model::device(&args.device)?,
         attack: args.attack,
         drain: Duration::from_secs(args.drain_s),
