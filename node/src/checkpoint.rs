@@ -79,12 +79,15 @@ impl Checkpoint {
             path: path.clone(),
             detail: format!("serialising: {e}"),
         })?;
+        // Written whole, then renamed over the last one, but not synced: a
+        // checkpoint only saves replaying the ledger (which is durable), and
+        // one torn by a power cut fails its checks at load and is set aside.
+        // A sync per checkpoint cost the MLP's lone node more than a tenth
+        // of its rounds (docs/figures.md, issue 18).
         let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
+        if let Err(e) = std::fs::write(&tmp, &bytes) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
         }
         std::fs::rename(&tmp, &path).map_err(io)
     }

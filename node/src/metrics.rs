@@ -5,12 +5,14 @@
 //! the HTTP thread each hold their own and never wait on each other, except
 //! for the registry lock while a scrape encodes.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use meshtrain_report::{StageTime, STAGES};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -38,7 +40,7 @@ pub struct MessageLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
-    /// train, encode, verify, aggregate or ledger.
+    /// One of `meshtrain_report::STAGES`.
     pub stage: String,
 }
 
@@ -60,6 +62,9 @@ pub struct NodeMetrics {
     pub ledger_bytes: Gauge,
     /// Seconds per stage of a round; `train` is the whole local-step run.
     pub stage_seconds: Family<StageLabels, Histogram>,
+    /// The same, summed for results.json (a histogram's sum and count are
+    /// not readable back through prometheus-client).
+    stage_totals: Arc<Mutex<BTreeMap<String, StageTime>>>,
     cpu_seconds: FGauge,
     rss_bytes: Gauge,
 }
@@ -80,6 +85,7 @@ impl NodeMetrics {
             ledger_records: Gauge::default(),
             ledger_bytes: Gauge::default(),
             stage_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 20))),
+            stage_totals: Arc::default(),
             cpu_seconds: FGauge::default(),
             rss_bytes: Gauge::default(),
         };
@@ -135,11 +141,23 @@ impl NodeMetrics {
     }
 
     pub fn stage(&self, stage: &str, took: Duration) {
+        debug_assert!(STAGES.contains(&stage), "unknown stage {stage}");
         self.stage_seconds
             .get_or_create(&StageLabels {
                 stage: stage.to_string(),
             })
             .observe(took.as_secs_f64());
+        if let Ok(mut totals) = self.stage_totals.lock() {
+            totals
+                .entry(stage.to_string())
+                .or_default()
+                .add(took.as_secs_f64() * 1e3);
+        }
+    }
+
+    /// Every stage's count, total and maximum so far.
+    pub fn stage_totals(&self) -> BTreeMap<String, StageTime> {
+        self.stage_totals.lock().map(|t| t.clone()).unwrap_or_default()
     }
 
     pub fn outcome(&self, outcome: &str, reason: &str) {

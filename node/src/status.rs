@@ -132,9 +132,9 @@ impl fmt::Display for Status {
             self.value("meshtrain_ledger_records").unwrap_or(0.0),
             mib(self.value("meshtrain_ledger_bytes").unwrap_or(0.0))
         )?;
-        for stage in ["train", "encode", "verify", "aggregate", "ledger"] {
+        for stage in meshtrain_report::STAGES {
             if let Some((mean, count)) = self.stage_mean(stage) {
-                writeln!(f, "time {stage:<8} {:.2} ms mean over {count}", mean * 1000.0)?;
+                writeln!(f, "time {stage:<13} {:.2} ms mean over {count}", mean * 1000.0)?;
             }
         }
         writeln!(
@@ -173,7 +173,7 @@ mod tests {
         assert!(shown.contains("accuracy 85.12%"), "{shown}");
         assert!(shown.contains("merged 2, clipped 0, rejected 1"), "{shown}");
         assert!(shown.contains("1 x bad-signature"), "{shown}");
-        assert!(shown.contains("time train    50.00 ms mean over 2"), "{shown}");
+        assert!(shown.contains("time train         50.00 ms mean over 2"), "{shown}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use meshtrain_model::{DeltaEncoder, EvalReport, Network, RecordSource, Records, TrainConfig, Trainer};
 use tokio::sync::mpsc;
@@ -27,15 +28,9 @@ pub enum TrainerCmd {
     Evaluate { round: u64, anchor: Arc<Vec<f32>> },
     /// Train on other blocks from now on (the placement changed).
     SetSource(Box<dyn RecordSource>),
-    /// Write a checkpoint: the node's anchor state plus this thread's
-    /// residual and Adam state.
-    Checkpoint {
-        dir: std::path::PathBuf,
-        run_id: meshtrain_ledger::RunId,
-        round: u64,
-        anchor: Arc<Vec<f32>>,
-        velocity: Vec<f32>,
-    },
+    /// Snapshot this thread's residual and Adam state for a checkpoint of
+    /// `round` (the shell writes it, off this thread: training goes on).
+    Snapshot { round: u64 },
     /// Restore the residual and Adam state of a checkpoint.
     Restore {
         residual: Vec<f32>,
@@ -46,17 +41,25 @@ pub enum TrainerCmd {
 pub enum TrainerReply {
     RoundDone {
         trained: Box<Trained>,
-        eval_ms: u64,
-        encode_ms: u64,
+        /// How long evaluating the anchor (when asked), loading anchor and
+        /// residual into the replica, the local steps and encoding the
+        /// delta took.
+        eval: Option<Duration>,
+        load: Duration,
+        train: Duration,
+        encode: Duration,
     },
     Crafted(Box<Trained>),
     Evaluated {
         round: u64,
         report: EvalReport,
+        took: Duration,
     },
-    Checkpointed {
+    /// The residual and Adam state for a checkpoint of `round`.
+    Snapshot {
         round: u64,
-        result: Result<(), String>,
+        state: Result<(Vec<f32>, meshtrain_model::AdamState), String>,
+        took: Duration,
     },
     Failed(String),
 }
@@ -92,6 +95,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("trainer".into())
         .spawn(move || {
+            meshtrain_model::apply_threads();
             while let Ok(cmd) = cmd_rx.recv() {
                 let reply = match cmd {
                     TrainerCmd::Round {
@@ -118,35 +122,30 @@ pub fn spawn(
                         }
                         continue;
                     }
-                    TrainerCmd::Checkpoint {
-                        dir,
-                        run_id,
-                        round,
-                        anchor,
-                        velocity,
-                    } => {
-                        let result = trainer
+                    TrainerCmd::Snapshot { round } => {
+                        let started = Instant::now();
+                        let state = trainer
                             .optimizer_state()
-                            .map_err(|e| e.to_string())
-                            .and_then(|adam| {
-                                crate::checkpoint::Checkpoint {
-                                    run_id,
-                                    round,
-                                    anchor: anchor.to_vec(),
-                                    velocity,
-                                    residual: encoder.residual().to_vec(),
-                                    adam,
-                                }
-                                .save(&dir)
-                                .map_err(|e| e.to_string())
-                            });
-                        TrainerReply::Checkpointed { round, result }
+                            .map(|adam| (encoder.residual().to_vec(), adam))
+                            .map_err(|e| e.to_string());
+                        TrainerReply::Snapshot {
+                            round,
+                            state,
+                            took: started.elapsed(),
+                        }
                     }
-                    TrainerCmd::Evaluate { round, anchor } => trainer
-                        .load(&anchor)
-                        .and_then(|_| trainer.evaluate(&test))
-                        .map(|report| TrainerReply::Evaluated { round, report })
-                        .unwrap_or_else(|e| TrainerReply::Failed(e.to_string())),
+                    TrainerCmd::Evaluate { round, anchor } => {
+                        let started = Instant::now();
+                        trainer
+                            .load(&anchor)
+                            .and_then(|_| trainer.evaluate(&test))
+                            .map(|report| TrainerReply::Evaluated {
+                                round,
+                                report,
+                                took: started.elapsed(),
+                            })
+                            .unwrap_or_else(|e| TrainerReply::Failed(e.to_string()))
+                    }
                 };
                 if reply_tx.send(reply).is_err() {
                     break;
@@ -174,27 +173,29 @@ fn run_round(
     evaluate: bool,
 ) -> TrainerReply {
     let result = (|| -> Result<TrainerReply, meshtrain_model::ModelError> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let eval = if evaluate {
             trainer.load(anchor)?;
             Some(trainer.evaluate(test)?.summary)
         } else {
             None
         };
-        let eval_ms = started.elapsed().as_millis() as u64;
+        let eval_took = evaluate.then(|| started.elapsed());
         // Train from anchor + residual: the progress the codec has not sent
         // yet stays in the replica instead of being learned again (which
         // error feedback would then send twice).
+        let started = Instant::now();
         let start: Vec<f32> = anchor.iter().zip(encoder.residual()).map(|(a, e)| a + e).collect();
         trainer.load(&start)?;
-        let started = std::time::Instant::now();
+        let load = started.elapsed();
+        let started = Instant::now();
         let stats = trainer.train_steps(steps)?;
+        let train = started.elapsed();
+        let started = Instant::now();
         let mut delta = trainer.weights()?;
         for (d, s) in delta.iter_mut().zip(&start) {
             *d -= *s;
         }
-        let train_ms = started.elapsed().as_millis() as u64;
-        let started = std::time::Instant::now();
         let trained = match attacker {
             Some(a) => a.make_update(round, delta, encoder)?,
             None => {
@@ -214,10 +215,12 @@ fn run_round(
                 payload: trained.payload,
                 decoded: Arc::new(trained.decoded),
                 twin: trained.twin,
-                train_ms,
+                train_ms: train.as_millis() as u64,
             }),
-            eval_ms,
-            encode_ms: started.elapsed().as_millis() as u64,
+            eval: eval_took,
+            load,
+            train,
+            encode: started.elapsed(),
         })
     })();
     result.unwrap_or_else(|e| {

@@ -157,7 +157,92 @@ pub struct NodeReport {
     #[serde(default)]
     pub poisoned_anchor: Option<String>,
     pub wall_s: f64,
+    /// Where a round's time goes: every stage of [`STAGES`] this node ran.
+    #[serde(default)]
+    pub stages: RoundTimes,
     pub history: Vec<RoundRecord>,
+}
+
+/// The stages of a round, in the order a round runs them: loading the
+/// anchor (plus the codec's residual) into the replica, the local steps,
+/// encoding the delta, signing and storing the own record (durable before
+/// it is announced), publishing it, waiting for the others, checking what
+/// peers sent, the robust aggregate, the outer step, storing the verdict
+/// block, evaluating the anchor, taking a checkpoint (the trainer's state)
+/// and writing it (beside the round).
+pub const STAGES: [&str; 13] = [
+    "load",
+    "train",
+    "encode",
+    "sign_store",
+    "publish",
+    "wait",
+    "verify",
+    "aggregate",
+    "outer_step",
+    "verdict_store",
+    "evaluate",
+    "checkpoint",
+    "checkpoint_write",
+];
+
+/// How long one stage took, over a whole run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTime {
+    /// How many times it ran.
+    pub count: u64,
+    pub total_ms: f64,
+    pub max_ms: f64,
+}
+
+impl StageTime {
+    pub fn add(&mut self, ms: f64) {
+        self.count += 1;
+        self.total_ms += ms;
+        self.max_ms = self.max_ms.max(ms);
+    }
+}
+
+/// A node's round, taken apart.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundTimes {
+    /// Rounds closed, and their mean wall-clock time (from one round's
+    /// close to the next's).
+    pub rounds: u64,
+    pub round_ms: f64,
+    /// Per stage (names from [`STAGES`]).
+    pub stages: BTreeMap<String, StageTime>,
+    /// The part of a round that is not the local steps themselves
+    /// (`1 - train per round / round_ms`): what the node adds to what plain
+    /// PyTorch would spend on the same samples.
+    pub overhead_share: f64,
+}
+
+impl RoundTimes {
+    /// Mean milliseconds `stage` took per round (stages that run on other
+    /// threads, like verify or checkpoint, overlap the round).
+    pub fn per_round_ms(&self, stage: &str) -> f64 {
+        match self.stages.get(stage) {
+            Some(s) if self.rounds > 0 => s.total_ms / self.rounds as f64,
+            _ => 0.0,
+        }
+    }
+
+    /// Fills in `rounds`, `round_ms` and `overhead_share` from the rounds'
+    /// close times (milliseconds since the start, in order).
+    pub fn finish(&mut self, closed_at_ms: &[u64]) {
+        self.rounds = closed_at_ms.len() as u64;
+        if let (Some(first), Some(last)) = (closed_at_ms.first(), closed_at_ms.last()) {
+            if closed_at_ms.len() > 1 {
+                self.round_ms = last.saturating_sub(*first) as f64 / (closed_at_ms.len() - 1) as f64;
+            }
+        }
+        self.overhead_share = if self.round_ms > 0.0 {
+            (1.0 - self.per_round_ms("train") / self.round_ms).max(0.0)
+        } else {
+            0.0
+        };
+    }
 }
 
 /// `DIR/progress.json`: where a running node is, rewritten every round.
@@ -181,4 +266,36 @@ pub struct ListenFile {
     pub run_id: String,
     /// Multiaddrs with `/p2p/<peer id>`.
     pub addrs: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_is_taken_apart_from_its_close_times() {
+        let mut t = RoundTimes::default();
+        for ms in [60.0, 80.0, 70.0, 70.0] {
+            t.stages.entry("train".into()).or_default().add(ms);
+        }
+        t.stages.entry("encode".into()).or_default().add(4.0);
+        // Four rounds closed 100 ms apart.
+        t.finish(&[1000, 1100, 1200, 1300]);
+        assert_eq!(t.rounds, 4);
+        assert_eq!(t.round_ms, 100.0);
+        assert_eq!(t.per_round_ms("train"), 70.0);
+        assert_eq!(t.per_round_ms("encode"), 1.0);
+        assert_eq!(t.per_round_ms("wait"), 0.0);
+        assert!((t.overhead_share - 0.3).abs() < 1e-9, "{}", t.overhead_share);
+        assert_eq!(t.stages["train"].max_ms, 80.0);
+    }
+
+    #[test]
+    fn one_round_or_none_has_no_round_time() {
+        let mut t = RoundTimes::default();
+        t.finish(&[]);
+        assert_eq!((t.rounds, t.round_ms, t.overhead_share), (0, 0.0, 0.0));
+        t.finish(&[500]);
+        assert_eq!((t.rounds, t.round_ms, t.overhead_share), (1, 0.0, 0.0));
+    }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use meshtrain_ledger::audit::AuditReport;
 use meshtrain_ledger::{AuthorId, Ledger, RecordHash, Seq, WeightsHash};
-use report::{NodeReport, NodeSummary, Summary};
+use report::{NodeReport, NodeSummary, Summary, STAGES};
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +119,9 @@ pub struct TestnetOptions {
     /// The summary says when every honest node first reached this test
     /// accuracy.
     pub target_acc: Option<f32>,
+    /// libtorch threads per node (None: the machine's cores divided among
+    /// the nodes, at least one each).
+    pub threads: Option<usize>,
 }
 
 /// Where a testnet's nodes run.
@@ -335,6 +338,7 @@ fn spawn_node(
         .args(["--wait-peers", &wait_peers.to_string()])
         .args(["--wait-peers-timeout-s", "60"])
         .args(["--drain-s", "30"])
+        .args(["--threads", &node_threads(opts).to_string()])
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
@@ -359,6 +363,14 @@ fn spawn_node(
         child,
         attack,
         status: None,
+    })
+}
+
+/// libtorch threads for each node: the nodes share the machine's cores.
+fn node_threads(opts: &TestnetOptions) -> usize {
+    opts.threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / (opts.nodes + opts.late_join).max(1)).max(1)
     })
 }
 
@@ -912,6 +924,7 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         row.updates_published = authors.get(&row.index).map_or(0, |a| a.1);
         row.merged_by_peers = merged_of.get(&row.index).copied().unwrap_or(0);
     }
+    summary.stages = report::StageSummary::mean(reports.iter().flatten().filter(|r| r.honest).map(|r| &r.stages));
     let honest: Vec<&NodeSummary> = summary.nodes.iter().filter(|n| n.honest).collect();
     summary.target_acc = opts.target_acc;
     // Every honest node there: the slowest one's time.
@@ -1156,6 +1169,46 @@ fn audits_proofs(opts: &TestnetOptions, nodes: &[Running], reports: &[Option<Nod
 }
 
 /// The per-node table printed after a run.
+/// An honest node's round taken apart, one line per stage (`bench round`).
+pub fn stage_table(s: &Summary) -> String {
+    let mut out = String::new();
+    let Some(st) = &s.stages else {
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "{} node(s), model {}, codec {}, H = {}: {} rounds, {:.1} ms per round",
+        s.nodes_total, s.model, s.codec, s.local_steps, s.rounds, st.round_ms
+    );
+    let _ = writeln!(out, "{:<14} {:>10} {:>8}", "stage", "ms/round", "share");
+    for stage in STAGES {
+        if let Some(ms) = st.per_round_ms.get(stage) {
+            let _ = writeln!(
+                out,
+                "{:<14} {:>10.2} {:>7.1}%",
+                stage,
+                ms,
+                if st.round_ms > 0.0 {
+                    100.0 * ms / st.round_ms
+                } else {
+                    0.0
+                }
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "node overhead (round minus local steps): {:.2} ms, {:.1}% of a round",
+        st.overhead_share * st.round_ms,
+        100.0 * st.overhead_share
+    );
+    let _ = writeln!(
+        out,
+        "(verify and verdict_store run on the inbox thread, beside the round; the others are on its path)"
+    );
+    out
+}
+
 pub fn table(s: &Summary) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -1196,6 +1249,15 @@ pub fn table(s: &Summary) -> String {
         s.complete_chains,
         s.audit_failures
     );
+    if let Some(st) = &s.stages {
+        let _ = writeln!(
+            out,
+            "a round: {:.1} ms, of which local steps {:.1} ms, node overhead {:.1}% (`bench round` takes it apart)",
+            st.round_ms,
+            st.per_round_ms.get("train").copied().unwrap_or(0.0),
+            100.0 * st.overhead_share
+        );
+    }
     let mut task = Vec::new();
     if s.honest_mean_loss.is_finite() {
         task.push(format!("held-out loss {:.4}", s.honest_mean_loss));

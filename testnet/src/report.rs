@@ -7,7 +7,7 @@ use meshtrain_report::lossy_f32;
 use meshtrain_report::nan;
 use serde::{Deserialize, Serialize};
 
-pub use meshtrain_report::{ListenFile, NodeReport, Progress, RoundRecord, TaskFigures};
+pub use meshtrain_report::{ListenFile, NodeReport, Progress, RoundRecord, RoundTimes, TaskFigures, STAGES};
 
 /// One row of the testnet summary.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -175,5 +175,46 @@ pub struct Summary {
     /// Bytes an honest node sent per round, on average.
     #[serde(default)]
     pub bytes_sent_per_node_round: f64,
+    /// The honest nodes' round, taken apart (their means).
+    #[serde(default)]
+    pub stages: Option<StageSummary>,
     pub nodes: Vec<NodeSummary>,
+}
+
+/// Where an honest node's round went, averaged over the honest nodes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageSummary {
+    /// Wall-clock milliseconds per round.
+    pub round_ms: f64,
+    /// Milliseconds per round in each stage (stages on other threads, like
+    /// verify or checkpoint, overlap the round's critical path).
+    pub per_round_ms: BTreeMap<String, f64>,
+    /// `1 - train / round`: the node's own share of a round.
+    pub overhead_share: f64,
+}
+
+impl StageSummary {
+    /// The mean of the nodes' figures (None without a node that closed two
+    /// rounds).
+    pub fn mean<'a>(times: impl Iterator<Item = &'a RoundTimes>) -> Option<StageSummary> {
+        let times: Vec<&RoundTimes> = times.filter(|t| t.rounds > 1).collect();
+        if times.is_empty() {
+            return None;
+        }
+        let n = times.len() as f64;
+        let mut per_round_ms = BTreeMap::new();
+        for stage in STAGES {
+            if times.iter().any(|t| t.stages.contains_key(stage)) {
+                per_round_ms.insert(
+                    stage.to_string(),
+                    times.iter().map(|t| t.per_round_ms(stage)).sum::<f64>() / n,
+                );
+            }
+        }
+        Some(StageSummary {
+            round_ms: times.iter().map(|t| t.round_ms).sum::<f64>() / n,
+            per_round_ms,
+            overhead_share: times.iter().map(|t| t.overhead_share).sum::<f64>() / n,
+        })
+    }
 }

@@ -60,6 +60,15 @@ pub(super) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Where a round's time goes: a testnet (the same flags as `testnet
+    /// run`), then an honest node's round taken apart, stage by stage.
+    Round {
+        #[command(flatten)]
+        run: Box<super::testnet::TestnetArgs>,
+        /// Print the summary's breakdown as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Encode and decode throughput of every codec mode (one core).
     Codec {
         /// Parameters in the benchmark vector.
@@ -113,6 +122,18 @@ pub(super) fn run(command: BenchCommand) -> Result<ExitCode> {
                     "  ledger on disk            {:>10.1} MiB",
                     b.ledger_bytes_on_disk as f64 / 1048576.0
                 );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Round { run, json } => {
+            let summary = super::testnet::run_one(*run)?;
+            let Some(stages) = &summary.stages else {
+                bail!("no honest node closed two rounds: nothing to take apart");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(stages)?);
+            } else {
+                print!("{}", meshtrain_testnet::stage_table(&summary));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -102,6 +102,10 @@ pub(super) struct CommonTestnetArgs {
     /// (a fraction, e.g. 0.86).
     #[arg(long)]
     pub(super) target_acc: Option<f32>,
+    /// libtorch threads per node (default: the machine's cores divided
+    /// among the nodes, at least one each).
+    #[arg(long)]
+    pub(super) threads: Option<usize>,
 }
 
 fn parse_churn(s: &str) -> Result<(u64, u64)> {
@@ -135,7 +139,8 @@ pub(super) struct TestnetArgs {
     /// H: local steps per round.
     #[arg(long, default_value_t = 10)]
     pub(super) local_steps: usize,
-    #[arg(long, default_value = "dense")]
+    /// How deltas are compressed (`dense` sends them whole).
+    #[arg(long, default_value = CodecSpec::DEFAULT_NAME)]
     pub(super) codec: CodecSpec,
     /// Robust aggregation rule (CenteredClip by default).
     #[arg(long, default_value = "centered-clip")]
@@ -152,7 +157,7 @@ pub(super) struct MatrixArgs {
     pub(super) models: Vec<Arch>,
     #[arg(long, value_delimiter = ',', default_value = "10")]
     pub(super) local_steps: Vec<usize>,
-    #[arg(long, value_delimiter = ',', default_value = "dense")]
+    #[arg(long, value_delimiter = ',', default_value = CodecSpec::DEFAULT_NAME)]
     pub(super) codecs: Vec<CodecSpec>,
     #[arg(long, value_delimiter = ',', default_value = "centered-clip")]
     pub(super) aggregators: Vec<AggregatorSpec>,
@@ -215,7 +220,7 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
         model: Arch::Mlp.to_string(),
         out: c.out.clone(),
         local_steps: 10,
-        codec: CodecSpec::Dense.to_string(),
+        codec: CodecSpec::DEFAULT.to_string(),
         aggregator: AggregatorSpec::CenteredClip { tau: None }.to_string(),
         byzantine: if attack.is_some() { c.byzantine } else { 0 },
         attack,
@@ -239,10 +244,12 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
         slow,
         cut: c.cut,
         target_acc: c.target_acc,
+        threads: c.threads,
     })
 }
 
-fn testnet_run(args: TestnetArgs) -> Result<ExitCode> {
+/// Runs one testnet as `testnet run` does (`bench round` too).
+pub(super) fn run_one(args: TestnetArgs) -> Result<meshtrain_testnet::report::Summary> {
     if args.common.byzantine > 0 && args.attack.is_none() {
         bail!("--byzantine {} needs --attack MODE", args.common.byzantine);
     }
@@ -254,7 +261,11 @@ fn testnet_run(args: TestnetArgs) -> Result<ExitCode> {
         dashboard: args.dashboard,
         ..base_options(&args.common, args.attack.map(|a| a.to_string()))?
     };
-    let summary = meshtrain_testnet::run(&opts)?;
+    Ok(meshtrain_testnet::run(&opts)?)
+}
+
+fn testnet_run(args: TestnetArgs) -> Result<ExitCode> {
+    let summary = run_one(args)?;
     print!("{}", meshtrain_testnet::table(&summary));
     Ok(if summary.audit_failures == 0 {
         ExitCode::SUCCESS

@@ -58,6 +58,16 @@ pub struct AggregateDone {
     pub outer: OuterOptimizer,
     pub entries: Vec<VerdictEntry>,
     pub wait_ms: u64,
+    /// Wall-clock time of the two halves, for the node's stage timings
+    /// (nothing in the core reads them: the simulator stays deterministic).
+    pub took: AggregateTimes,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AggregateTimes {
+    /// The robust aggregate and the verdicts.
+    pub aggregate: std::time::Duration,
+    pub outer_step: std::time::Duration,
 }
 
 impl std::fmt::Debug for RoundInputs {
@@ -588,11 +598,16 @@ pub fn run_aggregation(job: AggregateJob) -> AggregateDone {
         .inputs
         .iter()
         .position(|(c, _)| c.author == me && c.round == inputs.round);
+    let started = std::time::Instant::now();
     let result = aggregate_deltas(spec, &agg_inputs, own);
+    let aggregated = started.elapsed();
+    let started = std::time::Instant::now();
     let mut new_anchor = anchor.to_vec();
     if !result.update.is_empty() {
         outer.step(&mut new_anchor, &result.update);
     }
+    let outer_step = started.elapsed();
+    let started = std::time::Instant::now();
     let mut entries: Vec<VerdictEntry> = inputs
         .inputs
         .iter()
@@ -625,6 +640,10 @@ pub fn run_aggregation(job: AggregateJob) -> AggregateDone {
         outer,
         entries,
         wait_ms,
+        took: AggregateTimes {
+            aggregate: aggregated + started.elapsed(),
+            outer_step,
+        },
     }
 }
 

@@ -30,15 +30,17 @@ pub fn spawn(
         .spawn(move || {
             while let Ok(job) = job_rx.recv() {
                 // Checking what peers sent (storing it included) is
-                // `verify`; writing our own records and verdicts is `ledger`.
+                // `verify`; signing and storing our own record, and storing
+                // our verdict block, are stages of their own.
                 let stage = match job {
                     Job::Record { .. }
                     | Job::Payload { .. }
                     | Job::Proof { .. }
                     | Job::Rebuild { .. }
                     | Job::Vote { .. } => Some("verify"),
-                    Job::Own { .. } | Job::Verdict(_) | Job::Join { .. } => Some("ledger"),
-                    Job::Ban(_) => None,
+                    Job::Own { .. } => Some("sign_store"),
+                    Job::Verdict(_) => Some("verdict_store"),
+                    Job::Join { .. } | Job::Ban(_) => None,
                 };
                 let started = std::time::Instant::now();
                 let results = inbox.handle(job);

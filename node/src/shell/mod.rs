@@ -26,7 +26,7 @@ use meshtrain_gossip::{
 };
 use meshtrain_ledger::{AuthorId, Ledger, RunId, RunMeta, StoreOptions, WeightsHash};
 use meshtrain_model::{DeltaEncoder, Evaluation, Network, TrainConfig};
-use meshtrain_report::{ListenFile, NodeReport, Progress, RoundRecord, TaskFigures};
+use meshtrain_report::{ListenFile, NodeReport, Progress, RoundRecord, RoundTimes, TaskFigures};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -105,7 +105,12 @@ enum WorkerDone {
         key: AnchorKey,
         response: FetchResponse,
     },
-    Aggregated(Box<AggregateDone>, Duration),
+    Aggregated(Box<AggregateDone>),
+    Checkpointed {
+        round: u64,
+        result: Result<(), String>,
+        took: Duration,
+    },
     OfferChecked {
         peer: PeerId,
         result: Result<Box<Offer>, String>,
@@ -125,6 +130,14 @@ struct AnchorCache {
     encoded: Option<(AnchorKey, FetchResponse)>,
     encoding: Option<AnchorKey>,
     waiting: Vec<ResponseChannel<FetchResponse>>,
+}
+
+/// A checkpoint between the core's request and the file: the anchor it is
+/// of, while the trainer snapshots its state, then the write in flight.
+#[derive(Default)]
+struct CheckpointState {
+    due: Option<(u64, Arc<Vec<f32>>, Vec<f32>)>,
+    writing: bool,
 }
 
 /// Timers of the shell itself (the core's are in `core_timers`).
@@ -162,6 +175,7 @@ pub struct Node {
     worker_tx: mpsc::UnboundedSender<WorkerDone>,
     worker_rx: mpsc::UnboundedReceiver<WorkerDone>,
     anchor_cache: AnchorCache,
+    checkpoint: CheckpointState,
     core_timers: HashMap<Timer, Millis>,
     deny_at: Instant,
     history: Vec<RoundRecord>,
@@ -209,7 +223,12 @@ impl Node {
                 sync_writes: opts.sync_writes,
             },
         )?);
-        let checkpoint = Checkpoint::load(&opts.data_dir, &run_id)?;
+        // A checkpoint only saves a replay: one that cannot be read (torn
+        // by a crash, damaged, of another run) is set aside, not fatal.
+        let checkpoint = Checkpoint::load(&opts.data_dir, &run_id).unwrap_or_else(|e| {
+            warn!(error = %e, "not using the checkpoint; rebuilding the anchor from the ledger");
+            None
+        });
         let saved = checkpoint.as_ref().map(|cp| SavedAnchor {
             round: cp.round,
             anchor: cp.anchor.clone(),
@@ -331,6 +350,7 @@ impl Node {
             worker_tx,
             worker_rx,
             anchor_cache: AnchorCache::default(),
+            checkpoint: CheckpointState::default(),
             core_timers: HashMap::new(),
             deny_at: Instant::now(),
             history: Vec::new(),
@@ -451,12 +471,14 @@ impl Node {
     fn execute(&mut self, effect: Effect) {
         match effect {
             Effect::Publish(msg) => {
-                if let Err(e) = self
+                let started = Instant::now();
+                let published = self
                     .swarm
                     .behaviour_mut()
                     .gossipsub
-                    .publish(self.topic.clone(), msg.to_bytes())
-                {
+                    .publish(self.topic.clone(), msg.to_bytes());
+                self.metrics.stage("publish", started.elapsed());
+                if let Err(e) = published {
                     debug!(round = self.core.round(), error = %e, "publish failed (no peers yet?)");
                 }
             }
@@ -534,19 +556,22 @@ impl Node {
                 round,
                 anchor,
                 velocity,
-            } => self.trainer_cmd(TrainerCmd::Checkpoint {
-                dir: self.data_dir.clone(),
-                run_id: self.run_id,
-                round,
-                anchor,
-                velocity,
-            }),
+            } => {
+                // One write at a time; a checkpoint due while the last is
+                // still being written is skipped (the next one supersedes
+                // it anyway).
+                if self.checkpoint.writing {
+                    debug!(round, "skipping a checkpoint: the last one is still being written");
+                } else {
+                    self.checkpoint.due = Some((round, anchor, velocity));
+                    self.trainer_cmd(TrainerCmd::Snapshot { round });
+                }
+            }
             Effect::Aggregate(job) => {
                 let tx = self.worker_tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let started = Instant::now();
                     let done = run_aggregation(*job);
-                    let _ = tx.send(WorkerDone::Aggregated(Box::new(done), started.elapsed()));
+                    let _ = tx.send(WorkerDone::Aggregated(Box::new(done)));
                 });
             }
             Effect::BeginData { members } => self.begin_data_phase(members),
@@ -642,8 +667,17 @@ impl Node {
                 }
                 self.anchor_cache.encoded = Some((key, response));
             }
-            WorkerDone::Aggregated(done, took) => {
-                self.metrics.stage("aggregate", took);
+            WorkerDone::Checkpointed { round, result, took } => {
+                self.checkpoint.writing = false;
+                self.metrics.stage("checkpoint_write", took);
+                match result {
+                    Ok(()) => debug!(round, "checkpoint written"),
+                    Err(e) => warn!(round, error = %e, "checkpoint failed"),
+                }
+            }
+            WorkerDone::Aggregated(done) => {
+                self.metrics.stage("aggregate", done.took.aggregate);
+                self.metrics.stage("outer_step", done.took.outer_step);
                 self.feed(Input::Aggregated(done));
             }
             WorkerDone::OfferChecked { peer, result } => self.feed(Input::OfferChecked { peer, result }),
@@ -655,11 +689,17 @@ impl Node {
         match reply {
             TrainerReply::RoundDone {
                 trained,
-                eval_ms,
-                encode_ms,
+                eval,
+                load,
+                train,
+                encode,
             } => {
-                self.metrics.stage("train", Duration::from_millis(trained.train_ms));
-                self.metrics.stage("encode", Duration::from_millis(encode_ms));
+                self.metrics.stage("load", load);
+                self.metrics.stage("train", train);
+                self.metrics.stage("encode", encode);
+                if let Some(took) = eval {
+                    self.metrics.stage("evaluate", took);
+                }
                 self.metrics.train_loss.set(f64::from(trained.stats.mean_loss));
                 if let Some(e) = trained.eval {
                     self.metrics.test_acc.set(f64::from(e.accuracy));
@@ -668,7 +708,7 @@ impl Node {
                         round = trained.round,
                         test_acc = format_args!("{:.4}", e.accuracy),
                         test_loss = format_args!("{:.4}", e.loss),
-                        eval_ms,
+                        eval_ms = eval.map_or(0, |d| d.as_millis() as u64),
                         "evaluated the anchor"
                     );
                 }
@@ -676,14 +716,15 @@ impl Node {
                     round = trained.round,
                     train_loss = format_args!("{:.4}", trained.stats.mean_loss),
                     train_ms = trained.train_ms,
-                    encode_ms,
+                    encode_ms = encode.as_millis() as u64,
                     payload_bytes = trained.payload.len(),
                     "trained"
                 );
                 self.feed(Input::Trained(trained));
             }
             TrainerReply::Crafted(trained) => self.feed(Input::Crafted(trained)),
-            TrainerReply::Evaluated { round, report } => {
+            TrainerReply::Evaluated { round, report, took } => {
+                self.metrics.stage("evaluate", took);
                 self.metrics.test_acc.set(f64::from(report.summary.accuracy));
                 self.metrics.test_loss.set(f64::from(report.summary.loss));
                 self.feed(Input::Evaluated {
@@ -691,15 +732,44 @@ impl Node {
                     report: Box::new(report),
                 });
             }
-            TrainerReply::Checkpointed { round, result } => match result {
-                Ok(()) => debug!(round, "checkpoint written"),
-                Err(e) => warn!(round, error = %e, "checkpoint failed"),
-            },
+            TrainerReply::Snapshot { round, state, took } => {
+                self.metrics.stage("checkpoint", took);
+                let Some((due, anchor, velocity)) = self.checkpoint.due.take().filter(|d| d.0 == round) else {
+                    return;
+                };
+                let (residual, adam) = match state {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(round, error = %e, "checkpoint failed: cannot read the optimiser state");
+                        return;
+                    }
+                };
+                let checkpoint = crate::checkpoint::Checkpoint {
+                    run_id: self.run_id,
+                    round: due,
+                    anchor: anchor.to_vec(),
+                    velocity,
+                    residual,
+                    adam,
+                };
+                self.checkpoint.writing = true;
+                let (dir, tx) = (self.data_dir.clone(), self.worker_tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
+                    let result = checkpoint.save(&dir).map_err(|e| e.to_string());
+                    let _ = tx.send(WorkerDone::Checkpointed {
+                        round: due,
+                        result,
+                        took: started.elapsed(),
+                    });
+                });
+            }
             TrainerReply::Failed(e) => self.fatal = Some(NodeError::Training(e)),
         }
     }
 
     fn on_round_closed(&mut self, closed: RoundClosed) {
+        self.metrics.stage("wait", Duration::from_millis(closed.wait_ms));
         let bytes = self.byte_counts();
         self.history.push(RoundRecord {
             round: closed.round,
@@ -926,8 +996,20 @@ impl Node {
             sybil_records: self.core.sybil_records(),
             poisoned_anchor: self.core.poisoned_anchor().map(|h| h.to_string()),
             wall_s: self.started.elapsed().as_secs_f64(),
+            stages: self.round_times(),
             history: self.history.clone(),
         }
+    }
+
+    /// Where the rounds' time went, so far.
+    fn round_times(&self) -> RoundTimes {
+        let mut t = RoundTimes {
+            stages: self.metrics.stage_totals(),
+            ..Default::default()
+        };
+        let closed: Vec<u64> = self.history.iter().map(|r| r.at_ms).collect();
+        t.finish(&closed);
+        t
     }
 }
 
