@@ -352,7 +352,9 @@ mod tests {
         std::fs::write(&p, s.to_toml().unwrap().replace("[train]", "[train]\nmomentum = 3")).unwrap();
         let err = RunSpec::load(&p).unwrap_err().to_string();
         assert!(err.contains("momentum"), "{err}");
-        std::fs::write(&p, s.to_toml().unwrap().replace("codec = \"dense\"", "codec = \"zip\"")).unwrap();
+        let codec = format!("codec = \"{}\"", CodecSpec::DEFAULT_NAME);
+        assert!(s.to_toml().unwrap().contains(&codec));
+        std::fs::write(&p, s.to_toml().unwrap().replace(&codec, "codec = \"zip\"")).unwrap();
         let err = RunSpec::load(&p).unwrap_err().to_string();
         assert!(err.contains("zip"), "{err}");
         std::fs::write(&p, s.to_toml().unwrap().replace("local_steps = 10", "local_steps = 0")).unwrap();
