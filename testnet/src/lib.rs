@@ -1168,7 +1168,6 @@ fn audits_proofs(opts: &TestnetOptions, nodes: &[Running], reports: &[Option<Nod
     n
 }
 
-/// The per-node table printed after a run.
 /// An honest node's round taken apart, one line per stage (`bench round`).
 pub fn stage_table(s: &Summary) -> String {
     let mut out = String::new();
@@ -1180,12 +1179,12 @@ pub fn stage_table(s: &Summary) -> String {
         "{} node(s), model {}, codec {}, H = {}: {} rounds, {:.1} ms per round",
         s.nodes_total, s.model, s.codec, s.local_steps, s.rounds, st.round_ms
     );
-    let _ = writeln!(out, "{:<14} {:>10} {:>8}", "stage", "ms/round", "share");
+    let _ = writeln!(out, "{:<16} {:>10} {:>8}", "stage", "ms/round", "share");
     for stage in STAGES {
         if let Some(ms) = st.per_round_ms.get(stage) {
             let _ = writeln!(
                 out,
-                "{:<14} {:>10.2} {:>7.1}%",
+                "{:<16} {:>10.2} {:>7.1}%",
                 stage,
                 ms,
                 if st.round_ms > 0.0 {
@@ -1204,11 +1203,12 @@ pub fn stage_table(s: &Summary) -> String {
     );
     let _ = writeln!(
         out,
-        "(verify and verdict_store run on the inbox thread, beside the round; the others are on its path)"
+        "(verify, verdict_store and checkpoint_write run beside the round, on other threads; the others are on its path)"
     );
     out
 }
 
+/// The per-node table printed after a run.
 pub fn table(s: &Summary) -> String {
     let mut out = String::new();
     let _ = writeln!(

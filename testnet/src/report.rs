@@ -218,3 +218,34 @@ impl StageSummary {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn times(round_ms: f64, train_total: f64, rounds: u64) -> RoundTimes {
+        let mut t = RoundTimes {
+            rounds,
+            round_ms,
+            ..Default::default()
+        };
+        let s = t.stages.entry("train".into()).or_default();
+        s.count = rounds;
+        s.total_ms = train_total;
+        t.overhead_share = 1.0 - t.per_round_ms("train") / round_ms;
+        t
+    }
+
+    #[test]
+    fn stage_summary_is_the_mean_of_nodes_that_closed_rounds() {
+        // 10 rounds of 100 ms with 60 ms of steps; 10 of 200 ms with 100;
+        // a node that closed one round has no round time and is left out.
+        let nodes = [times(100.0, 600.0, 10), times(200.0, 1000.0, 10), times(0.0, 50.0, 1)];
+        let s = StageSummary::mean(nodes.iter()).unwrap();
+        assert_eq!(s.round_ms, 150.0);
+        assert_eq!(s.per_round_ms["train"], 80.0);
+        assert!((s.overhead_share - 0.45).abs() < 1e-9, "{}", s.overhead_share);
+        assert!(!s.per_round_ms.contains_key("aggregate"));
+        assert_eq!(StageSummary::mean(nodes[2..].iter()), None);
+    }
+}
