@@ -65,7 +65,7 @@ fn generate(meta: &RunMeta, authors: usize, per_author: u64) -> Vec<VerifiedReco
             AuthorKey::from_secret(s)
         })
         .collect();
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let workers = crate::cores();
     let chains: Vec<Vec<VerifiedRecord>> = std::thread::scope(|scope| {
         let handles: Vec<_> = keys
             .chunks(authors.div_ceil(workers))

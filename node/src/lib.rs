@@ -41,10 +41,10 @@ pub mod status;
 mod trainer;
 
 pub use error::NodeError;
+pub use runspec::RunSpec;
+pub use shell::{write_json, Node, NodeOptions};
 
 /// The cores this process may run on (1 when that cannot be read).
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
-pub use runspec::RunSpec;
-pub use shell::{write_json, Node, NodeOptions};

@@ -220,7 +220,7 @@ pub struct RoundTimes {
 
 impl RoundTimes {
     /// Mean milliseconds `stage` took per round (stages that run on other
-    /// threads, like verify or checkpoint, overlap the round).
+    /// threads, like verify or checkpoint_write, overlap the round).
     pub fn per_round_ms(&self, stage: &str) -> f64 {
         match self.stages.get(stage) {
             Some(s) if self.rounds > 0 => s.total_ms / self.rounds as f64,

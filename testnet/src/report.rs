@@ -187,7 +187,7 @@ pub struct StageSummary {
     /// Wall-clock milliseconds per round.
     pub round_ms: f64,
     /// Milliseconds per round in each stage (stages on other threads, like
-    /// verify or checkpoint, overlap the round's critical path).
+    /// verify or checkpoint_write, overlap the round's critical path).
     pub per_round_ms: BTreeMap<String, f64>,
     /// `1 - train / round`: the node's own share of a round.
     pub overhead_share: f64,

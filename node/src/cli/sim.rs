@@ -131,9 +131,7 @@ pub(super) fn run(a: SimArgs) -> Result<ExitCode> {
         slow_first_ms: a.slow_first_ms,
         ..SimConfig::default()
     };
-    let threads = a
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = a.threads.unwrap_or_else(meshtrain_node::cores);
     let seeds = a.seed_from..a.seed_from.saturating_add(a.seeds);
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         Some(indicatif::ProgressBar::new(a.seeds))
