@@ -90,6 +90,9 @@ pub enum LedgerError {
         detail: String,
     },
 
+    #[error("the ledger's files at {path} fail their checksums: {detail}")]
+    Checksum { path: PathBuf, detail: String },
+
     #[error("rocksdb at {path}: {source}")]
     Store {
         path: PathBuf,

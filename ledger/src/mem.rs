@@ -292,4 +292,44 @@ mod tests {
         );
         assert!(!mem.has_payload(&PayloadHash::of(b"p0")).unwrap());
     }
+
+    #[test]
+    fn a_verdict_block_too_large_to_read_back_is_not_written() {
+        use crate::verdict::{RejectReason, Verdict, VerdictBlock, VerdictEntry, VERDICT_VERSION};
+        let k = key(1);
+        let meta = meta_for(&k);
+        let mem = MemLedger::new(meta.clone()).unwrap();
+        let entry = VerdictEntry {
+            author: k.author(),
+            seq: Seq(0),
+            record_hash: meta.genesis_link(),
+            round: 0,
+            prior: 0.0,
+            verdict: Verdict::Rejected {
+                reason: RejectReason::Outlier("x".repeat(1 << 20)),
+            },
+        };
+        let block = |entries: Vec<VerdictEntry>| {
+            VerdictBlock {
+                version: VERDICT_VERSION,
+                run_id: meta.run_id,
+                owner: k.author(),
+                seq: 0,
+                prev: meta.verdict_genesis(),
+                round: 0,
+                base_anchor: meta.genesis_weights,
+                new_anchor: meta.genesis_weights,
+                outer_state: meta.genesis_weights,
+                entries,
+            }
+            .sign(&k)
+        };
+        let big = block(vec![entry.clone(); 5]);
+        let err = mem.write(Batch::new().op(Op::Verdict(Box::new(big)))).unwrap_err();
+        assert!(err.to_string().contains("over the"), "{err}");
+        assert!(mem.verdict_head().is_none());
+        mem.write(Batch::new().op(Op::Verdict(Box::new(block(vec![entry])))))
+            .unwrap();
+        assert_eq!(mem.verdict_head().map(|h| h.seq), Some(0));
+    }
 }

@@ -134,9 +134,27 @@ pub fn check_verdict(meta: &RunMeta, head: Option<VerdictHead>, block: &SignedVe
             detail: "not of this ledger's owner and run".into(),
         });
     }
+    // What decoding refuses must not be written: the block could never be
+    // read back (audit, resume) nor sent as a vote.
+    let size = block.to_bytes().len();
+    if size > crate::wire::MAX_VALUE_BYTES {
+        return Err(LedgerError::Malformed {
+            what: "verdict block",
+            detail: format!(
+                "{size} bytes encoded, over the {}-byte limit",
+                crate::wire::MAX_VALUE_BYTES
+            ),
+        });
+    }
     let (next, prev) = match head {
         None => (0, meta.verdict_genesis()),
-        Some(h) => (h.seq + 1, h.hash),
+        Some(h) => (
+            h.seq.checked_add(1).ok_or(LedgerError::Malformed {
+                what: "verdict block",
+                detail: "the verdict chain is full".into(),
+            })?,
+            h.hash,
+        ),
     };
     if b.seq != next || b.prev != prev {
         return Err(LedgerError::VerdictChainBroken {

@@ -197,6 +197,34 @@ impl Ledger {
         Ok(ledger)
     }
 
+    /// Reads every block of every table file of every column family and
+    /// checks its checksum (RocksDB's `VerifyChecksum`): a byte flipped in a
+    /// table no read touches (an index, a head nobody asked for) is found,
+    /// and the error names the file it sits in.
+    pub fn verify_checksums(&self) -> Result<()> {
+        use rocksdb::AsRawPtr;
+        let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: the handle is `self.db`'s and outlives the call; on failure
+        // RocksDB sets `err` to a string it allocated, which is copied and
+        // freed with RocksDB's own `free` below.
+        unsafe {
+            librocksdb_sys::rocksdb_verify_checksum(self.db.as_raw_ptr(), &mut err);
+        }
+        if err.is_null() {
+            return Ok(());
+        }
+        // SAFETY: non-null, NUL-terminated, allocated by RocksDB (above).
+        let detail = unsafe {
+            let text = std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned();
+            librocksdb_sys::rocksdb_free(err.cast());
+            text
+        };
+        Err(LedgerError::Checksum {
+            path: self.path.clone(),
+            detail,
+        })
+    }
+
     /// Opens an existing ledger without writing to it (for audits).
     pub fn open_read_only(path: &Path) -> Result<Self> {
         if !path.join("CURRENT").exists() {
@@ -554,6 +582,13 @@ impl Ledger {
     pub(crate) fn raw_put(&self, column: &'static str, key: &[u8], value: &[u8]) {
         let cf = self.cf(column).expect("column");
         self.db.put_cf(cf, key, value).expect("raw put");
+    }
+
+    /// Writes every column's memtable out to table files.
+    pub(crate) fn flush_tables(&self) {
+        for name in ALL_CFS {
+            self.db.flush_cf(self.cf(name).expect("column")).expect("flush");
+        }
     }
 
     pub(crate) fn raw_keys(&self, column: &'static str) -> Vec<Vec<u8>> {
