@@ -164,7 +164,7 @@ impl Manifest {
         }
         for (split, blocks) in &m.splits {
             for b in blocks {
-                if b.bytes != b.records * m.record_size as u64 {
+                if b.records.checked_mul(m.record_size as u64) != Some(b.bytes) {
                     return Err(bad(format!(
                         "{split} block {}: {} bytes for {} records",
                         b.hash, b.bytes, b.records
@@ -177,7 +177,8 @@ impl Manifest {
                     )));
                 }
                 if let Some(c) = m.schema.classes() {
-                    if b.label_histogram.len() != c || b.label_histogram.iter().sum::<u64>() != b.records {
+                    let sum = b.label_histogram.iter().try_fold(0u64, |acc, x| acc.checked_add(*x));
+                    if b.label_histogram.len() != c || sum != Some(b.records) {
                         return Err(bad(format!(
                             "{split} block {}: label histogram does not add up",
                             b.hash

@@ -130,6 +130,12 @@ pub struct TrainSpec {
     pub local_steps: usize,
 }
 
+/// Bounds on what a spec may ask, so that no deadline or window computed
+/// from it overflows, and a node never waits on a peer for days.
+pub const MAX_ROUNDS: u64 = 100_000_000;
+pub const MAX_WAIT_MS: u64 = 3_600_000;
+pub const MAX_STALENESS: u64 = 64;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExchangeSpec {
@@ -248,6 +254,15 @@ impl RunSpec {
         }
         if self.rounds.min_wait_ms > self.rounds.max_wait_ms {
             return Err("rounds.min_wait_ms exceeds rounds.max_wait_ms".into());
+        }
+        if self.rounds.count > MAX_ROUNDS {
+            return Err(format!("rounds.count is at most {MAX_ROUNDS}"));
+        }
+        if self.rounds.max_wait_ms > MAX_WAIT_MS {
+            return Err(format!("rounds.max_wait_ms is at most {MAX_WAIT_MS} (one hour)"));
+        }
+        if self.exchange.staleness > MAX_STALENESS {
+            return Err(format!("exchange.staleness is at most {MAX_STALENESS} rounds"));
         }
         if !(self.exchange.outer_lr > 0.0 && self.exchange.outer_lr.is_finite()) {
             return Err("exchange.outer_lr must be positive".into());
@@ -378,5 +393,20 @@ mod tests {
         // their run ids.
         let plain = String::from_utf8(RunSpec::default_for(Arch::Mlp, &manifest()).canonical_bytes()).unwrap();
         assert!(!plain.contains("patience") && !plain.contains("anomaly_class"));
+    }
+
+    #[test]
+    fn waits_windows_and_round_counts_are_bounded() {
+        let s = RunSpec::default_for(Arch::Mlp, &manifest());
+        s.check().unwrap();
+        let mut t = s.clone();
+        t.rounds.max_wait_ms = u64::MAX;
+        assert!(t.check().unwrap_err().contains("max_wait_ms"));
+        let mut t = s.clone();
+        t.exchange.staleness = u64::MAX;
+        assert!(t.check().unwrap_err().contains("staleness"));
+        let mut t = s.clone();
+        t.rounds.count = u64::MAX;
+        assert!(t.check().unwrap_err().contains("rounds.count"));
     }
 }

@@ -138,7 +138,7 @@ impl RoundBook {
         if c.round < self.joined_at {
             return Offer::Before;
         }
-        if c.round + self.staleness < self.current {
+        if c.round.saturating_add(self.staleness) < self.current {
             self.rejections.push(VerdictEntry {
                 author: c.author,
                 seq: c.seq,
@@ -202,7 +202,7 @@ impl RoundBook {
         connected
             .iter()
             .filter(|a| match self.last_seen.get(a) {
-                Some(&r) => r + 2 >= self.current,
+                Some(&r) => r.saturating_add(2) >= self.current,
                 None => self.current < 2,
             })
             .copied()
