@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use libp2p::allow_block_list::{self, BlockedPeers};
+use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::gossipsub::{
     self, IdentTopic, MessageAuthenticity, PeerScoreParams, PeerScoreThresholds, TopicScoreParams, ValidationMode,
 };
@@ -29,11 +30,34 @@ pub fn run_topic(run_id_hex: &str) -> IdentTopic {
 pub struct MeshBehaviour {
     /// Peers this node refuses to talk to (bans, operator deny-lists).
     pub blocked: allow_block_list::Behaviour<BlockedPeers>,
+    /// How many connections peers may hold or open (see [`Limits`]).
+    pub limits: connection_limits::Behaviour,
     pub gossipsub: gossipsub::Behaviour,
     pub fetch: request_response::Behaviour<FetchCodec>,
     pub identify: identify::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// Connections at most: a stranger opening hundreds of them costs this node
+/// a refused handshake each, not a file descriptor and a yamux session.
+/// A mesh needs a few per member (one each way while both dial).
+pub struct Limits;
+
+impl Limits {
+    pub const PENDING: u32 = 64;
+    pub const ESTABLISHED: u32 = 512;
+    pub const ESTABLISHED_INCOMING: u32 = 256;
+    pub const PER_PEER: u32 = 4;
+
+    fn of() -> ConnectionLimits {
+        ConnectionLimits::default()
+            .with_max_pending_incoming(Some(Self::PENDING))
+            .with_max_pending_outgoing(Some(Self::PENDING))
+            .with_max_established(Some(Self::ESTABLISHED))
+            .with_max_established_incoming(Some(Self::ESTABLISHED_INCOMING))
+            .with_max_established_per_peer(Some(Self::PER_PEER))
+    }
 }
 
 /// Peer scoring for a low-rate topic: invalid messages cost dearly, while
@@ -125,6 +149,7 @@ impl MeshBehaviour {
         };
         Ok(Self {
             blocked: Default::default(),
+            limits: connection_limits::Behaviour::new(Limits::of()),
             gossipsub,
             fetch,
             identify,

@@ -21,7 +21,7 @@ mod fetch;
 pub mod wire;
 
 pub use bandwidth::{byte_counts, ByteCounts};
-pub use behaviour::{build_swarm, ed25519_of, peer_id_of, run_topic, MeshBehaviour, MeshBehaviourEvent};
+pub use behaviour::{build_swarm, ed25519_of, peer_id_of, run_topic, Limits, MeshBehaviour, MeshBehaviourEvent};
 pub use config::MeshConfig;
 pub use error::GossipError;
 pub use fetch::{FetchCodec, FETCH_PROTOCOL};
