@@ -74,6 +74,9 @@ pub enum NodeError {
     #[error("the {name} thread stopped unexpectedly (it panicked or was killed); the node shuts down")]
     ThreadDied { name: &'static str },
 
+    #[error("the {what} worker failed ({message}); the node shuts down")]
+    WorkerPanicked { what: &'static str, message: String },
+
     #[error("{0}")]
     Core(#[from] crate::core::CoreFault),
 

@@ -53,6 +53,9 @@ pub struct NodeMetrics {
     pub test_acc: FGauge,
     pub train_loss: FGauge,
     pub updates_received: Counter,
+    /// Bad answers to this node's fetches (records not asked for, bytes
+    /// that are not the payload, corrupt blocks).
+    pub fetch_faults: Counter,
     pub updates: Family<OutcomeLabels, Counter>,
     pub messages: Family<MessageLabels, Counter>,
     pub bytes_in: Gauge,
@@ -77,6 +80,7 @@ impl NodeMetrics {
             test_acc: FGauge::default(),
             train_loss: FGauge::default(),
             updates_received: Counter::default(),
+            fetch_faults: Counter::default(),
             updates: Family::default(),
             messages: Family::default(),
             bytes_in: Gauge::default(),
@@ -110,6 +114,11 @@ impl NodeMetrics {
             "updates_received",
             "Peer update records received",
             m.updates_received.clone(),
+        );
+        r.register(
+            "fetch_faults",
+            "Bad answers peers gave to this node's fetches",
+            m.fetch_faults.clone(),
         );
         r.register("updates", "Peer updates by what became of them", m.updates.clone());
         r.register(

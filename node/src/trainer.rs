@@ -72,10 +72,13 @@ pub struct TrainerHandle {
 
 impl TrainerHandle {
     /// Closes the command channel and waits for the thread to finish the
-    /// step it is on.
-    pub fn stop(self) {
+    /// step it is on; what it panicked with, if it did.
+    pub fn stop(self) -> Option<String> {
         drop(self.cmd);
-        let _ = self.thread.join();
+        self.thread
+            .join()
+            .err()
+            .map(|panic| crate::shell::panic_message(panic.as_ref()))
     }
 }
 

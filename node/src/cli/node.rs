@@ -1,5 +1,6 @@
 //! `meshtrain node run|status`.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -223,9 +224,15 @@ fn node_run(args: NodeRunArgs) -> Result<ExitCode> {
     if let Some(f) = report.final_task.macro_f1 {
         task.push_str(&format!(", macro F1 {f:.4}"));
     }
-    println!(
+    // results.json holds this already: a closed or full stdout is no
+    // reason to fail (println! would panic).
+    let _ = writeln!(
+        std::io::stdout(),
         "final test accuracy {:.4}{task} after {} rounds; sent {} B, received {} B",
-        report.final_test_acc, report.rounds_completed, report.bytes_sent, report.bytes_received
+        report.final_test_acc,
+        report.rounds_completed,
+        report.bytes_sent,
+        report.bytes_received
     );
     Ok(ExitCode::SUCCESS)
 }

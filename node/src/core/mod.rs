@@ -132,6 +132,9 @@ pub enum Input {
     },
     /// What the inbox did with a job.
     Checked(Box<Done>),
+    /// A peer's job the inbox's queue had no room for (see
+    /// [`crate::inbox::thread::Backlog`]).
+    InboxBusy(Box<crate::inbox::Job>),
     /// The trainer finished a round.
     Trained(Box<Trained>),
     /// The trainer encoded a colluding attacker's crafted delta.
@@ -443,10 +446,23 @@ struct Decision {
 #[derive(Clone, Copy, Debug)]
 enum RequestFor {
     Payload(PayloadHash),
-    Records,
+    /// Records of `author` from seq `from` on: anything else in the answer
+    /// is dropped and blamed on the sender.
+    Records {
+        author: AuthorId,
+        from: meshtrain_ledger::Seq,
+    },
     Heads,
     Anchor,
     FinalVote(AuthorId),
+}
+
+/// A peer's requests in one budget window (see `Core::within_budget`).
+#[derive(Clone, Copy, Debug)]
+struct Asked {
+    since: Millis,
+    requests: u32,
+    anchors: u32,
 }
 
 /// The newest record of an author that this node holds.
@@ -531,7 +547,16 @@ pub struct Core {
     /// The round held records were last turned back into contributions for.
     rebuilt_for: Option<u64>,
     restarted: bool,
-    recorded_rejections: HashSet<RecordHash>,
+    /// Rejections already weighed by reputation, by the round of the
+    /// rejected record (pruned as rounds pass: see `forget_old`).
+    recorded_rejections: BTreeMap<u64, HashSet<RecordHash>>,
+    /// Verified updates set aside as too far ahead of our round, by author:
+    /// the earliest such round. Their records are in the ledger; the inbox
+    /// rebuilds them once their round is near (see `offer`).
+    skipped_ahead: HashMap<AuthorId, u64>,
+    /// Authors whose records we are fetching: one request at a time each,
+    /// however many gaps and heads name them.
+    records_asked: HashSet<AuthorId>,
     /// Gossip messages not settled yet.
     unsettled: HashSet<MessageId>,
     early: Option<EarlyStopping>,
@@ -548,6 +573,8 @@ pub struct Core {
     rng: ChaCha8Rng,
     phase_since: Millis,
     last_served: Millis,
+    /// What each peer asked of us in its current budget window.
+    asked: HashMap<PeerId, Asked>,
     now: Millis,
     out: Vec<Effect>,
 }
@@ -610,7 +637,9 @@ impl Core {
             joins: Vec::new(),
             rebuilt_for: None,
             restarted: resume.restarted,
-            recorded_rejections: HashSet::new(),
+            recorded_rejections: BTreeMap::new(),
+            skipped_ahead: HashMap::new(),
+            records_asked: HashSet::new(),
             unsettled: HashSet::new(),
             counters: Counters::default(),
             final_eval: None,
@@ -619,6 +648,7 @@ impl Core {
             rng,
             phase_since: 0,
             last_served: 0,
+            asked: HashMap::new(),
             now: 0,
             out: Vec::new(),
             cfg,
@@ -651,6 +681,7 @@ impl Core {
             Input::Response { req, peer, response } => self.on_response(req, peer, response),
             Input::RequestFailed { req, peer } => self.on_request_failed(req, peer),
             Input::Checked(done) => self.on_checked(*done),
+            Input::InboxBusy(job) => self.on_inbox_busy(*job),
             Input::Trained(t) => self.on_trained(t),
             Input::Crafted(t) => self.on_crafted(*t),
             Input::Evaluated { round, report } => self.on_evaluated(round, *report),
@@ -823,6 +854,7 @@ impl Core {
             return;
         }
         self.book.forget(&author);
+        self.skipped_ahead.remove(&author);
         self.book.unannounce(self.round(), &author);
         self.wants.drop_author(&author);
         tracing::warn!(author = %author.short(), round = self.round(), why, "banning author");

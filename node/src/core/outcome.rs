@@ -48,6 +48,8 @@ pub enum IgnoreReason {
     OutsideWindow,
     /// Not from or about an admitted member of the run.
     NotAMember,
+    /// The inbox's queue was full: peers sent faster than it checks.
+    Busy,
 }
 
 impl IgnoreReason {
@@ -59,6 +61,7 @@ impl IgnoreReason {
             IgnoreReason::LocalFault => "local-fault",
             IgnoreReason::OutsideWindow => "outside-window",
             IgnoreReason::NotAMember => "not-a-member",
+            IgnoreReason::Busy => "busy",
         }
     }
 }

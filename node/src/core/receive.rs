@@ -5,12 +5,14 @@
 use meshtrain_gossip::libp2p::gossipsub::MessageId;
 use meshtrain_gossip::libp2p::PeerId;
 use meshtrain_gossip::{FetchRequest, FetchResponse, GossipMessage};
-use meshtrain_ledger::{AuthorId, PayloadHash, RejectReason, Seq, Verdict, VerdictEntry, Vote, WeightsHash};
+use meshtrain_ledger::{
+    AuthorId, PayloadHash, RejectReason, Seq, SignedRecord, Verdict, VerdictEntry, Vote, WeightsHash,
+};
 use tracing::{debug, warn};
 
 use super::agreement::Added;
 use super::members::author_of;
-use super::outcome::{Origin, Outcome};
+use super::outcome::{IgnoreReason, Origin, Outcome};
 use super::rounds::{Contribution, Offer as BookOffer};
 use super::start::short;
 use super::wants::{Next, WantedFor};
@@ -20,6 +22,18 @@ use crate::serve::MAX_RECORDS_PER_RESPONSE;
 
 /// Rounds of votes kept behind the current one at most.
 const VOTE_HISTORY: u64 = 32;
+/// Chain heads taken from one answer at most: more than any run has members.
+const MAX_HEADS: usize = 4096;
+/// What one peer may ask of us per window: requests of any kind (blocks
+/// while it fetches its shard, records and payloads), and anchors (each a
+/// full weight vector; a node syncing asks each member about every half
+/// second, one joining or repairing a few times).
+/// Past either, it is refused until the window ends.
+const BUDGET_WINDOW_MS: u64 = 10_000;
+/// Authors whose updates are remembered as set aside for later, at most.
+const MAX_SET_ASIDE: usize = 4096;
+const MAX_REQUESTS_PER_WINDOW: u32 = 2000;
+const MAX_ANCHORS_PER_WINDOW: u32 = 30;
 
 impl Core {
     pub(super) fn on_gossip(&mut self, id: MessageId, source: PeerId, data: &[u8]) {
@@ -72,6 +86,13 @@ impl Core {
             });
             return;
         }
+        if !self.within_budget(peer, matches!(request, FetchRequest::Anchor { .. })) {
+            self.emit(Effect::Respond {
+                chan,
+                response: FetchResponse::Refused("over budget; ask again later".into()),
+            });
+            return;
+        }
         if let FetchRequest::Anchor { weights } = request {
             let response = match self.anchor_snapshot(weights.map(WeightsHash)) {
                 Some(anchor) => Effect::ServeAnchor { chan, anchor },
@@ -96,6 +117,29 @@ impl Core {
         self.emit(Effect::Serve { peer, chan, request });
     }
 
+    /// Counts one request of `peer` against its budget; false when over.
+    fn within_budget(&mut self, peer: PeerId, anchor: bool) -> bool {
+        let now = self.now;
+        if self.asked.len() > 4096 {
+            self.asked.retain(|_, a| now.saturating_sub(a.since) < BUDGET_WINDOW_MS);
+        }
+        let a = self.asked.entry(peer).or_insert(super::Asked {
+            since: now,
+            requests: 0,
+            anchors: 0,
+        });
+        if now.saturating_sub(a.since) >= BUDGET_WINDOW_MS {
+            *a = super::Asked {
+                since: now,
+                requests: 0,
+                anchors: 0,
+            };
+        }
+        a.requests = a.requests.saturating_add(1);
+        a.anchors = a.anchors.saturating_add(u32::from(anchor));
+        a.requests <= MAX_REQUESTS_PER_WINDOW && a.anchors <= MAX_ANCHORS_PER_WINDOW
+    }
+
     pub(super) fn on_response(&mut self, req: ReqId, peer: PeerId, response: FetchResponse) {
         let Some(what) = self.requests.remove(&req) else {
             return;
@@ -114,19 +158,22 @@ impl Core {
                 bytes: block,
                 origin: Origin::Fetched { from: peer },
             })),
-            (RequestFor::Records, FetchResponse::Records(records)) => {
-                for bytes in records.into_iter().take(MAX_RECORDS_PER_RESPONSE as usize) {
-                    self.emit(Effect::Inbox(Job::Record {
-                        bytes,
-                        payload: None,
-                        origin: Origin::Fetched { from: peer },
-                    }));
-                }
+            (RequestFor::Records { author, from }, FetchResponse::Records(records)) => {
+                self.records_asked.remove(&author);
+                self.on_records(peer, author, from, records);
+            }
+            (RequestFor::Records { author, .. }, _) => {
+                self.records_asked.remove(&author);
             }
             (RequestFor::Heads, FetchResponse::Heads(heads)) => {
+                if heads.len() > MAX_HEADS {
+                    warn!(peer = %short(&peer), heads = heads.len(), "more chain heads than any run has members; answer dropped");
+                    self.fetch_fault(peer, RejectReason::Malformed);
+                    return;
+                }
                 for h in heads {
                     let author = AuthorId(h.author);
-                    if author == self.me || self.members.is_banned(&author) {
+                    if author == self.me || self.members.is_banned(&author) || !self.power.admitted(&author) {
                         continue;
                     }
                     let ours = self.chains.get(&author).map_or(0, |c| c.seq.saturating_add(1));
@@ -144,11 +191,43 @@ impl Core {
         match self.requests.remove(&req) {
             Some(RequestFor::Payload(hash)) => self.payload_attempt_failed(hash),
             Some(RequestFor::Anchor) => self.anchor_request_failed(peer),
+            Some(RequestFor::Records { author, .. }) => {
+                self.records_asked.remove(&author);
+            }
             _ => {}
         }
     }
 
+    /// The inbox's queue was full: gossip is settled as ignored (gossipsub
+    /// neither relays it nor blames the sender), a payload is asked for
+    /// again later, and fetched records and votes are left to anti-entropy.
+    pub(super) fn on_inbox_busy(&mut self, job: Job) {
+        debug!(
+            round = self.round(),
+            "inbox queue full; a peer's message left unchecked"
+        );
+        match job {
+            Job::Record { origin, .. } => {
+                if let Origin::Gossip { .. } = origin {
+                    self.settle(&origin, &Outcome::Ignored(IgnoreReason::Busy), true);
+                }
+            }
+            Job::Proof { origin, .. } | Job::Vote { origin, .. } => {
+                if let Origin::Gossip { .. } = origin {
+                    self.settle(&origin, &Outcome::Ignored(IgnoreReason::Busy), false);
+                }
+            }
+            Job::Payload { hash, .. } => self.payload_attempt_failed(hash),
+            _ => {}
+        }
+    }
+
+    /// Asks `peer` for `author`'s records from `from` on, unless a request
+    /// for that author is already out.
     pub(super) fn request_records(&mut self, peer: PeerId, author: AuthorId, from: Seq) {
+        if !self.records_asked.insert(author) {
+            return;
+        }
         self.request(
             peer,
             FetchRequest::Records {
@@ -156,8 +235,38 @@ impl Core {
                 from_seq: from.0,
                 max: MAX_RECORDS_PER_RESPONSE,
             },
-            RequestFor::Records,
+            RequestFor::Records { author, from },
         );
+    }
+
+    /// Fetched records go to the inbox; those that are not what we asked
+    /// for (another author, before `from`, more than asked, undecodable)
+    /// are dropped and count against the sender.
+    fn on_records(&mut self, peer: PeerId, author: AuthorId, from: Seq, records: Vec<Vec<u8>>) {
+        let mut stray = records.len() > MAX_RECORDS_PER_RESPONSE as usize;
+        for bytes in records.into_iter().take(MAX_RECORDS_PER_RESPONSE as usize) {
+            let fits =
+                SignedRecord::from_bytes(&bytes).is_ok_and(|r| r.record.author == author && r.record.seq >= from);
+            if !fits {
+                stray = true;
+                continue;
+            }
+            self.emit(Effect::Inbox(Job::Record {
+                bytes,
+                payload: None,
+                origin: Origin::Fetched { from: peer },
+            }));
+        }
+        if stray {
+            warn!(peer = %short(&peer), author = %author.short(), "fetched records that were not asked for; dropped");
+            self.fetch_fault(peer, RejectReason::Malformed);
+        }
+    }
+
+    /// A peer answered a fetch with something wrong: it pays as a gossip
+    /// sender of invalid data would (the shell lowers its score).
+    pub(super) fn fetch_fault(&mut self, peer: PeerId, reason: RejectReason) {
+        self.settle(&Origin::Fetched { from: peer }, &Outcome::Invalid(reason), false);
     }
 
     pub(super) fn on_checked(&mut self, done: Done) {
@@ -166,6 +275,7 @@ impl Core {
             Done::PayloadRefused { hash, from, fault } => match fault {
                 PayloadFault::NotThePayload => {
                     warn!(peer = %short(&from), payload = %hash.short(), "peer served bytes that are not the payload");
+                    self.fetch_fault(from, RejectReason::PayloadHashMismatch);
                     self.payload_attempt_failed(hash);
                 }
                 PayloadFault::Unknown | PayloadFault::Author(_) => {
@@ -230,7 +340,12 @@ impl Core {
         }
         if let Some(entry) = done.rejection {
             self.book.unannounce(entry.round, &entry.author);
-            if self.recorded_rejections.insert(entry.record_hash) {
+            if self
+                .recorded_rejections
+                .entry(entry.round)
+                .or_default()
+                .insert(entry.record_hash)
+            {
                 if let Some(ban) = self.reputation.observe(entry.author, &entry.verdict) {
                     self.ban(entry.author, &ban.to_string());
                 }
@@ -255,6 +370,9 @@ impl Core {
                 if self.round_matters(round) && !self.members.is_banned(&author) {
                     self.book.announce(round, author);
                 }
+                if self.too_far_ahead(round) {
+                    self.set_aside(author, round);
+                }
                 let of = WantedFor {
                     author,
                     seq,
@@ -269,12 +387,18 @@ impl Core {
         }
     }
 
-    /// Whether an update for `round` may still matter to this node: not
-    /// behind the staleness window, and (before the node trains, when its
-    /// round is only a guess) not far ahead of where it starts.
+    /// Whether an update for `round` may matter to this node now: not behind
+    /// the staleness window, nor beyond the next round.
     pub(super) fn round_matters(&self, round: u64) -> bool {
-        round.saturating_add(self.cfg.spec.exchange.staleness) >= self.round()
-            && (self.in_rounds() || round <= self.round().saturating_add(1))
+        round.saturating_add(self.cfg.spec.exchange.staleness) >= self.round() && !self.too_far_ahead(round)
+    }
+
+    /// Whether an update for `round` is beyond the next round: it cannot be
+    /// aggregated before two rounds close, so its delta (a full vector even
+    /// when a tiny top-k payload carried it) is not held and its payload
+    /// not fetched yet. A peer could otherwise park one per future round.
+    pub(super) fn too_far_ahead(&self, round: u64) -> bool {
+        round > self.round().saturating_add(1)
     }
 
     fn want_payload(&mut self, hash: PayloadHash, of: WantedFor, first: Option<PeerId>) {
@@ -376,9 +500,56 @@ impl Core {
             .max(current.saturating_sub(VOTE_HISTORY))
     }
 
+    /// Notes an update of `author` for `round` left for later.
+    fn set_aside(&mut self, author: AuthorId, round: u64) {
+        if self.skipped_ahead.len() >= MAX_SET_ASIDE && !self.skipped_ahead.contains_key(&author) {
+            // Only fresh keys of an open run get here; a sync rebuilds
+            // every author's held records in any case.
+            return;
+        }
+        let at = self.skipped_ahead.entry(author).or_insert(round);
+        *at = (*at).min(round);
+    }
+
+    /// At the start of `round`: the inbox rebuilds the updates set aside
+    /// whose round is now the next one (or this one), and drops what it
+    /// holds for rounds that can no longer be merged; old rejections are
+    /// forgotten.
+    pub(super) fn tidy_for(&mut self, round: u64) {
+        let due: Vec<AuthorId> = self
+            .skipped_ahead
+            .iter()
+            .filter(|(_, r)| **r <= round.saturating_add(1))
+            .map(|(a, _)| *a)
+            .collect();
+        if !due.is_empty() {
+            for a in &due {
+                self.skipped_ahead.remove(a);
+            }
+            self.emit(Effect::Inbox(Job::Rebuild {
+                round,
+                authors: Some(due),
+            }));
+        }
+        let staleness = self.cfg.spec.exchange.staleness;
+        self.emit(Effect::Inbox(Job::Prune {
+            round,
+            keep_from: round.saturating_sub(staleness),
+        }));
+        let floor = round.saturating_sub(VOTE_HISTORY.saturating_add(staleness));
+        self.recorded_rejections = self.recorded_rejections.split_off(&floor);
+    }
+
     /// A verified delta for some round: kept for its round's aggregation.
     pub(super) fn offer(&mut self, c: Contribution) {
         if self.members.is_banned(&c.author) {
+            return;
+        }
+        if self.too_far_ahead(c.round) {
+            // Its record is stored: `start_round` has the inbox rebuild it
+            // when its round is the next one.
+            debug!(round = self.round(), author = %c.author.short(), for_round = c.round, "update too far ahead; set aside");
+            self.set_aside(c.author, c.round);
             return;
         }
         debug!(round = self.round(), author = %c.author.short(), for_round = c.round, "update verified");

@@ -120,7 +120,7 @@ impl Core {
     pub(super) fn rebuild(&mut self, round: u64) {
         if self.rebuilt_for != Some(round) {
             self.rebuilt_for = Some(round);
-            self.emit(Effect::Inbox(Job::Rebuild { round }));
+            self.emit(Effect::Inbox(Job::Rebuild { round, authors: None }));
         }
     }
 

@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use meshtrain_gossip::libp2p::PeerId;
 use meshtrain_gossip::{FetchRequest, FetchResponse};
-use meshtrain_ledger::{AuthorId, JoinKind, JoinRecord, PayloadHash, RunId, SignedVerdictBlock, Vote, WeightsHash};
+use meshtrain_ledger::{
+    AuthorId, JoinKind, JoinRecord, PayloadHash, RejectReason, RunId, SignedVerdictBlock, Vote, WeightsHash,
+};
 use meshtrain_model::{codec, CodecSpec};
 use rand::seq::SliceRandom;
 use tracing::{debug, info, warn};
@@ -345,7 +347,10 @@ impl Core {
                 }
                 sync.offers.push(*offer);
             }
-            Err(e) => warn!(peer = %short(&peer), error = %e, "refused an anchor offer"),
+            Err(e) => {
+                warn!(peer = %short(&peer), error = %e, "refused an anchor offer");
+                self.fetch_fault(peer, RejectReason::Malformed);
+            }
         }
         self.sync_tick();
     }
@@ -660,6 +665,7 @@ impl Core {
             Ok(_) => return self.anchor_fetch_failed(peer, "another anchor"),
             Err(e) => {
                 warn!(peer = %short(&peer), error = %e, "refused a fetched anchor");
+                self.fetch_fault(peer, RejectReason::Malformed);
                 return self.anchor_fetch_failed(peer, "bad anchor");
             }
         };

@@ -42,6 +42,8 @@ struct Harness {
     /// Everything but inbox jobs, in order.
     effects: Vec<Effect>,
     next_id: u64,
+    /// The inbox's queue is full: peers' jobs come back as `InboxBusy`.
+    busy: bool,
 }
 
 struct Peer {
@@ -89,13 +91,17 @@ fn delta(v: f32) -> Vec<u8> {
 
 impl Harness {
     fn new(wait_peers: usize) -> Self {
+        Self::with_rounds(wait_peers, 20)
+    }
+
+    fn with_rounds(wait_peers: usize, rounds: u64) -> Self {
         // A roster of node A (key 1) and the peers the tests forge (2..=6).
         let members = (1..=ROSTER)
             .map(|n| AuthorKey::from_secret([n; 32]).author().to_string())
             .collect();
         let admission = Admission::Permissioned { members };
         let spec = standin::sim_spec(
-            20,
+            rounds,
             CodecSpec::Dense,
             meshtrain_model::AggregatorSpec::Mean,
             7,
@@ -138,7 +144,7 @@ impl Harness {
                 roster: spec.admission.roster().expect("roster"),
                 genesis: meta.genesis_link(),
                 params: PARAMS,
-                rounds: 20,
+                rounds,
                 retention: meshtrain_ledger::Retention::KEEP_ALL,
             },
         );
@@ -153,15 +159,39 @@ impl Harness {
             settled: HashMap::new(),
             effects: Vec::new(),
             next_id: 0,
+            busy: false,
         }
     }
 
     /// Feeds an input and runs the inbox jobs it causes to the end.
     fn input(&mut self, input: Input) {
-        let mut queue = vec![input];
-        while let Some(input) = queue.pop() {
-            for e in self.core.handle(input, self.now) {
+        let effects = self.core.handle(input, self.now);
+        self.run(effects);
+    }
+
+    /// Calls into the core directly, then runs what it emitted.
+    fn poke(&mut self, f: impl FnOnce(&mut Core)) {
+        f(&mut self.core);
+        let effects = std::mem::take(&mut self.core.out);
+        self.run(effects);
+    }
+
+    fn run(&mut self, first: Vec<Effect>) {
+        let mut queue: Vec<Input> = Vec::new();
+        let mut pending = Some(first);
+        loop {
+            let effects = match pending.take() {
+                Some(e) => e,
+                None => match queue.pop() {
+                    Some(input) => self.core.handle(input, self.now),
+                    None => return,
+                },
+            };
+            for e in effects {
                 match e {
+                    Effect::Inbox(job) if self.busy && job.from_peer_bytes().is_some() => {
+                        queue.insert(0, Input::InboxBusy(Box::new(job)));
+                    }
                     Effect::Inbox(job) => {
                         for done in self.inbox.handle(job) {
                             queue.insert(0, Input::Checked(Box::new(done)));
@@ -580,4 +610,189 @@ fn banned_peers_are_refused_service() {
         )
     });
     assert!(refused);
+}
+
+#[test]
+fn updates_far_ahead_are_set_aside_and_taken_up_when_their_round_is_next() {
+    let mut h = Harness::new(1);
+    let mut b = Peer::new(2);
+    let author = b.key.author();
+    h.join(&b);
+    h.start_training();
+    let near = b.record(&h, 1, &delta(0.1));
+    h.gossip(&b, &near, Some(delta(0.1)));
+    assert!(h.core.book.has(1, &author), "the next round's update is held");
+    // Inline, four rounds ahead: stored in the ledger, no delta held.
+    let far = b.record(&h, 5, &delta(0.2));
+    let id = h.gossip(&b, &far, Some(delta(0.2)));
+    assert_eq!(h.outcome(&id), Outcome::Accepted);
+    assert!(!h.core.book.has(5, &author), "no delta held four rounds ahead");
+    // By hash, five rounds ahead: its payload is not fetched yet.
+    let farther = b.record(&h, 6, &delta(0.3));
+    h.take();
+    h.gossip(&b, &farther, None);
+    assert!(!asks_for_a_payload(&h.take()), "no fetch for a round that far ahead");
+    // At round 4, round 5 is the next: its update comes back from the ledger;
+    // round 6 is still set aside.
+    h.poke(|c| {
+        c.book.restart_at(4);
+        c.tidy_for(4);
+    });
+    assert!(h.core.book.has(5, &author), "taken up from the ledger");
+    assert!(!asks_for_a_payload(&h.take()));
+    assert_eq!(h.core.skipped_ahead.get(&author), Some(&6));
+    h.poke(|c| {
+        c.book.restart_at(5);
+        c.tidy_for(5);
+    });
+    assert!(asks_for_a_payload(&h.take()), "round 6's payload is wanted at round 5");
+    assert!(h.core.skipped_ahead.is_empty());
+}
+
+#[test]
+fn records_held_out_of_order_are_capped_across_authors_and_expire() {
+    use crate::inbox::Job;
+    let mut h = Harness::with_rounds(0, 100);
+    let mut peers: Vec<Peer> = (2..=ROSTER).map(Peer::new).collect();
+    for p in &peers {
+        h.join(p);
+    }
+    h.start_training();
+    // Every peer skips its seq 0 and sends 64 later records, each with the
+    // largest inline payload: 18 MiB if all were held.
+    let big = vec![0x11u8; 48 * 1024];
+    for p in peers.iter_mut() {
+        let _never_sent = p.record(&h, 0, &delta(0.1));
+        for round in 1..=64 {
+            let r = p.record(&h, round, &big);
+            let id = h.gossip(p, &r, Some(big.clone()));
+            assert_eq!(h.outcome(&id), Outcome::Accepted);
+        }
+    }
+    let (held, _, _) = h.inbox.held();
+    assert!(held > 0, "some are held");
+    assert!(
+        held * big.len() <= 16 << 20,
+        "{held} records of 48 KiB held out of order, past the 16 MiB cap"
+    );
+    // They expire after eight rounds without their gap filled.
+    h.inbox.handle(Job::Prune { round: 8, keep_from: 0 });
+    assert_eq!(h.inbox.held().0, held, "still held at round 8");
+    h.inbox.handle(Job::Prune { round: 9, keep_from: 0 });
+    assert_eq!(h.inbox.held().0, 0, "expired after eight rounds");
+}
+
+#[test]
+fn records_waiting_for_payloads_are_forgotten_once_their_round_is_past() {
+    use crate::inbox::Job;
+    let mut h = Harness::new(0);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    let r = b.record(&h, 0, &delta(0.1));
+    h.gossip(&b, &r, None);
+    assert_eq!(h.inbox.held().1, 1, "waits for its payload");
+    h.inbox.handle(Job::Prune { round: 1, keep_from: 0 });
+    assert_eq!(h.inbox.held().1, 1, "still mergeable while in the window");
+    h.inbox.handle(Job::Prune { round: 2, keep_from: 1 });
+    assert_eq!(h.inbox.held(), (0, 0, 1), "no longer awaited; its hash still named");
+    h.inbox.handle(Job::Prune {
+        round: 300,
+        keep_from: 300,
+    });
+    assert_eq!(h.inbox.held().2, 0, "named for 256 rounds only");
+}
+
+#[test]
+fn a_full_inbox_queue_ignores_gossip_without_blame_and_asks_for_payloads_again() {
+    let mut h = Harness::new(1);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    let r = b.record(&h, 0, &delta(0.1));
+    h.busy = true;
+    let id = h.gossip(&b, &r, None);
+    assert_eq!(
+        h.outcome(&id),
+        Outcome::Ignored(IgnoreReason::Busy),
+        "settled once, blaming nobody"
+    );
+    assert!(!h.core.book.has(0, &b.key.author()));
+    // Room again: the same record, by hash, is taken and its payload asked for.
+    h.busy = false;
+    let id = h.gossip(&b, &r, None);
+    assert_eq!(h.outcome(&id), Outcome::Accepted);
+    assert!(asks_for_a_payload(&h.take()));
+    // The payload comes while the queue is full: it is asked for again
+    // after the retry pause, not lost.
+    h.busy = true;
+    let (req, peer) = h
+        .core
+        .requests
+        .iter()
+        .find_map(|(req, what)| matches!(what, super::RequestFor::Payload(_)).then_some(*req))
+        .map(|req| (req, b.peer))
+        .expect("a payload request in flight");
+    h.input(Input::Response {
+        req,
+        peer,
+        response: FetchResponse::Payload(delta(0.1)),
+    });
+    assert!(!h.core.book.has(0, &b.key.author()));
+    h.busy = false;
+    h.now += 10_000;
+    h.input(Input::Timer(Timer::PayloadRetry));
+    assert!(asks_for_a_payload(&h.take()), "asked again once the pause is over");
+}
+
+#[test]
+fn fetched_records_not_asked_for_are_dropped_and_blamed_and_one_ask_per_author_is_out() {
+    let mut h = Harness::new(0);
+    let mut b = Peer::new(2);
+    let mut c = Peer::new(3);
+    h.join(&b);
+    h.join(&c);
+    h.start_training();
+    let b0 = b.record(&h, 0, &delta(0.1));
+    let b1 = b.record(&h, 1, &delta(0.2));
+    let b2 = b.record(&h, 2, &delta(0.3));
+    h.take();
+    // Two records past a gap: one request for B's records, not two.
+    h.gossip(&b, &b1, Some(delta(0.2)));
+    h.gossip(&b, &b2, Some(delta(0.3)));
+    let asks: Vec<super::ReqId> = h
+        .take()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Request {
+                req,
+                request: FetchRequest::Records { from_seq: 0, .. },
+                ..
+            } => Some(req),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asks.len(), 1, "one request per author at a time");
+    // B answers with C's record too, which it was not asked for.
+    let c0 = c.record(&h, 0, &delta(0.4));
+    h.input(Input::Response {
+        req: asks[0],
+        peer: b.peer,
+        response: FetchResponse::Records(vec![c0.to_bytes(), b0.to_bytes()]),
+    });
+    let store = h.inbox.store().clone();
+    let head = |a| meshtrain_ledger::Store::head(&*store, &a).map(|x| x.seq);
+    assert_eq!(head(b.key.author()), Some(Seq(2)), "B's chain filled and released");
+    assert_eq!(head(c.key.author()), None, "C's record not taken from B's answer");
+    let blamed = h.take().into_iter().any(|e| {
+        matches!(
+            e,
+            Effect::Settle {
+                origin: Origin::Fetched { from },
+                outcome: Outcome::Invalid(_),
+                ..
+            } if from == b.peer
+        )
+    });
+    assert!(blamed, "the sender pays for the stray record");
 }

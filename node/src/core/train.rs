@@ -19,6 +19,7 @@ const COLLUDE_MAX_MS: u64 = 5000;
 impl Core {
     pub(super) fn start_round(&mut self) {
         let round = self.round();
+        self.tidy_for(round);
         if self.republish_own(round) {
             return;
         }

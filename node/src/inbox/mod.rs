@@ -27,6 +27,17 @@ use crate::core::rounds::Contribution;
 
 /// Records held per author while a gap before them is being filled.
 const GAP_BUFFER_PER_AUTHOR: usize = 64;
+/// Records held out of order across all authors, and the inline payload
+/// bytes they carry: fresh keys must not add up to unbounded memory. A
+/// record not held is fetched again once its gap is filled.
+const GAP_BUFFER_TOTAL: usize = 1024;
+const GAP_BUFFER_BYTES: usize = 16 << 20;
+/// Rounds (as [`Job::Prune`] tells them) a record may wait for its gap.
+const GAP_MAX_AGE: u64 = 8;
+/// Rounds behind the pruned window for which payload hashes stay named, so
+/// that a replay is caught without a ledger read; older ones are caught by
+/// the payload still held in the ledger (`has_payload`) while retained.
+const NAMED_ROUNDS: u64 = 256;
 /// Records read back per author when rebuilding a round after a restart.
 const REBUILD_DEPTH: u64 = 8;
 
@@ -62,14 +73,23 @@ pub enum Job {
     },
     /// After a restart or a jump to `round`: the records of `round` and later
     /// already held become contributions again (their payloads are read back
-    /// and checked) or wanted payloads.
+    /// and checked) or wanted payloads. `authors`, when given, limits it to
+    /// those authors (updates the core set aside as too far ahead).
     Rebuild {
         round: u64,
+        authors: Option<Vec<AuthorId>>,
     },
     /// A gossiped verdict block: a vote for the run's final anchor.
     Vote {
         bytes: Vec<u8>,
         origin: Origin,
+    },
+    /// The core is at `round`; updates of rounds before `keep_from` can no
+    /// longer be merged: what is held for them (records waiting for a gap
+    /// or a payload) is dropped.
+    Prune {
+        round: u64,
+        keep_from: u64,
     },
 }
 
@@ -158,8 +178,9 @@ pub struct InboxConfig {
     pub retention: Retention,
 }
 
-/// A record held out of order, with the payload that came with it.
-type Held = (SignedRecord, Option<Vec<u8>>);
+/// A record held out of order, with the payload that came with it and the
+/// round the inbox was at when it came.
+type Held = (SignedRecord, Option<Vec<u8>>, u64);
 
 /// Record checks and ledger writes over a store.
 pub struct Inbox<S: Store + ?Sized> {
@@ -169,9 +190,31 @@ pub struct Inbox<S: Store + ?Sized> {
     gaps: HashMap<AuthorId, BTreeMap<Seq, Held>>,
     /// Stored records still waiting for their payload, by payload hash.
     awaiting: HashMap<PayloadHash, SignedRecord>,
-    /// Every payload hash a stored record has named, with that record: a
-    /// second record naming one again is a replay.
-    named: HashMap<PayloadHash, RecordHash>,
+    /// Every payload hash a stored record has named, with that record and
+    /// its round: a second record naming one again is a replay. Pruned
+    /// [`NAMED_ROUNDS`] behind the window.
+    named: HashMap<PayloadHash, (RecordHash, u64)>,
+    /// The core's round, as the last [`Job::Prune`] told it.
+    round: u64,
+}
+
+impl Job {
+    /// The bytes a job from a peer brings (what the backlog counts); `None`
+    /// for this node's own jobs, which are never refused.
+    pub fn from_peer_bytes(&self) -> Option<usize> {
+        match self {
+            Job::Record { bytes, payload, origin } => {
+                (*origin != Origin::Local).then(|| bytes.len() + payload.as_ref().map_or(0, Vec::len))
+            }
+            Job::Payload { bytes, .. } | Job::Proof { bytes, .. } | Job::Vote { bytes, .. } => Some(bytes.len()),
+            Job::Own { .. }
+            | Job::Verdict(_)
+            | Job::Ban(_)
+            | Job::Join { .. }
+            | Job::Rebuild { .. }
+            | Job::Prune { .. } => None,
+        }
+    }
 }
 
 fn reason_of(e: &LedgerError) -> RejectReason {
@@ -231,7 +274,39 @@ impl<S: Store + ?Sized> Inbox<S> {
             gaps: HashMap::new(),
             awaiting: HashMap::new(),
             named: HashMap::new(),
+            round: 0,
         }
+    }
+
+    /// Records held out of order, and the inline payload bytes with them.
+    fn gap_held(&self) -> (usize, usize) {
+        self.gaps
+            .values()
+            .flat_map(|b| b.values())
+            .fold((0, 0), |(n, bytes), h| {
+                (n + 1, bytes + h.1.as_ref().map_or(0, Vec::len))
+            })
+    }
+
+    /// Drops what can no longer be merged (see [`Job::Prune`]).
+    fn prune(&mut self, round: u64, keep_from: u64) {
+        self.round = self.round.max(round);
+        let now = self.round;
+        self.gaps.retain(|_, buffer| {
+            buffer.retain(|_, (signed, _, since)| {
+                signed.record.round >= keep_from && since.saturating_add(GAP_MAX_AGE) >= now
+            });
+            !buffer.is_empty()
+        });
+        self.awaiting.retain(|_, r| r.record.round >= keep_from);
+        let named_from = keep_from.saturating_sub(NAMED_ROUNDS);
+        self.named.retain(|_, (_, r)| *r >= named_from);
+    }
+
+    /// How much the inbox holds in memory: records out of order, records
+    /// waiting for payloads, payload hashes named (for tests and metrics).
+    pub fn held(&self) -> (usize, usize, usize) {
+        (self.gap_held().0, self.awaiting.len(), self.named.len())
     }
 
     pub fn store(&self) -> &Arc<S> {
@@ -287,12 +362,16 @@ impl<S: Store + ?Sized> Inbox<S> {
                 self.awaiting.retain(|_, r| r.record.author != author);
                 Vec::new()
             }
-            Job::Rebuild { round } => self
-                .rebuild(round)
+            Job::Rebuild { round, authors } => self
+                .rebuild(round, authors.as_deref())
                 .into_iter()
                 .map(|r| Done::Record(Box::new(r)))
                 .collect(),
             Job::Vote { bytes, origin } => vec![self.vote(&bytes, origin)],
+            Job::Prune { round, keep_from } => {
+                self.prune(round, keep_from);
+                Vec::new()
+            }
         }
     }
 
@@ -347,9 +426,16 @@ impl<S: Store + ?Sized> Inbox<S> {
                 results.push(RecordDone::new(origin, Outcome::Ignored(IgnoreReason::Duplicate)).about(&signed));
             }
             Ok(Placement::Gap { missing_from }) => {
+                let (total, bytes) = self.gap_held();
+                let size = payload.as_ref().map_or(0, Vec::len);
                 let buffer = self.gaps.entry(author).or_default();
-                if buffer.len() < GAP_BUFFER_PER_AUTHOR {
-                    buffer.insert(signed.record.seq, (signed.clone(), payload));
+                if buffer.len() < GAP_BUFFER_PER_AUTHOR
+                    && total < GAP_BUFFER_TOTAL
+                    && bytes.saturating_add(size) <= GAP_BUFFER_BYTES
+                {
+                    buffer.insert(signed.record.seq, (signed.clone(), payload, self.round));
+                } else if buffer.is_empty() {
+                    self.gaps.remove(&author);
                 }
                 let mut done = RecordDone::new(origin, Outcome::Accepted).about(&signed);
                 done.gap_from = Some(missing_from);
@@ -423,7 +509,7 @@ impl<S: Store + ?Sized> Inbox<S> {
         // A payload some earlier record already named (still awaited, or
         // stored, which survives restarts) is being replayed.
         let replayed = match self.named.get(&rec.payload_hash) {
-            Some(first) => *first != verified.hash(),
+            Some((first, _)) => *first != verified.hash(),
             None => self.store.has_payload(&rec.payload_hash).unwrap_or(false),
         };
         let checked = if replayed {
@@ -475,7 +561,9 @@ impl<S: Store + ?Sized> Inbox<S> {
         }
         done.stored = true;
         done.signed = Some(Box::new(signed.clone()));
-        self.named.entry(rec.payload_hash).or_insert(verified.hash());
+        self.named
+            .entry(rec.payload_hash)
+            .or_insert((verified.hash(), rec.round));
         if done.need_payload {
             self.awaiting.insert(rec.payload_hash, signed.clone());
         }
@@ -497,7 +585,7 @@ impl<S: Store + ?Sized> Inbox<S> {
                     break;
                 }
             }
-            let Some((signed, payload)) = buffer.remove(&next) else {
+            let Some((signed, payload, _)) = buffer.remove(&next) else {
                 if buffer.is_empty() {
                     self.gaps.remove(&author);
                 }
@@ -555,7 +643,8 @@ impl<S: Store + ?Sized> Inbox<S> {
     fn own(&mut self, signed: &SignedRecord, payload: &[u8]) -> Result<(), LedgerError> {
         let head = self.store.head(&signed.record.author);
         let verified = VerifiedRecord::extend(signed.clone(), &self.cfg.run_id, head, self.cfg.genesis)?;
-        self.named.insert(signed.record.payload_hash, signed.hash());
+        self.named
+            .insert(signed.record.payload_hash, (signed.hash(), signed.record.round));
         self.store.write(
             Batch::new()
                 .op(Op::Append(Box::new(verified)))
@@ -647,12 +736,12 @@ impl<S: Store + ?Sized> Inbox<S> {
     /// The newest records of every author, for rounds from `round` on: those
     /// with a stored payload become contributions again, the others wanted
     /// payloads.
-    fn rebuild(&mut self, round: u64) -> Vec<RecordDone> {
+    fn rebuild(&mut self, round: u64, only: Option<&[AuthorId]>) -> Vec<RecordDone> {
         let mut out = Vec::new();
         let owner = self.store.meta().owner;
         for (author, head) in self.store.heads() {
             // Our own record of the round is published again by the core.
-            if author == owner || self.banned.contains(&author) {
+            if author == owner || self.banned.contains(&author) || only.is_some_and(|o| !o.contains(&author)) {
                 continue;
             }
             let from = Seq(head.seq.0.saturating_sub(REBUILD_DEPTH - 1));
@@ -677,7 +766,7 @@ impl<S: Store + ?Sized> Inbox<S> {
                         continue;
                     }
                 }
-                self.named.entry(hash).or_insert(signed.hash());
+                self.named.entry(hash).or_insert((signed.hash(), signed.record.round));
                 done.signed = Some(Box::new(signed));
                 out.push(done);
             }

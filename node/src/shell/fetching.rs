@@ -353,6 +353,7 @@ impl Node {
                 }
                 _ => {
                     warn!(peer = %crate::core::start::short(&peer), "peer sent a manifest that does not match the run's dataset id");
+                    self.fetch_fault(peer);
                     self.data.block_attempt_failed(&hash);
                 }
             }
@@ -389,9 +390,14 @@ impl Node {
                     }
                 }
             }
-            Err(e) => {
-                warn!(peer = %crate::core::start::short(&peer), error = %e, "peer sent a bad block");
+            Err(NodeError::BlockCorrupt { .. }) => {
+                warn!(peer = %crate::core::start::short(&peer), block = %&hash[..hash.len().min(8)], "peer sent a block that does not match its hash");
+                self.fetch_fault(peer);
                 self.data.block_attempt_failed(&hash);
+            }
+            Err(e) => {
+                // Our disk, not the peer: asking others would fail alike.
+                self.fatal = Some(e);
             }
         }
     }

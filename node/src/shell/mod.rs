@@ -11,7 +11,7 @@
 mod deny;
 mod fetching;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,6 +106,11 @@ enum WorkerDone {
         response: FetchResponse,
     },
     Aggregated(Box<AggregateDone>),
+    /// A worker the round cannot go on without panicked.
+    Panicked {
+        what: &'static str,
+        message: String,
+    },
     Checkpointed {
         round: u64,
         result: Result<(), String>,
@@ -124,13 +129,18 @@ enum WorkerDone {
 /// Which anchor an encoded answer holds.
 type AnchorKey = (u64, WeightsHash);
 
-/// The anchor as last encoded for peers, and who waits for an encoding.
+/// The anchors last encoded for peers (the newest few), those being
+/// encoded, and who waits for which.
 #[derive(Default)]
 struct AnchorCache {
-    encoded: Option<(AnchorKey, FetchResponse)>,
-    encoding: Option<AnchorKey>,
-    waiting: Vec<ResponseChannel<FetchResponse>>,
+    encoded: std::collections::VecDeque<(AnchorKey, FetchResponse)>,
+    encoding: HashSet<AnchorKey>,
+    waiting: Vec<(AnchorKey, ResponseChannel<FetchResponse>)>,
 }
+
+/// Anchors kept encoded: the current one and the one before (peers a round
+/// behind still ask for it).
+const ANCHORS_ENCODED: usize = 2;
 
 /// A checkpoint between the core's request and the file: the anchor it is
 /// of, while the trainer snapshots its state, then the write in flight.
@@ -182,7 +192,33 @@ pub struct Node {
     started: Instant,
     finished: bool,
     fatal: Option<NodeError>,
+    /// Bad answers to our fetches, per connected peer (see `fetch_fault`).
+    fetch_faults: HashMap<PeerId, u32>,
+    /// Requests being answered off the loop (at most [`MAX_SERVES`]).
+    serving: usize,
 }
+
+/// Requests answered at once, at most (ledger reads, block reads).
+const MAX_SERVES: usize = 16;
+
+/// Runs `f`, turning a panic into an error that names `what` and says why.
+fn caught<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|panic| format!("{what} panicked: {}", panic_message(panic.as_ref())))
+}
+
+/// The text a panic was raised with.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// What one bad fetch answer costs a peer's gossipsub score: eight take it
+/// past the graylist threshold (-80), as invalid gossip would.
+const FETCH_FAULT_SCORE: f64 = 10.0;
 
 impl Node {
     /// Loads identity, data, model and ledger, and starts the swarm and the
@@ -357,6 +393,8 @@ impl Node {
             started: Instant::now(),
             finished: false,
             fatal: None,
+            fetch_faults: HashMap::new(),
+            serving: 0,
         })
     }
 
@@ -401,13 +439,24 @@ impl Node {
             };
             let report = self.report();
             let written = write_json(&self.data_dir.join("results.json"), &report);
-            if let Some(t) = self.trainer.take() {
-                t.stop();
-            }
+            let trainer_panic = self.trainer.take().and_then(TrainerHandle::stop);
+            let outcome = match (outcome, trainer_panic) {
+                (Err(NodeError::ThreadDied { name: "trainer" }), Some(message)) => Err(NodeError::WorkerPanicked {
+                    what: "trainer",
+                    message,
+                }),
+                (outcome, _) => outcome,
+            };
             // The inbox thread holds the ledger: let it finish its queue and
             // close RocksDB before the process exits.
             drop(self.inbox.jobs);
-            let _ = self.inbox.thread.join();
+            let outcome = match (outcome, self.inbox.thread.join()) {
+                (Err(NodeError::ThreadDied { name: "inbox" }), Err(panic)) => Err(NodeError::WorkerPanicked {
+                    what: "inbox",
+                    message: panic_message(panic.as_ref()),
+                }),
+                (outcome, _) => outcome,
+            };
             outcome?;
             written?;
             Ok(report)
@@ -502,6 +551,9 @@ impl Node {
                         .gossipsub
                         .report_message_validation_result(id, source, acceptance);
                 }
+                if let (Origin::Fetched { from }, Acceptance::Reject) = (&origin, outcome.acceptance()) {
+                    self.fetch_fault(*from);
+                }
                 debug!(round = self.core.round(), from = ?origin.peer().map(|p| short(&p)), outcome = outcome.kind(), reason = outcome.reason(), "message settled");
             }
             Effect::Counted { outcome, reason } => self.metrics.outcome(outcome, reason),
@@ -524,18 +576,28 @@ impl Node {
             } => {
                 let (params, tx) = (self.params, self.worker_tx.clone());
                 tokio::task::spawn_blocking(move || {
-                    let result = check_fetched(starts, key, params, response).map(Box::new);
+                    let result = caught("anchor check", || check_fetched(starts, key, params, response))
+                        .and_then(|r| r)
+                        .map(Box::new);
                     let _ = tx.send(WorkerDone::AnchorChecked { peer, result });
                 });
             }
             Effect::CheckOffer { peer, response } => {
                 let (run_id, genesis, params, tx) = (self.run_id, self.genesis, self.params, self.worker_tx.clone());
                 tokio::task::spawn_blocking(move || {
-                    let result = check_offer(&run_id, &genesis, params, response).map(Box::new);
+                    let result = caught("offer check", || check_offer(&run_id, &genesis, params, response))
+                        .and_then(|r| r)
+                        .map(Box::new);
                     let _ = tx.send(WorkerDone::OfferChecked { peer, result });
                 });
             }
             Effect::Inbox(job) => {
+                if let Some(bytes) = job.from_peer_bytes() {
+                    if !self.inbox.backlog.admit(bytes) {
+                        self.feed(Input::InboxBusy(Box::new(job)));
+                        return;
+                    }
+                }
                 if self.inbox.jobs.send(job).is_err() {
                     self.fatal = Some(NodeError::ThreadDied { name: "inbox" });
                 }
@@ -570,8 +632,13 @@ impl Node {
             Effect::Aggregate(job) => {
                 let tx = self.worker_tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let done = run_aggregation(*job);
-                    let _ = tx.send(WorkerDone::Aggregated(Box::new(done)));
+                    let _ = tx.send(match caught("aggregation", || run_aggregation(*job)) {
+                        Ok(done) => WorkerDone::Aggregated(Box::new(done)),
+                        Err(message) => WorkerDone::Panicked {
+                            what: "aggregation",
+                            message,
+                        },
+                    });
                 });
             }
             Effect::BeginData { members } => self.begin_data_phase(members),
@@ -593,6 +660,18 @@ impl Node {
         }
     }
 
+    /// A peer answered one of our fetches with bad data (records it was
+    /// not asked for, bytes that are not the payload, a corrupt block): its
+    /// score drops as it would for invalid gossip.
+    fn fetch_fault(&mut self, peer: PeerId) {
+        let faults = self.fetch_faults.entry(peer).or_default();
+        *faults = faults.saturating_add(1);
+        let score = -f64::from(*faults) * FETCH_FAULT_SCORE;
+        self.metrics.fetch_faults.inc();
+        self.swarm.behaviour_mut().gossipsub.set_application_score(&peer, score);
+        debug!(peer = %short(&peer), faults = *faults, "bad fetch answer");
+    }
+
     fn trainer_cmd(&mut self, cmd: TrainerCmd) {
         let sent = match self.trainer.as_ref() {
             Some(t) => t.cmd.send(cmd).is_ok(),
@@ -608,6 +687,14 @@ impl Node {
         let Some(channel) = self.channels.remove(&chan) else {
             return;
         };
+        if self.serving >= MAX_SERVES {
+            // Reads and block copies would pile up on the blocking pool;
+            // the asker tries another peer or comes back.
+            let busy = FetchResponse::Refused("busy; try again".into());
+            let _ = self.swarm.behaviour_mut().fetch.send_response(channel, busy);
+            return;
+        }
+        self.serving += 1;
         let ledger = self.ledger.clone();
         let store = self.data.store.clone();
         let tx = self.worker_tx.clone();
@@ -630,18 +717,15 @@ impl Node {
             return;
         };
         let key = (anchor.round, anchor.anchor_hash);
-        if let Some((k, response)) = &self.anchor_cache.encoded {
-            if *k == key {
-                let response = response.clone();
-                let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
-                return;
-            }
-        }
-        self.anchor_cache.waiting.push(channel);
-        if self.anchor_cache.encoding == Some(key) {
+        if let Some((_, response)) = self.anchor_cache.encoded.iter().find(|(k, _)| *k == key) {
+            let response = response.clone();
+            let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
             return;
         }
-        self.anchor_cache.encoding = Some(key);
+        self.anchor_cache.waiting.push((key, channel));
+        if !self.anchor_cache.encoding.insert(key) {
+            return;
+        }
         let tx = self.worker_tx.clone();
         tokio::task::spawn_blocking(move || {
             let response = encode_anchor(&anchor);
@@ -652,20 +736,26 @@ impl Node {
     fn on_worker(&mut self, done: WorkerDone) {
         match done {
             WorkerDone::Served { channel, response } => {
+                self.serving = self.serving.saturating_sub(1);
                 let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
             }
             WorkerDone::AnchorEncoded { key, response } => {
-                if self.anchor_cache.encoding == Some(key) {
-                    self.anchor_cache.encoding = None;
-                }
-                for channel in std::mem::take(&mut self.anchor_cache.waiting) {
+                self.anchor_cache.encoding.remove(&key);
+                let (these, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.anchor_cache.waiting)
+                    .into_iter()
+                    .partition(|(k, _)| *k == key);
+                self.anchor_cache.waiting = others;
+                for (_, channel) in these {
                     let _ = self
                         .swarm
                         .behaviour_mut()
                         .fetch
                         .send_response(channel, response.clone());
                 }
-                self.anchor_cache.encoded = Some((key, response));
+                let cache = &mut self.anchor_cache.encoded;
+                cache.retain(|(k, _)| *k != key);
+                cache.push_front((key, response));
+                cache.truncate(ANCHORS_ENCODED);
             }
             WorkerDone::Checkpointed { round, result, took } => {
                 self.checkpoint.writing = false;
@@ -679,6 +769,9 @@ impl Node {
                 self.metrics.stage("aggregate", done.took.aggregate);
                 self.metrics.stage("outer_step", done.took.outer_step);
                 self.feed(Input::Aggregated(done));
+            }
+            WorkerDone::Panicked { what, message } => {
+                self.fatal = Some(NodeError::WorkerPanicked { what, message });
             }
             WorkerDone::OfferChecked { peer, result } => self.feed(Input::OfferChecked { peer, result }),
             WorkerDone::AnchorChecked { peer, result } => self.feed(Input::AnchorChecked { peer, result }),
@@ -838,7 +931,10 @@ impl Node {
                 peer_id,
                 num_established: 0,
                 ..
-            } => self.feed(Input::Disconnected(peer_id)),
+            } => {
+                self.fetch_faults.remove(&peer_id);
+                self.feed(Input::Disconnected(peer_id))
+            }
             SwarmEvent::Behaviour(MeshBehaviourEvent::Gossipsub(ev)) => match ev {
                 gossipsub::Event::Message {
                     propagation_source,
@@ -1036,9 +1132,23 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), Node
     };
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec_pretty(value).map_err(|e| io(e.into()))?;
-    std::fs::write(&tmp, text).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    // A full disk leaves the old file (or none), and no temporary behind.
+    let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io)
 }
 
 /// The plan's members as a map for the data phase.
 pub(crate) type MemberPeers = BTreeMap<AuthorId, PeerId>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panicking_worker_becomes_an_error_naming_it() {
+        let err = super::caught("aggregation", || -> u32 { panic!("bad shape {}", 3) }).unwrap_err();
+        assert_eq!(err, "aggregation panicked: bad shape 3");
+        assert_eq!(super::caught("aggregation", || 7), Ok(7));
+    }
+}
