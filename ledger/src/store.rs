@@ -795,8 +795,15 @@ fn cf_options(cache: &Cache) -> Options {
     table.set_bloom_filter(10.0, false);
     let mut o = Options::default();
     o.set_block_based_table_factory(&table);
+    // Memtables of 8 MiB, not RocksDB's 64: a node holds at most a few
+    // payloads per column family in memory, and a write that needs disk
+    // space meets a full disk within a few rounds, not after 64 MiB of
+    // payloads went into a WAL file allocated before the disk filled.
+    o.set_write_buffer_size(MEMTABLE_BYTES);
     o
 }
+
+const MEMTABLE_BYTES: usize = 8 << 20;
 
 fn open_db(path: &Path, opts: &Options, read_only: bool) -> Result<DB> {
     let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);

@@ -176,10 +176,28 @@ pub fn main() -> ExitCode {
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_message(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line, each said once: many errors
+/// already print their source (`path: No space left on device`), and
+/// anyhow's `{:#}` would repeat it.
+fn one_message(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn dispatch(command: Command) -> Result<ExitCode> {
@@ -196,5 +214,22 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Data(cmd) => data::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Sim(args) => sim::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_and_its_causes_are_each_said_once() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let e = meshtrain_node::NodeError::Io {
+            path: "/data/results.json".into(),
+            source: io,
+        };
+        let e = anyhow::Error::new(e).context("the node stopped");
+        assert_eq!(
+            super::one_message(&e),
+            "the node stopped: /data/results.json: No space left on device (os error 28)"
+        );
     }
 }

@@ -1,0 +1,275 @@
+//! A full disk mid-run. Node 2 of a 3-node mesh keeps its data dir on a
+//! small tmpfs (mounted here: the suite runs as root, as CI does) that is
+//! filled to the last byte while it trains. It must stop with one error
+//! naming what it could not write, leave no half-written file, keep a
+//! ledger that audits clean, and, once space is back, restart from that
+//! ledger, continue its chain and end on the mesh's model.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meshtrain_tests::{
+    audit, ledger_compare, meshtrain_bin, results, spawn_node, spec_with_roster, wait_all_clean, wait_listen,
+    wait_round, NodeProc,
+};
+
+const ROUNDS: u64 = 40;
+
+/// A tmpfs mounted for the test, unmounted however the test ends.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {} (the suite runs as root): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes zeros to PATH until the filesystem has no byte left.
+fn fill(path: &Path) -> u64 {
+    let mut f = File::create(path).expect("filler file");
+    let chunk = vec![0u8; 64 << 10];
+    let mut written = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    // The last partial page too, byte by byte at most one chunk long.
+    while f.write(&[0u8]).is_ok_and(|n| n == 1) {
+        written += 1;
+    }
+    written
+}
+
+/// Every file under DIR whose name ends in `.tmp` (a half-written file).
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(".tmp") {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// `ledger export DIR`: AUTHOR's records, seq -> record hash.
+fn chain_of(dir: &Path, author: &str) -> BTreeMap<u64, String> {
+    let out = Command::new(meshtrain_bin())
+        .args(["ledger", "export"])
+        .arg(dir)
+        .output()
+        .expect("run ledger export");
+    assert!(
+        out.status.success(),
+        "export {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut chain = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("export line is JSON");
+        if v["type"] == "record" && v["record"]["author"] == author {
+            let seq = v["record"]["seq"].as_u64().expect("seq");
+            chain.insert(seq, v["hash"].as_str().expect("hash").to_string());
+        }
+    }
+    chain
+}
+
+/// `meshtrain node run` for a data dir on the tmpfs, its log kept off it.
+fn spawn_on_tmpfs(dir: &Path, log: &Path, spec: &Path, boot: &str, extra: &[&str]) -> NodeProc {
+    std::fs::create_dir_all(dir).expect("node dir");
+    let log = File::create(log).expect("log file");
+    let child = Command::new(meshtrain_bin())
+        .args([
+            "node",
+            "run",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--shard",
+            "2/3",
+            "--threads",
+            "1",
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--run")
+        .arg(spec)
+        .args(["--bootstrap", boot])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn node 2");
+    NodeProc {
+        dir: dir.to_path_buf(),
+        child,
+    }
+}
+
+fn author_of(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("listen.json")).expect("listen.json");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("listen.json parses");
+    v["author"].as_str().expect("listen.json names the author").to_string()
+}
+
+#[test]
+fn a_node_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let disk = Tmpfs::mount(&tmp.path().join("disk"), "256m");
+    let (spec, store) = spec_with_roster(tmp.path(), 3, &["--rounds", &ROUNDS.to_string(), "--local-steps", "50"]);
+    let args = ["--wait-peers", "2", "--drain-s", "20", "--checkpoint-every", "2"];
+    let seed_args = [&args[..], &["--data", store.to_str().expect("utf-8 path")]].concat();
+    let mut nodes = vec![spawn_node(&tmp.path().join("node-0"), &spec, "0/3", None, &seed_args)];
+    let boot = wait_listen(&mut nodes[0], Duration::from_secs(120)).addr;
+    nodes.push(spawn_node(&tmp.path().join("node-1"), &spec, "1/3", Some(&boot), &args));
+    // Node 2's data dir is the tmpfs's; `roster` made its key in node-2.
+    let victim = disk.0.join("node-2");
+    std::fs::create_dir_all(&victim).expect("node 2 dir");
+    std::fs::copy(
+        tmp.path().join("node-2").join("identity.key"),
+        victim.join("identity.key"),
+    )
+    .expect("copy node 2's key onto the tmpfs");
+    let log = tmp.path().join("node-2.log");
+    let mut n2 = spawn_on_tmpfs(&victim, &log, &spec, &boot, &args);
+    wait_listen(&mut n2, Duration::from_secs(120));
+    let author = author_of(&victim);
+
+    // Fill the disk mid-run.
+    wait_round(&victim, 3);
+    let filler = disk.0.join("filler");
+    let filled = fill(&filler);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = n2.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "node 2 still runs 120 s after its disk filled ({filled} bytes of filler):\n{}",
+            tail(&log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    eprintln!(
+        "node 2 stopped {:.1} s after the disk filled ({status}); its last lines:\n{}",
+        started.elapsed().as_secs_f64(),
+        tail(&log)
+    );
+    assert!(!status.success(), "node 2 exited 0 on a full disk");
+    assert!(!text.contains("panicked"), "node 2 panicked:\n{}", tail(&log));
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    assert!(
+        last.contains("No space left on device") && last.contains(&*victim.to_string_lossy()),
+        "node 2's last line does not say the disk is full, and where: {last}"
+    );
+    assert_eq!(
+        leftovers(&victim),
+        Vec::<PathBuf>::new(),
+        "half-written files left behind"
+    );
+
+    // Its ledger is whole (the audit itself runs on the still-full disk).
+    let (report, audited) = audit(&victim);
+    assert!(
+        audited.success() && report.ok,
+        "node 2's ledger after the full disk: {:?}",
+        report.problems
+    );
+    let before = chain_of(&victim, &author);
+    assert!(
+        before.len() >= 3,
+        "node 2 signed {} records before the disk filled",
+        before.len()
+    );
+
+    // Space back: it restarts from its ledger and goes on with the mesh.
+    std::fs::remove_file(&filler).expect("free the disk");
+    let restart_log = tmp.path().join("node-2.restart.log");
+    let mut n2 = spawn_on_tmpfs(&victim, &restart_log, &spec, &boot, &args);
+    wait_listen(&mut n2, Duration::from_secs(120));
+    nodes.push(n2);
+    wait_all_clean(&mut nodes, Duration::from_secs(400));
+
+    let after = chain_of(&victim, &author);
+    for (seq, hash) in &before {
+        assert_eq!(
+            after.get(seq),
+            Some(hash),
+            "node 2 lost or rewrote its record at seq {seq}"
+        );
+    }
+    assert!(
+        after.len() > before.len(),
+        "node 2 signed nothing after its restart: {} records before, {} after\n{}",
+        before.len(),
+        after.len(),
+        tail(&restart_log)
+    );
+    let seqs: Vec<u64> = after.keys().copied().collect();
+    assert_eq!(
+        seqs,
+        (0..seqs.len() as u64).collect::<Vec<_>>(),
+        "node 2's chain has gaps"
+    );
+    let r2 = results(&victim);
+    eprintln!(
+        "node 2: {} records before the disk filled, {} at the end; {} rounds closed after the restart",
+        before.len(),
+        after.len(),
+        r2.rounds_completed
+    );
+    assert!(r2.restarted, "node 2 reports its restart");
+    for i in [1, 2] {
+        let (same, text) = ledger_compare(&nodes[0].dir, &nodes[i].dir);
+        assert!(same, "node-0 and node-{i} differ:\n{text}");
+    }
+    let r0 = results(&nodes[0].dir);
+    assert_eq!(
+        (r2.final_test_acc, r2.final_test_loss),
+        (r0.final_test_acc, r0.final_test_loss),
+        "node 2 ends on another model than node 0"
+    );
+    drop(disk);
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
