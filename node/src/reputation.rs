@@ -1,5 +1,8 @@
 //! Per-author reputation, built from the verdicts a node records. Authors
-//! whose updates keep being rejected or clipped hard are banned.
+//! whose updates keep being rejected or clipped hard are banned. An author
+//! not judged for [`FORGET_AFTER`] rounds is forgotten (a ban is not: bans
+//! live in the ledger), so keys that contribute once cannot grow it for
+//! the whole run.
 //!
 //! Only verdicts about authenticated records count: a bad signature or a
 //! wrong run names an author the sender may have made up, so those cost the
@@ -8,6 +11,9 @@
 use std::collections::HashMap;
 
 use meshtrain_ledger::{AuthorId, RejectReason, Verdict};
+
+/// Rounds without a verdict after which an author's standing is dropped.
+pub const FORGET_AFTER: u64 = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ReputationConfig {
@@ -39,6 +45,9 @@ pub struct Standing {
     pub badness: f32,
     pub verdicts: u32,
     pub offences: u32,
+    /// The node's round when the latest verdict was folded in (not the
+    /// round a record claims, which its author chooses).
+    pub last_round: u64,
 }
 
 /// Why an author was banned.
@@ -94,7 +103,7 @@ impl Reputation {
 
     /// Folds one verdict in; returns a ban reason when the author crossed a
     /// line with it.
-    pub fn observe(&mut self, author: AuthorId, verdict: &Verdict) -> Option<BanReason> {
+    pub fn observe(&mut self, author: AuthorId, round: u64, verdict: &Verdict) -> Option<BanReason> {
         if let Verdict::Rejected {
             reason: RejectReason::Equivocation,
         } = verdict
@@ -110,7 +119,8 @@ impl Reputation {
         } else {
             cfg.alpha * b + (1.0 - cfg.alpha) * s.badness
         };
-        s.verdicts += 1;
+        s.verdicts = s.verdicts.saturating_add(1);
+        s.last_round = s.last_round.max(round);
         if let Verdict::Rejected { reason } = verdict {
             if reason.is_protocol_offence() {
                 s.offences += 1;
@@ -120,6 +130,22 @@ impl Reputation {
             }
         }
         (s.verdicts >= cfg.min_verdicts && s.badness > cfg.ban_threshold).then_some(BanReason::Badness(s.badness))
+    }
+
+    /// Drops the standing of authors not judged since [`FORGET_AFTER`]
+    /// rounds before `round`.
+    pub fn forget_idle(&mut self, round: u64) {
+        let floor = round.saturating_sub(FORGET_AFTER);
+        self.standing.retain(|_, s| s.last_round >= floor);
+    }
+
+    /// Authors whose standing is held.
+    pub fn len(&self) -> usize {
+        self.standing.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.standing.is_empty()
     }
 }
 
@@ -145,7 +171,7 @@ mod tests {
             } else {
                 Verdict::Merged { weight: 0.1 }
             };
-            assert_eq!(r.observe(A, &v), None, "verdict {i}");
+            assert_eq!(r.observe(A, 0, &v), None, "verdict {i}");
         }
     }
 
@@ -153,9 +179,9 @@ mod tests {
     fn repeated_outliers_are_banned_after_min_verdicts() {
         let mut r = Reputation::new(ReputationConfig::default());
         let v = rejected(RejectReason::Outlier("far".into()));
-        assert_eq!(r.observe(A, &v), None);
-        assert_eq!(r.observe(A, &v), None);
-        assert!(matches!(r.observe(A, &v), Some(BanReason::Badness(_))));
+        assert_eq!(r.observe(A, 0, &v), None);
+        assert_eq!(r.observe(A, 0, &v), None);
+        assert!(matches!(r.observe(A, 0, &v), Some(BanReason::Badness(_))));
     }
 
     #[test]
@@ -165,21 +191,21 @@ mod tests {
             factor: 0.2,
             weight: 0.1,
         };
-        let bans: Vec<_> = (0..3).map(|_| r.observe(A, &v)).collect();
+        let bans: Vec<_> = (0..3).map(|_| r.observe(A, 0, &v)).collect();
         assert!(bans[2].is_some(), "{bans:?}");
     }
 
     #[test]
     fn offences_ban_quickly_and_equivocation_at_once() {
         let mut r = Reputation::new(ReputationConfig::default());
-        assert_eq!(r.observe(A, &rejected(RejectReason::NonFinite)), None);
+        assert_eq!(r.observe(A, 0, &rejected(RejectReason::NonFinite)), None);
         assert_eq!(
-            r.observe(A, &rejected(RejectReason::Replay)),
+            r.observe(A, 0, &rejected(RejectReason::Replay)),
             Some(BanReason::Offences(2))
         );
         let b = AuthorId([2; 32]);
         assert_eq!(
-            r.observe(b, &rejected(RejectReason::Equivocation)),
+            r.observe(b, 0, &rejected(RejectReason::Equivocation)),
             Some(BanReason::Equivocation)
         );
     }
@@ -188,8 +214,25 @@ mod tests {
     fn unauthenticated_claims_cost_nothing() {
         let mut r = Reputation::new(ReputationConfig::default());
         for _ in 0..50 {
-            assert_eq!(r.observe(A, &rejected(RejectReason::BadSignature)), None);
+            assert_eq!(r.observe(A, 0, &rejected(RejectReason::BadSignature)), None);
         }
         assert_eq!(r.standing(&A).verdicts, 0);
+    }
+
+    #[test]
+    fn authors_idle_for_long_are_forgotten_and_active_ones_kept() {
+        let mut r = Reputation::new(ReputationConfig::default());
+        let b = AuthorId([2; 32]);
+        let bad = rejected(RejectReason::Outlier("far".into()));
+        assert_eq!(r.observe(A, 3, &bad), None);
+        assert_eq!(r.observe(b, 3, &Verdict::Merged { weight: 0.5 }), None);
+        assert_eq!(r.observe(b, 200, &Verdict::Merged { weight: 0.5 }), None);
+        r.forget_idle(3 + FORGET_AFTER);
+        assert_eq!(r.len(), 2, "nobody idle for longer than FORGET_AFTER yet");
+        r.forget_idle(4 + FORGET_AFTER);
+        assert_eq!(r.standing(&A), Standing::default(), "A forgotten");
+        assert_eq!(r.standing(&b).verdicts, 2, "b was judged at round 200");
+        r.forget_idle(201 + FORGET_AFTER);
+        assert!(r.is_empty());
     }
 }

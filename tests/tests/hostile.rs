@@ -1,4 +1,5 @@
-//! A hostile peer against a real mesh: three honest nodes train on loopback
+//! A hostile peer against a real mesh: three honest nodes (the founders of
+//! an open run) train on loopback
 //! while a libp2p peer joins node 0's topic and, for the whole run, floods
 //! records past a gap under fresh keys (each with the largest inline
 //! payload), answers every records request with other authors' records,
@@ -21,7 +22,7 @@ use meshtrain_gossip::{
 use meshtrain_ledger::{AuthorKey, PayloadHash, RecordHash, RunId, Seq, UpdateRecord, WeightsHash, RECORD_VERSION};
 use meshtrain_tests::{audit, log_tail, results, spawn_node, spec_new, wait_listen, NodeProc};
 
-const ROUNDS: u64 = 5;
+const ROUNDS: u64 = 4;
 /// Peak resident memory an honest node may reach under the flood. Measured
 /// on the CI machine: nodes the hostile peer does not reach peak near
 /// 255 MiB, the node it attacks near 360 MiB; without per-peer request
@@ -169,9 +170,25 @@ fn rss(pid: u32) -> Option<u64> {
 #[test]
 fn a_hostile_peer_cannot_stall_bloat_or_corrupt_an_honest_mesh() {
     let tmp = tempfile::tempdir().expect("tempdir");
+    // An open run (the hostile peer's fresh keys are admitted, its requests
+    // served) founded by the three honest nodes, whose votes decide every
+    // round's anchor from round 0.
+    let dirs: Vec<_> = (0..3).map(|i| tmp.path().join(format!("node-{i}"))).collect();
+    let founders = meshtrain_tests::roster(tmp.path(), &dirs);
     let (spec, store) = spec_new(
         tmp.path(),
-        &["--model", "mlp", "--rounds", &ROUNDS.to_string(), "--local-steps", "20"],
+        &[
+            "--model",
+            "mlp",
+            "--rounds",
+            &ROUNDS.to_string(),
+            "--local-steps",
+            "20",
+            "--admission",
+            "open",
+            "--founders",
+            founders.to_str().expect("utf-8 path"),
+        ],
     );
     let store = store.to_str().expect("utf-8 path");
     let mut nodes: Vec<NodeProc> = vec![spawn_node(

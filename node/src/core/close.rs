@@ -436,7 +436,7 @@ impl Core {
             // updates trained for another round: its clipping says more
             // about the network than about its author.
             if from_aggregator && e.round == done.round {
-                if let Some(ban) = self.reputation.observe(e.author, &e.verdict) {
+                if let Some(ban) = self.reputation.observe(e.author, done.round, &e.verdict) {
                     bans.push((e.author, ban));
                 }
             }

@@ -271,6 +271,13 @@ pub enum Effect {
     RoundClosed(Box<RoundClosed>),
     /// Nothing left to do: the node may exit.
     Finished,
+    /// A peer answered one of our fetches with data that is wrong by the
+    /// peer's own doing (not what was asked for, not the bytes the hash
+    /// names): the shell lowers its score. An author's bad payload served
+    /// faithfully by a relay is not this.
+    FetchFault {
+        peer: PeerId,
+    },
     /// The node cannot go on.
     Fatal(CoreFault),
 }
@@ -554,9 +561,12 @@ pub struct Core {
     /// the earliest such round. Their records are in the ledger; the inbox
     /// rebuilds them once their round is near (see `offer`).
     skipped_ahead: HashMap<AuthorId, u64>,
-    /// Authors whose records we are fetching: one request at a time each,
-    /// however many gaps and heads name them.
-    records_asked: HashSet<AuthorId>,
+    /// Authors whose records we are fetching, and when we asked: one
+    /// request at a time each, however many gaps and heads name them,
+    /// unless the last has gone unanswered for
+    /// [`receive::RECORDS_PATIENCE_MS`] (a
+    /// peer that holds a request open does not hold up the author's repair).
+    records_asked: HashMap<AuthorId, Millis>,
     /// Gossip messages not settled yet.
     unsettled: HashSet<MessageId>,
     early: Option<EarlyStopping>,
@@ -639,7 +649,7 @@ impl Core {
             restarted: resume.restarted,
             recorded_rejections: BTreeMap::new(),
             skipped_ahead: HashMap::new(),
-            records_asked: HashSet::new(),
+            records_asked: HashMap::new(),
             unsettled: HashSet::new(),
             counters: Counters::default(),
             final_eval: None,

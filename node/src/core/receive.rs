@@ -16,7 +16,7 @@ use super::outcome::{IgnoreReason, Origin, Outcome};
 use super::rounds::{Contribution, Offer as BookOffer};
 use super::start::short;
 use super::wants::{Next, WantedFor};
-use super::{members, ChainPos, ChanId, Core, CoreFault, Effect, Phase, ReqId, RequestFor, Timer};
+use super::{members, ChainPos, ChanId, Core, CoreFault, Effect, Millis, Phase, ReqId, RequestFor, Timer};
 use crate::inbox::{Done, Job, PayloadFault, RecordDone};
 use crate::serve::MAX_RECORDS_PER_RESPONSE;
 
@@ -33,7 +33,10 @@ const BUDGET_WINDOW_MS: u64 = 10_000;
 /// Authors whose updates are remembered as set aside for later, at most.
 const MAX_SET_ASIDE: usize = 4096;
 const MAX_REQUESTS_PER_WINDOW: u32 = 2000;
-const MAX_ANCHORS_PER_WINDOW: u32 = 30;
+const MAX_ANCHORS_PER_WINDOW: u32 = 40;
+/// How long a records request may go unanswered before another peer is
+/// asked for the same author's records.
+pub(super) const RECORDS_PATIENCE_MS: Millis = 3_000;
 
 impl Core {
     pub(super) fn on_gossip(&mut self, id: MessageId, source: PeerId, data: &[u8]) {
@@ -137,7 +140,9 @@ impl Core {
         }
         a.requests = a.requests.saturating_add(1);
         a.anchors = a.anchors.saturating_add(u32::from(anchor));
-        a.requests <= MAX_REQUESTS_PER_WINDOW && a.anchors <= MAX_ANCHORS_PER_WINDOW
+        // Over the anchor cap only anchors are refused: a syncing node's
+        // payload and record fetches go on.
+        a.requests <= MAX_REQUESTS_PER_WINDOW && (!anchor || a.anchors <= MAX_ANCHORS_PER_WINDOW)
     }
 
     pub(super) fn on_response(&mut self, req: ReqId, peer: PeerId, response: FetchResponse) {
@@ -198,36 +203,35 @@ impl Core {
         }
     }
 
-    /// The inbox's queue was full: gossip is settled as ignored (gossipsub
-    /// neither relays it nor blames the sender), a payload is asked for
-    /// again later, and fetched records and votes are left to anti-entropy.
+    /// The inbox's queue had no room for a gossiped message (see
+    /// [`crate::inbox::thread::Backlog`]): it is settled as ignored, so
+    /// gossipsub neither relays it nor blames the sender.
     pub(super) fn on_inbox_busy(&mut self, job: Job) {
         debug!(
             round = self.round(),
-            "inbox queue full; a peer's message left unchecked"
+            "inbox queue full; a gossiped message left unchecked"
         );
-        match job {
-            Job::Record { origin, .. } => {
-                if let Origin::Gossip { .. } = origin {
-                    self.settle(&origin, &Outcome::Ignored(IgnoreReason::Busy), true);
-                }
-            }
-            Job::Proof { origin, .. } | Job::Vote { origin, .. } => {
-                if let Origin::Gossip { .. } = origin {
-                    self.settle(&origin, &Outcome::Ignored(IgnoreReason::Busy), false);
-                }
-            }
-            Job::Payload { hash, .. } => self.payload_attempt_failed(hash),
-            _ => {}
+        let (origin, update) = match job {
+            Job::Record { origin, .. } => (origin, true),
+            Job::Proof { origin, .. } | Job::Vote { origin, .. } => (origin, false),
+            _ => return,
+        };
+        if let Origin::Gossip { .. } = origin {
+            self.settle(&origin, &Outcome::Ignored(IgnoreReason::Busy), update);
         }
     }
 
     /// Asks `peer` for `author`'s records from `from` on, unless a request
     /// for that author is already out.
     pub(super) fn request_records(&mut self, peer: PeerId, author: AuthorId, from: Seq) {
-        if !self.records_asked.insert(author) {
+        if self
+            .records_asked
+            .get(&author)
+            .is_some_and(|at| self.now.saturating_sub(*at) < RECORDS_PATIENCE_MS)
+        {
             return;
         }
+        self.records_asked.insert(author, self.now);
         self.request(
             peer,
             FetchRequest::Records {
@@ -267,6 +271,7 @@ impl Core {
     /// sender of invalid data would (the shell lowers its score).
     pub(super) fn fetch_fault(&mut self, peer: PeerId, reason: RejectReason) {
         self.settle(&Origin::Fetched { from: peer }, &Outcome::Invalid(reason), false);
+        self.emit(Effect::FetchFault { peer });
     }
 
     pub(super) fn on_checked(&mut self, done: Done) {
@@ -346,7 +351,7 @@ impl Core {
                 .or_default()
                 .insert(entry.record_hash)
             {
-                if let Some(ban) = self.reputation.observe(entry.author, &entry.verdict) {
+                if let Some(ban) = self.reputation.observe(entry.author, self.round(), &entry.verdict) {
                     self.ban(entry.author, &ban.to_string());
                 }
                 self.book.reject(entry);
@@ -538,6 +543,7 @@ impl Core {
         }));
         let floor = round.saturating_sub(VOTE_HISTORY.saturating_add(staleness));
         self.recorded_rejections = self.recorded_rejections.split_off(&floor);
+        self.reputation.forget_idle(round);
     }
 
     /// A verified delta for some round: kept for its round's aggregation.

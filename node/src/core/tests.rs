@@ -189,7 +189,7 @@ impl Harness {
             };
             for e in effects {
                 match e {
-                    Effect::Inbox(job) if self.busy && job.from_peer_bytes().is_some() => {
+                    Effect::Inbox(job) if self.busy && job.gossiped().is_some() => {
                         queue.insert(0, Input::InboxBusy(Box::new(job)));
                     }
                     Effect::Inbox(job) => {
@@ -704,7 +704,7 @@ fn records_waiting_for_payloads_are_forgotten_once_their_round_is_past() {
 }
 
 #[test]
-fn a_full_inbox_queue_ignores_gossip_without_blame_and_asks_for_payloads_again() {
+fn a_full_inbox_queue_ignores_gossip_without_blame_but_takes_the_payloads_we_asked_for() {
     let mut h = Harness::new(1);
     let mut b = Peer::new(2);
     h.join(&b);
@@ -723,26 +723,21 @@ fn a_full_inbox_queue_ignores_gossip_without_blame_and_asks_for_payloads_again()
     let id = h.gossip(&b, &r, None);
     assert_eq!(h.outcome(&id), Outcome::Accepted);
     assert!(asks_for_a_payload(&h.take()));
-    // The payload comes while the queue is full: it is asked for again
-    // after the retry pause, not lost.
+    // The payload is an answer to our own request: it is checked even while
+    // gossip is being turned away.
     h.busy = true;
-    let (req, peer) = h
+    let req = h
         .core
         .requests
         .iter()
         .find_map(|(req, what)| matches!(what, super::RequestFor::Payload(_)).then_some(*req))
-        .map(|req| (req, b.peer))
         .expect("a payload request in flight");
     h.input(Input::Response {
         req,
-        peer,
+        peer: b.peer,
         response: FetchResponse::Payload(delta(0.1)),
     });
-    assert!(!h.core.book.has(0, &b.key.author()));
-    h.busy = false;
-    h.now += 10_000;
-    h.input(Input::Timer(Timer::PayloadRetry));
-    assert!(asks_for_a_payload(&h.take()), "asked again once the pause is over");
+    assert!(h.core.book.has(0, &b.key.author()), "the payload we asked for is taken");
 }
 
 #[test]
@@ -795,4 +790,40 @@ fn fetched_records_not_asked_for_are_dropped_and_blamed_and_one_ask_per_author_i
         )
     });
     assert!(blamed, "the sender pays for the stray record");
+}
+
+#[test]
+fn a_records_request_held_open_does_not_hold_up_the_authors_repair() {
+    let mut h = Harness::new(0);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    let _b0 = b.record(&h, 0, &delta(0.1));
+    let b1 = b.record(&h, 1, &delta(0.2));
+    let b2 = b.record(&h, 2, &delta(0.3));
+    h.take();
+    let asks = |h: &mut Harness| {
+        h.take()
+            .into_iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Effect::Request {
+                        request: FetchRequest::Records { from_seq: 0, .. },
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    h.gossip(&b, &b1, Some(delta(0.2)));
+    assert_eq!(asks(&mut h), 1, "the gap is asked for");
+    // The peer asked never answers. Within the patience nobody is asked again;
+    // past it the next record that names the gap asks again.
+    h.now += super::receive::RECORDS_PATIENCE_MS - 1;
+    h.gossip(&b, &b2, Some(delta(0.3)));
+    assert_eq!(asks(&mut h), 0, "still waiting for the first answer");
+    h.now += 1;
+    h.gossip(&b, &b2, Some(delta(0.3)));
+    assert_eq!(asks(&mut h), 1, "asked again once the first went unanswered too long");
 }

@@ -199,20 +199,18 @@ pub struct Inbox<S: Store + ?Sized> {
 }
 
 impl Job {
-    /// The bytes a job from a peer brings (what the backlog counts); `None`
-    /// for this node's own jobs, which are never refused.
-    pub fn from_peer_bytes(&self) -> Option<usize> {
-        match self {
-            Job::Record { bytes, payload, origin } => {
-                (*origin != Origin::Local).then(|| bytes.len() + payload.as_ref().map_or(0, Vec::len))
-            }
-            Job::Payload { bytes, .. } | Job::Proof { bytes, .. } | Job::Vote { bytes, .. } => Some(bytes.len()),
-            Job::Own { .. }
-            | Job::Verdict(_)
-            | Job::Ban(_)
-            | Job::Join { .. }
-            | Job::Rebuild { .. }
-            | Job::Prune { .. } => None,
+    /// The peer that forwarded a gossiped job and the bytes it brings
+    /// (what the backlog counts); `None` for answers to our own requests
+    /// and the node's own jobs, which are never refused.
+    pub fn gossiped(&self) -> Option<(PeerId, usize)> {
+        let (origin, bytes) = match self {
+            Job::Record { bytes, payload, origin } => (origin, bytes.len() + payload.as_ref().map_or(0, Vec::len)),
+            Job::Proof { bytes, origin } | Job::Vote { bytes, origin } => (origin, bytes.len()),
+            _ => return None,
+        };
+        match origin {
+            Origin::Gossip { source, .. } => Some((*source, bytes)),
+            _ => None,
         }
     }
 }

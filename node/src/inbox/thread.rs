@@ -1,8 +1,10 @@
 //! The inbox on its own thread over the node's RocksDB ledger: the event
 //! loop never waits on a signature check or an fsync.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use meshtrain_gossip::libp2p::PeerId;
 
 use meshtrain_ledger::Ledger;
 use tokio::sync::mpsc;
@@ -10,43 +12,65 @@ use tokio::sync::mpsc;
 use super::{Done, Inbox, InboxConfig, Job};
 use crate::metrics::NodeMetrics;
 
-/// Jobs from peers waiting in the queue at most, and their bytes: past
-/// either, the event loop refuses more (gossip is settled as ignored,
-/// fetched data dropped, payloads asked again later) instead of queueing
-/// without bound. The node's own jobs always queue.
+/// Gossip jobs waiting in the queue at most, and their bytes, in all and
+/// from any one forwarding peer: past either, the event loop settles the
+/// message as ignored (gossipsub neither relays it nor blames the sender)
+/// instead of queueing without bound, and one flooding peer cannot crowd
+/// out the records and votes of the others. Answers to our own requests
+/// (payloads, records) and the node's own jobs are bounded by what we ask
+/// and always queue.
 pub const BACKLOG_JOBS: usize = 1024;
 pub const BACKLOG_BYTES: usize = 64 << 20;
+pub const BACKLOG_JOBS_PER_PEER: usize = 128;
+pub const BACKLOG_BYTES_PER_PEER: usize = 8 << 20;
 
-/// What peers' jobs occupy in the queue; the event loop adds, the inbox
-/// thread takes away once a job is done.
+/// What gossip jobs occupy in the queue, in all and per forwarding peer;
+/// the event loop adds, the inbox thread takes away once a job is done.
 #[derive(Debug, Default)]
 pub struct Backlog {
-    jobs: AtomicUsize,
-    bytes: AtomicUsize,
+    queued: Mutex<Queued>,
+}
+
+#[derive(Debug, Default)]
+struct Queued {
+    jobs: usize,
+    bytes: usize,
+    by_peer: HashMap<PeerId, (usize, usize)>,
 }
 
 impl Backlog {
-    /// Counts a peer's job in, unless the queue is full.
-    pub fn admit(&self, bytes: usize) -> bool {
-        // One thread adds: no other admit races between the load and the add.
-        if self.jobs.load(Ordering::Acquire) >= BACKLOG_JOBS
-            || self.bytes.load(Ordering::Acquire).saturating_add(bytes) > BACKLOG_BYTES
+    /// Counts a job forwarded by `peer` in, unless the queue (or that
+    /// peer's share of it) is full.
+    pub fn admit(&self, peer: PeerId, bytes: usize) -> bool {
+        let Ok(mut q) = self.queued.lock() else {
+            return false;
+        };
+        let mine = q.by_peer.get(&peer).copied().unwrap_or((0, 0));
+        if q.jobs >= BACKLOG_JOBS
+            || q.bytes.saturating_add(bytes) > BACKLOG_BYTES
+            || mine.0 >= BACKLOG_JOBS_PER_PEER
+            || mine.1.saturating_add(bytes) > BACKLOG_BYTES_PER_PEER
         {
             return false;
         }
-        self.jobs.fetch_add(1, Ordering::AcqRel);
-        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        q.jobs += 1;
+        q.bytes += bytes;
+        q.by_peer.insert(peer, (mine.0 + 1, mine.1 + bytes));
         true
     }
 
-    fn done(&self, bytes: usize) {
-        self.jobs.fetch_sub(1, Ordering::AcqRel);
-        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
-    }
-
-    /// Peers' jobs queued, and their bytes.
-    pub fn len(&self) -> (usize, usize) {
-        (self.jobs.load(Ordering::Acquire), self.bytes.load(Ordering::Acquire))
+    fn done(&self, peer: PeerId, bytes: usize) {
+        let Ok(mut q) = self.queued.lock() else {
+            return;
+        };
+        q.jobs = q.jobs.saturating_sub(1);
+        q.bytes = q.bytes.saturating_sub(bytes);
+        if let Some(mine) = q.by_peer.get_mut(&peer) {
+            *mine = (mine.0.saturating_sub(1), mine.1.saturating_sub(bytes));
+            if mine.0 == 0 {
+                q.by_peer.remove(&peer);
+            }
+        }
     }
 }
 
@@ -54,7 +78,7 @@ impl Backlog {
 /// (it holds the ledger, which must close before the process ends).
 pub struct InboxHandle {
     pub jobs: std::sync::mpsc::Sender<Job>,
-    /// Peers' jobs in `jobs`; see [`Backlog`].
+    /// Gossip jobs in `jobs`; see [`Backlog`].
     pub backlog: Arc<Backlog>,
     pub done: mpsc::UnboundedReceiver<Done>,
     pub thread: std::thread::JoinHandle<()>,
@@ -88,10 +112,10 @@ pub fn spawn(
                     Job::Join { .. } | Job::Ban(_) | Job::Prune { .. } => None,
                 };
                 let started = std::time::Instant::now();
-                let from_peer = job.from_peer_bytes();
+                let gossiped = job.gossiped();
                 let results = inbox.handle(job);
-                if let Some(bytes) = from_peer {
-                    counted.done(bytes);
+                if let Some((peer, bytes)) = gossiped {
+                    counted.done(peer, bytes);
                 }
                 if let (Some(stage), Some(m)) = (stage, metrics.as_ref()) {
                     m.stage(stage, started.elapsed());

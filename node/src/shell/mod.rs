@@ -551,9 +551,7 @@ impl Node {
                         .gossipsub
                         .report_message_validation_result(id, source, acceptance);
                 }
-                if let (Origin::Fetched { from }, Acceptance::Reject) = (&origin, outcome.acceptance()) {
-                    self.fetch_fault(*from);
-                }
+
                 debug!(round = self.core.round(), from = ?origin.peer().map(|p| short(&p)), outcome = outcome.kind(), reason = outcome.reason(), "message settled");
             }
             Effect::Counted { outcome, reason } => self.metrics.outcome(outcome, reason),
@@ -592,8 +590,8 @@ impl Node {
                 });
             }
             Effect::Inbox(job) => {
-                if let Some(bytes) = job.from_peer_bytes() {
-                    if !self.inbox.backlog.admit(bytes) {
+                if let Some((peer, bytes)) = job.gossiped() {
+                    if !self.inbox.backlog.admit(peer, bytes) {
                         self.feed(Input::InboxBusy(Box::new(job)));
                         return;
                     }
@@ -656,6 +654,7 @@ impl Node {
             }
             Effect::RoundClosed(closed) => self.on_round_closed(*closed),
             Effect::Finished => self.finished = true,
+            Effect::FetchFault { peer } => self.fetch_fault(peer),
             Effect::Fatal(fault) => self.fatal = Some(NodeError::Core(fault)),
         }
     }
@@ -699,14 +698,17 @@ impl Node {
         let store = self.data.store.clone();
         let tx = self.worker_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let response = match &request {
+            // Always answered, so the serve slot is given back even if a
+            // read panics.
+            let response = caught("serving", || match &request {
                 FetchRequest::Block { hash } => match store.serve(&hex::encode(hash)) {
                     Ok(Some(bytes)) => FetchResponse::Block(bytes),
                     Ok(None) => FetchResponse::NotFound,
                     Err(e) => FetchResponse::Refused(e.to_string()),
                 },
                 _ => crate::serve::answer(&*ledger, &request),
-            };
+            })
+            .unwrap_or_else(FetchResponse::Refused);
             let _ = tx.send(WorkerDone::Served { channel, response });
         });
     }
@@ -728,7 +730,8 @@ impl Node {
         }
         let tx = self.worker_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let response = encode_anchor(&anchor);
+            let response =
+                caught("encoding the anchor", || encode_anchor(&anchor)).unwrap_or_else(FetchResponse::Refused);
             let _ = tx.send(WorkerDone::AnchorEncoded { key, response });
         });
     }

@@ -848,6 +848,7 @@ impl World {
                     },
                 );
             }
+            Effect::FetchFault { .. } => {}
             Effect::Finished => {
                 let peers: Vec<usize> = (0..self.nodes.len())
                     .filter(|&o| o != index && self.linked(index, o))
