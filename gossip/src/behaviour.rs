@@ -14,6 +14,7 @@ use libp2p::{identify, identity, kad, mdns, noise, request_response, tcp, yamux,
 use prometheus_client::registry::Registry;
 
 use crate::fetch::{FetchCodec, FETCH_PROTOCOL};
+use crate::pending::PendingPerIp;
 use crate::{GossipError, MeshConfig};
 
 pub const IDENTIFY_PROTOCOL: &str = "/meshtrain/id/1";
@@ -32,6 +33,8 @@ pub struct MeshBehaviour {
     pub blocked: allow_block_list::Behaviour<BlockedPeers>,
     /// How many connections peers may hold or open (see [`Limits`]).
     pub limits: connection_limits::Behaviour,
+    /// How many handshakes one address may have in progress.
+    pub pending_per_ip: PendingPerIp,
     pub gossipsub: gossipsub::Behaviour,
     pub fetch: request_response::Behaviour<FetchCodec>,
     pub identify: identify::Behaviour,
@@ -41,11 +44,19 @@ pub struct MeshBehaviour {
 
 /// Connections at most: a stranger opening hundreds of them costs this node
 /// a refused handshake each, not a file descriptor and a yamux session.
-/// A mesh needs a few per member (one each way while both dial).
+/// A mesh needs a few per member (one each way while both dial). A
+/// handshake that does not finish within [`Limits::HANDSHAKE`] is dropped
+/// (the swarm's connection timeout), and one address may have at most
+/// [`Limits::PENDING_PER_IP`] in progress, so sockets that connect and then
+/// say nothing cannot keep peers out.
 pub struct Limits;
 
 impl Limits {
-    pub const PENDING: u32 = 64;
+    pub const PENDING: u32 = 128;
+    /// Enough for every node of a local testnet dialling the bootstrap at
+    /// once from 127.0.0.1.
+    pub const PENDING_PER_IP: u32 = 32;
+    pub const HANDSHAKE: Duration = Duration::from_secs(10);
     pub const ESTABLISHED: u32 = 512;
     pub const ESTABLISHED_INCOMING: u32 = 256;
     pub const PER_PEER: u32 = 4;
@@ -150,6 +161,7 @@ impl MeshBehaviour {
         Ok(Self {
             blocked: Default::default(),
             limits: connection_limits::Behaviour::new(Limits::of()),
+            pending_per_ip: PendingPerIp::new(Limits::PENDING_PER_IP),
             gossipsub,
             fetch,
             identify,
@@ -183,6 +195,7 @@ pub fn build_swarm(
             })
             .map_err(|e| GossipError::Build(format!("behaviour: {e}")))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .with_connection_timeout(Limits::HANDSHAKE)
             .build();
         return Ok(swarm);
     };
@@ -206,6 +219,7 @@ pub fn build_swarm(
         })
         .map_err(|e| GossipError::Build(format!("behaviour: {e}")))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .with_connection_timeout(Limits::HANDSHAKE)
         .build();
     Ok(swarm)
 }
@@ -228,4 +242,79 @@ pub fn ed25519_of(peer: &PeerId) -> Option<[u8; 32]> {
     }
     let pk = identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
     pk.try_into_ed25519().ok().map(|k| k.to_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use futures::StreamExt;
+    use libp2p::swarm::SwarmEvent;
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    /// A socket that connects and never says a word is dropped at the
+    /// handshake deadline, with or without a private network key.
+    #[tokio::test]
+    async fn a_silent_connection_is_dropped_at_the_handshake_deadline() {
+        for psk in [None, Some(libp2p::pnet::PreSharedKey::new([7; 32]))] {
+            let cfg = MeshConfig {
+                psk,
+                ..MeshConfig::default()
+            };
+            let mut registry = Registry::default();
+            let mut swarm = build_swarm(
+                identity::Keypair::generate_ed25519(),
+                &cfg,
+                &run_topic("ab"),
+                &mut registry,
+            )
+            .expect("swarm");
+            swarm
+                .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+                .expect("listen");
+            let addr = loop {
+                if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                    break address;
+                }
+            };
+            let port = addr
+                .iter()
+                .find_map(|p| match p {
+                    libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+                    _ => None,
+                })
+                .expect("tcp port");
+            let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            let started = Instant::now();
+            let closed = async {
+                let mut buf = [0u8; 256];
+                // Whatever the node says first (a multistream header), then
+                // the end of the stream once it gives up on us.
+                while let Ok(n) = silent.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            };
+            let drive = async {
+                loop {
+                    swarm.select_next_some().await;
+                }
+            };
+            tokio::select! {
+                () = closed => {}
+                () = drive => {}
+                () = tokio::time::sleep(Limits::HANDSHAKE * 2) => panic!("a silent socket was held over {:?} (psk: {})", Limits::HANDSHAKE * 2, psk.is_some()),
+            }
+            let held = started.elapsed();
+            assert!(
+                held >= Limits::HANDSHAKE - Duration::from_millis(500),
+                "dropped after {held:?}, before the deadline"
+            );
+        }
+    }
 }

@@ -18,6 +18,7 @@ mod config;
 pub mod discovery;
 mod error;
 mod fetch;
+mod pending;
 pub mod wire;
 
 pub use bandwidth::{byte_counts, ByteCounts};
@@ -25,6 +26,7 @@ pub use behaviour::{build_swarm, ed25519_of, peer_id_of, run_topic, Limits, Mesh
 pub use config::MeshConfig;
 pub use error::GossipError;
 pub use fetch::{FetchCodec, FETCH_PROTOCOL};
+pub use pending::{PendingPerIp, TooManyPending};
 pub use wire::{FetchRequest, FetchResponse, GossipMessage, HeadInfo};
 
 pub use libp2p;
