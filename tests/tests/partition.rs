@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshtrain_tests::{
-    ledger_compare, meshtrain_bin, progress_round, results, spawn_node, spec_with_roster, wait_all_clean, wait_listen,
+    ledger_compare, log_tail, meshtrain_bin, results, spawn_node, spec_with_roster, wait_all_clean, wait_listen,
     wait_round,
 };
 
@@ -59,7 +59,13 @@ fn halves_converge_after_a_partition_heals() {
         let other: Vec<&str> = (0..4).filter(|j| (j / 2) != (i / 2)).map(|j| ids[j].as_str()).collect();
         std::fs::write(deny(i), other.join("\n")).expect("write deny-list");
     }
-    let split_at = progress_round(&nodes[0].dir);
+    // The split starts when every node has read its list (each looks once a
+    // second, and a round can take less): the last round any of them was in
+    // when it did.
+    let split_at = (0..4)
+        .map(|i| deny_applied_at(&nodes[i].dir))
+        .max()
+        .expect("four nodes");
 
     // An operator's view of node 0 meanwhile: `node status` on its metrics.
     let listen: serde_json::Value =
@@ -118,4 +124,42 @@ fn halves_converge_after_a_partition_heals() {
         finals.iter().all(|f| *f == finals[0]),
         "the halves did not end on one model: final (accuracy, loss) {finals:?}"
     );
+}
+
+/// The round the node in DIR was in when it applied its deny-list (its
+/// `deny-list changed` log line); waits up to 60 s for it.
+fn deny_applied_at(dir: &std::path::Path) -> u64 {
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
+        let line = text.lines().find(|l| l.contains("deny-list changed")).map(|l| {
+            // Without the terminal colours: `round=N`.
+            let mut plain = String::new();
+            let mut escape = false;
+            for c in l.chars() {
+                match (escape, c) {
+                    (false, '\u{1b}') => escape = true,
+                    (true, 'm') => escape = false,
+                    (true, _) => {}
+                    (false, c) => plain.push(c),
+                }
+            }
+            plain
+        });
+        if let Some(line) = line {
+            return line
+                .split("round=")
+                .nth(1)
+                .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no round in {line:?}"));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} never applied its deny-list:\n{}",
+            dir.display(),
+            log_tail(dir)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
