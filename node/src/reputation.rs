@@ -1,8 +1,8 @@
 //! Per-author reputation, built from the verdicts a node records. Authors
 //! whose updates keep being rejected or clipped hard are banned. An author
-//! not judged for [`FORGET_AFTER`] rounds is forgotten (a ban is not: bans
-//! live in the ledger), so keys that contribute once cannot grow it for
-//! the whole run.
+//! not judged for [`FORGET_AFTER`] rounds is forgotten unless it committed
+//! a protocol offence (a ban is not: bans live in the ledger), so keys that
+//! contribute once cannot grow it for the whole run.
 //!
 //! Only verdicts about authenticated records count: a bad signature or a
 //! wrong run names an author the sender may have made up, so those cost the
@@ -136,7 +136,9 @@ impl Reputation {
     /// rounds before `round`.
     pub fn forget_idle(&mut self, round: u64) {
         let floor = round.saturating_sub(FORGET_AFTER);
-        self.standing.retain(|_, s| s.last_round >= floor);
+        // Offences are kept: one offence every FORGET_AFTER rounds must
+        // still add up to a ban.
+        self.standing.retain(|_, s| s.last_round >= floor || s.offences > 0);
     }
 
     /// Authors whose standing is held.
@@ -234,5 +236,12 @@ mod tests {
         assert_eq!(r.standing(&b).verdicts, 2, "b was judged at round 200");
         r.forget_idle(201 + FORGET_AFTER);
         assert!(r.is_empty());
+        // An offence is remembered however long ago: the second one bans.
+        assert_eq!(r.observe(A, 1, &rejected(RejectReason::NonFinite)), None);
+        r.forget_idle(10 * FORGET_AFTER);
+        assert_eq!(
+            r.observe(A, 10 * FORGET_AFTER, &rejected(RejectReason::NonFinite)),
+            Some(BanReason::Offences(2))
+        );
     }
 }

@@ -6,6 +6,8 @@ use meshtrain_ledger::{AuthorId, PayloadHash, Seq, Store};
 
 /// Most records sent in one answer.
 pub const MAX_RECORDS_PER_RESPONSE: u32 = 256;
+/// Most chain heads sent in one answer (and taken from one).
+pub const MAX_HEADS_PER_RESPONSE: usize = 4096;
 
 pub fn answer<S: Store + ?Sized>(ledger: &S, request: &FetchRequest) -> FetchResponse {
     let result = match request {
@@ -25,8 +27,8 @@ pub fn answer<S: Store + ?Sized>(ledger: &S, request: &FetchRequest) -> FetchRes
                     }
                 })
         }
-        FetchRequest::Heads => Ok(FetchResponse::Heads(
-            ledger
+        FetchRequest::Heads => Ok(FetchResponse::Heads({
+            let mut heads: Vec<HeadInfo> = ledger
                 .heads()
                 .into_iter()
                 .map(|(author, head)| HeadInfo {
@@ -34,8 +36,15 @@ pub fn answer<S: Store + ?Sized>(ledger: &S, request: &FetchRequest) -> FetchRes
                     seq: head.seq.0,
                     hash: head.hash.0,
                 })
-                .collect(),
-        )),
+                .collect();
+            // No more than a node accepts: in an open run fresh keys can
+            // make any number of one-record chains; the longest go first.
+            if heads.len() > MAX_HEADS_PER_RESPONSE {
+                heads.sort_unstable_by(|a, b| b.seq.cmp(&a.seq).then(a.author.cmp(&b.author)));
+                heads.truncate(MAX_HEADS_PER_RESPONSE);
+            }
+            heads
+        })),
         // Answered by the event loop, which holds the anchor.
         FetchRequest::Anchor { .. } | FetchRequest::FinalVote | FetchRequest::Block { .. } => {
             Ok(FetchResponse::NotFound)

@@ -566,7 +566,7 @@ pub struct Core {
     /// unless the last has gone unanswered for
     /// [`receive::RECORDS_PATIENCE_MS`] (a
     /// peer that holds a request open does not hold up the author's repair).
-    records_asked: HashMap<AuthorId, Millis>,
+    records_asked: HashMap<AuthorId, (ReqId, Millis)>,
     /// Gossip messages not settled yet.
     unsettled: HashSet<MessageId>,
     early: Option<EarlyStopping>,
@@ -751,10 +751,16 @@ impl Core {
     }
 
     fn request(&mut self, peer: PeerId, request: FetchRequest, what: RequestFor) {
+        self.send_request(peer, request, what);
+    }
+
+    /// [`Core::request`], returning the request's id.
+    fn send_request(&mut self, peer: PeerId, request: FetchRequest, what: RequestFor) -> ReqId {
         let req = ReqId(self.next_req);
         self.next_req += 1;
         self.requests.insert(req, what);
         self.emit(Effect::Request { req, peer, request });
+        req
     }
 
     pub fn round(&self) -> u64 {

@@ -18,12 +18,11 @@ use super::start::short;
 use super::wants::{Next, WantedFor};
 use super::{members, ChainPos, ChanId, Core, CoreFault, Effect, Millis, Phase, ReqId, RequestFor, Timer};
 use crate::inbox::{Done, Job, PayloadFault, RecordDone};
-use crate::serve::MAX_RECORDS_PER_RESPONSE;
+use crate::serve::{MAX_HEADS_PER_RESPONSE, MAX_RECORDS_PER_RESPONSE};
 
 /// Rounds of votes kept behind the current one at most.
 const VOTE_HISTORY: u64 = 32;
 /// Chain heads taken from one answer at most: more than any run has members.
-const MAX_HEADS: usize = 4096;
 /// What one peer may ask of us per window: requests of any kind (blocks
 /// while it fetches its shard, records and payloads), and anchors (each a
 /// full weight vector; a node syncing asks each member about every half
@@ -164,14 +163,12 @@ impl Core {
                 origin: Origin::Fetched { from: peer },
             })),
             (RequestFor::Records { author, from }, FetchResponse::Records(records)) => {
-                self.records_asked.remove(&author);
+                self.records_answered(author, req);
                 self.on_records(peer, author, from, records);
             }
-            (RequestFor::Records { author, .. }, _) => {
-                self.records_asked.remove(&author);
-            }
+            (RequestFor::Records { author, .. }, _) => self.records_answered(author, req),
             (RequestFor::Heads, FetchResponse::Heads(heads)) => {
-                if heads.len() > MAX_HEADS {
+                if heads.len() > MAX_HEADS_PER_RESPONSE {
                     warn!(peer = %short(&peer), heads = heads.len(), "more chain heads than any run has members; answer dropped");
                     self.fetch_fault(peer, RejectReason::Malformed);
                     return;
@@ -196,9 +193,7 @@ impl Core {
         match self.requests.remove(&req) {
             Some(RequestFor::Payload(hash)) => self.payload_attempt_failed(hash),
             Some(RequestFor::Anchor) => self.anchor_request_failed(peer),
-            Some(RequestFor::Records { author, .. }) => {
-                self.records_asked.remove(&author);
-            }
+            Some(RequestFor::Records { author, .. }) => self.records_answered(author, req),
             _ => {}
         }
     }
@@ -227,12 +222,11 @@ impl Core {
         if self
             .records_asked
             .get(&author)
-            .is_some_and(|at| self.now.saturating_sub(*at) < RECORDS_PATIENCE_MS)
+            .is_some_and(|(_, at)| self.now.saturating_sub(*at) < RECORDS_PATIENCE_MS)
         {
             return;
         }
-        self.records_asked.insert(author, self.now);
-        self.request(
+        let req = self.send_request(
             peer,
             FetchRequest::Records {
                 author: author.0,
@@ -241,6 +235,19 @@ impl Core {
             },
             RequestFor::Records { author, from },
         );
+        self.records_asked.insert(author, (req, self.now));
+    }
+
+    /// A records request ended: the author may be asked again, unless a
+    /// later request for it (sent when this one was overdue) is still out.
+    fn records_answered(&mut self, author: AuthorId, req: ReqId) {
+        if self
+            .records_asked
+            .get(&author)
+            .is_some_and(|(latest, _)| *latest == req)
+        {
+            self.records_asked.remove(&author);
+        }
     }
 
     /// Fetched records go to the inbox; those that are not what we asked

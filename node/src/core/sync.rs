@@ -161,6 +161,10 @@ pub fn check_offer(
             return Err("round 0 but not the genesis weights".into());
         }
         None
+    } else if verdict.is_empty() {
+        // A member that took its anchor over from others holds no block of
+        // its own for it: an honest answer that vouches for nothing.
+        None
     } else {
         let block = SignedVerdictBlock::from_bytes(&verdict).map_err(|e| e.to_string())?;
         block.verify_signature().map_err(|e| e.to_string())?;
@@ -338,6 +342,9 @@ impl Core {
                     .is_some_and(|a| Some(a.block.owner) != author_of(&peer)) =>
             {
                 warn!(peer = %short(&peer), "refused an anchor attested by someone other than the peer offering it");
+            }
+            Ok(offer) if offer.round > 0 && offer.attestation.is_none() => {
+                debug!(peer = %short(&peer), round = offer.round, "an unattested anchor offer; not counted");
             }
             Ok(offer) => {
                 if let Some(a) = &offer.attestation {

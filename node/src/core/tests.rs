@@ -827,3 +827,52 @@ fn a_records_request_held_open_does_not_hold_up_the_authors_repair() {
     h.gossip(&b, &b2, Some(delta(0.3)));
     assert_eq!(asks(&mut h), 1, "asked again once the first went unanswered too long");
 }
+
+#[test]
+fn an_unattested_anchor_offer_counts_for_nothing_and_costs_its_sender_nothing() {
+    let mut h = Harness::new(1);
+    let b = Peer::new(2);
+    let c = Peer::new(3);
+    h.join(&b);
+    h.join(&c);
+    h.input(Input::Start);
+    h.input(Input::DataReady);
+    let asks: Vec<(super::ReqId, PeerId)> = h
+        .take()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Request {
+                req,
+                peer,
+                request: FetchRequest::Anchor { weights: None },
+            } => Some((req, peer)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asks.len(), 2, "both members asked");
+    let genesis = standin::shape(PARAMS, 7).genesis;
+    for (req, peer) in asks {
+        // B took its anchor over from others and holds no block for it (an
+        // honest answer); C's answer is garbage.
+        let verdict = if peer == b.peer { Vec::new() } else { vec![1, 2, 3] };
+        h.input(Input::Response {
+            req,
+            peer,
+            response: FetchResponse::Anchor {
+                round: 5,
+                weights: codec::encode(CodecSpec::Dense, &genesis),
+                outer: codec::encode(CodecSpec::Dense, &[]),
+                verdict,
+            },
+        });
+    }
+    let faults: Vec<PeerId> = h
+        .take()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::FetchFault { peer } => Some(peer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(faults, vec![c.peer], "only the malformed offer is blamed");
+}

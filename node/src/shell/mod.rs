@@ -216,9 +216,11 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "no message".into())
 }
 
-/// What one bad fetch answer costs a peer's gossipsub score: eight take it
-/// past the graylist threshold (-80), as invalid gossip would.
+/// What one bad fetch answer costs a peer's gossipsub score: nine take it
+/// below the graylist threshold (-80), as invalid gossip would.
 const FETCH_FAULT_SCORE: f64 = 10.0;
+/// Peers whose bad answers are remembered at most (peer ids are free).
+const MAX_FAULTY_PEERS: usize = 4096;
 
 impl Node {
     /// Loads identity, data, model and ledger, and starts the swarm and the
@@ -663,6 +665,13 @@ impl Node {
     /// not asked for, bytes that are not the payload, a corrupt block): its
     /// score drops as it would for invalid gossip.
     fn fetch_fault(&mut self, peer: PeerId) {
+        if self.fetch_faults.len() >= MAX_FAULTY_PEERS && !self.fetch_faults.contains_key(&peer) {
+            // Forget the peer with the fewest faults: a crowd of fresh ids
+            // cannot push out the ones that lied most.
+            if let Some(least) = self.fetch_faults.iter().min_by_key(|(_, n)| **n).map(|(p, _)| *p) {
+                self.fetch_faults.remove(&least);
+            }
+        }
         let faults = self.fetch_faults.entry(peer).or_default();
         *faults = faults.saturating_add(1);
         let score = -f64::from(*faults) * FETCH_FAULT_SCORE;
@@ -929,15 +938,23 @@ impl Node {
                 info!(%address, "listening");
                 self.write_listen_addrs();
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => self.feed(Input::Connected(peer_id)),
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                // Bad answers are not forgiven by reconnecting: gossipsub
+                // may have dropped the peer's stats, so they are set again.
+                if let Some(faults) = self.fetch_faults.get(&peer_id) {
+                    let score = -f64::from(*faults) * FETCH_FAULT_SCORE;
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .set_application_score(&peer_id, score);
+                }
+                self.feed(Input::Connected(peer_id))
+            }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established: 0,
                 ..
-            } => {
-                self.fetch_faults.remove(&peer_id);
-                self.feed(Input::Disconnected(peer_id))
-            }
+            } => self.feed(Input::Disconnected(peer_id)),
             SwarmEvent::Behaviour(MeshBehaviourEvent::Gossipsub(ev)) => match ev {
                 gossipsub::Event::Message {
                     propagation_source,
