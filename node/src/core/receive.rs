@@ -30,7 +30,7 @@ const VOTE_HISTORY: u64 = 32;
 /// Past either, it is refused until the window ends.
 const BUDGET_WINDOW_MS: u64 = 10_000;
 /// Authors whose updates are remembered as set aside for later, at most.
-const MAX_SET_ASIDE: usize = 4096;
+pub(super) const MAX_SET_ASIDE: usize = 4096;
 const MAX_REQUESTS_PER_WINDOW: u32 = 2000;
 const MAX_ANCHORS_PER_WINDOW: u32 = 40;
 /// How long a records request may go unanswered before another peer is
@@ -513,11 +513,23 @@ impl Core {
     }
 
     /// Notes an update of `author` for `round` left for later.
-    fn set_aside(&mut self, author: AuthorId, round: u64) {
+    pub(super) fn set_aside(&mut self, author: AuthorId, round: u64) {
         if self.skipped_ahead.len() >= MAX_SET_ASIDE && !self.skipped_ahead.contains_key(&author) {
-            // Only fresh keys of an open run get here; a sync rebuilds
-            // every author's held records in any case.
-            return;
+            // Full (only fresh keys of an open run get here): the farthest
+            // round gives way to a nearer one, so updates parked far ahead
+            // cannot crowd out the next rounds'. What gives way stays in
+            // the ledger, and a sync rebuilds every author's records.
+            let farthest = self
+                .skipped_ahead
+                .iter()
+                .max_by_key(|(_, r)| **r)
+                .map(|(a, r)| (*a, *r));
+            match farthest {
+                Some((far, at)) if at > round => {
+                    self.skipped_ahead.remove(&far);
+                }
+                _ => return,
+            }
         }
         let at = self.skipped_ahead.entry(author).or_insert(round);
         *at = (*at).min(round);

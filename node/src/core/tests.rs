@@ -876,3 +876,34 @@ fn an_unattested_anchor_offer_counts_for_nothing_and_costs_its_sender_nothing() 
         .collect();
     assert_eq!(faults, vec![c.peer], "only the malformed offer is blamed");
 }
+
+#[test]
+fn when_the_set_aside_list_is_full_the_farthest_round_gives_way() {
+    let mut h = Harness::new(1);
+    let full = super::receive::MAX_SET_ASIDE;
+    let author = |i: usize| {
+        let mut a = [0u8; 32];
+        a[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        a[31] = 0xee;
+        meshtrain_ledger::AuthorId(a)
+    };
+    h.poke(|c| {
+        for i in 0..full {
+            c.set_aside(author(i), 1_000_000 + i as u64);
+        }
+        let near = meshtrain_ledger::AuthorId([9; 32]);
+        c.set_aside(near, 3);
+        assert_eq!(c.skipped_ahead.len(), full, "still bounded");
+        assert_eq!(c.skipped_ahead.get(&near), Some(&3), "the nearer update is noted");
+        assert!(
+            !c.skipped_ahead.contains_key(&author(full - 1)),
+            "the farthest gave way"
+        );
+        let farther = meshtrain_ledger::AuthorId([8; 32]);
+        c.set_aside(farther, 2_000_000);
+        assert!(
+            !c.skipped_ahead.contains_key(&farther),
+            "nothing gives way to a farther one"
+        );
+    });
+}
