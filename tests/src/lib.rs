@@ -133,8 +133,20 @@ pub struct NodeProc {
 /// libtorch thread unless EXTRA says otherwise (tests run several nodes, and
 /// several tests, on one machine).
 pub fn spawn_node(dir: &Path, spec: &Path, shard: &str, bootstrap: Option<&str>, extra: &[&str]) -> NodeProc {
+    spawn_node_logging_to(dir, &dir.join("node.log"), spec, shard, bootstrap, extra)
+}
+
+/// [`spawn_node`] with its log in LOG (kept off a data dir that may fill).
+pub fn spawn_node_logging_to(
+    dir: &Path,
+    log: &Path,
+    spec: &Path,
+    shard: &str,
+    bootstrap: Option<&str>,
+    extra: &[&str],
+) -> NodeProc {
     std::fs::create_dir_all(dir).expect("node dir");
-    let log = std::fs::File::create(dir.join("node.log")).expect("log file");
+    let log = std::fs::File::create(log).expect("log file");
     let mut cmd = Command::new(meshtrain_bin());
     cmd.args(["node", "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--shard", shard])
         .arg("--data-dir")
@@ -187,7 +199,12 @@ pub fn wait_listen(node: &mut NodeProc, within: Duration) -> ListenInfo {
 }
 
 pub fn log_tail(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
+    file_tail(&dir.join("node.log"))
+}
+
+/// The last 30 lines of the file at PATH (empty if unreadable).
+pub fn file_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
@@ -275,4 +292,37 @@ pub fn ledger_compare(a: &Path, b: &Path) -> (bool, String) {
         .output()
         .expect("run ledger compare");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ledger export DIR`: AUTHOR's records, seq -> record hash (a seq listed
+/// twice fails the test).
+pub fn chain_of(dir: &Path, author: &str) -> std::collections::BTreeMap<u64, String> {
+    let out = Command::new(meshtrain_bin())
+        .args(["ledger", "export"])
+        .arg(dir)
+        .output()
+        .expect("run ledger export");
+    assert!(
+        out.status.success(),
+        "export {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut chain = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("export line is JSON");
+        if v["type"] == "record" && v["record"]["author"] == author {
+            let seq = v["record"]["seq"].as_u64().expect("seq");
+            let hash = v["hash"].as_str().expect("hash").to_string();
+            assert!(chain.insert(seq, hash).is_none(), "seq {seq} listed twice");
+        }
+    }
+    chain
+}
+
+/// The author id (hex) of the node in DIR, from the listen.json it wrote.
+pub fn author_of(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("listen.json")).expect("listen.json");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("listen.json parses");
+    v["author"].as_str().expect("listen.json names the author").to_string()
 }

@@ -1,20 +1,18 @@
 //! A full disk mid-run. Node 2 of a 3-node mesh keeps its data dir on a
 //! small tmpfs (mounted here: the suite runs as root, as CI does) that is
-//! filled to the last byte while it trains, and kept full. It must stop with one error
-//! naming what it could not write, leave no half-written file, keep a
+//! filled to the last byte while it trains, and kept full. It must stop
+//! with one error naming what it could not write, leave no half-written file, keep a
 //! ledger that audits clean, and, once space is back, restart from that
 //! ledger, continue its chain and end on the mesh's model.
 
-use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meshtrain_tests::{
-    audit, ledger_compare, meshtrain_bin, results, spawn_node, spec_with_roster, wait_all_clean, wait_listen,
-    wait_round, NodeProc,
+    audit, author_of, chain_of, file_tail, ledger_compare, results, spawn_node, spawn_node_logging_to,
+    spec_with_roster, wait_all_clean, wait_listen, wait_round,
 };
 
 const ROUNDS: u64 = 80;
@@ -88,68 +86,6 @@ fn leftovers(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// `ledger export DIR`: AUTHOR's records, seq -> record hash.
-fn chain_of(dir: &Path, author: &str) -> BTreeMap<u64, String> {
-    let out = Command::new(meshtrain_bin())
-        .args(["ledger", "export"])
-        .arg(dir)
-        .output()
-        .expect("run ledger export");
-    assert!(
-        out.status.success(),
-        "export {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut chain = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(line).expect("export line is JSON");
-        if v["type"] == "record" && v["record"]["author"] == author {
-            let seq = v["record"]["seq"].as_u64().expect("seq");
-            chain.insert(seq, v["hash"].as_str().expect("hash").to_string());
-        }
-    }
-    chain
-}
-
-/// `meshtrain node run` for a data dir on the tmpfs, its log kept off it.
-fn spawn_on_tmpfs(dir: &Path, log: &Path, spec: &Path, boot: &str, extra: &[&str]) -> NodeProc {
-    std::fs::create_dir_all(dir).expect("node dir");
-    let log = File::create(log).expect("log file");
-    let child = Command::new(meshtrain_bin())
-        .args([
-            "node",
-            "run",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--shard",
-            "2/3",
-            "--threads",
-            "1",
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--run")
-        .arg(spec)
-        .args(["--bootstrap", boot])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("spawn node 2");
-    NodeProc {
-        dir: dir.to_path_buf(),
-        child,
-    }
-}
-
-fn author_of(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("listen.json")).expect("listen.json");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("listen.json parses");
-    v["author"].as_str().expect("listen.json names the author").to_string()
-}
-
 #[test]
 fn a_node_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_back() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -169,7 +105,7 @@ fn a_node_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_back() {
     )
     .expect("copy node 2's key onto the tmpfs");
     let log = tmp.path().join("node-2.log");
-    let mut n2 = spawn_on_tmpfs(&victim, &log, &spec, &boot, &args);
+    let mut n2 = spawn_node_logging_to(&victim, &log, &spec, "2/3", Some(&boot), &args);
     wait_listen(&mut n2, Duration::from_secs(120));
     let author = author_of(&victim);
 
@@ -189,7 +125,7 @@ fn a_node_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_back() {
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "node 2 still runs 120 s after its disk filled ({filled} bytes of filler):\n{}",
-            tail(&log)
+            file_tail(&log)
         );
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -197,10 +133,10 @@ fn a_node_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_back() {
     eprintln!(
         "node 2 stopped {:.1} s after the disk filled ({status}); its last lines:\n{}",
         started.elapsed().as_secs_f64(),
-        tail(&log)
+        file_tail(&log)
     );
     assert!(!status.success(), "node 2 exited 0 on a full disk");
-    assert!(!text.contains("panicked"), "node 2 panicked:\n{}", tail(&log));
+    assert!(!text.contains("panicked"), "node 2 panicked:\n{}", file_tail(&log));
     let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
     assert!(
         last.contains("No space left on device") && last.contains(&*victim.to_string_lossy()),
@@ -229,7 +165,7 @@ fn a_node_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_back() {
     // Space back: it restarts from its ledger and goes on with the mesh.
     std::fs::remove_file(&filler).expect("free the disk");
     let restart_log = tmp.path().join("node-2.restart.log");
-    let mut n2 = spawn_on_tmpfs(&victim, &restart_log, &spec, &boot, &args);
+    let mut n2 = spawn_node_logging_to(&victim, &restart_log, &spec, "2/3", Some(&boot), &args);
     wait_listen(&mut n2, Duration::from_secs(120));
     nodes.push(n2);
     wait_all_clean(&mut nodes, Duration::from_secs(400));
@@ -247,7 +183,7 @@ fn a_node_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_back() {
         "node 2 signed nothing after its restart: {} records before, {} after\n{}",
         before.len(),
         after.len(),
-        tail(&restart_log)
+        file_tail(&restart_log)
     );
     let seqs: Vec<u64> = after.keys().copied().collect();
     assert_eq!(
@@ -274,10 +210,4 @@ fn a_node_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_back() {
         "node 2 ends on another model than node 0"
     );
     drop(disk);
-}
-
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }

@@ -5,42 +5,14 @@
 //! equivocation proof against it. A node that joins mid-run adopts the
 //! mesh's anchor. Both end on exactly the anchor of the nodes that stayed up.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use meshtrain_tests::{
-    ledger_compare, log_tail, meshtrain_bin, results, spawn_node, spec_with_roster, wait_all_clean, wait_listen,
+    author_of, chain_of, ledger_compare, log_tail, results, spawn_node, spec_with_roster, wait_all_clean, wait_listen,
     wait_round,
 };
 
 const ROUNDS: u64 = 40;
-
-/// `ledger export DIR`: the records of AUTHOR, seq -> record hash.
-fn chain_of(dir: &Path, author: &str) -> BTreeMap<u64, String> {
-    let out = Command::new(meshtrain_bin())
-        .args(["ledger", "export"])
-        .arg(dir)
-        .output()
-        .expect("run ledger export");
-    assert!(
-        out.status.success(),
-        "export {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut chain = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(line).expect("export line is JSON");
-        if v["type"] == "record" && v["record"]["author"] == author {
-            let seq = v["record"]["seq"].as_u64().expect("seq");
-            let hash = v["hash"].as_str().expect("hash").to_string();
-            assert!(chain.insert(seq, hash).is_none(), "seq {seq} listed twice");
-        }
-    }
-    chain
-}
 
 #[test]
 fn killed_node_resumes_its_chain_and_late_joiner_catches_up() {
@@ -56,7 +28,7 @@ fn killed_node_resumes_its_chain_and_late_joiner_catches_up() {
     }
     let victim_dir = tmp.path().join("node-2");
     let victim_id = wait_listen(&mut nodes[2], Duration::from_secs(120)).peer_id;
-    let victim_author = results_author(&victim_dir);
+    let victim_author = author_of(&victim_dir);
 
     // SIGKILL node 2 mid-run, in the middle of whatever it was doing.
     wait_round(&nodes[0].dir, 4);
@@ -146,11 +118,4 @@ fn killed_node_resumes_its_chain_and_late_joiner_catches_up() {
             curve(r)
         );
     }
-}
-
-/// The victim's author id (hex), from the identity it wrote at start.
-fn results_author(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("listen.json")).expect("listen.json");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("listen.json parses");
-    v["author"].as_str().expect("listen.json names the author").to_string()
 }

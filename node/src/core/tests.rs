@@ -264,18 +264,7 @@ impl Harness {
     /// would; returns the effects after the answer (round 0 trains).
     fn data_ready(&mut self) -> Vec<Effect> {
         self.input(Input::DataReady);
-        let asks: Vec<(super::ReqId, PeerId)> = self
-            .take()
-            .into_iter()
-            .filter_map(|e| match e {
-                Effect::Request {
-                    req,
-                    peer,
-                    request: FetchRequest::Anchor { weights: None },
-                } => Some((req, peer)),
-                _ => None,
-            })
-            .collect();
+        let asks = self.anchor_asks();
         let genesis = standin::shape(PARAMS, 7).genesis;
         for (req, peer) in asks {
             self.input(Input::Response {
@@ -295,6 +284,21 @@ impl Harness {
             "round 0 starts after the sync"
         );
         after
+    }
+
+    /// The start sync's anchor requests among the effects so far.
+    fn anchor_asks(&mut self) -> Vec<(super::ReqId, PeerId)> {
+        self.take()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Request {
+                    req,
+                    peer,
+                    request: FetchRequest::Anchor { weights: None },
+                } => Some((req, peer)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Our own round: trained, stored, published.
@@ -837,18 +841,7 @@ fn an_unattested_anchor_offer_counts_for_nothing_and_costs_its_sender_nothing() 
     h.join(&c);
     h.input(Input::Start);
     h.input(Input::DataReady);
-    let asks: Vec<(super::ReqId, PeerId)> = h
-        .take()
-        .into_iter()
-        .filter_map(|e| match e {
-            Effect::Request {
-                req,
-                peer,
-                request: FetchRequest::Anchor { weights: None },
-            } => Some((req, peer)),
-            _ => None,
-        })
-        .collect();
+    let asks = h.anchor_asks();
     assert_eq!(asks.len(), 2, "both members asked");
     let genesis = standin::shape(PARAMS, 7).genesis;
     for (req, peer) in asks {
