@@ -564,8 +564,8 @@ pub struct Core {
     /// Authors whose records we are fetching, and when we asked: one
     /// request at a time each, however many gaps and heads name them,
     /// unless the last has gone unanswered for
-    /// [`receive::RECORDS_PATIENCE_MS`] (a
-    /// peer that holds a request open does not hold up the author's repair).
+    /// [`receive::RECORDS_PATIENCE_MS`] (a peer that holds a request open
+    /// does not hold up the author's repair).
     records_asked: HashMap<AuthorId, (ReqId, Millis)>,
     /// Gossip messages not settled yet.
     unsettled: HashSet<MessageId>,
@@ -750,12 +750,7 @@ impl Core {
         self.phase_since = self.now;
     }
 
-    fn request(&mut self, peer: PeerId, request: FetchRequest, what: RequestFor) {
-        self.send_request(peer, request, what);
-    }
-
-    /// [`Core::request`], returning the request's id.
-    fn send_request(&mut self, peer: PeerId, request: FetchRequest, what: RequestFor) -> ReqId {
+    fn request(&mut self, peer: PeerId, request: FetchRequest, what: RequestFor) -> ReqId {
         let req = ReqId(self.next_req);
         self.next_req += 1;
         self.requests.insert(req, what);

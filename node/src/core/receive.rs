@@ -226,7 +226,7 @@ impl Core {
         {
             return;
         }
-        let req = self.send_request(
+        let req = self.request(
             peer,
             FetchRequest::Records {
                 author: author.0,
@@ -438,7 +438,9 @@ impl Core {
 
     fn next_payload_attempt(&mut self, hash: PayloadHash) {
         match self.wants.next(&hash) {
-            Next::Ask(peer) => self.request(peer, FetchRequest::Payload { hash: hash.0 }, RequestFor::Payload(hash)),
+            Next::Ask(peer) => {
+                self.request(peer, FetchRequest::Payload { hash: hash.0 }, RequestFor::Payload(hash));
+            }
             Next::GiveUp(of) => {
                 warn!(author = %of.author.short(), round = of.round, "no peer could supply a payload");
                 self.book.unannounce(of.round, &of.author);
