@@ -146,7 +146,7 @@ mod tests {
         let ys = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1]);
         for _ in 0..steps {
             opt.zero_grad();
-            let loss = n.forward(&xs, true).log_softmax(-1, Kind::Float).nll_loss(&ys);
+            let loss = n.forward(&xs, true).unwrap().log_softmax(-1, Kind::Float).nll_loss(&ys);
             loss.backward();
             opt.step().unwrap();
         }
@@ -169,6 +169,7 @@ mod tests {
                 p.zero_grad();
             }
             b.forward(&xs, true)
+                .unwrap()
                 .log_softmax(-1, Kind::Float)
                 .nll_loss(&ys)
                 .backward();
@@ -225,6 +226,7 @@ mod tests {
         let ys = Tensor::from_slice(&[1i64; 8]);
         let loss = |n: &Network| {
             n.forward(&xs, false)
+                .unwrap()
                 .log_softmax(-1, Kind::Float)
                 .nll_loss(&ys)
                 .double_value(&[])
@@ -239,6 +241,10 @@ mod tests {
     }
 
     fn n_backward(n: &Network, xs: &Tensor, ys: &Tensor) {
-        n.forward(xs, true).log_softmax(-1, Kind::Float).nll_loss(ys).backward();
+        n.forward(xs, true)
+            .unwrap()
+            .log_softmax(-1, Kind::Float)
+            .nll_loss(ys)
+            .backward();
     }
 }

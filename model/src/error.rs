@@ -13,11 +13,28 @@ pub enum ModelError {
     #[error("{path}: {detail} (at byte offset {offset})")]
     BadDataFile { path: PathBuf, offset: u64, detail: String },
 
+    /// A text file's fault, where a line number is what a person looks for.
+    #[error("{path}: line {line}: {detail}")]
+    BadDataLine { path: PathBuf, line: u64, detail: String },
+
     #[error("dataset {name}: {detail}")]
     BadDataset { name: String, detail: String },
 
-    #[error("unknown model `{0}` (known: mlp, cnn, lstm, autoencoder, char-transformer)")]
+    #[error("unknown model `{0}` (known: mlp, cnn, lstm, autoencoder, char-transformer, torchscript:FILE)")]
     UnknownModel(String),
+
+    #[error("unknown task `{0}` (known: classify, reconstruct, next-token)")]
+    UnknownTask(String),
+
+    #[error("task `{task}` needs {expected}; the data has {got}")]
+    TaskMismatch {
+        task: String,
+        expected: String,
+        got: String,
+    },
+
+    #[error("TorchScript module {path}: {detail}")]
+    Script { path: PathBuf, detail: String },
 
     #[error("model `{model}` expects {expected} inputs, the data has {got}")]
     ShapeMismatch {

@@ -15,7 +15,9 @@
 //! - [`Dataset`] / [`DataSplits`];
 //! - [`codec::DeltaEncoder`] and [`codec::decode`];
 //! - [`aggregate::aggregate`] with [`AggregatorSpec`];
-//! - [`OuterOptimizer`].
+//! - [`OuterOptimizer`];
+//! - [`script::ScriptModule`], a user's TorchScript module (through a small
+//!   C++ shim, csrc/script.cpp, for what tch does not expose).
 
 pub mod adam;
 pub mod aggregate;
@@ -28,6 +30,7 @@ pub mod idx;
 pub mod metrics;
 pub mod net;
 pub mod outer;
+pub mod script;
 pub mod stream;
 pub mod train;
 mod zoo;

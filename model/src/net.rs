@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
 
 use rand::{RngCore, SeedableRng};
@@ -15,6 +16,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 use crate::blocks::Schema;
+use crate::script::{ScriptModule, StateTensor};
 use crate::zoo::{self, TransformerConfig};
 use crate::{ModelError, Result};
 
@@ -35,6 +37,10 @@ pub enum Arch {
     Autoencoder,
     /// A small decoder-only transformer over bytes.
     CharTransformer,
+    /// A user's TorchScript module, named in the run spec by its file's
+    /// hash (`model.script`), with the task given there.
+    #[serde(rename = "torchscript")]
+    Script,
 }
 
 impl Arch {
@@ -60,9 +66,32 @@ impl Arch {
                     Arch::Mlp | Arch::Cnn | Arch::Autoencoder => "image records".into(),
                     Arch::Lstm => "image or text records".into(),
                     Arch::CharTransformer => "text records of at least 2 bytes".into(),
+                    Arch::Script => "the task its run spec names".into(),
                 },
                 got: format!("{schema:?}"),
             }),
+        }
+    }
+}
+
+impl Task {
+    /// The task a TorchScript module is trained for (`classify`,
+    /// `reconstruct` or `next-token`), on records of `schema`.
+    pub fn named(name: &str, schema: &Schema) -> Result<Task> {
+        match (name, schema) {
+            ("classify", Schema::Image { classes, .. }) => Ok(Task::Classify { classes: *classes }),
+            ("reconstruct", Schema::Image { .. }) => Ok(Task::Reconstruct),
+            ("next-token", Schema::Text { seq_len }) if *seq_len >= 2 => Ok(Task::NextByte),
+            ("classify" | "reconstruct" | "next-token", _) => Err(ModelError::TaskMismatch {
+                task: name.to_string(),
+                expected: if name == "next-token" {
+                    "text records of at least 2 bytes".into()
+                } else {
+                    "image records".into()
+                },
+                got: format!("{schema:?}"),
+            }),
+            _ => Err(ModelError::UnknownTask(name.to_string())),
         }
     }
 }
@@ -98,6 +127,7 @@ impl fmt::Display for Arch {
             Arch::Lstm => "lstm",
             Arch::Autoencoder => "autoencoder",
             Arch::CharTransformer => "char-transformer",
+            Arch::Script => "torchscript",
         })
     }
 }
@@ -119,6 +149,9 @@ pub struct ParamSpec {
     /// False for buffers such as batch-norm running statistics: they are
     /// exchanged and averaged, but they are not gradients.
     pub trainable: bool,
+    /// Held as integers by the model (a batch-norm's batch count): carried
+    /// as floats in the weight vector, exported as int64.
+    pub integer: bool,
 }
 
 /// The order in which a model's tensors are flattened into one vector: by
@@ -143,6 +176,7 @@ impl Layout {
                 numel,
                 init,
                 trainable: !name.ends_with(".running_mean") && !name.ends_with(".running_var"),
+                integer: false,
             });
         }
         Self { params, total }
@@ -161,8 +195,9 @@ impl Layout {
         out
     }
 
-    /// Genesis weights for `seed`: identical on every machine.
-    pub fn genesis(&self, seed: u64) -> Vec<f32> {
+    /// Genesis weights of a built-in model for `seed`: identical on every
+    /// machine (see [`Network::genesis`], which also covers TorchScript).
+    pub(crate) fn genesis(&self, seed: u64) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.total);
         for p in &self.params {
             match p.init {
@@ -213,6 +248,17 @@ fn init_rule(name: &str, shape: &[i64], all: &BTreeMap<String, Vec<i64>>) -> Ini
     }
 }
 
+/// The forward pass: a built-in model over a VarStore, or a user's
+/// TorchScript module (which holds its own tensors).
+enum Body {
+    Builtin(Box<dyn ModuleT>),
+    Script {
+        module: ScriptModule,
+        /// The module file's own weights, its genesis.
+        genesis: Vec<f32>,
+    },
+}
+
 /// A model instance: its variables and forward pass, on one device.
 pub struct Network {
     pub arch: Arch,
@@ -220,7 +266,7 @@ pub struct Network {
     pub schema: Schema,
     pub task: Task,
     vs: nn::VarStore,
-    body: Box<dyn ModuleT>,
+    body: Body,
     /// Variables in layout order, shallow handles into `vs`.
     vars: Vec<Tensor>,
     layout: Layout,
@@ -316,7 +362,8 @@ impl Network {
             (Arch::CharTransformer, Schema::Text { seq_len }) => {
                 Box::new(zoo::CharTransformer::new(&root, transformer_config(*seq_len)))
             }
-            // `task` above refused every other pairing.
+            // `task` above refused every other pairing, and TorchScript
+            // modules are built by `Network::script`.
             _ => {
                 return Err(ModelError::ShapeMismatch {
                     model: arch.to_string(),
@@ -334,10 +381,158 @@ impl Network {
             schema: schema.clone(),
             task,
             vs,
-            body,
+            body: Body::Builtin(body),
             vars,
             layout,
         })
+    }
+
+    /// The TorchScript module saved at `path`, trained for `task` (see
+    /// [`Task::named`]) on records of `schema`. Its parameters and buffers
+    /// keep the module's own names and are laid out by name; its genesis is
+    /// the weights in the file. The module must take a batch as the
+    /// built-in models do (images as float `[N, C, H, W]` in [0, 1]; text as
+    /// int64 byte ids `[N, T]`) and return logits `[N, classes]`, a
+    /// reconstruction `[N, C*H*W]` or next-byte logits `[N, T, 256]`; a
+    /// module that does not is refused here, naming the mismatch.
+    pub fn script(path: &Path, task: &str, schema: &Schema, device: Device) -> Result<Self> {
+        let task = Task::named(task, schema)?;
+        let module = ScriptModule::load(path, device)?;
+        let state = module.state()?;
+        if state.is_empty() {
+            return Err(ModelError::Script {
+                path: path.to_path_buf(),
+                detail: "the module has no parameters to train".into(),
+            });
+        }
+        let mut by_name: BTreeMap<String, StateTensor> = BTreeMap::new();
+        for t in state {
+            if !matches!(
+                t.tensor.kind(),
+                Kind::Float
+                    | Kind::Double
+                    | Kind::Half
+                    | Kind::BFloat16
+                    | Kind::Int64
+                    | Kind::Int
+                    | Kind::Int16
+                    | Kind::Int8
+                    | Kind::Uint8
+            ) {
+                return Err(ModelError::Script {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "`{}` holds {:?} values, which cannot be exchanged",
+                        t.name,
+                        t.tensor.kind()
+                    ),
+                });
+            }
+            // A tensor registered twice (shared weights) is one tensor.
+            by_name.entry(t.name.clone()).or_insert(t);
+        }
+        let mut params = Vec::with_capacity(by_name.len());
+        let mut vars = Vec::with_capacity(by_name.len());
+        let mut total = 0;
+        for (name, t) in by_name {
+            let shape = t.tensor.size();
+            let numel = shape.iter().product::<i64>().max(0) as usize;
+            let integer = !t.tensor.is_floating_point();
+            total += numel;
+            params.push(ParamSpec {
+                name,
+                shape,
+                numel,
+                init: Init::Const(0.0),
+                trainable: !t.buffer && !integer && t.tensor.requires_grad(),
+                integer,
+            });
+            vars.push(t.tensor);
+        }
+        let layout = Layout { params, total };
+        let mut net = Self {
+            arch: Arch::Script,
+            schema: schema.clone(),
+            task,
+            vs: nn::VarStore::new(device),
+            body: Body::Script {
+                module,
+                genesis: Vec::new(),
+            },
+            vars,
+            layout,
+        };
+        net.check_io(path)?;
+        let genesis = net.flat()?;
+        if let Body::Script { genesis: g, .. } = &mut net.body {
+            *g = genesis;
+        }
+        Ok(net)
+    }
+
+    /// Runs the module once on two empty records of its schema and checks
+    /// what comes back against its task.
+    fn check_io(&self, path: &Path) -> Result<()> {
+        let device = self.device();
+        let (xs, input) = match self.schema {
+            Schema::Image {
+                channels,
+                height,
+                width,
+                ..
+            } => (
+                Tensor::zeros([2, channels as i64, height as i64, width as i64], (Kind::Float, device)),
+                format!("float [2, {channels}, {height}, {width}]"),
+            ),
+            Schema::Text { seq_len } => (
+                Tensor::zeros([2, seq_len as i64 - 1], (Kind::Int64, device)),
+                format!("int64 [2, {}]", seq_len - 1),
+            ),
+            Schema::Table { .. } => {
+                return Err(ModelError::Script {
+                    path: path.to_path_buf(),
+                    detail: "table records are not trainable by any model yet".into(),
+                })
+            }
+        };
+        let mismatch = |detail: String| ModelError::Script {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let out = tch::no_grad(|| self.forward(&xs, false)).map_err(|e| {
+            mismatch(format!(
+                "its forward fails on a batch of the dataset's records ({input}): {e}"
+            ))
+        })?;
+        let expected: Vec<i64> = match (self.task, &self.schema) {
+            (Task::Classify { classes }, _) => vec![2, classes as i64],
+            (Task::Reconstruct, s) => vec![2, s.record_size() as i64 - 1],
+            (Task::NextByte, Schema::Text { seq_len }) => vec![2, *seq_len as i64 - 1, 256],
+            (Task::NextByte, _) => vec![],
+        };
+        if out.size() != expected || !out.is_floating_point() {
+            return Err(mismatch(format!(
+                "given {input}, it returns {:?} {:?}; {} needs float {:?}",
+                out.kind(),
+                out.size(),
+                match self.task {
+                    Task::Classify { .. } => "classify (logits per class)",
+                    Task::Reconstruct => "reconstruct (the flattened record)",
+                    Task::NextByte => "next-token (logits over 256 bytes per position)",
+                },
+                expected
+            )));
+        }
+        Ok(())
+    }
+
+    /// Genesis weights: drawn from `seed` for a built-in model, the file's
+    /// own for a TorchScript module. Identical on every machine.
+    pub fn genesis(&self, seed: u64) -> Vec<f32> {
+        match &self.body {
+            Body::Builtin(_) => self.layout.genesis(seed),
+            Body::Script { genesis, .. } => genesis.clone(),
+        }
     }
 
     pub fn layout(&self) -> &Layout {
@@ -367,8 +562,11 @@ impl Network {
             .collect()
     }
 
-    pub fn forward(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.body.forward_t(xs, train)
+    pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.body {
+            Body::Builtin(m) => Ok(m.forward_t(xs, train)),
+            Body::Script { module, .. } => module.forward(xs, train),
+        }
     }
 
     /// All parameters and buffers, flattened in layout order.
@@ -463,7 +661,7 @@ mod tests {
     fn forward_shapes() {
         let n = Network::new(Arch::Cnn, &FMNIST, Device::Cpu).unwrap();
         let x = Tensor::zeros([3, 1, 28, 28], (Kind::Float, Device::Cpu));
-        assert_eq!(n.forward(&x, false).size(), vec![3, 10]);
+        assert_eq!(n.forward(&x, false).unwrap().size(), vec![3, 10]);
     }
 
     #[test]
@@ -472,14 +670,14 @@ mod tests {
         let n = Network::new(Arch::Lstm, &FMNIST, Device::Cpu).unwrap();
         assert_eq!(n.task, Task::Classify { classes: 10 });
         let x = Tensor::zeros([3, 1, 28, 28], (Kind::Float, Device::Cpu));
-        assert_eq!(n.forward(&x, false).size(), vec![3, 10]);
+        assert_eq!(n.forward(&x, false).unwrap().size(), vec![3, 10]);
         let n = Network::new(Arch::Autoencoder, &FMNIST, Device::Cpu).unwrap();
-        assert_eq!(n.forward(&x, false).size(), vec![3, 784]);
+        assert_eq!(n.forward(&x, false).unwrap().size(), vec![3, 784]);
         for arch in [Arch::Lstm, Arch::CharTransformer] {
             let n = Network::new(arch, &text, Device::Cpu).unwrap();
             assert_eq!(n.task, Task::NextByte);
             let tokens = Tensor::zeros([2, 64], (Kind::Int64, Device::Cpu));
-            assert_eq!(n.forward(&tokens, false).size(), vec![2, 64, 256], "{arch}");
+            assert_eq!(n.forward(&tokens, false).unwrap().size(), vec![2, 64, 256], "{arch}");
         }
         let t = Network::new(Arch::CharTransformer, &text, Device::Cpu).unwrap();
         assert!((300_000..600_000).contains(&t.param_count()), "{}", t.param_count());

@@ -206,7 +206,7 @@ fn reconstruction_error(out: &Tensor, xs: &Tensor) -> Result<Tensor> {
 
 /// The training loss of `net` on a batch.
 fn loss(net: &Network, b: &Batch, train: bool) -> Result<Tensor> {
-    let out = net.forward(&b.xs, train);
+    let out = net.forward(&b.xs, train)?;
     match net.task {
         Task::Classify { .. } | Task::NextByte => cross_entropy(&out, &b.ys),
         Task::Reconstruct => Ok(reconstruction_error(&out, &b.xs)?.f_mean(Kind::Float)?),
@@ -345,7 +345,7 @@ pub fn evaluate(net: &Network, data: &Records, anomaly: Option<usize>) -> Result
     tch::no_grad(|| -> Result<()> {
         for chunk in data.bytes().chunks(per_chunk * rec) {
             let b = batch(&data.schema, chunk, net.device(), false, None)?;
-            let out = net.forward(&b.xs, false);
+            let out = net.forward(&b.xs, false)?;
             match net.task {
                 Task::Classify { .. } | Task::NextByte => {
                     let positions = b.ys.numel() as u64;

@@ -43,7 +43,7 @@ fn fit(
     tch::manual_seed(7);
     let (schema, train, test) = data;
     let mut net = Network::new(arch, &schema, Device::Cpu).unwrap();
-    let genesis = net.layout().genesis(1);
+    let genesis = net.genesis(1);
     net.load_flat(&genesis).unwrap();
     let before = evaluate(&net, &test, anomaly).unwrap();
     let source = InMemory::new(schema, train, 3).unwrap();
