@@ -37,6 +37,11 @@ if ! torch_ok; then
   .venv/bin/pip install -q torch==2.13.0
   torch_ok || { echo "setup: torch 2.13.0 did not install" >&2; exit 1; }
 fi
+# safetensors for Python: what loads `meshtrain model export` files into a
+# PyTorch module (the README's three lines, and the tests that run them).
+if ! .venv/bin/python -c "import safetensors.torch" 2>/dev/null; then
+  .venv/bin/pip install -q safetensors==0.7.0 packaging==26.4
+fi
 # The real path: a venv reached through a symlink (the README's test links
 # one into a temporary checkout) must not leave the cache's link pointing
 # into a directory that is about to disappear.

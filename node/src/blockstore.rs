@@ -78,6 +78,12 @@ impl BlockStore {
         Ok(Some(bytes))
     }
 
+    /// The file of a block, once its bytes are checked against its name
+    /// (for a TorchScript module, which libtorch loads from a path).
+    pub fn block_file(&self, hash: &str) -> Result<Option<PathBuf>, NodeError> {
+        Ok(self.block(hash)?.map(|_| self.block_path(hash)))
+    }
+
     pub fn put_manifest(&self, manifest: &Manifest) -> Result<String, NodeError> {
         let id = manifest.id();
         write_atomic(&self.manifest_path(&id), &manifest.to_bytes())?;

@@ -37,6 +37,12 @@ pub enum NodeError {
     #[error("the run's manifest is not here yet")]
     NoManifest,
 
+    #[error("the run's TorchScript module {hash} is not in the local store and no peer sent it within {waited_s} s")]
+    ModelFileUnreachable { hash: String, waited_s: u64 },
+
+    #[error("the run's TorchScript module {hash} is not in the block store {store} (name the store that holds it: the data store its spec was written with, or a node's DIR/blocks)")]
+    ModelFileMissing { hash: String, store: PathBuf },
+
     #[error("this node has nothing to train on: the placement over {members} members gave it no records of the {records} in the training split")]
     NothingToTrain { members: usize, records: u64 },
 

@@ -10,6 +10,7 @@ use meshtrain_ledger::{LedgerError, RejectReason, Store, Verdict, VerdictEntry, 
 use meshtrain_model::{aggregate::aggregate, codec, AggInput, AggVerdict, Network, OuterConfig, OuterOptimizer};
 use serde::Serialize;
 
+use crate::blockstore::BlockStore;
 use crate::{NodeError, RunSpec};
 
 #[derive(Debug, Default, Serialize)]
@@ -66,20 +67,31 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
-    /// The shape of the spec's model (built once on the CPU).
-    pub fn of_spec(spec: &RunSpec) -> Result<Self, NodeError> {
-        let net = Network::new(spec.model.arch, &spec.data.schema, meshtrain_model::Device::Cpu)?;
+    /// The shape of the spec's model (built once on the CPU); a TorchScript
+    /// module is read from `store`.
+    pub fn of_spec(spec: &RunSpec, store: Option<&BlockStore>) -> Result<Self, NodeError> {
+        let net = match (store, &spec.model.script) {
+            (Some(store), _) => crate::model_file::network(spec, store, meshtrain_model::Device::Cpu)?,
+            (None, Some(script)) => {
+                return Err(NodeError::Replay(format!(
+                    "the run trains a TorchScript module ({}): name a block store that holds it",
+                    &script.file[..16]
+                )))
+            }
+            (None, None) => Network::new(spec.model.arch, &spec.data.schema, meshtrain_model::Device::Cpu)?,
+        };
         Ok(Self {
-            genesis: net.layout().genesis(spec.seed),
+            genesis: net.genesis(spec.seed),
             buffers: net.layout().buffer_ranges(),
         })
     }
 }
 
-/// Replays a ledger of a run of one of the built-in models.
-pub fn replay<S: Store + ?Sized>(ledger: &S) -> Result<ReplayReport, NodeError> {
+/// Replays a ledger; a run of a TorchScript module needs the block store
+/// that holds the module's file.
+pub fn replay<S: Store + ?Sized>(ledger: &S, store: Option<&BlockStore>) -> Result<ReplayReport, NodeError> {
     let spec = RunSpec::from_canonical(&ledger.meta().run_spec)?;
-    Ok(replay_core(ledger, &ModelShape::of_spec(&spec)?)?.report)
+    Ok(replay_core(ledger, &ModelShape::of_spec(&spec, store)?)?.report)
 }
 
 /// The anchor and outer state a node reaches by replaying its ledger (used

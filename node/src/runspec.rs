@@ -100,7 +100,26 @@ pub struct ModelSpec {
     /// scored as positive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anomaly_class: Option<usize>,
+    /// `arch = "torchscript"`: the user's module, by the hash of its file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<ScriptSpec>,
 }
+
+/// A TorchScript module file, named by content: nodes that lack it fetch it
+/// from peers by this hash (as they fetch data blocks) and check it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptSpec {
+    /// The file's hash (a data block's hash: blake3, 64 hex digits).
+    pub file: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// `classify`, `reconstruct` or `next-token`.
+    pub task: String,
+}
+
+/// The largest module file a run may name (a fetch answer must hold it).
+pub const MAX_SCRIPT_BYTES: u64 = 96 << 20;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -177,6 +196,7 @@ impl RunSpec {
             model: ModelSpec {
                 arch,
                 anomaly_class: None,
+                script: None,
             },
             data: DataSpec {
                 dataset: manifest.name.clone(),
@@ -283,10 +303,25 @@ impl RunSpec {
         if self.data.replication == 0 {
             return Err("data.replication must be at least 1".into());
         }
-        self.model
-            .arch
-            .task(&self.data.schema)
-            .map_err(|e| format!("model.arch: {e}"))?;
+        match (&self.model.script, self.model.arch) {
+            (Some(script), Arch::Script) => {
+                if hex::decode(&script.file).map(|b| b.len()) != Ok(32) {
+                    return Err("model.script.file must be a file hash (64 hex digits)".into());
+                }
+                if script.bytes == 0 || script.bytes > MAX_SCRIPT_BYTES {
+                    return Err(format!(
+                        "model.script.bytes must be between 1 and {MAX_SCRIPT_BYTES} (the largest file a peer can send)"
+                    ));
+                }
+                meshtrain_model::Task::named(&script.task, &self.data.schema)
+                    .map_err(|e| format!("model.script.task: {e}"))?;
+            }
+            (None, Arch::Script) => return Err("model.arch torchscript needs model.script (its file and task)".into()),
+            (Some(_), _) => return Err("model.script is for model.arch torchscript only".into()),
+            (None, arch) => {
+                arch.task(&self.data.schema).map_err(|e| format!("model.arch: {e}"))?;
+            }
+        }
         match (self.model.anomaly_class, self.data.schema.classes()) {
             (Some(_), _) if self.model.arch != Arch::Autoencoder => {
                 return Err("model.anomaly_class is for the autoencoder only".into())
@@ -333,10 +368,10 @@ impl RunSpec {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn manifest() -> Manifest {
+    pub(crate) fn manifest() -> Manifest {
         Manifest::new(
             "fashion-mnist",
             Schema::Image {
@@ -392,7 +427,42 @@ mod tests {
         // Left out when unset, so specs written before these fields keep
         // their run ids.
         let plain = String::from_utf8(RunSpec::default_for(Arch::Mlp, &manifest()).canonical_bytes()).unwrap();
-        assert!(!plain.contains("patience") && !plain.contains("anomaly_class"));
+        assert!(!plain.contains("patience") && !plain.contains("anomaly_class") && !plain.contains("script"));
+    }
+
+    #[test]
+    fn a_torchscript_model_names_its_file_and_task() {
+        let mut s = RunSpec::default_for(Arch::Script, &manifest());
+        assert!(s.check().unwrap_err().contains("needs model.script"));
+        let script = ScriptSpec {
+            file: "ab".repeat(32),
+            bytes: 1000,
+            task: "classify".into(),
+        };
+        s.model.script = Some(script.clone());
+        s.check().unwrap();
+        // The run id commits to the file.
+        let mut other = s.clone();
+        other.model.script = Some(ScriptSpec {
+            file: "cd".repeat(32),
+            ..script.clone()
+        });
+        assert_ne!(s.run_id(), other.run_id());
+        let bad = |f: &dyn Fn(&mut ScriptSpec)| {
+            let mut t = s.clone();
+            f(t.model.script.as_mut().unwrap());
+            t.check().unwrap_err()
+        };
+        assert!(bad(&|x| x.file = "zz".into()).contains("model.script.file"));
+        assert!(bad(&|x| x.bytes = MAX_SCRIPT_BYTES + 1).contains("model.script.bytes"));
+        assert!(bad(&|x| x.task = "next-token".into()).contains("text records"));
+        assert!(bad(&|x| x.task = "regress".into()).contains("unknown task"));
+        let mut t = RunSpec::default_for(Arch::Mlp, &manifest());
+        t.model.script = Some(script);
+        assert!(t.check().unwrap_err().contains("for model.arch torchscript only"));
+        // It survives the TOML round trip operators edit.
+        let back: RunSpec = toml::from_str(&s.to_toml().unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub(super) enum LedgerCommand {
         dir: PathBuf,
         #[arg(long)]
         json: bool,
+        /// The block store holding the run's TorchScript module, if it
+        /// trains one (default: DIR/blocks, a node's own store).
+        #[arg(long)]
+        blocks: Option<PathBuf>,
     },
 }
 
@@ -86,10 +90,14 @@ pub(super) fn run(cmd: LedgerCommand) -> Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
-        LedgerCommand::Replay { dir, json } => {
+        LedgerCommand::Replay { dir, json, blocks } => {
             let path = ledger_dir(&dir);
             let ledger = Ledger::open_read_only(&path)?;
-            let report = meshtrain_node::replay::replay(&ledger)?;
+            let blocks = blocks.or_else(|| Some(dir.join("blocks")).filter(|b| b.is_dir()));
+            let store = blocks
+                .map(|b| meshtrain_node::blockstore::BlockStore::open(&b))
+                .transpose()?;
+            let report = meshtrain_node::replay::replay(&ledger, store.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if report.ok {

@@ -7,6 +7,7 @@ mod data;
 mod identity;
 
 mod ledger;
+mod model;
 mod node;
 mod sim;
 mod spec;
@@ -51,6 +52,9 @@ enum Command {
     /// Write run specs.
     #[command(subcommand)]
     Spec(spec::SpecCommand),
+    /// Take a node's trained model home (safetensors with PyTorch's names).
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// A node's key, as a permissioned run's roster names it.
     #[command(subcommand)]
     Identity(identity::IdentityCommand),
@@ -210,6 +214,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Testnet(cmd) => testnet::run(cmd),
         Command::Ledger(cmd) => ledger::run(cmd),
         Command::Spec(spec::SpecCommand::New(args)) => spec::spec_new(args),
+        Command::Model(cmd) => model::run(cmd),
         Command::Identity(cmd) => identity::run(cmd),
         Command::Data(cmd) => data::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),

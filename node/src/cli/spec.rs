@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use meshtrain_model::{AggregatorSpec, Arch, CodecSpec};
+use meshtrain_model::{AggregatorSpec, CodecSpec};
+use meshtrain_node::model_file::{default_task, store_module, ModelChoice};
 use meshtrain_node::runspec::Admission;
 use meshtrain_node::RunSpec;
 
@@ -17,8 +18,16 @@ pub(super) enum SpecCommand {
 
 #[derive(Args)]
 pub(super) struct SpecArgs {
+    /// A built-in model (mlp, cnn, lstm, autoencoder, char-transformer) or
+    /// your own TorchScript module: `torchscript:FILE` (saved with
+    /// `torch.jit.save`; the spec names it by hash and the data's block
+    /// store keeps it, so peers fetch it from there).
     #[arg(long, default_value = "mlp")]
-    pub(super) model: Arch,
+    pub(super) model: ModelChoice,
+    /// What a TorchScript module learns: `classify`, `reconstruct` or
+    /// `next-token` (default: classify for images, next-token for text).
+    #[arg(long)]
+    pub(super) task: Option<String>,
     /// A block store holding the dataset (see `data import`). By default
     /// Fashion-MNIST, imported into out/datasets/fashion-mnist on first use.
     #[arg(long)]
@@ -233,7 +242,25 @@ pub(super) fn spec_new(args: SpecArgs) -> Result<ExitCode> {
         None => default_store()?,
     };
     let manifest = pick_manifest(&store, args.dataset.as_deref())?;
-    let mut spec = RunSpec::default_for(args.model, &manifest);
+    let mut spec = RunSpec::default_for(args.model.arch(), &manifest);
+    match (&args.model, &args.task) {
+        (ModelChoice::Script(path), task) => {
+            let task = task
+                .clone()
+                .unwrap_or_else(|| default_task(&manifest.schema).to_string());
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading the TorchScript module {}", path.display()))?;
+            // Refuse a module that does not load or fit the data here, not
+            // on every node.
+            meshtrain_model::Network::script(path, &task, &manifest.schema, meshtrain_model::Device::Cpu)?;
+            let blocks = meshtrain_node::blockstore::BlockStore::open(&store)?;
+            spec.model.script = Some(store_module(&blocks, &bytes, &task)?);
+        }
+        (ModelChoice::Builtin(_), Some(_)) => {
+            bail!("--task is for --model torchscript:FILE (a built-in model has its own task)")
+        }
+        (ModelChoice::Builtin(_), None) => {}
+    }
     spec.seed = args.seed;
     spec.train.local_steps = args.local_steps;
     spec.train.batch_size = args.batch_size;

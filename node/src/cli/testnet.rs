@@ -134,8 +134,9 @@ pub(super) struct TestnetArgs {
     /// Serve the report live at http://ADDR/ while the testnet runs.
     #[arg(long)]
     pub(super) dashboard: Option<std::net::SocketAddr>,
+    /// A built-in model, or `torchscript:FILE` (see `spec new --model`).
     #[arg(long, default_value = "mlp")]
-    pub(super) model: Arch,
+    pub(super) model: meshtrain_node::model_file::ModelChoice,
     /// H: local steps per round.
     #[arg(long, default_value_t = 10)]
     pub(super) local_steps: usize,
@@ -254,7 +255,14 @@ pub(super) fn run_one(args: TestnetArgs) -> Result<meshtrain_testnet::report::Su
         bail!("--byzantine {} needs --attack MODE", args.common.byzantine);
     }
     let opts = meshtrain_testnet::TestnetOptions {
-        model: args.model.to_string(),
+        model: match &args.model {
+            // spec new runs as a child process: give it a path that does
+            // not depend on where it runs.
+            meshtrain_node::model_file::ModelChoice::Script(p) => {
+                format!("torchscript:{}", std::path::absolute(p)?.display())
+            }
+            m => m.to_string(),
+        },
         local_steps: args.local_steps,
         codec: args.codec.to_string(),
         aggregator: args.aggregator.to_string(),

@@ -169,6 +169,8 @@ pub struct Node {
     metrics_addr: Option<std::net::SocketAddr>,
     deny: Option<deny::DenyList>,
     data_dir: PathBuf,
+    /// The model's tensors, written beside the final anchor for export.
+    layout: Vec<crate::export::Tensor>,
     attack: Option<Attack>,
     shard: String,
     inbox: InboxHandle,
@@ -239,13 +241,23 @@ impl Node {
         let store = BlockStore::open(&opts.data.clone().unwrap_or_else(|| opts.data_dir.join("blocks")))?;
         let manifest = store.manifest(&spec.data.manifest)?;
         meshtrain_model::set_threads(opts.threads);
-        let net = Network::new(spec.model.arch, &spec.data.schema, opts.device)?;
+        crate::model_file::ensure_module(
+            &spec,
+            &store,
+            &identity.keypair,
+            &opts.mesh,
+            &opts.bootstrap,
+            crate::model_file::FETCH_TIMEOUT,
+        )
+        .await?;
+        let net = crate::model_file::network(&spec, &store, opts.device)?;
         info!(model = %spec.model.arch, params = net.param_count(), device = ?opts.device, "model built");
         let shape = ModelShape {
-            genesis: net.layout().genesis(spec.seed),
+            genesis: net.genesis(spec.seed),
             buffers: net.layout().buffer_ranges(),
         };
         let params = shape.genesis.len();
+        let layout = crate::export::layout_of(net.layout());
         let genesis_hash = WeightsHash::of_f32(&shape.genesis);
 
         let meta = RunMeta {
@@ -376,6 +388,7 @@ impl Node {
             metrics_addr,
             deny: opts.deny_peers.clone().map(deny::DenyList::new),
             data_dir: opts.data_dir,
+            layout,
             attack: opts.attack,
             shard: format!("{index}/{count}"),
             inbox,
@@ -613,7 +626,15 @@ impl Node {
                 evaluate,
             }),
             Effect::Craft { delta, like, .. } => self.trainer_cmd(TrainerCmd::Craft { delta, like }),
-            Effect::Evaluate { round, anchor } => self.trainer_cmd(TrainerCmd::Evaluate { round, anchor }),
+            Effect::Evaluate { round, anchor } => {
+                // Only the run's end evaluates outside a round: what it
+                // evaluates is the model the node ended on (settling again
+                // on a later decision writes it again).
+                if let Err(e) = crate::export::save_final(&self.data_dir, &self.run_id, round, &anchor, &self.layout) {
+                    warn!(round, error = %e, "cannot write the final anchor");
+                }
+                self.trainer_cmd(TrainerCmd::Evaluate { round, anchor })
+            }
             Effect::Checkpoint {
                 round,
                 anchor,

@@ -33,6 +33,7 @@ pub fn sim_spec(rounds: u64, codec: CodecSpec, aggregator: AggregatorSpec, seed:
         model: ModelSpec {
             arch: Arch::Mlp,
             anomaly_class: None,
+            script: None,
         },
         data: DataSpec {
             dataset: "quadratic".into(),
