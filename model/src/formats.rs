@@ -119,10 +119,10 @@ pub fn csv_records(
     })?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut line = String::new();
-    let line_err = |n: u64, detail: String| ModelError::BadDataFile {
+    let line_err = |n: u64, detail: String| ModelError::BadDataLine {
         path: path.to_path_buf(),
-        offset: n,
-        detail: format!("line {n}: {detail}"),
+        line: n,
+        detail,
     };
     let read = |reader: &mut BufReader<std::fs::File>, line: &mut String, n: u64| -> Result<bool> {
         line.clear();
@@ -311,6 +311,8 @@ mod tests {
                 .to_string();
             assert!(err.contains(want), "{body:?}: {err}");
             assert!(err.contains("t.csv"), "{err}");
+            // A line is where a person looks; no byte offset beside it.
+            assert!(!err.contains("offset"), "{err}");
         }
     }
 

@@ -90,6 +90,14 @@ impl<'s> Packer<'s> {
 fn idx_pairs(sources: &[PathBuf]) -> Result<Vec<(String, PathBuf, PathBuf)>, NodeError> {
     let mut files = Vec::new();
     for s in sources {
+        // The system's own words ("No such file or directory"), not "no
+        // IDX pairs" for a path that is not there.
+        if let Err(source) = std::fs::metadata(s) {
+            return Err(NodeError::Io {
+                path: s.clone(),
+                source,
+            });
+        }
         if s.is_dir() {
             let entries = std::fs::read_dir(s).map_err(|source| NodeError::Io {
                 path: s.clone(),
@@ -538,6 +546,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("data_batch_2.bin") && err.contains("label 77"), "{err}");
+    }
+
+    #[test]
+    fn a_source_that_does_not_exist_is_named_as_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        for format in [Format::Idx, Format::Cifar10, Format::Csv, Format::Text] {
+            let err = import(&opts(format, vec![gone.clone()], &dir.path().join("s")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("gone") && err.contains("No such file"),
+                "{format:?}: {err}"
+            );
+        }
     }
 
     #[test]
