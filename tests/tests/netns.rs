@@ -79,9 +79,16 @@ fn nodes_on_their_own_hosts_train_through_shaped_and_cut_links() {
     }
     let log = std::fs::read_to_string(out.join("node-0/node.log")).unwrap_or_default();
     assert!(summary.rounds >= 10, "{text}");
+    let short: Vec<usize> = (0..summary.nodes.len())
+        .filter(|&i| summary.nodes[i].rounds_completed < 10)
+        .collect();
     assert!(
-        summary.nodes.iter().all(|n| n.rounds_completed >= 10),
-        "every node finished:\n{text}"
+        short.is_empty(),
+        "every node trained every round; these did not: {}\n{text}",
+        short
+            .iter()
+            .map(|&i| format!("\nnode-{i}:\n{}", round_story(&out.join(format!("node-{i}/node.log")))))
+            .collect::<String>()
     );
     // Every honest node ended on the same anchor after the cut healed.
     let finals: std::collections::BTreeSet<_> = summary.nodes.iter().map(|n| n.final_anchor.clone()).collect();
@@ -95,6 +102,29 @@ fn nodes_on_their_own_hosts_train_through_shaped_and_cut_links() {
         "the run removed its namespaces: {:?}",
         namespaces_of(pid)
     );
+}
+
+/// How a node's rounds went (what a lag is made of): the log lines that
+/// close, give up, skip or repair a round, and what the links did.
+fn round_story(log: &Path) -> String {
+    const EVENTS: [&str; 10] = [
+        "round closed",
+        "round deadline passed",
+        "skipping to its round",
+        "going back to the last decided one",
+        "fetching its anchor",
+        "fetched the decided anchor",
+        "did not arrive in time",
+        "starting to train",
+        "deny",
+        "cut off",
+    ];
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| EVENTS.iter().any(|e| l.contains(e)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
