@@ -18,6 +18,9 @@ use meshtrain_tests::{
 };
 
 const ROUNDS: &str = "20";
+/// Nodes evaluate every this many rounds (a CNN evaluation of the 10,000
+/// test images takes three nodes on two cores some 9 s).
+const EVAL_EVERY: &str = "4";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -66,7 +69,7 @@ fn mesh(dir: &Path, spec: &Path, store: &Path, metrics_check: bool) -> Vec<PathB
             "--metrics",
             "127.0.0.1:0",
             "--eval-every",
-            "1000",
+            EVAL_EVERY,
         ],
     )];
     let boot = wait_listen(&mut nodes[0], Duration::from_secs(120));
@@ -76,7 +79,7 @@ fn mesh(dir: &Path, spec: &Path, store: &Path, metrics_check: bool) -> Vec<PathB
             spec,
             &format!("{i}/3"),
             Some(&boot.addr),
-            &["--wait-peers", "2", "--eval-every", "1000"],
+            &["--wait-peers", "2", "--eval-every", EVAL_EVERY],
         ));
     }
     if metrics_check {
@@ -116,6 +119,7 @@ fn a_pytorch_module_trains_in_a_mesh_and_goes_home_to_pytorch() {
         .collect();
     assert!(finals.iter().all(|f| *f == finals[0]), "{finals:?}");
     let accuracy = finals[0].0;
+    let late = late_accuracy(&dirs[0]);
 
     // Home to PyTorch: the exported weights load into the Python module and
     // score what the mesh reported, to 4 decimals. (Node 0 kept its data,
@@ -148,16 +152,32 @@ fn a_pytorch_module_trains_in_a_mesh_and_goes_home_to_pytorch() {
     );
 
     // As good as the built-in CNN at equal samples (the same mesh, rounds
-    // and data), to a point.
+    // and data), to a point, over the last rounds.
     let builtin = tmp.path().join("builtin");
     std::fs::create_dir_all(&builtin).expect("dir");
     let (spec, store) = spec_with_roster(&builtin, 3, &["--model", "cnn", "--rounds", ROUNDS]);
     let dirs = mesh(&builtin, &spec, &store, false);
-    let builtin_acc = results(&dirs[0]).final_test_acc;
+    let builtin_acc = late_accuracy(&dirs[0]);
     assert!(
-        accuracy >= builtin_acc - 0.01,
-        "the TorchScript CNN reached {accuracy}, the built-in CNN {builtin_acc}"
+        late >= builtin_acc - 0.01,
+        "over the last rounds the TorchScript CNN scored {late} on average, the built-in CNN {builtin_acc}"
     );
+}
+
+/// The mean test accuracy of the anchors of rounds 12 and 16 and the final
+/// one. Two runs of one spec end a few tenths of a point apart (0.7 points
+/// in docs/figures.md) as round timing changes what each round merged; the
+/// mean of the last evaluations says how far training got, one alone is noise.
+fn late_accuracy(dir: &Path) -> f32 {
+    let r = results(dir);
+    let last: Vec<f32> = r
+        .history
+        .iter()
+        .filter(|h| h.round >= 12 && h.test_acc.is_finite())
+        .map(|h| h.test_acc)
+        .collect();
+    assert_eq!(last.len(), 2, "evaluations of rounds 12 and 16: {last:?}");
+    (last.iter().sum::<f32>() + r.final_test_acc) / 3.0
 }
 
 /// Every metric a query of docs/grafana/meshtrain-node.json reads, and
