@@ -2,8 +2,8 @@
 //! agreement and safety invariants hold under drops, duplicates, delays,
 //! partitions and crashes, in both admission modes, with and without an
 //! attacker running twenty identities (scripted, or a member node running
-//! the real `sybil:K`, `anchor-hijack:K` and `split` attacks). A failure names the seed and the
-//! command that replays it. (Long sweeps are `meshtrain sim --seeds 10000`.)
+//! the real `sybil:K`, `anchor-hijack:K`, `split`, `late` and `mimic`
+//! attacks). A failure names the seed and the command that replays it. (Long sweeps are `meshtrain sim --seeds 10000`.)
 
 use meshtrain_node::sim::{run_seeds, SimAdmission, SimConfig};
 
@@ -112,6 +112,17 @@ fn open_with_a_member_hijacking() {
 fn permissioned_with_a_splitting_member() {
     let cfg = attacker("split", SimAdmission::Permissioned);
     sweep_n("permissioned + split", cfg, "--byzantine 1 --attack split", 80);
+}
+
+/// A member publishing just before every deadline, and one sending a copy
+/// of an honest update as its own: the invariants hold (one anchor, no
+/// honest node on a poisoned one, every message settled once).
+#[test]
+fn permissioned_with_a_late_member_and_a_mimic() {
+    let cfg = attacker("late", SimAdmission::Permissioned);
+    sweep_n("permissioned + late", cfg, "--byzantine 1 --attack late", 60);
+    let cfg = attacker("mimic", SimAdmission::Permissioned);
+    sweep_n("permissioned + mimic", cfg, "--byzantine 1 --attack mimic", 60);
 }
 
 /// Every node but the first fetches its shard for three minutes before its

@@ -80,7 +80,8 @@ pub struct TestnetOptions {
     pub local_steps: usize,
     pub codec: String,
     pub aggregator: String,
-    /// The last `byzantine` nodes run `attack`.
+    /// The last `byzantine` nodes attack: `attack` names one mode, or
+    /// several separated by commas, given to the attackers in turn.
     pub byzantine: usize,
     pub attack: Option<String>,
     pub seed: u64,
@@ -297,6 +298,14 @@ fn write_spec(opts: &TestnetOptions, store: &Path, path: &Path, roster: &Path) -
     Ok(())
 }
 
+/// The attack node `index` of `nodes` runs: the last `byzantine` take the
+/// modes of the comma-separated `attack` in turn.
+pub fn attack_of(nodes: usize, byzantine: usize, attack: Option<&str>, index: usize) -> Option<String> {
+    let k = index.checked_sub(nodes.checked_sub(byzantine)?)?;
+    let modes: Vec<&str> = attack?.split(',').filter(|m| !m.is_empty()).collect();
+    (!modes.is_empty()).then(|| modes[k % modes.len()].to_string())
+}
+
 fn spawn_node(
     opts: &TestnetOptions,
     index: usize,
@@ -316,9 +325,7 @@ fn spawn_node(
         .open(&log_path)
         .map_err(io_err(&log_path))?;
     let log2 = log.try_clone().map_err(io_err(&log_path))?;
-    let attack = (index >= opts.nodes - opts.byzantine)
-        .then(|| opts.attack.clone())
-        .flatten();
+    let attack = attack_of(opts.nodes, opts.byzantine, opts.attack.as_deref(), index);
     let (mut cmd, listen) = match net.and_then(|n| Some((n.hosts.get(index)?, n.listen_addr(index)?))) {
         Some((host, listen)) => {
             // `ip netns exec` execs the node in place: same pid, and the
@@ -1376,5 +1383,25 @@ fn human_bytes(b: u64) -> String {
         format!("{b} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attack_of;
+
+    #[test]
+    fn mixed_attackers_take_the_modes_in_turn() {
+        let of = |i| attack_of(8, 3, Some("sign-flip,alie:1.5,label-flip"), i);
+        let got: Vec<Option<String>> = (0..8).map(of).collect();
+        assert!(got[..5].iter().all(Option::is_none));
+        assert_eq!(got[5].as_deref(), Some("sign-flip"));
+        assert_eq!(got[6].as_deref(), Some("alie:1.5"));
+        assert_eq!(got[7].as_deref(), Some("label-flip"));
+        // More attackers than modes: round again; one mode: all of them.
+        assert_eq!(attack_of(4, 4, Some("a,b"), 2).as_deref(), Some("a"));
+        assert_eq!(attack_of(4, 2, Some("late"), 3).as_deref(), Some("late"));
+        assert_eq!(attack_of(4, 2, None, 3), None);
+        assert_eq!(attack_of(2, 5, Some("a"), 0).as_deref(), None);
     }
 }

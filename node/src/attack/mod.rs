@@ -49,7 +49,18 @@ pub enum Attack {
     /// and half the peers get the payload at once, the other half only
     /// after the round's longest wait, so they close the round without it.
     Split,
+    /// Copies one honest update of the round as its own (colluding): that
+    /// node's shard counts twice, tilting the mean towards it.
+    Mimic,
+    /// Publishes its (honest) update just before the honest nodes' round
+    /// deadline, every round: nothing to reject, but every round waits for
+    /// it, and the adaptive deadline learns to wait longer.
+    Late,
 }
+
+/// A `late` attacker publishes this far into the round's timeout (the
+/// honest nodes' deadline falls at the whole of it).
+pub const LATE_SHARE: f64 = 0.9;
 
 /// Most identities one attacking node runs.
 pub const MAX_SYBILS: u32 = 1000;
@@ -80,6 +91,9 @@ impl Attack {
     pub fn collude(&self, honest: &[&[f32]], own: &[f32]) -> Vec<f32> {
         if honest.is_empty() {
             return own.to_vec();
+        }
+        if *self == Attack::Mimic {
+            return honest[0].to_vec();
         }
         let n = honest.len() as f64;
         (0..own.len())
@@ -117,7 +131,7 @@ impl Attack {
 
     /// Whether the attack needs the honest updates of the round.
     pub fn colludes(&self) -> bool {
-        matches!(self, Attack::Alie(_) | Attack::Ipm(_))
+        matches!(self, Attack::Alie(_) | Attack::Ipm(_) | Attack::Mimic)
     }
 
     pub fn is_label_flip(&self) -> bool {
@@ -252,8 +266,10 @@ impl FromStr for Attack {
             "sybil" => Ok(Attack::Sybil(count(None)?)),
             "anchor-hijack" => Ok(Attack::AnchorHijack(count(Some(DEFAULT_HIJACK_SYBILS))?)),
             "split" => plain(Attack::Split),
+            "mimic" => plain(Attack::Mimic),
+            "late" => plain(Attack::Late),
             _ => Err(format!(
-                "unknown attack `{s}`; known: sign-flip, scale:L, noise:SIGMA, alie:Z, ipm:EPS, label-flip, free-rider, replay, equivocate, malformed, sybil:K, anchor-hijack[:K], split"
+                "unknown attack `{s}`; known: sign-flip, scale:L, noise:SIGMA, alie:Z, ipm:EPS, label-flip, free-rider, replay, equivocate, malformed, sybil:K, anchor-hijack[:K], split, mimic, late"
             )),
         }
     }
@@ -275,6 +291,8 @@ impl fmt::Display for Attack {
             Attack::Sybil(k) => write!(f, "sybil:{k}"),
             Attack::AnchorHijack(k) => write!(f, "anchor-hijack:{k}"),
             Attack::Split => f.write_str("split"),
+            Attack::Mimic => f.write_str("mimic"),
+            Attack::Late => f.write_str("late"),
         }
     }
 }
@@ -311,6 +329,8 @@ mod tests {
             "sybil:40",
             "anchor-hijack:7",
             "split",
+            "mimic",
+            "late",
         ] {
             let a: Attack = s.parse().unwrap();
             assert_eq!(a.to_string(), s);
@@ -330,6 +350,7 @@ mod tests {
             "sybil:1.5",
             "sybil:5000",
             "split:2",
+            "late:1",
         ] {
             assert!(s.parse::<Attack>().is_err(), "{s}");
         }
@@ -343,6 +364,9 @@ mod tests {
         assert_eq!(Attack::Alie(1.0).collude(&honest, &[0.0, 0.0]), vec![1.0, 2.0]);
         assert_eq!(Attack::Ipm(0.5).collude(&honest, &[0.0, 0.0]), vec![-1.0, -1.0]);
         assert_eq!(Attack::Alie(1.0).collude(&[], &[7.0]), vec![7.0]);
+        // Mimic sends one honest update as its own.
+        assert_eq!(Attack::Mimic.collude(&honest, &[0.0, 0.0]), vec![1.0, 2.0]);
+        assert!(Attack::Mimic.colludes() && !Attack::Late.colludes());
     }
 
     #[test]

@@ -146,8 +146,10 @@ pub(super) struct TestnetArgs {
     /// Robust aggregation rule (CenteredClip by default).
     #[arg(long, default_value = "centered-clip")]
     pub(super) aggregator: AggregatorSpec,
-    #[arg(long)]
-    pub(super) attack: Option<Attack>,
+    /// What the attackers do: one mode, or a list given to the attackers in
+    /// turn (`--byzantine 3 --attack sign-flip,alie:1.5,label-flip`).
+    #[arg(long, value_delimiter = ',')]
+    pub(super) attack: Vec<Attack>,
 }
 
 #[derive(Args)]
@@ -162,7 +164,8 @@ pub(super) struct MatrixArgs {
     pub(super) codecs: Vec<CodecSpec>,
     #[arg(long, value_delimiter = ',', default_value = "centered-clip")]
     pub(super) aggregators: Vec<AggregatorSpec>,
-    /// Attacks (`none` for the clean run), each with --byzantine attackers.
+    /// Attacks (`none` for the clean run; `a+b+c` gives the modes to the
+    /// --byzantine attackers in turn), each row with --byzantine attackers.
     #[arg(long, value_delimiter = ',', default_value = "none")]
     pub(super) attacks: Vec<String>,
     /// Netns link rates to compare (every node's link; overrides --link),
@@ -249,11 +252,18 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
     })
 }
 
+/// The testnet's form of an attack list: modes separated by commas, given
+/// to the attackers in turn.
+fn join_attacks(list: &[Attack]) -> String {
+    list.iter().map(Attack::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// Runs one testnet as `testnet run` does (`bench round` too).
 pub(super) fn run_one(args: TestnetArgs) -> Result<meshtrain_testnet::report::Summary> {
-    if args.common.byzantine > 0 && args.attack.is_none() {
+    if args.common.byzantine > 0 && args.attack.is_empty() {
         bail!("--byzantine {} needs --attack MODE", args.common.byzantine);
     }
+    let attack = (!args.attack.is_empty()).then(|| join_attacks(&args.attack));
     let opts = meshtrain_testnet::TestnetOptions {
         model: match &args.model {
             // spec new runs as a child process: give it a path that does
@@ -267,7 +277,7 @@ pub(super) fn run_one(args: TestnetArgs) -> Result<meshtrain_testnet::report::Su
         codec: args.codec.to_string(),
         aggregator: args.aggregator.to_string(),
         dashboard: args.dashboard,
-        ..base_options(&args.common, args.attack.map(|a| a.to_string()))?
+        ..base_options(&args.common, attack)?
     };
     Ok(meshtrain_testnet::run(&opts)?)
 }
@@ -288,8 +298,12 @@ fn testnet_matrix(args: MatrixArgs) -> Result<ExitCode> {
         if a == "none" {
             attacks.push(None);
         } else {
-            let parsed: Attack = a.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-            attacks.push(Some(parsed.to_string()));
+            // `a+b+c`: a row of mixed attackers, given the modes in turn.
+            let parsed = a
+                .split('+')
+                .map(|m| m.parse::<Attack>().map_err(|e: String| anyhow::anyhow!(e)))
+                .collect::<Result<Vec<_>>>()?;
+            attacks.push(Some(join_attacks(&parsed)));
         }
     }
     if attacks.iter().any(Option::is_some) && args.common.byzantine == 0 {

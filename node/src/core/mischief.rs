@@ -1,15 +1,16 @@
 //! What an attacking node does besides poisoning its own update (which the
-//! trainer does): the Sybil identities of `sybil:K` and `anchor-hijack:K`
-//! and the held-back payloads of `split`. Honest nodes never build this.
+//! trainer does): the Sybil identities of `sybil:K` and `anchor-hijack:K`,
+//! the held-back payloads of `split` and the held-back updates of `late`.
+//! Honest nodes never build this.
 
 use meshtrain_gossip::libp2p::PeerId;
 use meshtrain_gossip::{FetchRequest, FetchResponse};
-use meshtrain_ledger::{AuthorId, AuthorKey, PayloadHash, WeightsHash};
+use meshtrain_ledger::{AuthorId, AuthorKey, PayloadHash, SignedRecord, WeightsHash};
 use tracing::{debug, info};
 
 use super::{ChanId, Core, CoreConfig, Effect, Millis, Timer};
 use crate::attack::sybil::{Poisoned, Sybils};
-use crate::attack::Attack;
+use crate::attack::{Attack, LATE_SHARE};
 
 /// `split` answers the late half after at most this long (peers give up on
 /// a request after 30 s).
@@ -24,6 +25,8 @@ pub(super) struct Mischief {
     /// half of the mesh.
     own_payload: Option<PayloadHash>,
     held: Vec<Held>,
+    /// `late`: our stored update, published when `Timer::Late` fires.
+    late: Option<(SignedRecord, Vec<u8>)>,
 }
 
 struct Held {
@@ -47,10 +50,11 @@ impl Mischief {
                 hijack.then(|| Poisoned::from(anchor)),
             )
         });
-        (sybils.is_some() || attack == Attack::Split).then_some(Self {
+        (sybils.is_some() || matches!(attack, Attack::Split | Attack::Late)).then_some(Self {
             sybils,
             own_payload: None,
             held: Vec::new(),
+            late: None,
         })
     }
 }
@@ -87,6 +91,35 @@ impl Core {
         }
     }
 
+    /// Our update is stored: publish it, or, attacking `late`, hold it until
+    /// just before the honest nodes' deadline (they started waiting when
+    /// their own updates were ready, about when ours was).
+    pub(super) fn own_stored(&mut self, signed: SignedRecord, payload: Vec<u8>) {
+        if self.cfg.attack != Some(Attack::Late) {
+            return self.publish_own(signed, payload);
+        }
+        let delay = (self.book.wait.timeout() as f64 * LATE_SHARE) as Millis;
+        let round = signed.record.round;
+        let Some(m) = self.mischief.as_mut() else {
+            return self.publish_own(signed, payload);
+        };
+        m.late = Some((signed, payload));
+        debug!(
+            round,
+            delay_ms = delay,
+            "ATTACK: holding our update back until just before the deadline"
+        );
+        self.arm(Timer::Late, self.now + delay);
+    }
+
+    /// `late`: the held update goes out now (unless the round moved on
+    /// without it, which `publish_own` sees).
+    pub(super) fn release_late(&mut self) {
+        if let Some((signed, payload)) = self.mischief.as_mut().and_then(|m| m.late.take()) {
+            self.publish_own(signed, payload);
+        }
+    }
+
     /// Whether a `split` attacker sends its payload by hash only.
     pub(super) fn withholds_inline(&self) -> bool {
         self.cfg.attack == Some(Attack::Split)
@@ -99,6 +132,7 @@ impl Core {
         let round = self.round();
         let genesis = self.cfg.genesis_weights;
         let delay = self.cfg.spec.rounds.max_wait_ms.min(SPLIT_DELAY_CAP_MS);
+        let split = self.cfg.attack == Some(Attack::Split);
         let now = self.now;
         let Some(m) = self.mischief.as_mut() else {
             return false;
@@ -109,7 +143,10 @@ impl Core {
             }
             (FetchRequest::Anchor { weights }, Some(s)) => s.anchor_offer(round, genesis, weights.map(WeightsHash)),
             (FetchRequest::Payload { hash }, None)
-                if m.own_payload == Some(PayloadHash(*hash)) && late_half(&peer) && m.held.len() < MAX_HELD =>
+                if split
+                    && m.own_payload == Some(PayloadHash(*hash))
+                    && late_half(&peer)
+                    && m.held.len() < MAX_HELD =>
             {
                 debug!(round, peer = %super::start::short(&peer), "ATTACK: holding our payload back from this peer");
                 m.held.push(Held {

@@ -97,6 +97,8 @@ pub enum Timer {
     Replan,
     /// A `split` attacker answers the requests it held back.
     Held,
+    /// A `late` attacker publishes the update it held back.
+    Late,
 }
 
 /// What the core is told.
@@ -721,6 +723,7 @@ impl Core {
             Timer::Collude => self.try_collude(),
             Timer::Drain => self.drain_tick(),
             Timer::Held => self.release_held(),
+            Timer::Late => self.release_late(),
             Timer::Replan => {
                 let members = self.voters_by_author();
                 self.emit(Effect::Replan { members });

@@ -297,7 +297,7 @@ impl Core {
                     }
                 }
             },
-            Done::OwnStored { signed, payload } => self.publish_own(*signed, payload),
+            Done::OwnStored { signed, payload } => self.own_stored(*signed, payload),
             Done::OwnFailed(e) => self.emit(Effect::Fatal(CoreFault::OwnRecord(e))),
             Done::VerdictStored { round } => debug!(round, "verdict block stored"),
             Done::VerdictFailed(e) => self.emit(Effect::Fatal(CoreFault::VerdictBlock(e))),
