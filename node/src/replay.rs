@@ -74,7 +74,7 @@ impl ModelShape {
             (Some(store), _) => crate::model_file::network(spec, store, meshtrain_model::Device::Cpu)?,
             (None, Some(script)) => {
                 return Err(NodeError::Replay(format!(
-                    "the run trains a TorchScript module ({}): name a block store that holds it",
+                    "the run trains a TorchScript module ({}): name a block store that holds it (`ledger replay DIR --blocks STORE`)",
                     &script.file[..16]
                 )))
             }
