@@ -55,6 +55,18 @@ def find(directory, stem):
     sys.exit(f"{directory}: no {stem} (or {stem}.gz)")
 
 
+def accuracy(net, test_x, test_y):
+    """The share of test images `net` classifies right, in chunks of 1000
+    (as meshtrain evaluates)."""
+    net.eval()
+    right = 0
+    with torch.no_grad():
+        for i in range(0, test_x.shape[0], 1000):
+            x = test_x[i : i + 1000].unsqueeze(1).float().div_(255.0)
+            right += (net(x).argmax(1) == test_y[i : i + 1000]).sum().item()
+    return right / test_x.shape[0]
+
+
 def network(model):
     if model == "mlp":
         return nn.Sequential(
@@ -122,12 +134,7 @@ def main():
             samples += a.batch
     train_s = time.perf_counter() - started
 
-    net.eval()
-    right = 0
-    with torch.no_grad():
-        for i in range(0, test_x.shape[0], 1000):
-            x = test_x[i : i + 1000].unsqueeze(1).float().div_(255.0)
-            right += (net(x).argmax(1) == test_y[i : i + 1000]).sum().item()
+    acc = accuracy(net, test_x, test_y)
     print(
         json.dumps(
             {
@@ -136,7 +143,7 @@ def main():
                 "threads": a.threads,
                 "wall_s": round(time.perf_counter() - T0, 2),
                 "train_s": round(train_s, 2),
-                "accuracy": right / test_x.shape[0],
+                "accuracy": acc,
                 "samples": samples,
             }
         )

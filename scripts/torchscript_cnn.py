@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pytorch_baseline import accuracy as baseline_accuracy  # noqa: E402
 from pytorch_baseline import find, read_idx  # noqa: E402
 
 
@@ -52,14 +53,7 @@ class SmallCnn(nn.Module):
 def accuracy(net, data):
     test_x = read_idx(find(data, "t10k-images-idx3-ubyte"))
     test_y = read_idx(find(data, "t10k-labels-idx1-ubyte")).long()
-    net.eval()
-    right = 0
-    with torch.no_grad():
-        # Chunks of 1000, as meshtrain evaluates.
-        for i in range(0, test_x.shape[0], 1000):
-            x = test_x[i : i + 1000].unsqueeze(1).float().div_(255.0)
-            right += (net(x).argmax(1) == test_y[i : i + 1000]).sum().item()
-    return right / test_x.shape[0]
+    return baseline_accuracy(net, test_x, test_y)
 
 
 def main():

@@ -141,7 +141,7 @@ impl BlockStore {
 /// Writes through a temporary file and a rename, so a crash or a full disk
 /// leaves the old file or none, never half of one; a failed write removes
 /// its temporary file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
     let tmp = path.with_extension("tmp");
     let written = std::fs::write(&tmp, bytes)
         .map_err(io(&tmp))

@@ -26,11 +26,13 @@ pub struct Checkpoint {
     pub adam: AdamState,
 }
 
-fn bytes_of(v: &[f32]) -> Vec<u8> {
+/// A float vector's little-endian bytes, as safetensors stores F32.
+pub(crate) fn bytes_of(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn floats(view: &TensorView<'_>) -> Vec<f32> {
+/// An F32 tensor's values.
+pub(crate) fn floats(view: &TensorView<'_>) -> Vec<f32> {
     view.data()
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))

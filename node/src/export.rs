@@ -50,7 +50,7 @@ pub fn layout_of(layout: &meshtrain_model::Layout) -> Vec<Tensor> {
 /// leaves the last one or none).
 pub fn save_final(dir: &Path, run_id: &RunId, round: u64, anchor: &[f32], layout: &[Tensor]) -> Result<(), NodeError> {
     let path = dir.join(FINAL_FILE);
-    let bytes: Vec<u8> = anchor.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let bytes = crate::checkpoint::bytes_of(anchor);
     let view = TensorView::new(Dtype::F32, vec![anchor.len()], &bytes).map_err(|e| bad(&path, e.to_string()))?;
     let meta: HashMap<String, String> = [
         ("run_id".to_string(), run_id.to_string()),
@@ -64,16 +64,7 @@ pub fn save_final(dir: &Path, run_id: &RunId, round: u64, anchor: &[f32], layout
     .into();
     let out = safetensors::tensor::serialize([("anchor", view)], Some(meta))
         .map_err(|e| bad(&path, format!("serialising: {e}")))?;
-    let tmp = dir.join(format!("{FINAL_FILE}.tmp"));
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| NodeError::Io { path: p, source }
-    };
-    if let Err(e) = std::fs::write(&tmp, &out) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(&tmp)(e));
-    }
-    std::fs::rename(&tmp, &path).map_err(io(&path))
+    crate::blockstore::write_atomic(&path, &out)
 }
 
 /// The final anchor a node wrote, checked against the hash beside it.
@@ -110,11 +101,7 @@ pub fn load_final(dir: &Path) -> Result<FinalAnchor, NodeError> {
     if view.dtype() != Dtype::F32 {
         return Err(bad(&path, "the anchor is not f32"));
     }
-    let anchor: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let anchor = crate::checkpoint::floats(&view);
     let hash = WeightsHash::of_f32(&anchor);
     if hash.to_string() != get("anchor_hash")? {
         return Err(bad(&path, "its weights do not match the hash in its metadata"));
@@ -171,7 +158,7 @@ pub fn export(dir: &Path, out: &Path, spec: &RunSpec) -> Result<Exported, NodeEr
                 vals.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect(),
             )
         } else {
-            (Dtype::F32, vals.iter().flat_map(|v| v.to_le_bytes()).collect())
+            (Dtype::F32, crate::checkpoint::bytes_of(vals))
         };
         data.push((&t.name, dtype, bytes, &t.shape));
     }
@@ -235,7 +222,6 @@ mod tests {
         );
 
         let out = dir.path().join("model.safetensors");
-        let bytes_of = |out: &Path| std::fs::read(out).unwrap();
         // The file was written for another run than the ledger's: refused.
         let spec = crate::RunSpec::default_for(meshtrain_model::Arch::Mlp, &crate::runspec::tests::manifest());
         let err = export(dir.path(), &out, &spec).unwrap_err().to_string();
@@ -243,7 +229,7 @@ mod tests {
         save_final(dir.path(), &spec.run_id(), 9, &anchor, &layout).unwrap();
         let done = export(dir.path(), &out, &spec).unwrap();
         assert_eq!((done.tensors, done.values), (2, 7));
-        let file = bytes_of(&out);
+        let file = std::fs::read(&out).unwrap();
         let st = SafeTensors::deserialize(&file).unwrap();
         let count = st.tensor("bn.num_batches_tracked").unwrap();
         assert_eq!((count.dtype(), count.shape()), (Dtype::I64, &[][..]));

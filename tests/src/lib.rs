@@ -8,6 +8,14 @@ use std::time::{Duration, Instant};
 use meshtrain_ledger::audit::AuditReport;
 use meshtrain_testnet::report::NodeReport;
 
+/// The checkout the tests were built from (scripts/, .venv, README.md).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the repository")
+        .to_path_buf()
+}
+
 /// The `meshtrain` binary: `$MESHTRAIN_BIN`, or next to the test executable.
 pub fn meshtrain_bin() -> PathBuf {
     if let Ok(p) = std::env::var("MESHTRAIN_BIN") {

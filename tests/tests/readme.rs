@@ -209,10 +209,7 @@ fn tail(path: &Path, lines: usize) -> String {
 /// MNIST-shaped IDX files from Fashion-MNIST's test split and a text file,
 /// so that the commands run as printed).
 fn checkout(tmp: &Path) -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf();
+    let repo = meshtrain_tests::repo_root();
     let work = tmp.join("work");
     std::fs::create_dir_all(&work).expect("work dir");
     std::os::unix::fs::symlink(repo.join("scripts"), work.join("scripts")).expect("link scripts");
@@ -320,7 +317,7 @@ fn markers_parse_and_unknown_ones_fail() {
 
 #[test]
 fn every_readme_block_runs_as_printed() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root");
+    let repo = meshtrain_tests::repo_root();
     let readme = std::fs::read_to_string(repo.join("README.md")).expect("read README.md");
     let blocks = blocks(&readme).unwrap_or_else(|e| panic!("{e}"));
     assert!(blocks.len() >= 8, "only {} sh blocks found in README.md", blocks.len());

@@ -14,7 +14,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use meshtrain_tests::{
-    log_tail, meshtrain_bin, results, spawn_node, spec_new, spec_with_roster, wait_all_clean, wait_listen, wait_round,
+    log_tail, meshtrain_bin, repo_root, results, spawn_node, spec_new, spec_with_roster, wait_all_clean, wait_listen,
+    wait_round,
 };
 
 const ROUNDS: &str = "20";
@@ -22,19 +23,12 @@ const ROUNDS: &str = "20";
 /// test images takes three nodes on two cores some 9 s).
 const EVAL_EVERY: &str = "4";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
-}
-
 /// scripts/torchscript_cnn.py under the project's virtualenv.
 fn cnn_script(args: &[&str]) -> Output {
-    let python = repo().join(".venv/bin/python");
+    let python = repo_root().join(".venv/bin/python");
     assert!(python.exists(), "{} is missing: run scripts/setup.sh", python.display());
     let out = Command::new(python)
-        .arg(repo().join("scripts/torchscript_cnn.py"))
+        .arg(repo_root().join("scripts/torchscript_cnn.py"))
         .args(args)
         .output()
         .expect("run python");
@@ -205,7 +199,7 @@ fn dashboard_names_only_exported_metrics(node: &Path) {
         }
     }
     let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("docs/grafana/meshtrain-node.json")).expect("dashboard"),
+        &std::fs::read_to_string(repo_root().join("docs/grafana/meshtrain-node.json")).expect("dashboard"),
     )
     .expect("dashboard json");
     let mut exprs = Vec::new();
