@@ -53,13 +53,14 @@ pub enum Attack {
     /// node's shard counts twice, tilting the mean towards it.
     Mimic,
     /// Publishes its (honest) update just before the honest nodes' round
-    /// deadline, every round: nothing to reject, but every round waits for
-    /// it, and the adaptive deadline learns to wait longer.
+    /// deadline, every round, following that deadline as updates arrive
+    /// (the whole wait until a quorum is in, then the quorum's grace):
+    /// nothing to reject, but every round waits for it.
     Late,
 }
 
-/// A `late` attacker publishes this far into the round's timeout (the
-/// honest nodes' deadline falls at the whole of it).
+/// A `late` attacker publishes this far into what is left of the honest
+/// nodes' wait (the deadline falls at the whole of it).
 pub const LATE_SHARE: f64 = 0.9;
 
 /// Most identities one attacking node runs.

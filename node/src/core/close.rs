@@ -97,13 +97,21 @@ impl Core {
             return;
         }
         let expected = self.book.expected(&self.connected_authors());
+        self.book.note_arrivals(self.now, &expected);
         let Some(how) = self.book.should_close(self.now, &expected) else {
             tracing::trace!(round = self.round(), deadline = ?self.book.deadline(), "not closing yet");
+            // A quorum in brings the deadline forward.
+            if let Some(at) = self.book.deadline() {
+                if self
+                    .armed
+                    .get(&Timer::Deadline)
+                    .is_none_or(|a| *a <= self.now || *a > at)
+                {
+                    self.arm(Timer::Deadline, at);
+                }
+            }
             return;
         };
-        if how == Close::AllIn {
-            self.book.note_all_in(self.now);
-        }
         self.closing = true;
         let decided = self.base_is_decided();
         self.closing = false;
@@ -132,12 +140,20 @@ impl Core {
             }
             return;
         }
-        if how == Close::Deadline {
+        if how != Close::AllIn {
             let have: HashSet<AuthorId> = self.book.for_round(self.round()).map(|c| c.author).collect();
             let missing: Vec<String> = expected.difference(&have).map(|a| a.short()).collect();
-            info!(round = self.round(), ?missing, "round deadline passed");
+            if how == Close::Quorum {
+                info!(
+                    round = self.round(),
+                    ?missing,
+                    "a quorum was in and the stragglers' grace passed"
+                );
+            } else {
+                info!(round = self.round(), ?missing, "round deadline passed");
+            }
         }
-        let inputs = self.book.close(self.now, how);
+        let inputs = self.book.close();
         self.aggregate(inputs);
     }
 

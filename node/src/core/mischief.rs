@@ -25,8 +25,9 @@ pub(super) struct Mischief {
     /// half of the mesh.
     own_payload: Option<PayloadHash>,
     held: Vec<Held>,
-    /// `late`: our stored update, published when `Timer::Late` fires.
-    late: Option<(SignedRecord, Vec<u8>)>,
+    /// `late`: our stored update, published when `Timer::Late` fires, and
+    /// when it was ready.
+    late: Option<(SignedRecord, Vec<u8>, Millis)>,
 }
 
 struct Held {
@@ -92,30 +93,44 @@ impl Core {
     }
 
     /// Our update is stored: publish it, or, attacking `late`, hold it until
-    /// just before the honest nodes' deadline (they started waiting when
-    /// their own updates were ready, about when ours was).
+    /// just before the honest nodes' deadline, as this node would set it
+    /// (they started waiting when their own updates were ready, about when
+    /// ours was): the whole deadline until a quorum is in, then the grace.
     pub(super) fn own_stored(&mut self, signed: SignedRecord, payload: Vec<u8>) {
         if self.cfg.attack != Some(Attack::Late) {
             return self.publish_own(signed, payload);
         }
-        let delay = (self.book.wait.timeout() as f64 * LATE_SHARE) as Millis;
         let round = signed.record.round;
+        let now = self.now;
         let Some(m) = self.mischief.as_mut() else {
             return self.publish_own(signed, payload);
         };
-        m.late = Some((signed, payload));
-        debug!(
-            round,
-            delay_ms = delay,
-            "ATTACK: holding our update back until just before the deadline"
-        );
-        self.arm(Timer::Late, self.now + delay);
+        m.late = Some((signed, payload, now));
+        self.book.own_ready(now);
+        debug!(round, "ATTACK: holding our update back until just before the deadline");
+        self.late_rearm();
+    }
+
+    /// `late`: the honest deadline moves as updates arrive (a quorum in
+    /// brings it forward): aim just before it again.
+    pub(super) fn late_rearm(&mut self) {
+        let Some(since) = self.mischief.as_ref().and_then(|m| m.late.as_ref()).map(|l| l.2) else {
+            return;
+        };
+        let expected = self.book.expected(&self.connected_authors());
+        self.book.note_arrivals(self.now, &expected);
+        let Some(deadline) = self.book.deadline() else {
+            return;
+        };
+        let from = self.book.quorum_at().unwrap_or(since).max(since);
+        let due = from + (deadline.saturating_sub(from) as f64 * LATE_SHARE) as Millis;
+        self.arm(Timer::Late, due.max(self.now));
     }
 
     /// `late`: the held update goes out now (unless the round moved on
     /// without it, which `publish_own` sees).
     pub(super) fn release_late(&mut self) {
-        if let Some((signed, payload)) = self.mischief.as_mut().and_then(|m| m.late.take()) {
+        if let Some((signed, payload, _)) = self.mischief.as_mut().and_then(|m| m.late.take()) {
             self.publish_own(signed, payload);
         }
     }

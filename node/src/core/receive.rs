@@ -581,13 +581,14 @@ impl Core {
         }
         debug!(round = self.round(), author = %c.author.short(), for_round = c.round, "update verified");
         let (author, seq, hash, round) = (c.author, c.seq, c.record_hash, c.round);
-        if self.book.offer(c) == BookOffer::Stale {
+        if self.book.offer(c, self.now) == BookOffer::Stale {
             self.count_rejection("stale", Some(&author));
             debug!(author = %author.short(), seq = seq.0, record = %hash.short(), round, "stale update");
         }
         if let Phase::Colluding(_) = self.phase {
             self.collusion_saw_update();
         }
+        self.late_rearm();
         self.maybe_close();
     }
 }

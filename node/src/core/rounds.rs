@@ -41,8 +41,29 @@ pub enum Offer {
 pub enum Close {
     /// Every expected author's update is in.
     AllIn,
-    /// The adaptive deadline passed with some missing.
+    /// A quorum was in and its grace for the stragglers passed.
+    Quorum,
+    /// The adaptive deadline passed with some missing (no quorum in time).
     Deadline,
+}
+
+/// Once this share of the round's expected updates (ours included) is in,
+/// the rest get a short grace instead of the whole deadline: a minority
+/// publishing just before the deadline (`late`) cannot make every round
+/// wait for it.
+const QUORUM: (usize, usize) = (2, 3);
+/// The grace: this share of the time the later half of the quorum took to
+/// arrive (from its median arrival to the quorum), and at least
+/// `GRACE_MIN_MS`. The later half, because a minority publishing at once
+/// (free riders do not train) would otherwise widen the spread at will.
+/// An attacker timing its update to the grace stretches a round by at most
+/// the grace.
+const GRACE_SHARE: f64 = 0.5;
+const GRACE_MIN_MS: Millis = 100;
+
+/// Updates (ours included) that make a quorum of `members`.
+pub fn quorum(members: usize) -> usize {
+    (members * QUORUM.0).div_ceil(QUORUM.1).max(1)
 }
 
 /// Learns how long a round waits for stragglers from the waits it has seen
@@ -60,7 +81,8 @@ impl AdaptiveWait {
         Self { min, max, ema_ms: None }
     }
 
-    /// Records how long the last complete round waited after the own update.
+    /// Records how long the last round waited after the own update for a
+    /// quorum of updates.
     pub fn observe(&mut self, waited: Millis) {
         let ms = waited as f64;
         self.ema_ms = Some(match self.ema_ms {
@@ -90,10 +112,14 @@ pub struct RoundBook {
     /// Authors (other than us) seen contributing, with their latest round.
     last_seen: BTreeMap<AuthorId, u64>,
     own_ready_at: Option<Millis>,
-    /// When every expected update of the current round was first in: the
-    /// straggler wait the adaptive deadline learns from (not the close,
-    /// which may wait longer, for votes).
-    all_in_at: Option<Millis>,
+    /// When a quorum of the current round's expected updates was first in:
+    /// the wait the adaptive deadline learns from (not the close, which
+    /// may wait longer, for stragglers or votes), and where the grace for
+    /// the stragglers starts.
+    quorum_at: Option<Millis>,
+    /// When each update of a round (ours or another's) arrived: the
+    /// quorum's spread sizes the grace.
+    arrivals: BTreeMap<u64, Vec<Millis>>,
     /// The round this node (re)joined at; older updates are ignored.
     joined_at: u64,
     /// Authors whose verified record for a round is in, payload still on its
@@ -121,7 +147,8 @@ impl RoundBook {
             rejections: Vec::new(),
             last_seen: BTreeMap::new(),
             own_ready_at: None,
-            all_in_at: None,
+            quorum_at: None,
+            arrivals: BTreeMap::new(),
             joined_at: start_round,
             announced: BTreeMap::new(),
             wait,
@@ -132,7 +159,8 @@ impl RoundBook {
         self.current
     }
 
-    pub fn offer(&mut self, c: Contribution) -> Offer {
+    /// Offers a contribution that arrived at `now`.
+    pub fn offer(&mut self, c: Contribution, now: Millis) -> Offer {
         let seen = self.last_seen.entry(c.author).or_insert(c.round);
         *seen = (*seen).max(c.round);
         if c.round < self.joined_at {
@@ -155,6 +183,7 @@ impl RoundBook {
         if slot.contains_key(&c.author) {
             return Offer::Duplicate;
         }
+        self.arrivals.entry(c.round).or_default().push(now);
         slot.insert(c.author, c);
         Offer::Kept
     }
@@ -209,9 +238,27 @@ impl RoundBook {
             .collect()
     }
 
-    /// Whether the current round may close at `now`.
+    /// Notes at `now` whether a quorum of the current round is in (ours
+    /// and the `expected` authors' updates; the first time counts).
+    pub fn note_arrivals(&mut self, now: Millis, expected: &HashSet<AuthorId>) {
+        if self.own_ready_at.is_none() || self.quorum_at.is_some() {
+            return;
+        }
+        let have = self.pending.get(&self.current);
+        let others = expected
+            .iter()
+            .filter(|a| have.is_some_and(|m| m.contains_key(*a)))
+            .count();
+        if 1 + others >= quorum(expected.len() + 1) {
+            self.quorum_at = Some(now);
+        }
+    }
+
+    /// Whether the current round may close at `now`: every expected (and
+    /// announced) update is in, or a quorum was and its grace passed, or
+    /// the deadline passed. `note_arrivals` first.
     pub fn should_close(&self, now: Millis, expected: &HashSet<AuthorId>) -> Option<Close> {
-        let ready_at = self.own_ready_at?;
+        self.own_ready_at?;
         let have = self.pending.get(&self.current);
         let announced = self.announced.get(&self.current).into_iter().flatten();
         let all_in = expected
@@ -221,12 +268,46 @@ impl RoundBook {
         if all_in {
             return Some(Close::AllIn);
         }
-        (now >= ready_at + self.wait.timeout()).then_some(Close::Deadline)
+        let deadline = self.deadline()?;
+        if now < deadline {
+            return None;
+        }
+        Some(if self.quorum_deadline().is_some_and(|q| q <= deadline) {
+            Close::Quorum
+        } else {
+            Close::Deadline
+        })
     }
 
-    /// When the current round's deadline falls, if the own update is ready.
+    /// When the quorum's grace ends, if a quorum is in: the grace is a
+    /// share of the quorum's spread, so it follows how far apart honest
+    /// updates arrive, not how late the last one is.
+    fn quorum_deadline(&self) -> Option<Millis> {
+        let q = self.quorum_at?;
+        let mut before: Vec<Millis> = self
+            .arrivals
+            .get(&self.current)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|t| *t <= q)
+            .collect();
+        before.sort_unstable();
+        let median = before.get(before.len().saturating_sub(1) / 2).copied().unwrap_or(q);
+        let grace = (q.saturating_sub(median) as f64 * GRACE_SHARE) as Millis;
+        Some(q + grace.clamp(GRACE_MIN_MS, self.wait.timeout().max(GRACE_MIN_MS)))
+    }
+
+    /// When a quorum of the current round was in, if it was.
+    pub fn quorum_at(&self) -> Option<Millis> {
+        self.quorum_at
+    }
+
+    /// When the current round closes at the latest (stragglers aside), if
+    /// the own update is ready: the deadline, or the quorum's grace.
     pub fn deadline(&self) -> Option<Millis> {
-        self.own_ready_at.map(|t| t + self.wait.timeout())
+        let full = self.own_ready_at? + self.wait.timeout();
+        Some(self.quorum_deadline().map_or(full, |q| q.min(full)))
     }
 
     /// Jumps to `round` (after adopting the mesh's anchor): what was pending
@@ -235,8 +316,9 @@ impl RoundBook {
     pub fn restart_at(&mut self, round: u64) {
         self.current = round;
         self.own_ready_at = None;
-        self.all_in_at = None;
+        self.quorum_at = None;
         self.pending.retain(|r, _| *r >= round);
+        self.arrivals.retain(|r, _| *r >= round);
         self.joined_at = round;
     }
 
@@ -245,22 +327,15 @@ impl RoundBook {
         self.last_seen.remove(author);
     }
 
-    /// The current round's expected updates are all in at `now` (the
-    /// first time counts).
-    pub fn note_all_in(&mut self, now: Millis) {
-        if self.own_ready_at.is_some() && self.all_in_at.is_none() {
-            self.all_in_at = Some(now);
-        }
-    }
-
     /// Closes the current round: takes its contributions and the late ones
     /// still in the window, and moves on to the next round.
-    pub fn close(&mut self, now: Millis, how: Close) -> RoundInputs {
-        if let (Some(ready), Close::AllIn) = (self.own_ready_at, how) {
-            let all_in = self.all_in_at.unwrap_or(now);
-            self.wait.observe(all_in.saturating_sub(ready));
+    pub fn close(&mut self) -> RoundInputs {
+        // A round that closed on its deadline had no quorum in time: it
+        // teaches nothing (the next one waits as long).
+        if let (Some(ready), Some(q)) = (self.own_ready_at, self.quorum_at) {
+            self.wait.observe(q.saturating_sub(ready));
         }
-        self.all_in_at = None;
+        self.quorum_at = None;
         let round = self.current;
         let mut inputs = Vec::new();
         let rounds: Vec<u64> = self.pending.range(..=round).map(|(r, _)| *r).collect();
@@ -290,6 +365,7 @@ impl RoundBook {
         // Oldest round first, then by author: every node orders alike.
         inputs.sort_by(|(a, _), (b, _)| a.round.cmp(&b.round).then(a.author.cmp(&b.author)));
         self.announced.retain(|r, _| *r > round);
+        self.arrivals.retain(|r, _| *r > round);
         self.current += 1;
         self.own_ready_at = None;
         RoundInputs {
@@ -325,13 +401,13 @@ mod tests {
         let mut b = book();
         let t0 = 1_000;
         let expected: HashSet<_> = [AuthorId([2; 32]), AuthorId([3; 32])].into();
-        b.offer(c(1, 0));
+        b.offer(c(1, 0), 0);
         b.own_ready(t0);
-        b.offer(c(2, 0));
+        b.offer(c(2, 0), 0);
         assert_eq!(b.should_close(t0, &expected), None);
-        b.offer(c(3, 0));
+        b.offer(c(3, 0), 0);
         assert_eq!(b.should_close(t0, &expected), Some(Close::AllIn));
-        let inputs = b.close(t0 + 200, Close::AllIn);
+        let inputs = b.close();
         assert_eq!(inputs.inputs.len(), 3);
         assert_eq!(b.current(), 1);
     }
@@ -352,16 +428,16 @@ mod tests {
         let mut b = book();
         let t = 1_000;
         b.own_ready(t);
-        b.close(t, Close::Deadline); // round 0 closes without author 2
-        assert_eq!(b.offer(c(2, 0)), Offer::Kept); // one round late: kept
-        b.offer(c(1, 1));
+        b.close(); // round 0 closes without author 2
+        assert_eq!(b.offer(c(2, 0), 0), Offer::Kept); // one round late: kept
+        b.offer(c(1, 1), 0);
         b.own_ready(t);
-        let inputs = b.close(t, Close::Deadline);
+        let inputs = b.close();
         let weights: Vec<f32> = inputs.inputs.iter().map(|(_, w)| *w).collect();
         assert_eq!(weights, vec![0.5, 1.0]);
-        assert_eq!(b.offer(c(3, 0)), Offer::Stale); // two rounds late
+        assert_eq!(b.offer(c(3, 0), 0), Offer::Stale); // two rounds late
         b.own_ready(t);
-        let inputs = b.close(t, Close::Deadline);
+        let inputs = b.close();
         assert_eq!(inputs.rejections.len(), 1);
     }
 
@@ -372,7 +448,7 @@ mod tests {
         b.own_ready(t);
         b.announce(0, AuthorId([5; 32]));
         assert_eq!(b.should_close(t, &HashSet::new()), None);
-        b.offer(c(5, 0));
+        b.offer(c(5, 0), 0);
         assert_eq!(b.should_close(t, &HashSet::new()), Some(Close::AllIn));
         b.announce(0, AuthorId([6; 32]));
         b.unannounce(0, &AuthorId([6; 32]));
@@ -382,11 +458,11 @@ mod tests {
     #[test]
     fn duplicates_and_future_rounds() {
         let mut b = book();
-        assert_eq!(b.offer(c(2, 0)), Offer::Kept);
-        assert_eq!(b.offer(c(2, 0)), Offer::Duplicate);
-        b.offer(c(2, 3));
+        assert_eq!(b.offer(c(2, 0), 0), Offer::Kept);
+        assert_eq!(b.offer(c(2, 0), 0), Offer::Duplicate);
+        b.offer(c(2, 3), 0);
         b.own_ready(1_000);
-        let inputs = b.close(1_000, Close::AllIn);
+        let inputs = b.close();
         assert_eq!(inputs.inputs.len(), 1);
         assert!(b.has(3, &AuthorId([2; 32])));
     }
@@ -397,29 +473,116 @@ mod tests {
         let connected: HashSet<_> = [AuthorId([2; 32]), AuthorId([3; 32])].into();
         assert_eq!(b.expected(&connected).len(), 2);
         for r in 0..4 {
-            b.offer(c(2, r));
+            b.offer(c(2, r), 0);
             b.own_ready(1_000);
-            b.close(1_000, Close::Deadline);
+            b.close();
         }
         let e = b.expected(&connected);
         assert!(e.contains(&AuthorId([2; 32])) && !e.contains(&AuthorId([3; 32])));
     }
 
-    /// A round whose updates were all in early but that closed late (it
-    /// waited for votes, say in a partition) teaches the deadline the
-    /// early time: otherwise every such round would lengthen the next
-    /// one's wait, which lengthens the vote wait in turn.
+    /// A round whose quorum was in early but that closed late (it waited
+    /// for votes, say in a partition) teaches the deadline the early time:
+    /// otherwise every such round would lengthen the next one's wait,
+    /// which lengthens the vote wait in turn.
     #[test]
-    fn the_wait_learns_when_updates_were_in_not_when_the_round_closed() {
+    fn the_wait_learns_when_a_quorum_was_in_not_when_the_round_closed() {
         let mut b = book();
+        let expected: HashSet<_> = [AuthorId([2; 32])].into();
         for r in 0..10 {
             let t = r * 100_000;
             b.own_ready(t);
-            b.note_all_in(t + 100);
-            b.note_all_in(t + 5_000);
-            b.close(t + 30_000, Close::AllIn);
+            b.offer(c(2, r), t + 100);
+            b.note_arrivals(t + 100, &expected);
+            b.note_arrivals(t + 5_000, &expected);
+            b.close();
         }
         assert!(b.wait.timeout() < 2_000, "learnt {} ms", b.wait.timeout());
+    }
+
+    fn authors(range: std::ops::Range<u8>) -> HashSet<AuthorId> {
+        range.map(|a| AuthorId([a; 32])).collect()
+    }
+
+    #[test]
+    fn quorum_sizes() {
+        assert_eq!([1, 2, 3, 4, 8, 9, 10].map(quorum), [1, 2, 2, 3, 6, 6, 7]);
+    }
+
+    /// Eight members, two of them late every round: once the six others
+    /// are in, the round waits a share of their spread, not the deadline
+    /// the late ones aim at; and the late ones teach the deadline nothing.
+    #[test]
+    fn a_late_minority_gets_a_grace_not_the_deadline() {
+        let mut b = RoundBook::new(0, 1, 0.5, AdaptiveWait::new(1000, 30_000));
+        let expected = authors(2..9); // seven others; 7 and 8 are late
+        for r in 0..20u64 {
+            let t0 = r * 100_000;
+            for (i, a) in (2..7u8).enumerate() {
+                let at = t0 + 200 * i as u64; // honest arrivals: 0 to 800 ms
+                b.offer(c(a, r), at);
+                b.note_arrivals(at, &expected);
+            }
+            b.own_ready(t0 + 800);
+            b.note_arrivals(t0 + 800, &expected);
+            let deadline = b.deadline().unwrap();
+            // The quorum was in at 800 ms, its median arrival at 400 ms:
+            // a grace of half the 400 ms between.
+            assert_eq!(deadline, t0 + 1_000, "round {r}");
+            assert_eq!(b.should_close(deadline - 1, &expected), None);
+            assert_eq!(b.should_close(deadline, &expected), Some(Close::Quorum));
+            b.close();
+        }
+        // The wait learnt from the quorum (in when ours was), not from
+        // the late ones: the deadline before a quorum stays short.
+        assert!(b.wait.timeout() <= 1_500, "learnt {} ms", b.wait.timeout());
+    }
+
+    /// Two members publishing at the start of the round (they do not
+    /// train) cannot widen the grace: it is sized from the quorum's median
+    /// arrival, an honest one.
+    #[test]
+    fn an_early_minority_cannot_widen_the_grace() {
+        let mut b = book();
+        let expected = authors(2..9);
+        b.offer(c(7, 0), 0);
+        b.offer(c(8, 0), 0);
+        for (i, a) in (2..6u8).enumerate() {
+            b.offer(c(a, 0), 5_000 + 100 * i as u64);
+        }
+        b.own_ready(5_300);
+        b.note_arrivals(5_300, &expected);
+        // Arrivals 0, 0, 5000, 5100, 5200, 5300: median 5000 (not 0).
+        assert_eq!(b.deadline(), Some(5_300 + 150));
+    }
+
+    /// Without a quorum the round waits for the whole deadline.
+    #[test]
+    fn without_a_quorum_the_deadline_holds() {
+        let mut b = book();
+        let expected = authors(2..9);
+        b.offer(c(2, 0), 0);
+        b.own_ready(0);
+        b.note_arrivals(0, &expected);
+        assert_eq!(b.deadline(), Some(10_000));
+        assert_eq!(b.should_close(9_999, &expected), None);
+        assert_eq!(b.should_close(10_000, &expected), Some(Close::Deadline));
+    }
+
+    /// The grace is at least `GRACE_MIN_MS`, and never past the deadline.
+    #[test]
+    fn the_grace_has_a_floor_and_a_ceiling() {
+        let mut b = book();
+        let expected = authors(2..4);
+        b.own_ready(1_000);
+        b.offer(c(2, 0), 1_000);
+        b.note_arrivals(1_000, &expected);
+        assert_eq!(b.deadline(), Some(1_000 + GRACE_MIN_MS));
+        let mut b = book();
+        b.offer(c(2, 0), 0);
+        b.own_ready(50_000);
+        b.note_arrivals(50_000, &expected);
+        assert_eq!(b.deadline(), Some(60_000));
     }
 
     #[test]

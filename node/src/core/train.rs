@@ -218,15 +218,18 @@ impl Core {
         self.counters.published += 1;
         self.mischief_published(note.round, signed.record.payload_hash, &decoded);
         self.add_vote(meshtrain_ledger::Vote::Record(signed.clone()));
-        self.book.offer(Contribution {
-            author: self.me,
-            seq: signed.record.seq,
-            record_hash: signed.hash(),
-            round: note.round,
-            n_samples: signed.record.n_samples,
-            base: signed.record.base_hash,
-            delta: decoded,
-        });
+        self.book.offer(
+            Contribution {
+                author: self.me,
+                seq: signed.record.seq,
+                record_hash: signed.hash(),
+                round: note.round,
+                n_samples: signed.record.n_samples,
+                base: signed.record.base_hash,
+                delta: decoded,
+            },
+            self.now,
+        );
         self.book.own_ready(self.now);
         self.set_phase(Phase::Waiting(note));
         if let Some(at) = self.book.deadline() {

@@ -103,6 +103,9 @@ pub struct SeedOutcome {
     pub violations: Vec<Violation>,
     /// Simulated milliseconds until every honest node finished.
     pub sim_ms: u64,
+    /// ... until the last honest node evaluated its final anchor (the
+    /// run's result; draining follows, for members still behind).
+    pub result_ms: u64,
     pub crashes: u64,
     pub partitions: u64,
 }
@@ -116,6 +119,13 @@ pub fn run_seed(cfg: &SimConfig, seed: u64) -> SeedOutcome {
         seed,
         violations: check::check(&world),
         sim_ms: world.now(),
+        result_ms: world
+            .nodes
+            .iter()
+            .filter(|n| n.honest())
+            .filter_map(|n| n.evaluated_at)
+            .max()
+            .unwrap_or(world.now()),
         crashes: world.crashes,
         partitions: world.partitions,
     }

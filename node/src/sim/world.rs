@@ -80,6 +80,9 @@ pub struct SimNode {
     pub double_settles: u64,
     /// The anchor the node evaluated at the end.
     pub final_anchor: Option<WeightsHash>,
+    /// When it last started evaluating its final anchor: the run's result
+    /// is in (what follows is draining, for members still behind).
+    pub evaluated_at: Option<Millis>,
     /// Has trained a round (its shard is here: a restart does not fetch it again).
     trained_once: bool,
 }
@@ -221,6 +224,7 @@ impl World {
                 fatal: None,
                 double_settles: 0,
                 final_anchor: None,
+                evaluated_at: None,
                 trained_once: false,
             });
         }
@@ -762,6 +766,7 @@ impl World {
             Effect::Evaluate { round, anchor } => {
                 let report = standin::evaluate(&anchor, self.cfg.params, self.seed, round);
                 self.nodes[index].final_anchor = Some(WeightsHash::of_f32(&anchor));
+                self.nodes[index].evaluated_at = Some(self.now);
                 self.at(
                     self.now + LOCAL_MS,
                     Event::Input {
