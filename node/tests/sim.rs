@@ -2,8 +2,8 @@
 //! agreement and safety invariants hold under drops, duplicates, delays,
 //! partitions and crashes, in both admission modes, with and without an
 //! attacker running twenty identities (scripted, or a member node running
-//! the real `sybil:K`, `anchor-hijack:K`, `split`, `late` and `mimic`
-//! attacks). A failure names the seed and the command that replays it. (Long sweeps are `meshtrain sim --seeds 10000`.)
+//! the real `sybil:K`, `anchor-hijack:K`, `split`, `late`, `mimic`, `rop`,
+//! `clip-aware` and `dissensus` attacks). A failure names the seed and the command that replays it. (Long sweeps are `meshtrain sim --seeds 10000`.)
 
 use meshtrain_node::sim::{run_seed, run_seeds, SimAdmission, SimConfig};
 
@@ -123,6 +123,21 @@ fn permissioned_with_a_late_member_and_a_mimic() {
     sweep_n("permissioned + late", cfg, "--byzantine 1 --attack late", 60);
     let cfg = attacker("mimic", SimAdmission::Permissioned);
     sweep_n("permissioned + mimic", cfg, "--byzantine 1 --attack mimic", 60);
+}
+
+/// The adaptive attackers (ROP, clip-aware, and dissensus, which also
+/// serves its payload to half the mesh late): the invariants hold.
+#[test]
+fn permissioned_with_adaptive_attackers() {
+    for attack in ["rop", "clip-aware", "dissensus"] {
+        let cfg = attacker(attack, SimAdmission::Permissioned);
+        sweep_n(
+            &format!("permissioned + {attack}"),
+            cfg,
+            &format!("--byzantine 1 --attack {attack}"),
+            40,
+        );
+    }
 }
 
 /// Every node but the first fetches its shard for three minutes before its

@@ -52,6 +52,24 @@ pub enum Attack {
     /// Copies one honest update of the round as its own (colluding): that
     /// node's shard counts twice, tilting the mean towards it.
     Mimic,
+    /// Relocated orthogonal perturbation (Özfatura et al. 2023, against
+    /// clipping around a reference): the honest mean plus a perturbation
+    /// orthogonal to a reference that follows the last rounds (0.9 × the
+    /// previous round's honest mean + 0.1 × this one's, the published λ),
+    /// at the published 90°, along the all-ones direction, every round the
+    /// same way; its length Z × the honest updates' median distance from
+    /// their mean (colluding).
+    Rop(f32),
+    /// Knows the aggregator: places its update just inside CenteredClip's
+    /// radius (TAU, or the adaptive one the aggregator would take) around
+    /// the centre it would find, pointing as far against that centre as
+    /// the cosine check lets it, every round (colluding).
+    ClipAware(Option<f32>),
+    /// Pushes honest nodes apart where a broadcast mesh lets it: a
+    /// clip-aware update, its payload served at once to half the mesh and
+    /// only after the round's longest wait to the other half, so the two
+    /// halves aggregate different inputs (colluding).
+    Dissensus,
     /// Publishes its (honest) update just before the honest nodes' round
     /// deadline, every round, following that deadline as updates arrive
     /// (the whole wait until a quorum is in, then the quorum's grace):
@@ -62,6 +80,19 @@ pub enum Attack {
 /// A `late` attacker publishes this far into what is left of the honest
 /// nodes' wait (the deadline falls at the whole of it).
 pub const LATE_SHARE: f64 = 0.9;
+
+/// ROP's perturbation length, in honest spreads, when none is given.
+pub const DEFAULT_ROP_Z: f32 = 1.0;
+/// ROP's reference: this much of the previous round's honest mean (λ).
+const ROP_LAMBDA: f64 = 0.9;
+/// CenteredClip's adaptive radius, as the aggregator takes it (a multiple
+/// of the median distance from the centre).
+const CLIP_RADIUS_FACTOR: f64 = 1.5;
+/// A clip-aware update sits this far into the radius.
+const CLIP_AWARE_SHARE: f64 = 0.95;
+/// ... and keeps this share of the centre's length along the centre, so
+/// that it does not point against it (CenteredClip rejects those).
+const CLIP_AWARE_KEEP: f64 = 0.1;
 
 /// Most identities one attacking node runs.
 pub const MAX_SYBILS: u32 = 1000;
@@ -86,15 +117,20 @@ impl Attack {
         }
     }
 
-    /// ALIE and IPM: the poisoned delta from the honest deltas of the round
-    /// (their coordinate-wise mean μ and standard deviation σ). `own` is used
-    /// when no honest delta has been seen.
-    pub fn collude(&self, honest: &[&[f32]], own: &[f32]) -> Vec<f32> {
+    /// The colluding attacks: the poisoned delta from the honest deltas of
+    /// the round (ALIE and IPM from their coordinate-wise mean μ and
+    /// standard deviation σ). `own` is used when no honest delta has been
+    /// seen; `previous` is the last round's honest mean (ROP's reference).
+    pub fn collude(&self, honest: &[&[f32]], own: &[f32], previous: Option<&[f32]>) -> Vec<f32> {
         if honest.is_empty() {
             return own.to_vec();
         }
-        if *self == Attack::Mimic {
-            return honest[0].to_vec();
+        match *self {
+            Attack::Mimic => return honest[0].to_vec(),
+            Attack::Rop(z) => return rop(honest, previous, z as f64),
+            Attack::ClipAware(tau) => return clip_aware(honest, tau.map(f64::from)),
+            Attack::Dissensus => return clip_aware(honest, None),
+            _ => {}
         }
         let n = honest.len() as f64;
         (0..own.len())
@@ -132,7 +168,15 @@ impl Attack {
 
     /// Whether the attack needs the honest updates of the round.
     pub fn colludes(&self) -> bool {
-        matches!(self, Attack::Alie(_) | Attack::Ipm(_) | Attack::Mimic)
+        matches!(
+            self,
+            Attack::Alie(_)
+                | Attack::Ipm(_)
+                | Attack::Mimic
+                | Attack::Rop(_)
+                | Attack::ClipAware(_)
+                | Attack::Dissensus
+        )
     }
 
     pub fn is_label_flip(&self) -> bool {
@@ -147,6 +191,104 @@ impl Attack {
             _ => None,
         }
     }
+}
+
+/// The coordinate-wise mean of `vs` (in f64).
+pub fn mean_of(vs: &[&[f32]]) -> Vec<f64> {
+    let n = vs.len().max(1) as f64;
+    let dim = vs.first().map_or(0, |v| v.len());
+    let mut acc = vec![0f64; dim];
+    for v in vs {
+        for (a, x) in acc.iter_mut().zip(v.iter()) {
+            *a += *x as f64;
+        }
+    }
+    acc.iter_mut().for_each(|a| *a /= n);
+    acc
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    match xs.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
+fn dist(a: &[f32], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `v` less its projection on `onto`, scaled to length 1 (`None` if
+/// nothing is left).
+fn orthogonal_unit(mut v: Vec<f64>, onto: &[f64]) -> Option<Vec<f64>> {
+    let oo = dot(onto, onto);
+    if oo > 0.0 {
+        let k = dot(&v, onto) / oo;
+        v.iter_mut().zip(onto).for_each(|(x, o)| *x -= k * o);
+    }
+    let len = dot(&v, &v).sqrt();
+    (len > 1e-12 && len.is_finite()).then(|| v.into_iter().map(|x| x / len).collect())
+}
+
+/// ROP: μ + Z·s·p, p ⟂ the reference λ·previous + (1 − λ)·μ, from the
+/// all-ones direction; s the honest updates' median distance from μ.
+fn rop(honest: &[&[f32]], previous: Option<&[f32]>, z: f64) -> Vec<f32> {
+    let mu = mean_of(honest);
+    let reference: Vec<f64> = match previous.filter(|p| p.len() == mu.len()) {
+        Some(p) => p
+            .iter()
+            .zip(&mu)
+            .map(|(p, m)| ROP_LAMBDA * *p as f64 + (1.0 - ROP_LAMBDA) * m)
+            .collect(),
+        None => mu.clone(),
+    };
+    let spread = median(honest.iter().map(|h| dist(h, &mu)).collect());
+    let p = orthogonal_unit(vec![1.0; mu.len()], &reference).unwrap_or_else(|| vec![0.0; mu.len()]);
+    mu.iter().zip(&p).map(|(m, p)| (m + z * spread * p) as f32).collect()
+}
+
+/// Clip-aware: c + ρ(−a·ĉ + b·ô) with c the coordinate-wise median (the
+/// aggregator's first centre), ρ just inside the radius, a as large as
+/// keeps the update along c, ô the direction of −σ away from c.
+fn clip_aware(honest: &[&[f32]], tau: Option<f64>) -> Vec<f32> {
+    let dim = honest[0].len();
+    let centre: Vec<f64> = (0..dim)
+        .map(|j| median(honest.iter().map(|h| h[j] as f64).collect()))
+        .collect();
+    let radius = tau.unwrap_or_else(|| CLIP_RADIUS_FACTOR * median(honest.iter().map(|h| dist(h, &centre)).collect()));
+    let rho = CLIP_AWARE_SHARE * radius;
+    let c_len = dot(&centre, &centre).sqrt();
+    if rho.is_nan() || rho <= 0.0 || rho.is_infinite() {
+        return centre.iter().map(|c| *c as f32).collect();
+    }
+    let mu = mean_of(honest);
+    let minus_sigma: Vec<f64> = (0..dim)
+        .map(|j| {
+            let var = honest.iter().map(|h| (h[j] as f64 - mu[j]).powi(2)).sum::<f64>() / honest.len() as f64;
+            -var.sqrt()
+        })
+        .collect();
+    let side = orthogonal_unit(minus_sigma, &centre).unwrap_or_else(|| vec![0.0; dim]);
+    let (a, c_hat) = if c_len > 0.0 {
+        let a = ((1.0 - CLIP_AWARE_KEEP) * c_len / rho).min(1.0);
+        (a, centre.iter().map(|c| c / c_len).collect::<Vec<f64>>())
+    } else {
+        (0.0, vec![0.0; dim])
+    };
+    let b = (1.0 - a * a).max(0.0).sqrt();
+    (0..dim)
+        .map(|j| (centre[j] + rho * (-a * c_hat[j] + b * side[j])) as f32)
+        .collect()
 }
 
 /// What an attacker's trainer hands the node for one round.
@@ -268,9 +410,30 @@ impl FromStr for Attack {
             "anchor-hijack" => Ok(Attack::AnchorHijack(count(Some(DEFAULT_HIJACK_SYBILS))?)),
             "split" => plain(Attack::Split),
             "mimic" => plain(Attack::Mimic),
+            "rop" => match arg {
+                None => Ok(Attack::Rop(DEFAULT_ROP_Z)),
+                Some(_) => {
+                    let z = num("a perturbation length Z")?;
+                    if z <= 0.0 {
+                        return Err("rop: Z must be positive".into());
+                    }
+                    Ok(Attack::Rop(z))
+                }
+            },
+            "clip-aware" => match arg {
+                None | Some("auto") => Ok(Attack::ClipAware(None)),
+                Some(_) => {
+                    let tau = num("a clipping radius TAU")?;
+                    if tau <= 0.0 {
+                        return Err("clip-aware: TAU must be positive".into());
+                    }
+                    Ok(Attack::ClipAware(Some(tau)))
+                }
+            },
+            "dissensus" => plain(Attack::Dissensus),
             "late" => plain(Attack::Late),
             _ => Err(format!(
-                "unknown attack `{s}`; known: sign-flip, scale:L, noise:SIGMA, alie:Z, ipm:EPS, label-flip, free-rider, replay, equivocate, malformed, sybil:K, anchor-hijack[:K], split, mimic, late"
+                "unknown attack `{s}`; known: sign-flip, scale:L, noise:SIGMA, alie:Z, ipm:EPS, label-flip, free-rider, replay, equivocate, malformed, sybil:K, anchor-hijack[:K], split, mimic, late, rop[:Z], clip-aware[:TAU], dissensus"
             )),
         }
     }
@@ -293,6 +456,10 @@ impl fmt::Display for Attack {
             Attack::AnchorHijack(k) => write!(f, "anchor-hijack:{k}"),
             Attack::Split => f.write_str("split"),
             Attack::Mimic => f.write_str("mimic"),
+            Attack::Rop(z) => write!(f, "rop:{z}"),
+            Attack::ClipAware(None) => f.write_str("clip-aware"),
+            Attack::ClipAware(Some(t)) => write!(f, "clip-aware:{t}"),
+            Attack::Dissensus => f.write_str("dissensus"),
             Attack::Late => f.write_str("late"),
         }
     }
@@ -332,6 +499,11 @@ mod tests {
             "split",
             "mimic",
             "late",
+            "rop:1",
+            "rop:2.5",
+            "clip-aware",
+            "clip-aware:0.5",
+            "dissensus",
         ] {
             let a: Attack = s.parse().unwrap();
             assert_eq!(a.to_string(), s);
@@ -352,6 +524,10 @@ mod tests {
             "sybil:5000",
             "split:2",
             "late:1",
+            "rop:0",
+            "rop:x",
+            "clip-aware:-1",
+            "dissensus:3",
         ] {
             assert!(s.parse::<Attack>().is_err(), "{s}");
         }
@@ -362,12 +538,64 @@ mod tests {
         let a = [1.0f32, 2.0];
         let b = [3.0f32, 2.0];
         let honest: Vec<&[f32]> = vec![&a, &b];
-        assert_eq!(Attack::Alie(1.0).collude(&honest, &[0.0, 0.0]), vec![1.0, 2.0]);
-        assert_eq!(Attack::Ipm(0.5).collude(&honest, &[0.0, 0.0]), vec![-1.0, -1.0]);
-        assert_eq!(Attack::Alie(1.0).collude(&[], &[7.0]), vec![7.0]);
+        assert_eq!(Attack::Alie(1.0).collude(&honest, &[0.0, 0.0], None), vec![1.0, 2.0]);
+        assert_eq!(Attack::Ipm(0.5).collude(&honest, &[0.0, 0.0], None), vec![-1.0, -1.0]);
+        assert_eq!(Attack::Alie(1.0).collude(&[], &[7.0], None), vec![7.0]);
         // Mimic sends one honest update as its own.
-        assert_eq!(Attack::Mimic.collude(&honest, &[0.0, 0.0]), vec![1.0, 2.0]);
+        assert_eq!(Attack::Mimic.collude(&honest, &[0.0, 0.0], None), vec![1.0, 2.0]);
         assert!(Attack::Mimic.colludes() && !Attack::Late.colludes());
+    }
+
+    /// ROP: the honest mean moved orthogonally to the reference, by Z
+    /// honest spreads, the same way whatever the round.
+    #[test]
+    fn rop_moves_orthogonally_to_the_reference_by_z_spreads() {
+        let a = [1.0f32, 0.0, 0.0];
+        let b = [3.0f32, 0.0, 0.0];
+        let honest: Vec<&[f32]> = vec![&a, &b];
+        // μ = (2, 0, 0), spread 1; the reference is μ (no history): the
+        // perturbation is (0, 1, 1)/√2, orthogonal to it.
+        let out = Attack::Rop(2.0).collude(&honest, &[0.0; 3], None);
+        let h = 2.0 / 2f32.sqrt();
+        for (o, e) in out.iter().zip([2.0, h, h]) {
+            assert!((o - e).abs() < 1e-6, "{out:?}");
+        }
+        // With history the reference is mostly last round's mean.
+        let previous = [0.0f32, 1.0, 0.0];
+        let out = Attack::Rop(1.0).collude(&honest, &[0.0; 3], Some(&previous));
+        let pert: Vec<f64> = out.iter().zip([2.0, 0.0, 0.0]).map(|(o, m)| *o as f64 - m).collect();
+        let reference = [0.2, 0.9, 0.0];
+        assert!(dot(&pert, &reference).abs() < 1e-6, "{pert:?}");
+        assert!((dot(&pert, &pert).sqrt() - 1.0).abs() < 1e-6);
+    }
+
+    /// Clip-aware: just inside the radius around the centre, and never
+    /// pointing against it.
+    #[test]
+    fn clip_aware_sits_inside_the_radius_along_the_centre() {
+        let vs: Vec<Vec<f32>> = (0..6)
+            .map(|i| {
+                (0..50)
+                    .map(|j| 1.0 + 0.3 * ((i * 50 + j) as f32 * 0.37).sin())
+                    .collect()
+            })
+            .collect();
+        let honest: Vec<&[f32]> = vs.iter().map(|v| v.as_slice()).collect();
+        let centre: Vec<f64> = (0..50)
+            .map(|j| median(honest.iter().map(|h| h[j] as f64).collect()))
+            .collect();
+        let radius = CLIP_RADIUS_FACTOR * median(honest.iter().map(|h| dist(h, &centre)).collect());
+        for (attack, r) in [(Attack::ClipAware(None), radius), (Attack::ClipAware(Some(0.5)), 0.5)] {
+            let out = attack.collude(&honest, &[0.0; 50], None);
+            let d = dist(&out, &centre);
+            assert!(d < r && d > 0.9 * r, "{attack}: {d} against a radius of {r}");
+            let out64: Vec<f64> = out.iter().map(|x| *x as f64).collect();
+            assert!(dot(&out64, &centre) > 0.0, "{attack} points against the centre");
+        }
+        // A small radius: straight against the centre, shortening it.
+        let out = Attack::ClipAware(Some(0.5)).collude(&honest, &[0.0; 50], None);
+        let out64: Vec<f64> = out.iter().map(|x| *x as f64).collect();
+        assert!(dot(&out64, &centre) < dot(&centre, &centre));
     }
 
     #[test]

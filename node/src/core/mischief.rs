@@ -1,6 +1,7 @@
 //! What an attacking node does besides poisoning its own update (which the
 //! trainer does): the Sybil identities of `sybil:K` and `anchor-hijack:K`,
-//! the held-back payloads of `split` and the held-back updates of `late`.
+//! the held-back payloads of `split` and `dissensus`, the held-back updates
+//! of `late`, and what colluding attacks remember between rounds.
 //! Honest nodes never build this.
 
 use meshtrain_gossip::libp2p::PeerId;
@@ -28,6 +29,9 @@ pub(super) struct Mischief {
     /// `late`: our stored update, published when `Timer::Late` fires, and
     /// when it was ready.
     late: Option<(SignedRecord, Vec<u8>, Millis)>,
+    /// Colluding: the honest mean of the last round crafted for (ROP's
+    /// reference).
+    pub(super) previous_mean: Option<Vec<f32>>,
 }
 
 struct Held {
@@ -51,11 +55,12 @@ impl Mischief {
                 hijack.then(|| Poisoned::from(anchor)),
             )
         });
-        (sybils.is_some() || matches!(attack, Attack::Split | Attack::Late)).then_some(Self {
+        Some(Self {
             sybils,
             own_payload: None,
             held: Vec::new(),
             late: None,
+            previous_mean: None,
         })
     }
 }
@@ -135,9 +140,15 @@ impl Core {
         }
     }
 
-    /// Whether a `split` attacker sends its payload by hash only.
+    /// Whether a `split` (or `dissensus`) attacker sends its payload by
+    /// hash only.
     pub(super) fn withholds_inline(&self) -> bool {
-        self.cfg.attack == Some(Attack::Split)
+        self.splits()
+    }
+
+    /// `split` and `dissensus` answer half the mesh late.
+    fn splits(&self) -> bool {
+        matches!(self.cfg.attack, Some(Attack::Split | Attack::Dissensus))
     }
 
     /// Answers a request the attacker's way, if it has one: the Sybils'
@@ -147,7 +158,7 @@ impl Core {
         let round = self.round();
         let genesis = self.cfg.genesis_weights;
         let delay = self.cfg.spec.rounds.max_wait_ms.min(SPLIT_DELAY_CAP_MS);
-        let split = self.cfg.attack == Some(Attack::Split);
+        let split = self.splits();
         let now = self.now;
         let Some(m) = self.mischief.as_mut() else {
             return false;

@@ -280,7 +280,14 @@ impl Core {
             .filter(|x| x.author != self.me)
             .map(|x| x.delta.as_slice())
             .collect();
-        let crafted = attack.collude(&honest, &c.trained.decoded);
+        let previous = self.mischief.as_ref().and_then(|m| m.previous_mean.as_deref());
+        let crafted = attack.collude(&honest, &c.trained.decoded, previous);
+        if !honest.is_empty() {
+            let mean: Vec<f32> = crate::attack::mean_of(&honest).into_iter().map(|v| v as f32).collect();
+            if let Some(m) = self.mischief.as_mut() {
+                m.previous_mean = Some(mean);
+            }
+        }
         info!(round, honest = honest.len(), %attack, "crafted a colluding update");
         let like = c.trained.clone();
         if let Phase::Colluding(c) = &mut self.phase {
