@@ -805,6 +805,12 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         aggregator: opts.aggregator.clone(),
         local_steps: opts.local_steps,
         wall_s: wall.as_secs_f64(),
+        honest_wall_s: reports
+            .iter()
+            .flatten()
+            .filter(|r| r.honest)
+            .map(|r| r.wall_s)
+            .reduce(f64::max),
         ..Default::default()
     };
     let authors: BTreeMap<usize, (String, u64, bool)> = reports
@@ -1220,8 +1226,18 @@ pub fn table(s: &Summary) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n{} nodes, model {}, codec {}, aggregator {}, H = {}, {} rounds, {} parameters, {:.1} s",
-        s.nodes_total, s.model, s.codec, s.aggregator, s.local_steps, s.rounds, s.param_count, s.wall_s
+        "\n{} nodes, model {}, codec {}, aggregator {}, H = {}, {} rounds, {} parameters, {:.1} s{}",
+        s.nodes_total,
+        s.model,
+        s.codec,
+        s.aggregator,
+        s.local_steps,
+        s.rounds,
+        s.param_count,
+        s.wall_s,
+        s.honest_wall_s
+            .map(|h| format!(" (honest nodes {h:.1} s)"))
+            .unwrap_or_default()
     );
     let _ = writeln!(
         out,

@@ -50,6 +50,9 @@ pub struct MatrixRow {
     pub audit_failures: u64,
     pub complete_chains: bool,
     pub wall_s: f64,
+    /// The slowest honest node's run time.
+    #[serde(default)]
+    pub honest_wall_s: Option<f64>,
     /// Wall-clock seconds until every honest node reached the target
     /// accuracy (`--target-acc`), if it did.
     #[serde(default)]
@@ -82,6 +85,7 @@ impl MatrixRow {
             audit_failures: s.audit_failures,
             complete_chains: s.complete_chains,
             wall_s: s.wall_s,
+            honest_wall_s: s.honest_wall_s,
             time_to_target_s: s.time_to_target_s,
             error: None,
         }
@@ -277,11 +281,11 @@ pub fn markdown(rows: &[MatrixRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| model | codec | H | aggregator | attack | rounds | honest acc (mean / min) | bytes / update | x smaller per exchange | x vs dense every step | MiB sent / node | attackers rejected or clipped | honest rejected | audits | link | wall s | to target s |"
+        "| model | codec | H | aggregator | attack | rounds | honest acc (mean / min) | bytes / update | x smaller per exchange | x vs dense every step | MiB sent / node | attackers rejected or clipped | honest rejected | audits | link | wall s | honest s | to target s |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for r in rows {
         if let Some(e) = &r.error {
@@ -299,7 +303,7 @@ pub fn markdown(rows: &[MatrixRow]) -> String {
         }
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {:.0} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} | {:.1} | {} | {} |",
             r.model,
             r.codec,
             r.local_steps,
@@ -326,6 +330,9 @@ pub fn markdown(rows: &[MatrixRow]) -> String {
             },
             r.link.as_deref().unwrap_or("-"),
             r.wall_s,
+            r.honest_wall_s
+                .map(|t| format!("{t:.1}"))
+                .unwrap_or_else(|| "-".into()),
             r.time_to_target_s
                 .map(|t| format!("{t:.1}"))
                 .unwrap_or_else(|| "-".into()),

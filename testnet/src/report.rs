@@ -131,6 +131,10 @@ pub struct Summary {
     /// slowest joiner.
     pub late_join_first_merge_s: Option<f64>,
     pub wall_s: f64,
+    /// The slowest honest node's own run time, start to exit (the testnet's
+    /// `wall_s` also waits for attackers, which may hang on after a ban).
+    #[serde(default)]
+    pub honest_wall_s: Option<f64>,
     /// Share of rounds after which every honest node trained the next
     /// round from the same anchor (a repair before aggregating counts as
     /// agreement), the final anchor counted as one more round.

@@ -19,6 +19,9 @@ const QUIET_MS: Millis = 1500;
 const MIN_DRAIN_MS: Millis = 500;
 /// How often draining looks whether it is over.
 const DRAIN_CHECK_MS: Millis = 250;
+/// Draining waits for the members whose chains reach this close to the
+/// last round.
+const DRAIN_BEHIND: u64 = 3;
 
 /// The shortest wait for the final votes.
 const MIN_SETTLE_MS: Millis = 1000;
@@ -174,7 +177,7 @@ impl Core {
         // anchor and need ours (the decided one): we stay until every
         // connected member has voted, and then while it still fetches.
         let voted = self.votes.voters(self.round());
-        let votes_in = self.connected_authors().iter().all(|a| voted.contains(a));
+        let votes_in = self.keeping_up().iter().all(|a| voted.contains(a));
         let quiet = self.now.saturating_sub(self.last_served) > QUIET_MS;
         if (complete && votes_in && quiet && elapsed > MIN_DRAIN_MS) || elapsed > self.cfg.drain {
             if !complete {
@@ -190,11 +193,24 @@ impl Core {
         self.arm(Timer::Drain, self.now + DRAIN_CHECK_MS);
     }
 
-    /// Whether we hold every connected member's record for the last round
-    /// (a member that left cannot add to its chain any more).
+    /// Whether we hold the record for the last round of every member that
+    /// kept up (a member that left cannot add to its chain any more).
     fn chains_complete(&self) -> bool {
         let last = self.end_round.saturating_sub(1);
-        let authors: HashSet<AuthorId> = self.connected_authors();
-        authors.iter().all(|a| self.head_round(a).is_some_and(|r| r >= last))
+        self.keeping_up()
+            .iter()
+            .all(|a| self.head_round(a).is_some_and(|r| r >= last))
+    }
+
+    /// The connected members that kept up with the last rounds: draining
+    /// waits for them. One far behind (an attacker whose updates came late
+    /// all run long) would otherwise hold every honest node for the whole
+    /// drain limit; its chain is as complete as it will get.
+    fn keeping_up(&self) -> HashSet<AuthorId> {
+        let last = self.end_round.saturating_sub(1);
+        self.connected_authors()
+            .into_iter()
+            .filter(|a| self.head_round(a).is_some_and(|r| r + DRAIN_BEHIND >= last))
+            .collect()
     }
 }

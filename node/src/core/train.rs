@@ -281,7 +281,14 @@ impl Core {
             .map(|x| x.delta.as_slice())
             .collect();
         let previous = self.mischief.as_ref().and_then(|m| m.previous_mean.as_deref());
-        let crafted = attack.collude(&honest, &c.trained.decoded, previous);
+        let mut crafted = attack.collude(&honest, &c.trained.decoded, previous);
+        // Colluders craft from the same honest updates: alike to the bit,
+        // the second one's payload would be the first one's (a replay, and
+        // a ban), and mimic's its honest author's. A factor of their own,
+        // 1.001 to 1.003, keeps them apart.
+        let own = u32::from_le_bytes([self.me.0[0], self.me.0[1], self.me.0[2], self.me.0[3]]);
+        let factor = 1.0 + 0.002 * (0.5 + own as f32 / u32::MAX as f32);
+        crafted.iter_mut().for_each(|v| *v *= factor);
         if !honest.is_empty() {
             let mean: Vec<f32> = crate::attack::mean_of(&honest).into_iter().map(|v| v as f32).collect();
             if let Some(m) = self.mischief.as_mut() {
