@@ -724,10 +724,11 @@ impl Core {
             Timer::Drain => self.drain_tick(),
             Timer::Held => self.release_held(),
             Timer::Late => self.release_late(),
-            Timer::Replan => {
+            Timer::Replan if !self.run_over() => {
                 let members = self.voters_by_author();
                 self.emit(Effect::Replan { members });
             }
+            Timer::Replan => {}
         }
     }
 
@@ -856,11 +857,21 @@ impl Core {
         });
     }
 
-    /// Schedules a re-plan of the data placement (debounced).
+    /// Schedules a re-plan of the data placement (debounced). Not once the
+    /// last round is closed: members leaving at the end would have every
+    /// draining node fetch their blocks from the others, which then never
+    /// fall quiet and drain to the limit.
     fn schedule_replan(&mut self) {
-        if !matches!(self.phase, Phase::Gathering) {
+        if !matches!(self.phase, Phase::Gathering) && !self.run_over() {
             self.arm(Timer::Replan, self.now + 1000);
         }
+    }
+
+    fn run_over(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Settling { .. } | Phase::Finishing | Phase::Draining | Phase::Done
+        )
     }
 
     fn ban(&mut self, author: AuthorId, why: &str) {

@@ -52,13 +52,16 @@ pub enum Close {
 /// publishing just before the deadline (`late`) cannot make every round
 /// wait for it.
 const QUORUM: (usize, usize) = (2, 3);
-/// The grace: this share of the time the later half of the quorum took to
-/// arrive (from its median arrival to the quorum), and at least
-/// `GRACE_MIN_MS`. The later half, because a minority publishing at once
-/// (free riders do not train) would otherwise widen the spread at will.
-/// An attacker timing its update to the grace stretches a round by at most
-/// the grace.
-const GRACE_SHARE: f64 = 0.5;
+/// The grace: this multiple of the time the later half of the quorum took
+/// to arrive (from its median arrival to the quorum), and at least
+/// `GRACE_MIN_MS`. With honest arrivals spread evenly over S, the quorum
+/// (two thirds) comes S/6 after the median and the last one S/3 after the
+/// quorum: twice S/6 covers it, so a clean round is rarely cut, and an
+/// attacker timing its update to the grace stretches a round by about S/4
+/// beyond the honest nodes' own wait. The later half, because a minority
+/// publishing at once (free riders do not train) would otherwise widen the
+/// spread at will.
+const GRACE_SHARE: f64 = 2.0;
 const GRACE_MIN_MS: Millis = 100;
 
 /// Updates (ours included) that make a quorum of `members`.
@@ -527,8 +530,8 @@ mod tests {
             b.note_arrivals(t0 + 800, &expected);
             let deadline = b.deadline().unwrap();
             // The quorum was in at 800 ms, its median arrival at 400 ms:
-            // a grace of half the 400 ms between.
-            assert_eq!(deadline, t0 + 1_000, "round {r}");
+            // a grace of twice the 400 ms between.
+            assert_eq!(deadline, t0 + 1_600, "round {r}");
             assert_eq!(b.should_close(deadline - 1, &expected), None);
             assert_eq!(b.should_close(deadline, &expected), Some(Close::Quorum));
             b.close();
@@ -553,7 +556,7 @@ mod tests {
         b.own_ready(5_300);
         b.note_arrivals(5_300, &expected);
         // Arrivals 0, 0, 5000, 5100, 5200, 5300: median 5000 (not 0).
-        assert_eq!(b.deadline(), Some(5_300 + 150));
+        assert_eq!(b.deadline(), Some(5_300 + 600));
     }
 
     /// Without a quorum the round waits for the whole deadline.
