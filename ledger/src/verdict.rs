@@ -54,6 +54,10 @@ pub enum RejectReason {
     /// and the node went back to the last decided one (merging nothing, so
     /// that every node going back lands on the same anchor).
     RoundAbandoned,
+    /// The loss-scoring stage set it aside: applied alone to the anchor, it
+    /// raised the loss on the held-out scoring batch past the round's
+    /// robust limit; the detail gives both.
+    LossScore(String),
 }
 
 impl RejectReason {
@@ -78,6 +82,7 @@ impl RejectReason {
             RejectReason::NotAMember => "not-a-member",
             RejectReason::OffBase => "off-base",
             RejectReason::RoundAbandoned => "round-abandoned",
+            RejectReason::LossScore(_) => "loss-score",
         }
     }
 
@@ -106,6 +111,7 @@ impl RejectReason {
         !matches!(
             self,
             RejectReason::Outlier(_)
+                | RejectReason::LossScore(_)
                 | RejectReason::Stale
                 | RejectReason::PayloadUnavailable
                 | RejectReason::Banned
@@ -120,6 +126,7 @@ impl fmt::Display for RejectReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RejectReason::Outlier(detail) => write!(f, "outlier ({detail})"),
+            RejectReason::LossScore(detail) => write!(f, "loss-score ({detail})"),
             other => f.write_str(other.code()),
         }
     }

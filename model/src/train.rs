@@ -108,6 +108,25 @@ impl Records {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
+
+    /// `n` records spread evenly over these (all of them if there are no
+    /// more): a small fixed sample every holder of the same records draws
+    /// alike.
+    pub fn spread(&self, n: usize) -> Records {
+        let rs = self.schema.record_size();
+        let len = self.len();
+        let take = n.min(len);
+        let mut bytes = Vec::with_capacity(take * rs);
+        for i in 0..take {
+            let at = i * len / take.max(1);
+            bytes.extend_from_slice(&self.bytes[at * rs..(at + 1) * rs]);
+        }
+        Records {
+            name: format!("{} ({take} spread)", self.name),
+            schema: self.schema.clone(),
+            bytes,
+        }
+    }
 }
 
 impl From<&Dataset> for Records {
@@ -414,4 +433,20 @@ pub fn evaluate(net: &Network, data: &Records, anomaly: Option<usize>) -> Result
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_picks_evenly_and_never_more_than_there_are() {
+        let schema = crate::blocks::Schema::Text { seq_len: 2 };
+        let bytes: Vec<u8> = (0..20u8).collect();
+        let r = Records::new("ten", schema, bytes).unwrap();
+        let five = r.spread(5);
+        assert_eq!(five.bytes(), &[0, 1, 4, 5, 8, 9, 12, 13, 16, 17]);
+        assert_eq!(r.spread(50).len(), 10);
+        assert!(r.spread(0).is_empty());
+    }
 }

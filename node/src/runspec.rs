@@ -167,6 +167,66 @@ pub struct ExchangeSpec {
     pub staleness: u64,
     /// Weight multiplier per round of lateness.
     pub staleness_decay: f32,
+    /// The optional loss-scoring stage before the aggregator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<ScoreSpec>,
+}
+
+/// Loss scoring: every candidate update of a round, applied alone to the
+/// anchor, is scored by the loss on a fixed sample of the held-out split
+/// (every node holds it, so every node scores alike); one that raises it
+/// past the round's robust limit is refused before the aggregator.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreSpec {
+    /// Held-out records each candidate is scored on.
+    pub records: usize,
+    /// No rise in loss smaller than this is refused, however alike the
+    /// round's other updates scored.
+    pub tolerance: f32,
+}
+
+/// Most records a scoring sample may have (every candidate is evaluated on
+/// all of them, every round).
+pub const MAX_SCORE_RECORDS: usize = 4096;
+
+impl ScoreSpec {
+    pub const DEFAULT_TOLERANCE: f32 = 0.05;
+
+    fn check(&self) -> Result<(), String> {
+        if !(1..=MAX_SCORE_RECORDS).contains(&self.records) {
+            return Err(format!(
+                "exchange.score.records must be between 1 and {MAX_SCORE_RECORDS}"
+            ));
+        }
+        if !(self.tolerance >= 0.0 && self.tolerance.is_finite()) {
+            return Err("exchange.score.tolerance must be a finite loss rise of 0 or more".into());
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for ScoreSpec {
+    type Err = String;
+    /// `RECORDS` or `RECORDS:TOLERANCE`, e.g. `256` or `256:0.05`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (records, tolerance) = match s.split_once(':') {
+            Some((r, t)) => (r, Some(t)),
+            None => (s, None),
+        };
+        let records = records
+            .parse()
+            .map_err(|_| format!("score `{s}`: `{records}` is not a number of records (e.g. `256` or `256:0.05`)"))?;
+        let tolerance = match tolerance {
+            Some(t) => t
+                .parse()
+                .map_err(|_| format!("score `{s}`: `{t}` is not a loss tolerance"))?,
+            None => Self::DEFAULT_TOLERANCE,
+        };
+        let spec = ScoreSpec { records, tolerance };
+        spec.check()?;
+        Ok(spec)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -220,6 +280,7 @@ impl RunSpec {
                 nesterov: true,
                 staleness: 1,
                 staleness_decay: 0.5,
+                score: None,
             },
             rounds: RoundSpec {
                 count: 50,
@@ -292,6 +353,9 @@ impl RunSpec {
         }
         if !(0.0..=1.0).contains(&self.exchange.staleness_decay) {
             return Err("exchange.staleness_decay must be in [0, 1]".into());
+        }
+        if let Some(score) = &self.exchange.score {
+            score.check()?;
         }
         if hex::decode(&self.data.manifest).map(|b| b.len()) != Ok(32) {
             return Err("data.manifest must be a dataset id (64 hex digits)".into());

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error};
 
 use crate::attack::Attack;
+use crate::core::score::Scores;
 use crate::core::Trained;
 
 pub enum TrainerCmd {
@@ -26,6 +27,12 @@ pub enum TrainerCmd {
     Craft { delta: Vec<f32>, like: Box<Trained> },
     /// Only evaluate `anchor` (the final weights).
     Evaluate { round: u64, anchor: Arc<Vec<f32>> },
+    /// Score each delta, applied alone to `anchor`, on the scoring sample.
+    Score {
+        round: u64,
+        anchor: Arc<Vec<f32>>,
+        deltas: Vec<Arc<Vec<f32>>>,
+    },
     /// Train on other blocks from now on (the placement changed).
     SetSource(Box<dyn RecordSource>),
     /// Snapshot this thread's residual and Adam state for a checkpoint of
@@ -50,6 +57,11 @@ pub enum TrainerReply {
         encode: Duration,
     },
     Crafted(Box<Trained>),
+    Scored {
+        round: u64,
+        scores: Result<Scores, String>,
+        took: Duration,
+    },
     Evaluated {
         round: u64,
         report: EvalReport,
@@ -82,11 +94,13 @@ impl TrainerHandle {
     }
 }
 
-/// Starts the training thread. `net`, the shard's batches and `test` move into it.
+/// Starts the training thread. `net`, the shard's batches, `test` and the
+/// loss-scoring sample (if the run scores) move into it.
 pub fn spawn(
     net: Network,
     shard: Box<dyn RecordSource>,
     test: Records,
+    score: Option<Records>,
     cfg: TrainConfig,
     mut encoder: DeltaEncoder,
     attack: Option<Attack>,
@@ -137,6 +151,18 @@ pub fn spawn(
                             took: started.elapsed(),
                         }
                     }
+                    TrainerCmd::Score { round, anchor, deltas } => {
+                        let started = Instant::now();
+                        let scores = match &score {
+                            Some(sample) => score_deltas(&mut trainer, sample, &anchor, &deltas).map_err(|e| e.to_string()),
+                            None => Err("this node has no scoring sample".to_string()),
+                        };
+                        TrainerReply::Scored {
+                            round,
+                            scores,
+                            took: started.elapsed(),
+                        }
+                    }
                     TrainerCmd::Evaluate { round, anchor } => {
                         let started = Instant::now();
                         trainer
@@ -162,6 +188,29 @@ pub fn spawn(
         replies: reply_rx,
         thread,
     })
+}
+
+/// The held-out loss on `sample` of `anchor`, and of `anchor` plus each
+/// delta alone. The replica is reloaded before every round's training, so
+/// what this leaves in it does not matter.
+fn score_deltas(
+    trainer: &mut Trainer,
+    sample: &Records,
+    anchor: &[f32],
+    deltas: &[Arc<Vec<f32>>],
+) -> Result<Scores, meshtrain_model::ModelError> {
+    trainer.load(anchor)?;
+    let base = trainer.evaluate(sample)?.summary.loss;
+    let mut after = Vec::with_capacity(deltas.len());
+    let mut w = vec![0f32; anchor.len()];
+    for d in deltas {
+        for ((w, a), d) in w.iter_mut().zip(anchor).zip(d.iter()) {
+            *w = a + d;
+        }
+        trainer.load(&w)?;
+        after.push(trainer.evaluate(sample)?.summary.loss);
+    }
+    Ok(Scores { base, after })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -197,3 +197,19 @@ fn late_members_barely_stretch_a_calm_run() {
         stretched / clean
     );
 }
+
+/// Loss scoring before the aggregator, with a sign-flipping member: every
+/// node scores alike (one held-out sample), so the invariants hold.
+#[test]
+fn permissioned_with_loss_scoring() {
+    let cfg = SimConfig {
+        score: Some("1:0.0".parse().expect("a score spec")),
+        ..attacker("sign-flip", SimAdmission::Permissioned)
+    };
+    sweep_n(
+        "permissioned + sign-flip, scored",
+        cfg,
+        "--byzantine 1 --attack sign-flip --score 1:0",
+        60,
+    );
+}

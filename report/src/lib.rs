@@ -167,10 +167,11 @@ pub struct NodeReport {
 /// anchor (plus the codec's residual) into the replica, the local steps,
 /// encoding the delta, signing and storing the own record (durable before
 /// it is announced), publishing it, waiting for the others, checking what
-/// peers sent, the robust aggregate, the outer step, storing the verdict
+/// peers sent, scoring their updates' held-out loss (when the run scores),
+/// the robust aggregate, the outer step, storing the verdict
 /// block, evaluating the anchor, taking a checkpoint (the trainer's state)
 /// and writing it (beside the round).
-pub const STAGES: [&str; 13] = [
+pub const STAGES: [&str; 14] = [
     "load",
     "train",
     "encode",
@@ -178,6 +179,7 @@ pub const STAGES: [&str; 13] = [
     "publish",
     "wait",
     "verify",
+    "score",
     "aggregate",
     "outer_step",
     "verdict_store",

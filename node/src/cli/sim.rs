@@ -67,6 +67,10 @@ pub(super) struct SimArgs {
     /// first round (fetching its shard over a slow link).
     #[arg(long, default_value_t = 0)]
     slow_first_ms: u64,
+    /// Loss scoring before the aggregator (on the stand-in's held-out
+    /// loss): `RECORDS[:TOLERANCE]`, e.g. `1`.
+    #[arg(long)]
+    score: Option<meshtrain_node::runspec::ScoreSpec>,
     /// Threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -129,6 +133,7 @@ pub(super) fn run(a: SimArgs) -> Result<ExitCode> {
         sybils: a.sybils,
         hijack: a.hijack,
         slow_first_ms: a.slow_first_ms,
+        score: a.score,
         ..SimConfig::default()
     };
     let threads = a.threads.unwrap_or_else(meshtrain_node::cores);

@@ -67,6 +67,11 @@ pub(super) struct SpecArgs {
     /// Autoencoder: the class it never trains on and scores as the anomaly.
     #[arg(long)]
     pub(super) anomaly_class: Option<usize>,
+    /// Loss scoring before the aggregator: `RECORDS[:TOLERANCE]` held-out
+    /// records every update is scored on, and the least loss rise that may
+    /// be refused (0.05 by default), e.g. `256`.
+    #[arg(long)]
+    pub(super) score: Option<meshtrain_node::runspec::ScoreSpec>,
     /// Stop once this many evaluations in a row did not improve the
     /// held-out loss (early stopping).
     #[arg(long)]
@@ -267,6 +272,7 @@ pub(super) fn spec_new(args: SpecArgs) -> Result<ExitCode> {
     spec.train.lr = args.lr;
     spec.exchange.codec = args.codec;
     spec.exchange.aggregator = args.aggregator;
+    spec.exchange.score = args.score;
     spec.exchange.outer_lr = args.outer.outer_lr;
     spec.exchange.outer_momentum = args.outer.outer_momentum;
     spec.exchange.nesterov = args.outer.nesterov;

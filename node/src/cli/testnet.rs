@@ -79,6 +79,10 @@ pub(super) struct CommonTestnetArgs {
     /// Early stopping: evaluations without a better held-out loss.
     #[arg(long)]
     pub(super) patience: Option<u64>,
+    /// Loss scoring before the aggregator: `RECORDS[:TOLERANCE]`, e.g. `256`
+    /// (see `spec new --score`).
+    #[arg(long)]
+    pub(super) score: Option<meshtrain_node::runspec::ScoreSpec>,
     /// `loopback` (every node on 127.0.0.1) or `netns` (each node in its
     /// own network namespace with its own address, on a bridge; needs
     /// root). Netns nodes find each other only through one bootstrap
@@ -215,6 +219,9 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
     }
     if let Some(p) = c.patience {
         spec_args.extend(["--patience".to_string(), p.to_string()]);
+    }
+    if let Some(s) = c.score {
+        spec_args.extend(["--score".to_string(), format!("{}:{}", s.records, s.tolerance)]);
     }
     Ok(meshtrain_testnet::TestnetOptions {
         binary: bin,

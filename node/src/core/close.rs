@@ -422,7 +422,7 @@ impl Core {
         let probation = probation.into_iter().map(|(c, _)| c).collect();
         let wait_ms = self.now.saturating_sub(self.phase_since);
         self.set_phase(Phase::Aggregating(note));
-        self.emit(Effect::Aggregate(Box::new(AggregateJob {
+        self.score_or_aggregate(AggregateJob {
             spec: self.cfg.spec.exchange.aggregator,
             anchor: self.anchor.clone(),
             inputs,
@@ -430,7 +430,7 @@ impl Core {
             outer,
             me: self.me,
             wait_ms,
-        })));
+        });
     }
 
     pub(super) fn on_aggregated(&mut self, done: AggregateDone) {
@@ -446,8 +446,8 @@ impl Core {
             if e.author == self.me {
                 continue;
             }
-            let from_aggregator =
-                !matches!(&e.verdict, Verdict::Rejected { reason } if !matches!(reason, RejectReason::Outlier(_)));
+            let from_aggregator = !matches!(&e.verdict, Verdict::Rejected { reason }
+                if !matches!(reason, RejectReason::Outlier(_) | RejectReason::LossScore(_)));
             // A late update (from an earlier round) is judged against
             // updates trained for another round: its clipping says more
             // about the network than about its author.
@@ -479,7 +479,9 @@ impl Core {
                     // Refusals made before this point were counted then;
                     // an update off the decided base blames nobody.
                     match reason {
-                        RejectReason::Outlier(_) => self.count_rejection(reason.code(), Some(&e.author)),
+                        RejectReason::Outlier(_) | RejectReason::LossScore(_) => {
+                            self.count_rejection(reason.code(), Some(&e.author))
+                        }
                         RejectReason::OffBase | RejectReason::RoundAbandoned => {
                             self.count_rejection(reason.code(), None)
                         }

@@ -26,6 +26,7 @@ pub mod power;
 mod receive;
 pub mod resume;
 pub mod rounds;
+pub mod score;
 pub mod start;
 pub mod sync;
 mod train;
@@ -147,6 +148,11 @@ pub enum Input {
         report: Box<EvalReport>,
     },
     Aggregated(Box<AggregateDone>),
+    /// The trainer scored a round's candidates (`Effect::Score`).
+    Scored {
+        round: u64,
+        scores: Result<score::Scores, String>,
+    },
     /// An anchor offer, decoded and checked off the event loop.
     OfferChecked {
         peer: PeerId,
@@ -252,6 +258,12 @@ pub enum Effect {
         velocity: Vec<f32>,
     },
     Aggregate(Box<AggregateJob>),
+    /// Score each delta, applied alone to `anchor`, on the scoring sample.
+    Score {
+        round: u64,
+        anchor: Arc<Vec<f32>>,
+        deltas: Vec<Arc<Vec<f32>>>,
+    },
     /// Gathering is over: fetch the manifest and this node's blocks.
     BeginData {
         members: BTreeMap<AuthorId, PeerId>,
@@ -526,6 +538,11 @@ pub struct Core {
     /// A decided anchor being fetched, and one fetched, waiting to be used.
     fetch: Option<AnchorFetch>,
     fetched: Option<Box<Fetched>>,
+    /// A round's aggregation, waiting for the loss scores of its updates.
+    scoring: Option<Box<AggregateJob>>,
+    /// How long payload fetches took lately (an average): slow requests
+    /// are hedged against it.
+    payload_fetch_ms: Option<f64>,
     /// A decided anchor no voter could serve (not asked for again).
     unavailable: Option<(u64, agreement::AnchorKey)>,
     /// The last anchor half the voting power decided that we held, with
@@ -632,6 +649,8 @@ impl Core {
             votes: agreement::Votes::default(),
             fetch: None,
             fetched: None,
+            scoring: None,
+            payload_fetch_ms: None,
             unavailable: None,
             settled: None,
             decided: None,
@@ -698,6 +717,7 @@ impl Core {
             Input::Crafted(t) => self.on_crafted(*t),
             Input::Evaluated { round, report } => self.on_evaluated(round, *report),
             Input::Aggregated(done) => self.on_aggregated(*done),
+            Input::Scored { round, scores } => self.on_scored(round, scores),
             Input::OfferChecked { peer, result } => self.on_offer_checked(peer, result),
             Input::AnchorChecked { peer, result } => self.on_anchor_checked(peer, result),
             Input::DataReady => self.on_data_ready(),

@@ -22,6 +22,10 @@ use crate::serve::{MAX_HEADS_PER_RESPONSE, MAX_RECORDS_PER_RESPONSE};
 
 /// Rounds of votes kept behind the current one at most.
 const VOTE_HISTORY: u64 = 32;
+/// Bounds on how long a payload request may go unanswered before the next
+/// candidate is asked too (see `hedge_after`).
+const HEDGE_MIN_MS: Millis = 100;
+const HEDGE_MAX_MS: Millis = 5_000;
 /// Chain heads taken from one answer at most: more than any run has members.
 /// What one peer may ask of us per window: requests of any kind (blocks
 /// while it fetches its shard, records and payloads), and anchors (each a
@@ -150,6 +154,10 @@ impl Core {
         };
         match (what, response) {
             (RequestFor::Payload(hash), FetchResponse::Payload(bytes)) => {
+                if let Some(asked) = self.wants.asked_at(&hash) {
+                    let took = self.now.saturating_sub(asked) as f64;
+                    self.payload_fetch_ms = Some(self.payload_fetch_ms.map_or(took, |e| 0.8 * e + 0.2 * took));
+                }
                 self.emit(Effect::Inbox(Job::Payload {
                     hash,
                     bytes,
@@ -437,9 +445,10 @@ impl Core {
     }
 
     fn next_payload_attempt(&mut self, hash: PayloadHash) {
-        match self.wants.next(&hash) {
+        match self.wants.next(&hash, self.now) {
             Next::Ask(peer) => {
                 self.request(peer, FetchRequest::Payload { hash: hash.0 }, RequestFor::Payload(hash));
+                self.arm_payload_retry();
             }
             Next::GiveUp(of) => {
                 warn!(author = %of.author.short(), round = of.round, "no peer could supply a payload");
@@ -462,18 +471,39 @@ impl Core {
 
     fn payload_attempt_failed(&mut self, hash: PayloadHash) {
         self.wants.failed(&hash, self.now);
-        if let Some(at) = self.wants.next_retry() {
-            self.arm(Timer::PayloadRetry, at);
-        }
+        self.arm_payload_retry();
     }
 
     pub(super) fn retry_payloads(&mut self) {
         for hash in self.wants.due(self.now) {
             self.next_payload_attempt(hash);
         }
-        if let Some(at) = self.wants.next_retry() {
-            self.arm(Timer::PayloadRetry, at);
+        let after = self.hedge_after();
+        for hash in self.wants.hedges(self.now, after) {
+            debug!(payload = %hash.short(), after_ms = after, "payload request slow; asking the next peer too");
+            self.next_payload_attempt(hash);
         }
+        self.arm_payload_retry();
+    }
+
+    /// The payload timer: the earliest retry, or the earliest hedge.
+    fn arm_payload_retry(&mut self) {
+        let at = [self.wants.next_retry(), self.wants.next_hedge(self.hedge_after())]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(at) = at {
+            self.arm(Timer::PayloadRetry, at.max(self.now));
+        }
+    }
+
+    /// How long a payload request may take before the next peer is asked
+    /// too: four times what fetches took lately, 100 ms to 5 s (on a slow
+    /// link a fetch takes long, and asking twice would double its bytes).
+    fn hedge_after(&self) -> Millis {
+        self.payload_fetch_ms
+            .map_or(HEDGE_MAX_MS, |ms| (4.0 * ms) as Millis)
+            .clamp(HEDGE_MIN_MS, HEDGE_MAX_MS)
     }
 
     /// A signed vote (a record, or a final verdict block) of an admitted

@@ -298,7 +298,19 @@ impl RoundBook {
         before.sort_unstable();
         let median = before.get(before.len().saturating_sub(1) / 2).copied().unwrap_or(q);
         let grace = (q.saturating_sub(median) as f64 * GRACE_SHARE) as Millis;
-        Some(q + grace.clamp(GRACE_MIN_MS, self.wait.timeout().max(GRACE_MIN_MS)))
+        let grace = grace.clamp(GRACE_MIN_MS, self.wait.timeout().max(GRACE_MIN_MS));
+        // A payload whose record is in but that is still on its way (held
+        // back from us, say, and asked of another peer) gets one grace more:
+        // nodes that have it and nodes that do not would aggregate apart.
+        Some(q + if self.announced_missing() { 2 * grace } else { grace })
+    }
+
+    /// Whether a record of the current round is in without its payload.
+    fn announced_missing(&self) -> bool {
+        let have = self.pending.get(&self.current);
+        self.announced
+            .get(&self.current)
+            .is_some_and(|s| s.iter().any(|a| !have.is_some_and(|m| m.contains_key(a))))
     }
 
     /// When a quorum of the current round was in, if it was.
@@ -557,6 +569,24 @@ mod tests {
         b.note_arrivals(5_300, &expected);
         // Arrivals 0, 0, 5000, 5100, 5200, 5300: median 5000 (not 0).
         assert_eq!(b.deadline(), Some(5_300 + 600));
+    }
+
+    /// A record in without its payload doubles the grace (the payload is
+    /// on its way from another peer), within the deadline.
+    #[test]
+    fn an_announced_payload_gets_one_grace_more() {
+        let mut b = book();
+        let expected = authors(2..5);
+        b.offer(c(2, 0), 1_000);
+        b.offer(c(3, 0), 1_200);
+        b.own_ready(1_200);
+        b.note_arrivals(1_200, &expected);
+        // Arrivals 1000, 1200: median 1000, grace 400.
+        assert_eq!(b.deadline(), Some(1_600));
+        b.announce(0, AuthorId([4; 32]));
+        assert_eq!(b.deadline(), Some(2_000));
+        b.unannounce(0, &AuthorId([4; 32]));
+        assert_eq!(b.deadline(), Some(1_600));
     }
 
     /// Without a quorum the round waits for the whole deadline.

@@ -1,6 +1,9 @@
 //! Payloads this node still needs for records it already holds, and which
-//! peer to ask next: the peer that sent the record first, then the author,
-//! then every member, a few times round before giving up.
+//! peer to ask next: the author, then the peer that sent the record first,
+//! then every member, a few times round before giving up. A request that
+//! takes much longer than fetches usually do is hedged: the next candidate
+//! is asked too (an author that holds its payload back from some peers,
+//! `split`, would otherwise keep them waiting on it).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -31,6 +34,9 @@ struct Want {
     attempts: u32,
     in_flight: bool,
     retry_at: Option<Millis>,
+    /// When the last request went out, and whether it was hedged since.
+    asked_at: Option<Millis>,
+    hedged: bool,
 }
 
 /// What to do next about one wanted payload.
@@ -81,13 +87,15 @@ impl Wants {
                 attempts: 0,
                 in_flight: false,
                 retry_at: None,
+                asked_at: None,
+                hedged: false,
             },
         );
         true
     }
 
-    /// The next peer to ask, or the end of asking.
-    pub fn next(&mut self, hash: &PayloadHash) -> Next {
+    /// The next peer to ask at `now`, or the end of asking.
+    pub fn next(&mut self, hash: &PayloadHash, now: Millis) -> Next {
         let Some(want) = self.map.get_mut(hash) else {
             return Next::Nothing;
         };
@@ -104,7 +112,40 @@ impl Wants {
         want.attempts += 1;
         want.in_flight = true;
         want.retry_at = None;
+        want.asked_at = Some(now);
+        want.hedged = false;
         Next::Ask(peer)
+    }
+
+    /// When the last request for `hash` went out.
+    pub fn asked_at(&self, hash: &PayloadHash) -> Option<Millis> {
+        self.map.get(hash).and_then(|w| w.asked_at)
+    }
+
+    /// Wants whose request has been out `after` or longer without an
+    /// answer, not hedged yet: each is marked hedged (ask the next
+    /// candidate too), oldest name first.
+    pub fn hedges(&mut self, now: Millis, after: Millis) -> Vec<PayloadHash> {
+        let mut due: Vec<PayloadHash> = self
+            .map
+            .iter_mut()
+            .filter(|(_, w)| w.in_flight && !w.hedged && w.asked_at.is_some_and(|t| now >= t + after))
+            .map(|(h, w)| {
+                w.hedged = true;
+                *h
+            })
+            .collect();
+        due.sort();
+        due
+    }
+
+    /// When the earliest unhedged request may be hedged.
+    pub fn next_hedge(&self, after: Millis) -> Option<Millis> {
+        self.map
+            .values()
+            .filter(|w| w.in_flight && !w.hedged)
+            .filter_map(|w| w.asked_at.map(|t| t + after))
+            .min()
     }
 
     /// An attempt failed: ask the next candidate now, or, once each was
@@ -180,7 +221,7 @@ mod tests {
         assert!(!w.want(h, of(), [peer(3)]));
         let mut asked = Vec::new();
         for t in 0..6 {
-            match w.next(&h) {
+            match w.next(&h, 100 * t) {
                 Next::Ask(p) => asked.push(p),
                 other => panic!("attempt {t}: {other:?}"),
             }
@@ -195,8 +236,25 @@ mod tests {
             }
         }
         assert_eq!(asked, vec![peer(1), peer(2), peer(1), peer(2), peer(1), peer(2)]);
-        assert_eq!(w.next(&h), Next::GiveUp(of()));
+        assert_eq!(w.next(&h, 1_000), Next::GiveUp(of()));
         assert!(w.is_empty());
+    }
+
+    /// A request out too long is hedged once: the next candidate is asked
+    /// beside it.
+    #[test]
+    fn a_slow_request_is_hedged_once() {
+        let mut w = Wants::default();
+        let h = PayloadHash([9; 32]);
+        w.want(h, of(), [peer(1), peer(2)]);
+        assert_eq!(w.next(&h, 1_000), Next::Ask(peer(1)));
+        assert_eq!(w.next_hedge(200), Some(1_200));
+        assert!(w.hedges(1_199, 200).is_empty());
+        assert_eq!(w.hedges(1_200, 200), vec![h]);
+        assert!(w.hedges(5_000, 200).is_empty(), "hedged once");
+        assert_eq!(w.next_hedge(200), None);
+        assert_eq!(w.next(&h, 1_200), Next::Ask(peer(2)));
+        assert_eq!(w.asked_at(&h), Some(1_200));
     }
 
     #[test]

@@ -421,7 +421,10 @@ impl Node {
             ms = self.data.fetch.finished_ms.unwrap_or(0),
             "shard ready"
         );
-        self.trainer = Some(trainer::spawn(net, source, test, cfg, encoder, self.attack)?);
+        // The loss-scoring sample: drawn evenly from the held-out split,
+        // alike on every node.
+        let score = self.spec.exchange.score.map(|s| test.spread(s.records));
+        self.trainer = Some(trainer::spawn(net, source, test, score, cfg, encoder, self.attack)?);
         if let Some(cp) = self.restored.take() {
             self.trainer_cmd(crate::trainer::TrainerCmd::Restore {
                 residual: cp.residual,

@@ -650,6 +650,7 @@ impl Node {
                     self.trainer_cmd(TrainerCmd::Snapshot { round });
                 }
             }
+            Effect::Score { round, anchor, deltas } => self.trainer_cmd(TrainerCmd::Score { round, anchor, deltas }),
             Effect::Aggregate(job) => {
                 let tx = self.worker_tx.clone();
                 tokio::task::spawn_blocking(move || {
@@ -857,6 +858,10 @@ impl Node {
                     round,
                     report: Box::new(report),
                 });
+            }
+            TrainerReply::Scored { round, scores, took } => {
+                self.metrics.stage("score", took);
+                self.feed(Input::Scored { round, scores });
             }
             TrainerReply::Snapshot { round, state, took } => {
                 self.metrics.stage("checkpoint", took);

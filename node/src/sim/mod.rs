@@ -59,6 +59,8 @@ pub struct SimConfig {
     /// round: it fetches its shard over a slow link from node 0, which
     /// holds the data and is ready at once.
     pub slow_first_ms: u64,
+    /// The loss-scoring stage (on the stand-in's held-out loss).
+    pub score: Option<crate::runspec::ScoreSpec>,
 }
 
 /// How the simulated run admits nodes.
@@ -92,6 +94,7 @@ impl Default for SimConfig {
             sybils: 0,
             hijack: false,
             slow_first_ms: 0,
+            score: None,
         }
     }
 }

@@ -60,6 +60,7 @@ pub fn sim_spec(rounds: u64, codec: CodecSpec, aggregator: AggregatorSpec, seed:
             nesterov: true,
             staleness: 1,
             staleness_decay: 0.5,
+            score: None,
         },
         rounds: RoundSpec {
             count: rounds,

@@ -197,7 +197,8 @@ impl World {
                     .collect(),
             },
         };
-        let spec = standin::sim_spec(cfg.rounds, cfg.codec, cfg.aggregator, seed, admission);
+        let mut spec = standin::sim_spec(cfg.rounds, cfg.codec, cfg.aggregator, seed, admission);
+        spec.exchange.score = cfg.score;
         let mut nodes = Vec::with_capacity(total);
         for (index, key) in keys.into_iter().enumerate() {
             let author = AuthorKey::from_secret(key).author();
@@ -797,6 +798,30 @@ impl World {
                     },
                     residual,
                 ));
+            }
+            Effect::Score { round, anchor, deltas } => {
+                // The stand-in's held-out loss, for the anchor and for
+                // each update applied alone to it.
+                let loss = |w: &[f32]| standin::evaluate(w, self.cfg.params, self.seed, round).summary.loss;
+                let base = loss(&anchor);
+                let after = deltas
+                    .iter()
+                    .map(|d| {
+                        let w: Vec<f32> = anchor.iter().zip(d.iter()).map(|(a, d)| a + d).collect();
+                        loss(&w)
+                    })
+                    .collect();
+                self.at(
+                    self.now + LOCAL_MS,
+                    Event::Input {
+                        node: index,
+                        epoch: Some(epoch),
+                        input: Box::new(Input::Scored {
+                            round,
+                            scores: Ok(crate::core::score::Scores { base, after }),
+                        }),
+                    },
+                );
             }
             Effect::Aggregate(job) => {
                 let done = run_aggregation(*job);
