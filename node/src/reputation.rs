@@ -78,6 +78,9 @@ fn badness(verdict: &Verdict) -> Option<f32> {
             RejectReason::Malformed | RejectReason::BadSignature | RejectReason::WrongRun => None,
             RejectReason::Stale | RejectReason::PayloadUnavailable | RejectReason::Banned => None,
             RejectReason::OffBase | RejectReason::RoundAbandoned => None,
+            // A filter on a sample, not proof: an honest update refused by
+            // chance now and then must not add up to a ban.
+            RejectReason::LossScore(_) => None,
             _ => Some(1.0),
         },
     }

@@ -172,17 +172,18 @@ pub struct ExchangeSpec {
     pub score: Option<ScoreSpec>,
 }
 
-/// Loss scoring: every candidate update of a round, applied alone to the
-/// anchor, is scored by the loss on a fixed sample of the held-out split
-/// (every node holds it, so every node scores alike); one that raises it
-/// past the round's robust limit is refused before the aggregator.
+/// Loss scoring: every candidate update of a round is scored by the loss on
+/// a fixed sample of the held-out split (every node holds it, so every node
+/// scores alike) with and without it (leave one out); one whose presence
+/// raises it past the round's robust limit is refused before the
+/// aggregator.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreSpec {
     /// Held-out records each candidate is scored on.
     pub records: usize,
-    /// No rise in loss smaller than this is refused, however alike the
-    /// round's other updates scored.
+    /// No update whose presence raises the loss by less than this (above
+    /// the round's median) is refused, however alike the others scored.
     pub tolerance: f32,
 }
 
@@ -191,7 +192,7 @@ pub struct ScoreSpec {
 pub const MAX_SCORE_RECORDS: usize = 4096;
 
 impl ScoreSpec {
-    pub const DEFAULT_TOLERANCE: f32 = 0.05;
+    pub const DEFAULT_TOLERANCE: f32 = 0.01;
 
     fn check(&self) -> Result<(), String> {
         if !(1..=MAX_SCORE_RECORDS).contains(&self.records) {
@@ -208,7 +209,7 @@ impl ScoreSpec {
 
 impl std::str::FromStr for ScoreSpec {
     type Err = String;
-    /// `RECORDS` or `RECORDS:TOLERANCE`, e.g. `256` or `256:0.05`.
+    /// `RECORDS` or `RECORDS:TOLERANCE`, e.g. `256` or `256:0.01`.
     fn from_str(s: &str) -> Result<Self, String> {
         let (records, tolerance) = match s.split_once(':') {
             Some((r, t)) => (r, Some(t)),
@@ -216,7 +217,7 @@ impl std::str::FromStr for ScoreSpec {
         };
         let records = records
             .parse()
-            .map_err(|_| format!("score `{s}`: `{records}` is not a number of records (e.g. `256` or `256:0.05`)"))?;
+            .map_err(|_| format!("score `{s}`: `{records}` is not a number of records (e.g. `256` or `256:0.01`)"))?;
         let tolerance = match tolerance {
             Some(t) => t
                 .parse()

@@ -190,27 +190,29 @@ pub fn spawn(
     })
 }
 
-/// The held-out loss on `sample` of `anchor`, and of `anchor` plus each
-/// delta alone. The replica is reloaded before every round's training, so
-/// what this leaves in it does not matter.
+/// The held-out loss on `sample` of the anchor moved by the mean of all
+/// the deltas, and by the mean of all but each one (leave one out). The
+/// replica is reloaded before every round's training, so what this leaves
+/// in it does not matter.
 fn score_deltas(
     trainer: &mut Trainer,
     sample: &Records,
     anchor: &[f32],
     deltas: &[Arc<Vec<f32>>],
 ) -> Result<Scores, meshtrain_model::ModelError> {
-    trainer.load(anchor)?;
-    let base = trainer.evaluate(sample)?.summary.loss;
-    let mut after = Vec::with_capacity(deltas.len());
+    let sum = crate::core::score::sum_of(deltas, anchor.len());
     let mut w = vec![0f32; anchor.len()];
-    for d in deltas {
-        for ((w, a), d) in w.iter_mut().zip(anchor).zip(d.iter()) {
-            *w = a + d;
-        }
+    let mut loss_at = |trainer: &mut Trainer, leave: Option<usize>| {
+        crate::core::score::moved(anchor, &sum, deltas, leave, &mut w);
         trainer.load(&w)?;
-        after.push(trainer.evaluate(sample)?.summary.loss);
+        Ok::<f32, meshtrain_model::ModelError>(trainer.evaluate(sample)?.summary.loss)
+    };
+    let with_all = loss_at(trainer, None)?;
+    let mut without = Vec::with_capacity(deltas.len());
+    for i in 0..deltas.len() {
+        without.push(loss_at(trainer, Some(i))?);
     }
-    Ok(Scores { base, after })
+    Ok(Scores { with_all, without })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -69,7 +69,7 @@ pub(super) struct SpecArgs {
     pub(super) anomaly_class: Option<usize>,
     /// Loss scoring before the aggregator: `RECORDS[:TOLERANCE]` held-out
     /// records every update is scored on, and the least loss rise that may
-    /// be refused (0.05 by default), e.g. `256`.
+    /// be refused (0.01 by default), e.g. `256`.
     #[arg(long)]
     pub(super) score: Option<meshtrain_node::runspec::ScoreSpec>,
     /// Stop once this many evaluations in a row did not improve the

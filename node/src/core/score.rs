@@ -1,8 +1,12 @@
 //! The loss-scoring stage (optional, `exchange.score` in the run spec):
-//! before the aggregator, every candidate update of a round is applied
-//! alone to the anchor and scored by the loss on a fixed sample of the
-//! held-out split. One that raises the loss past the round's robust limit
-//! is refused, with both figures in its verdict, so an audit shows why.
+//! before the aggregator, every candidate update of a round is scored by
+//! what it does to the loss on a fixed sample of the held-out split: the
+//! loss of the anchor moved by the mean of all the round's updates, against
+//! the mean of all but that one (leave one out, at the step the mesh
+//! really takes: one node's whole update applied alone overshoots, and
+//! honest ones then raise the loss too, each by its own amount). One whose
+//! presence raises the loss past the round's robust limit is refused, with
+//! the figures in its verdict, so an audit shows why.
 //!
 //! The sample is the same on every node (drawn evenly from the held-out
 //! split every node holds), so honest nodes score a round's candidates
@@ -17,12 +21,36 @@ use super::close::AggregateJob;
 use super::{Core, Effect};
 use crate::runspec::ScoreSpec;
 
-/// A round's scores: the anchor's loss on the sample, and each candidate's
-/// (anchor plus that update alone), in the job's input order.
+/// A round's scores on the sample: the loss of the anchor moved by the mean
+/// of every candidate, and by the mean of all but each one (in the job's
+/// input order).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scores {
-    pub base: f32,
-    pub after: Vec<f32>,
+    pub with_all: f32,
+    pub without: Vec<f32>,
+}
+
+/// The sum of `deltas` (each `dim` long), in f64.
+pub fn sum_of(deltas: &[std::sync::Arc<Vec<f32>>], dim: usize) -> Vec<f64> {
+    let mut sum = vec![0f64; dim];
+    for d in deltas {
+        for (s, v) in sum.iter_mut().zip(d.iter()) {
+            *s += *v as f64;
+        }
+    }
+    sum
+}
+
+/// Writes into `out` the anchor moved by the mean of the deltas, less
+/// `leave` if given (with one delta and `leave`, the anchor itself).
+pub fn moved(anchor: &[f32], sum: &[f64], deltas: &[std::sync::Arc<Vec<f32>>], leave: Option<usize>, out: &mut [f32]) {
+    let left = leave.and_then(|i| deltas.get(i));
+    let n = deltas.len() - usize::from(left.is_some());
+    let k = if n == 0 { 0.0 } else { 1.0 / n as f64 };
+    for (j, (o, a)) in out.iter_mut().zip(anchor).enumerate() {
+        let s = sum[j] - left.map_or(0.0, |d| d[j] as f64);
+        *o = (*a as f64 + k * s) as f32;
+    }
 }
 
 /// How many scaled median absolute deviations of the round's rises a
@@ -41,26 +69,28 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// The refusal (its detail) of each candidate, or `None` to keep it. A
-/// candidate is refused when it raises the loss (rise > 0) by more than the
-/// round's limit: the median rise plus three robust spreads, and at least
-/// the median plus `tolerance`. A candidate whose loss is not finite is
-/// refused outright. With a minority of attackers the median and the
-/// spread are the honest updates'.
+/// candidate's harm is how much its presence raises the loss (the loss
+/// with all, less the loss without it); it is refused when the harm is
+/// positive and above the round's limit: the median harm plus three robust
+/// spreads, and at least the median plus `tolerance`. A candidate whose
+/// score is not finite is refused outright. With a minority of attackers
+/// the median and the spread are the honest updates'.
 pub fn judge(scores: &Scores, tolerance: f32) -> Vec<Option<String>> {
-    let base = scores.base as f64;
-    let rises: Vec<f64> = scores.after.iter().map(|a| *a as f64 - base).collect();
-    let finite: Vec<f64> = rises.iter().copied().filter(|r| r.is_finite()).collect();
+    let all = scores.with_all as f64;
+    let harms: Vec<f64> = scores.without.iter().map(|w| all - *w as f64).collect();
+    let finite: Vec<f64> = harms.iter().copied().filter(|h| h.is_finite()).collect();
     let mid = median(finite.clone());
-    let spread = MAD_TO_SIGMA * median(finite.iter().map(|r| (r - mid).abs()).collect());
+    let spread = MAD_TO_SIGMA * median(finite.iter().map(|h| (h - mid).abs()).collect());
     let limit = mid + (SPREADS * spread).max(tolerance as f64);
-    rises
+    harms
         .iter()
-        .map(|&rise| {
-            if !rise.is_finite() || !base.is_finite() {
-                Some(format!("loss {rise} after it, from {base:.4}"))
-            } else if rise > 0.0 && rise > limit {
+        .zip(&scores.without)
+        .map(|(&harm, &without)| {
+            if !harm.is_finite() {
+                Some(format!("held-out loss {all} with it, {without} without it"))
+            } else if harm > 0.0 && harm > limit {
                 Some(format!(
-                    "it raised the held-out loss by {rise:.4} (from {base:.4}); the round's limit was {limit:.4}"
+                    "leaving it out lowers the held-out loss by {harm:.4} (from {all:.4}); the round's limit was {limit:.4}"
                 ))
             } else {
                 None
@@ -73,7 +103,8 @@ impl Core {
     /// Scores the round's candidates before aggregating them, if the run
     /// scores; otherwise aggregates at once.
     pub(super) fn score_or_aggregate(&mut self, job: AggregateJob) {
-        if self.cfg.spec.exchange.score.is_none() || job.inputs.inputs.is_empty() {
+        // Leaving one out needs two.
+        if self.cfg.spec.exchange.score.is_none() || job.inputs.inputs.len() < 2 {
             self.emit(Effect::Aggregate(Box::new(job)));
             return;
         }
@@ -102,8 +133,8 @@ impl Core {
             tolerance: ScoreSpec::DEFAULT_TOLERANCE,
         });
         match scores {
-            Ok(s) if s.after.len() == job.inputs.inputs.len() => {
-                tracing::debug!(round, base = s.base, after = ?s.after, "loss scores");
+            Ok(s) if s.without.len() == job.inputs.inputs.len() => {
+                tracing::debug!(round, with_all = s.with_all, without = ?s.without, "loss scores");
                 let verdicts = judge(&s, tolerance);
                 let mut kept = Vec::with_capacity(verdicts.len());
                 let mut refused = Vec::new();
@@ -126,11 +157,11 @@ impl Core {
                     }
                 }
                 job.inputs.inputs = kept;
-                info!(round, base_loss = s.base, ?refused, "scored the round's updates");
+                info!(round, loss = s.with_all, ?refused, "scored the round's updates");
             }
             Ok(s) => warn!(
                 round,
-                scores = s.after.len(),
+                scores = s.without.len(),
                 inputs = job.inputs.inputs.len(),
                 "scores do not match the round's updates; aggregating without them"
             ),
@@ -143,52 +174,73 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
-    fn scores(base: f32, after: &[f32]) -> Scores {
+    /// Loss with all `all`; without each one, `without`.
+    fn scores(all: f32, without: &[f32]) -> Scores {
         Scores {
-            base,
-            after: after.to_vec(),
+            with_all: all,
+            without: without.to_vec(),
         }
     }
 
     #[test]
-    fn an_update_that_raises_the_loss_far_past_the_others_is_refused() {
-        // Six honest updates lower the loss by 0.10 to 0.15; a sign-flipped
-        // one raises it by 0.5.
-        let s = scores(1.0, &[0.9, 0.88, 0.85, 0.87, 0.9, 0.86, 1.5, 0.89]);
-        let v = judge(&s, 0.05);
+    fn an_update_whose_presence_raises_the_loss_far_past_the_others_is_refused() {
+        // Leaving an honest one out raises the loss a little (it helped);
+        // leaving the sign-flipped one out lowers it by 0.2.
+        let s = scores(1.0, &[1.01, 1.02, 1.0, 1.01, 1.03, 1.02, 0.8, 1.01]);
+        let v = judge(&s, 0.01);
         assert!(
             v[6].as_deref()
-                .is_some_and(|d| d.contains("raised the held-out loss by 0.5000")),
+                .is_some_and(|d| d.contains("lowers the held-out loss by 0.2000")),
             "{v:?}"
         );
         assert_eq!(v.iter().filter(|x| x.is_some()).count(), 1, "{v:?}");
     }
 
-    /// Honest updates that all raise the loss a little (label-skewed
-    /// shards against a balanced sample) are not refused: the limit is
-    /// relative to the round, and never under the tolerance.
+    /// Harms alike (label-skewed shards against a balanced sample) are not
+    /// refused: the limit is relative to the round, never under the
+    /// tolerance, and an update that helps is never refused.
     #[test]
-    fn alike_rises_and_falls_are_kept() {
-        let s = scores(1.0, &[1.02, 1.03, 1.01, 1.04, 1.02, 1.03]);
+    fn alike_harms_and_helpers_are_kept() {
+        let s = scores(1.0, &[0.99, 0.985, 0.99, 0.98, 0.995]);
         assert!(judge(&s, 0.05).iter().all(|x| x.is_none()));
-        let s = scores(1.0, &[0.5, 0.9, 0.99, 0.7]);
+        let s = scores(1.0, &[1.5, 1.1, 1.01, 1.3]);
         assert!(judge(&s, 0.0).iter().all(|x| x.is_none()));
     }
 
     #[test]
-    fn a_non_finite_loss_is_refused() {
-        let s = scores(1.0, &[0.9, f32::NAN, 0.9, f32::INFINITY]);
-        let v = judge(&s, 0.05);
+    fn a_non_finite_score_is_refused() {
+        let s = scores(1.0, &[1.01, f32::NAN, 1.01, f32::INFINITY]);
+        let v = judge(&s, 0.01);
         assert!(v[0].is_none() && v[1].is_some() && v[2].is_none() && v[3].is_some());
     }
 
-    /// A minority cannot widen the limit: two of eight far rises leave the
+    /// A minority cannot move the limit: two far harms of eight leave the
     /// median and spread to the honest six.
     #[test]
     fn a_minority_cannot_move_the_limit() {
-        let s = scores(1.0, &[0.9, 0.91, 0.89, 0.9, 0.92, 0.88, 3.0, 3.0]);
-        let v = judge(&s, 0.05);
+        let s = scores(1.0, &[1.01, 1.0, 1.02, 1.01, 1.0, 1.01, 0.7, 0.7]);
+        let v = judge(&s, 0.01);
         assert_eq!(v.iter().filter(|x| x.is_some()).count(), 2, "{v:?}");
+    }
+
+    #[test]
+    fn moved_is_the_anchor_plus_the_mean_with_or_without_one() {
+        let deltas = vec![
+            Arc::new(vec![1.0f32, 0.0]),
+            Arc::new(vec![3.0, 2.0]),
+            Arc::new(vec![-1.0, 4.0]),
+        ];
+        let sum = sum_of(&deltas, 2);
+        let anchor = [10.0f32, 10.0];
+        let mut out = [0f32; 2];
+        moved(&anchor, &sum, &deltas, None, &mut out);
+        assert_eq!(out, [11.0, 12.0]);
+        moved(&anchor, &sum, &deltas, Some(2), &mut out);
+        assert_eq!(out, [12.0, 11.0]);
+        let one = vec![Arc::new(vec![5.0f32, 5.0])];
+        moved(&anchor, &sum_of(&one, 2), &one, Some(0), &mut out);
+        assert_eq!(out, anchor);
     }
 }

@@ -800,14 +800,15 @@ impl World {
                 ));
             }
             Effect::Score { round, anchor, deltas } => {
-                // The stand-in's held-out loss, for the anchor and for
-                // each update applied alone to it.
+                // The stand-in's held-out loss, leaving each update out.
                 let loss = |w: &[f32]| standin::evaluate(w, self.cfg.params, self.seed, round).summary.loss;
-                let base = loss(&anchor);
-                let after = deltas
-                    .iter()
-                    .map(|d| {
-                        let w: Vec<f32> = anchor.iter().zip(d.iter()).map(|(a, d)| a + d).collect();
+                let sum = crate::core::score::sum_of(&deltas, anchor.len());
+                let mut w = vec![0f32; anchor.len()];
+                crate::core::score::moved(&anchor, &sum, &deltas, None, &mut w);
+                let with_all = loss(&w);
+                let without = (0..deltas.len())
+                    .map(|i| {
+                        crate::core::score::moved(&anchor, &sum, &deltas, Some(i), &mut w);
                         loss(&w)
                     })
                     .collect();
@@ -818,7 +819,7 @@ impl World {
                         epoch: Some(epoch),
                         input: Box::new(Input::Scored {
                             round,
-                            scores: Ok(crate::core::score::Scores { base, after }),
+                            scores: Ok(crate::core::score::Scores { with_all, without }),
                         }),
                     },
                 );
