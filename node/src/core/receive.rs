@@ -388,7 +388,7 @@ impl Core {
                 (done.payload_hash, done.author, done.seq, done.record_hash, done.round)
             {
                 if self.round_matters(round) && !self.members.is_banned(&author) {
-                    self.book.announce(round, author);
+                    self.book.announce(round, author, self.now);
                 }
                 if self.too_far_ahead(round) {
                     self.set_aside(author, round);

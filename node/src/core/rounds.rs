@@ -128,7 +128,7 @@ pub struct RoundBook {
     /// Authors whose verified record for a round is in, payload still on its
     /// way: the round waits for those payloads too (until the deadline), or
     /// nodes that happen to have it would aggregate differently.
-    announced: BTreeMap<u64, HashSet<AuthorId>>,
+    announced: BTreeMap<u64, BTreeMap<AuthorId, Millis>>,
     pub wait: AdaptiveWait,
 }
 
@@ -191,10 +191,11 @@ impl RoundBook {
         Offer::Kept
     }
 
-    /// A verified record of `author` for `round` came in without its payload.
-    pub fn announce(&mut self, round: u64, author: AuthorId) {
+    /// A verified record of `author` for `round` came in at `now` without
+    /// its payload.
+    pub fn announce(&mut self, round: u64, author: AuthorId, now: Millis) {
         if round >= self.current {
-            self.announced.entry(round).or_default().insert(author);
+            self.announced.entry(round).or_default().entry(author).or_insert(now);
         }
     }
 
@@ -263,7 +264,7 @@ impl RoundBook {
     pub fn should_close(&self, now: Millis, expected: &HashSet<AuthorId>) -> Option<Close> {
         self.own_ready_at?;
         let have = self.pending.get(&self.current);
-        let announced = self.announced.get(&self.current).into_iter().flatten();
+        let announced = self.announced.get(&self.current).into_iter().flat_map(|m| m.keys());
         let all_in = expected
             .iter()
             .chain(announced)
@@ -299,18 +300,22 @@ impl RoundBook {
         let median = before.get(before.len().saturating_sub(1) / 2).copied().unwrap_or(q);
         let grace = (q.saturating_sub(median) as f64 * GRACE_SHARE) as Millis;
         let grace = grace.clamp(GRACE_MIN_MS, self.wait.timeout().max(GRACE_MIN_MS));
-        // A payload whose record is in but that is still on its way (held
-        // back from us, say, and asked of another peer) gets one grace more:
-        // nodes that have it and nodes that do not would aggregate apart.
-        Some(q + if self.announced_missing() { 2 * grace } else { grace })
+        // A payload whose record was in with the quorum but that is still on
+        // its way (held back from us, say, and asked of another peer) gets
+        // one grace more: nodes that have it and nodes that do not would
+        // aggregate apart. A record that came after the quorum (late) gets
+        // none: that would hand a late member one more grace every round.
+        Some(q + if self.announced_missing(q) { 2 * grace } else { grace })
     }
 
-    /// Whether a record of the current round is in without its payload.
-    fn announced_missing(&self) -> bool {
+    /// Whether a record of the current round that was in by `by` still
+    /// lacks its payload.
+    fn announced_missing(&self, by: Millis) -> bool {
         let have = self.pending.get(&self.current);
-        self.announced
-            .get(&self.current)
-            .is_some_and(|s| s.iter().any(|a| !have.is_some_and(|m| m.contains_key(a))))
+        self.announced.get(&self.current).is_some_and(|m| {
+            m.iter()
+                .any(|(a, at)| *at <= by && !have.is_some_and(|h| h.contains_key(a)))
+        })
     }
 
     /// When a quorum of the current round was in, if it was.
@@ -461,11 +466,11 @@ mod tests {
         let mut b = book();
         let t = 1_000;
         b.own_ready(t);
-        b.announce(0, AuthorId([5; 32]));
+        b.announce(0, AuthorId([5; 32]), t);
         assert_eq!(b.should_close(t, &HashSet::new()), None);
         b.offer(c(5, 0), 0);
         assert_eq!(b.should_close(t, &HashSet::new()), Some(Close::AllIn));
-        b.announce(0, AuthorId([6; 32]));
+        b.announce(0, AuthorId([6; 32]), t);
         b.unannounce(0, &AuthorId([6; 32]));
         assert_eq!(b.should_close(t, &HashSet::new()), Some(Close::AllIn));
     }
@@ -571,8 +576,9 @@ mod tests {
         assert_eq!(b.deadline(), Some(5_300 + 600));
     }
 
-    /// A record in without its payload doubles the grace (the payload is
-    /// on its way from another peer), within the deadline.
+    /// A record in with the quorum but without its payload doubles the
+    /// grace (the payload is on its way from another peer), within the
+    /// deadline; a record that came after the quorum does not.
     #[test]
     fn an_announced_payload_gets_one_grace_more() {
         let mut b = book();
@@ -583,9 +589,12 @@ mod tests {
         b.note_arrivals(1_200, &expected);
         // Arrivals 1000, 1200: median 1000, grace 400.
         assert_eq!(b.deadline(), Some(1_600));
-        b.announce(0, AuthorId([4; 32]));
+        b.announce(0, AuthorId([4; 32]), 1_100);
         assert_eq!(b.deadline(), Some(2_000));
         b.unannounce(0, &AuthorId([4; 32]));
+        assert_eq!(b.deadline(), Some(1_600));
+        // A record that came after the quorum gets no grace more.
+        b.announce(0, AuthorId([4; 32]), 1_300);
         assert_eq!(b.deadline(), Some(1_600));
     }
 
