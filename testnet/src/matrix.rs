@@ -376,8 +376,8 @@ mod tests {
         // A run that never reached the target is not a point.
         assert_eq!(chart.series[1].1.len(), 1);
         let md = markdown(&rows);
-        assert!(md.contains("| 10mbit | 0.0 | 400.0 |"), "{md}");
-        assert!(md.contains("| 1gbit | 0.0 | - |"), "{md}");
+        assert!(md.contains("| 10mbit | 0.0 | - | 400.0 |"), "{md}");
+        assert!(md.contains("| 1gbit | 0.0 | - | - |"), "{md}");
         // No links, no chart.
         let plain = MatrixRow {
             link: None,

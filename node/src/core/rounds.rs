@@ -244,8 +244,11 @@ impl RoundBook {
 
     /// Notes at `now` whether a quorum of the current round is in (ours
     /// and the `expected` authors' updates; the first time counts).
+    /// Not in the first round a node takes part in: members may still be
+    /// fetching their shards, and that round waits for them (as before
+    /// the quorum rule), or they would start a round behind.
     pub fn note_arrivals(&mut self, now: Millis, expected: &HashSet<AuthorId>) {
-        if self.own_ready_at.is_none() || self.quorum_at.is_some() {
+        if self.own_ready_at.is_none() || self.quorum_at.is_some() || self.current == self.joined_at {
             return;
         }
         let have = self.pending.get(&self.current);
@@ -416,6 +419,14 @@ mod tests {
         RoundBook::new(0, 1, 0.5, AdaptiveWait::new(1000, 10_000))
     }
 
+    /// A book past its first round (where the quorum rule does not apply).
+    fn book_at_1() -> RoundBook {
+        let mut b = book();
+        b.own_ready(0);
+        b.close();
+        b
+    }
+
     #[test]
     fn closes_when_all_expected_are_in() {
         let mut b = book();
@@ -524,6 +535,19 @@ mod tests {
         range.map(|a| AuthorId([a; 32])).collect()
     }
 
+    /// The first round a node takes part in waits for every member (they
+    /// may still be fetching their shards).
+    #[test]
+    fn the_first_round_waits_for_everyone() {
+        let mut b = book();
+        let expected = authors(2..5);
+        b.offer(c(2, 0), 0);
+        b.offer(c(3, 0), 0);
+        b.own_ready(0);
+        b.note_arrivals(0, &expected);
+        assert_eq!(b.deadline(), Some(10_000));
+    }
+
     #[test]
     fn quorum_sizes() {
         assert_eq!([1, 2, 3, 4, 8, 9, 10].map(quorum), [1, 2, 2, 3, 6, 6, 7]);
@@ -535,8 +559,10 @@ mod tests {
     #[test]
     fn a_late_minority_gets_a_grace_not_the_deadline() {
         let mut b = RoundBook::new(0, 1, 0.5, AdaptiveWait::new(1000, 30_000));
+        b.own_ready(0);
+        b.close();
         let expected = authors(2..9); // seven others; 7 and 8 are late
-        for r in 0..20u64 {
+        for r in 1..20u64 {
             let t0 = r * 100_000;
             for (i, a) in (2..7u8).enumerate() {
                 let at = t0 + 200 * i as u64; // honest arrivals: 0 to 800 ms
@@ -563,12 +589,12 @@ mod tests {
     /// arrival, an honest one.
     #[test]
     fn an_early_minority_cannot_widen_the_grace() {
-        let mut b = book();
+        let mut b = book_at_1();
         let expected = authors(2..9);
-        b.offer(c(7, 0), 0);
-        b.offer(c(8, 0), 0);
+        b.offer(c(7, 1), 0);
+        b.offer(c(8, 1), 0);
         for (i, a) in (2..6u8).enumerate() {
-            b.offer(c(a, 0), 5_000 + 100 * i as u64);
+            b.offer(c(a, 1), 5_000 + 100 * i as u64);
         }
         b.own_ready(5_300);
         b.note_arrivals(5_300, &expected);
@@ -581,20 +607,20 @@ mod tests {
     /// deadline; a record that came after the quorum does not.
     #[test]
     fn an_announced_payload_gets_one_grace_more() {
-        let mut b = book();
+        let mut b = book_at_1();
         let expected = authors(2..5);
-        b.offer(c(2, 0), 1_000);
-        b.offer(c(3, 0), 1_200);
+        b.offer(c(2, 1), 1_000);
+        b.offer(c(3, 1), 1_200);
         b.own_ready(1_200);
         b.note_arrivals(1_200, &expected);
         // Arrivals 1000, 1200: median 1000, grace 400.
         assert_eq!(b.deadline(), Some(1_600));
-        b.announce(0, AuthorId([4; 32]), 1_100);
+        b.announce(1, AuthorId([4; 32]), 1_100);
         assert_eq!(b.deadline(), Some(2_000));
-        b.unannounce(0, &AuthorId([4; 32]));
+        b.unannounce(1, &AuthorId([4; 32]));
         assert_eq!(b.deadline(), Some(1_600));
         // A record that came after the quorum gets no grace more.
-        b.announce(0, AuthorId([4; 32]), 1_300);
+        b.announce(1, AuthorId([4; 32]), 1_300);
         assert_eq!(b.deadline(), Some(1_600));
     }
 
@@ -614,14 +640,14 @@ mod tests {
     /// The grace is at least `GRACE_MIN_MS`, and never past the deadline.
     #[test]
     fn the_grace_has_a_floor_and_a_ceiling() {
-        let mut b = book();
+        let mut b = book_at_1();
         let expected = authors(2..4);
         b.own_ready(1_000);
-        b.offer(c(2, 0), 1_000);
+        b.offer(c(2, 1), 1_000);
         b.note_arrivals(1_000, &expected);
         assert_eq!(b.deadline(), Some(1_000 + GRACE_MIN_MS));
-        let mut b = book();
-        b.offer(c(2, 0), 0);
+        let mut b = book_at_1();
+        b.offer(c(2, 1), 0);
         b.own_ready(50_000);
         b.note_arrivals(50_000, &expected);
         assert_eq!(b.deadline(), Some(60_000));

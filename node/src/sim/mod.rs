@@ -109,6 +109,10 @@ pub struct SeedOutcome {
     /// ... until the last honest node evaluated its final anchor (the
     /// run's result; draining follows, for members still behind).
     pub result_ms: u64,
+    /// ... from the last honest close of round 0 to the result: the rounds
+    /// after the first, which waits for every member (shards may still be
+    /// coming).
+    pub after_first_ms: u64,
     pub crashes: u64,
     pub partitions: u64,
 }
@@ -129,6 +133,16 @@ pub fn run_seed(cfg: &SimConfig, seed: u64) -> SeedOutcome {
             .filter_map(|n| n.evaluated_at)
             .max()
             .unwrap_or(world.now()),
+        after_first_ms: {
+            let honest = world.nodes.iter().filter(|n| n.honest());
+            let result = honest
+                .clone()
+                .filter_map(|n| n.evaluated_at)
+                .max()
+                .unwrap_or(world.now());
+            let first = honest.filter_map(|n| n.closed.get(&0).map(|c| c.at)).max().unwrap_or(0);
+            result.saturating_sub(first)
+        },
         crashes: world.crashes,
         partitions: world.partitions,
     }
