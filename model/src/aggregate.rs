@@ -194,7 +194,9 @@ fn weighted_mean(inputs: &[AggInput<'_>], weights: &[f64]) -> Vec<f32> {
     acc.into_iter().map(|v| v as f32).collect()
 }
 
-fn median_of(values: &mut [f64]) -> f64 {
+/// The median of `values` (sorted in place; the mean of the middle two
+/// for an even count, 0 for none).
+pub fn median_of(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     let n = values.len();
     if n == 0 {

@@ -207,13 +207,9 @@ pub fn mean_of(vs: &[&[f32]]) -> Vec<f64> {
     acc
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    match xs.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => xs[n / 2],
-        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
-    }
+/// The median of what `xs` yields.
+fn median(xs: impl Iterator<Item = f64>) -> f64 {
+    meshtrain_model::aggregate::median_of(&mut xs.collect::<Vec<f64>>())
 }
 
 fn dist(a: &[f32], b: &[f64]) -> f64 {
@@ -252,7 +248,7 @@ fn rop(honest: &[&[f32]], previous: Option<&[f32]>, z: f64) -> Vec<f32> {
             .collect(),
         None => mu.clone(),
     };
-    let spread = median(honest.iter().map(|h| dist(h, &mu)).collect());
+    let spread = median(honest.iter().map(|h| dist(h, &mu)));
     let p = orthogonal_unit(vec![1.0; mu.len()], &reference).unwrap_or_else(|| vec![0.0; mu.len()]);
     mu.iter().zip(&p).map(|(m, p)| (m + z * spread * p) as f32).collect()
 }
@@ -262,10 +258,8 @@ fn rop(honest: &[&[f32]], previous: Option<&[f32]>, z: f64) -> Vec<f32> {
 /// keeps the update along c, ô the direction of −σ away from c.
 fn clip_aware(honest: &[&[f32]], tau: Option<f64>) -> Vec<f32> {
     let dim = honest[0].len();
-    let centre: Vec<f64> = (0..dim)
-        .map(|j| median(honest.iter().map(|h| h[j] as f64).collect()))
-        .collect();
-    let radius = tau.unwrap_or_else(|| CLIP_RADIUS_FACTOR * median(honest.iter().map(|h| dist(h, &centre)).collect()));
+    let centre: Vec<f64> = (0..dim).map(|j| median(honest.iter().map(|h| h[j] as f64))).collect();
+    let radius = tau.unwrap_or_else(|| CLIP_RADIUS_FACTOR * median(honest.iter().map(|h| dist(h, &centre))));
     let rho = CLIP_AWARE_SHARE * radius;
     let c_len = dot(&centre, &centre).sqrt();
     if rho.is_nan() || rho <= 0.0 || rho.is_infinite() {
@@ -581,10 +575,8 @@ mod tests {
             })
             .collect();
         let honest: Vec<&[f32]> = vs.iter().map(|v| v.as_slice()).collect();
-        let centre: Vec<f64> = (0..50)
-            .map(|j| median(honest.iter().map(|h| h[j] as f64).collect()))
-            .collect();
-        let radius = CLIP_RADIUS_FACTOR * median(honest.iter().map(|h| dist(h, &centre)).collect());
+        let centre: Vec<f64> = (0..50).map(|j| median(honest.iter().map(|h| h[j] as f64))).collect();
+        let radius = CLIP_RADIUS_FACTOR * median(honest.iter().map(|h| dist(h, &centre)));
         for (attack, r) in [(Attack::ClipAware(None), radius), (Attack::ClipAware(Some(0.5)), 0.5)] {
             let out = attack.collude(&honest, &[0.0; 50], None);
             let d = dist(&out, &centre);

@@ -400,14 +400,7 @@ impl Core {
             RejectReason::OffBase
         };
         for (c, _) in off {
-            inputs.rejections.push(VerdictEntry {
-                author: c.author,
-                seq: c.seq,
-                record_hash: c.record_hash,
-                round: c.round,
-                prior: 0.0,
-                verdict: Verdict::Rejected { reason: reason.clone() },
-            });
+            inputs.rejections.push(c.rejected(reason.clone()));
         }
         // Keys without a vote (open runs) are on probation: judged on their
         // own against the voters' updates, but left out of the anchor, which

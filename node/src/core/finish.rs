@@ -127,10 +127,7 @@ impl Core {
 
     /// Our vote for the final anchor, once we cast it.
     pub(super) fn final_vote(&self) -> Option<SignedVerdictBlock> {
-        let cast = matches!(
-            self.phase,
-            Phase::Settling { .. } | Phase::Finishing | Phase::Draining | Phase::Done
-        );
+        let cast = self.run_over();
         let last = self.end_round.checked_sub(1)?;
         self.attestation.clone().filter(|a| cast && a.block.round == last)
     }

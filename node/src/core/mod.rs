@@ -887,6 +887,7 @@ impl Core {
         }
     }
 
+    /// The last round is closed: settling, evaluating, draining or done.
     fn run_over(&self) -> bool {
         matches!(
             self.phase,

@@ -24,6 +24,20 @@ pub struct Contribution {
     pub delta: Arc<Vec<f32>>,
 }
 
+impl Contribution {
+    /// Its verdict when refused before aggregation (weighing nothing).
+    pub fn rejected(&self, reason: RejectReason) -> VerdictEntry {
+        VerdictEntry {
+            author: self.author,
+            seq: self.seq,
+            record_hash: self.record_hash,
+            round: self.round,
+            prior: 0.0,
+            verdict: Verdict::Rejected { reason },
+        }
+    }
+}
+
 /// What happened to an offered contribution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Offer {
@@ -170,16 +184,7 @@ impl RoundBook {
             return Offer::Before;
         }
         if c.round.saturating_add(self.staleness) < self.current {
-            self.rejections.push(VerdictEntry {
-                author: c.author,
-                seq: c.seq,
-                record_hash: c.record_hash,
-                round: c.round,
-                prior: 0.0,
-                verdict: Verdict::Rejected {
-                    reason: RejectReason::Stale,
-                },
-            });
+            self.rejections.push(c.rejected(RejectReason::Stale));
             return Offer::Stale;
         }
         let slot = self.pending.entry(c.round).or_default();
@@ -369,16 +374,7 @@ impl RoundBook {
             let lag = round - r;
             if lag > self.staleness {
                 for c in slot.into_values() {
-                    self.rejections.push(VerdictEntry {
-                        author: c.author,
-                        seq: c.seq,
-                        record_hash: c.record_hash,
-                        round: c.round,
-                        prior: 0.0,
-                        verdict: Verdict::Rejected {
-                            reason: RejectReason::Stale,
-                        },
-                    });
+                    self.rejections.push(c.rejected(RejectReason::Stale));
                 }
                 continue;
             }

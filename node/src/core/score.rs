@@ -14,7 +14,8 @@
 //! (label-skewed) data would have them refuse different updates, and every
 //! difference would split the mesh.
 
-use meshtrain_ledger::{RejectReason, Verdict, VerdictEntry};
+use meshtrain_ledger::RejectReason;
+use meshtrain_model::aggregate::median_of;
 use tracing::{info, warn};
 
 use super::close::AggregateJob;
@@ -59,15 +60,6 @@ const SPREADS: f64 = 3.0;
 /// The median absolute deviation of a normal sample, in its σ.
 const MAD_TO_SIGMA: f64 = 1.4826;
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    match xs.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => xs[n / 2],
-        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
-    }
-}
-
 /// The refusal (its detail) of each candidate, or `None` to keep it. A
 /// candidate's harm is how much its presence raises the loss (the loss
 /// with all, less the loss without it); it is refused when the harm is
@@ -79,8 +71,8 @@ pub fn judge(scores: &Scores, tolerance: f32) -> Vec<Option<String>> {
     let all = scores.with_all as f64;
     let harms: Vec<f64> = scores.without.iter().map(|w| all - *w as f64).collect();
     let finite: Vec<f64> = harms.iter().copied().filter(|h| h.is_finite()).collect();
-    let mid = median(finite.clone());
-    let spread = MAD_TO_SIGMA * median(finite.iter().map(|h| (h - mid).abs()).collect());
+    let mid = median_of(&mut finite.clone());
+    let spread = MAD_TO_SIGMA * median_of(&mut finite.iter().map(|h| (h - mid).abs()).collect::<Vec<f64>>());
     let limit = mid + (SPREADS * spread).max(tolerance as f64);
     harms
         .iter()
@@ -128,10 +120,12 @@ impl Core {
             self.scoring = Some(job);
             return;
         }
-        let ScoreSpec { tolerance, .. } = self.cfg.spec.exchange.score.unwrap_or(ScoreSpec {
-            records: 0,
-            tolerance: ScoreSpec::DEFAULT_TOLERANCE,
-        });
+        let tolerance = self
+            .cfg
+            .spec
+            .exchange
+            .score
+            .map_or(ScoreSpec::DEFAULT_TOLERANCE, |s| s.tolerance);
         match scores {
             Ok(s) if s.without.len() == job.inputs.inputs.len() => {
                 tracing::debug!(round, with_all = s.with_all, without = ?s.without, "loss scores");
@@ -143,16 +137,7 @@ impl Core {
                         None => kept.push((c, w)),
                         Some(detail) => {
                             refused.push(c.author.short());
-                            job.inputs.rejections.push(VerdictEntry {
-                                author: c.author,
-                                seq: c.seq,
-                                record_hash: c.record_hash,
-                                round: c.round,
-                                prior: 0.0,
-                                verdict: Verdict::Rejected {
-                                    reason: RejectReason::LossScore(detail),
-                                },
-                            });
+                            job.inputs.rejections.push(c.rejected(RejectReason::LossScore(detail)));
                         }
                     }
                 }

@@ -122,27 +122,18 @@ pub fn run_seed(cfg: &SimConfig, seed: u64) -> SeedOutcome {
     let mut world = World::new(cfg.clone(), seed);
     let limit = cfg.rounds * (cfg.train_ms + 3000) * 4 + 60_000 + cfg.slow_first_ms;
     world.run(limit);
+    let honest = || world.nodes.iter().filter(|n| n.honest());
+    let result_ms = honest().filter_map(|n| n.evaluated_at).max().unwrap_or(world.now());
+    let first_close = honest()
+        .filter_map(|n| n.closed.get(&0).map(|c| c.at))
+        .max()
+        .unwrap_or(0);
     SeedOutcome {
         seed,
         violations: check::check(&world),
         sim_ms: world.now(),
-        result_ms: world
-            .nodes
-            .iter()
-            .filter(|n| n.honest())
-            .filter_map(|n| n.evaluated_at)
-            .max()
-            .unwrap_or(world.now()),
-        after_first_ms: {
-            let honest = world.nodes.iter().filter(|n| n.honest());
-            let result = honest
-                .clone()
-                .filter_map(|n| n.evaluated_at)
-                .max()
-                .unwrap_or(world.now());
-            let first = honest.filter_map(|n| n.closed.get(&0).map(|c| c.at)).max().unwrap_or(0);
-            result.saturating_sub(first)
-        },
+        result_ms,
+        after_first_ms: result_ms.saturating_sub(first_close),
         crashes: world.crashes,
         partitions: world.partitions,
     }
