@@ -30,17 +30,29 @@ import sys, torch
 sys.exit(0 if torch.__version__.split("+")[0] == "2.13.0" else 1)
 PY
 }
+# Free space, checked first: pip's failure on a full disk ("Errno 28"
+# halfway through the nvidia wheels) does not say how much was needed.
+need_gib() {
+  local need=$1 what=$2 dir=$3 avail
+  avail=$(df -Pk "$dir" | awk 'NR==2 {print int($4 / 1048576)}')
+  if [ "$avail" -lt "$need" ]; then
+    echo "setup: $what needs about $need GiB free on $(df -P "$dir" | awk 'NR==2 {print $6}'), $avail GiB left (old testnet runs keep every payload in their ledgers: remove the ones you no longer need)" >&2
+    exit 1
+  fi
+}
 if ! torch_ok; then
+  need_gib 8 "installing torch==2.13.0" .
   echo "setup: installing torch==2.13.0 into .venv (about 90 s, 4.7 GB)" >&2
   python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch==2.13.0
+  # No wheel cache: it would keep a second copy (about 3 GB) of what is installed.
+  .venv/bin/pip install -q --no-cache-dir --upgrade pip
+  .venv/bin/pip install -q --no-cache-dir torch==2.13.0
   torch_ok || { echo "setup: torch 2.13.0 did not install" >&2; exit 1; }
 fi
 # safetensors for Python: what loads `meshtrain model export` files into a
 # PyTorch module (the README's three lines, and the tests that run them).
 if ! .venv/bin/python -c "import safetensors.torch" 2>/dev/null; then
-  .venv/bin/pip install -q safetensors==0.7.0 packaging==26.4
+  .venv/bin/pip install -q --no-cache-dir safetensors==0.7.0 packaging==26.4
 fi
 # The real path: a venv reached through a symlink (the README's test links
 # one into a temporary checkout) must not leave the cache's link pointing
@@ -56,6 +68,10 @@ ln -sfn "$torch_dir" "$LIBTORCH"
 if [ -n "${MESHTRAIN_NO_BUILD:-}" ] && [ -x "$MESHTRAIN_BIN" ]; then
   echo "setup: MESHTRAIN_NO_BUILD: using $MESHTRAIN_BIN as built" >&2
   exit 0
+fi
+if [ ! -d "$CARGO_TARGET_DIR/release" ]; then
+  mkdir -p "$CARGO_TARGET_DIR"
+  need_gib 6 "a cold build" "$CARGO_TARGET_DIR"
 fi
 if [ "${1:-}" = "--tests" ]; then
   cargo build --release --workspace --all-targets
