@@ -43,9 +43,10 @@ fn survivors_finish_without_waiting_for_a_killed_peer() {
         for round in &r.history {
             assert!(
                 round.wait_ms < max_wait_ms / 2,
-                "node {i} waited {} ms in round {} (deadline {max_wait_ms} ms): it waited on the dead peer",
+                "node {i} waited {} ms in round {} (deadline {max_wait_ms} ms): it waited on the dead peer\n{}",
                 round.wait_ms,
-                round.round
+                round.round,
+                meshtrain_tests::log_tail(&nodes[i].dir)
             );
         }
         let (report, status) = audit(&nodes[i].dir);

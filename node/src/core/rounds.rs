@@ -77,6 +77,12 @@ const QUORUM: (usize, usize) = (2, 3);
 /// spread at will.
 const GRACE_SHARE: f64 = 2.0;
 const GRACE_MIN_MS: Millis = 100;
+/// The first round a node takes part in gives stragglers at least this
+/// long past the quorum: members may still be fetching their shards (with
+/// the usual grace they would start a round behind), but a member that
+/// will not come (its round-0 record lost, say) must not hold the round to
+/// its whole deadline (30 s by default) either.
+const FIRST_ROUND_GRACE_MS: Millis = 5_000;
 
 /// Updates (ours included) that make a quorum of `members`.
 pub fn quorum(members: usize) -> usize {
@@ -249,11 +255,8 @@ impl RoundBook {
 
     /// Notes at `now` whether a quorum of the current round is in (ours
     /// and the `expected` authors' updates; the first time counts).
-    /// Not in the first round a node takes part in: members may still be
-    /// fetching their shards, and that round waits for them (as before
-    /// the quorum rule), or they would start a round behind.
     pub fn note_arrivals(&mut self, now: Millis, expected: &HashSet<AuthorId>) {
-        if self.own_ready_at.is_none() || self.quorum_at.is_some() || self.current == self.joined_at {
+        if self.own_ready_at.is_none() || self.quorum_at.is_some() {
             return;
         }
         let have = self.pending.get(&self.current);
@@ -307,7 +310,12 @@ impl RoundBook {
         before.sort_unstable();
         let median = before.get(before.len().saturating_sub(1) / 2).copied().unwrap_or(q);
         let grace = (q.saturating_sub(median) as f64 * GRACE_SHARE) as Millis;
-        let grace = grace.clamp(GRACE_MIN_MS, self.wait.timeout().max(GRACE_MIN_MS));
+        let floor = if self.current == self.joined_at {
+            FIRST_ROUND_GRACE_MS
+        } else {
+            GRACE_MIN_MS
+        };
+        let grace = grace.clamp(floor, self.wait.timeout().max(floor));
         // A payload whose record was in with the quorum but that is still on
         // its way (held back from us, say, and asked of another peer) gets
         // one grace more: nodes that have it and nodes that do not would
@@ -531,17 +539,27 @@ mod tests {
         range.map(|a| AuthorId([a; 32])).collect()
     }
 
-    /// The first round a node takes part in waits for every member (they
-    /// may still be fetching their shards).
+    /// The first round a node takes part in gives stragglers a longer
+    /// grace (they may still be fetching their shards), but not the whole
+    /// deadline: one that never comes does not hold the round that long.
     #[test]
-    fn the_first_round_waits_for_everyone() {
+    fn the_first_round_gives_stragglers_a_longer_grace_not_the_deadline() {
         let mut b = book();
         let expected = authors(2..5);
         b.offer(c(2, 0), 0);
         b.offer(c(3, 0), 0);
         b.own_ready(0);
         b.note_arrivals(0, &expected);
-        assert_eq!(b.deadline(), Some(10_000));
+        assert_eq!(b.deadline(), Some(FIRST_ROUND_GRACE_MS));
+        assert_eq!(b.should_close(FIRST_ROUND_GRACE_MS - 1, &expected), None);
+        assert_eq!(b.should_close(FIRST_ROUND_GRACE_MS, &expected), Some(Close::Quorum));
+        // The rounds after it are back to the short grace.
+        b.close();
+        b.offer(c(2, 1), 20_000);
+        b.offer(c(3, 1), 20_000);
+        b.own_ready(20_000);
+        b.note_arrivals(20_000, &expected);
+        assert_eq!(b.deadline(), Some(20_000 + GRACE_MIN_MS));
     }
 
     #[test]
