@@ -223,11 +223,16 @@ fn reconstruction_error(out: &Tensor, xs: &Tensor) -> Result<Tensor> {
     Ok(out.f_sub(&target)?.f_square()?.f_mean_dim(1, false, Kind::Float)?)
 }
 
-/// The training loss of `net` on a batch.
-fn loss(net: &Network, b: &Batch, train: bool) -> Result<Tensor> {
+/// The training loss of `net` on a batch; a classifier's logits shifted by
+/// `prior` (the shard's log label prior) first, when given.
+fn loss(net: &Network, b: &Batch, train: bool, prior: Option<&Tensor>) -> Result<Tensor> {
     let out = net.forward(&b.xs, train)?;
     match net.task {
-        Task::Classify { .. } | Task::NextByte => cross_entropy(&out, &b.ys),
+        Task::Classify { .. } => match prior {
+            Some(p) => cross_entropy(&out.f_add(p)?, &b.ys),
+            None => cross_entropy(&out, &b.ys),
+        },
+        Task::NextByte => cross_entropy(&out, &b.ys),
         Task::Reconstruct => Ok(reconstruction_error(&out, &b.xs)?.f_mean(Kind::Float)?),
     }
 }
@@ -239,6 +244,8 @@ pub struct Trainer {
     opt: Adam,
     source: Box<dyn RecordSource>,
     cfg: TrainConfig,
+    /// log p(y) of the shard's labels, added to the logits in training.
+    prior: Option<Tensor>,
 }
 
 impl Trainer {
@@ -263,7 +270,13 @@ impl Trainer {
             });
         }
         let opt = Adam::new(&net, cfg.lr);
-        Ok(Self { net, opt, source, cfg })
+        Ok(Self {
+            net,
+            opt,
+            source,
+            cfg,
+            prior: None,
+        })
     }
 
     pub fn network(&self) -> &Network {
@@ -281,6 +294,24 @@ impl Trainer {
 
     pub fn set_optimizer_state(&mut self, state: &AdamState) -> Result<()> {
         self.opt.set_state(state)
+    }
+
+    /// Logit adjustment for label skew (balanced softmax, as in FedLC):
+    /// train on logits + log p(y), p the shard's label frequencies from
+    /// `counts` (add-one smoothed). The network then learns the labels'
+    /// likelihood, not this shard's prior, so a shard rich in one class no
+    /// longer drags every bias toward it; evaluation uses the raw logits.
+    /// On an even shard the shift is one constant, which softmax ignores.
+    /// `None`, a task without classes or counts of another length: off.
+    pub fn set_label_prior(&mut self, counts: Option<&[u64]>) {
+        self.prior = match (self.net.task, counts) {
+            (Task::Classify { classes }, Some(c)) if c.len() == classes && classes > 0 => {
+                let total: f64 = c.iter().map(|n| *n as f64).sum::<f64>() + classes as f64;
+                let logp: Vec<f32> = c.iter().map(|n| ((*n as f64 + 1.0) / total).ln() as f32).collect();
+                Some(Tensor::from_slice(&logp).to_device(self.net.device()))
+            }
+            _ => None,
+        };
     }
 
     /// Trains on other records from now on (the optimiser state stays).
@@ -314,7 +345,7 @@ impl Trainer {
             if n == 0 {
                 continue;
             }
-            let loss = loss(&self.net, &b, true)?;
+            let loss = loss(&self.net, &b, true, self.prior.as_ref())?;
             self.opt.zero_grad();
             loss.f_backward()?;
             self.opt.step()?;

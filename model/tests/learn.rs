@@ -156,3 +156,51 @@ fn models_refuse_data_they_cannot_read() {
     assert!(Trainer::new(net, Box::new(source), cfg).is_err());
     assert!(Records::new("x", schema, train[..100].to_vec()).is_err());
 }
+
+/// Logit adjustment: on a shard of two classes, plain training drives the
+/// other eight classes' logits down (the shard's prior goes into the
+/// biases); with the shard's label prior added in training, they are left
+/// near where they started, so the shared model is not pulled toward
+/// this shard's classes.
+#[test]
+fn a_label_prior_keeps_a_skewed_shard_from_burying_absent_classes() {
+    let d = DataSplits::idx_dir("fashion-mnist", Path::new(FMNIST)).unwrap();
+    let picks: Vec<usize> = (0..d.train.len())
+        .filter(|&i| d.train.labels()[i] < 2)
+        .take(1000)
+        .collect();
+    let shard = d.train.subset(&picks, "two-classes").unwrap();
+    let counts = shard.label_histogram();
+    assert_eq!(counts.iter().skip(2).sum::<u64>(), 0);
+    let probe = d.test.subset(&(0..200).collect::<Vec<_>>(), "probe").unwrap();
+    let xs = tch::Tensor::from_slice(probe.pixels())
+        .view([200, 1, 28, 28])
+        .to_kind(tch::Kind::Float)
+        / 255.0;
+    // Mean raw logit of the absent classes minus that of the present ones.
+    let gap = |prior: bool| -> f64 {
+        tch::manual_seed(7);
+        let mut net = Network::new(Arch::Mlp, &shard.schema(), Device::Cpu).unwrap();
+        net.load_flat(&net.genesis(1)).unwrap();
+        let source = InMemory::new(shard.schema(), shard.to_records(), 3).unwrap();
+        let cfg = TrainConfig {
+            batch_size: 64,
+            lr: 1e-3,
+            label_flip: false,
+            anomaly_class: None,
+        };
+        let mut t = Trainer::new(net, Box::new(source), cfg).unwrap();
+        t.set_label_prior(prior.then_some(counts.as_slice()));
+        t.train_steps(60).unwrap();
+        let logits = t.network().forward(&xs, false).unwrap();
+        let present = logits.narrow(1, 0, 2).mean(tch::Kind::Float).double_value(&[]);
+        let absent = logits.narrow(1, 2, 8).mean(tch::Kind::Float).double_value(&[]);
+        absent - present
+    };
+    let (plain, adjusted) = (gap(false), gap(true));
+    eprintln!("absent minus present logits: plain {plain:.3}, with the prior {adjusted:.3}");
+    assert!(
+        adjusted > plain + 2.0,
+        "plain {plain:.3}, adjusted {adjusted:.3}: the prior did not spare the absent classes"
+    );
+}

@@ -147,6 +147,12 @@ pub struct TrainSpec {
     pub lr: f64,
     /// H: local steps between exchanges.
     pub local_steps: usize,
+    /// Train a classifier on logits shifted by its shard's log label prior
+    /// (balanced softmax), so label-skewed shards pull the shared model
+    /// apart less. Local to each node: nothing exchanged changes. New specs
+    /// have it on; a spec without the field (older ones) has it off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub label_prior: bool,
 }
 
 /// Bounds on what a spec may ask, so that no deadline or window computed
@@ -270,6 +276,7 @@ impl RunSpec {
                 batch_size: 64,
                 lr: 1e-3,
                 local_steps: 10,
+                label_prior: true,
             },
             exchange: ExchangeSpec {
                 codec: CodecSpec::DEFAULT,
@@ -528,6 +535,23 @@ pub(crate) mod tests {
         // It survives the TOML round trip operators edit.
         let back: RunSpec = toml::from_str(&s.to_toml().unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    /// New specs train with the label prior; a spec written before the
+    /// field reads as without it, and keeps its run id.
+    #[test]
+    fn the_label_prior_is_on_for_new_specs_and_off_for_old_ones() {
+        let s = RunSpec::default_for(Arch::Mlp, &manifest());
+        assert!(s.train.label_prior);
+        let text = s.to_toml().unwrap();
+        assert!(text.contains("label_prior = true"), "{text}");
+        let old: RunSpec = toml::from_str(&text.replace("label_prior = true\n", "")).unwrap();
+        assert!(!old.train.label_prior);
+        let mut off = s.clone();
+        off.train.label_prior = false;
+        assert_eq!(old, off);
+        assert!(!String::from_utf8(off.canonical_bytes()).unwrap().contains("label_prior"));
+        assert_ne!(off.run_id(), s.run_id());
     }
 
     #[test]

@@ -33,8 +33,12 @@ pub enum TrainerCmd {
         anchor: Arc<Vec<f32>>,
         deltas: Vec<Arc<Vec<f32>>>,
     },
-    /// Train on other blocks from now on (the placement changed).
-    SetSource(Box<dyn RecordSource>),
+    /// Train on other blocks from now on (the placement changed), with
+    /// their label counts when the run adjusts logits by them.
+    SetSource {
+        source: Box<dyn RecordSource>,
+        prior: Option<Vec<u64>>,
+    },
     /// Snapshot this thread's residual and Adam state for a checkpoint of
     /// `round` (the shell writes it, off this thread: training goes on).
     Snapshot { round: u64 },
@@ -95,7 +99,9 @@ impl TrainerHandle {
 }
 
 /// Starts the training thread. `net`, the shard's batches, `test` and the
-/// loss-scoring sample (if the run scores) move into it.
+/// loss-scoring sample (if the run scores) move into it. `prior`: the
+/// shard's label counts, to train with logit adjustment.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     net: Network,
     shard: Box<dyn RecordSource>,
@@ -104,8 +110,10 @@ pub fn spawn(
     cfg: TrainConfig,
     mut encoder: DeltaEncoder,
     attack: Option<Attack>,
+    prior: Option<Vec<u64>>,
 ) -> Result<TrainerHandle, crate::NodeError> {
     let mut trainer = Trainer::new(net, shard, cfg)?;
+    trainer.set_label_prior(prior.as_deref());
     let mut attacker = attack.map(crate::attack::Attacker::new);
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<TrainerCmd>();
     let (reply_tx, reply_rx) = mpsc::unbounded_channel();
@@ -129,8 +137,9 @@ pub fn spawn(
                         })),
                         Err(e) => TrainerReply::Failed(format!("encoding the crafted update: {e}")),
                     },
-                    TrainerCmd::SetSource(source) => {
+                    TrainerCmd::SetSource { source, prior } => {
                         trainer.set_source(source);
+                        trainer.set_label_prior(prior.as_deref());
                         continue;
                     }
                     TrainerCmd::Restore { residual, adam } => {

@@ -72,6 +72,11 @@ pub(super) struct SpecArgs {
     /// be refused (0.01 by default), e.g. `256`.
     #[arg(long)]
     pub(super) score: Option<meshtrain_node::runspec::ScoreSpec>,
+    /// Train on logits shifted by the shard's log label prior (balanced
+    /// softmax): label-skewed shards pull the shared model apart less. On
+    /// by default; `--label-prior false` trains on the plain loss.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(super) label_prior: bool,
     /// Stop once this many evaluations in a row did not improve the
     /// held-out loss (early stopping).
     #[arg(long)]
@@ -273,6 +278,7 @@ pub(super) fn spec_new(args: SpecArgs) -> Result<ExitCode> {
     spec.exchange.codec = args.codec;
     spec.exchange.aggregator = args.aggregator;
     spec.exchange.score = args.score;
+    spec.train.label_prior = args.label_prior;
     spec.exchange.outer_lr = args.outer.outer_lr;
     spec.exchange.outer_momentum = args.outer.outer_momentum;
     spec.exchange.nesterov = args.outer.nesterov;

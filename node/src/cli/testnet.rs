@@ -83,6 +83,10 @@ pub(super) struct CommonTestnetArgs {
     /// (see `spec new --score`).
     #[arg(long)]
     pub(super) score: Option<meshtrain_node::runspec::ScoreSpec>,
+    /// Train with logit adjustment by each shard's label prior (see `spec
+    /// new --label-prior`; on by default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(super) label_prior: bool,
     /// `loopback` (every node on 127.0.0.1) or `netns` (each node in its
     /// own network namespace with its own address, on a bridge; needs
     /// root). Netns nodes find each other only through one bootstrap
@@ -223,6 +227,7 @@ fn base_options(c: &CommonTestnetArgs, attack: Option<String>) -> Result<meshtra
     if let Some(s) = c.score {
         spec_args.extend(["--score".to_string(), format!("{}:{}", s.records, s.tolerance)]);
     }
+    spec_args.extend(["--label-prior".to_string(), c.label_prior.to_string()]);
     Ok(meshtrain_testnet::TestnetOptions {
         binary: bin,
         nodes: c.nodes,

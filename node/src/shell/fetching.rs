@@ -264,7 +264,10 @@ impl Node {
                 "membership changed: this node's primary blocks changed"
             );
             match self.data.training_source() {
-                Ok(source) => self.trainer_cmd(crate::trainer::TrainerCmd::SetSource(source)),
+                Ok(source) => {
+                    let prior = self.label_prior();
+                    self.trainer_cmd(crate::trainer::TrainerCmd::SetSource { source, prior })
+                }
                 Err(e) => warn!(error = %e, "cannot switch the training shard"),
             }
         }
@@ -402,6 +405,12 @@ impl Node {
         }
     }
 
+    /// The label counts of our primary blocks, when the run trains with
+    /// logit adjustment (`train.label_prior`).
+    fn label_prior(&self) -> Option<Vec<u64>> {
+        self.spec.train.label_prior.then(|| self.data.label_histogram())
+    }
+
     /// Everything is here: start the trainer on the primary blocks.
     fn data_ready(&mut self) -> Result<(), NodeError> {
         let Some((net, cfg, encoder)) = self.pending_trainer.take() else {
@@ -424,7 +433,16 @@ impl Node {
         // The loss-scoring sample: drawn evenly from the held-out split,
         // alike on every node.
         let score = self.spec.exchange.score.map(|s| test.spread(s.records));
-        self.trainer = Some(trainer::spawn(net, source, test, score, cfg, encoder, self.attack)?);
+        self.trainer = Some(trainer::spawn(
+            net,
+            source,
+            test,
+            score,
+            cfg,
+            encoder,
+            self.attack,
+            self.label_prior(),
+        )?);
         if let Some(cp) = self.restored.take() {
             self.trainer_cmd(crate::trainer::TrainerCmd::Restore {
                 residual: cp.residual,

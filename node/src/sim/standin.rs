@@ -51,6 +51,7 @@ pub fn sim_spec(rounds: u64, codec: CodecSpec, aggregator: AggregatorSpec, seed:
             batch_size: 1,
             lr: 1e-3,
             local_steps: 10,
+            label_prior: false,
         },
         exchange: ExchangeSpec {
             codec,
