@@ -550,7 +550,9 @@ pub(crate) mod tests {
         let mut off = s.clone();
         off.train.label_prior = false;
         assert_eq!(old, off);
-        assert!(!String::from_utf8(off.canonical_bytes()).unwrap().contains("label_prior"));
+        assert!(!String::from_utf8(off.canonical_bytes())
+            .unwrap()
+            .contains("label_prior"));
         assert_ne!(off.run_id(), s.run_id());
     }
 

@@ -177,6 +177,10 @@ struct Running {
     status: Option<std::process::ExitStatus>,
 }
 
+/// How long attackers may outlive the honest nodes before the testnet
+/// stops them.
+const ATTACKER_GRACE: Duration = Duration::from_secs(5);
+
 const FASHION_MNIST_IDX: &str = "/usr/share/datasets/fashion-mnist";
 
 /// The block store the testnet seeds: the one given, or Fashion-MNIST
@@ -550,6 +554,7 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
     let mut late_started = opts.late_join == 0;
     let deadline = started + opts.timeout;
     let mut last_note = Instant::now();
+    let mut honest_done_at: Option<Instant> = None;
     // Drawn only when stderr is a terminal; logs say the same otherwise.
     let bar = indicatif::ProgressBar::new(if rounds == u64::MAX { 0 } else { rounds }).with_style(
         indicatif::ProgressStyle::with_template("{spinner} round {pos}/{len} {wide_bar} {elapsed_precise} {msg}")
@@ -698,6 +703,23 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
             bar.finish_and_clear();
             break;
         }
+        // Attackers banned by every honest node can wait out deadline after
+        // deadline for updates that will not come: once the honest nodes are
+        // done (and no churn or late joiner is pending), the run is over, and
+        // attackers still running a while later are stopped.
+        let honest_done = nodes.iter().all(|n| n.attack.is_some() || n.status.is_some());
+        if honest_done && down.is_empty() && late_started {
+            let since = *honest_done_at.get_or_insert_with(Instant::now);
+            if since.elapsed() > ATTACKER_GRACE {
+                info!(
+                    running,
+                    "the honest nodes are done: stopping the attackers still running"
+                );
+                stop_gently(&mut nodes);
+                bar.finish_and_clear();
+                break;
+            }
+        }
         if Instant::now() > deadline {
             bar.abandon();
             stop_all(&mut nodes);
@@ -775,6 +797,35 @@ fn live_addrs(nodes: &[Running], except: usize) -> Vec<String> {
         .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .filter_map(|v| v["addrs"].get(0).and_then(|a| a.as_str()).map(String::from))
         .collect()
+}
+
+/// Interrupts every node still running (as Ctrl-C does: it writes its
+/// results and closes its ledger), and kills those still there after
+/// `ATTACKER_GRACE`.
+fn stop_gently(nodes: &mut [Running]) {
+    for n in nodes.iter().filter(|n| n.status.is_none()) {
+        if let Ok(pid) = libc::pid_t::try_from(n.child.id()) {
+            // SAFETY: kill(2) on our own child's pid, which we have not
+            // reaped yet (its status is unknown), so the pid is still it.
+            unsafe {
+                libc::kill(pid, libc::SIGINT);
+            }
+        }
+    }
+    let until = Instant::now() + ATTACKER_GRACE;
+    for n in nodes.iter_mut().filter(|n| n.status.is_none()) {
+        while Instant::now() < until {
+            if let Ok(Some(s)) = n.child.try_wait() {
+                n.status = Some(s);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if n.status.is_none() {
+            let _ = n.child.kill();
+            n.status = n.child.wait().ok();
+        }
+    }
 }
 
 fn stop_all(nodes: &mut [Running]) {
