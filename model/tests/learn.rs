@@ -32,6 +32,16 @@ fn shakespeare() -> (Schema, Vec<u8>, Records) {
     (schema, text[..cut * 65].to_vec(), test)
 }
 
+/// Honest training (no flipped labels) with these settings.
+fn train_config(batch_size: usize, lr: f64, anomaly_class: Option<usize>) -> TrainConfig {
+    TrainConfig {
+        batch_size,
+        lr,
+        label_flip: false,
+        anomaly_class,
+    }
+}
+
 /// Trains `arch` for `steps` and returns its evaluation before and after.
 fn fit(
     arch: Arch,
@@ -47,12 +57,7 @@ fn fit(
     net.load_flat(&genesis).unwrap();
     let before = evaluate(&net, &test, anomaly).unwrap();
     let source = InMemory::new(schema, train, 3).unwrap();
-    let cfg = TrainConfig {
-        batch_size: 64,
-        lr,
-        label_flip: false,
-        anomaly_class: anomaly,
-    };
+    let cfg = train_config(64, lr, anomaly);
     let mut t = Trainer::new(net, Box::new(source), cfg).unwrap();
     let stats = t.train_steps(steps).unwrap();
     assert!(stats.mean_loss.is_finite());
@@ -147,12 +152,7 @@ fn models_refuse_data_they_cannot_read() {
         classes: 10,
     };
     let source = InMemory::new(image, vec![0; 785], 1).unwrap();
-    let cfg = TrainConfig {
-        batch_size: 4,
-        lr: 1e-3,
-        label_flip: false,
-        anomaly_class: None,
-    };
+    let cfg = train_config(4, 1e-3, None);
     assert!(Trainer::new(net, Box::new(source), cfg).is_err());
     assert!(Records::new("x", schema, train[..100].to_vec()).is_err());
 }
@@ -183,12 +183,7 @@ fn a_label_prior_keeps_a_skewed_shard_from_burying_absent_classes() {
         let mut net = Network::new(Arch::Mlp, &shard.schema(), Device::Cpu).unwrap();
         net.load_flat(&net.genesis(1)).unwrap();
         let source = InMemory::new(shard.schema(), shard.to_records(), 3).unwrap();
-        let cfg = TrainConfig {
-            batch_size: 64,
-            lr: 1e-3,
-            label_flip: false,
-            anomaly_class: None,
-        };
+        let cfg = train_config(64, 1e-3, None);
         let mut t = Trainer::new(net, Box::new(source), cfg).unwrap();
         t.set_label_prior(prior.then_some(counts.as_slice()));
         t.train_steps(60).unwrap();

@@ -707,7 +707,9 @@ pub fn run(opts: &TestnetOptions) -> Result<Summary, TestnetError> {
         // deadline for updates that will not come: once the honest nodes are
         // done (and no churn or late joiner is pending), the run is over, and
         // attackers still running a while later are stopped.
-        let honest_done = nodes.iter().all(|n| n.attack.is_some() || n.status.is_some());
+        // (A testnet of attackers only has no honest nodes to be done.)
+        let honest_done =
+            nodes.iter().any(|n| n.attack.is_none()) && nodes.iter().all(|n| n.attack.is_some() || n.status.is_some());
         if honest_done && down.is_empty() && late_started {
             let since = *honest_done_at.get_or_insert_with(Instant::now);
             if since.elapsed() > ATTACKER_GRACE {
