@@ -10,7 +10,7 @@ use libp2p::gossipsub::{
     self, IdentTopic, MessageAuthenticity, PeerScoreParams, PeerScoreThresholds, TopicScoreParams, ValidationMode,
 };
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour};
-use libp2p::{identify, identity, kad, mdns, noise, request_response, tcp, yamux, PeerId, StreamProtocol, Swarm};
+use libp2p::{identify, identity, kad, mdns, noise, ping, request_response, tcp, yamux, PeerId, StreamProtocol, Swarm};
 use prometheus_client::registry::Registry;
 
 use crate::fetch::{FetchCodec, FETCH_PROTOCOL};
@@ -26,7 +26,8 @@ pub fn run_topic(run_id_hex: &str) -> IdentTopic {
 }
 
 /// Gossipsub for announcements, request-response for payloads and blocks,
-/// identify and Kademlia for discovery, mDNS optionally on LANs.
+/// identify and Kademlia for discovery, ping for liveness, mDNS optionally
+/// on LANs.
 #[derive(NetworkBehaviour)]
 pub struct MeshBehaviour {
     /// Peers this node refuses to talk to (bans, operator deny-lists).
@@ -39,6 +40,7 @@ pub struct MeshBehaviour {
     pub fetch: request_response::Behaviour<FetchCodec>,
     pub identify: identify::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub ping: ping::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -166,6 +168,11 @@ impl MeshBehaviour {
             fetch,
             identify,
             kad,
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(cfg.ping_interval)
+                    .with_timeout(cfg.ping_timeout),
+            ),
             mdns: mdns.into(),
         })
     }

@@ -25,6 +25,14 @@ pub struct MeshConfig {
     pub heartbeat: Duration,
     /// Close connections idle this long (peers in the mesh are never idle).
     pub idle_timeout: Duration,
+    /// Ping every connection this often; one that misses two pings in a
+    /// row by `ping_timeout` is closed and its peer redialled (see
+    /// [`crate::discovery`]): a dark link is noticed within about
+    /// interval + 2 x timeout. The timeout is generous because a ping
+    /// queues behind whatever the connection is already sending, and a
+    /// slow host may be sending a whole anchor.
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
     /// Discover peers on the LAN by mDNS (opt-in).
     pub mdns: bool,
     /// A libp2p private network key: only peers holding it complete a
@@ -43,6 +51,8 @@ impl Default for MeshConfig {
             request_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(120),
+            ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(10),
             mdns: false,
             psk: None,
         }

@@ -1,5 +1,5 @@
 //! The network layer of meshtrain: the libp2p behaviour (gossipsub,
-//! request-response, identify, Kademlia and optional mDNS), the versioned wire
+//! request-response, identify, Kademlia, ping and optional mDNS), the versioned wire
 //! envelope with its size limits, peer scoring, and libp2p's byte counters.
 //!
 //! It carries bytes. It knows nothing of tensors, signatures or the ledger:
@@ -10,7 +10,8 @@
 //! - [`GossipMessage`], [`FetchRequest`] and [`FetchResponse`] (the wire);
 //! - [`MeshConfig`] (limits and timings);
 //! - [`ByteCounts`] read from libp2p-metrics;
-//! - [`discovery::on_event`], the policy that grows a mesh from one bootstrap peer.
+//! - [`discovery::Discovery`], the policy that grows a mesh from one bootstrap
+//!   peer and keeps it connected (pings, redials).
 
 mod bandwidth;
 mod behaviour;

@@ -612,6 +612,7 @@ pub async fn discovery(trials: usize, nodes: usize, limit: Duration) -> Result<D
     for trial in 0..trials {
         let mut reg = prometheus_client::registry::Registry::default();
         let mut swarms = Vec::with_capacity(nodes);
+        let mut policies: Vec<discovery::Discovery> = (0..nodes).map(|_| Default::default()).collect();
         let mut addrs: Vec<(PeerId, Multiaddr)> = Vec::with_capacity(nodes);
         for i in 0..nodes {
             let (mut s, addr) = loopback_swarm(&cfg, &topic, &mut reg).await?;
@@ -648,7 +649,10 @@ pub async fn discovery(trials: usize, nodes: usize, limit: Duration) -> Result<D
                     })
             };
             if let Some((event, i)) = next {
-                discovery::on_event(&mut swarms[i], &event, |_| true);
+                policies[i].on_event(&mut swarms[i], &event, |_| true, Instant::now());
+            }
+            for (s, p) in swarms.iter_mut().zip(&mut policies) {
+                p.on_wake(s, |_| true, Instant::now());
             }
             if full(&swarms) {
                 done = true;

@@ -190,6 +190,8 @@ pub struct Node {
     checkpoint: CheckpointState,
     core_timers: HashMap<Timer, Millis>,
     deny_at: Instant,
+    /// Pings, and redials of peers whose connections closed.
+    discovery: meshtrain_gossip::discovery::Discovery,
     history: Vec<RoundRecord>,
     started: Instant,
     finished: bool,
@@ -404,6 +406,7 @@ impl Node {
             checkpoint: CheckpointState::default(),
             core_timers: HashMap::new(),
             deny_at: Instant::now(),
+            discovery: Default::default(),
             history: Vec::new(),
             started: Instant::now(),
             finished: false,
@@ -500,6 +503,9 @@ impl Node {
         if let Some(at) = self.data.next_wake() {
             wake = wake.min(at);
         }
+        if let Some(at) = self.discovery.next_wake() {
+            wake = wake.min(at);
+        }
         wake
     }
 
@@ -509,6 +515,11 @@ impl Node {
         if now >= self.deny_at {
             self.deny_at = now + DENY_REFRESH;
             self.refresh_deny_list();
+        }
+        if self.discovery.next_wake().is_some_and(|t| now >= t) {
+            let core = &self.core;
+            self.discovery
+                .on_wake(&mut self.swarm, |p| !core.is_banned_peer(p), now);
         }
         if self.data.next_wake().is_some_and(|t| now >= t) {
             if let Err(e) = self.fetch_tick(now) {
@@ -958,7 +969,8 @@ impl Node {
             _ => {}
         }
         let core = &self.core;
-        meshtrain_gossip::discovery::on_event(&mut self.swarm, &event, |p| !core.is_banned_peer(p));
+        self.discovery
+            .on_event(&mut self.swarm, &event, |p| !core.is_banned_peer(p), Instant::now());
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
