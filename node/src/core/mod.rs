@@ -441,7 +441,6 @@ struct Collusion {
     trained: Box<Trained>,
     since: Millis,
     seen: usize,
-    seen_changed: Millis,
     crafting: bool,
 }
 

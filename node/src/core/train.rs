@@ -10,10 +10,11 @@ use super::rounds::Contribution;
 use super::{Collusion, Core, Effect, OwnRound, Phase, RoundNote, Timer, Trained};
 use crate::inbox::Job;
 
-/// A colluding attacker crafts its update once the honest updates of a
-/// round stop arriving for this long ...
-const COLLUDE_SETTLE_MS: u64 = 500;
-/// ... or after this long in any case.
+/// A colluding attacker crafts its update once it holds half the other
+/// expected members' updates of the round (the statistics it needs, while
+/// the honest nodes are still short of their quorum: waiting for all of
+/// them, it published after their quorum's grace and missed most rounds),
+/// or after this long in any case.
 const COLLUDE_MAX_MS: u64 = 5000;
 
 impl Core {
@@ -97,7 +98,6 @@ impl Core {
                 trained: t,
                 since: now,
                 seen: 0,
-                seen_changed: now,
                 crafting: false,
             })));
             self.arm(Timer::Collude, now + COLLUDE_MAX_MS);
@@ -243,20 +243,26 @@ impl Core {
     pub(super) fn collusion_saw_update(&mut self) {
         let me = self.me;
         let now = self.now;
+        let needs = self.collusion_needs();
         let Phase::Colluding(c) = &mut self.phase else {
             return;
         };
         let seen = self.book.for_round(c.trained.round).filter(|x| x.author != me).count();
-        if seen != c.seen {
-            c.seen = seen;
-            c.seen_changed = now;
-        }
-        let at = (now + COLLUDE_SETTLE_MS).min(c.since + COLLUDE_MAX_MS);
+        c.seen = seen;
+        let at = if seen >= needs { now } else { c.since + COLLUDE_MAX_MS };
         self.arm(Timer::Collude, at);
     }
 
-    /// A colluding attacker crafts its update once the honest updates of the
-    /// round stop arriving (or after a few seconds), and has it encoded.
+    /// How many other members' updates a colluder crafts from: half of
+    /// those expected this round.
+    fn collusion_needs(&self) -> usize {
+        let others = self.book.expected(&self.connected_authors());
+        others.len().div_ceil(2).max(1)
+    }
+
+    /// A colluding attacker crafts its update once it holds half the other
+    /// members' updates of the round (or after a few seconds), and has it
+    /// encoded.
     pub(super) fn try_collude(&mut self) {
         let now = self.now;
         let Some(attack) = self.cfg.attack else {
@@ -268,11 +274,14 @@ impl Core {
         if c.crafting {
             return;
         }
-        let settled = c.seen > 0 && now.saturating_sub(c.seen_changed) >= COLLUDE_SETTLE_MS;
-        if !settled && now.saturating_sub(c.since) < COLLUDE_MAX_MS {
-            self.arm(Timer::Collude, (c.seen_changed + COLLUDE_SETTLE_MS).max(now + 1));
+        let since = c.since;
+        if c.seen < self.collusion_needs() && now.saturating_sub(since) < COLLUDE_MAX_MS {
+            self.arm(Timer::Collude, since + COLLUDE_MAX_MS);
             return;
         }
+        let Phase::Colluding(c) = &self.phase else {
+            return;
+        };
         let round = c.trained.round;
         let honest: Vec<&[f32]> = self
             .book
