@@ -113,12 +113,14 @@ pub struct Discovery {
 
 impl Discovery {
     /// Acts on the discovery part of EVENT. `may_dial` vetoes peers (banned
-    /// ones, say).
+    /// ones, say); `redial` says whose lost connection is worth dialling
+    /// again (members of the run, not strangers who came and went).
     pub fn on_event(
         &mut self,
         swarm: &mut Swarm<MeshBehaviour>,
         event: &SwarmEvent<MeshBehaviourEvent>,
         may_dial: impl Fn(&PeerId) -> bool,
+        redial: impl Fn(&PeerId) -> bool,
         now: Instant,
     ) {
         match event {
@@ -149,7 +151,7 @@ impl Discovery {
                 peer_id,
                 num_established: 0,
                 ..
-            } if may_dial(peer_id) => self.redial.lost(*peer_id, now),
+            } if may_dial(peer_id) && redial(peer_id) => self.redial.lost(*peer_id, now),
             _ => {}
         }
     }

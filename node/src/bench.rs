@@ -649,7 +649,7 @@ pub async fn discovery(trials: usize, nodes: usize, limit: Duration) -> Result<D
                     })
             };
             if let Some((event, i)) = next {
-                policies[i].on_event(&mut swarms[i], &event, |_| true, Instant::now());
+                policies[i].on_event(&mut swarms[i], &event, |_| true, |_| true, Instant::now());
             }
             for (s, p) in swarms.iter_mut().zip(&mut policies) {
                 p.on_wake(s, |_| true, Instant::now());

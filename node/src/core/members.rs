@@ -92,6 +92,11 @@ impl Members {
         self.members.is_empty()
     }
 
+    /// Whether `peer` ever joined the run's topic.
+    pub fn has_joined(&self, peer: &PeerId) -> bool {
+        self.joined.contains(peer)
+    }
+
     pub fn joined(&self) -> usize {
         self.joined.len()
     }

@@ -814,6 +814,13 @@ impl Core {
         self.members.is_banned_peer(peer)
     }
 
+    /// Whether a lost connection to `peer` is worth redialling: it joined
+    /// the run and is not banned. Strangers who connected and left are
+    /// not (they would fill the redial table).
+    pub fn worth_redialling(&self, peer: &PeerId) -> bool {
+        self.members.has_joined(peer) && !self.members.is_banned_peer(peer)
+    }
+
     /// Gossip messages handed in and not settled yet.
     pub fn unsettled(&self) -> usize {
         self.unsettled.len()

@@ -517,9 +517,9 @@ impl Node {
             self.refresh_deny_list();
         }
         if self.discovery.next_wake().is_some_and(|t| now >= t) {
-            let core = &self.core;
-            self.discovery
-                .on_wake(&mut self.swarm, |p| !core.is_banned_peer(p), now);
+            let (core, deny) = (&self.core, &self.deny);
+            let may_dial = |p: &PeerId| !core.is_banned_peer(p) && !deny.as_ref().is_some_and(|d| d.peers.contains(p));
+            self.discovery.on_wake(&mut self.swarm, may_dial, now);
         }
         if self.data.next_wake().is_some_and(|t| now >= t) {
             if let Err(e) = self.fetch_tick(now) {
@@ -969,8 +969,15 @@ impl Node {
             _ => {}
         }
         let core = &self.core;
-        self.discovery
-            .on_event(&mut self.swarm, &event, |p| !core.is_banned_peer(p), Instant::now());
+        let deny = &self.deny;
+        let may_dial = |p: &PeerId| !core.is_banned_peer(p) && !deny.as_ref().is_some_and(|d| d.peers.contains(p));
+        self.discovery.on_event(
+            &mut self.swarm,
+            &event,
+            may_dial,
+            |p| core.worth_redialling(p),
+            Instant::now(),
+        );
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
