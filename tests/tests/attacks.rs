@@ -48,9 +48,10 @@ fn sign_flip_and_equivocating_attackers_are_banned() {
         assert!(r.final_test_acc > 0.75, "honest node {i} accuracy {}", r.final_test_acc);
         assert!(
             r.banned.contains(&flipper),
-            "node {i} did not ban the sign-flipper: rejected {:?}, clipped {:?}, merged {:?}; log:\n{}",
+            "node {i} did not ban the sign-flipper: rejected {:?}, clipped {:?}, on probation {:?}, merged {:?}; log:\n{}",
             r.rejected_by_author.get(&flipper),
             r.clipped_by_author.get(&flipper),
+            r.probation_by_author.get(&flipper),
             r.merged_by_author.get(&flipper),
             meshtrain_tests::log_tail(&nodes[i].dir)
         );

@@ -443,8 +443,13 @@ impl Core {
                 if !matches!(reason, RejectReason::Outlier(_) | RejectReason::LossScore(_)));
             // A late update (from an earlier round) is judged against
             // updates trained for another round: its clipping says more
-            // about the network than about its author.
-            if from_aggregator && e.round == done.round {
+            // about the network than about its author. Except on
+            // probation: rounds do not wait for keys without a vote, so
+            // their updates are late whenever they lose the race, and a
+            // sign-flipper on probation went unbanned for 20 rounds with
+            // half its verdicts late.
+            let on_probation = matches!(e.verdict, Verdict::Probation { .. });
+            if from_aggregator && (e.round == done.round || on_probation) {
                 if let Some(ban) = self.reputation.observe(e.author, done.round, &e.verdict) {
                     bans.push((e.author, ban));
                 }
