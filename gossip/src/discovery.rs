@@ -174,7 +174,8 @@ impl Discovery {
     }
 }
 
-fn short(peer: &PeerId) -> String {
+/// The last 8 characters of a peer id, for logs.
+pub fn short(peer: &PeerId) -> String {
     let s = peer.to_base58();
     s[s.len().saturating_sub(8)..].to_string()
 }

@@ -440,7 +440,6 @@ struct OwnRound {
 struct Collusion {
     trained: Box<Trained>,
     since: Millis,
-    seen: usize,
     crafting: bool,
 }
 

@@ -2,6 +2,7 @@
 //! where the mesh is when this node arrives late or restarts. Also the
 //! membership events, which matter in every phase.
 
+pub use meshtrain_gossip::discovery::short;
 use meshtrain_gossip::libp2p::PeerId;
 use meshtrain_gossip::FetchRequest;
 use rand::Rng;
@@ -134,10 +135,4 @@ impl Core {
         let peer = peers[self.rng.random_range(0..peers.len())];
         self.request(peer, FetchRequest::Heads, RequestFor::Heads);
     }
-}
-
-/// The last 8 characters of a peer id, for logs.
-pub fn short(peer: &PeerId) -> String {
-    let s = peer.to_string();
-    s[s.len().saturating_sub(8)..].to_string()
 }

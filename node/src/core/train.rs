@@ -97,7 +97,6 @@ impl Core {
             self.set_phase(Phase::Colluding(Box::new(Collusion {
                 trained: t,
                 since: now,
-                seen: 0,
                 crafting: false,
             })));
             self.arm(Timer::Collude, now + COLLUDE_MAX_MS);
@@ -241,23 +240,30 @@ impl Core {
 
     /// An honest update of the round we collude in arrived.
     pub(super) fn collusion_saw_update(&mut self) {
-        let me = self.me;
-        let now = self.now;
-        let needs = self.collusion_needs();
-        let Phase::Colluding(c) = &mut self.phase else {
+        let Phase::Colluding(c) = &self.phase else {
             return;
         };
-        let seen = self.book.for_round(c.trained.round).filter(|x| x.author != me).count();
-        c.seen = seen;
-        let at = if seen >= needs { now } else { c.since + COLLUDE_MAX_MS };
+        let at = if self.collusion_ready() {
+            self.now
+        } else {
+            c.since + COLLUDE_MAX_MS
+        };
         self.arm(Timer::Collude, at);
     }
 
-    /// How many other members' updates a colluder crafts from: half of
-    /// those expected this round.
-    fn collusion_needs(&self) -> usize {
+    /// Whether a colluder holds enough of the round's updates to craft
+    /// from: half of the other members expected this round.
+    fn collusion_ready(&self) -> bool {
+        let Phase::Colluding(c) = &self.phase else {
+            return false;
+        };
+        let seen = self
+            .book
+            .for_round(c.trained.round)
+            .filter(|x| x.author != self.me)
+            .count();
         let others = self.book.expected(&self.connected_authors());
-        others.len().div_ceil(2).max(1)
+        seen >= others.len().div_ceil(2).max(1)
     }
 
     /// A colluding attacker crafts its update once it holds half the other
@@ -274,14 +280,10 @@ impl Core {
         if c.crafting {
             return;
         }
-        let since = c.since;
-        if c.seen < self.collusion_needs() && now.saturating_sub(since) < COLLUDE_MAX_MS {
-            self.arm(Timer::Collude, since + COLLUDE_MAX_MS);
+        if !self.collusion_ready() && now.saturating_sub(c.since) < COLLUDE_MAX_MS {
+            self.arm(Timer::Collude, c.since + COLLUDE_MAX_MS);
             return;
         }
-        let Phase::Colluding(c) = &self.phase else {
-            return;
-        };
         let round = c.trained.round;
         let honest: Vec<&[f32]> = self
             .book

@@ -518,8 +518,8 @@ impl Node {
         }
         if self.discovery.next_wake().is_some_and(|t| now >= t) {
             let (core, deny) = (&self.core, &self.deny);
-            let may_dial = |p: &PeerId| !core.is_banned_peer(p) && !deny.as_ref().is_some_and(|d| d.peers.contains(p));
-            self.discovery.on_wake(&mut self.swarm, may_dial, now);
+            self.discovery
+                .on_wake(&mut self.swarm, |p| may_dial(core, deny, p), now);
         }
         if self.data.next_wake().is_some_and(|t| now >= t) {
             if let Err(e) = self.fetch_tick(now) {
@@ -968,13 +968,11 @@ impl Node {
             SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(ev)) => self.p2p_metrics.record(ev),
             _ => {}
         }
-        let core = &self.core;
-        let deny = &self.deny;
-        let may_dial = |p: &PeerId| !core.is_banned_peer(p) && !deny.as_ref().is_some_and(|d| d.peers.contains(p));
+        let (core, deny) = (&self.core, &self.deny);
         self.discovery.on_event(
             &mut self.swarm,
             &event,
-            may_dial,
+            |p| may_dial(core, deny, p),
             |p| core.worth_redialling(p),
             Instant::now(),
         );
@@ -1180,6 +1178,12 @@ async fn next_reply(trainer: &mut Option<TrainerHandle>) -> Option<TrainerReply>
         Some(t) => t.replies.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Whether we may dial `peer`: not banned by the core, not on the
+/// operator's deny-list.
+fn may_dial(core: &Core, deny: &Option<deny::DenyList>, peer: &PeerId) -> bool {
+    !core.is_banned_peer(peer) && !deny.as_ref().is_some_and(|d| d.peers.contains(peer))
 }
 
 fn peer_of_addr(addr: &Multiaddr) -> Option<PeerId> {
