@@ -11,8 +11,11 @@ const ROUNDS: u64 = 12;
 #[test]
 fn sign_flip_and_equivocating_attackers_are_banned() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    // CenteredClip is the default aggregator.
-    let (spec, store) = spec_new(tmp.path(), &["--rounds", &ROUNDS.to_string(), "--local-steps", "10"]);
+    // CenteredClip is the default aggregator. 20 local steps a round: at
+    // 10, the honest nodes ended 12 rounds at 0.748 to 0.768 (3 runs, no
+    // attacker's update merged), too close to the bar below to tell
+    // learning from noise.
+    let (spec, store) = spec_new(tmp.path(), &["--rounds", &ROUNDS.to_string(), "--local-steps", "20"]);
     let roles = [None, None, None, Some("sign-flip"), Some("equivocate")];
     let n = roles.len();
     let mut nodes = Vec::new();
@@ -42,6 +45,24 @@ fn sign_flip_and_equivocating_attackers_are_banned() {
     let flipper = reports[3].author.clone();
     let liar = reports[4].author.clone();
 
+    for (i, r) in reports.iter().enumerate() {
+        eprintln!(
+            "node {i} ({:?}): accuracy {:.4}, {} rounds, {:.1} s, merged {}, clipped {}, rejected {}, repaired at {:?}, joined at {:?}; flipper merged {:?} clipped {:?} rejected {:?} on probation {:?}",
+            r.attack,
+            r.final_test_acc,
+            r.rounds_completed,
+            r.wall_s,
+            r.updates_merged,
+            r.updates_clipped,
+            r.updates_rejected,
+            r.repaired_at,
+            r.joined_at,
+            r.merged_by_author.get(&flipper),
+            r.clipped_by_author.get(&flipper),
+            r.rejected_by_author.get(&flipper),
+            r.probation_by_author.get(&flipper),
+        );
+    }
     for (i, r) in reports.iter().enumerate().take(3) {
         assert!(statuses[i].success(), "honest node {i} failed");
         assert_eq!(r.rounds_completed, ROUNDS, "honest node {i} kept training");
