@@ -164,6 +164,25 @@ impl FetchResponse {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, GossipError> {
         decode_env::<_, RESPONSE_HARD_LIMIT>(bytes, "fetch response")
     }
+
+    /// The bytes this answer carries (its data, not the framing): what a
+    /// serving node counts against the asker's budget.
+    pub fn carried_bytes(&self) -> u64 {
+        let n = match self {
+            FetchResponse::Payload(b) | FetchResponse::Block(b) | FetchResponse::Vote(b) => b.len(),
+            FetchResponse::Records(rs) => rs.iter().map(Vec::len).sum(),
+            FetchResponse::Heads(hs) => hs.len() * std::mem::size_of::<HeadInfo>(),
+            FetchResponse::Anchor {
+                weights,
+                outer,
+                verdict,
+                ..
+            } => weights.len() + outer.len() + verdict.len(),
+            FetchResponse::NotFound => 0,
+            FetchResponse::Refused(why) => why.len(),
+        };
+        n as u64
+    }
 }
 
 #[cfg(test)]

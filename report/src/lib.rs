@@ -127,6 +127,12 @@ pub struct NodeReport {
     /// Updates of keys without a vote yet, judged but not merged (open runs).
     #[serde(default)]
     pub probation_by_author: BTreeMap<String, u64>,
+    /// What this node's answers to peers' requests carried, and the
+    /// requests it refused because their peer was over its budget.
+    #[serde(default)]
+    pub served_bytes: u64,
+    #[serde(default)]
+    pub refused_over_budget: u64,
     pub banned: Vec<String>,
     pub peers_seen: Vec<String>,
     /// Records per class in the blocks this node trained on.

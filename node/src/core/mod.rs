@@ -165,6 +165,18 @@ pub enum Input {
     },
     /// The manifest and this node's blocks are all here; the trainer runs.
     DataReady,
+    /// An answer to `peer` went out carrying `bytes` (counted against its
+    /// budget, and in flight until `Delivered`).
+    Served {
+        peer: PeerId,
+        bytes: u64,
+    },
+    /// An answer was written out whole, or given up (its stream failed or
+    /// timed out): its bytes are no longer held for `peer`.
+    Delivered {
+        peer: PeerId,
+        bytes: u64,
+    },
     Timer(Timer),
 }
 
@@ -214,6 +226,7 @@ pub enum Effect {
     },
     /// Answer with our anchor (encoded off the event loop, once per anchor).
     ServeAnchor {
+        peer: PeerId,
         chan: ChanId,
         anchor: AnchorSnapshot,
     },
@@ -482,6 +495,8 @@ struct Asked {
     since: Millis,
     requests: u32,
     anchors: u32,
+    /// What the answers sent in this window carried.
+    bytes: u64,
 }
 
 /// The newest record of an author that this node holds.
@@ -506,6 +521,10 @@ pub struct Counters {
     pub merged_by_author: BTreeMap<String, u64>,
     /// Updates of keys without a vote, judged but not merged (open runs).
     pub probation_by_author: BTreeMap<String, u64>,
+    /// What our answers to peers' requests carried, and the requests
+    /// refused because their peer was over its budget.
+    pub served_bytes: u64,
+    pub refused_over_budget: u64,
 }
 
 pub struct Core {
@@ -602,6 +621,10 @@ pub struct Core {
     last_served: Millis,
     /// What each peer asked of us in its current budget window.
     asked: HashMap<PeerId, Asked>,
+    /// Bytes of answers sent and not yet delivered, per peer and in all:
+    /// a peer that reads slowly makes us hold them.
+    in_flight: HashMap<PeerId, u64>,
+    in_flight_total: u64,
     now: Millis,
     out: Vec<Effect>,
 }
@@ -678,6 +701,8 @@ impl Core {
             phase_since: 0,
             last_served: 0,
             asked: HashMap::new(),
+            in_flight: HashMap::new(),
+            in_flight_total: 0,
             now: 0,
             out: Vec::new(),
             cfg,
@@ -719,6 +744,8 @@ impl Core {
             Input::OfferChecked { peer, result } => self.on_offer_checked(peer, result),
             Input::AnchorChecked { peer, result } => self.on_anchor_checked(peer, result),
             Input::DataReady => self.on_data_ready(),
+            Input::Served { peer, bytes } => self.on_served(peer, bytes),
+            Input::Delivered { peer, bytes } => self.on_delivered(peer, bytes),
             Input::Timer(timer) => {
                 if self.armed.get(&timer).is_some_and(|at| *at <= self.now) {
                     self.armed.remove(&timer);

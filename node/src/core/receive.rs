@@ -26,17 +26,29 @@ const VOTE_HISTORY: u64 = 32;
 /// candidate is asked too (see `hedge_after`).
 const HEDGE_MIN_MS: Millis = 100;
 const HEDGE_MAX_MS: Millis = 5_000;
-/// Chain heads taken from one answer at most: more than any run has members.
-/// What one peer may ask of us per window: requests of any kind (blocks
-/// while it fetches its shard, records and payloads), and anchors (each a
-/// full weight vector; a node syncing asks each member about every half
-/// second, one joining or repairing a few times).
-/// Past either, it is refused until the window ends.
-const BUDGET_WINDOW_MS: u64 = 10_000;
 /// Authors whose updates are remembered as set aside for later, at most.
 pub(super) const MAX_SET_ASIDE: usize = 4096;
+/// What one peer may ask of us per window: requests of any kind (blocks
+/// while it fetches its shard, records and payloads), anchors (each a full
+/// weight vector; a node syncing asks each member about every half second,
+/// one joining or repairing a few times), and bytes. Past any of them, it
+/// is refused until the window ends.
+const BUDGET_WINDOW_MS: u64 = 10_000;
 const MAX_REQUESTS_PER_WINDOW: u32 = 2000;
 const MAX_ANCHORS_PER_WINDOW: u32 = 40;
+/// Bytes per window: a member fetching its shard gets blocks at about
+/// 50 Mbit/s from each holder; without it, 2000 requests for 4 MiB blocks
+/// would send 8 GiB to one peer in ten seconds. Never less than
+/// `ANCHORS_PER_BYTE_BUDGET` anchors of a big model.
+const MAX_BYTES_PER_WINDOW: u64 = 64 << 20;
+const ANCHORS_PER_BYTE_BUDGET: u64 = 4;
+/// Bytes of answers sent but not yet read, per peer and in all (libp2p
+/// holds each until it is written or its stream times out after 30 s, so
+/// without these a peer that reads slowly made a node hold its whole
+/// window budget several times over). Per peer: a shard fetch's eight
+/// 4 MiB blocks; never less than two anchors, or eight in all.
+const MAX_IN_FLIGHT_PER_PEER: u64 = 32 << 20;
+const MAX_IN_FLIGHT_TOTAL: u64 = 128 << 20;
 /// How long a records request may go unanswered before another peer is
 /// asked for the same author's records.
 pub(super) const RECORDS_PATIENCE_MS: Millis = 3_000;
@@ -93,15 +105,24 @@ impl Core {
             return;
         }
         if !self.within_budget(peer, matches!(request, FetchRequest::Anchor { .. })) {
+            self.counters.refused_over_budget += 1;
             self.emit(Effect::Respond {
                 chan,
                 response: FetchResponse::Refused("over budget; ask again later".into()),
             });
             return;
         }
+        if !self.room_in_flight(peer) {
+            self.counters.refused_over_budget += 1;
+            self.emit(Effect::Respond {
+                chan,
+                response: FetchResponse::Refused("answers still unread; ask again later".into()),
+            });
+            return;
+        }
         if let FetchRequest::Anchor { weights } = request {
             let response = match self.anchor_snapshot(weights.map(WeightsHash)) {
-                Some(anchor) => Effect::ServeAnchor { chan, anchor },
+                Some(anchor) => Effect::ServeAnchor { peer, chan, anchor },
                 None => Effect::Respond {
                     chan,
                     response: FetchResponse::Refused("no such anchor held".into()),
@@ -125,27 +146,74 @@ impl Core {
 
     /// Counts one request of `peer` against its budget; false when over.
     fn within_budget(&mut self, peer: PeerId, anchor: bool) -> bool {
-        let now = self.now;
-        if self.asked.len() > 4096 {
-            self.asked.retain(|_, a| now.saturating_sub(a.since) < BUDGET_WINDOW_MS);
-        }
-        let a = self.asked.entry(peer).or_insert(super::Asked {
-            since: now,
-            requests: 0,
-            anchors: 0,
-        });
-        if now.saturating_sub(a.since) >= BUDGET_WINDOW_MS {
-            *a = super::Asked {
-                since: now,
-                requests: 0,
-                anchors: 0,
-            };
-        }
+        let bytes_allowed = self.byte_budget();
+        let a = self.budget_window(peer);
         a.requests = a.requests.saturating_add(1);
         a.anchors = a.anchors.saturating_add(u32::from(anchor));
         // Over the anchor cap only anchors are refused: a syncing node's
         // payload and record fetches go on.
-        a.requests <= MAX_REQUESTS_PER_WINDOW && (!anchor || a.anchors <= MAX_ANCHORS_PER_WINDOW)
+        a.requests <= MAX_REQUESTS_PER_WINDOW
+            && (!anchor || a.anchors <= MAX_ANCHORS_PER_WINDOW)
+            && a.bytes < bytes_allowed
+    }
+
+    /// `peer`'s current budget window (a fresh one once the last ended).
+    fn budget_window(&mut self, peer: PeerId) -> &mut super::Asked {
+        let now = self.now;
+        if self.asked.len() > 4096 {
+            self.asked.retain(|_, a| now.saturating_sub(a.since) < BUDGET_WINDOW_MS);
+        }
+        let fresh = super::Asked {
+            since: now,
+            requests: 0,
+            anchors: 0,
+            bytes: 0,
+        };
+        let a = self.asked.entry(peer).or_insert(fresh);
+        if now.saturating_sub(a.since) >= BUDGET_WINDOW_MS {
+            *a = fresh;
+        }
+        a
+    }
+
+    /// Bytes a peer may be served per window.
+    pub(super) fn byte_budget(&self) -> u64 {
+        // An anchor is the weights and the outer state, 4 bytes a value.
+        let anchor = (self.cfg.params as u64).saturating_mul(8);
+        MAX_BYTES_PER_WINDOW.max(anchor.saturating_mul(ANCHORS_PER_BYTE_BUDGET))
+    }
+
+    /// An answer went out: its bytes count against the window it is sent
+    /// in (one answer may overshoot; the next request is refused), and are
+    /// in flight until it is delivered.
+    pub(super) fn on_served(&mut self, peer: PeerId, bytes: u64) {
+        self.counters.served_bytes = self.counters.served_bytes.saturating_add(bytes);
+        let a = self.budget_window(peer);
+        a.bytes = a.bytes.saturating_add(bytes);
+        let f = self.in_flight.entry(peer).or_insert(0);
+        *f = f.saturating_add(bytes);
+        self.in_flight_total = self.in_flight_total.saturating_add(bytes);
+    }
+
+    pub(super) fn on_delivered(&mut self, peer: PeerId, bytes: u64) {
+        let Some(f) = self.in_flight.get_mut(&peer) else {
+            return;
+        };
+        let bytes = bytes.min(*f);
+        *f -= bytes;
+        if *f == 0 {
+            self.in_flight.remove(&peer);
+        }
+        self.in_flight_total = self.in_flight_total.saturating_sub(bytes);
+    }
+
+    /// Whether another answer to `peer` may be held while earlier ones are
+    /// unread (one may overshoot, as with the window budget).
+    fn room_in_flight(&self, peer: PeerId) -> bool {
+        let anchor = (self.cfg.params as u64).saturating_mul(8);
+        let per_peer = MAX_IN_FLIGHT_PER_PEER.max(anchor.saturating_mul(2));
+        let total = MAX_IN_FLIGHT_TOTAL.max(anchor.saturating_mul(8));
+        self.in_flight.get(&peer).copied().unwrap_or(0) < per_peer && self.in_flight_total < total
     }
 
     pub(super) fn on_response(&mut self, req: ReqId, peer: PeerId, response: FetchResponse) {

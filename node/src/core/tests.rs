@@ -617,6 +617,111 @@ fn banned_peers_are_refused_service() {
 }
 
 #[test]
+fn a_peer_served_its_byte_budget_is_refused_until_the_window_ends() {
+    let mut h = Harness::new(0);
+    let b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    h.take();
+    let budget = h.core.byte_budget();
+    let ask = |h: &mut Harness, chan: u64| {
+        h.input(Input::Request {
+            peer: b.peer,
+            chan: super::ChanId(chan),
+            request: FetchRequest::Block { hash: [1; 32] },
+        });
+        h.take().into_iter().any(|e| {
+            matches!(
+                e,
+                Effect::Respond {
+                    response: FetchResponse::Refused(_),
+                    ..
+                }
+            )
+        })
+    };
+    // Blocks of 4 MiB, each sent as soon as it is asked for, and read.
+    let block = 4 << 20;
+    let mut served = 0;
+    let mut chan = 0;
+    while !ask(&mut h, chan) {
+        chan += 1;
+        served += block;
+        h.input(Input::Served {
+            peer: b.peer,
+            bytes: block,
+        });
+        h.input(Input::Delivered {
+            peer: b.peer,
+            bytes: block,
+        });
+        assert!(
+            served <= budget + block,
+            "served {served} bytes, past the budget of {budget}"
+        );
+    }
+    assert!(served >= budget, "refused after {served} of {budget} bytes");
+    // Another peer is not held to it.
+    let c = Peer::new(3);
+    h.join(&c);
+    h.take();
+    h.input(Input::Request {
+        peer: c.peer,
+        chan: super::ChanId(9999),
+        request: FetchRequest::Block { hash: [1; 32] },
+    });
+    assert!(
+        h.take().iter().any(|e| matches!(e, Effect::Serve { .. })),
+        "another peer is served"
+    );
+    // The next window serves the first peer again.
+    h.now += 10_000;
+    assert!(!ask(&mut h, chan + 1), "a new window serves the peer again");
+}
+
+#[test]
+fn a_peer_that_leaves_its_answers_unread_is_refused_until_it_reads_them() {
+    let mut h = Harness::new(0);
+    let b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    h.take();
+    let served = |h: &mut Harness, chan: u64| {
+        h.input(Input::Request {
+            peer: b.peer,
+            chan: super::ChanId(chan),
+            request: FetchRequest::Block { hash: [1; 32] },
+        });
+        h.take().iter().any(|e| matches!(e, Effect::Serve { .. }))
+    };
+    // 4 MiB answers, sent and never delivered: a few, then no more, well
+    // inside the window's byte budget.
+    let block = 4 << 20;
+    let mut sent = 0;
+    while served(&mut h, sent) {
+        h.input(Input::Served {
+            peer: b.peer,
+            bytes: block,
+        });
+        sent += 1;
+        assert!(sent <= 16, "{sent} answers held unread for one peer");
+    }
+    assert!(sent * block >= 16 << 20, "refused after {sent} answers");
+    assert!(
+        sent * block < h.core.byte_budget(),
+        "the window budget is not what stopped it"
+    );
+    // Once two are read, it is served again.
+    for _ in 0..2 {
+        h.input(Input::Delivered {
+            peer: b.peer,
+            bytes: block,
+        });
+    }
+    assert!(served(&mut h, 100), "served again once its answers were read");
+}
+
+#[test]
 fn updates_far_ahead_are_set_aside_and_taken_up_when_their_round_is_next() {
     let mut h = Harness::new(1);
     let mut b = Peer::new(2);

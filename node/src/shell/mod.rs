@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use meshtrain_gossip::libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
-use meshtrain_gossip::libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use meshtrain_gossip::libp2p::request_response::{self, InboundRequestId, OutboundRequestId, ResponseChannel};
 use meshtrain_gossip::libp2p::swarm::SwarmEvent;
 use meshtrain_gossip::libp2p::{Multiaddr, PeerId, Swarm};
 use meshtrain_gossip::{
@@ -98,7 +98,7 @@ enum Outbound {
 /// What a blocking task hands back to the loop.
 enum WorkerDone {
     Served {
-        channel: ResponseChannel<FetchResponse>,
+        asker: Asker,
         response: FetchResponse,
     },
     AnchorEncoded {
@@ -135,7 +135,14 @@ type AnchorKey = (u64, WeightsHash);
 struct AnchorCache {
     encoded: std::collections::VecDeque<(AnchorKey, FetchResponse)>,
     encoding: HashSet<AnchorKey>,
-    waiting: Vec<(AnchorKey, ResponseChannel<FetchResponse>)>,
+    waiting: Vec<(AnchorKey, Asker)>,
+}
+
+/// Who asked for something, and where the answer goes.
+struct Asker {
+    peer: PeerId,
+    id: InboundRequestId,
+    channel: ResponseChannel<FetchResponse>,
 }
 
 /// Anchors kept encoded: the current one and the one before (peers a round
@@ -182,7 +189,12 @@ pub struct Node {
     restored: Option<Checkpoint>,
     data: fetching::DataPhase,
     outbound: HashMap<OutboundRequestId, Outbound>,
-    channels: HashMap<ChanId, ResponseChannel<FetchResponse>>,
+    /// Requests being answered, and who asked.
+    channels: HashMap<ChanId, Asker>,
+    /// Answers sent and not yet delivered: their peer, bytes and when
+    /// they went out (the core holds the peer to a cap on these).
+    unread: HashMap<InboundRequestId, (PeerId, u64, Instant)>,
+    mesh_request_timeout: Duration,
     next_chan: u64,
     worker_tx: mpsc::UnboundedSender<WorkerDone>,
     worker_rx: mpsc::UnboundedReceiver<WorkerDone>,
@@ -399,6 +411,8 @@ impl Node {
             restored: checkpoint,
             outbound: HashMap::new(),
             channels: HashMap::new(),
+            unread: HashMap::new(),
+            mesh_request_timeout: opts.mesh.request_timeout,
             next_chan: 0,
             worker_tx,
             worker_rx,
@@ -515,6 +529,7 @@ impl Node {
         if now >= self.deny_at {
             self.deny_at = now + DENY_REFRESH;
             self.refresh_deny_list();
+            self.forget_unread(now);
         }
         if self.discovery.next_wake().is_some_and(|t| now >= t) {
             let (core, deny) = (&self.core, &self.deny);
@@ -585,11 +600,11 @@ impl Node {
                 let id = self.swarm.behaviour_mut().fetch.send_request(&peer, request);
                 self.outbound.insert(id, Outbound::Core(req));
             }
-            Effect::Serve { peer, chan, request } => self.serve(peer, chan, request),
-            Effect::ServeAnchor { chan, anchor } => self.serve_anchor(chan, anchor),
+            Effect::Serve { chan, request, .. } => self.serve(chan, request),
+            Effect::ServeAnchor { chan, anchor, .. } => self.serve_anchor(chan, anchor),
             Effect::Respond { chan, response } => {
-                if let Some(channel) = self.channels.remove(&chan) {
-                    let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
+                if let Some(asker) = self.channels.remove(&chan) {
+                    self.respond(asker, response);
                 }
             }
             Effect::CheckAnchor {
@@ -724,15 +739,55 @@ impl Node {
     }
 
     /// Answers a peer from the ledger or the block store, off the loop.
-    fn serve(&mut self, _peer: PeerId, chan: ChanId, request: FetchRequest) {
-        let Some(channel) = self.channels.remove(&chan) else {
+    /// Sends an answer and counts what it carries against the asker's
+    /// budget.
+    fn respond(&mut self, asker: Asker, response: FetchResponse) {
+        let bytes = response.carried_bytes();
+        let Asker { peer, id, channel } = asker;
+        if self
+            .swarm
+            .behaviour_mut()
+            .fetch
+            .send_response(channel, response)
+            .is_ok()
+        {
+            self.unread.insert(id, (peer, bytes, Instant::now()));
+            self.feed(Input::Served { peer, bytes });
+        }
+    }
+
+    /// An answer was written out, or its stream failed.
+    fn answer_done(&mut self, id: InboundRequestId) {
+        if let Some((peer, bytes, _)) = self.unread.remove(&id) {
+            self.feed(Input::Delivered { peer, bytes });
+        }
+    }
+
+    /// libp2p reports every answer's end (its streams time out), so this
+    /// only guards against one it never reports: a peer's cap must not
+    /// stay taken.
+    fn forget_unread(&mut self, now: Instant) {
+        let limit = 2 * self.mesh_request_timeout;
+        let old: Vec<InboundRequestId> = self
+            .unread
+            .iter()
+            .filter(|(_, (_, _, at))| now.duration_since(*at) > limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in old {
+            self.answer_done(id);
+        }
+    }
+
+    fn serve(&mut self, chan: ChanId, request: FetchRequest) {
+        let Some(asker) = self.channels.remove(&chan) else {
             return;
         };
         if self.serving >= MAX_SERVES {
             // Reads and block copies would pile up on the blocking pool;
             // the asker tries another peer or comes back.
             let busy = FetchResponse::Refused("busy; try again".into());
-            let _ = self.swarm.behaviour_mut().fetch.send_response(channel, busy);
+            self.respond(asker, busy);
             return;
         }
         self.serving += 1;
@@ -751,22 +806,22 @@ impl Node {
                 _ => crate::serve::answer(&*ledger, &request),
             })
             .unwrap_or_else(FetchResponse::Refused);
-            let _ = tx.send(WorkerDone::Served { channel, response });
+            let _ = tx.send(WorkerDone::Served { asker, response });
         });
     }
 
     /// Answers with our anchor, encoded once per anchor however many ask.
     fn serve_anchor(&mut self, chan: ChanId, anchor: AnchorSnapshot) {
-        let Some(channel) = self.channels.remove(&chan) else {
+        let Some(asker) = self.channels.remove(&chan) else {
             return;
         };
         let key = (anchor.round, anchor.anchor_hash);
         if let Some((_, response)) = self.anchor_cache.encoded.iter().find(|(k, _)| *k == key) {
             let response = response.clone();
-            let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
+            self.respond(asker, response);
             return;
         }
-        self.anchor_cache.waiting.push((key, channel));
+        self.anchor_cache.waiting.push((key, asker));
         if !self.anchor_cache.encoding.insert(key) {
             return;
         }
@@ -780,9 +835,9 @@ impl Node {
 
     fn on_worker(&mut self, done: WorkerDone) {
         match done {
-            WorkerDone::Served { channel, response } => {
+            WorkerDone::Served { asker, response } => {
                 self.serving = self.serving.saturating_sub(1);
-                let _ = self.swarm.behaviour_mut().fetch.send_response(channel, response);
+                self.respond(asker, response);
             }
             WorkerDone::AnchorEncoded { key, response } => {
                 self.anchor_cache.encoding.remove(&key);
@@ -790,12 +845,8 @@ impl Node {
                     .into_iter()
                     .partition(|(k, _)| *k == key);
                 self.anchor_cache.waiting = others;
-                for (_, channel) in these {
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .fetch
-                        .send_response(channel, response.clone());
+                for (_, asker) in these {
+                    self.respond(asker, response.clone());
                 }
                 let cache = &mut self.anchor_cache.encoded;
                 cache.retain(|(k, _)| *k != key);
@@ -1027,10 +1078,21 @@ impl Node {
     fn on_fetch(&mut self, event: request_response::Event<FetchRequest, FetchResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request { request, channel, .. } => {
+                request_response::Message::Request {
+                    request,
+                    channel,
+                    request_id,
+                } => {
                     let chan = ChanId(self.next_chan);
                     self.next_chan += 1;
-                    self.channels.insert(chan, channel);
+                    self.channels.insert(
+                        chan,
+                        Asker {
+                            peer,
+                            id: request_id,
+                            channel,
+                        },
+                    );
                     self.feed(Input::Request { peer, chan, request });
                 }
                 request_response::Message::Response { request_id, response } => match self.outbound.remove(&request_id)
@@ -1062,7 +1124,8 @@ impl Node {
                     None => {}
                 }
             }
-            _ => {}
+            request_response::Event::ResponseSent { request_id, .. }
+            | request_response::Event::InboundFailure { request_id, .. } => self.answer_done(request_id),
         }
     }
 
@@ -1140,6 +1203,8 @@ impl Node {
             clipped_by_author: c.clipped_by_author.clone(),
             merged_by_author: c.merged_by_author.clone(),
             probation_by_author: c.probation_by_author.clone(),
+            served_bytes: c.served_bytes,
+            refused_over_budget: c.refused_over_budget,
             banned: self.core.banned().iter().map(|a| a.to_string()).collect(),
             peers_seen: self.core.authors_seen().iter().map(|a| a.to_string()).collect(),
             label_histogram: self.data.label_histogram(),

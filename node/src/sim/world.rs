@@ -656,7 +656,7 @@ impl World {
                 let response = crate::serve::answer(&*self.nodes[index].durable.ledger, &request);
                 self.respond(index, chan, response);
             }
-            Effect::ServeAnchor { chan, anchor } => {
+            Effect::ServeAnchor { chan, anchor, .. } => {
                 let response = encode_anchor(&anchor);
                 self.respond(index, chan, response);
             }
@@ -977,7 +977,10 @@ impl World {
             self.deliver(to, Input::RequestFailed { req, peer }, REQUEST_TIMEOUT_MS);
             return;
         }
+        let (asker, bytes) = (self.nodes[to].peer, response.carried_bytes());
+        self.deliver(node, Input::Served { peer: asker, bytes }, 0);
         let d = self.link_delay();
+        self.deliver(node, Input::Delivered { peer: asker, bytes }, d);
         self.deliver(to, Input::Response { req, peer, response }, d);
     }
 }
