@@ -44,14 +44,8 @@ impl Checkpoint {
         WeightsHash::of_f32(&self.anchor)
     }
 
-    /// Writes `DIR/checkpoint.safetensors` atomically (temp file, fsync,
-    /// rename): a crash leaves the old checkpoint or the new one, whole.
-    pub fn save(&self, dir: &Path) -> Result<(), NodeError> {
-        let path = dir.join(CHECKPOINT_FILE);
-        let io = |source| NodeError::Io {
-            path: path.clone(),
-            source,
-        };
+    /// The checkpoint as a safetensors file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
         let tensors = [
             ("anchor", bytes_of(&self.anchor)),
             ("velocity", bytes_of(&self.velocity)),
@@ -64,10 +58,7 @@ impl Checkpoint {
             .map(|(name, b)| {
                 TensorView::new(Dtype::F32, vec![b.len() / 4], b)
                     .map(|v| (*name, v))
-                    .map_err(|e| NodeError::Checkpoint {
-                        path: path.clone(),
-                        detail: format!("tensor {name}: {e}"),
-                    })
+                    .map_err(|e| format!("tensor {name}: {e}"))
             })
             .collect::<Result<_, _>>()?;
         let meta: HashMap<String, String> = [
@@ -77,10 +68,21 @@ impl Checkpoint {
             ("anchor_hash".to_string(), self.anchor_hash().to_string()),
         ]
         .into();
-        let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| NodeError::Checkpoint {
+        safetensors::tensor::serialize(views, Some(meta)).map_err(|e| format!("serialising: {e}"))
+    }
+
+    /// Writes `DIR/checkpoint.safetensors` atomically (temp file,
+    /// rename): a crash leaves the old checkpoint or the new one, whole.
+    pub fn save(&self, dir: &Path) -> Result<(), NodeError> {
+        let path = dir.join(CHECKPOINT_FILE);
+        let bytes = self.to_bytes().map_err(|detail| NodeError::Checkpoint {
             path: path.clone(),
-            detail: format!("serialising: {e}"),
+            detail,
         })?;
+        let io = |source| NodeError::Io {
+            path: path.clone(),
+            source,
+        };
         // Written whole, then renamed over the last one, but not synced: a
         // checkpoint only saves replaying the ledger (which is durable), and
         // one torn by a power cut fails its checks at load and is set aside.
@@ -103,28 +105,30 @@ impl Checkpoint {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(NodeError::Io { path, source }),
         };
-        let bad = |detail: String| NodeError::Checkpoint {
-            path: path.clone(),
-            detail,
-        };
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        Self::from_bytes(&bytes, run_id)
+            .map(Some)
+            .map_err(|detail| NodeError::Checkpoint { path, detail })
+    }
+
+    /// Decodes a checkpoint file (untrusted: torn, corrupt or another
+    /// run's); the error says what is wrong with it.
+    pub fn from_bytes(bytes: &[u8], run_id: &RunId) -> Result<Self, String> {
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
         let meta = meta.metadata().clone().unwrap_or_default();
-        let get = |k: &str| {
-            meta.get(k)
-                .cloned()
-                .ok_or_else(|| bad(format!("no `{k}` in its metadata")))
-        };
-        let found: RunId = get("run_id")?.parse().map_err(|e| bad(format!("run id: {e}")))?;
+        let get = |k: &str| meta.get(k).cloned().ok_or_else(|| format!("no `{k}` in its metadata"));
+        let found: RunId = get("run_id")?.parse().map_err(|e| format!("run id: {e}"))?;
         if found != *run_id {
-            return Err(bad(format!("belongs to run {found}, not {run_id}")));
+            return Err(format!("belongs to run {found}, not {run_id}"));
         }
-        let round: u64 = get("round")?.parse().map_err(|_| bad("bad round".into()))?;
-        let step: u64 = get("adam_step")?.parse().map_err(|_| bad("bad adam step".into()))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let round: u64 = get("round")?.parse().map_err(|_| "bad round".to_string())?;
+        let step: u64 = get("adam_step")?.parse().map_err(|_| "bad adam step".to_string())?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
         let t = |name: &str| {
-            st.tensor(name)
-                .map(|v| floats(&v))
-                .map_err(|e| bad(format!("{name}: {e}")))
+            let view = st.tensor(name).map_err(|e| format!("{name}: {e}"))?;
+            if view.dtype() != Dtype::F32 {
+                return Err(format!("{name}: {:?} values, not F32", view.dtype()));
+            }
+            Ok(floats(&view))
         };
         let cp = Checkpoint {
             run_id: found,
@@ -139,9 +143,9 @@ impl Checkpoint {
             },
         };
         if cp.anchor_hash().to_string() != get("anchor_hash")? {
-            return Err(bad("its anchor does not match the hash in its metadata".into()));
+            return Err("its anchor does not match the hash in its metadata".into());
         }
-        Ok(Some(cp))
+        Ok(cp)
     }
 }
 
@@ -172,5 +176,40 @@ mod tests {
         std::fs::write(dir.path().join(CHECKPOINT_FILE), b"garbage").unwrap();
         let err = Checkpoint::load(dir.path(), &run).unwrap_err().to_string();
         assert!(err.contains(CHECKPOINT_FILE), "{err}");
+    }
+
+    #[test]
+    fn a_tensor_that_is_not_f32_is_refused_not_misread() {
+        let run = RunId([3; 32]);
+        let cp = Checkpoint {
+            run_id: run,
+            round: 1,
+            anchor: vec![1.0; 4],
+            velocity: vec![0.0; 4],
+            residual: vec![0.0; 4],
+            adam: AdamState {
+                step: 1,
+                m: vec![0.0; 4],
+                v: vec![0.0; 4],
+            },
+        };
+        let good = cp.to_bytes().unwrap();
+        assert_eq!(Checkpoint::from_bytes(&good, &run).unwrap(), cp);
+        // The same metadata, with the anchor's 16 bytes declared as F16.
+        let st = SafeTensors::deserialize(&good).unwrap();
+        let (_, meta) = SafeTensors::read_metadata(&good).unwrap();
+        let names = ["anchor", "velocity", "residual", "adam_m", "adam_v"];
+        let views: Vec<(&str, TensorView<'_>)> = names
+            .iter()
+            .map(|n| {
+                let t = st.tensor(n).unwrap();
+                let dtype = if *n == "anchor" { Dtype::F16 } else { Dtype::F32 };
+                let shape = if *n == "anchor" { vec![8] } else { vec![4] };
+                (*n, TensorView::new(dtype, shape, t.data()).unwrap())
+            })
+            .collect();
+        let bad = safetensors::tensor::serialize(views, meta.metadata().clone()).unwrap();
+        let err = Checkpoint::from_bytes(&bad, &run).unwrap_err();
+        assert!(err.contains("anchor") && err.contains("F32"), "{err}");
     }
 }
