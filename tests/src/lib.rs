@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use meshtrain_ledger::audit::AuditReport;
 use meshtrain_testnet::report::NodeReport;
 
+pub mod hostile;
+
 /// The checkout the tests were built from (scripts/, .venv, README.md).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
