@@ -53,6 +53,27 @@ const MAX_IN_FLIGHT_TOTAL: u64 = 128 << 20;
 /// asked for the same author's records.
 pub(super) const RECORDS_PATIENCE_MS: Millis = 3_000;
 
+/// What a request's answer weighs, for the byte caps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bulk {
+    /// Records, heads, a vote: bounded and small.
+    Small,
+    Anchor,
+    Payload,
+    Block,
+}
+
+impl Bulk {
+    fn of(request: &FetchRequest) -> Self {
+        match request {
+            FetchRequest::Anchor { .. } => Bulk::Anchor,
+            FetchRequest::Payload { .. } => Bulk::Payload,
+            FetchRequest::Block { .. } => Bulk::Block,
+            FetchRequest::Records { .. } | FetchRequest::Heads | FetchRequest::FinalVote => Bulk::Small,
+        }
+    }
+}
+
 impl Core {
     pub(super) fn on_gossip(&mut self, id: MessageId, source: PeerId, data: &[u8]) {
         if !self.unsettled.insert(id.clone()) {
@@ -104,7 +125,8 @@ impl Core {
             });
             return;
         }
-        if !self.within_budget(peer, matches!(request, FetchRequest::Anchor { .. })) {
+        let bulk = Bulk::of(&request);
+        if !self.within_budget(peer, bulk) {
             self.counters.refused_over_budget += 1;
             self.emit(Effect::Respond {
                 chan,
@@ -112,7 +134,7 @@ impl Core {
             });
             return;
         }
-        if !self.room_in_flight(peer) {
+        if !self.room_in_flight(peer, bulk) {
             self.counters.refused_over_budget += 1;
             self.emit(Effect::Respond {
                 chan,
@@ -145,16 +167,18 @@ impl Core {
     }
 
     /// Counts one request of `peer` against its budget; false when over.
-    fn within_budget(&mut self, peer: PeerId, anchor: bool) -> bool {
+    fn within_budget(&mut self, peer: PeerId, bulk: Bulk) -> bool {
         let bytes_allowed = self.byte_budget();
         let a = self.budget_window(peer);
         a.requests = a.requests.saturating_add(1);
+        let anchor = bulk == Bulk::Anchor;
         a.anchors = a.anchors.saturating_add(u32::from(anchor));
         // Over the anchor cap only anchors are refused: a syncing node's
-        // payload and record fetches go on.
-        a.requests <= MAX_REQUESTS_PER_WINDOW
-            && (!anchor || a.anchors <= MAX_ANCHORS_PER_WINDOW)
-            && a.bytes < bytes_allowed
+        // payload and record fetches go on. Over the byte budget only
+        // payloads and blocks are: an anchor refused reads as "not held"
+        // to a syncing node, and anchors have their own cap.
+        let bytes_ok = !matches!(bulk, Bulk::Payload | Bulk::Block) || a.bytes < bytes_allowed;
+        a.requests <= MAX_REQUESTS_PER_WINDOW && (!anchor || a.anchors <= MAX_ANCHORS_PER_WINDOW) && bytes_ok
     }
 
     /// `peer`'s current budget window (a fresh one once the last ended).
@@ -184,8 +208,9 @@ impl Core {
     }
 
     /// An answer went out: its bytes count against the window it is sent
-    /// in (one answer may overshoot; the next request is refused), and are
-    /// in flight until it is delivered.
+    /// in, and are in flight until it is delivered. Answers admitted before
+    /// the earlier ones were sent (at most the 16 serves running at once,
+    /// and anchors being encoded) may overshoot both caps.
     pub(super) fn on_served(&mut self, peer: PeerId, bytes: u64) {
         self.counters.served_bytes = self.counters.served_bytes.saturating_add(bytes);
         let a = self.budget_window(peer);
@@ -207,13 +232,21 @@ impl Core {
         self.in_flight_total = self.in_flight_total.saturating_sub(bytes);
     }
 
-    /// Whether another answer to `peer` may be held while earlier ones are
-    /// unread (one may overshoot, as with the window budget).
-    fn room_in_flight(&self, peer: PeerId) -> bool {
+    /// Whether another bulk answer to `peer` may be held while earlier
+    /// ones are unread. Payloads and blocks wait for the peer's own unread
+    /// answers; only blocks (the data phase, which can wait) wait for
+    /// everyone's, so that a few keys that never read cannot stop a node
+    /// serving the round's payloads to the others.
+    fn room_in_flight(&self, peer: PeerId, bulk: Bulk) -> bool {
         let anchor = (self.cfg.params as u64).saturating_mul(8);
         let per_peer = MAX_IN_FLIGHT_PER_PEER.max(anchor.saturating_mul(2));
         let total = MAX_IN_FLIGHT_TOTAL.max(anchor.saturating_mul(8));
-        self.in_flight.get(&peer).copied().unwrap_or(0) < per_peer && self.in_flight_total < total
+        let mine = self.in_flight.get(&peer).copied().unwrap_or(0);
+        match bulk {
+            Bulk::Payload => mine < per_peer,
+            Bulk::Block => mine < per_peer && self.in_flight_total < total,
+            Bulk::Anchor | Bulk::Small => true,
+        }
     }
 
     pub(super) fn on_response(&mut self, req: ReqId, peer: PeerId, response: FetchResponse) {

@@ -722,6 +722,49 @@ fn a_peer_that_leaves_its_answers_unread_is_refused_until_it_reads_them() {
 }
 
 #[test]
+fn keys_that_never_read_hold_up_blocks_but_not_the_rounds_payloads() {
+    let mut h = Harness::new(0);
+    let peers: Vec<Peer> = (2..8).map(Peer::new).collect();
+    for p in &peers {
+        h.join(p);
+    }
+    h.start_training();
+    h.take();
+    let ask = |h: &mut Harness, peer: &Peer, chan: u64, request: FetchRequest| {
+        h.input(Input::Request {
+            peer: peer.peer,
+            chan: super::ChanId(chan),
+            request,
+        });
+        h.take().iter().any(|e| matches!(e, Effect::Serve { .. }))
+    };
+    let block = FetchRequest::Block { hash: [1; 32] };
+    // Five keys take blocks and never read them: 160 MiB unread.
+    let mut chan = 0;
+    for p in &peers[..5] {
+        for _ in 0..8 {
+            chan += 1;
+            if ask(&mut h, p, chan, block.clone()) {
+                h.input(Input::Served {
+                    peer: p.peer,
+                    bytes: 4 << 20,
+                });
+            }
+        }
+    }
+    let other = &peers[5];
+    assert!(!ask(&mut h, other, 1000, block.clone()), "blocks wait for room");
+    assert!(
+        ask(&mut h, other, 1001, FetchRequest::Payload { hash: [2; 32] }),
+        "a payload is served whatever others leave unread"
+    );
+    assert!(
+        ask(&mut h, &peers[0], 1002, FetchRequest::Heads),
+        "small answers are never held up"
+    );
+}
+
+#[test]
 fn updates_far_ahead_are_set_aside_and_taken_up_when_their_round_is_next() {
     let mut h = Harness::new(1);
     let mut b = Peer::new(2);
