@@ -44,8 +44,11 @@ impl Schema {
                 height,
                 width,
                 ..
-            } => 1 + channels * height * width,
-            Schema::Table { features, .. } => 2 + 4 * features.len(),
+            } => channels
+                .saturating_mul(*height)
+                .saturating_mul(*width)
+                .saturating_add(1),
+            Schema::Table { features, .. } => features.len().saturating_mul(4).saturating_add(2),
             Schema::Text { seq_len } => *seq_len,
         }
     }
@@ -67,8 +70,10 @@ impl Schema {
     }
 
     fn check(&self) -> std::result::Result<(), String> {
-        if self.record_size() == 0 {
-            return Err("records of zero bytes".into());
+        match self.record_size() {
+            0 => return Err("records of zero bytes".into()),
+            n if n > MAX_RECORD_SIZE => return Err(format!("records of {n} bytes (at most {MAX_RECORD_SIZE})")),
+            _ => {}
         }
         match self {
             Schema::Image { classes, .. } if *classes == 0 || *classes > 256 => {
@@ -81,6 +86,10 @@ impl Schema {
         }
     }
 }
+
+/// The largest record a schema may describe (a 4096 x 4096 RGB image is
+/// 48 MiB); larger sizes are a corrupt or hostile manifest.
+const MAX_RECORD_SIZE: usize = 1 << 30;
 
 /// One block, as the manifest lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +172,10 @@ impl Manifest {
             )));
         }
         for (split, blocks) in &m.splits {
+            let total = blocks.iter().try_fold(0u64, |t, b| t.checked_add(b.records));
+            if total.is_none() {
+                return Err(bad(format!("{split}: more records than a u64 counts")));
+            }
             for b in blocks {
                 if b.records.checked_mul(m.record_size as u64) != Some(b.bytes) {
                     return Err(bad(format!(
@@ -194,15 +207,17 @@ impl Manifest {
         self.splits.get(split).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    // Saturating: `from_bytes` refuses a manifest whose totals overflow,
+    // but one built in memory is not checked.
     pub fn records(&self, split: &str) -> u64 {
-        self.blocks(split).iter().map(|b| b.records).sum()
+        self.blocks(split).iter().fold(0u64, |t, b| t.saturating_add(b.records))
     }
 
     pub fn label_histogram(&self, split: &str) -> Vec<u64> {
         let mut h = vec![0u64; self.schema.classes().unwrap_or(0)];
         for b in self.blocks(split) {
             for (a, x) in h.iter_mut().zip(&b.label_histogram) {
-                *a += x;
+                *a = a.saturating_add(*x);
             }
         }
         h
@@ -357,5 +372,34 @@ mod tests {
             .to_string()
             .contains("bytes for 2 records"));
         assert!(Manifest::from_bytes(b"{}", "t").is_err());
+    }
+
+    #[test]
+    fn sizes_and_totals_that_overflow_are_refused_not_wrapped() {
+        let huge = Schema::Image {
+            channels: usize::MAX / 2,
+            height: 3,
+            width: 1,
+            classes: 3,
+        };
+        let mut m = Manifest::new("huge", huge);
+        m.record_size = m.schema.record_size();
+        let err = Manifest::from_bytes(&m.to_bytes(), "t").unwrap_err().to_string();
+        assert!(err.contains("records of"), "{err}");
+
+        // Two blocks whose records add up past u64 (records of one byte).
+        let text = Schema::Text { seq_len: 1 };
+        let mut m = Manifest::new("many", text);
+        let half = u64::MAX / 2 + 1;
+        let block = |c: char| BlockInfo {
+            hash: c.to_string().repeat(64),
+            bytes: half,
+            records: half,
+            label_histogram: Vec::new(),
+        };
+        m.splits.insert("train".into(), vec![block('a'), block('b')]);
+        let err = Manifest::from_bytes(&m.to_bytes(), "t").unwrap_err().to_string();
+        assert!(err.contains("more records than"), "{err}");
+        assert_eq!(m.records("train"), u64::MAX);
     }
 }
