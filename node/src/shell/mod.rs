@@ -738,7 +738,6 @@ impl Node {
         }
     }
 
-    /// Answers a peer from the ledger or the block store, off the loop.
     /// Sends an answer and counts what it carries against the asker's
     /// budget.
     fn respond(&mut self, asker: Asker, response: FetchResponse) {
@@ -779,6 +778,7 @@ impl Node {
         }
     }
 
+    /// Answers a peer from the ledger or the block store, off the loop.
     fn serve(&mut self, chan: ChanId, request: FetchRequest) {
         let Some(asker) = self.channels.remove(&chan) else {
             return;
