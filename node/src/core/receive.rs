@@ -126,19 +126,18 @@ impl Core {
             return;
         }
         let bulk = Bulk::of(&request);
-        if !self.within_budget(peer, bulk) {
+        let over = if !self.within_budget(peer, bulk) {
+            Some("over budget; ask again later")
+        } else if !self.room_in_flight(peer, bulk) {
+            Some("answers still unread; ask again later")
+        } else {
+            None
+        };
+        if let Some(why) = over {
             self.counters.refused_over_budget += 1;
             self.emit(Effect::Respond {
                 chan,
-                response: FetchResponse::Refused("over budget; ask again later".into()),
-            });
-            return;
-        }
-        if !self.room_in_flight(peer, bulk) {
-            self.counters.refused_over_budget += 1;
-            self.emit(Effect::Respond {
-                chan,
-                response: FetchResponse::Refused("answers still unread; ask again later".into()),
+                response: FetchResponse::Refused(why.into()),
             });
             return;
         }
@@ -200,11 +199,14 @@ impl Core {
         a
     }
 
+    /// An anchor's size: the weights and the outer state, 4 bytes a value.
+    fn anchor_bytes(&self) -> u64 {
+        (self.cfg.params as u64).saturating_mul(8)
+    }
+
     /// Bytes a peer may be served per window.
     pub(super) fn byte_budget(&self) -> u64 {
-        // An anchor is the weights and the outer state, 4 bytes a value.
-        let anchor = (self.cfg.params as u64).saturating_mul(8);
-        MAX_BYTES_PER_WINDOW.max(anchor.saturating_mul(ANCHORS_PER_BYTE_BUDGET))
+        MAX_BYTES_PER_WINDOW.max(self.anchor_bytes().saturating_mul(ANCHORS_PER_BYTE_BUDGET))
     }
 
     /// An answer went out: its bytes count against the window it is sent
@@ -238,7 +240,7 @@ impl Core {
     /// everyone's, so that a few keys that never read cannot stop a node
     /// serving the round's payloads to the others.
     fn room_in_flight(&self, peer: PeerId, bulk: Bulk) -> bool {
-        let anchor = (self.cfg.params as u64).saturating_mul(8);
+        let anchor = self.anchor_bytes();
         let per_peer = MAX_IN_FLIGHT_PER_PEER.max(anchor.saturating_mul(2));
         let total = MAX_IN_FLIGHT_TOTAL.max(anchor.saturating_mul(8));
         let mine = self.in_flight.get(&peer).copied().unwrap_or(0);

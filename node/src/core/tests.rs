@@ -286,6 +286,16 @@ impl Harness {
         after
     }
 
+    /// Whether `peer`'s request is served (not refused).
+    fn serves(&mut self, peer: PeerId, chan: u64, request: FetchRequest) -> bool {
+        self.input(Input::Request {
+            peer,
+            chan: super::ChanId(chan),
+            request,
+        });
+        self.take().iter().any(|e| matches!(e, Effect::Serve { .. }))
+    }
+
     /// The start sync's anchor requests among the effects so far.
     fn anchor_asks(&mut self) -> Vec<(super::ReqId, PeerId)> {
         self.take()
@@ -624,27 +634,12 @@ fn a_peer_served_its_byte_budget_is_refused_until_the_window_ends() {
     h.start_training();
     h.take();
     let budget = h.core.byte_budget();
-    let ask = |h: &mut Harness, chan: u64| {
-        h.input(Input::Request {
-            peer: b.peer,
-            chan: super::ChanId(chan),
-            request: FetchRequest::Block { hash: [1; 32] },
-        });
-        h.take().into_iter().any(|e| {
-            matches!(
-                e,
-                Effect::Respond {
-                    response: FetchResponse::Refused(_),
-                    ..
-                }
-            )
-        })
-    };
+    let block_request = FetchRequest::Block { hash: [1; 32] };
     // Blocks of 4 MiB, each sent as soon as it is asked for, and read.
     let block = 4 << 20;
     let mut served = 0;
     let mut chan = 0;
-    while !ask(&mut h, chan) {
+    while h.serves(b.peer, chan, block_request.clone()) {
         chan += 1;
         served += block;
         h.input(Input::Served {
@@ -665,18 +660,13 @@ fn a_peer_served_its_byte_budget_is_refused_until_the_window_ends() {
     let c = Peer::new(3);
     h.join(&c);
     h.take();
-    h.input(Input::Request {
-        peer: c.peer,
-        chan: super::ChanId(9999),
-        request: FetchRequest::Block { hash: [1; 32] },
-    });
-    assert!(
-        h.take().iter().any(|e| matches!(e, Effect::Serve { .. })),
-        "another peer is served"
-    );
+    assert!(h.serves(c.peer, 9999, block_request.clone()), "another peer is served");
     // The next window serves the first peer again.
     h.now += 10_000;
-    assert!(!ask(&mut h, chan + 1), "a new window serves the peer again");
+    assert!(
+        h.serves(b.peer, chan + 1, block_request),
+        "a new window serves the peer again"
+    );
 }
 
 #[test]
@@ -686,19 +676,12 @@ fn a_peer_that_leaves_its_answers_unread_is_refused_until_it_reads_them() {
     h.join(&b);
     h.start_training();
     h.take();
-    let served = |h: &mut Harness, chan: u64| {
-        h.input(Input::Request {
-            peer: b.peer,
-            chan: super::ChanId(chan),
-            request: FetchRequest::Block { hash: [1; 32] },
-        });
-        h.take().iter().any(|e| matches!(e, Effect::Serve { .. }))
-    };
+    let block_request = FetchRequest::Block { hash: [1; 32] };
     // 4 MiB answers, sent and never delivered: a few, then no more, well
     // inside the window's byte budget.
     let block = 4 << 20;
     let mut sent = 0;
-    while served(&mut h, sent) {
+    while h.serves(b.peer, sent, block_request.clone()) {
         h.input(Input::Served {
             peer: b.peer,
             bytes: block,
@@ -718,7 +701,10 @@ fn a_peer_that_leaves_its_answers_unread_is_refused_until_it_reads_them() {
             bytes: block,
         });
     }
-    assert!(served(&mut h, 100), "served again once its answers were read");
+    assert!(
+        h.serves(b.peer, 100, block_request),
+        "served again once its answers were read"
+    );
 }
 
 #[test]
@@ -730,21 +716,13 @@ fn keys_that_never_read_hold_up_blocks_but_not_the_rounds_payloads() {
     }
     h.start_training();
     h.take();
-    let ask = |h: &mut Harness, peer: &Peer, chan: u64, request: FetchRequest| {
-        h.input(Input::Request {
-            peer: peer.peer,
-            chan: super::ChanId(chan),
-            request,
-        });
-        h.take().iter().any(|e| matches!(e, Effect::Serve { .. }))
-    };
     let block = FetchRequest::Block { hash: [1; 32] };
     // Five keys take blocks and never read them: 160 MiB unread.
     let mut chan = 0;
     for p in &peers[..5] {
         for _ in 0..8 {
             chan += 1;
-            if ask(&mut h, p, chan, block.clone()) {
+            if h.serves(p.peer, chan, block.clone()) {
                 h.input(Input::Served {
                     peer: p.peer,
                     bytes: 4 << 20,
@@ -753,13 +731,13 @@ fn keys_that_never_read_hold_up_blocks_but_not_the_rounds_payloads() {
         }
     }
     let other = &peers[5];
-    assert!(!ask(&mut h, other, 1000, block.clone()), "blocks wait for room");
+    assert!(!h.serves(other.peer, 1000, block.clone()), "blocks wait for room");
     assert!(
-        ask(&mut h, other, 1001, FetchRequest::Payload { hash: [2; 32] }),
+        h.serves(other.peer, 1001, FetchRequest::Payload { hash: [2; 32] }),
         "a payload is served whatever others leave unread"
     );
     assert!(
-        ask(&mut h, &peers[0], 1002, FetchRequest::Heads),
+        h.serves(peers[0].peer, 1002, FetchRequest::Heads),
         "small answers are never held up"
     );
 }
