@@ -75,13 +75,14 @@ fn run(args: &Args, root: &Path, spec: &Path, store: &Path, keys: &[PathBuf], at
         .map(|i| root.join(name).join(format!("node-{i}")))
         .collect();
     for (dir, key) in dirs.iter().zip(keys) {
-        std::fs::create_dir_all(dir).expect("node dir");
-        std::fs::copy(key, dir.join("identity.key")).expect("copy the node's key");
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| fail(&format!("creating {}", dir.display()), e));
+        std::fs::copy(key, dir.join("identity.key"))
+            .unwrap_or_else(|e| fail(&format!("copying {} into {}", key.display(), dir.display()), e));
     }
     let n = args.nodes;
     let wait = (n - 1).to_string();
     let shard = |i: usize| format!("{i}/{n}");
-    let store = store.to_str().expect("utf-8 path");
+    let store = utf8(store);
     let mut nodes: Vec<NodeProc> = vec![spawn_node(
         &dirs[0],
         spec,
@@ -102,8 +103,8 @@ fn run(args: &Args, root: &Path, spec: &Path, store: &Path, keys: &[PathBuf], at
     let stop = Arc::new(AtomicBool::new(false));
     let attacker = attack.then(|| {
         let target = Target {
-            addr: info.addr.parse().expect("multiaddr"),
-            node: info.peer_id.parse().expect("peer id"),
+            addr: info.addr.parse().unwrap_or_else(|e| fail("node 0's listen address", e)),
+            node: info.peer_id.parse().unwrap_or_else(|e| fail("node 0's peer id", e)),
             run_hex: info.run_id.clone(),
             rounds: args.rounds,
             blocks: hostile::block_hashes(Path::new(store)),
@@ -165,6 +166,22 @@ fn run(args: &Args, root: &Path, spec: &Path, store: &Path, keys: &[PathBuf], at
     r
 }
 
+/// Stops the soak with what went wrong (exit status 2).
+fn fail(what: &str, e: impl std::fmt::Display) -> ! {
+    eprintln!("hostile-soak: {what}: {e}");
+    std::process::exit(2);
+}
+
+/// A path as the node's command line takes it.
+fn utf8(path: &Path) -> &str {
+    path.to_str().unwrap_or_else(|| {
+        fail(
+            &format!("{} is not UTF-8", path.display()),
+            "paths are passed to nodes as text",
+        )
+    })
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / f64::from(1 << 20)
 }
@@ -177,8 +194,9 @@ fn main() {
             std::process::exit(2);
         }
     };
-    std::fs::create_dir_all(&args.out).expect("output dir");
-    let root = std::fs::canonicalize(&args.out).expect("output dir");
+    let out = args.out.display().to_string();
+    std::fs::create_dir_all(&args.out).unwrap_or_else(|e| fail(&format!("creating {out}"), e));
+    let root = std::fs::canonicalize(&args.out).unwrap_or_else(|e| fail(&format!("resolving {out}"), e));
     let _ = std::fs::remove_dir_all(root.join("alone"));
     let _ = std::fs::remove_dir_all(root.join("hostile"));
     let key_dirs: Vec<PathBuf> = (0..args.nodes)
@@ -204,7 +222,7 @@ fn main() {
             "--admission",
             "open",
             "--founders",
-            founders.to_str().expect("utf-8 path"),
+            utf8(&founders),
         ],
     );
     eprintln!(
@@ -279,7 +297,8 @@ fn main() {
         "worst": { "rss_ratio": worst.0, "round_time_ratio": worst.1, "accuracy_points": worst.2 },
     });
     let path = root.join("soak.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&summary).expect("json")).expect("write soak.json");
+    let json = serde_json::to_vec_pretty(&summary).unwrap_or_else(|e| fail("encoding soak.json", e));
+    std::fs::write(&path, json).unwrap_or_else(|e| fail(&format!("writing {}", path.display()), e));
     println!("figures in {}", path.display());
     if !all_ok {
         eprintln!("hostile-soak: a node failed (logs under {})", root.display());
