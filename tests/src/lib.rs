@@ -136,6 +136,9 @@ pub fn spec_new(dir: &Path, args: &[&str]) -> (PathBuf, PathBuf) {
 
 pub struct NodeProc {
     pub dir: PathBuf,
+    /// Where its stdout and stderr go (DIR/node.log unless moved off a
+    /// data dir that may fill).
+    pub log: PathBuf,
     pub child: Child,
 }
 
@@ -156,6 +159,7 @@ pub fn spawn_node_logging_to(
     extra: &[&str],
 ) -> NodeProc {
     std::fs::create_dir_all(dir).expect("node dir");
+    let log_path = log.to_path_buf();
     let log = std::fs::File::create(log).expect("log file");
     let mut cmd = Command::new(meshtrain_bin());
     cmd.args(["node", "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--shard", shard])
@@ -175,6 +179,7 @@ pub fn spawn_node_logging_to(
     }
     NodeProc {
         dir: dir.to_path_buf(),
+        log: log_path,
         child: cmd.spawn().expect("spawn node"),
     }
 }
@@ -201,11 +206,11 @@ pub fn wait_listen(node: &mut NodeProc, within: Duration) -> ListenInfo {
             }
         }
         if let Ok(Some(s)) = node.child.try_wait() {
-            panic!("node exited early ({s}):\n{}", log_tail(&node.dir));
+            panic!("node exited early ({s}):\n{}", file_tail(&node.log));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("node did not listen within {within:?}:\n{}", log_tail(&node.dir));
+    panic!("node did not listen within {within:?}:\n{}", file_tail(&node.log));
 }
 
 pub fn log_tail(dir: &Path) -> String {
@@ -233,7 +238,7 @@ pub fn wait_all(nodes: &mut [NodeProc], within: Duration) -> Vec<ExitStatus> {
             for n in nodes.iter_mut() {
                 let _ = n.child.kill();
             }
-            let logs: Vec<String> = nodes.iter().map(|n| log_tail(&n.dir)).collect();
+            let logs: Vec<String> = nodes.iter().map(|n| file_tail(&n.log)).collect();
             panic!("nodes still running after {within:?}:\n{}", logs.join("\n----\n"));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -286,7 +291,7 @@ pub fn wait_round(dir: &Path, round: u64) {
 pub fn wait_all_clean(nodes: &mut [NodeProc], within: Duration) {
     let statuses = wait_all(nodes, within);
     for (i, s) in statuses.iter().enumerate() {
-        assert!(s.success(), "node {i} failed:\n{}", log_tail(&nodes[i].dir));
+        assert!(s.success(), "node {i} failed ({s}):\n{}", file_tail(&nodes[i].log));
         let (report, status) = audit(&nodes[i].dir);
         assert!(status.success() && report.ok, "node {i} audit: {:?}", report.problems);
         assert_eq!(report.proofs, 0, "node {i} holds an equivocation proof");

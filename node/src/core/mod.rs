@@ -316,6 +316,8 @@ pub enum CoreFault {
     OwnRecord(String),
     #[error("storing our verdict block failed: {0}")]
     VerdictBlock(String),
+    #[error("the ledger cannot be kept: {0}")]
+    Ledger(String),
     #[error(
         "cut off from the mesh: at round {round}, {waited_s} s past the deadline, only {heard} of {of} voting power heard from (deciding a round's anchor needs more than half)"
     )]

@@ -410,6 +410,7 @@ impl Core {
             },
             Done::OwnStored { signed, payload } => self.own_stored(*signed, payload),
             Done::OwnFailed(e) => self.emit(Effect::Fatal(CoreFault::OwnRecord(e))),
+            Done::LedgerFailed(e) => self.emit(Effect::Fatal(CoreFault::Ledger(e))),
             Done::VerdictStored { round } => debug!(round, "verdict block stored"),
             Done::VerdictFailed(e) => self.emit(Effect::Fatal(CoreFault::VerdictBlock(e))),
             Done::Proof { origin, outcome, proof } => {

@@ -4,14 +4,15 @@
 //! message exactly once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use meshtrain_gossip::libp2p::gossipsub::MessageId;
 use meshtrain_gossip::libp2p::PeerId;
 use meshtrain_gossip::{FetchRequest, FetchResponse, GossipMessage};
 use meshtrain_ledger::{
-    AuthorKey, MemLedger, PayloadHash, RecordHash, RejectReason, RunId, Seq, SignedRecord, UpdateRecord, WeightsHash,
-    RECORD_VERSION,
+    AuthorId, AuthorKey, Batch, Head, JoinRecord, LedgerError, MemLedger, PayloadHash, RecordHash, RejectReason, RunId,
+    RunMeta, Seq, SignedRecord, SignedVerdictBlock, Store, UpdateRecord, VerdictHead, WeightsHash, RECORD_VERSION,
 };
 use meshtrain_model::{codec, CodecSpec, StepStats};
 
@@ -28,10 +29,70 @@ const PARAMS: usize = 8;
 /// Keys `[1; 32]` ..= `[ROSTER; 32]` are admitted.
 const ROSTER: u8 = 7;
 
+/// An in-memory ledger on a disk that can fill: once `full`, every write
+/// fails as RocksDB's does on a full disk (a local fault, not the data's).
+struct Disk {
+    ledger: MemLedger,
+    full: AtomicBool,
+}
+
+impl Store for Disk {
+    fn meta(&self) -> &RunMeta {
+        self.ledger.meta()
+    }
+    fn head(&self, author: &AuthorId) -> Option<Head> {
+        self.ledger.head(author)
+    }
+    fn heads(&self) -> Vec<(AuthorId, Head)> {
+        self.ledger.heads()
+    }
+    fn record(&self, author: &AuthorId, seq: Seq) -> meshtrain_ledger::Result<Option<SignedRecord>> {
+        self.ledger.record(author, seq)
+    }
+    fn records_from(&self, author: &AuthorId, from: Seq, limit: usize) -> meshtrain_ledger::Result<Vec<SignedRecord>> {
+        self.ledger.records_from(author, from, limit)
+    }
+    fn has_payload(&self, hash: &PayloadHash) -> meshtrain_ledger::Result<bool> {
+        self.ledger.has_payload(hash)
+    }
+    fn payload(&self, hash: &PayloadHash) -> meshtrain_ledger::Result<Option<Vec<u8>>> {
+        self.ledger.payload(hash)
+    }
+    fn verdict_head(&self) -> Option<VerdictHead> {
+        self.ledger.verdict_head()
+    }
+    fn verdict(&self, seq: u64) -> meshtrain_ledger::Result<Option<SignedVerdictBlock>> {
+        self.ledger.verdict(seq)
+    }
+    fn joins(&self) -> meshtrain_ledger::Result<Vec<JoinRecord>> {
+        self.ledger.joins()
+    }
+    fn has_proof_against(&self, author: &AuthorId) -> meshtrain_ledger::Result<bool> {
+        self.ledger.has_proof_against(author)
+    }
+    fn write(&self, batch: Batch) -> meshtrain_ledger::Result<()> {
+        if self.full.load(Ordering::Relaxed) {
+            return Err(LedgerError::Corrupt {
+                column: "records",
+                key: "the next write".into(),
+                detail: "No space left on device (os error 28)".into(),
+            });
+        }
+        self.ledger.write(batch)
+    }
+    fn apply_retention(
+        &self,
+        retention: meshtrain_ledger::Retention,
+        current_round: u64,
+    ) -> meshtrain_ledger::Result<u64> {
+        self.ledger.apply_retention(retention, current_round)
+    }
+}
+
 /// One core (node A) with its inbox, and peers whose records we forge.
 struct Harness {
     core: Core,
-    inbox: Inbox<MemLedger>,
+    inbox: Inbox<Disk>,
     run_id: RunId,
     genesis: RecordHash,
     anchor_hash: WeightsHash,
@@ -110,7 +171,10 @@ impl Harness {
         let shape = standin::shape(PARAMS, 7);
         let key = AuthorKey::from_secret([1; 32]);
         let meta = standin::meta(&spec, key.author(), &shape);
-        let ledger = Arc::new(MemLedger::new(meta.clone()).expect("meta"));
+        let ledger = Arc::new(Disk {
+            ledger: MemLedger::new(meta.clone()).expect("meta"),
+            full: AtomicBool::new(false),
+        });
         let resumed = resume(&*ledger, key.author(), None, &spec, &shape).expect("resume");
         assert!(!resumed.restarted);
         let core = Core::new(
@@ -520,6 +584,43 @@ fn replayed_payloads_are_refused() {
     let rc = c.record(&h, 0, &payload);
     let id = h.gossip(&c, &rc, Some(payload));
     assert_eq!(h.outcome(&id), Outcome::Invalid(RejectReason::Replay));
+}
+
+#[test]
+fn a_full_disk_stops_the_node_at_the_first_record_it_cannot_keep() {
+    let mut h = Harness::new(0);
+    let mut b = Peer::new(2);
+    let mut c = Peer::new(3);
+    h.join(&b);
+    h.join(&c);
+    h.start_training();
+    let payload = delta(0.2);
+    let rb = b.record(&h, 0, &payload);
+    let id = h.gossip(&b, &rb, Some(payload));
+    assert_eq!(h.outcome(&id), Outcome::Accepted);
+    assert!(!h.take().iter().any(|e| matches!(e, Effect::Fatal(_))));
+
+    h.inbox.store().full.store(true, Ordering::Relaxed);
+    let payload = delta(0.3);
+    let rc = c.record(&h, 0, &payload);
+    let id = h.gossip(&c, &rc, Some(payload));
+    // Not the sender's fault: nobody is blamed, and the node stops naming
+    // the write it could not make.
+    assert_eq!(h.outcome(&id), Outcome::Ignored(IgnoreReason::LocalFault));
+    let fatal: Vec<String> = h
+        .take()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Fatal(f) => Some(f.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fatal.len(), 1, "one fatal fault: {fatal:?}");
+    assert!(
+        fatal[0].contains("ledger") && fatal[0].contains("No space left on device"),
+        "{}",
+        fatal[0]
+    );
 }
 
 fn asks_for_a_payload(effects: &[Effect]) -> bool {

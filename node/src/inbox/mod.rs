@@ -134,6 +134,10 @@ pub enum Done {
         payload: Vec<u8>,
     },
     OwnFailed(String),
+    /// The ledger could not be written or read (a full disk, an I/O
+    /// error, corrupt data): the node cannot keep an honest ledger and
+    /// stops, instead of running on with records it cannot keep.
+    LedgerFailed(String),
     VerdictStored {
         round: u64,
     },
@@ -196,6 +200,9 @@ pub struct Inbox<S: Store + ?Sized> {
     named: HashMap<PayloadHash, (RecordHash, u64)>,
     /// The core's round, as the last [`Job::Prune`] told it.
     round: u64,
+    /// The first local ledger fault met while running a job, reported
+    /// once the job is done.
+    fault: Option<String>,
 }
 
 impl Job {
@@ -273,6 +280,7 @@ impl<S: Store + ?Sized> Inbox<S> {
             awaiting: HashMap::new(),
             named: HashMap::new(),
             round: 0,
+            fault: None,
         }
     }
 
@@ -311,8 +319,25 @@ impl<S: Store + ?Sized> Inbox<S> {
         &self.store
     }
 
-    /// Runs one job; what it learned, in order.
+    /// Runs one job; what it learned, in order, then a
+    /// [`Done::LedgerFailed`] if the ledger failed on the way.
     pub fn handle(&mut self, job: Job) -> Vec<Done> {
+        let mut done = self.run(job);
+        if let Some(e) = self.fault.take() {
+            done.push(Done::LedgerFailed(e));
+        }
+        done
+    }
+
+    /// Notes a ledger error that is this node's own (its disk, its data),
+    /// not a sender's: the node stops once the job is done.
+    fn local_fault(&mut self, e: &LedgerError) {
+        if is_local(e) && self.fault.is_none() {
+            self.fault = Some(e.to_string());
+        }
+    }
+
+    fn run(&mut self, job: Job) -> Vec<Done> {
         match job {
             Job::Record { bytes, payload, origin } => {
                 let mut results = Vec::new();
@@ -336,6 +361,7 @@ impl<S: Store + ?Sized> Inbox<S> {
                     Ok(()) => {
                         if let Err(e) = self.store.apply_retention(self.cfg.retention, round) {
                             warn!(error = %e, "payload retention failed");
+                            self.local_fault(&e);
                         }
                         Done::VerdictStored { round }
                     }
@@ -351,7 +377,10 @@ impl<S: Store + ?Sized> Inbox<S> {
                     outer,
                 })) {
                     Ok(()) => Done::JoinStored { round },
-                    Err(e) => Done::JoinFailed(e.to_string()),
+                    Err(e) => {
+                        self.local_fault(&e);
+                        Done::JoinFailed(e.to_string())
+                    }
                 }]
             }
             Job::Ban(author) => {
@@ -451,6 +480,7 @@ impl<S: Store + ?Sized> Inbox<S> {
                 if let Some(p) = &proof {
                     if let Err(e) = self.store.write(Batch::new().op(Op::Proof(Box::new(p.clone())))) {
                         warn!(error = %e, "cannot store an equivocation proof");
+                        self.local_fault(&e);
                     }
                 }
                 self.banned.insert(author);
@@ -472,6 +502,7 @@ impl<S: Store + ?Sized> Inbox<S> {
                 if let Some(p) = &proof {
                     if let Err(e) = self.store.write(Batch::new().op(Op::Proof(Box::new(p.clone())))) {
                         warn!(error = %e, "cannot store a proof of two records for one round");
+                        self.local_fault(&e);
                     }
                 }
                 self.banned.insert(author);
@@ -482,6 +513,7 @@ impl<S: Store + ?Sized> Inbox<S> {
             }
             Err(e) if is_local(&e) => {
                 warn!(%author, error = %e, "cannot check a record against the local ledger");
+                self.local_fault(&e);
                 results.push(RecordDone::new(origin, Outcome::Ignored(IgnoreReason::LocalFault)).about(&signed));
             }
             Err(e) => {
@@ -550,6 +582,7 @@ impl<S: Store + ?Sized> Inbox<S> {
         }
         if let Err(e) = self.store.write(batch) {
             warn!(error = %e, "ledger write failed");
+            self.local_fault(&e);
             let outcome = if is_local(&e) {
                 Outcome::Ignored(IgnoreReason::LocalFault)
             } else {
@@ -612,6 +645,7 @@ impl<S: Store + ?Sized> Inbox<S> {
                 });
                 if let Err(e) = self.store.write(stored) {
                     warn!(error = %e, "cannot keep a bad payload as evidence");
+                    self.local_fault(&e);
                 }
                 let mut done = RecordDone::new(origin, Outcome::Invalid(reason.clone())).about(&signed);
                 done.rejection = Some(rejection(&signed, reason));
@@ -624,8 +658,9 @@ impl<S: Store + ?Sized> Inbox<S> {
                     bytes: bytes.to_vec(),
                 });
                 if let Err(e) = self.store.write(stored) {
-                    // Keep waiting: the payload is good, our disk is not.
+                    // The payload is good, our disk is not: the node stops.
                     warn!(error = %e, "payload not stored");
+                    self.local_fault(&e);
                     return Ok(Box::new(
                         RecordDone::new(origin, Outcome::Ignored(IgnoreReason::LocalFault)).about(&signed),
                     ));
@@ -676,6 +711,7 @@ impl<S: Store + ?Sized> Inbox<S> {
         if !known {
             if let Err(e) = self.store.write(Batch::new().op(Op::Proof(Box::new(proof.clone())))) {
                 warn!(error = %e, "cannot store an equivocation proof");
+                self.local_fault(&e);
             }
         }
         self.banned.insert(author);
