@@ -24,6 +24,10 @@ pub struct BlockWant {
     /// When the request in flight went out.
     pub sent_at: Option<Instant>,
     pub retry_at: Option<Instant>,
+    /// Times every candidate was asked in turn and none delivered: the
+    /// wait before the next turn doubles with each (see
+    /// `shell::fetching::turn_delay`).
+    pub turns_failed: u32,
 }
 
 /// The train-split placement seen from one node.

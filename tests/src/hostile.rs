@@ -47,6 +47,29 @@ pub struct Target {
     pub blocks: Vec<[u8; 32]>,
 }
 
+/// What a node may send one peer per 10 s window in payloads and blocks
+/// (`core/receive.rs`).
+pub const BYTES_PER_WINDOW: u64 = 64 << 20;
+/// What one window may overshoot that by: the answers already admitted when
+/// the budget ran out (16 serves at once, 1 MiB blocks) and an anchor.
+pub const OVERSHOOT: u64 = 18 << 20;
+/// Anchors one peer may have per window: they have their own cap, outside
+/// the byte budget (a syncing node must not read a budget as "not held").
+pub const ANCHORS_PER_WINDOW: u64 = 40;
+
+/// The most a node may serve one peer in `secs` seconds of a model of
+/// `params` parameters: per started window, the byte budget, its overshoot
+/// and 40 anchors (weights and velocity, f32, and their framing).
+pub fn serving_bound(secs: f64, params: u64) -> u64 {
+    let windows = (secs / 10.0).ceil() as u64 + 1;
+    windows * (BYTES_PER_WINDOW + OVERSHOOT + ANCHORS_PER_WINDOW * anchor_bytes(params))
+}
+
+/// An anchor's bytes on the wire, at most.
+pub fn anchor_bytes(params: u64) -> u64 {
+    params * 8 + (64 << 10)
+}
+
 /// The block hashes a dataset store holds (its `blocks/HASH.blk` files).
 pub fn block_hashes(store: &Path) -> Vec<[u8; 32]> {
     let Ok(dir) = std::fs::read_dir(store.join("blocks")) else {

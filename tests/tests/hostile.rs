@@ -26,15 +26,6 @@ const NODES: usize = 4;
 /// 255 MiB, the node it attacks near 360 MiB; without per-peer request
 /// budgets (anchors served to it as fast as it asked) 700 to 780 MiB.
 const RSS_BOUND: u64 = 512 << 20;
-/// What a node may send one peer per 10 s window in payloads and blocks
-/// (`core/receive.rs`), and what one window may overshoot it by: the
-/// answers already admitted when the budget ran out (16 serves at once,
-/// 1 MiB blocks) and an anchor.
-const BYTES_PER_WINDOW: u64 = 64 << 20;
-const OVERSHOOT: u64 = 18 << 20;
-/// Anchors one peer may have per window (their bytes count, but anchors
-/// have their own cap).
-const ANCHORS_PER_WINDOW: u64 = 40;
 
 /// How long a fresh libp2p peer took to complete a connection to NODE at
 /// ADDR (None: not within 5 s).
@@ -181,12 +172,10 @@ fn a_hostile_peer_cannot_stall_bloat_or_corrupt_an_honest_mesh() {
     // Asked for 50 MiB of blocks a second and 12 anchors, it got its byte
     // budget of blocks and its 40 anchors per window, and no more.
     assert!(
-        mischief.bytes_served >= BYTES_PER_WINDOW / 2,
+        mischief.bytes_served >= hostile::BYTES_PER_WINDOW / 2,
         "the block storm was never served: {mischief:?}"
     );
-    let anchor = results(&nodes[0].dir).param_count * 8 + (64 << 10);
-    let windows = (mischief.secs / 10.0).ceil() as u64 + 1;
-    let bound = windows * (BYTES_PER_WINDOW + OVERSHOOT + ANCHORS_PER_WINDOW * anchor);
+    let bound = hostile::serving_bound(mischief.secs, results(&nodes[0].dir).param_count);
     assert!(
         mischief.bytes_served <= bound,
         "node 0 served the hostile peer {} MiB in {:.0} s, over its budget of {} MiB: {mischief:?}",

@@ -145,6 +145,7 @@ impl DataPhase {
                 in_flight: false,
                 sent_at: None,
                 retry_at: None,
+                turns_failed: 0,
             },
         );
         self.wake = Some(Instant::now());
@@ -154,9 +155,10 @@ impl DataPhase {
         if let Some(w) = self.wants.get_mut(hash) {
             w.in_flight = false;
             if w.candidates.is_empty() {
-                // Everyone was asked: wait a little, peers may still be
-                // fetching it themselves.
-                w.retry_at = Some(Instant::now() + Duration::from_millis(500));
+                // Everyone was asked: wait, peers may still be fetching it
+                // themselves, or be refusing us over their serving budget.
+                w.turns_failed = w.turns_failed.saturating_add(1);
+                w.retry_at = Some(Instant::now() + turn_delay(w.turns_failed));
             }
             self.wake = Some(Instant::now());
         }
@@ -455,9 +457,23 @@ impl Node {
     }
 }
 
+/// The wait before asking every candidate again after `turns` turns in
+/// which none delivered: 0.5 s, doubling to at most 4 s, so a block nobody
+/// serves yet is not asked for twice a second for the whole run.
+pub fn turn_delay(turns: u32) -> Duration {
+    Duration::from_millis(500) * (1 << turns.saturating_sub(1).min(3))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_nobody_delivers_is_asked_for_less_often_each_turn() {
+        let waits: Vec<u64> = (1..=6).map(|t| turn_delay(t).as_millis() as u64).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 4000, 4000]);
+        assert_eq!(turn_delay(u32::MAX), Duration::from_secs(4));
+    }
 
     #[test]
     fn the_fetch_window_grows_per_quick_block_and_shrinks_on_slow_ones_and_timeouts() {

@@ -21,9 +21,6 @@ use meshtrain_tests::{import_fashion_mnist, results, roster, spawn_node, spec_fo
 /// nodes wrote 24 GB of ledgers in 1000 rounds and filled the disk.
 const KEEP: &str = "--keep-payload-rounds";
 
-/// What node 0 may send one peer per 10 s window (`core/receive.rs`).
-const BYTES_PER_WINDOW: u64 = 64 << 20;
-
 struct Args {
     nodes: usize,
     rounds: u64,
@@ -65,6 +62,7 @@ struct Run {
     rounds: Vec<u64>,
     served_bytes: Vec<u64>,
     refused_over_budget: Vec<u64>,
+    params: u64,
     ok: Vec<bool>,
     mischief: Option<Mischief>,
 }
@@ -162,6 +160,7 @@ fn run(args: &Args, root: &Path, spec: &Path, store: &Path, keys: &[PathBuf], at
         r.rounds.push(rep.rounds_completed);
         r.served_bytes.push(rep.served_bytes);
         r.refused_over_budget.push(rep.refused_over_budget);
+        r.params = rep.param_count;
     }
     r
 }
@@ -264,18 +263,22 @@ fn main() {
         );
     }
     let m = attacked.mischief.clone().unwrap_or_default();
-    let windows = (m.secs / 10.0).ceil() as u64 + 1;
+    let bound = hostile::serving_bound(m.secs, attacked.params);
     println!(
         "hostile peer: {} gap records, {} requests ({} refused, {} answered), {} payload requests stalled, {} lying answers",
         m.gap_records, m.requests, m.refused, m.answers, m.stalled, m.lied
     );
     println!(
-        "node 0 served it {:.1} MiB in {:.0} s ({:.2} MiB/s; budget {} MiB per 10 s, {:.0} MiB over the run); node 0 refused {} requests over budget",
+        "node 0 served it {:.1} MiB in {:.0} s ({:.2} MiB/s); its bound: {} MiB of payloads and blocks + {} MiB overshoot + {} anchors of {:.2} MiB per 10 s, {:.0} MiB over the run{}; node 0 refused {} requests over budget",
         mib(m.bytes_served),
         m.secs,
         mib(m.bytes_served) / m.secs.max(1e-9),
-        BYTES_PER_WINDOW >> 20,
-        mib(windows * BYTES_PER_WINDOW),
+        hostile::BYTES_PER_WINDOW >> 20,
+        hostile::OVERSHOOT >> 20,
+        hostile::ANCHORS_PER_WINDOW,
+        mib(hostile::anchor_bytes(attacked.params)),
+        mib(bound),
+        if m.bytes_served <= bound { "" } else { " (EXCEEDED)" },
         attacked.refused_over_budget[0]
     );
     println!(
@@ -292,7 +295,7 @@ fn main() {
         "attacked": { "wall_s": attacked.wall_s, "peak_rss": attacked.peak_rss, "round_ms": attacked.round_ms,
                       "accuracy": attacked.accuracy, "rounds_completed": attacked.rounds, "ok": attacked.ok,
                       "served_bytes": attacked.served_bytes, "refused_over_budget": attacked.refused_over_budget },
-        "hostile": { "secs": m.secs, "gap_records": m.gap_records, "requests": m.requests, "refused": m.refused,
+        "hostile": { "secs": m.secs, "serving_bound": bound, "gap_records": m.gap_records, "requests": m.requests, "refused": m.refused,
                      "answers": m.answers, "bytes_served": m.bytes_served, "stalled": m.stalled, "lied": m.lied },
         "worst": { "rss_ratio": worst.0, "round_time_ratio": worst.1, "accuracy_points": worst.2 },
     });
@@ -302,6 +305,10 @@ fn main() {
     println!("figures in {}", path.display());
     if !all_ok {
         eprintln!("hostile-soak: a node failed (logs under {})", root.display());
+        std::process::exit(1);
+    }
+    if m.bytes_served > bound {
+        eprintln!("hostile-soak: node 0 served the hostile peer more than its bound");
         std::process::exit(1);
     }
 }
