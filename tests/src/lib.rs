@@ -142,6 +142,13 @@ pub struct NodeProc {
     pub child: Child,
 }
 
+impl NodeProc {
+    /// The last lines of this node's own log, wherever it goes.
+    pub fn log_tail(&self) -> String {
+        file_tail(&self.log)
+    }
+}
+
 /// Starts `meshtrain node run` with its log in DIR/node.log, on one
 /// libtorch thread unless EXTRA says otherwise (tests run several nodes, and
 /// several tests, on one machine).
@@ -206,11 +213,11 @@ pub fn wait_listen(node: &mut NodeProc, within: Duration) -> ListenInfo {
             }
         }
         if let Ok(Some(s)) = node.child.try_wait() {
-            panic!("node exited early ({s}):\n{}", file_tail(&node.log));
+            panic!("node exited early ({s}):\n{}", node.log_tail());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("node did not listen within {within:?}:\n{}", file_tail(&node.log));
+    panic!("node did not listen within {within:?}:\n{}", node.log_tail());
 }
 
 pub fn log_tail(dir: &Path) -> String {
@@ -238,7 +245,7 @@ pub fn wait_all(nodes: &mut [NodeProc], within: Duration) -> Vec<ExitStatus> {
             for n in nodes.iter_mut() {
                 let _ = n.child.kill();
             }
-            let logs: Vec<String> = nodes.iter().map(|n| file_tail(&n.log)).collect();
+            let logs: Vec<String> = nodes.iter().map(NodeProc::log_tail).collect();
             panic!("nodes still running after {within:?}:\n{}", logs.join("\n----\n"));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -291,7 +298,7 @@ pub fn wait_round(dir: &Path, round: u64) {
 pub fn wait_all_clean(nodes: &mut [NodeProc], within: Duration) {
     let statuses = wait_all(nodes, within);
     for (i, s) in statuses.iter().enumerate() {
-        assert!(s.success(), "node {i} failed ({s}):\n{}", file_tail(&nodes[i].log));
+        assert!(s.success(), "node {i} failed ({s}):\n{}", nodes[i].log_tail());
         let (report, status) = audit(&nodes[i].dir);
         assert!(status.success() && report.ok, "node {i} audit: {:?}", report.problems);
         assert_eq!(report.proofs, 0, "node {i} holds an equivocation proof");

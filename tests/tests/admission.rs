@@ -52,11 +52,7 @@ fn check_members(members: &mut [NodeProc], outsider: &mut NodeProc) -> String {
     let other = author(&outsider.dir);
     let reports: Vec<_> = members.iter().map(|m| results(&m.dir)).collect();
     for (i, (s, r)) in statuses.iter().zip(&reports).enumerate() {
-        assert!(
-            s.success(),
-            "member {i} failed:\n{}",
-            meshtrain_tests::log_tail(&members[i].dir)
-        );
+        assert!(s.success(), "member {i} failed:\n{}", members[i].log_tail());
         assert_eq!(r.rounds_completed, ROUNDS, "member {i} finished every round");
         assert!(
             !r.merged_by_author.contains_key(&other),
@@ -89,7 +85,7 @@ fn a_key_off_the_roster_is_refused() {
     assert!(
         refused,
         "no member logged refusing the outsider:\n{}",
-        meshtrain_tests::log_tail(&members[0].dir)
+        members[0].log_tail()
     );
 }
 
@@ -122,7 +118,7 @@ fn a_node_without_the_network_key_cannot_connect() {
     assert!(
         !text.contains("peer joined the run"),
         "the node without the key joined:\n{}",
-        meshtrain_tests::log_tail(&outsider.dir)
+        outsider.log_tail()
     );
     let outsider_peer = short_peer(&outsider.dir);
     for m in &members {

@@ -74,7 +74,7 @@ fn sign_flip_and_equivocating_attackers_are_banned() {
             r.clipped_by_author.get(&flipper),
             r.probation_by_author.get(&flipper),
             r.merged_by_author.get(&flipper),
-            meshtrain_tests::log_tail(&nodes[i].dir)
+            nodes[i].log_tail()
         );
         assert!(r.banned.contains(&liar), "node {i} did not ban the equivocator");
         // What the flipper sent was clipped (or ignored once it was banned).

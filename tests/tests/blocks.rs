@@ -77,11 +77,7 @@ fn shards_are_fetched_repaired_and_re_replicated() {
 
     let statuses = wait_all(&mut nodes, Duration::from_secs(600));
     for (i, s) in statuses.iter().enumerate() {
-        assert!(
-            s.success(),
-            "node {i} failed:\n{}",
-            meshtrain_tests::log_tail(&nodes[i].dir)
-        );
+        assert!(s.success(), "node {i} failed:\n{}", nodes[i].log_tail());
     }
     let reports: Vec<_> = nodes.iter().map(|n| results(&n.dir)).collect();
     assert_eq!(reports[0].blocks_fetched, 0, "the seed fetches nothing");

@@ -170,7 +170,7 @@ fn a_node_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_back() {
             panic!(
                 "node {i} ended ({s}) before node 2 could rejoin, {:.1} s after the disk filled:\n{}",
                 started.elapsed().as_secs_f64(),
-                file_tail(&n.log)
+                n.log_tail()
             );
         }
     }

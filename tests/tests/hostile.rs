@@ -17,7 +17,7 @@ use futures::StreamExt;
 use meshtrain_gossip::libp2p::{identity, swarm::SwarmEvent, Multiaddr, PeerId};
 use meshtrain_gossip::{build_swarm, run_topic, MeshConfig};
 use meshtrain_tests::hostile::{self, half_open, rss, Target};
-use meshtrain_tests::{audit, log_tail, results, spawn_node, spec_new, wait_listen, NodeProc};
+use meshtrain_tests::{audit, results, spawn_node, spec_new, wait_listen, NodeProc};
 
 const ROUNDS: u64 = 4;
 const NODES: usize = 4;
@@ -139,7 +139,7 @@ fn a_hostile_peer_cannot_stall_bloat_or_corrupt_an_honest_mesh() {
         assert!(
             started.elapsed() < Duration::from_secs(600),
             "the mesh did not finish within 600 s under the hostile peer:\n{}",
-            log_tail(&nodes[0].dir)
+            nodes[0].log_tail()
         );
         for (i, n) in nodes.iter_mut().enumerate() {
             if exited[i].is_some() {
@@ -186,7 +186,7 @@ fn a_hostile_peer_cannot_stall_bloat_or_corrupt_an_honest_mesh() {
 
     for (i, n) in nodes.iter().enumerate() {
         let s = exited[i].expect("exited");
-        assert!(s.success(), "node {i} failed ({s}):\n{}", log_tail(&n.dir));
+        assert!(s.success(), "node {i} failed ({s}):\n{}", n.log_tail());
         let r = results(&n.dir);
         eprintln!(
             "node {i}: closed {} rounds, joined at {:?}, repaired at {:?}, refused {:?}",
@@ -199,7 +199,7 @@ fn a_hostile_peer_cannot_stall_bloat_or_corrupt_an_honest_mesh() {
             r.rounds_completed > 0,
             "node {i} closed no round (joined at {:?}):\n{}",
             r.joined_at,
-            log_tail(&n.dir)
+            n.log_tail()
         );
         assert!(
             r.final_test_acc > 0.6,
@@ -224,6 +224,6 @@ fn a_hostile_peer_cannot_stall_bloat_or_corrupt_an_honest_mesh() {
     assert!(
         log0.contains("not asked for") || log0.contains("more chain heads"),
         "node 0 never caught the lying answers:\n{}",
-        log_tail(&nodes[0].dir)
+        nodes[0].log_tail()
     );
 }

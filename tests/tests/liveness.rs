@@ -33,11 +33,7 @@ fn survivors_finish_without_waiting_for_a_killed_peer() {
     let statuses = wait_all(&mut nodes, Duration::from_secs(300));
     let max_wait_ms = 30_000;
     for (i, s) in statuses.iter().enumerate() {
-        assert!(
-            s.success(),
-            "node {i} failed:\n{}",
-            meshtrain_tests::log_tail(&nodes[i].dir)
-        );
+        assert!(s.success(), "node {i} failed:\n{}", nodes[i].log_tail());
         let r = results(&nodes[i].dir);
         assert_eq!(r.rounds_completed, ROUNDS, "node {i} finished every round");
         for round in &r.history {
@@ -46,7 +42,7 @@ fn survivors_finish_without_waiting_for_a_killed_peer() {
                 "node {i} waited {} ms in round {} (deadline {max_wait_ms} ms): it waited on the dead peer\n{}",
                 round.wait_ms,
                 round.round,
-                meshtrain_tests::log_tail(&nodes[i].dir)
+                nodes[i].log_tail()
             );
         }
         let (report, status) = audit(&nodes[i].dir);

@@ -142,11 +142,7 @@ fn three_nodes_train_audit_and_reject_bad_input() {
 
     let statuses = wait_all(&mut nodes, Duration::from_secs(600));
     for (i, s) in statuses.iter().enumerate() {
-        assert!(
-            s.success(),
-            "node {i} failed ({s}):\n{}",
-            meshtrain_tests::log_tail(&nodes[i].dir)
-        );
+        assert!(s.success(), "node {i} failed ({s}):\n{}", nodes[i].log_tail());
     }
 
     let reports: Vec<_> = nodes.iter().map(|n| results(&n.dir)).collect();

@@ -93,7 +93,7 @@ fn killed_node_resumes_its_chain_and_late_joiner_catches_up() {
     assert!(
         r3.updates_published > 0,
         "the late joiner contributed:\n{}",
-        log_tail(&nodes[3].dir)
+        nodes[3].log_tail()
     );
     let r0 = results(&nodes[0].dir);
     let curve = |r: &meshtrain_testnet::report::NodeReport| -> String {

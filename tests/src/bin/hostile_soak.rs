@@ -149,7 +149,7 @@ fn run(args: &Args, root: &Path, spec: &Path, store: &Path, keys: &[PathBuf], at
             eprintln!(
                 "hostile-soak: [{name}] node {i} failed ({:?}):\n{}",
                 exited[i],
-                meshtrain_tests::log_tail(&node.dir)
+                node.log_tail()
             );
             std::process::exit(1);
         }
