@@ -87,9 +87,29 @@ pub fn decide(support: &BTreeMap<AnchorKey, u64>, total: u64, seen: u64) -> Tall
 #[derive(Debug, Default)]
 pub struct Votes {
     rounds: BTreeMap<u64, BTreeMap<AuthorId, Vote>>,
+    /// Voters proven to have signed two records for one seq or round: an
+    /// equivocator may have shown each node another vote, and "the first
+    /// vote stands" would count different ones at each, so none of its
+    /// votes counts. Every node gets the proof (it is gossiped), so every
+    /// node ends up counting alike.
+    void: BTreeSet<AuthorId>,
 }
 
 impl Votes {
+    /// Stops counting `voter`'s votes, past and future (see `void`).
+    pub fn void(&mut self, voter: AuthorId) {
+        self.void.insert(voter);
+    }
+
+    /// The votes held for `starts` that count, by voter.
+    fn counted(&self, starts: u64) -> impl Iterator<Item = (&AuthorId, &Vote)> {
+        self.rounds
+            .get(&starts)
+            .into_iter()
+            .flatten()
+            .filter(|(voter, _)| !self.void.contains(voter))
+    }
+
     pub fn add(&mut self, vote: Vote) -> Added {
         let Some(starts) = vote.starts() else {
             return Added::Known;
@@ -106,11 +126,16 @@ impl Votes {
         }
     }
 
+    /// `voter`'s vote held for `starts`, if any.
+    pub fn get(&self, starts: u64, voter: &AuthorId) -> Option<&Vote> {
+        self.rounds.get(&starts).and_then(|m| m.get(voter))
+    }
+
     /// The decision on the anchor that starts round `starts`.
     pub fn tally(&self, starts: u64, power: &Power) -> Tally {
         let mut support: BTreeMap<AnchorKey, u64> = BTreeMap::new();
         let mut seen = 0;
-        for (voter, vote) in self.rounds.get(&starts).into_iter().flatten() {
+        for (voter, vote) in self.counted(starts) {
             let p = power.of(voter);
             if p == 0 {
                 continue;
@@ -123,10 +148,7 @@ impl Votes {
 
     /// The votes for `key` starting round `starts`, one per voter with power.
     pub fn for_anchor(&self, starts: u64, key: &AnchorKey, power: &Power) -> Vec<Vote> {
-        self.rounds
-            .get(&starts)
-            .into_iter()
-            .flatten()
+        self.counted(starts)
             .filter(|(voter, v)| v.anchor() == *key && power.of(voter) > 0)
             .map(|(_, v)| v.clone())
             .collect()
@@ -135,10 +157,7 @@ impl Votes {
     /// Every vote for `key` starting round `starts`, whatever the voter's
     /// power (the evidence of a weak-subjectivity start).
     pub fn unweighted_for_anchor(&self, starts: u64, key: &AnchorKey) -> Vec<Vote> {
-        self.rounds
-            .get(&starts)
-            .into_iter()
-            .flatten()
+        self.counted(starts)
             .filter(|(_, v)| v.anchor() == *key)
             .map(|(_, v)| v.clone())
             .collect()
@@ -152,12 +171,9 @@ impl Votes {
             .find_map(|(starts, _)| self.tally(*starts, power).decided().map(|k| (*starts, k)))
     }
 
-    /// Voters with power that voted for round `starts`.
+    /// Voters whose vote for round `starts` counts.
     pub fn voters(&self, starts: u64) -> BTreeSet<AuthorId> {
-        self.rounds
-            .get(&starts)
-            .map(|m| m.keys().copied().collect())
-            .unwrap_or_default()
+        self.counted(starts).map(|(voter, _)| *voter).collect()
     }
 
     /// Forgets rounds before `starts`.
@@ -268,5 +284,28 @@ mod tests {
         );
         votes.prune_below(4);
         assert_eq!(votes.rounds(), 1);
+    }
+
+    /// An equivocator may have shown each node another first vote: once
+    /// proven, none of its votes counts anywhere, so nodes that held
+    /// different votes of it count alike again.
+    #[test]
+    fn a_proven_equivocator_s_votes_count_nowhere() {
+        let power = roster(3);
+        let (mut here, mut there) = (Votes::default(), Votes::default());
+        here.add(vote(1, 2, 7));
+        there.add(vote(1, 2, 8));
+        for v in [&mut here, &mut there] {
+            v.add(vote(2, 2, 7));
+            v.add(vote(3, 2, 8));
+        }
+        assert_ne!(here.tally(2, &power).decided(), there.tally(2, &power).decided());
+        here.void(AuthorKey::from_secret([1; 32]).author());
+        there.void(AuthorKey::from_secret([1; 32]).author());
+        for v in [&here, &there] {
+            let t = v.tally(2, &power);
+            assert_eq!((t.decided(), t.seen, t.support), (None, 2, 1));
+            assert_eq!(v.voters(2).len(), 2);
+        }
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use meshtrain_ledger::{AuthorId, RejectReason, Verdict, VerdictBlock, VerdictEntry, WeightsHash, VERDICT_VERSION};
 use meshtrain_model::aggregate::aggregate as aggregate_deltas;
 use meshtrain_model::{AggInput, AggVerdict, AggregatorSpec, OuterOptimizer};
+use rand::Rng;
 use tracing::{info, warn};
 
 use super::rounds::{Close, RoundInputs};
@@ -23,6 +24,8 @@ use crate::inbox::Job;
 const REPAIR_WAIT_MS: Millis = 15_000;
 /// How often a close that cannot go on yet looks again.
 const RECHECK_MS: Millis = 1000;
+/// How often a close waiting on votes asks for the ones it lacks.
+const VOTE_ASK_MS: Millis = 250;
 
 /// How long past a round's deadline a node waits to hear from more than
 /// half the voting power before it gives up: long enough for a short
@@ -182,6 +185,7 @@ impl Core {
                 // Nobody has a vote yet (an open run's first rounds).
                 return true;
             }
+            self.ask_missing_votes(round);
             if 2 * tally.seen < tally.total {
                 // Too few voters heard from to decide anything (we are on
                 // a minority side, or most members are down): wait for
@@ -283,6 +287,51 @@ impl Core {
                 self.fetch_anchor(round, key, Purpose::Repair);
                 self.fetch.is_none()
             }
+        }
+    }
+
+    /// While a round waits on votes, asks for the records of the voters
+    /// whose vote for it we lack (at most every [`VOTE_ASK_MS`]): a record
+    /// lost on the way, or one that a voter showed only some members (one
+    /// we banned still sends to those that did not, and a hostile one may
+    /// do it on purpose). Nodes that decide with a vote others lack, and
+    /// others that give the round up without it, would split; pulling the
+    /// vote from whoever has it closes that gap before the deadline.
+    /// Each voter's chain is asked of the voter when it is a member we are
+    /// connected to, else of a member picked at random.
+    fn ask_missing_votes(&mut self, round: u64) {
+        let earlier = self.votes_asked.filter(|a| a.round == round);
+        if earlier.is_some_and(|a| self.now.saturating_sub(a.last) < VOTE_ASK_MS) {
+            return;
+        }
+        let voted = self.votes.voters(round);
+        let members = self.members.by_author();
+        let peers: Vec<_> = members.values().copied().collect();
+        if peers.is_empty() {
+            return;
+        }
+        let missing: Vec<AuthorId> = self
+            .power
+            .holders()
+            .into_iter()
+            .filter(|v| *v != self.me && !voted.contains(v) && self.head_round(v).is_none_or(|r| r < round))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        self.votes_asked = Some(super::VoteAsk {
+            round,
+            first: earlier.map_or(self.now, |a| a.first),
+            last: self.now,
+        });
+        for voter in missing {
+            let peer = match members.get(&voter) {
+                Some(p) => *p,
+                None => peers[self.rng.random_range(0..peers.len())],
+            };
+            let from = self.chains.get(&voter).map_or(0, |c| c.seq.saturating_add(1));
+            tracing::debug!(round, voter = %voter.short(), from, peer = %super::start::short(&peer), "asking for a vote we lack");
+            self.request_records(peer, voter, meshtrain_ledger::Seq(from));
         }
     }
 

@@ -116,6 +116,21 @@ impl Power {
         }
     }
 
+    /// Every key whose vote counts here (sorted).
+    pub fn holders(&self) -> Vec<AuthorId> {
+        let mut keys: BTreeSet<AuthorId> = match &self.rule {
+            Rule::Permissioned(roster) => roster.clone(),
+            Rule::Open { founders, .. } => founders
+                .iter()
+                .chain(self.merged.keys())
+                .chain(&self.vouched)
+                .copied()
+                .collect(),
+        };
+        keys.retain(|a| self.of(a) > 0);
+        keys.into_iter().collect()
+    }
+
     /// The run's whole voting power, as far as this node knows it.
     pub fn total(&self) -> u64 {
         match &self.rule {

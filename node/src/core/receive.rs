@@ -286,7 +286,8 @@ impl Core {
                 }
                 for h in heads {
                     let author = AuthorId(h.author);
-                    if author == self.me || self.members.is_banned(&author) || !self.power.admitted(&author) {
+                    // Banned authors' records too: their votes still count.
+                    if author == self.me || !self.power.admitted(&author) {
                         continue;
                     }
                     let ours = self.chains.get(&author).map_or(0, |c| c.seq.saturating_add(1));
@@ -416,6 +417,11 @@ impl Core {
             Done::Proof { origin, outcome, proof } => {
                 self.settle(&origin, &outcome, false);
                 if let Some(p) = proof {
+                    if origin == Origin::Local && outcome == Outcome::Accepted {
+                        // Built here from two votes: nobody else has it yet.
+                        self.emit(Effect::Publish(GossipMessage::Equivocation { proof: p.to_bytes() }));
+                    }
+                    self.votes.void(p.author());
                     self.ban(p.author(), "equivocation proof");
                 }
             }
@@ -452,6 +458,17 @@ impl Core {
         if let (true, Some(author), Some(seq), Some(round)) = (done.stored, done.author, done.seq, done.round) {
             self.chains.insert(author, ChainPos { seq: seq.0, round });
         }
+        if let (false, Some(_), Some(author), Some(seq), Some(round)) =
+            (done.stored, &done.signed, done.author, done.seq, done.round)
+        {
+            // A banned author's record, not stored but counted as a vote:
+            // note how far its chain is known without a gap, so that
+            // anti-entropy asks for the rest.
+            let next = self.chains.get(&author).map_or(0, |c| c.seq.saturating_add(1));
+            if seq.0 == next {
+                self.chains.insert(author, ChainPos { seq: seq.0, round });
+            }
+        }
         if let Some(signed) = done.signed {
             self.add_vote(Vote::Record(*signed));
             self.check_round_lag();
@@ -479,6 +496,7 @@ impl Core {
         }
         if let Some(proof) = done.proof {
             let author = proof.author();
+            self.votes.void(author);
             self.emit(Effect::Publish(GossipMessage::Equivocation {
                 proof: proof.to_bytes(),
             }));
@@ -611,10 +629,17 @@ impl Core {
     }
 
     /// A signed vote (a record, or a final verdict block) of an admitted
-    /// author that is not banned.
+    /// author. A ban stops merging an author's updates, not counting the
+    /// votes its records carry: nodes ban at different times, and if each
+    /// dropped those votes from its own ban on, they would count different
+    /// votes for the same round and could decide it apart. (Records reach
+    /// every node alike: members that took them store and serve them, and
+    /// a node that lacks one asks. A banned member's final verdict block
+    /// only reaches the nodes that still take its connections, so it is
+    /// not counted anywhere it is known to be banned.)
     pub(super) fn add_vote(&mut self, vote: Vote) {
         let voter = vote.voter();
-        if !self.power.admitted(&voter) || self.members.is_banned(&voter) {
+        if !self.power.admitted(&voter) || (matches!(vote, Vote::Block(_)) && self.members.is_banned(&voter)) {
             return;
         }
         let Some(starts) = vote.starts() else { return };
@@ -627,6 +652,23 @@ impl Core {
         }
         if self.power.total() > 0 && self.power.of(&voter) == 0 {
             return;
+        }
+        // Two signed records of one voter for one round prove equivocation
+        // (a banned voter's records are not checked against its chain, so
+        // this is where such a pair shows): a node that saw only one of them
+        // would count that one, so the proof goes to every node, and none
+        // counts the voter.
+        if let (Some(Vote::Record(first)), Vote::Record(second)) = (self.votes.get(starts, &voter), &vote) {
+            if first.hash() != second.hash() {
+                let proof = meshtrain_ledger::EquivocationProof::new(first.clone(), second.clone());
+                if proof.verify().is_ok() {
+                    warn!(voter = %voter.short(), round = starts, "two records for one round");
+                    self.emit(Effect::Inbox(Job::Proof {
+                        bytes: proof.to_bytes(),
+                        origin: Origin::Local,
+                    }));
+                }
+            }
         }
         match self.votes.add(vote) {
             Added::New => self.on_vote(starts),

@@ -727,6 +727,52 @@ fn banned_peers_are_refused_service() {
     assert!(refused);
 }
 
+/// A ban stops merging an author's updates, not counting its votes: a
+/// banned member's later record is neither stored nor its payload wanted,
+/// but its vote counts, as at every node that banned it later or not at
+/// all (they would otherwise count different votes for one round).
+#[test]
+fn a_banned_author_s_records_are_not_kept_but_its_votes_count() {
+    let mut h = Harness::new(0);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    for round in 0..2 {
+        let r = b.record(&h, round, &[7, 7]);
+        h.gossip(&b, &r, Some(vec![7, 7]));
+    }
+    assert!(h.core.is_banned_peer(&b.peer));
+    h.take();
+    let r2 = b.record(&h, 2, &delta(0.1));
+    let id = h.gossip(&b, &r2, None);
+    assert_eq!(h.outcome(&id), Outcome::Ignored(IgnoreReason::BannedAuthor));
+    assert!(
+        !asks_for_a_payload(&h.take()),
+        "a banned author's payload is not wanted"
+    );
+    assert_eq!(
+        h.inbox.store().head(&b.key.author()).map(|hd| hd.seq),
+        Some(Seq(1)),
+        "not stored"
+    );
+    assert!(h.core.votes.voters(2).contains(&b.key.author()), "but its vote counts");
+    // A forged one does not.
+    let mut forged = r2.clone();
+    forged.record.round = 3;
+    h.gossip(&b, &forged, None);
+    assert!(h.core.votes.voters(3).is_empty());
+    h.take();
+    // A second record for round 2 (never checked against a chain here) is
+    // proof of equivocation: gossiped, and the voter counts nowhere.
+    let twin = b.record(&h, 2, &delta(0.2));
+    h.gossip(&b, &twin, None);
+    let effects = h.take();
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::Publish(GossipMessage::Equivocation { .. }))));
+    assert!(!h.core.votes.voters(2).contains(&b.key.author()));
+}
+
 #[test]
 fn a_peer_served_its_byte_budget_is_refused_until_the_window_ends() {
     let mut h = Harness::new(0);

@@ -116,8 +116,9 @@ pub struct RecordDone {
     /// Records of this author from this seq on are missing.
     pub gap_from: Option<Seq>,
     pub proof: Option<EquivocationProof>,
-    /// The record, when it is in the chain now (or was read back from it):
-    /// its author's vote for the anchor it trained from.
+    /// The record, when it is in the chain now (or was read back from it),
+    /// or a banned author's valid record (not stored): its author's vote for
+    /// the anchor it trained from.
     pub signed: Option<Box<SignedRecord>>,
 }
 
@@ -421,7 +422,17 @@ impl<S: Store + ?Sized> Inbox<S> {
             return;
         }
         if self.banned.contains(&author) {
-            results.push(RecordDone::new(origin, Outcome::Ignored(IgnoreReason::BannedAuthor)).about(&signed));
+            // Never stored, its payload never fetched; but a valid record
+            // still carries its author's vote: every honest node must count
+            // the same votes, whenever (or whether) it banned the author.
+            let mut done = RecordDone::new(origin, Outcome::Ignored(IgnoreReason::BannedAuthor)).about(&signed);
+            if signed.record.run_id == self.cfg.run_id
+                && signed.record.round < self.cfg.rounds
+                && signed.verify_signature().is_ok()
+            {
+                done.signed = Some(Box::new(signed));
+            }
+            results.push(done);
             return;
         }
         if signed.record.round >= self.cfg.rounds {
