@@ -492,13 +492,15 @@ impl Core {
                 if !matches!(reason, RejectReason::Outlier(_) | RejectReason::LossScore(_)));
             // A late update (from an earlier round) is judged against
             // updates trained for another round: its clipping says more
-            // about the network than about its author. Except on
-            // probation: rounds do not wait for keys without a vote, so
-            // their updates are late whenever they lose the race, and a
-            // sign-flipper on probation went unbanned for 20 rounds with
-            // half its verdicts late.
-            let on_probation = matches!(e.verdict, Verdict::Probation { .. });
-            if from_aggregator && (e.round == done.round || on_probation) {
+            // about the network than about its author. Except a late
+            // update on probation refused outright: rounds do not wait for
+            // keys without a vote, so their updates are late whenever they
+            // lose the race, and a sign-flipper on probation went unbanned
+            // for 20 rounds with half its verdicts late. Only refused: an
+            // honest late joiner's late update is clipped against the next
+            // round's updates, and counting that banned honest joiners.
+            let refused_on_probation = matches!(e.verdict, Verdict::Probation { factor } if factor <= 0.0);
+            if from_aggregator && (e.round == done.round || refused_on_probation) {
                 if let Some(ban) = self.reputation.observe(e.author, done.round, &e.verdict) {
                     bans.push((e.author, ban));
                 }
