@@ -300,8 +300,10 @@ impl Core {
     /// Each voter's chain is asked of the voter when it is a member we are
     /// connected to, else of a member picked at random.
     fn ask_missing_votes(&mut self, round: u64) {
-        let earlier = self.votes_asked.filter(|a| a.round == round);
-        if earlier.is_some_and(|a| self.now.saturating_sub(a.last) < VOTE_ASK_MS) {
+        if self
+            .votes_asked
+            .is_some_and(|(r, at)| r == round && self.now.saturating_sub(at) < VOTE_ASK_MS)
+        {
             return;
         }
         let voted = self.votes.voters(round);
@@ -319,11 +321,7 @@ impl Core {
         if missing.is_empty() {
             return;
         }
-        self.votes_asked = Some(super::VoteAsk {
-            round,
-            first: earlier.map_or(self.now, |a| a.first),
-            last: self.now,
-        });
+        self.votes_asked = Some((round, self.now));
         for voter in missing {
             let peer = match members.get(&voter) {
                 Some(p) => *p,

@@ -468,14 +468,6 @@ struct Settled {
     votes: Vec<meshtrain_ledger::Vote>,
 }
 
-/// The votes a close asked for, for one round: when first and last.
-#[derive(Clone, Copy, Debug)]
-struct VoteAsk {
-    round: u64,
-    first: Millis,
-    last: Millis,
-}
-
 /// The latest decided anchor and its votes.
 #[derive(Clone, Debug)]
 struct Decision {
@@ -562,8 +554,8 @@ pub struct Core {
     trained_from: Option<agreement::AnchorKey>,
     power: power::Power,
     votes: agreement::Votes,
-    /// When a close asked for the votes it lacks.
-    votes_asked: Option<VoteAsk>,
+    /// The round a close last asked for the votes it lacks, and when.
+    votes_asked: Option<(u64, Millis)>,
     /// A decided anchor being fetched, and one fetched, waiting to be used.
     fetch: Option<AnchorFetch>,
     fetched: Option<Box<Fetched>>,

@@ -417,12 +417,10 @@ impl Core {
             Done::Proof { origin, outcome, proof } => {
                 self.settle(&origin, &outcome, false);
                 if let Some(p) = proof {
-                    if origin == Origin::Local && outcome == Outcome::Accepted {
-                        // Built here from two votes: nobody else has it yet.
-                        self.emit(Effect::Publish(GossipMessage::Equivocation { proof: p.to_bytes() }));
-                    }
-                    self.votes.void(p.author());
-                    self.ban(p.author(), "equivocation proof");
+                    // Built here from two votes, nobody else has it yet; one
+                    // that came by gossip is passed on by gossipsub itself.
+                    let publish = origin == Origin::Local && outcome == Outcome::Accepted;
+                    self.on_equivocation(&p, publish, "equivocation proof");
                 }
             }
             Done::JoinStored { round } => debug!(round, "join stored"),
@@ -495,12 +493,7 @@ impl Core {
             self.maybe_close();
         }
         if let Some(proof) = done.proof {
-            let author = proof.author();
-            self.votes.void(author);
-            self.emit(Effect::Publish(GossipMessage::Equivocation {
-                proof: proof.to_bytes(),
-            }));
-            self.ban(author, "equivocation");
+            self.on_equivocation(&proof, true, "equivocation");
         }
         if let (Some(author), Some(from), Some(peer)) = (done.author, done.gap_from, source) {
             self.request_records(peer, author, from);
@@ -626,6 +619,19 @@ impl Core {
         self.payload_fetch_ms
             .map_or(HEDGE_MAX_MS, |ms| (4.0 * ms) as Millis)
             .clamp(HEDGE_MIN_MS, HEDGE_MAX_MS)
+    }
+
+    /// An author is proven to have signed two conflicting records: its
+    /// votes stop counting, it is banned, and (when `publish`) every node
+    /// gets the proof.
+    fn on_equivocation(&mut self, proof: &meshtrain_ledger::EquivocationProof, publish: bool, why: &str) {
+        if publish {
+            self.emit(Effect::Publish(GossipMessage::Equivocation {
+                proof: proof.to_bytes(),
+            }));
+        }
+        self.votes.void(proof.author());
+        self.ban(proof.author(), why);
     }
 
     /// A signed vote (a record, or a final verdict block) of an admitted

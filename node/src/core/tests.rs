@@ -698,8 +698,8 @@ fn a_round_closes_at_its_deadline_without_a_silent_member() {
     assert!(Harness::aggregated(&h.take()));
 }
 
-#[test]
-fn banned_peers_are_refused_service() {
+/// A node in training with peer 2 banned (two malformed updates in a row).
+fn with_a_banned_peer() -> (Harness, Peer) {
     let mut h = Harness::new(0);
     let mut b = Peer::new(2);
     h.join(&b);
@@ -710,6 +710,12 @@ fn banned_peers_are_refused_service() {
     }
     assert!(h.core.is_banned_peer(&b.peer));
     h.take();
+    (h, b)
+}
+
+#[test]
+fn banned_peers_are_refused_service() {
+    let (mut h, b) = with_a_banned_peer();
     h.input(Input::Request {
         peer: b.peer,
         chan: super::ChanId(1),
@@ -733,16 +739,7 @@ fn banned_peers_are_refused_service() {
 /// all (they would otherwise count different votes for one round).
 #[test]
 fn a_banned_author_s_records_are_not_kept_but_its_votes_count() {
-    let mut h = Harness::new(0);
-    let mut b = Peer::new(2);
-    h.join(&b);
-    h.start_training();
-    for round in 0..2 {
-        let r = b.record(&h, round, &[7, 7]);
-        h.gossip(&b, &r, Some(vec![7, 7]));
-    }
-    assert!(h.core.is_banned_peer(&b.peer));
-    h.take();
+    let (mut h, mut b) = with_a_banned_peer();
     let r2 = b.record(&h, 2, &delta(0.1));
     let id = h.gossip(&b, &r2, None);
     assert_eq!(h.outcome(&id), Outcome::Ignored(IgnoreReason::BannedAuthor));
