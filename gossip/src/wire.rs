@@ -52,6 +52,10 @@ pub enum FetchRequest {
     FinalVote,
     /// A data block, by content hash.
     Block { hash: [u8; 32] },
+    /// The vote for the final anchor of `author` that the peer holds (its
+    /// own or one it received), for a node that cannot reach that author
+    /// (one it banned still counts its vote).
+    FinalVoteOf { author: [u8; 32] },
 }
 
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
@@ -69,7 +73,7 @@ pub enum FetchResponse {
         verdict: Vec<u8>,
     },
     Block(Vec<u8>),
-    /// A signed verdict block (answer to `FinalVote`).
+    /// A signed verdict block (answer to `FinalVote` and `FinalVoteOf`).
     Vote(Vec<u8>),
     NotFound,
     /// The peer will not answer (busy, banned requester, ...).

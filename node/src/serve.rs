@@ -45,10 +45,11 @@ pub fn answer<S: Store + ?Sized>(ledger: &S, request: &FetchRequest) -> FetchRes
             }
             heads
         })),
-        // Answered by the event loop, which holds the anchor.
-        FetchRequest::Anchor { .. } | FetchRequest::FinalVote | FetchRequest::Block { .. } => {
-            Ok(FetchResponse::NotFound)
-        }
+        // Answered by the event loop, which holds the anchor and the votes.
+        FetchRequest::Anchor { .. }
+        | FetchRequest::FinalVote
+        | FetchRequest::FinalVoteOf { .. }
+        | FetchRequest::Block { .. } => Ok(FetchResponse::NotFound),
     };
     result.unwrap_or_else(|e| FetchResponse::Refused(format!("ledger error: {e}")))
 }

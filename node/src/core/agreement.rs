@@ -131,6 +131,32 @@ impl Votes {
         self.rounds.get(&starts).and_then(|m| m.get(voter))
     }
 
+    /// The signed records of `author` held as votes, from `from` on, in
+    /// seq order (at most `max`): a node that banned the author keeps no
+    /// other copy, and still passes them on to members that lack them.
+    pub fn records_of(&self, author: &AuthorId, from: u64, max: usize) -> Vec<&meshtrain_ledger::SignedRecord> {
+        let mut out: Vec<_> = self
+            .rounds
+            .values()
+            .filter_map(|m| match m.get(author) {
+                Some(Vote::Record(r)) if r.record.seq.0 >= from => Some(r),
+                _ => None,
+            })
+            .collect();
+        out.sort_by_key(|r| r.record.seq);
+        out.truncate(max);
+        out
+    }
+
+    /// The latest round `voter` voted for, among the rounds held.
+    pub fn last_voted(&self, voter: &AuthorId) -> Option<u64> {
+        self.rounds
+            .iter()
+            .rev()
+            .find(|(_, m)| m.contains_key(voter))
+            .map(|(starts, _)| *starts)
+    }
+
     /// The decision on the anchor that starts round `starts`.
     pub fn tally(&self, starts: u64, power: &Power) -> Tally {
         let mut support: BTreeMap<AnchorKey, u64> = BTreeMap::new();
@@ -307,5 +333,30 @@ mod tests {
             assert_eq!((t.decided(), t.seen, t.support), (None, 2, 1));
             assert_eq!(v.voters(2).len(), 2);
         }
+    }
+
+    #[test]
+    fn a_voter_s_held_records_come_in_seq_order_from_the_one_asked_for() {
+        let mut votes = Votes::default();
+        for starts in [5, 3, 4, 6] {
+            votes.add(vote(1, starts, 7));
+            votes.add(vote(2, starts, 7));
+        }
+        let one = AuthorKey::from_secret([1; 32]).author();
+        let seqs = |from, max| -> Vec<u64> {
+            votes
+                .records_of(&one, from, max)
+                .iter()
+                .map(|r| r.record.seq.0)
+                .collect()
+        };
+        assert_eq!(seqs(0, 16), vec![3, 4, 5, 6]);
+        assert_eq!(seqs(4, 2), vec![4, 5]);
+        assert!(seqs(7, 16).is_empty());
+        assert!(votes
+            .records_of(&AuthorKey::from_secret([9; 32]).author(), 0, 16)
+            .is_empty());
+        assert_eq!(votes.last_voted(&one), Some(6));
+        assert_eq!(votes.last_voted(&AuthorKey::from_secret([9; 32]).author()), None);
     }
 }

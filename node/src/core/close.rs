@@ -10,7 +10,7 @@ use std::sync::Arc;
 use meshtrain_ledger::{AuthorId, RejectReason, Verdict, VerdictBlock, VerdictEntry, WeightsHash, VERDICT_VERSION};
 use meshtrain_model::aggregate::aggregate as aggregate_deltas;
 use meshtrain_model::{AggInput, AggVerdict, AggregatorSpec, OuterOptimizer};
-use rand::Rng;
+use rand::seq::IndexedRandom;
 use tracing::{info, warn};
 
 use super::rounds::{Close, RoundInputs};
@@ -26,6 +26,9 @@ const REPAIR_WAIT_MS: Millis = 15_000;
 const RECHECK_MS: Millis = 1000;
 /// How often a close waiting on votes asks for the ones it lacks.
 const VOTE_ASK_MS: Millis = 250;
+/// How many members a vote is asked of when its voter is not one we are
+/// connected to.
+const VOTE_ASK_PEERS: usize = 3;
 
 /// How long past a round's deadline a node waits to hear from more than
 /// half the voting power before it gives up: long enough for a short
@@ -169,6 +172,23 @@ impl Core {
             .sum()
     }
 
+    /// Voting power of the members we banned that have not voted for
+    /// `round` but kept up until the round before: their votes still count
+    /// and reach us through the members that take their records, as soon
+    /// as a connected member's would.
+    fn banned_alive_power(&self, round: u64, voted: &std::collections::BTreeSet<AuthorId>) -> u64 {
+        self.power
+            .holders()
+            .into_iter()
+            .filter(|a| self.members.is_banned(a) && !voted.contains(a))
+            // Its records come to us out of order (its chain here has gaps
+            // where members served only its latest votes): its last vote
+            // tells how far it kept up.
+            .filter(|a| self.votes.last_voted(a).is_some_and(|r| r + 1 >= round))
+            .map(|a| self.power.of(&a))
+            .sum()
+    }
+
     /// Whether this round may be aggregated onto the base we hold: ours is
     /// the decided one, or the decided one is fetched (and taken over
     /// here) or cannot be had in time, or enough voters were heard to know
@@ -232,7 +252,7 @@ impl Core {
             // decided, go back a round, and stay a round behind in anchors
             // from then on. Members we are cut off from cannot vote soon.
             let voted = self.votes.voters(round);
-            let reachable = self.connected_power_where(|a| !voted.contains(a));
+            let reachable = self.connected_power_where(|a| !voted.contains(a)) + self.banned_alive_power(round, &voted);
             let best = tally.support + reachable;
             let could = if reachable >= outstanding {
                 2 * best >= tally.total
@@ -323,13 +343,18 @@ impl Core {
         }
         self.votes_asked = Some((round, self.now));
         for voter in missing {
-            let peer = match members.get(&voter) {
-                Some(p) => *p,
-                None => peers[self.rng.random_range(0..peers.len())],
-            };
             let from = self.chains.get(&voter).map_or(0, |c| c.seq.saturating_add(1));
-            tracing::debug!(round, voter = %voter.short(), from, peer = %super::start::short(&peer), "asking for a vote we lack");
-            self.request_records(peer, voter, meshtrain_ledger::Seq(from));
+            let asked: Vec<meshtrain_gossip::libp2p::PeerId> = match members.get(&voter) {
+                Some(p) => vec![*p],
+                // A voter we are not connected to (one we banned, say) is
+                // known only to the members that still take its records:
+                // ask a few, so that one of them likely holds it.
+                None => peers.choose_multiple(&mut self.rng, VOTE_ASK_PEERS).copied().collect(),
+            };
+            for peer in asked {
+                tracing::debug!(round, voter = %voter.short(), from, peer = %super::start::short(&peer), "asking for a vote we lack");
+                self.ask_records(peer, voter, meshtrain_ledger::Seq(from));
+            }
         }
     }
 

@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use meshtrain_gossip::{FetchRequest, GossipMessage};
 use meshtrain_ledger::{AuthorId, SignedVerdictBlock, Vote};
 use meshtrain_model::EvalReport;
+use rand::seq::IndexedRandom;
 use tracing::{debug, info, warn};
 
 use super::sync::Purpose;
@@ -27,6 +28,9 @@ const DRAIN_BEHIND: u64 = 3;
 const MIN_SETTLE_MS: Millis = 1000;
 /// How often a settling node asks again for the final votes it lacks.
 const ASK_AGAIN_MS: Millis = 400;
+/// How many members a final vote is asked of when its voter is not one we
+/// are connected to.
+const ASK_PEERS: usize = 3;
 
 impl Core {
     /// The last round is closed: vote for its anchor and collect the votes.
@@ -56,10 +60,34 @@ impl Core {
                 _ => None,
             })
             .collect();
-        for (author, peer) in self.voters_by_author() {
-            if !voted.contains(&author) && !asking.contains(&author) {
+        let connected = self.voters_by_author();
+        for (author, peer) in &connected {
+            if !voted.contains(author) && !asking.contains(author) {
                 debug!(voter = %author.short(), "asking for a final vote");
-                self.request(peer, FetchRequest::FinalVote, RequestFor::FinalVote(author));
+                self.request(*peer, FetchRequest::FinalVote, RequestFor::FinalVote(*author));
+            }
+        }
+        // Voters we are not connected to (ones we banned, or that left):
+        // a few members that may hold their final vote are asked for it.
+        let peers: Vec<_> = connected.values().copied().collect();
+        let others: Vec<AuthorId> = self
+            .power
+            .holders()
+            .into_iter()
+            .filter(|a| *a != self.me && !connected.contains_key(a) && !voted.contains(a) && !asking.contains(a))
+            .collect();
+        for author in others {
+            for peer in peers
+                .choose_multiple(&mut self.rng, ASK_PEERS)
+                .copied()
+                .collect::<Vec<_>>()
+            {
+                debug!(voter = %author.short(), peer = %super::start::short(&peer), "asking a member for a final vote");
+                self.request(
+                    peer,
+                    FetchRequest::FinalVoteOf { author: author.0 },
+                    RequestFor::FinalVote(author),
+                );
             }
         }
     }

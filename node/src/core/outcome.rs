@@ -32,14 +32,19 @@ impl Origin {
     }
 }
 
-/// Why a well-formed message changed nothing. None of these blame the peer
-/// that forwarded it.
+/// Why a well-formed message changed nothing here (beyond a vote, for
+/// [`IgnoreReason::VoteOnly`]). None of these blame the peer that
+/// forwarded it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IgnoreReason {
     /// Already held.
     Duplicate,
-    /// Its author is banned here.
+    /// Its author is banned here (and it carries no vote we count).
     BannedAuthor,
+    /// Its author is banned here: not stored, its payload never fetched,
+    /// but it is a valid record whose vote every node counts, so it is
+    /// passed on (members that banned the author too get the vote).
+    VoteOnly,
     /// An equivocation proof this node already holds.
     KnownProof,
     /// This node could not store it (a local disk fault, not the sender's).
@@ -57,6 +62,7 @@ impl IgnoreReason {
         match self {
             IgnoreReason::Duplicate => "duplicate",
             IgnoreReason::BannedAuthor => "banned",
+            IgnoreReason::VoteOnly => "vote-only",
             IgnoreReason::KnownProof => "known-proof",
             IgnoreReason::LocalFault => "local-fault",
             IgnoreReason::OutsideWindow => "outside-window",
@@ -95,7 +101,7 @@ impl Outcome {
     /// proofs and bans of the author instead.
     pub fn acceptance(&self) -> Acceptance {
         match self {
-            Outcome::Accepted => Acceptance::Accept,
+            Outcome::Accepted | Outcome::Ignored(IgnoreReason::VoteOnly) => Acceptance::Accept,
             Outcome::Ignored(_) => Acceptance::Ignore,
             Outcome::Invalid(reason) if reason.blames_the_forwarder() => Acceptance::Reject,
             Outcome::Invalid(_) => Acceptance::Ignore,
@@ -142,5 +148,14 @@ mod tests {
         );
         assert_eq!(Outcome::Invalid(RejectReason::Replay).acceptance(), Acceptance::Ignore);
         assert_eq!(Outcome::Ignored(IgnoreReason::LocalFault).reason(), "local-fault");
+        // A banned author's vote is relayed: nodes that banned it count it too.
+        assert_eq!(
+            Outcome::Ignored(IgnoreReason::VoteOnly).acceptance(),
+            Acceptance::Accept
+        );
+        assert_eq!(
+            Outcome::Ignored(IgnoreReason::BannedAuthor).acceptance(),
+            Acceptance::Ignore
+        );
     }
 }

@@ -69,7 +69,10 @@ impl Bulk {
             FetchRequest::Anchor { .. } => Bulk::Anchor,
             FetchRequest::Payload { .. } => Bulk::Payload,
             FetchRequest::Block { .. } => Bulk::Block,
-            FetchRequest::Records { .. } | FetchRequest::Heads | FetchRequest::FinalVote => Bulk::Small,
+            FetchRequest::Records { .. }
+            | FetchRequest::Heads
+            | FetchRequest::FinalVote
+            | FetchRequest::FinalVoteOf { .. } => Bulk::Small,
         }
     }
 }
@@ -160,6 +163,32 @@ impl Core {
             };
             self.emit(Effect::Respond { chan, response });
             return;
+        }
+        if let FetchRequest::FinalVoteOf { author } = request {
+            let response = match self.votes.get(self.end_round, &AuthorId(author)) {
+                Some(Vote::Block(block)) => FetchResponse::Vote(block.to_bytes()),
+                _ => FetchResponse::NotFound,
+            };
+            self.emit(Effect::Respond { chan, response });
+            return;
+        }
+        if let FetchRequest::Records { author, from_seq, max } = request {
+            // A banned author's records are not in our ledger, only among
+            // the votes: serve those, so that members that banned it too
+            // can count the same votes.
+            let author = AuthorId(author);
+            if self.members.is_banned(&author) {
+                let max = max.clamp(1, MAX_RECORDS_PER_RESPONSE) as usize;
+                let held = self.votes.records_of(&author, from_seq, max);
+                if !held.is_empty() {
+                    let records = held.iter().map(|r| r.to_bytes()).collect();
+                    self.emit(Effect::Respond {
+                        chan,
+                        response: FetchResponse::Records(records),
+                    });
+                    return;
+                }
+            }
         }
         self.last_served = self.now;
         self.emit(Effect::Serve { peer, chan, request });
@@ -338,6 +367,13 @@ impl Core {
         {
             return;
         }
+        self.ask_records(peer, author, from);
+    }
+
+    /// Asks `peer` for `author`'s records from `from` on, even while
+    /// another request for them is out (a missing vote is asked of several
+    /// members at once).
+    pub(super) fn ask_records(&mut self, peer: PeerId, author: AuthorId, from: Seq) {
         let req = self.request(
             peer,
             FetchRequest::Records {
@@ -450,7 +486,10 @@ impl Core {
                 self.count_rejection(reason.code(), done.author.as_ref());
             }
         }
-        if done.outcome == Outcome::Ignored(super::IgnoreReason::BannedAuthor) {
+        if matches!(
+            done.outcome,
+            Outcome::Ignored(IgnoreReason::BannedAuthor | IgnoreReason::VoteOnly)
+        ) {
             self.count_rejection("banned", done.author.as_ref());
         }
         if let (true, Some(author), Some(seq), Some(round)) = (done.stored, done.author, done.seq, done.round) {
@@ -635,17 +674,16 @@ impl Core {
     }
 
     /// A signed vote (a record, or a final verdict block) of an admitted
-    /// author. A ban stops merging an author's updates, not counting the
-    /// votes its records carry: nodes ban at different times, and if each
-    /// dropped those votes from its own ban on, they would count different
-    /// votes for the same round and could decide it apart. (Records reach
-    /// every node alike: members that took them store and serve them, and
-    /// a node that lacks one asks. A banned member's final verdict block
-    /// only reaches the nodes that still take its connections, so it is
-    /// not counted anywhere it is known to be banned.)
+    /// author. A ban stops merging an author's updates, not counting its
+    /// votes: nodes ban at different times, and if each dropped those votes
+    /// from its own ban on, they would count different votes for the same
+    /// round and could decide it apart. Votes reach every node alike:
+    /// members that took a record store and serve it, a node that banned
+    /// its author serves it from its votes, a final vote is served by any
+    /// member that holds it, and a node that lacks one asks.
     pub(super) fn add_vote(&mut self, vote: Vote) {
         let voter = vote.voter();
-        if !self.power.admitted(&voter) || (matches!(vote, Vote::Block(_)) && self.members.is_banned(&voter)) {
+        if !self.power.admitted(&voter) {
             return;
         }
         let Some(starts) = vote.starts() else { return };

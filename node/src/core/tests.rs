@@ -469,7 +469,7 @@ fn bad_payloads_are_the_authors_fault() {
     assert!(h.core.banned().contains(&b.key.author()));
     let r = b.record(&h, 3, &delta(0.2));
     let id = h.gossip(&b, &r, Some(delta(0.2)));
-    assert_eq!(h.outcome(&id), Outcome::Ignored(IgnoreReason::BannedAuthor));
+    assert_eq!(h.outcome(&id), Outcome::Ignored(IgnoreReason::VoteOnly));
 }
 
 #[test]
@@ -742,7 +742,8 @@ fn a_banned_author_s_records_are_not_kept_but_its_votes_count() {
     let (mut h, mut b) = with_a_banned_peer();
     let r2 = b.record(&h, 2, &delta(0.1));
     let id = h.gossip(&b, &r2, None);
-    assert_eq!(h.outcome(&id), Outcome::Ignored(IgnoreReason::BannedAuthor));
+    // Passed on (relayed), not stored.
+    assert_eq!(h.outcome(&id), Outcome::Ignored(IgnoreReason::VoteOnly));
     assert!(
         !asks_for_a_payload(&h.take()),
         "a banned author's payload is not wanted"
@@ -756,7 +757,8 @@ fn a_banned_author_s_records_are_not_kept_but_its_votes_count() {
     // A forged one does not.
     let mut forged = r2.clone();
     forged.record.round = 3;
-    h.gossip(&b, &forged, None);
+    let id = h.gossip(&b, &forged, None);
+    assert_eq!(h.outcome(&id), Outcome::Ignored(IgnoreReason::BannedAuthor));
     assert!(h.core.votes.voters(3).is_empty());
     h.take();
     // A second record for round 2 (never checked against a chain here) is
@@ -768,6 +770,56 @@ fn a_banned_author_s_records_are_not_kept_but_its_votes_count() {
         .iter()
         .any(|e| matches!(e, Effect::Publish(GossipMessage::Equivocation { .. }))));
     assert!(!h.core.votes.voters(2).contains(&b.key.author()));
+}
+
+#[test]
+fn a_node_that_banned_an_author_passes_its_votes_on() {
+    let (mut h, mut b) = with_a_banned_peer();
+    let r2 = b.record(&h, 2, &delta(0.1));
+    h.gossip(&b, &r2, None);
+    h.take();
+    // Another member, which banned the author too (or never got its
+    // record), asks us for the author's chain: our ledger has only what
+    // came before the ban, so the record comes from the votes we hold.
+    let c = Peer::new(3);
+    h.join(&c);
+    h.take();
+    h.input(Input::Request {
+        peer: c.peer,
+        chan: super::ChanId(7),
+        request: FetchRequest::Records {
+            author: b.key.author().0,
+            from_seq: r2.record.seq.0,
+            max: 16,
+        },
+    });
+    let served: Vec<Vec<Vec<u8>>> = h
+        .take()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Respond {
+                response: FetchResponse::Records(records),
+                ..
+            } => Some(records),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(served, vec![vec![r2.to_bytes()]], "the banned author's vote is served");
+    // A final vote we do not hold is not found (and not refused).
+    h.input(Input::Request {
+        peer: c.peer,
+        chan: super::ChanId(8),
+        request: FetchRequest::FinalVoteOf {
+            author: b.key.author().0,
+        },
+    });
+    assert!(h.take().iter().any(|e| matches!(
+        e,
+        Effect::Respond {
+            response: FetchResponse::NotFound,
+            ..
+        }
+    )));
 }
 
 #[test]

@@ -425,11 +425,16 @@ impl<S: Store + ?Sized> Inbox<S> {
             // Never stored, its payload never fetched; but a valid record
             // still carries its author's vote: every honest node must count
             // the same votes, whenever (or whether) it banned the author.
-            let mut done = RecordDone::new(origin, Outcome::Ignored(IgnoreReason::BannedAuthor)).about(&signed);
-            if signed.record.run_id == self.cfg.run_id
+            let valid = signed.record.run_id == self.cfg.run_id
                 && signed.record.round < self.cfg.rounds
-                && signed.verify_signature().is_ok()
-            {
+                && signed.verify_signature().is_ok();
+            let reason = if valid {
+                IgnoreReason::VoteOnly
+            } else {
+                IgnoreReason::BannedAuthor
+            };
+            let mut done = RecordDone::new(origin, Outcome::Ignored(reason)).about(&signed);
+            if valid {
                 done.signed = Some(Box::new(signed));
             }
             results.push(done);
@@ -761,13 +766,9 @@ impl<S: Store + ?Sized> Inbox<S> {
         {
             return invalid(origin, RejectReason::NotAMember);
         }
-        if self.banned.contains(&block.block.owner) {
-            return Done::Vote {
-                origin,
-                outcome: Outcome::Ignored(IgnoreReason::BannedAuthor),
-                block: None,
-            };
-        }
+        // A banned owner's block is checked like any other: its vote counts
+        // (see `Core::add_vote`), and passing it on lets members that banned
+        // the owner too count it.
         if block.verify_signature().is_err() {
             return invalid(origin, RejectReason::BadSignature);
         }
