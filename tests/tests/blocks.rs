@@ -86,7 +86,15 @@ fn shards_are_fetched_repaired_and_re_replicated() {
         "node 2 pulled its shard from peers"
     );
     for (i, r) in reports.iter().enumerate() {
-        assert_eq!(r.rounds_completed, ROUNDS, "node {i}");
+        // Seen once in a full suite run (13 of 14 at node 2, not again in
+        // 9 runs, 6 of them three at a time): the round lines say which
+        // round it did not close and why.
+        assert_eq!(
+            r.rounds_completed,
+            ROUNDS,
+            "node {i}; its round log:\n{}",
+            round_lines(&nodes[i].log)
+        );
         // Three survivors with replication 3: each now holds every block.
         assert_eq!(
             r.held_blocks as usize, train_blocks,
@@ -104,4 +112,22 @@ fn shards_are_fetched_repaired_and_re_replicated() {
     let name = victim.file_stem().and_then(|n| n.to_str()).expect("hash");
     let repaired = std::fs::read(&victim).expect("the block is back");
     assert_eq!(meshtrain_model::blocks::block_hash(&repaired), name);
+}
+
+/// The lines of a node's log about starting, closing, skipping or taking
+/// over rounds.
+fn round_lines(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| format!("cannot read {}: {e}", log.display()));
+    let keys = [
+        "round closed",
+        "ahead",
+        "taking over",
+        "going back",
+        "starting to train",
+        "deadline",
+    ];
+    text.lines()
+        .filter(|l| keys.iter().any(|k| l.contains(k)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -93,7 +93,18 @@ pub struct Votes {
     /// votes counts. Every node gets the proof (it is gossiped), so every
     /// node ends up counting alike.
     void: BTreeSet<AuthorId>,
+    /// Open runs: votes of keys without power here yet (at most
+    /// [`MAX_UNEARNED_PER_ROUND`] voters a round). Nodes credit a key in
+    /// different rounds (its updates reach them at different times); a
+    /// node that dropped the key's votes until then would count fewer
+    /// votes for those rounds than one that credited it first. Kept aside,
+    /// they count from the moment the key earns its vote here.
+    unearned: BTreeMap<u64, BTreeMap<AuthorId, Vote>>,
 }
+
+/// Most voters without power whose votes are kept for one round (a Sybil
+/// crowd fills it and no more).
+pub const MAX_UNEARNED_PER_ROUND: usize = 64;
 
 impl Votes {
     /// Stops counting `voter`'s votes, past and future (see `void`).
@@ -124,6 +135,28 @@ impl Votes {
                 Added::New
             }
         }
+    }
+
+    /// Keeps the vote of a key without power here (its first for a round,
+    /// while the round has room); see `unearned`.
+    pub fn hold_unearned(&mut self, vote: Vote) {
+        let Some(starts) = vote.starts() else { return };
+        let round = self.unearned.entry(starts).or_default();
+        if round.len() < MAX_UNEARNED_PER_ROUND || round.contains_key(&vote.voter()) {
+            round.entry(vote.voter()).or_insert(vote);
+        }
+    }
+
+    /// The keys whose votes are kept aside.
+    pub fn unearned_voters(&self) -> BTreeSet<AuthorId> {
+        self.unearned.values().flat_map(|m| m.keys().copied()).collect()
+    }
+
+    /// Removes and returns every vote kept aside for `voter`.
+    pub fn take_unearned(&mut self, voter: &AuthorId) -> Vec<Vote> {
+        let taken = self.unearned.values_mut().filter_map(|m| m.remove(voter)).collect();
+        self.unearned.retain(|_, m| !m.is_empty());
+        taken
     }
 
     /// `voter`'s vote held for `starts`, if any.
@@ -205,11 +238,12 @@ impl Votes {
     /// Forgets rounds before `starts`.
     pub fn prune_below(&mut self, starts: u64) {
         self.rounds = self.rounds.split_off(&starts);
+        self.unearned = self.unearned.split_off(&starts);
     }
 
     /// Rounds held (for bounds checks).
     pub fn rounds(&self) -> usize {
-        self.rounds.len()
+        self.rounds.len().max(self.unearned.len())
     }
 }
 
@@ -357,6 +391,26 @@ mod tests {
             .records_of(&AuthorKey::from_secret([9; 32]).author(), 0, 16)
             .is_empty());
         assert_eq!(votes.last_voted(&one), Some(6));
+    }
+
+    #[test]
+    fn votes_of_keys_without_power_are_kept_aside_within_a_bound() {
+        let mut votes = Votes::default();
+        let crowd = MAX_UNEARNED_PER_ROUND as u8 + 10;
+        for v in 1..=crowd {
+            votes.hold_unearned(vote(v, 4, 7));
+        }
+        assert_eq!(votes.unearned_voters().len(), MAX_UNEARNED_PER_ROUND);
+        votes.hold_unearned(vote(1, 5, 7));
+        // The first vote of a voter for a round stands.
+        votes.hold_unearned(vote(1, 5, 8));
+        let one = AuthorKey::from_secret([1; 32]).author();
+        let taken = votes.take_unearned(&one);
+        assert_eq!(taken.len(), 2);
+        assert!(taken.iter().all(|v| v.anchor() == k(7)));
+        assert!(!votes.unearned_voters().contains(&one));
+        votes.prune_below(5);
+        assert!(votes.unearned_voters().is_empty());
         assert_eq!(votes.last_voted(&AuthorKey::from_secret([9; 32]).author()), None);
     }
 }

@@ -412,7 +412,16 @@ impl Core {
             return self.fetch.is_none();
         };
         self.fetched = None;
-        warn!(round, back_to = starts, anchor = %key.0.short(), "no anchor has half the voting power; going back to the last decided one");
+        let tally = self.votes.tally(round, &self.power);
+        warn!(
+            round,
+            back_to = starts,
+            anchor = %key.0.short(),
+            support = tally.support,
+            seen = tally.seen,
+            of = tally.total,
+            "no anchor has half the voting power; going back to the last decided one"
+        );
         let weights_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &weights);
         let outer_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &velocity);
         self.take_over(
@@ -507,6 +516,7 @@ impl Core {
         let (mut merged, mut clipped, mut rejected, mut probation) = (0u64, 0u64, 0u64, 0u64);
         let mut bans = Vec::new();
         self.power.credit_round(done.round, &done.entries);
+        self.promote_earned();
         for e in &done.entries {
             if e.author == self.me {
                 continue;

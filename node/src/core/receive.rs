@@ -695,6 +695,8 @@ impl Core {
             return;
         }
         if self.power.total() > 0 && self.power.of(&voter) == 0 {
+            // Counted once the key earns its vote here (`promote_earned`).
+            self.votes.hold_unearned(vote);
             return;
         }
         // Two signed records of one voter for one round prove equivocation
@@ -719,6 +721,27 @@ impl Core {
             Added::Known => {}
             Added::Conflict => {
                 warn!(voter = %voter.short(), round = starts, "a second, different vote for one round; the first stands")
+            }
+        }
+    }
+
+    /// Keys that earned their vote here since their votes were kept aside:
+    /// those votes count now, as at a node that credited the keys earlier.
+    pub(super) fn promote_earned(&mut self) {
+        let mut touched = std::collections::BTreeSet::new();
+        for voter in self.votes.unearned_voters() {
+            if self.power.of(&voter) == 0 {
+                continue;
+            }
+            for vote in self.votes.take_unearned(&voter) {
+                if let (Some(starts), Added::New) = (vote.starts(), self.votes.add(vote)) {
+                    touched.insert(starts);
+                }
+            }
+        }
+        for starts in touched {
+            if let Some(key) = self.votes.tally(starts, &self.power).decided() {
+                self.note_decision(starts, key);
             }
         }
     }

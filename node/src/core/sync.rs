@@ -734,6 +734,7 @@ impl Core {
             // asked, who from now on have a vote here.
             votes = self.votes.unweighted_for_anchor(f.starts, &f.key);
             self.power.vouch(votes.iter().map(|v| v.voter()));
+            self.promote_earned();
         }
         let starts = f.starts;
         self.take_over(f, purpose.join_kind(), starts, votes);
