@@ -280,6 +280,14 @@ impl Core {
             }
             return self.revert_if_split(round);
         };
+        tracing::trace!(
+            round,
+            support = tally.support,
+            seen = tally.seen,
+            total = tally.total,
+            ours = key == self.anchor_key(),
+            "the round's base is decided"
+        );
         self.note_decision(round, key);
         if key == self.anchor_key() {
             self.settle_here(round);
