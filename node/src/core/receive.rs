@@ -173,9 +173,11 @@ impl Core {
             return;
         }
         if let FetchRequest::Records { author, from_seq, max } = request {
-            // A banned author's records are not in our ledger, only among
-            // the votes: serve those, so that members that banned it too
-            // can count the same votes.
+            // A banned author's records since its ban are not in our
+            // ledger, only among the votes: serve those (from the first
+            // held at or after `from_seq`; earlier ones come from the
+            // ledger when none is held), so that members that banned it
+            // too can count the same votes.
             let author = AuthorId(author);
             if self.members.is_banned(&author) {
                 let max = max.clamp(1, MAX_RECORDS_PER_RESPONSE) as usize;
