@@ -45,7 +45,10 @@ fn permissioned_under_faults() {
 #[test]
 fn open_under_faults() {
     let cfg = SimConfig {
-        admission: SimAdmission::Open { earn_rounds: 3 },
+        admission: SimAdmission::Open {
+            earn_rounds: 3,
+            founded: true,
+        },
         ..SimConfig::default()
     };
     sweep("open", cfg, "--admission open");
@@ -64,7 +67,10 @@ fn permissioned_with_sybils_hijacking() {
 #[test]
 fn open_with_sybils_hijacking() {
     let cfg = SimConfig {
-        admission: SimAdmission::Open { earn_rounds: 3 },
+        admission: SimAdmission::Open {
+            earn_rounds: 3,
+            founded: true,
+        },
         sybils: 20,
         hijack: true,
         ..SimConfig::default()
@@ -86,7 +92,13 @@ fn attacker(attack: &str, admission: SimAdmission) -> SimConfig {
 /// earn a vote.
 #[test]
 fn open_with_a_member_running_sybils() {
-    let cfg = attacker("sybil:20", SimAdmission::Open { earn_rounds: 3 });
+    let cfg = attacker(
+        "sybil:20",
+        SimAdmission::Open {
+            earn_rounds: 3,
+            founded: true,
+        },
+    );
     sweep_n(
         "open + sybil:20",
         cfg,
@@ -97,7 +109,13 @@ fn open_with_a_member_running_sybils() {
 
 #[test]
 fn open_with_a_member_hijacking() {
-    let cfg = attacker("anchor-hijack:20", SimAdmission::Open { earn_rounds: 3 });
+    let cfg = attacker(
+        "anchor-hijack:20",
+        SimAdmission::Open {
+            earn_rounds: 3,
+            founded: true,
+        },
+    );
     sweep_n(
         "open + anchor-hijack:20",
         cfg,

@@ -55,6 +55,11 @@ pub(super) struct SimArgs {
     /// In open admission, merged rounds before a key has a vote.
     #[arg(long, default_value_t = 3)]
     earn_rounds: u64,
+    /// In open admission, nobody founds the run: no key has a vote until
+    /// it earns one (as in a spec without `founders`). By default the
+    /// nodes that start the run are its founders.
+    #[arg(long)]
+    no_founders: bool,
     /// Identities one attacker runs besides the nodes; each signs a poisoned
     /// update every round and votes for a poisoned anchor.
     #[arg(long, default_value_t = 0)]
@@ -106,6 +111,9 @@ pub(super) fn run(a: SimArgs) -> Result<ExitCode> {
     if a.rounds == 0 || a.seeds == 0 {
         bail!("--rounds and --seeds must be at least 1");
     }
+    if a.no_founders && a.admission != "open" {
+        bail!("--no-founders is for --admission open");
+    }
     if a.hijack && a.sybils == 0 {
         bail!("--hijack needs --sybils K");
     }
@@ -113,6 +121,7 @@ pub(super) fn run(a: SimArgs) -> Result<ExitCode> {
         "permissioned" => SimAdmission::Permissioned,
         "open" => SimAdmission::Open {
             earn_rounds: a.earn_rounds,
+            founded: !a.no_founders,
         },
         other => bail!("--admission takes `permissioned` or `open`, got `{other}`"),
     };

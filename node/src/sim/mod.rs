@@ -68,8 +68,10 @@ pub struct SimConfig {
 pub enum SimAdmission {
     /// A roster of the honest and Byzantine nodes (not the Sybils).
     Permissioned,
-    /// Anyone; votes earned by merged rounds.
-    Open { earn_rounds: u64 },
+    /// Anyone; votes earned by merged rounds. `founded`: the nodes that
+    /// start the run have a vote from round 0 (else nobody has one until
+    /// it is earned, as in a spec without `founders`).
+    Open { earn_rounds: u64, founded: bool },
 }
 
 impl Default for SimConfig {

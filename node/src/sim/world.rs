@@ -187,12 +187,12 @@ impl World {
             },
             // The nodes that start the run found it; late joiners (and the
             // Sybils) earn their votes.
-            SimAdmission::Open { earn_rounds } => Admission::Open {
+            SimAdmission::Open { earn_rounds, founded } => Admission::Open {
                 earn_rounds,
                 founders: keys
                     .iter()
                     .enumerate()
-                    .filter(|(i, _)| *i < cfg.nodes - cfg.late_join.min(cfg.nodes) || *i >= cfg.nodes)
+                    .filter(|(i, _)| founded && (*i < cfg.nodes - cfg.late_join.min(cfg.nodes) || *i >= cfg.nodes))
                     .map(|(_, k)| AuthorKey::from_secret(*k).author().to_string())
                     .collect(),
             },
