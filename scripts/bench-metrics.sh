@@ -11,7 +11,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$MESHTRAIN_ROOT"
 rounds="${1:-300}"; pairs="${2:-2}"
 work="out/bench-metrics"; rm -rf "$work"; mkdir -p "$work"
-"$MESHTRAIN_BIN" spec new --model mlp --rounds "$rounds" --local-steps 50 --nodes 1 --out "$work/run.toml" >/dev/null
 mean_train_ms() {
   python3 -c '
 import json, sys
@@ -21,7 +20,11 @@ print(f"{sum(h)/len(h):.2f}")' "$1/results.json"
 run() { # $1: dir, $2: with metrics (0/1)
   local extra=()
   [ "$2" = 1 ] && extra=(--metrics 127.0.0.1:19464)
-  "$MESHTRAIN_BIN" node run --data-dir "$1" --listen /ip4/127.0.0.1/tcp/0 --run "$work/run.toml" \
+  # A run of its own, founded by this node (an open run needs founders).
+  "$MESHTRAIN_BIN" identity show "$1" --key-only >"$1.key"
+  "$MESHTRAIN_BIN" spec new --model mlp --rounds "$rounds" --local-steps 50 --nodes 1 --founders "$1.key" \
+    --out "$1.toml" >/dev/null
+  "$MESHTRAIN_BIN" node run --data-dir "$1" --listen /ip4/127.0.0.1/tcp/0 --run "$1.toml" \
     --data out/datasets/fashion-mnist --wait-peers 0 --drain-s 0 --eval-every "$rounds" --checkpoint-every 0 "${extra[@]}" >"$1.log" 2>&1 &
   local pid=$!
   if [ "$2" = 1 ]; then

@@ -127,8 +127,29 @@ pub fn spec_with_roster(dir: &Path, nodes: usize, args: &[&str]) -> (PathBuf, Pa
     spec_new(dir, &args)
 }
 
+/// An open run spec over a freshly imported Fashion-MNIST store, founded by
+/// the nodes of DIR/node-0 .. DIR/node-{FOUNDERS-1} (their keys are made
+/// now); other nodes earn their votes.
+pub fn spec_founded(dir: &Path, founders: usize, args: &[&str]) -> (PathBuf, PathBuf) {
+    let dirs: Vec<PathBuf> = (0..founders).map(|i| dir.join(format!("node-{i}"))).collect();
+    let keys = founders_file(dir, &dirs);
+    let keys = keys.to_str().expect("utf-8 path").to_string();
+    let args: Vec<&str> = args.iter().copied().chain(["--founders", keys.as_str()]).collect();
+    spec_new(dir, &args)
+}
+
+/// The keys of the nodes that will run in DIRS, written to
+/// DIR/founders.txt for `spec new --founders`.
+pub fn founders_file(dir: &Path, node_dirs: &[PathBuf]) -> PathBuf {
+    let members = roster(dir, node_dirs);
+    let path = dir.join("founders.txt");
+    std::fs::rename(&members, &path).expect("name the founders file");
+    path
+}
+
 /// A run spec over a freshly imported Fashion-MNIST store: returns the spec
-/// and the store (which node 0 should seed with `--data`).
+/// and the store (which node 0 should seed with `--data`). ARGS must say who
+/// takes part (`--members` or `--founders`; see [`spec_founded`]).
 pub fn spec_new(dir: &Path, args: &[&str]) -> (PathBuf, PathBuf) {
     let store = import_fashion_mnist(dir);
     (spec_for(dir, &store, args), store)
@@ -153,7 +174,30 @@ impl NodeProc {
 /// libtorch thread unless EXTRA says otherwise (tests run several nodes, and
 /// several tests, on one machine).
 pub fn spawn_node(dir: &Path, spec: &Path, shard: &str, bootstrap: Option<&str>, extra: &[&str]) -> NodeProc {
-    spawn_node_logging_to(dir, &dir.join("node.log"), spec, shard, bootstrap, extra)
+    spawn_node_logging_to(
+        dir,
+        &kept_log(dir).unwrap_or_else(|| dir.join("node.log")),
+        spec,
+        shard,
+        bootstrap,
+        extra,
+    )
+}
+
+/// With `MESHTRAIN_TEST_LOGS=DIR` set, a node's log goes to DIR (named by
+/// its temp dir and node dir) so that it outlives the test's temp dir: a
+/// test that fails one run in ten leaves every node's whole log behind.
+fn kept_log(dir: &Path) -> Option<PathBuf> {
+    let keep = PathBuf::from(std::env::var_os("MESHTRAIN_TEST_LOGS")?);
+    std::fs::create_dir_all(&keep).ok()?;
+    let name: Vec<String> = dir
+        .components()
+        .rev()
+        .take(2)
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let name: Vec<&str> = name.iter().rev().map(String::as_str).collect();
+    Some(keep.join(format!("{}.log", name.join("-").trim_start_matches('.'))))
 }
 
 /// [`spawn_node`] with its log in LOG (kept off a data dir that may fill).
@@ -340,6 +384,49 @@ pub fn chain_of(dir: &Path, author: &str) -> std::collections::BTreeMap<u64, Str
         }
     }
     chain
+}
+
+/// `ledger export DIR`: the verdicts DIR's node recorded on AUTHOR's
+/// updates, as exported (`{"verdict": "probation", "factor": 0.0}`, ...).
+pub fn verdicts_on(dir: &Path, author: &str) -> Vec<serde_json::Value> {
+    let out = Command::new(meshtrain_bin())
+        .args(["ledger", "export"])
+        .arg(dir)
+        .output()
+        .expect("run ledger export");
+    assert!(
+        out.status.success(),
+        "export {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut verdicts = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("export line is JSON");
+        if v["type"] != "verdict" {
+            continue;
+        }
+        let entries = v["block"]["entries"]
+            .as_array()
+            .expect("a verdict block lists its entries");
+        verdicts.extend(
+            entries
+                .iter()
+                .filter(|e| e["author"] == author)
+                .map(|e| e["verdict"].clone()),
+        );
+    }
+    verdicts
+}
+
+/// Whether an exported verdict refused the update (or cut it): rejected,
+/// clipped, or on probation below full weight.
+pub fn refused(verdict: &serde_json::Value) -> bool {
+    match verdict["verdict"].as_str() {
+        Some("rejected" | "clipped") => true,
+        Some("probation") => verdict["factor"].as_f64().is_some_and(|f| f < 1.0),
+        _ => false,
+    }
 }
 
 /// The author id (hex) of the node in DIR, from the listen.json it wrote.

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use meshtrain_tests::{results, spawn_node, spec_new, wait_all, wait_listen};
+use meshtrain_tests::{results, spawn_node, spec_founded, wait_all, wait_listen};
 
 const ROUNDS: u64 = 14;
 
@@ -16,7 +16,7 @@ fn progress_round(dir: &std::path::Path) -> Option<u64> {
 #[test]
 fn shards_are_fetched_repaired_and_re_replicated() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (spec, store) = spec_new(tmp.path(), &["--rounds", &ROUNDS.to_string(), "--replication", "3"]);
+    let (spec, store) = spec_founded(tmp.path(), 4, &["--rounds", &ROUNDS.to_string(), "--replication", "3"]);
     let manifest_dir = store.join("manifests");
     let train_blocks: usize = {
         let m = std::fs::read_dir(&manifest_dir)

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use meshtrain_tests::{import_fashion_mnist, meshtrain_bin, spec_for};
+use meshtrain_tests::{founders_file, import_fashion_mnist, meshtrain_bin, spec_for};
 
 #[test]
 fn config_file_environment_and_flags_in_that_order() {
@@ -25,10 +25,20 @@ fn config_file_environment_and_flags_in_that_order() {
         std::fs::metadata(&plot).map(|m| m.len() > 1000).unwrap_or(false),
         "no plot written"
     );
+    let founders = founders_file(tmp.path(), &[tmp.path().join("node")]);
     let spec = spec_for(
         tmp.path(),
         &store,
-        &["--rounds", "3", "--local-steps", "5", "--nodes", "1"],
+        &[
+            "--rounds",
+            "3",
+            "--local-steps",
+            "5",
+            "--nodes",
+            "1",
+            "--founders",
+            founders.to_str().expect("utf-8 path"),
+        ],
     );
 
     let defaults = Command::new(meshtrain_bin())

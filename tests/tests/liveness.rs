@@ -3,14 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use meshtrain_tests::{audit, progress_round, results, spawn_node, spec_new, wait_all, wait_listen};
+use meshtrain_tests::{audit, progress_round, results, spawn_node, spec_founded, wait_all, wait_listen};
 
 const ROUNDS: u64 = 12;
 
 #[test]
 fn survivors_finish_without_waiting_for_a_killed_peer() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (spec, store) = spec_new(tmp.path(), &["--rounds", &ROUNDS.to_string(), "--local-steps", "10"]);
+    let (spec, store) = spec_founded(tmp.path(), 3, &["--rounds", &ROUNDS.to_string(), "--local-steps", "10"]);
     let args = ["--wait-peers", "2", "--drain-s", "20"];
     let seed_args = [&args[..], &["--data", store.to_str().expect("utf-8 path")]].concat();
     let mut nodes = vec![spawn_node(&tmp.path().join("node-0"), &spec, "0/3", None, &seed_args)];

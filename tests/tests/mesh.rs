@@ -9,7 +9,7 @@ use futures::StreamExt;
 use meshtrain_gossip::libp2p::{gossipsub, identity, swarm::SwarmEvent, Multiaddr};
 use meshtrain_gossip::{build_swarm, run_topic, GossipMessage, MeshBehaviourEvent, MeshConfig};
 use meshtrain_ledger::{AuthorKey, PayloadHash, RecordHash, RunId, Seq, UpdateRecord, WeightsHash, RECORD_VERSION};
-use meshtrain_tests::{audit, meshtrain_bin, results, spawn_node, spec_new, wait_all, wait_listen};
+use meshtrain_tests::{audit, meshtrain_bin, results, spawn_node, spec_founded, wait_all, wait_listen};
 
 const ROUNDS: u64 = 8;
 
@@ -71,8 +71,9 @@ async fn intrude(addr: &str, run_id_hex: &str, data: Vec<u8>, big: bool) {
 #[test]
 fn three_nodes_train_audit_and_reject_bad_input() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (spec, store) = spec_new(
+    let (spec, store) = spec_founded(
         tmp.path(),
+        3,
         &["--model", "mlp", "--rounds", &ROUNDS.to_string(), "--local-steps", "20"],
     );
     let store = store.to_str().expect("utf-8 path");

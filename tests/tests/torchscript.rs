@@ -14,8 +14,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use meshtrain_tests::{
-    log_tail, meshtrain_bin, repo_root, results, spawn_node, spec_new, spec_with_roster, wait_all_clean, wait_listen,
-    wait_round,
+    log_tail, meshtrain_bin, repo_root, results, spawn_node, spec_with_roster, wait_all_clean, wait_listen, wait_round,
 };
 
 const ROUNDS: &str = "20";
@@ -242,7 +241,7 @@ fn dashboard_names_only_exported_metrics(node: &Path) {
 #[test]
 fn modules_that_do_not_fit_the_data_are_refused_naming_why() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (_, store) = spec_new(tmp.path(), &["--rounds", "1"]);
+    let store = meshtrain_tests::import_fashion_mnist(tmp.path());
     let store = store.to_str().expect("utf-8").to_string();
     let spec = |model: &str, extra: &[&str]| -> String {
         let mut args = vec!["spec", "new", "--data", &store, "--model", model];

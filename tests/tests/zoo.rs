@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use meshtrain_tests::{import, results, spawn_node, spec_for, wait_all_clean, wait_listen};
+use meshtrain_tests::{founders_file, import, results, spawn_node, spec_for, wait_all_clean, wait_listen};
 
 #[test]
 fn two_nodes_train_the_char_transformer_and_stop_together() {
@@ -21,10 +21,13 @@ fn two_nodes_train_the_char_transformer_and_stop_together() {
     );
     // A learning rate this high overfits 2,000 records within a few
     // rounds, so early stopping fires well before round 40.
+    let founders = founders_file(tmp.path(), &[tmp.path().join("n0"), tmp.path().join("n1")]);
     let spec = spec_for(
         tmp.path(),
         &store,
         &[
+            "--founders",
+            founders.to_str().expect("utf-8 path"),
             "--model",
             "char-transformer",
             "--rounds",

@@ -81,9 +81,9 @@ pub(super) struct SpecArgs {
     /// held-out loss (early stopping).
     #[arg(long)]
     pub(super) patience: Option<u64>,
-    /// Who may contribute: `open` (anyone; influence is earned; the
-    /// default) or `permissioned` (only the keys in --members, the default
-    /// when --members is given).
+    /// Who may contribute: `open` (anyone; influence is earned; implied by
+    /// --founders) or `permissioned` (only the keys in --members; implied
+    /// by --members). One of --members and --founders is required.
     #[arg(long)]
     pub(super) admission: Option<String>,
     /// Open admission: rounds a key's updates must be merged in before it
@@ -97,7 +97,7 @@ pub(super) struct SpecArgs {
     pub(super) members: Option<PathBuf>,
     /// Open admission: a file of author keys (same format as --members)
     /// that have a vote from round 0, so that anchors are agreed from the
-    /// start; without founders nothing is decided until keys earn votes.
+    /// start. Implies --admission open; an open run needs at least one.
     #[arg(long, conflicts_with = "members")]
     pub(super) founders: Option<PathBuf>,
     /// Write here instead of standard output.
@@ -146,7 +146,16 @@ pub(super) fn admission(
     members: Option<&Path>,
     founders: Option<&Path>,
 ) -> Result<Admission> {
-    let mode = mode.unwrap_or(if members.is_some() { "permissioned" } else { "open" });
+    let mode = match (mode, members, founders) {
+        (Some(m), _, _) => m,
+        (None, Some(_), _) => "permissioned",
+        (None, None, Some(_)) => "open",
+        (None, None, None) => bail!(
+            "who may take part? --members FILE (a permissioned run: only these keys) or --founders FILE \
+             (an open run: anyone may join and earn a vote; these keys vote from round 0). \
+             `meshtrain identity show DIR --key-only` prints a node's key"
+        ),
+    };
     match (mode, members) {
         ("permissioned", _) if founders.is_some() => {
             bail!("--founders is for open runs; a permissioned run has --members")
@@ -155,10 +164,17 @@ pub(super) fn admission(
             members: read_roster(path)?,
         }),
         ("permissioned", None) => bail!("--admission permissioned needs --members FILE"),
-        ("open", None) => Ok(Admission::Open {
-            earn_rounds,
-            founders: founders.map(read_roster).transpose()?.unwrap_or_default(),
-        }),
+        ("open", None) => match founders {
+            Some(path) => Ok(Admission::Open {
+                earn_rounds,
+                founders: read_roster(path)?,
+            }),
+            None => bail!(
+                "{}",
+                meshtrain_node::runspec::NO_FOUNDERS
+                    .replace("admission.founders is empty", "--founders FILE is missing")
+            ),
+        },
         ("open", Some(_)) => bail!("--members names a roster, which open admission has none of (see --founders)"),
         (other, _) => bail!("--admission takes `open` or `permissioned`, got `{other}`"),
     }
