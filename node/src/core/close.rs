@@ -11,7 +11,7 @@ use meshtrain_ledger::{AuthorId, RejectReason, Verdict, VerdictBlock, VerdictEnt
 use meshtrain_model::aggregate::aggregate as aggregate_deltas;
 use meshtrain_model::{AggInput, AggVerdict, AggregatorSpec, OuterOptimizer};
 use rand::seq::IndexedRandom;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::rounds::{Close, RoundInputs};
 use super::sync::Fetched;
@@ -523,7 +523,16 @@ impl Core {
         let new_hash = WeightsHash::of_f32(&done.anchor);
         let (mut merged, mut clipped, mut rejected, mut probation) = (0u64, 0u64, 0u64, 0u64);
         let mut bans = Vec::new();
+        let before = self.power.total();
         self.power.credit_round(done.round, &done.entries);
+        if self.power.total() != before {
+            debug!(
+                round = done.round,
+                total = self.power.total(),
+                holders = ?self.power.holders().iter().map(|a| a.short()).collect::<Vec<_>>(),
+                "voting power grew"
+            );
+        }
         self.promote_earned();
         for e in &done.entries {
             if e.author == self.me {
