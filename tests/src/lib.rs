@@ -174,30 +174,42 @@ impl NodeProc {
 /// libtorch thread unless EXTRA says otherwise (tests run several nodes, and
 /// several tests, on one machine).
 pub fn spawn_node(dir: &Path, spec: &Path, shard: &str, bootstrap: Option<&str>, extra: &[&str]) -> NodeProc {
-    spawn_node_logging_to(
-        dir,
-        &kept_log(dir).unwrap_or_else(|| dir.join("node.log")),
-        spec,
-        shard,
-        bootstrap,
-        extra,
-    )
+    let log = dir.join("node.log");
+    keep_log(dir, &log);
+    spawn_node_logging_to(dir, &log, spec, shard, bootstrap, extra)
 }
 
-/// With `MESHTRAIN_TEST_LOGS=DIR` set, a node's log goes to DIR (named by
-/// its temp dir and node dir) so that it outlives the test's temp dir: a
-/// test that fails one run in ten leaves every node's whole log behind.
-fn kept_log(dir: &Path) -> Option<PathBuf> {
-    let keep = PathBuf::from(std::env::var_os("MESHTRAIN_TEST_LOGS")?);
-    std::fs::create_dir_all(&keep).ok()?;
+/// With `MESHTRAIN_TEST_LOGS=DIR` set, a node's log is written in DIR
+/// (named by its temp dir and node dir; a restart's gets a number) and
+/// LOG links to it, so that it outlives the test's temp dir: a test that
+/// fails one run in ten leaves every node's whole log behind.
+fn keep_log(dir: &Path, log: &Path) {
+    let Some(keep) = std::env::var_os("MESHTRAIN_TEST_LOGS").map(PathBuf::from) else {
+        return;
+    };
+    std::fs::create_dir_all(&keep).expect("MESHTRAIN_TEST_LOGS dir");
+    std::fs::create_dir_all(dir).expect("node dir");
     let name: Vec<String> = dir
         .components()
         .rev()
         .take(2)
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
-    let name: Vec<&str> = name.iter().rev().map(String::as_str).collect();
-    Some(keep.join(format!("{}.log", name.join("-").trim_start_matches('.'))))
+    let name: Vec<&str> = name.iter().rev().map(|n| n.trim_start_matches('.')).collect();
+    let name = name.join("-");
+    let kept = (0..)
+        .map(|n| {
+            keep.join(if n == 0 {
+                format!("{name}.log")
+            } else {
+                format!("{name}-{n}.log")
+            })
+        })
+        .find(|p| !p.exists())
+        .expect("a free log name");
+    std::fs::write(&kept, b"").expect("kept log");
+    let _ = std::fs::remove_file(log);
+    std::os::unix::fs::symlink(&kept, log).expect("link the kept log");
 }
 
 /// [`spawn_node`] with its log in LOG (kept off a data dir that may fill).
@@ -360,9 +372,8 @@ pub fn ledger_compare(a: &Path, b: &Path) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `ledger export DIR`: AUTHOR's records, seq -> record hash (a seq listed
-/// twice fails the test).
-pub fn chain_of(dir: &Path, author: &str) -> std::collections::BTreeMap<u64, String> {
+/// `ledger export DIR`, one JSON value a line.
+pub fn export(dir: &Path) -> Vec<serde_json::Value> {
     let out = Command::new(meshtrain_bin())
         .args(["ledger", "export"])
         .arg(dir)
@@ -374,9 +385,17 @@ pub fn chain_of(dir: &Path, author: &str) -> std::collections::BTreeMap<u64, Str
         dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("export line is JSON"))
+        .collect()
+}
+
+/// `ledger export DIR`: AUTHOR's records, seq -> record hash (a seq listed
+/// twice fails the test).
+pub fn chain_of(dir: &Path, author: &str) -> std::collections::BTreeMap<u64, String> {
     let mut chain = std::collections::BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(line).expect("export line is JSON");
+    for v in export(dir) {
         if v["type"] == "record" && v["record"]["author"] == author {
             let seq = v["record"]["seq"].as_u64().expect("seq");
             let hash = v["hash"].as_str().expect("hash").to_string();
@@ -389,23 +408,8 @@ pub fn chain_of(dir: &Path, author: &str) -> std::collections::BTreeMap<u64, Str
 /// `ledger export DIR`: the verdicts DIR's node recorded on AUTHOR's
 /// updates, as exported (`{"verdict": "probation", "factor": 0.0}`, ...).
 pub fn verdicts_on(dir: &Path, author: &str) -> Vec<serde_json::Value> {
-    let out = Command::new(meshtrain_bin())
-        .args(["ledger", "export"])
-        .arg(dir)
-        .output()
-        .expect("run ledger export");
-    assert!(
-        out.status.success(),
-        "export {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
     let mut verdicts = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(line).expect("export line is JSON");
-        if v["type"] != "verdict" {
-            continue;
-        }
+    for v in export(dir).iter().filter(|v| v["type"] == "verdict") {
         let entries = v["block"]["entries"]
             .as_array()
             .expect("a verdict block lists its entries");
