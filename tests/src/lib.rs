@@ -120,21 +120,29 @@ pub fn roster(dir: &Path, node_dirs: &[PathBuf]) -> PathBuf {
 /// A permissioned run spec over a freshly imported Fashion-MNIST store,
 /// admitting the nodes of DIR/node-0 .. DIR/node-{N-1}.
 pub fn spec_with_roster(dir: &Path, nodes: usize, args: &[&str]) -> (PathBuf, PathBuf) {
-    let dirs: Vec<PathBuf> = (0..nodes).map(|i| dir.join(format!("node-{i}"))).collect();
-    let members = roster(dir, &dirs);
-    let members = members.to_str().expect("utf-8 path").to_string();
-    let args: Vec<&str> = args.iter().copied().chain(["--members", members.as_str()]).collect();
-    spec_new(dir, &args)
+    spec_keyed(dir, nodes, "--members", roster, args)
 }
 
 /// An open run spec over a freshly imported Fashion-MNIST store, founded by
 /// the nodes of DIR/node-0 .. DIR/node-{FOUNDERS-1} (their keys are made
 /// now); other nodes earn their votes.
 pub fn spec_founded(dir: &Path, founders: usize, args: &[&str]) -> (PathBuf, PathBuf) {
-    let dirs: Vec<PathBuf> = (0..founders).map(|i| dir.join(format!("node-{i}"))).collect();
-    let keys = founders_file(dir, &dirs);
-    let keys = keys.to_str().expect("utf-8 path").to_string();
-    let args: Vec<&str> = args.iter().copied().chain(["--founders", keys.as_str()]).collect();
+    spec_keyed(dir, founders, "--founders", founders_file, args)
+}
+
+/// `spec_new` with FLAG naming the file KEYS writes of the first N nodes'
+/// keys.
+fn spec_keyed(
+    dir: &Path,
+    n: usize,
+    flag: &str,
+    keys: fn(&Path, &[PathBuf]) -> PathBuf,
+    args: &[&str],
+) -> (PathBuf, PathBuf) {
+    let dirs: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("node-{i}"))).collect();
+    let file = keys(dir, &dirs);
+    let file = file.to_str().expect("utf-8 path").to_string();
+    let args: Vec<&str> = args.iter().copied().chain([flag, file.as_str()]).collect();
     spec_new(dir, &args)
 }
 
