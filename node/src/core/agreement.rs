@@ -83,6 +83,35 @@ pub fn decide(support: &BTreeMap<AnchorKey, u64>, total: u64, seen: u64) -> Tall
     }
 }
 
+/// One member's verdicts of a round, as its signed verdict block gave them:
+/// the anchor they made, and the keys they earned a credit.
+pub type CreditNote = (AnchorKey, BTreeSet<AuthorId>);
+
+/// The keys that earn a round's credit (open runs): those that the verdict
+/// blocks of more than half the whole voting power, all naming the decided
+/// anchor, earned it. Every node counts the same blocks alike, where its
+/// own verdicts alone differed from node to node (an update on probation
+/// late at some, a close on another set): nodes then counted different
+/// voting power and decided rounds apart.
+pub fn agreed_credits(notes: &BTreeMap<AuthorId, CreditNote>, decided: &AnchorKey, power: &Power) -> Vec<AuthorId> {
+    let mut weight: BTreeMap<AuthorId, u64> = BTreeMap::new();
+    for (owner, (made, earned)) in notes {
+        let p = power.of(owner);
+        if made != decided || p == 0 {
+            continue;
+        }
+        for k in earned {
+            *weight.entry(*k).or_default() += p;
+        }
+    }
+    let total = power.total();
+    weight
+        .into_iter()
+        .filter(|(_, w)| 2 * w > total)
+        .map(|(k, _)| k)
+        .collect()
+}
+
 /// Every vote this node holds, by the round the voted anchor starts.
 #[derive(Debug, Default)]
 pub struct Votes {
@@ -282,6 +311,26 @@ mod tests {
         Power::new(Rule::Permissioned(
             (1..=n).map(|i| AuthorKey::from_secret([i; 32]).author()).collect(),
         ))
+    }
+
+    #[test]
+    fn a_round_s_credit_needs_the_blocks_of_a_majority_on_the_decided_anchor() {
+        let id = |n: u8| AuthorKey::from_secret([n; 32]).author();
+        let power = roster(5);
+        let newcomer = id(9);
+        let note = |anchor: u8, earned: &[AuthorId]| (k(anchor), earned.iter().copied().collect());
+        let mut notes: BTreeMap<AuthorId, CreditNote> = BTreeMap::new();
+        notes.insert(id(1), note(7, &[newcomer, id(2)]));
+        notes.insert(id(2), note(7, &[newcomer]));
+        // Three of five on another anchor (not decided) count nothing.
+        notes.insert(id(3), note(8, &[newcomer, id(2)]));
+        assert!(agreed_credits(&notes, &k(7), &power).is_empty(), "2 of 5 is no majority");
+        notes.insert(id(4), note(7, &[newcomer]));
+        assert_eq!(agreed_credits(&notes, &k(7), &power), vec![newcomer]);
+        // A key without a vote earns nobody anything by its blocks.
+        notes.insert(id(20), note(7, &[id(2)]));
+        assert_eq!(agreed_credits(&notes, &k(7), &power), vec![newcomer]);
+        assert!(agreed_credits(&notes, &k(8), &power).is_empty());
     }
 
     #[test]

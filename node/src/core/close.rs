@@ -4,9 +4,10 @@
 //! (run off the event loop), and the signed verdict block that records what
 //! was done with each update and which anchor came of it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use meshtrain_gossip::GossipMessage;
 use meshtrain_ledger::{AuthorId, RejectReason, Verdict, VerdictBlock, VerdictEntry, WeightsHash, VERDICT_VERSION};
 use meshtrain_model::aggregate::aggregate as aggregate_deltas;
 use meshtrain_model::{AggInput, AggVerdict, AggregatorSpec, OuterOptimizer};
@@ -449,6 +450,63 @@ impl Core {
         true
     }
 
+    /// Keeps what `owner`'s verdicts of `round` credit (open runs).
+    pub(super) fn note_credits(
+        &mut self,
+        owner: AuthorId,
+        round: u64,
+        made: super::agreement::AnchorKey,
+        entries: &[meshtrain_ledger::VerdictEntry],
+    ) {
+        if self.credited_through.is_some_and(|c| round <= c) || round > self.round() + 1 {
+            return;
+        }
+        let earned = entries
+            .iter()
+            .filter(|e| e.round == round && super::power::earns(&e.verdict))
+            .map(|e| e.author)
+            .collect();
+        self.credit_notes
+            .entry(round)
+            .or_default()
+            .entry(owner)
+            .or_insert((made, earned));
+    }
+
+    /// Credits every round up to `last` not credited yet, each by the
+    /// verdicts of the voters of its decided anchor.
+    pub(super) fn give_credits_through(&mut self, last: u64) {
+        let first = self.credited_through.map_or(0, |c| c + 1);
+        if last < first {
+            return;
+        }
+        let notes = std::mem::take(&mut self.credit_notes);
+        let (old, keep): (BTreeMap<_, _>, BTreeMap<_, _>) = notes.into_iter().partition(|(r, _)| *r <= last);
+        self.credit_notes = keep;
+        for (round, notes) in old {
+            let Some(decided) = self.votes.tally(round + 1, &self.power).decided() else {
+                continue;
+            };
+            let keys = super::agreement::agreed_credits(&notes, &decided, &self.power);
+            let before = self.power.total();
+            self.power.credit(round, keys);
+            self.log_power(round, before);
+        }
+        self.credited_through = Some(last);
+        self.promote_earned();
+    }
+
+    fn log_power(&self, round: u64, before: u64) {
+        if self.power.total() != before {
+            debug!(
+                round,
+                total = self.power.total(),
+                holders = ?self.power.holders().iter().map(|a| a.short()).collect::<Vec<_>>(),
+                "voting power grew"
+            );
+        }
+    }
+
     /// The votes decided the anchor that starts `starts`: remember the
     /// latest such decision (a split mesh goes back to it).
     pub(super) fn note_decision(&mut self, starts: u64, key: super::agreement::AnchorKey) {
@@ -523,17 +581,25 @@ impl Core {
         let new_hash = WeightsHash::of_f32(&done.anchor);
         let (mut merged, mut clipped, mut rejected, mut probation) = (0u64, 0u64, 0u64, 0u64);
         let mut bans = Vec::new();
-        let before = self.power.total();
-        self.power.credit_round(done.round, &done.entries);
-        if self.power.total() != before {
-            debug!(
-                round = done.round,
-                total = self.power.total(),
-                holders = ?self.power.holders().iter().map(|a| a.short()).collect::<Vec<_>>(),
-                "voting power grew"
-            );
+        let outer_hash = WeightsHash::of_f32(done.outer.velocity());
+        let open = self.power.rule().roster().is_none();
+        if !open {
+            // A roster's votes are fixed: nothing is earned.
+        } else if self.power.total() == 0 {
+            // Nobody has a vote yet (an open run without founders): nothing
+            // is decided, and our own verdicts are all there is.
+            let before = self.power.total();
+            self.power.credit_round(done.round, &done.entries);
+            self.log_power(done.round, before);
+            self.promote_earned();
+        } else {
+            self.note_credits(self.me, done.round, (new_hash, outer_hash), &done.entries);
+            // The base of this round was decided (or given up) before we
+            // aggregated: the round before can be credited.
+            if let Some(prev) = done.round.checked_sub(1) {
+                self.give_credits_through(prev);
+            }
         }
-        self.promote_earned();
         for e in &done.entries {
             if e.author == self.me {
                 continue;
@@ -603,7 +669,6 @@ impl Core {
             None => (0, self.cfg.verdict_genesis),
             Some((s, h)) => (s + 1, h),
         };
-        let outer_hash = WeightsHash::of_f32(done.outer.velocity());
         let block = VerdictBlock {
             version: VERDICT_VERSION,
             run_id: self.cfg.run_id,
@@ -618,6 +683,13 @@ impl Core {
         }
         .sign(&self.key);
         self.verdict_head = Some((seq, block.block.hash()));
+        if block.block.round + 1 < self.end_round && open {
+            // Open runs: what we credit each round, for every node to count
+            // alike (the last round's block goes out as our final vote).
+            self.emit(Effect::Publish(GossipMessage::Vote {
+                block: block.to_bytes(),
+            }));
+        }
         self.attestation = Some(block.clone());
         self.emit(Effect::Inbox(Job::Verdict(Box::new(block))));
         self.velocity = Arc::new(done.outer.velocity().to_vec());

@@ -572,6 +572,11 @@ pub struct Core {
     /// The latest anchor the votes decided, held or not: where a mesh split
     /// into many goes back to.
     decided: Option<Decision>,
+    /// Open runs: every voter's verdicts of the rounds not yet credited, by
+    /// round (see [`agreement::agreed_credits`]).
+    credit_notes: BTreeMap<u64, BTreeMap<AuthorId, agreement::CreditNote>>,
+    /// The last round whose credits were given.
+    credited_through: Option<u64>,
     /// A round is being closed (guards against closing it twice).
     closing: bool,
     own_head: Option<Head>,
@@ -680,6 +685,8 @@ impl Core {
             unavailable: None,
             settled: None,
             decided: None,
+            credit_notes: BTreeMap::new(),
+            credited_through: None,
             closing: false,
             own_head: resume.own_head,
             own_last: resume.own_last,

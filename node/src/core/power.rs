@@ -45,6 +45,16 @@ impl Rule {
     }
 }
 
+/// Whether a verdict earns its author a round's credit: merged at full
+/// weight, or on probation and passing at full weight.
+pub fn earns(v: &Verdict) -> bool {
+    match v {
+        Verdict::Merged { .. } => true,
+        Verdict::Probation { factor } => *factor >= 1.0,
+        _ => false,
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Power {
     rule: Rule,
@@ -171,13 +181,19 @@ impl Power {
         if 2 * voters_merged < self.total() {
             return;
         }
-        let earns = |v: &Verdict| match v {
-            Verdict::Merged { .. } => true,
-            Verdict::Probation { factor } => *factor >= 1.0,
-            _ => false,
-        };
         for e in current.filter(|e| earns(&e.verdict)) {
             self.merged.entry(e.author).or_default().insert(round);
+        }
+    }
+
+    /// Open runs: credits `keys` with `round`, as agreed by the votes (see
+    /// [`super::agreement::agreed_credits`]).
+    pub fn credit(&mut self, round: u64, keys: impl IntoIterator<Item = AuthorId>) {
+        if !matches!(self.rule, Rule::Open { .. }) {
+            return;
+        }
+        for k in keys {
+            self.merged.entry(k).or_default().insert(round);
         }
     }
 

@@ -466,7 +466,18 @@ impl Core {
             Done::Vote { origin, outcome, block } => {
                 self.settle(&origin, &outcome, false);
                 if let Some(block) = block {
-                    self.add_vote(Vote::Block(*block));
+                    if block.block.round + 1 < self.end_round {
+                        // A round's verdicts (open runs), not a vote: a
+                        // member that repaired votes by its next record
+                        // for another anchor than its block names.
+                        let b = &block.block;
+                        if self.power.of(&b.owner) > 0 {
+                            let made = (b.new_anchor, b.outer_state);
+                            self.note_credits(b.owner, b.round, made, &b.entries);
+                        }
+                    } else {
+                        self.add_vote(Vote::Block(*block));
+                    }
                 }
             }
         }
