@@ -20,9 +20,10 @@ pub enum GossipMessage {
     Update { record: Vec<u8>, payload: Option<Vec<u8>> },
     /// Proof that an author signed two conflicting records.
     Equivocation { proof: Vec<u8> },
-    /// A node's signed verdict block for the run's last round: its vote for
-    /// the final anchor (earlier rounds are voted by the next round's
-    /// records).
+    /// A node's signed verdict block. For the run's last round it is the
+    /// node's vote for the final anchor (earlier rounds are voted by the
+    /// next round's records); in open runs every round's block also goes
+    /// out, so that every node credits keys by the same verdicts.
     Vote { block: Vec<u8> },
 }
 

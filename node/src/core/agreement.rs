@@ -324,7 +324,10 @@ mod tests {
         notes.insert(id(2), note(7, &[newcomer]));
         // Three of five on another anchor (not decided) count nothing.
         notes.insert(id(3), note(8, &[newcomer, id(2)]));
-        assert!(agreed_credits(&notes, &k(7), &power).is_empty(), "2 of 5 is no majority");
+        assert!(
+            agreed_credits(&notes, &k(7), &power).is_empty(),
+            "2 of 5 is no majority"
+        );
         notes.insert(id(4), note(7, &[newcomer]));
         assert_eq!(agreed_credits(&notes, &k(7), &power), vec![newcomer]);
         // A key without a vote earns nobody anything by its blocks.
