@@ -470,8 +470,10 @@ impl Core {
                         // A round's verdicts (open runs), not a vote: a
                         // member that repaired votes by its next record
                         // for another anchor than its block names.
+                        // Only open runs earn anything (a roster's member
+                        // sending them is ignored, not kept).
                         let b = &block.block;
-                        if self.power.of(&b.owner) > 0 {
+                        if self.power.rule().roster().is_none() && self.power.of(&b.owner) > 0 {
                             let made = (b.new_anchor, b.outer_state);
                             self.note_credits(b.owner, b.round, made, &b.entries);
                         }
