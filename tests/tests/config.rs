@@ -26,26 +26,24 @@ fn config_file_environment_and_flags_in_that_order() {
         "no plot written"
     );
     // Who takes part must be said: a bare spec is refused, naming how.
-    let bare = Command::new(meshtrain_bin())
-        .args(["spec", "new", "--rounds", "3", "--data"])
-        .arg(&store)
-        .output()
-        .expect("spec new");
-    let err = String::from_utf8_lossy(&bare.stderr);
+    let refused = |args: &[&str]| -> String {
+        let out = Command::new(meshtrain_bin())
+            .args(["spec", "new"])
+            .args(args)
+            .arg("--data")
+            .arg(&store)
+            .output()
+            .expect("spec new");
+        assert!(!out.status.success(), "spec new {args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(&["--rounds", "3"]);
     assert!(
-        !bare.status.success() && err.contains("--founders FILE") && err.contains("identity show"),
+        err.contains("--founders FILE") && err.contains("identity show"),
         "{err}"
     );
-    let open = Command::new(meshtrain_bin())
-        .args(["spec", "new", "--admission", "open", "--data"])
-        .arg(&store)
-        .output()
-        .expect("spec new");
-    let err = String::from_utf8_lossy(&open.stderr);
-    assert!(
-        !open.status.success() && err.contains("--founders FILE is missing"),
-        "{err}"
-    );
+    let err = refused(&["--admission", "open"]);
+    assert!(err.contains("--founders FILE is missing"), "{err}");
     let founders = founders_file(tmp.path(), &[tmp.path().join("node")]);
     let spec = spec_for(
         tmp.path(),
