@@ -582,7 +582,7 @@ impl Core {
         let (mut merged, mut clipped, mut rejected, mut probation) = (0u64, 0u64, 0u64, 0u64);
         let mut bans = Vec::new();
         let outer_hash = WeightsHash::of_f32(done.outer.velocity());
-        let open = self.power.rule().roster().is_none();
+        let open = self.power.is_open();
         if !open {
             // A roster's votes are fixed: nothing is earned.
         } else if self.power.total() == 0 {

@@ -94,7 +94,7 @@ impl Power {
     /// Open runs: gives the members that vouched for our starting anchor a
     /// vote each (see `vouched`).
     pub fn vouch(&mut self, voters: impl IntoIterator<Item = AuthorId>) {
-        if matches!(self.rule, Rule::Open { .. }) {
+        if self.is_open() {
             self.vouched.extend(voters);
         }
     }
@@ -105,6 +105,12 @@ impl Power {
 
     pub fn rule(&self) -> &Rule {
         &self.rule
+    }
+
+    /// Whether keys earn their votes (an open run) rather than a roster
+    /// fixing them.
+    pub fn is_open(&self) -> bool {
+        matches!(self.rule, Rule::Open { .. })
     }
 
     /// Whether `author` may take part at all.
@@ -169,7 +175,7 @@ impl Power {
     /// claim too) must not hand them votes for being merged among
     /// themselves.
     pub fn credit_round(&mut self, round: u64, entries: &[VerdictEntry]) {
-        if !matches!(self.rule, Rule::Open { .. }) {
+        if !self.is_open() {
             return;
         }
         let current = entries.iter().filter(|e| e.round == round);
@@ -189,7 +195,7 @@ impl Power {
     /// Open runs: credits `keys` with `round`, as agreed by the votes (see
     /// [`super::agreement::agreed_credits`]).
     pub fn credit(&mut self, round: u64, keys: impl IntoIterator<Item = AuthorId>) {
-        if !matches!(self.rule, Rule::Open { .. }) {
+        if !self.is_open() {
             return;
         }
         for k in keys {
@@ -200,7 +206,7 @@ impl Power {
     /// Whether `author`'s updates are on probation: judged, but weighing
     /// nothing (open runs, a key without a vote once anybody has one).
     pub fn on_probation(&self, author: &AuthorId) -> bool {
-        matches!(self.rule, Rule::Open { .. }) && self.total() > 0 && self.of(author) == 0
+        self.is_open() && self.total() > 0 && self.of(author) == 0
     }
 }
 

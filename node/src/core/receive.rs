@@ -473,7 +473,7 @@ impl Core {
                         // Only open runs earn anything (a roster's member
                         // sending them is ignored, not kept).
                         let b = &block.block;
-                        if self.power.rule().roster().is_none() && self.power.of(&b.owner) > 0 {
+                        if self.power.is_open() && self.power.of(&b.owner) > 0 {
                             let made = (b.new_anchor, b.outer_state);
                             self.note_credits(b.owner, b.round, made, &b.entries);
                         }
