@@ -150,24 +150,52 @@ impl<'de> Deserialize<'de> for AggregatorSpec {
     }
 }
 
+/// Independent partial sums of a reduction: a single running f64 sum is
+/// one long chain of dependent adds (4 cycles each); eight lanes let the
+/// core (and SSE2) overlap them. The lanes are added in a fixed order, so
+/// every node gets the same bits.
+const LANES: usize = 8;
+
+fn lanes_sum(lanes: [f64; LANES]) -> f64 {
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+}
+
 fn dist2(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            let d = (*x - *y) as f64;
-            d * d
-        })
-        .sum()
+    let mut lanes = [0f64; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..LANES {
+            let d = (x[k] - y[k]) as f64;
+            lanes[k] += d * d;
+        }
+    }
+    for (k, (x, y)) in ra.iter().zip(rb).enumerate() {
+        let d = (*x - *y) as f64;
+        lanes[k] += d * d;
+    }
+    lanes_sum(lanes)
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64, *y as f64);
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
+    let (mut ab, mut aa, mut bb) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..LANES {
+            let (x, y) = (x[k] as f64, y[k] as f64);
+            ab[k] += x * y;
+            aa[k] += x * x;
+            bb[k] += y * y;
+        }
     }
+    for (k, (x, y)) in ra.iter().zip(rb).enumerate() {
+        let (x, y) = (*x as f64, *y as f64);
+        ab[k] += x * y;
+        aa[k] += x * x;
+        bb[k] += y * y;
+    }
+    let (ab, aa, bb) = (lanes_sum(ab), lanes_sum(aa), lanes_sum(bb));
     if aa == 0.0 || bb == 0.0 {
         0.0
     } else {
@@ -285,6 +313,50 @@ pub fn aggregate(spec: AggregatorSpec, inputs: &[AggInput<'_>], own: Option<usiz
     }
 }
 
+/// A key whose integer order is `f32::total_cmp` of `v`, then `index`.
+fn sort_key(v: f32, index: usize) -> u64 {
+    let bits = v.to_bits();
+    // Negative floats: flip every bit (larger magnitude sorts lower);
+    // positive ones: set the sign bit (they sort above every negative).
+    let ordered = if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 };
+    ((ordered as u64) << 32) | index as u64
+}
+
+/// Sorts a column's keys. A column holds one key per input, so it is
+/// short: an odd-even transposition network of branchless min/max (the
+/// comparisons of random data mispredict half the time in a branching
+/// sort), a general sort above that.
+fn sort_keys(keys: &mut [u64]) {
+    let n = keys.len();
+    if n > 16 {
+        keys.sort_unstable();
+        return;
+    }
+    for round in 0..n {
+        let mut i = round % 2;
+        while i + 1 < n {
+            let (a, b) = (keys[i], keys[i + 1]);
+            keys[i] = a.min(b);
+            keys[i + 1] = a.max(b);
+            i += 2;
+        }
+    }
+}
+
+fn key_value(key: u64) -> f32 {
+    let ordered = (key >> 32) as u32;
+    let bits = if ordered >> 31 == 1 {
+        ordered & 0x7fff_ffff
+    } else {
+        !ordered
+    };
+    f32::from_bits(bits)
+}
+
+fn key_index(key: u64) -> usize {
+    (key & 0xffff_ffff) as usize
+}
+
 /// Coordinate-wise median (`median`) or trimmed mean (drop `trim` at each
 /// end). An input's weight is the share of coordinates it helped shape.
 fn coordinate_rule(inputs: &[AggInput<'_>], trim: usize, median: bool) -> Aggregate {
@@ -292,7 +364,7 @@ fn coordinate_rule(inputs: &[AggInput<'_>], trim: usize, median: bool) -> Aggreg
     let dim = inputs[0].delta.len();
     let mut update = vec![0f32; dim];
     let mut used = vec![0u64; n];
-    let mut column: Vec<(f32, usize)> = Vec::with_capacity(n);
+    let mut column: Vec<u64> = Vec::with_capacity(n);
     let (lo, hi) = if median {
         if n % 2 == 1 {
             (n / 2, n / 2 + 1)
@@ -302,16 +374,19 @@ fn coordinate_rule(inputs: &[AggInput<'_>], trim: usize, median: bool) -> Aggreg
     } else {
         (trim, n - trim)
     };
-    for (j, out) in update.iter_mut().enumerate().take(dim) {
-        column.clear();
-        column.extend(inputs.iter().enumerate().map(|(i, inp)| (inp.delta[j], i)));
+    column.resize(n, 0);
+    let deltas: Vec<&[f32]> = inputs.iter().map(|i| &i.delta[..dim]).collect();
+    for (j, out) in update.iter_mut().enumerate() {
+        for (i, (key, delta)) in column.iter_mut().zip(&deltas).enumerate() {
+            *key = sort_key(delta[j], i);
+        }
         // Ties break by input index, so the result is deterministic.
-        column.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        sort_keys(&mut column);
         let window = &column[lo..hi];
-        let sum: f64 = window.iter().map(|(v, _)| *v as f64).sum();
+        let sum: f64 = window.iter().map(|k| key_value(*k) as f64).sum();
         *out = (sum / window.len() as f64) as f32;
-        for (_, i) in window {
-            used[*i] += 1;
+        for k in window {
+            used[key_index(*k)] += 1;
         }
     }
     let window = (hi - lo) as f64;
@@ -388,7 +463,6 @@ fn multi_krum(inputs: &[AggInput<'_>], f: usize) -> Aggregate {
 /// v ← v + Σ w_i (Δ_i − v) min(1, τ/‖Δ_i − v‖) / Σ w_i, `iters` times.
 fn clip_around(inputs: &[AggInput<'_>], start: Vec<f32>, tau: Option<f32>, iters: usize) -> Aggregate {
     let n = inputs.len();
-    let dim = start.len();
     let weights: Vec<f64> = inputs.iter().map(|i| i.weight.max(0.0) as f64).collect();
     let total: f64 = weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
     let mut v = start;
@@ -414,18 +488,29 @@ fn clip_around(inputs: &[AggInput<'_>], start: Vec<f32>, tau: Option<f32>, iters
                 1.0
             };
         }
-        let mut acc = vec![0f64; dim];
-        for (i, inp) in inputs.iter().enumerate() {
-            let w = weights[i] / total * factors[i];
-            if w == 0.0 {
-                continue;
+        let live: Vec<(&[f32], f64)> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, inp)| (inp.delta, weights[i] / total * factors[i]))
+            .filter(|(_, w)| *w != 0.0)
+            .collect();
+        // v_j += Σ_i w_i (x_ij − v_j), the sum over inputs in their order,
+        // a block of coordinates at a time (no dim-long accumulator).
+        const BLOCK: usize = 256;
+        let mut acc = [0f64; BLOCK];
+        for (b, block) in v.chunks_mut(BLOCK).enumerate() {
+            let start = b * BLOCK;
+            let acc = &mut acc[..block.len()];
+            acc.fill(0.0);
+            for (delta, w) in &live {
+                let xs = &delta[start..start + block.len()];
+                for ((a, x), c) in acc.iter_mut().zip(xs).zip(block.iter()) {
+                    *a += w * (*x as f64 - *c as f64);
+                }
             }
-            for ((a, x), c) in acc.iter_mut().zip(inp.delta).zip(&v) {
-                *a += w * (*x as f64 - *c as f64);
+            for (c, a) in block.iter_mut().zip(acc.iter()) {
+                *c = (*c as f64 + a) as f32;
             }
-        }
-        for (c, a) in v.iter_mut().zip(&acc) {
-            *c = (*c as f64 + a) as f32;
         }
     }
     let verdicts = (0..n)
@@ -593,6 +678,64 @@ mod tests {
         let a = aggregate(AggregatorSpec::ClippedGossip, &inputs(&vs), Some(0));
         assert!(a.update[0] < 1.0, "{:?}", a.update);
         assert!(matches!(a.verdicts[2], AggVerdict::Clipped { .. }));
+    }
+
+    #[test]
+    fn sort_keys_order_like_total_cmp_then_index() {
+        let values = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-30,
+            -0.0,
+            0.0,
+            1e-30,
+            2.0,
+            f32::INFINITY,
+            f32::NAN,
+            -f32::NAN,
+        ];
+        for (i, a) in values.iter().enumerate() {
+            assert_eq!(key_value(sort_key(*a, i)).to_bits(), a.to_bits());
+            assert_eq!(key_index(sort_key(*a, i)), i);
+            for (j, b) in values.iter().enumerate() {
+                let want = a.total_cmp(b).then(i.cmp(&j));
+                assert_eq!(sort_key(*a, i).cmp(&sort_key(*b, j)), want, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn sort_network_sorts_every_small_length() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for n in 0..=20 {
+            for _ in 0..200 {
+                let mut keys: Vec<u64> = (0..n)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        state % 7
+                    })
+                    .collect();
+                let mut want = keys.clone();
+                want.sort_unstable();
+                sort_keys(&mut keys);
+                assert_eq!(keys, want);
+            }
+        }
+    }
+
+    #[test]
+    fn lane_sums_match_a_plain_sum_closely() {
+        let a: Vec<f32> = (0..1001).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..1001).map(|i| (i as f32 * 0.11).cos()).collect();
+        let plain: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        assert!((dist2(&a, &b) - plain).abs() < 1e-9 * plain);
+        let (ab, aa, bb) = a.iter().zip(&b).fold((0f64, 0f64, 0f64), |(ab, aa, bb), (x, y)| {
+            let (x, y) = (*x as f64, *y as f64);
+            (ab + x * y, aa + x * x, bb + y * y)
+        });
+        assert!((cosine(&a, &b) - ab / aa.sqrt() / bb.sqrt()).abs() < 1e-12);
     }
 
     #[test]

@@ -361,6 +361,66 @@ pub fn codec(params: usize, specs: &[meshtrain_model::CodecSpec]) -> Vec<CodecBe
 }
 
 #[derive(Debug, Serialize)]
+pub struct AggregateBenchRow {
+    pub aggregator: String,
+    pub inputs: usize,
+    pub params: usize,
+    /// Best of repeated runs, one thread.
+    pub ms: f64,
+    /// Inputs the rule rejected (the last one is sign-flipped).
+    pub rejected: usize,
+}
+
+/// Time of one aggregation of `inputs` deltas of `params` parameters by
+/// each rule, as a node runs it when it closes a round: honest deltas
+/// sharing a direction plus noise, the last one sign-flipped.
+pub fn aggregate(params: usize, inputs: usize, specs: &[meshtrain_model::AggregatorSpec]) -> Vec<AggregateBenchRow> {
+    use meshtrain_model::{aggregate::aggregate as run, AggInput, AggVerdict};
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let normal = Normal::new(0.0f32, 1e-3).expect("valid normal");
+    let common: Vec<f32> = (0..params).map(|_| normal.sample(&mut rng)).collect();
+    let deltas: Vec<Vec<f32>> = (0..inputs)
+        .map(|k| {
+            let sign = if k + 1 == inputs && inputs > 2 { -1.0 } else { 1.0 };
+            common
+                .iter()
+                .map(|c| sign * (c + 0.5 * normal.sample(&mut rng)))
+                .collect()
+        })
+        .collect();
+    let agg_inputs: Vec<AggInput<'_>> = deltas.iter().map(|d| AggInput { delta: d, weight: 1.0 }).collect();
+    specs
+        .iter()
+        .map(|&spec| {
+            let out = run(spec, &agg_inputs, Some(0));
+            let rejected = out
+                .verdicts
+                .iter()
+                .filter(|v| matches!(v, AggVerdict::Rejected { .. }))
+                .count();
+            let mut best = f64::INFINITY;
+            let mut total = 0.0;
+            while total < 1.0 || best == f64::INFINITY {
+                let start = Instant::now();
+                std::hint::black_box(run(spec, std::hint::black_box(&agg_inputs), Some(0)));
+                let t = start.elapsed().as_secs_f64();
+                best = best.min(t);
+                total += t;
+            }
+            AggregateBenchRow {
+                aggregator: spec.to_string(),
+                inputs,
+                params,
+                ms: best * 1e3,
+                rejected,
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Serialize)]
 pub struct DataBench {
     pub idx_records: u64,
     pub idx_seconds: f64,

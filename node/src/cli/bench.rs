@@ -69,6 +69,21 @@ pub(super) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Time of one aggregation by each rule (one core), as a node runs it
+    /// when it closes a round.
+    Aggregate {
+        /// Parameters per delta (the default is the MLP's).
+        #[arg(long, default_value_t = 235_146)]
+        params: usize,
+        /// Deltas aggregated at once (the last one is sign-flipped).
+        #[arg(long, default_value_t = 4)]
+        inputs: usize,
+        /// Rules to measure (default: all).
+        #[arg(long)]
+        aggregator: Vec<meshtrain_model::AggregatorSpec>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Encode and decode throughput of every codec mode (one core).
     Codec {
         /// Parameters in the benchmark vector.
@@ -122,6 +137,44 @@ pub(super) fn run(command: BenchCommand) -> Result<ExitCode> {
                     "  ledger on disk            {:>10.1} MiB",
                     b.ledger_bytes_on_disk as f64 / 1048576.0
                 );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Aggregate {
+            params,
+            inputs,
+            aggregator,
+            json,
+        } => {
+            if params == 0 || inputs == 0 {
+                bail!("--params and --inputs must be at least 1");
+            }
+            let specs = if aggregator.is_empty() {
+                [
+                    "mean",
+                    "median",
+                    "trimmed-mean",
+                    "multi-krum",
+                    "centered-clip",
+                    "clipped-gossip",
+                ]
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<Vec<meshtrain_model::AggregatorSpec>, _>>()?
+            } else {
+                aggregator
+            };
+            let rows = meshtrain_node::bench::aggregate(params, inputs, &specs);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "aggregate benchmark: {inputs} deltas of {params} parameters (the last sign-flipped), one thread"
+                );
+                println!("{:<20} {:>10} {:>9}", "aggregator", "ms", "rejected");
+                for r in rows {
+                    println!("{:<20} {:>10.2} {:>9}", r.aggregator, r.ms, r.rejected);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
