@@ -1,7 +1,7 @@
 //! Local testnets: starts N real `meshtrain node run` processes on loopback,
 //! each with its own data dir and shard (some of them attackers, if asked),
-//! waits for them, audits every ledger with `meshtrain ledger audit`, and
-//! writes `summary.json` and a table.
+//! waits for them, audits every ledger (as `meshtrain ledger audit` does, in
+//! this process and all at once), and writes `summary.json` and a table.
 //!
 //! It drives the node binary from outside, as an operator would, and shares
 //! only the report schema ([`report`]) with the node.
@@ -435,14 +435,49 @@ fn listen_addr(node: &mut Running, within: Duration) -> Result<String, TestnetEr
     })
 }
 
-fn audit(binary: &Path, dir: &Path) -> Option<AuditReport> {
-    let out = Command::new(binary)
-        .args(["ledger", "audit", "--json"])
-        .arg(dir)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    serde_json::from_slice(&out.stdout).ok()
+/// What the testnet reads from one node's ledger once the node is gone.
+struct LedgerCheck {
+    /// `None` when the ledger would not open or the audit could not run.
+    audit: Option<AuditReport>,
+    /// Authors of the equivocation proofs the ledger holds.
+    proof_authors: Vec<AuthorId>,
+}
+
+fn check_ledger(dir: &Path) -> LedgerCheck {
+    let Ok(ledger) = Ledger::open_read_only(&dir.join("ledger")) else {
+        return LedgerCheck {
+            audit: None,
+            proof_authors: Vec::new(),
+        };
+    };
+    LedgerCheck {
+        audit: meshtrain_ledger::audit::audit(&ledger).ok(),
+        proof_authors: ledger
+            .proofs()
+            .map(|ps| ps.iter().map(|p| p.author()).collect())
+            .unwrap_or_default(),
+    }
+}
+
+/// Audits every node's ledger, as many at once as there are cores: one
+/// `ledger audit` process per node cost 0.2 s of start-up (libtorch) each,
+/// one after the other, and with the proof exports that was most of a
+/// small testnet's time after its nodes ended.
+fn check_ledgers(nodes: &[Running]) -> Vec<LedgerCheck> {
+    let at_once = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut checks = Vec::with_capacity(nodes.len());
+    for group in nodes.chunks(at_once) {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = group.iter().map(|n| scope.spawn(|| check_ledger(&n.dir))).collect();
+            for h in handles {
+                checks.push(h.join().unwrap_or(LedgerCheck {
+                    audit: None,
+                    proof_authors: Vec::new(),
+                }));
+            }
+        });
+    }
+    checks
 }
 
 /// Runs a whole testnet and returns (and writes) its summary.
@@ -881,7 +916,8 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
     let mut all_banned = true;
     let mut payload_sum = 0f64;
     let mut payload_n = 0u64;
-    let audits: Vec<Option<AuditReport>> = nodes.iter().map(|n| audit(&opts.binary, &n.dir)).collect();
+    let mut checks = check_ledgers(nodes);
+    let audits: Vec<Option<AuditReport>> = checks.iter_mut().map(|c| c.audit.take()).collect();
     // Each author's chain as its own ledger holds it (its counters restart
     // with the process, its ledger does not).
     let own_chain: BTreeMap<String, u64> = reports
@@ -1041,7 +1077,7 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
         .filter(|(n, _)| n.index >= opts.nodes)
         .filter_map(|(_, r)| r.as_ref()?.history.first().map(|h| h.at_ms as f64 / 1000.0))
         .reduce(f64::max);
-    summary.proofs_against_honest = audits_proofs(opts, nodes, &reports);
+    summary.proofs_against_honest = proofs_against_honest(nodes, &checks, &reports);
     sybil_figures(&mut summary, &reports);
     let poisoned: BTreeSet<String> = reports
         .iter()
@@ -1206,32 +1242,21 @@ fn catch_up_rounds(reports: &[Option<NodeReport>]) -> Option<u64> {
 
 /// Equivocation proofs that honest ledgers hold against honest authors (a
 /// restarted node that signed twice at one seq would show up here).
-fn audits_proofs(opts: &TestnetOptions, nodes: &[Running], reports: &[Option<NodeReport>]) -> u64 {
-    let honest: Vec<&str> = reports
+/// Equivocation proofs against honest authors held by honest nodes.
+fn proofs_against_honest(nodes: &[Running], checks: &[LedgerCheck], reports: &[Option<NodeReport>]) -> u64 {
+    let honest: BTreeSet<&str> = reports
         .iter()
         .flatten()
         .filter(|r| r.honest)
         .map(|r| r.author.as_str())
         .collect();
-    let mut n = 0;
-    for node in nodes.iter().filter(|n| n.attack.is_none()) {
-        let out = Command::new(&opts.binary)
-            .args(["ledger", "export"])
-            .arg(&node.dir)
-            .stderr(Stdio::null())
-            .output();
-        if let Ok(out) = out {
-            for line in String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| l.contains("\"type\":\"proof\""))
-            {
-                if honest.iter().any(|a| line.contains(a)) {
-                    n += 1;
-                }
-            }
-        }
-    }
-    n
+    nodes
+        .iter()
+        .zip(checks)
+        .filter(|(n, _)| n.attack.is_none())
+        .flat_map(|(_, c)| &c.proof_authors)
+        .filter(|a| honest.contains(a.to_string().as_str()))
+        .count() as u64
 }
 
 /// An honest node's round taken apart, one line per stage (`bench round`).
