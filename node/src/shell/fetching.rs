@@ -4,7 +4,7 @@
 //! the primary blocks and tell the core. Later, when members come or go,
 //! re-plan and re-replicate in the background.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use meshtrain_gossip::libp2p::PeerId;
@@ -89,6 +89,9 @@ pub struct DataPhase {
     pub manifest: Option<Manifest>,
     pub plan: Option<ShardPlan>,
     wants: BTreeMap<String, BlockWant>,
+    /// Blocks training needs before it starts (primary and test blocks):
+    /// fetched first; replicas follow in the background.
+    essential: BTreeSet<String>,
     pub fetch: FetchStats,
     pub window: FetchWindow,
     missing_tx: mpsc::UnboundedSender<String>,
@@ -114,6 +117,7 @@ impl DataPhase {
             manifest,
             plan: None,
             wants: BTreeMap::new(),
+            essential: BTreeSet::new(),
             fetch: FetchStats::default(),
             window: FetchWindow::default(),
             missing_tx,
@@ -125,6 +129,15 @@ impl DataPhase {
             ready: false,
             wake: None,
         }
+    }
+
+    /// Training can start: the plan is made and its primary and test
+    /// blocks are all here (replicas may still be on their way).
+    fn can_start(&self) -> bool {
+        !self.ready
+            && self.manifest.is_some()
+            && self.plan.is_some()
+            && self.essential.iter().all(|h| !self.wants.contains_key(h))
     }
 
     pub fn next_wake(&self) -> Option<Instant> {
@@ -231,6 +244,12 @@ impl Node {
         );
         let changed_primary = self.data.plan.as_ref().map(|p| p.primary != plan.primary);
         let needed = plan.needed(&manifest);
+        self.data.essential = plan
+            .primary
+            .iter()
+            .map(|s| s.hash.clone())
+            .chain(manifest.blocks("test").iter().map(|b| b.hash.clone()))
+            .collect();
         self.data.plan = Some(plan);
         // Reading each needed block checks its hash: a corrupted local copy
         // is removed here and fetched again.
@@ -273,7 +292,7 @@ impl Node {
                 Err(e) => warn!(error = %e, "cannot switch the training shard"),
             }
         }
-        if !self.data.ready && self.data.wants.is_empty() {
+        if self.data.can_start() {
             if let Err(e) = self.data_ready() {
                 self.fatal = Some(e);
             }
@@ -288,10 +307,10 @@ impl Node {
             return Ok(());
         }
         let in_flight = self.data.wants.values().filter(|w| w.in_flight).count();
-        let ready: Vec<String> = self
-            .data
-            .wants
-            .iter()
+        // The blocks training waits for go out first.
+        let essential = &self.data.essential;
+        let ready: Vec<String> = (self.data.wants.iter().filter(|(h, _)| essential.contains(*h)))
+            .chain(self.data.wants.iter().filter(|(h, _)| !essential.contains(*h)))
             .filter(|(_, w)| !w.in_flight && w.retry_at.is_none_or(|t| now >= t))
             .map(|(h, _)| h.clone())
             .take(self.data.window.size().saturating_sub(in_flight))
@@ -389,7 +408,7 @@ impl Node {
                 if left.is_multiple_of(10) || left < 3 {
                     info!(blocks_fetched = self.data.fetch.blocks, left, "fetching blocks");
                 }
-                if left == 0 && !self.data.ready && self.data.manifest.is_some() {
+                if self.data.can_start() {
                     if let Err(e) = self.data_ready() {
                         self.fatal = Some(e);
                     }
