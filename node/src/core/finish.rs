@@ -14,8 +14,9 @@ use tracing::{debug, info, warn};
 use super::sync::Purpose;
 use super::{Core, Effect, Millis, Phase, RequestFor, Timer};
 
-/// Draining ends once nobody fetched from us for this long ...
-const QUIET_MS: Millis = 1500;
+/// Draining ends once nobody fetched from us for this long (a peer that
+/// still lacks our vote or record asks again every 250 to 400 ms) ...
+const QUIET_MS: Millis = 600;
 /// ... and we drained at least this long.
 const MIN_DRAIN_MS: Millis = 500;
 /// How often draining looks whether it is over.
@@ -189,7 +190,7 @@ impl Core {
         );
         self.final_eval = Some(report);
         self.set_phase(Phase::Draining);
-        self.arm(Timer::Drain, self.now + DRAIN_CHECK_MS);
+        self.drain_tick();
     }
 
     pub(super) fn drain_tick(&mut self) {
@@ -204,7 +205,10 @@ impl Core {
         let voted = self.votes.voters(self.round());
         let votes_in = self.keeping_up().iter().all(|a| voted.contains(a));
         let quiet = self.now.saturating_sub(self.last_served) > QUIET_MS;
-        if (complete && votes_in && quiet && elapsed > MIN_DRAIN_MS) || elapsed > self.cfg.drain {
+        // Nobody to serve: no member is connected and none ever asked us
+        // for anything (a lone node).
+        let alone = self.members.is_empty() && self.last_served == 0;
+        if alone || (complete && votes_in && quiet && elapsed > MIN_DRAIN_MS) || elapsed > self.cfg.drain {
             if !complete {
                 warn!("leaving with incomplete chains (drain timeout)");
             }
@@ -212,6 +216,14 @@ impl Core {
             self.emit(Effect::Finished);
             return;
         }
+        tracing::trace!(
+            elapsed,
+            complete,
+            votes_in,
+            quiet,
+            since_served = self.now.saturating_sub(self.last_served),
+            "draining"
+        );
         if !votes_in {
             self.ask_final_votes();
         }

@@ -192,7 +192,12 @@ impl Core {
                 }
             }
         }
-        self.last_served = self.now;
+        // Heads are anti-entropy's periodic look, not a peer still needing
+        // something from us (what it lacks it asks for next): they do not
+        // hold a draining node.
+        if !matches!(request, FetchRequest::Heads) {
+            self.last_served = self.now;
+        }
         self.emit(Effect::Serve { peer, chan, request });
     }
 
