@@ -72,6 +72,12 @@ impl Core {
         }
     }
 
+    /// Still gathering and short of the peers it waits for: the shell
+    /// looks for more.
+    pub fn short_of_peers(&self) -> bool {
+        matches!(self.phase, Phase::Gathering) && self.members.joined() < self.cfg.wait_peers
+    }
+
     pub(super) fn on_gather_timeout(&mut self) {
         if matches!(self.phase, Phase::Gathering) {
             warn!(
