@@ -278,7 +278,7 @@ pub fn aggregate(spec: AggregatorSpec, inputs: &[AggInput<'_>], own: Option<usiz
         }
         AggregatorSpec::MultiKrum { f } => multi_krum(inputs, f),
         AggregatorSpec::CenteredClip { tau } => {
-            let start = coordinate_rule(inputs, 0, true).update;
+            let start = coordinate_median(inputs);
             let first = clip_around(inputs, start.clone(), tau, CLIP_ITERS);
             // An update pointing against the robust centre is not a noisy
             // honest one (those correlate with an aggregate they are part
@@ -307,10 +307,66 @@ pub fn aggregate(spec: AggregatorSpec, inputs: &[AggInput<'_>], own: Option<usiz
         }
         AggregatorSpec::ClippedGossip => {
             let centre = own.and_then(|i| inputs.get(i)).map(|i| i.delta.to_vec());
-            let centre = centre.unwrap_or_else(|| coordinate_rule(inputs, 0, true).update);
+            let centre = centre.unwrap_or_else(|| coordinate_median(inputs));
             clip_around(inputs, centre, None, 1)
         }
     }
+}
+
+/// A key whose signed order is `f32::total_cmp`'s (negative floats but
+/// their sign bit flipped); its own inverse.
+fn total_order_i32(bits: i32) -> i32 {
+    bits ^ (((bits >> 31) as u32) >> 1) as i32
+}
+
+/// The coordinate-wise median alone (CenteredClip's start, clipped
+/// gossip's fallback centre), bit-identical to `coordinate_rule`'s: equal
+/// keys are equal bits, so ties need no index and the middle values sum in
+/// the same order. A block of coordinates at a time, so that the sorting
+/// network runs across coordinates in SIMD lanes.
+fn coordinate_median(inputs: &[AggInput<'_>]) -> Vec<f32> {
+    let n = inputs.len();
+    if n == 0 || n > 16 {
+        return coordinate_rule(inputs, 0, true).update;
+    }
+    let dim = inputs[0].delta.len();
+    let (lo, hi) = if n % 2 == 1 {
+        (n / 2, n / 2 + 1)
+    } else {
+        (n / 2 - 1, n / 2 + 1)
+    };
+    const BLOCK: usize = 64;
+    let mut keys = vec![[0i32; BLOCK]; n];
+    let mut out = vec![0f32; dim];
+    for (b, chunk) in out.chunks_mut(BLOCK).enumerate() {
+        let (start, len) = (b * BLOCK, chunk.len());
+        for (row, inp) in keys.iter_mut().zip(inputs) {
+            for (k, v) in row[..len].iter_mut().zip(&inp.delta[start..start + len]) {
+                *k = total_order_i32(v.to_bits() as i32);
+            }
+        }
+        for round in 0..n {
+            let mut i = round % 2;
+            while i + 1 < n {
+                let (left, right) = keys.split_at_mut(i + 1);
+                let (a, b) = (&mut left[i], &mut right[0]);
+                for (x, y) in a[..len].iter_mut().zip(b[..len].iter_mut()) {
+                    let (p, q) = (*x, *y);
+                    *x = p.min(q);
+                    *y = p.max(q);
+                }
+                i += 2;
+            }
+        }
+        for (k, o) in chunk.iter_mut().enumerate() {
+            let sum: f64 = keys[lo..hi]
+                .iter()
+                .map(|row| f32::from_bits(total_order_i32(row[k]) as u32) as f64)
+                .sum();
+            *o = (sum / (hi - lo) as f64) as f32;
+        }
+    }
+    out
 }
 
 /// A key whose integer order is `f32::total_cmp` of `v`, then `index`.
@@ -701,6 +757,54 @@ mod tests {
                 let want = a.total_cmp(b).then(i.cmp(&j));
                 assert_eq!(sort_key(*a, i).cmp(&sort_key(*b, j)), want, "{a} vs {b}");
             }
+        }
+    }
+
+    #[test]
+    fn the_blocked_median_is_the_coordinate_rules_bit_for_bit() {
+        let mut state = 0x1234_5678_9abc_def1u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1e-40,
+        ];
+        for n in 1..=17 {
+            let dim = 200;
+            let vs: Vec<Vec<f32>> = (0..n)
+                .map(|_| {
+                    (0..dim)
+                        .map(|_| {
+                            let r = next();
+                            match r % 5 {
+                                0 => specials[(r >> 8) as usize % specials.len()],
+                                1 => ((r >> 8) % 3) as f32,
+                                _ => {
+                                    f32::from_bits((r >> 16) as u32 & 0x7f7f_ffff) * if r & 1 == 0 { 1.0 } else { -1.0 }
+                                }
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let ins = inputs(&vs);
+            let want = coordinate_rule(&ins, 0, true).update;
+            let got = coordinate_median(&ins);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "n = {n}"
+            );
         }
     }
 
