@@ -308,12 +308,16 @@ impl Node {
         }
         let in_flight = self.data.wants.values().filter(|w| w.in_flight).count();
         // The blocks training waits for go out first.
+        // Once training runs, replicas (blocks held for others) go one at
+        // a time: on a slow link a window of them would delay the round's
+        // payloads and a node catching up after a cut.
+        let window = if self.data.ready { 1 } else { self.data.window.size() };
         let essential = &self.data.essential;
         let ready: Vec<String> = (self.data.wants.iter().filter(|(h, _)| essential.contains(*h)))
             .chain(self.data.wants.iter().filter(|(h, _)| !essential.contains(*h)))
             .filter(|(_, w)| !w.in_flight && w.retry_at.is_none_or(|t| now >= t))
             .map(|(h, _)| h.clone())
-            .take(self.data.window.size().saturating_sub(in_flight))
+            .take(window.saturating_sub(in_flight))
             .collect();
         if !self.data.ready {
             let alone = *self.data.fetch.alone_since.get_or_insert(now);
