@@ -4,7 +4,7 @@
 //! the primary blocks and tell the core. Later, when members come or go,
 //! re-plan and re-replicate in the background.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use meshtrain_gossip::libp2p::PeerId;
@@ -89,9 +89,6 @@ pub struct DataPhase {
     pub manifest: Option<Manifest>,
     pub plan: Option<ShardPlan>,
     wants: BTreeMap<String, BlockWant>,
-    /// Blocks training needs before it starts (primary and test blocks):
-    /// fetched first; replicas follow in the background.
-    essential: BTreeSet<String>,
     pub fetch: FetchStats,
     pub window: FetchWindow,
     missing_tx: mpsc::UnboundedSender<String>,
@@ -117,7 +114,6 @@ impl DataPhase {
             manifest,
             plan: None,
             wants: BTreeMap::new(),
-            essential: BTreeSet::new(),
             fetch: FetchStats::default(),
             window: FetchWindow::default(),
             missing_tx,
@@ -129,15 +125,6 @@ impl DataPhase {
             ready: false,
             wake: None,
         }
-    }
-
-    /// Training can start: the plan is made and its primary and test
-    /// blocks are all here (replicas may still be on their way).
-    fn can_start(&self) -> bool {
-        !self.ready
-            && self.manifest.is_some()
-            && self.plan.is_some()
-            && self.essential.iter().all(|h| !self.wants.contains_key(h))
     }
 
     pub fn next_wake(&self) -> Option<Instant> {
@@ -244,12 +231,6 @@ impl Node {
         );
         let changed_primary = self.data.plan.as_ref().map(|p| p.primary != plan.primary);
         let needed = plan.needed(&manifest);
-        self.data.essential = plan
-            .primary
-            .iter()
-            .map(|s| s.hash.clone())
-            .chain(manifest.blocks("test").iter().map(|b| b.hash.clone()))
-            .collect();
         self.data.plan = Some(plan);
         // Reading each needed block checks its hash: a corrupted local copy
         // is removed here and fetched again.
@@ -292,7 +273,7 @@ impl Node {
                 Err(e) => warn!(error = %e, "cannot switch the training shard"),
             }
         }
-        if self.data.can_start() {
+        if !self.data.ready && self.data.wants.is_empty() {
             if let Err(e) = self.data_ready() {
                 self.fatal = Some(e);
             }
@@ -307,17 +288,13 @@ impl Node {
             return Ok(());
         }
         let in_flight = self.data.wants.values().filter(|w| w.in_flight).count();
-        // The blocks training waits for go out first.
-        // Once training runs, replicas (blocks held for others) go one at
-        // a time: on a slow link a window of them would delay the round's
-        // payloads and a node catching up after a cut.
-        let window = if self.data.ready { 1 } else { self.data.window.size() };
-        let essential = &self.data.essential;
-        let ready: Vec<String> = (self.data.wants.iter().filter(|(h, _)| essential.contains(*h)))
-            .chain(self.data.wants.iter().filter(|(h, _)| !essential.contains(*h)))
+        let ready: Vec<String> = self
+            .data
+            .wants
+            .iter()
             .filter(|(_, w)| !w.in_flight && w.retry_at.is_none_or(|t| now >= t))
             .map(|(h, _)| h.clone())
-            .take(window.saturating_sub(in_flight))
+            .take(self.data.window.size().saturating_sub(in_flight))
             .collect();
         if !self.data.ready {
             let alone = *self.data.fetch.alone_since.get_or_insert(now);
@@ -412,7 +389,7 @@ impl Node {
                 if left.is_multiple_of(10) || left < 3 {
                     info!(blocks_fetched = self.data.fetch.blocks, left, "fetching blocks");
                 }
-                if self.data.can_start() {
+                if left == 0 && !self.data.ready && self.data.manifest.is_some() {
                     if let Err(e) = self.data_ready() {
                         self.fatal = Some(e);
                     }
