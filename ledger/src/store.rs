@@ -1016,8 +1016,8 @@ pub(crate) mod tests {
         assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
     }
 
-    /// Payloads live in blob files: space of dropped ones must come back
-    /// (blob garbage collection rides on compactions), or a node keeping a
+    /// Space of dropped payloads must come back (the WAL is capped, and
+    /// blob garbage collection rides on compactions), or a node keeping a
     /// few rounds of payloads would still fill its disk.
     #[test]
     fn retention_keeps_the_disk_bounded() {
