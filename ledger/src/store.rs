@@ -817,9 +817,10 @@ const MAX_WAL_BYTES: u64 = 4 * MEMTABLE_BYTES as u64;
 /// retention) go to blob files, and only their small references through
 /// the LSM tree: with them in SST files a small ledger was rewritten (and
 /// LZ4-compressed again) whole at each compaction (a 4-node testnet's node
-/// wrote 290 MB of compaction output for a 110 MB ledger: a fifth of the
-/// mesh's CPU). Blobs are compressed once, when written: LZ4 takes a fifth
-/// off half-precision deltas.
+/// wrote 290 MB of compaction output for a 110 MB ledger; with the
+/// software CRC, RocksDB's threads had a fifth of the mesh's CPU). Blobs
+/// are compressed once, when written: LZ4 takes a fifth off
+/// half-precision deltas.
 fn payload_options(base: &Options) -> Options {
     let mut o = base.clone();
     o.set_enable_blob_files(true);

@@ -367,13 +367,15 @@ pub struct AggregateBenchRow {
     pub params: usize,
     /// Best of repeated runs, one thread.
     pub ms: f64,
-    /// Inputs the rule rejected (the last one is sign-flipped).
+    /// Inputs the rule rejected (of three or more, the last one is
+    /// sign-flipped).
     pub rejected: usize,
 }
 
 /// Time of one aggregation of `inputs` deltas of `params` parameters by
 /// each rule, as a node runs it when it closes a round: honest deltas
-/// sharing a direction plus noise, the last one sign-flipped.
+/// sharing a direction plus noise, the last one sign-flipped (of three or
+/// more).
 pub fn aggregate(params: usize, inputs: usize, specs: &[meshtrain_model::AggregatorSpec]) -> Vec<AggregateBenchRow> {
     use meshtrain_model::{aggregate::aggregate as run, AggInput, AggVerdict};
     use rand::SeedableRng;

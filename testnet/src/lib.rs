@@ -1242,7 +1242,6 @@ fn catch_up_rounds(reports: &[Option<NodeReport>]) -> Option<u64> {
 
 /// Equivocation proofs that honest ledgers hold against honest authors (a
 /// restarted node that signed twice at one seq would show up here).
-/// Equivocation proofs against honest authors held by honest nodes.
 fn proofs_against_honest(nodes: &[Running], checks: &[LedgerCheck], reports: &[Option<NodeReport>]) -> u64 {
     let honest: BTreeSet<&str> = reports
         .iter()

@@ -75,7 +75,8 @@ pub(super) enum BenchCommand {
         /// Parameters per delta (the default is the MLP's).
         #[arg(long, default_value_t = 235_146)]
         params: usize,
-        /// Deltas aggregated at once (the last one is sign-flipped).
+        /// Deltas aggregated at once (of three or more, the last one is
+        /// sign-flipped).
         #[arg(long, default_value_t = 4)]
         inputs: usize,
         /// Rules to measure (default: all).
@@ -168,9 +169,8 @@ pub(super) fn run(command: BenchCommand) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
-                    "aggregate benchmark: {inputs} deltas of {params} parameters (the last sign-flipped), one thread"
-                );
+                let flipped = if inputs > 2 { " (the last sign-flipped)" } else { "" };
+                println!("aggregate benchmark: {inputs} deltas of {params} parameters{flipped}, one thread");
                 println!("{:<20} {:>10} {:>9}", "aggregator", "ms", "rejected");
                 for r in rows {
                     println!("{:<20} {:>10.2} {:>9}", r.aggregator, r.ms, r.rejected);
