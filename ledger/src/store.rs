@@ -904,6 +904,14 @@ pub(crate) mod tests {
         split_seq_key(CF_RECORDS, key).unwrap()
     }
 
+    /// A new ledger in a temp dir, owned by key 1.
+    fn fresh() -> (tempfile::TempDir, RunMeta, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = meta_for(&key(1));
+        let ledger = Ledger::open_or_create(dir.path(), &meta, StoreOptions::default()).unwrap();
+        (dir, meta, ledger)
+    }
+
     pub(crate) fn rec(
         meta: &RunMeta,
         k: &crate::AuthorKey,
@@ -967,10 +975,7 @@ pub(crate) mod tests {
 
     #[test]
     fn append_refuses_broken_links_and_drops_whole_event() {
-        let dir = tempfile::tempdir().unwrap();
-        let owner = key(1);
-        let meta = meta_for(&owner);
-        let ledger = Ledger::open_or_create(dir.path(), &meta, StoreOptions::default()).unwrap();
+        let (_dir, meta, ledger) = fresh();
         let a = key(2);
         let r0 = rec(&meta, &a, 0, meta.genesis_link(), b"p");
         let v0 = VerifiedRecord::extend(r0, &meta.run_id, None, meta.genesis_link()).unwrap();
@@ -1022,10 +1027,7 @@ pub(crate) mod tests {
     /// few rounds of payloads would still fill its disk.
     #[test]
     fn retention_keeps_the_disk_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let owner = key(1);
-        let meta = meta_for(&owner);
-        let ledger = Ledger::open_or_create(dir.path(), &meta, StoreOptions::default()).unwrap();
+        let (dir, _meta, ledger) = fresh();
         let retention = Retention {
             rounds: Some(10),
             bytes: None,
@@ -1059,10 +1061,7 @@ pub(crate) mod tests {
 
     #[test]
     fn retention_drops_oldest_rounds() {
-        let dir = tempfile::tempdir().unwrap();
-        let owner = key(1);
-        let meta = meta_for(&owner);
-        let ledger = Ledger::open_or_create(dir.path(), &meta, StoreOptions::default()).unwrap();
+        let (_dir, _meta, ledger) = fresh();
         for round in 0..10u64 {
             let bytes = vec![round as u8; 100];
             let mut ev = ledger.begin();

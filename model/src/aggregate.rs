@@ -371,10 +371,8 @@ fn coordinate_median(inputs: &[AggInput<'_>]) -> Vec<f32> {
 
 /// A key whose integer order is `f32::total_cmp` of `v`, then `index`.
 fn sort_key(v: f32, index: usize) -> u64 {
-    let bits = v.to_bits();
-    // Negative floats: flip every bit (larger magnitude sorts lower);
-    // positive ones: set the sign bit (they sort above every negative).
-    let ordered = if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 };
+    // The signed key, shifted to unsigned order.
+    let ordered = (total_order_i32(v.to_bits() as i32) as u32) ^ 0x8000_0000;
     ((ordered as u64) << 32) | index as u64
 }
 
@@ -401,12 +399,7 @@ fn sort_keys(keys: &mut [u64]) {
 
 fn key_value(key: u64) -> f32 {
     let ordered = (key >> 32) as u32;
-    let bits = if ordered >> 31 == 1 {
-        ordered & 0x7fff_ffff
-    } else {
-        !ordered
-    };
-    f32::from_bits(bits)
+    f32::from_bits(total_order_i32((ordered ^ 0x8000_0000) as i32) as u32)
 }
 
 fn key_index(key: u64) -> usize {

@@ -292,6 +292,21 @@ pub struct CodecBenchRow {
     pub rel_error: f64,
 }
 
+/// Seconds of the fastest of F's runs over about a second of running it:
+/// the figure of a warmed, undisturbed core.
+fn best_of(f: &mut dyn FnMut()) -> f64 {
+    let mut best = f64::INFINITY;
+    let mut total = 0.0;
+    while total < 1.0 || best == f64::INFINITY {
+        let start = Instant::now();
+        f();
+        let t = start.elapsed().as_secs_f64();
+        best = best.min(t);
+        total += t;
+    }
+    best
+}
+
 /// Encode and decode throughput of every codec mode on a vector shaped like
 /// a real delta (Gaussian, with heavier-tailed coordinates mixed in).
 pub fn codec(params: usize, specs: &[meshtrain_model::CodecSpec]) -> Vec<CodecBenchRow> {
@@ -312,19 +327,6 @@ pub fn codec(params: usize, specs: &[meshtrain_model::CodecSpec]) -> Vec<CodecBe
         .collect();
     let mb = 4.0 * params as f64 / 1e6;
     let norm = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-    let time = |f: &mut dyn FnMut()| -> f64 {
-        // Best of several runs: the figure of a warmed, undisturbed core.
-        let mut best = f64::INFINITY;
-        let mut total = 0.0;
-        while total < 1.0 || best == f64::INFINITY {
-            let start = Instant::now();
-            f();
-            let t = start.elapsed().as_secs_f64();
-            best = best.min(t);
-            total += t;
-        }
-        best
-    };
     specs
         .iter()
         .map(|&spec| {
@@ -336,14 +338,14 @@ pub fn codec(params: usize, specs: &[meshtrain_model::CodecSpec]) -> Vec<CodecBe
                 .map(|(a, b)| ((a - b) as f64).powi(2))
                 .sum::<f64>()
                 .sqrt();
-            let enc = time(&mut || {
+            let enc = best_of(&mut || {
                 std::hint::black_box(codec::encode(spec, std::hint::black_box(&x)));
             });
-            let dec = time(&mut || {
+            let dec = best_of(&mut || {
                 std::hint::black_box(codec::decode(std::hint::black_box(&bytes), params).ok());
             });
             let mut ef = DeltaEncoder::new(spec, params);
-            let enc_ef = time(&mut || {
+            let enc_ef = best_of(&mut || {
                 std::hint::black_box(ef.encode(&x).ok());
             });
             CodecBenchRow {
@@ -402,15 +404,9 @@ pub fn aggregate(params: usize, inputs: usize, specs: &[meshtrain_model::Aggrega
                 .iter()
                 .filter(|v| matches!(v, AggVerdict::Rejected { .. }))
                 .count();
-            let mut best = f64::INFINITY;
-            let mut total = 0.0;
-            while total < 1.0 || best == f64::INFINITY {
-                let start = Instant::now();
+            let best = best_of(&mut || {
                 std::hint::black_box(run(spec, std::hint::black_box(&agg_inputs), Some(0)));
-                let t = start.elapsed().as_secs_f64();
-                best = best.min(t);
-                total += t;
-            }
+            });
             AggregateBenchRow {
                 aggregator: spec.to_string(),
                 inputs,

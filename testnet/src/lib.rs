@@ -436,6 +436,7 @@ fn listen_addr(node: &mut Running, within: Duration) -> Result<String, TestnetEr
 }
 
 /// What the testnet reads from one node's ledger once the node is gone.
+#[derive(Default)]
 struct LedgerCheck {
     /// `None` when the ledger would not open or the audit could not run.
     audit: Option<AuditReport>,
@@ -445,10 +446,7 @@ struct LedgerCheck {
 
 fn check_ledger(dir: &Path) -> LedgerCheck {
     let Ok(ledger) = Ledger::open_read_only(&dir.join("ledger")) else {
-        return LedgerCheck {
-            audit: None,
-            proof_authors: Vec::new(),
-        };
+        return LedgerCheck::default();
     };
     LedgerCheck {
         audit: meshtrain_ledger::audit::audit(&ledger).ok(),
@@ -470,10 +468,7 @@ fn check_ledgers(nodes: &[Running]) -> Vec<LedgerCheck> {
         std::thread::scope(|scope| {
             let handles: Vec<_> = group.iter().map(|n| scope.spawn(|| check_ledger(&n.dir))).collect();
             for h in handles {
-                checks.push(h.join().unwrap_or(LedgerCheck {
-                    audit: None,
-                    proof_authors: Vec::new(),
-                }));
+                checks.push(h.join().unwrap_or_default());
             }
         });
     }

@@ -76,11 +76,7 @@ pub fn import_fashion_mnist(dir: &Path) -> PathBuf {
 /// `meshtrain spec new ARGS --data STORE --out DIR/run.toml`.
 pub fn spec_for(dir: &Path, store: &Path, args: &[&str]) -> PathBuf {
     let path = dir.join("run.toml");
-    let out = Command::new(meshtrain_bin())
-        .args(["spec", "new"])
-        .args(args)
-        .arg("--data")
-        .arg(store)
+    let out = spec_new_cmd(store, args)
         .arg("--out")
         .arg(&path)
         .output()
@@ -91,6 +87,20 @@ pub fn spec_for(dir: &Path, store: &Path, args: &[&str]) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     path
+}
+
+/// `meshtrain spec new ARGS --data STORE`, which must be refused: its
+/// error output.
+pub fn spec_refused(store: &Path, args: &[&str]) -> String {
+    let out = spec_new_cmd(store, args).output().expect("run meshtrain spec new");
+    assert!(!out.status.success(), "spec new {args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn spec_new_cmd(store: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(meshtrain_bin());
+    cmd.args(["spec", "new"]).args(args).arg("--data").arg(store);
+    cmd
 }
 
 /// Makes the keys of the nodes that will run in DIRS (`meshtrain identity

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use meshtrain_tests::{founders_file, import_fashion_mnist, meshtrain_bin, spec_for};
+use meshtrain_tests::{founders_file, import_fashion_mnist, meshtrain_bin, spec_for, spec_refused};
 
 #[test]
 fn config_file_environment_and_flags_in_that_order() {
@@ -26,23 +26,12 @@ fn config_file_environment_and_flags_in_that_order() {
         "no plot written"
     );
     // Who takes part must be said: a bare spec is refused, naming how.
-    let refused = |args: &[&str]| -> String {
-        let out = Command::new(meshtrain_bin())
-            .args(["spec", "new"])
-            .args(args)
-            .arg("--data")
-            .arg(&store)
-            .output()
-            .expect("spec new");
-        assert!(!out.status.success(), "spec new {args:?} was accepted");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    let err = refused(&["--rounds", "3"]);
+    let err = spec_refused(&store, &["--rounds", "3"]);
     assert!(
         err.contains("--founders FILE") && err.contains("identity show"),
         "{err}"
     );
-    let err = refused(&["--admission", "open"]);
+    let err = spec_refused(&store, &["--admission", "open"]);
     assert!(err.contains("--founders FILE is missing"), "{err}");
     let founders = founders_file(tmp.path(), &[tmp.path().join("node")]);
     let spec = spec_for(

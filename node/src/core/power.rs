@@ -187,9 +187,8 @@ impl Power {
         if 2 * voters_merged < self.total() {
             return;
         }
-        for e in current.filter(|e| earns(&e.verdict)) {
-            self.merged.entry(e.author).or_default().insert(round);
-        }
+        let keys: Vec<AuthorId> = current.filter(|e| earns(&e.verdict)).map(|e| e.author).collect();
+        self.credit(round, keys);
     }
 
     /// Open runs: credits `keys` with `round`, as agreed by the votes (see
