@@ -56,8 +56,12 @@ pub enum AggregatorSpec {
     CenteredClip {
         tau: Option<f32>,
     },
-    /// Self-centred clipping (He, Karimireddy & Jaggi 2022): clip every
-    /// neighbour's delta around this node's own.
+    /// One clipping step (He, Karimireddy & Jaggi 2022) around the round's
+    /// coordinate-wise median. The paper centres each node on its own
+    /// model; here every node must end the round on one anchor, and a
+    /// centre of its own would give each node another one (the mesh then
+    /// decides none and never moves), so the centre is one every node
+    /// computes alike from the same candidates.
     ClippedGossip,
 }
 
@@ -236,9 +240,10 @@ pub fn median_of(values: &mut [f64]) -> f64 {
     }
 }
 
-/// Aggregates `inputs` (all of one length) by `spec`. `own` is the index of
-/// this node's own delta, the centre for clipped gossip.
-pub fn aggregate(spec: AggregatorSpec, inputs: &[AggInput<'_>], own: Option<usize>) -> Aggregate {
+/// Aggregates `inputs` (all of one length) by `spec`: a function of the
+/// inputs alone, so that every node that merges one candidate set steps
+/// to one anchor.
+pub fn aggregate(spec: AggregatorSpec, inputs: &[AggInput<'_>]) -> Aggregate {
     let n = inputs.len();
     let dim = inputs.first().map_or(0, |i| i.delta.len());
     if n == 0 {
@@ -305,11 +310,7 @@ pub fn aggregate(spec: AggregatorSpec, inputs: &[AggInput<'_>], own: Option<usiz
             }
             second
         }
-        AggregatorSpec::ClippedGossip => {
-            let centre = own.and_then(|i| inputs.get(i)).map(|i| i.delta.to_vec());
-            let centre = centre.unwrap_or_else(|| coordinate_median(inputs));
-            clip_around(inputs, centre, None, 1)
-        }
+        AggregatorSpec::ClippedGossip => clip_around(inputs, coordinate_median(inputs), None, 1),
     }
 }
 
@@ -602,7 +603,7 @@ mod tests {
             AggregatorSpec::TrimmedMean { beta: 0.2 },
             AggregatorSpec::CenteredClip { tau: None },
         ] {
-            let a = aggregate(spec, &one, Some(0));
+            let a = aggregate(spec, &one);
             assert_eq!(a.update, d, "{spec:?}");
             assert_eq!(a.verdicts, merged, "{spec:?}");
         }
@@ -636,7 +637,7 @@ mod tests {
         let vs = vec![vec![1.0, 2.0], vec![3.0, 6.0]];
         let mut inp = inputs(&vs);
         inp[1].weight = 3.0;
-        let a = aggregate(AggregatorSpec::Mean, &inp, None);
+        let a = aggregate(AggregatorSpec::Mean, &inp);
         assert_eq!(a.update, vec![2.5, 5.0]);
         assert_eq!(a.verdicts[1], AggVerdict::Merged { weight: 0.75 });
     }
@@ -644,17 +645,17 @@ mod tests {
     #[test]
     fn median_ignores_one_wild_input() {
         let vs = vec![vec![1.0, -1.0], vec![2.0, -2.0], vec![3.0, -3.0], vec![1000.0, 1000.0]];
-        let a = aggregate(AggregatorSpec::Median, &inputs(&vs), None);
+        let a = aggregate(AggregatorSpec::Median, &inputs(&vs));
         assert_eq!(a.update, vec![2.5, -1.5]);
         let odd = &vs[..3];
-        let a = aggregate(AggregatorSpec::Median, &inputs(odd), None);
+        let a = aggregate(AggregatorSpec::Median, &inputs(odd));
         assert_eq!(a.update, vec![2.0, -2.0]);
     }
 
     #[test]
     fn trimmed_mean_drops_the_ends() {
         let vs: Vec<Vec<f32>> = vec![vec![-100.0], vec![1.0], vec![2.0], vec![3.0], vec![100.0]];
-        let a = aggregate(AggregatorSpec::TrimmedMean { beta: 0.2 }, &inputs(&vs), None);
+        let a = aggregate(AggregatorSpec::TrimmedMean { beta: 0.2 }, &inputs(&vs));
         assert_eq!(a.update, vec![2.0]);
         assert!(matches!(a.verdicts[0], AggVerdict::Rejected { .. }));
         assert!(matches!(a.verdicts[4], AggVerdict::Rejected { .. }));
@@ -670,7 +671,7 @@ mod tests {
             vec![1.0, 1.05],
             vec![-50.0, 80.0],
         ];
-        let a = aggregate(AggregatorSpec::MultiKrum { f: 1 }, &inputs(&vs), None);
+        let a = aggregate(AggregatorSpec::MultiKrum { f: 1 }, &inputs(&vs));
         assert!(matches!(a.verdicts[4], AggVerdict::Rejected { .. }));
         assert!(a.verdicts[..4].iter().all(|v| matches!(v, AggVerdict::Merged { .. })));
         assert!((a.update[0] - 1.0).abs() < 1e-6 && (a.update[1] - 1.0125).abs() < 1e-6);
@@ -680,13 +681,13 @@ mod tests {
     fn centered_clip_bounds_a_scaled_attacker() {
         let mut vs: Vec<Vec<f32>> = (0..6).map(|i| vec![1.0 + 0.01 * i as f32, 1.0]).collect();
         vs.push(vec![1000.0, -1000.0]);
-        let a = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&vs), None);
+        let a = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&vs));
         assert!((a.update[0] - 1.03).abs() < 0.05, "{:?}", a.update);
         match a.verdicts[6] {
             AggVerdict::Clipped { factor, .. } => assert!(factor < 0.01),
             ref v => panic!("{v:?}"),
         }
-        let plain = aggregate(AggregatorSpec::Mean, &inputs(&vs), None);
+        let plain = aggregate(AggregatorSpec::Mean, &inputs(&vs));
         assert!(plain.update[0] > 100.0);
     }
 
@@ -695,13 +696,13 @@ mod tests {
         let honest: Vec<Vec<f32>> = (0..3).map(|i| vec![1.0, 0.5 + 0.1 * i as f32, 0.2]).collect();
         let mut vs = honest.clone();
         vs.push(vec![-1.1, -0.6, -0.2]);
-        let a = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&vs), None);
+        let a = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&vs));
         assert!(matches!(a.verdicts[3], AggVerdict::Rejected { .. }), "{:?}", a.verdicts);
         assert!(a.verdicts[..3]
             .iter()
             .all(|v| !matches!(v, AggVerdict::Rejected { .. })));
         // the centre is that of the honest three alone
-        let clean = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&honest), None);
+        let clean = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&honest));
         for (x, y) in a.update.iter().zip(&clean.update) {
             assert!((x - y).abs() < 1e-6, "{:?} vs {:?}", a.update, clean.update);
         }
@@ -711,7 +712,7 @@ mod tests {
     fn centered_clip_with_fixed_tau_known_answer() {
         // centre starts at the median (0); the far input is clipped to tau
         let vs = vec![vec![0.0], vec![0.0], vec![10.0]];
-        let a = aggregate(AggregatorSpec::CenteredClip { tau: Some(1.0) }, &inputs(&vs), None);
+        let a = aggregate(AggregatorSpec::CenteredClip { tau: Some(1.0) }, &inputs(&vs));
         // iteration 1: v = 0 + (0 + 0 + 1)/3 = 1/3; it 2: far is at 9.667 → 1/3 + (−1/3·2 + 1)/3 …
         let mut v = 0f64;
         for _ in 0..CLIP_ITERS {
@@ -722,11 +723,17 @@ mod tests {
     }
 
     #[test]
-    fn clipped_gossip_centres_on_own() {
-        let vs = vec![vec![0.0], vec![0.1], vec![100.0]];
-        let a = aggregate(AggregatorSpec::ClippedGossip, &inputs(&vs), Some(0));
+    fn clipped_gossip_clips_around_the_median_whatever_the_order() {
+        let vs = vec![vec![0.0], vec![0.1], vec![0.2], vec![100.0]];
+        let a = aggregate(AggregatorSpec::ClippedGossip, &inputs(&vs));
         assert!(a.update[0] < 1.0, "{:?}", a.update);
-        assert!(matches!(a.verdicts[2], AggVerdict::Clipped { .. }));
+        assert!(matches!(a.verdicts[3], AggVerdict::Clipped { .. }));
+        // Every node holds the candidates in its own order: the update and
+        // each input's verdict must not depend on it.
+        let reversed: Vec<Vec<f32>> = vs.iter().rev().cloned().collect();
+        let b = aggregate(AggregatorSpec::ClippedGossip, &inputs(&reversed));
+        assert!((a.update[0] - b.update[0]).abs() < 1e-6, "{:?} vs {:?}", a.update, b.update);
+        assert!(matches!(b.verdicts[0], AggVerdict::Clipped { .. }));
     }
 
     #[test]
@@ -849,8 +856,8 @@ mod tests {
             "clipped-gossip",
         ] {
             let s: AggregatorSpec = spec.parse().unwrap();
-            let a = aggregate(s, &inputs(&vs), Some(0));
-            let b = aggregate(s, &inputs(&vs), Some(0));
+            let a = aggregate(s, &inputs(&vs));
+            let b = aggregate(s, &inputs(&vs));
             assert_eq!(a.update, b.update, "{spec}");
         }
     }

@@ -398,14 +398,14 @@ pub fn aggregate(params: usize, inputs: usize, specs: &[meshtrain_model::Aggrega
     specs
         .iter()
         .map(|&spec| {
-            let out = run(spec, &agg_inputs, Some(0));
+            let out = run(spec, &agg_inputs);
             let rejected = out
                 .verdicts
                 .iter()
                 .filter(|v| matches!(v, AggVerdict::Rejected { .. }))
                 .count();
             let best = best_of(&mut || {
-                std::hint::black_box(run(spec, std::hint::black_box(&agg_inputs), Some(0)));
+                std::hint::black_box(run(spec, std::hint::black_box(&agg_inputs)));
             });
             AggregateBenchRow {
                 aggregator: spec.to_string(),

@@ -264,10 +264,7 @@ fn replay_core<S: Store + ?Sized>(ledger: &S, shape: &ModelShape) -> Result<Repl
                 weight: e.prior,
             })
             .collect();
-        let own = inputs
-            .iter()
-            .position(|e| e.author == meta.owner && e.round == block.round);
-        let result = aggregate(spec.exchange.aggregator, &agg_inputs, own);
+        let result = aggregate(spec.exchange.aggregator, &agg_inputs);
         for (e, v) in inputs.iter().zip(&result.verdicts) {
             if !same_verdict(&e.verdict, v) {
                 return fail(

@@ -53,7 +53,6 @@ pub struct AggregateJob {
     /// Updates of keys on probation: judged, not merged.
     pub probation: Vec<super::rounds::Contribution>,
     pub outer: OuterOptimizer,
-    pub me: AuthorId,
     pub wait_ms: u64,
 }
 
@@ -568,7 +567,6 @@ impl Core {
             inputs,
             probation,
             outer,
-            me: self.me,
             wait_ms,
         });
     }
@@ -772,7 +770,6 @@ pub fn run_aggregation(job: AggregateJob) -> AggregateDone {
         inputs,
         probation,
         mut outer,
-        me,
         wait_ms,
     } = job;
     let agg_inputs: Vec<AggInput<'_>> = inputs
@@ -783,12 +780,8 @@ pub fn run_aggregation(job: AggregateJob) -> AggregateDone {
             weight: *w,
         })
         .collect();
-    let own = inputs
-        .inputs
-        .iter()
-        .position(|(c, _)| c.author == me && c.round == inputs.round);
     let started = std::time::Instant::now();
-    let result = aggregate_deltas(spec, &agg_inputs, own);
+    let result = aggregate_deltas(spec, &agg_inputs);
     let aggregated = started.elapsed();
     let started = std::time::Instant::now();
     let mut new_anchor = anchor.to_vec();
@@ -820,7 +813,7 @@ pub fn run_aggregation(job: AggregateJob) -> AggregateDone {
         })
         .collect();
     if !probation.is_empty() {
-        entries.extend(judge_probation(spec, &agg_inputs, &probation, me));
+        entries.extend(judge_probation(spec, &agg_inputs, &probation));
     }
     entries.extend(inputs.rejections);
     AggregateDone {
@@ -850,7 +843,6 @@ fn judge_probation(
     spec: AggregatorSpec,
     voters: &[AggInput<'_>],
     probation: &[super::rounds::Contribution],
-    me: AuthorId,
 ) -> Vec<VerdictEntry> {
     // Every update with its norm, computed once: each is compared with all.
     let norm = |x: &[f32]| x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
@@ -876,8 +868,7 @@ fn judge_probation(
             } else {
                 let mut all = voters.to_vec();
                 all.push(AggInput { delta, weight: 1.0 });
-                let own = (c.author == me).then_some(voters.len());
-                match aggregate_deltas(spec, &all, own).verdicts.last() {
+                match aggregate_deltas(spec, &all).verdicts.last() {
                     Some(AggVerdict::Merged { .. }) => 1.0,
                     Some(AggVerdict::Clipped { factor, .. }) => *factor,
                     _ => 0.0,
