@@ -1,5 +1,5 @@
 //! The deterministic simulator over a few hundred seeds per scenario: the
-//! agreement and safety invariants hold under drops, duplicates, delays,
+//! agreement, safety and progress invariants hold under drops, duplicates, delays,
 //! partitions and crashes, in both admission modes, with and without an
 //! attacker running twenty identities (scripted, or a member node running
 //! the real `sybil:K`, `anchor-hijack:K`, `split`, `late`, `mimic`, `rop`,
@@ -18,12 +18,22 @@ fn sweep(name: &str, cfg: SimConfig, flags: &str) {
 }
 
 fn sweep_n(name: &str, cfg: SimConfig, flags: &str, n: u64) {
+    sweep_stalling(name, cfg, flags, n, 0);
+}
+
+/// A sweep in which up to `stalls` seeds may break only the `stalled`
+/// invariant (a known weakness, named where it is allowed), and no seed any
+/// other.
+fn sweep_stalling(name: &str, cfg: SimConfig, flags: &str, n: u64, stalls: usize) {
     let seeds = 0..n;
     let summary = run_seeds(&cfg, seeds.clone(), threads(), |_| {});
     eprintln!("{name}: {}", summary.line(&seeds));
+    let stalled_only = |f: &&meshtrain_node::sim::SeedOutcome| f.violations.iter().all(|v| v.invariant() == "stalled");
+    let stalled = summary.failed.iter().filter(stalled_only).count();
     let report: Vec<String> = summary
         .failed
         .iter()
+        .filter(|f| stalls == 0 || !stalled_only(f) || stalled > stalls)
         .map(|f| {
             let v: Vec<String> = f.violations.iter().map(|v| v.to_string()).collect();
             format!(
@@ -104,6 +114,24 @@ fn attacker(attack: &str, admission: SimAdmission) -> SimConfig {
     }
 }
 
+/// Clipped gossip with a sign-flipping member. While each node clipped
+/// around its own update, every node stepped to another anchor, none had
+/// half the votes, and every round went back to the genesis weights
+/// (`stalled` on every seed).
+#[test]
+fn permissioned_with_clipped_gossip() {
+    let cfg = SimConfig {
+        aggregator: meshtrain_model::AggregatorSpec::ClippedGossip,
+        ..attacker("sign-flip", SimAdmission::Permissioned)
+    };
+    sweep_n(
+        "permissioned + sign-flip, clipped gossip",
+        cfg,
+        "--byzantine 1 --attack sign-flip --aggregator clipped-gossip",
+        60,
+    );
+}
+
 /// A member that signs for twenty more keys, each a copy of its own
 /// (sign-flipped) update: on probation, the copies weigh nothing and never
 /// earn a vote.
@@ -143,10 +171,15 @@ fn open_with_a_member_hijacking() {
 
 /// Half the mesh gets the attacker's payload a round's longest wait late:
 /// the halves close on different anchors and the minority repairs.
+/// A member serving its payload to half the mesh late. Known weakness: when
+/// the honest nodes split evenly over it, no anchor has half the voting
+/// power and every node reverts, and some seeds lose most of their rounds
+/// that way (3 of these 80 lose over half; 16 lose over a quarter, up to
+/// 22 of 29). The bound keeps it from getting worse unnoticed.
 #[test]
 fn permissioned_with_a_splitting_member() {
     let cfg = attacker("split", SimAdmission::Permissioned);
-    sweep_n("permissioned + split", cfg, "--byzantine 1 --attack split", 80);
+    sweep_stalling("permissioned + split", cfg, "--byzantine 1 --attack split", 80, 3);
 }
 
 /// A member publishing just before every deadline, and one sending a copy
@@ -161,16 +194,19 @@ fn permissioned_with_a_late_member_and_a_mimic() {
 }
 
 /// The adaptive attackers (ROP, clip-aware, and dissensus, which also
-/// serves its payload to half the mesh late): the invariants hold.
+/// serves its payload to half the mesh late): the invariants hold, but for
+/// dissensus's stalls (the splitting member's weakness above: 3 of these
+/// 40 seeds lose over half their rounds).
 #[test]
 fn permissioned_with_adaptive_attackers() {
-    for attack in ["rop", "clip-aware", "dissensus"] {
+    for (attack, stalls) in [("rop", 0), ("clip-aware", 0), ("dissensus", 3)] {
         let cfg = attacker(attack, SimAdmission::Permissioned);
-        sweep_n(
+        sweep_stalling(
             &format!("permissioned + {attack}"),
             cfg,
             &format!("--byzantine 1 --attack {attack}"),
             40,
+            stalls,
         );
     }
 }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use meshtrain_ledger::{AuthorId, RecordHash, Seq, WeightsHash};
 use serde::Serialize;
 
+use super::world::Closed;
 use super::World;
 
 /// Rounds after the faults stop before agreement is required.
@@ -29,6 +30,9 @@ pub enum Violation {
     },
     /// Honest nodes ended on different anchors.
     FinalSplit { anchors: BTreeMap<usize, String> },
+    /// After the network went quiet, most of an honest node's rounds moved
+    /// nothing or were reverted: agreement kept, training lost.
+    Stalled { node: usize, rounds: usize, lost: usize },
     /// A gossip message was settled twice, or never.
     Settlement { node: usize, detail: String },
     /// An honest node did not finish in time.
@@ -45,6 +49,7 @@ impl Violation {
             Violation::AnchorSplit { .. } => "anchor-split",
             Violation::Hijacked { .. } => "hijacked",
             Violation::FinalSplit { .. } => "final-split",
+            Violation::Stalled { .. } => "stalled",
             Violation::Settlement { .. } => "settlement",
             Violation::Unfinished { .. } => "unfinished",
             Violation::Fatal { .. } => "fatal",
@@ -68,6 +73,10 @@ impl std::fmt::Display for Violation {
             Violation::FinalSplit { anchors } => {
                 write!(f, "honest nodes ended on different anchors: {anchors:?}")
             }
+            Violation::Stalled { node, rounds, lost } => write!(
+                f,
+                "node {node} lost {lost} of the {rounds} rounds it closed after the faults ended (moved nothing, or reverted)"
+            ),
             Violation::Settlement { node, detail } => write!(f, "node {node}: {detail}"),
             Violation::Unfinished { node, round, phase } => {
                 write!(f, "node {node} did not finish (round {round}, {phase})")
@@ -198,6 +207,26 @@ fn agreement(world: &World, out: &mut Vec<Violation>) {
     for n in &honest {
         for (r, c) in n.closed.range(from..) {
             rounds.entry(*r).or_default().insert(n.index, c.base);
+        }
+        // Agreeing on one anchor is no use if every round is then thrown
+        // away: count the rounds that moved nothing (given up) and those
+        // after which the node went back to the round's base (reverted; a
+        // repair onto a sibling anchor moves on, and is agreement's).
+        let after: Vec<(&u64, &Closed)> = n.closed.range(from..).collect();
+        let lost = after
+            .iter()
+            .enumerate()
+            .filter(|(i, (r, c))| {
+                let next = after.get(i + 1).filter(|(n, _)| **n == **r + 1);
+                c.anchor == c.base || next.is_some_and(|(_, n)| n.base == c.base)
+            })
+            .count();
+        if after.len() >= 4 && 2 * lost > after.len() {
+            out.push(Violation::Stalled {
+                node: n.index,
+                rounds: after.len(),
+                lost,
+            });
         }
     }
     // Each round after that: half the honest nodes or more aggregated it
