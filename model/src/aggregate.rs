@@ -732,7 +732,12 @@ mod tests {
         // each input's verdict must not depend on it.
         let reversed: Vec<Vec<f32>> = vs.iter().rev().cloned().collect();
         let b = aggregate(AggregatorSpec::ClippedGossip, &inputs(&reversed));
-        assert!((a.update[0] - b.update[0]).abs() < 1e-6, "{:?} vs {:?}", a.update, b.update);
+        assert!(
+            (a.update[0] - b.update[0]).abs() < 1e-6,
+            "{:?} vs {:?}",
+            a.update,
+            b.update
+        );
         assert!(matches!(b.verdicts[0], AggVerdict::Clipped { .. }));
     }
 
