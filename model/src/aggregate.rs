@@ -181,7 +181,8 @@ fn dist2(a: &[f32], b: &[f32]) -> f64 {
     lanes_sum(lanes)
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
+/// `a·b`, `a·a` and `b·b`, in the lanes' fixed order.
+fn dot_and_norms(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
     let (mut ab, mut aa, mut bb) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -199,12 +200,53 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
         aa[k] += x * x;
         bb[k] += y * y;
     }
-    let (ab, aa, bb) = (lanes_sum(ab), lanes_sum(aa), lanes_sum(bb));
-    if aa == 0.0 || bb == 0.0 {
-        0.0
-    } else {
-        ab / (aa.sqrt() * bb.sqrt())
+    (lanes_sum(ab), lanes_sum(aa), lanes_sum(bb))
+}
+
+/// Whether each input points against the others: its cosine with the
+/// clipped, weighted sum of the *other* inputs is negative. Sparse (top-k)
+/// updates are nearly orthogonal to one another, so an update's own share
+/// of a mean it is part of decides its cosine with that mean: a
+/// sign-flipped top-k update looked aligned and was merged round after
+/// round. Leaving each one out asks what the question means.
+fn opposed_to_the_others(inputs: &[AggInput<'_>], verdicts: &[AggVerdict]) -> Vec<bool> {
+    let shares: Vec<f64> = verdicts
+        .iter()
+        .map(|v| match v {
+            AggVerdict::Merged { weight } => f64::from(*weight),
+            AggVerdict::Clipped { factor, weight } => f64::from(*weight) * f64::from(*factor),
+            AggVerdict::Rejected { .. } => 0.0,
+        })
+        .collect();
+    let dim = inputs.first().map_or(0, |i| i.delta.len());
+    // Σ_j a_j x_j, the inputs in their (agreed) order.
+    let mut sum = vec![0f32; dim];
+    for (inp, a) in inputs.iter().zip(&shares) {
+        if *a == 0.0 {
+            continue;
+        }
+        let a = *a as f32;
+        for (s, x) in sum.iter_mut().zip(inp.delta) {
+            *s += a * x;
+        }
     }
+    let (_, ss, _) = dot_and_norms(&sum, &sum);
+    inputs
+        .iter()
+        .zip(&shares)
+        .map(|(inp, a)| {
+            // x·(S − a x) and |S − a x|², from x·S, |x|² and |S|².
+            let (xs, xx, _) = dot_and_norms(inp.delta, &sum);
+            // (Where the others sum to nothing, the subtraction leaves
+            // rounding: no direction, so no opposition.)
+            let dot = xs - a * xx;
+            let others = ss - 2.0 * a * xs + a * a * xx;
+            if xx == 0.0 || others <= 1e-12 * (ss + a * a * xx) {
+                return false;
+            }
+            dot / (xx * others).sqrt() < -1e-9
+        })
+        .collect()
 }
 
 fn weighted_mean(inputs: &[AggInput<'_>], weights: &[f64]) -> Vec<f32> {
@@ -285,10 +327,10 @@ pub fn aggregate(spec: AggregatorSpec, inputs: &[AggInput<'_>]) -> Aggregate {
         AggregatorSpec::CenteredClip { tau } => {
             let start = coordinate_median(inputs);
             let first = clip_around(inputs, start.clone(), tau, CLIP_ITERS);
-            // An update pointing against the robust centre is not a noisy
-            // honest one (those correlate with an aggregate they are part
-            // of): reject it and recompute the centre without it.
-            let opposed: Vec<bool> = inputs.iter().map(|i| cosine(i.delta, &first.update) < 0.0).collect();
+            // An update pointing against the others' robust centre is not a
+            // noisy honest one (those correlate with the rest): reject it
+            // and recompute the centre without it.
+            let opposed = opposed_to_the_others(inputs, &first.verdicts);
             if !opposed.iter().any(|o| *o) || opposed.iter().all(|o| *o) {
                 return first;
             }
@@ -834,6 +876,41 @@ mod tests {
         }
     }
 
+    /// Top-k updates: each keeps its own few coordinates, partly shared
+    /// (the large gradients are much the same on every shard). A
+    /// sign-flipped one has a positive cosine with a mean it is part of
+    /// (its own share dominates) and a negative one with the others.
+    #[test]
+    fn centered_clip_rejects_a_sign_flipped_sparse_update() {
+        let dim = 1000;
+        let sparse = |node: usize, sign: f32| -> Vec<f32> {
+            let mut v = vec![0f32; dim];
+            // Three shared coordinates, twenty of the node's own.
+            for (j, x) in v.iter_mut().enumerate().take(3) {
+                *x = sign * (1.0 + 0.1 * ((node + j) % 3) as f32);
+            }
+            for j in 0..20 {
+                v[100 + node * 20 + j] = sign * 1.5 * if (node + j) % 2 == 0 { 1.0 } else { -1.0 };
+            }
+            v
+        };
+        let mut vs: Vec<Vec<f32>> = (0..4).map(|n| sparse(n, 1.0)).collect();
+        vs.push(sparse(4, -1.0));
+        let a = aggregate(AggregatorSpec::CenteredClip { tau: None }, &inputs(&vs));
+        assert!(matches!(a.verdicts[4], AggVerdict::Rejected { .. }), "{:?}", a.verdicts);
+        assert!(
+            a.verdicts[..4]
+                .iter()
+                .all(|v| !matches!(v, AggVerdict::Rejected { .. })),
+            "{:?}",
+            a.verdicts
+        );
+        // Against the mean it is part of, it looked aligned.
+        let mean = aggregate(AggregatorSpec::Mean, &inputs(&vs)).update;
+        let (ab, aa, bb) = dot_and_norms(&vs[4], &mean);
+        assert!(ab / (aa * bb).sqrt() > 0.0);
+    }
+
     #[test]
     fn lane_sums_match_a_plain_sum_closely() {
         let a: Vec<f32> = (0..1001).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -844,7 +921,10 @@ mod tests {
             let (x, y) = (*x as f64, *y as f64);
             (ab + x * y, aa + x * x, bb + y * y)
         });
-        assert!((cosine(&a, &b) - ab / aa.sqrt() / bb.sqrt()).abs() < 1e-12);
+        let (lab, laa, lbb) = dot_and_norms(&a, &b);
+        for (lane, plain) in [(lab, ab), (laa, aa), (lbb, bb)] {
+            assert!((lane - plain).abs() < 1e-9 * plain.abs().max(1.0), "{lane} vs {plain}");
+        }
     }
 
     #[test]
