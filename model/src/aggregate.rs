@@ -890,7 +890,7 @@ mod tests {
                 *x = sign * (1.0 + 0.1 * ((node + j) % 3) as f32);
             }
             for j in 0..20 {
-                v[100 + node * 20 + j] = sign * 1.5 * if (node + j) % 2 == 0 { 1.0 } else { -1.0 };
+                v[100 + node * 20 + j] = sign * 1.5 * if (node + j).is_multiple_of(2) { 1.0 } else { -1.0 };
             }
             v
         };
