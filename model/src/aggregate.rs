@@ -207,8 +207,8 @@ fn dot_and_norms(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
 /// round's median marks an outlier. Honest updates on label-skewed shards
 /// spread widely (leave-one-out cosines from -0.2 to 0.7 in one round of
 /// an 8-node Dirichlet 0.5 mesh), and a bare sign test refused 6-8 % of
-/// them; a top-k sign-flipper sat at -0.015 against honest 0.08, a few
-/// thousandths apart.
+/// them; a top-k sign-flipper sat at -0.015 where the honest updates of
+/// its round were 0.077 to 0.088.
 const OPPOSED_MADS: f64 = 5.0;
 
 /// Whether each input points against the round: its cosine with the
