@@ -228,6 +228,20 @@ fn bounded_rendezvous(slices: &[Slice], members: &[AuthorId]) -> Vec<(Slice, Aut
     out
 }
 
+/// The share of a split's records that belong to their block's most common
+/// class: 1 when every block holds one class, about 1/classes when blocks
+/// mix them evenly; None without labels. A Dirichlet partition deals whole
+/// blocks by their class, so it skews labels only as far as blocks do.
+pub fn block_label_purity(manifest: &Manifest, split: &str) -> Option<f64> {
+    let blocks = manifest.blocks(split);
+    let (mut top, mut all) = (0u64, 0u64);
+    for b in blocks {
+        top += b.label_histogram.iter().copied().max().unwrap_or(0);
+        all += b.label_histogram.iter().sum::<u64>();
+    }
+    (all > 0).then(|| top as f64 / all as f64)
+}
+
 /// The class a block mostly holds.
 fn dominant_class(b: &BlockInfo) -> usize {
     b.label_histogram
@@ -306,6 +320,18 @@ mod tests {
 
     fn members(n: u8) -> Vec<AuthorId> {
         (1..=n).map(|i| AuthorId([i; 32])).collect()
+    }
+
+    #[test]
+    fn block_label_purity_tells_sorted_blocks_from_mixed_ones() {
+        let sorted = manifest(20, 10);
+        assert_eq!(block_label_purity(&sorted, "train"), Some(1.0));
+        let mut mixed = sorted.clone();
+        for b in mixed.splits.get_mut("train").into_iter().flatten() {
+            b.label_histogram = vec![1; 10];
+        }
+        assert_eq!(block_label_purity(&mixed, "train"), Some(0.1));
+        assert_eq!(block_label_purity(&sorted, "test"), None);
     }
 
     fn trained(p: &Placement, ms: &[AuthorId]) -> Vec<Slice> {

@@ -1,4 +1,6 @@
-//! `data inspect --plot` on an imported store; then `node run --config
+//! `data inspect --plot` on an imported store; `spec new` refusals (no
+//! roster or founders; a Dirichlet partition of blocks that mix classes);
+//! then `node run --config
 //! FILE`: the file from `meshtrain config default` works
 //! once its required keys are filled in; MESHTRAIN_<KEY> variables override
 //! the file and flags override both; an unknown key is an error naming it.
@@ -33,6 +35,9 @@ fn config_file_environment_and_flags_in_that_order() {
     );
     let err = spec_refused(&store, &["--admission", "open"]);
     assert!(err.contains("--founders FILE is missing"), "{err}");
+    // Label skew over blocks that mix classes would be IID in disguise.
+    let err = spec_refused(&store, &["--partition", "dirichlet:0.5"]);
+    assert!(err.contains("--sort-by-label"), "{err}");
     let founders = founders_file(tmp.path(), &[tmp.path().join("node")]);
     let spec = spec_for(
         tmp.path(),
