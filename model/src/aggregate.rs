@@ -203,6 +203,28 @@ fn dot_and_norms(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
     (lanes_sum(ab), lanes_sum(aa), lanes_sum(bb))
 }
 
+/// `x·c`, `x·s` and `x·x` in one pass, in the lanes' fixed order.
+fn dots_with(x: &[f32], c: &[f32], s: &[f32]) -> (f64, f64, f64) {
+    let (mut xc, mut xs, mut xx) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
+    let (cx, cc, cs) = (x.chunks_exact(LANES), c.chunks_exact(LANES), s.chunks_exact(LANES));
+    let (rx, rc, rs) = (cx.remainder(), cc.remainder(), cs.remainder());
+    for ((x, c), s) in cx.zip(cc).zip(cs) {
+        for k in 0..LANES {
+            let x = x[k] as f64;
+            xc[k] += x * c[k] as f64;
+            xs[k] += x * s[k] as f64;
+            xx[k] += x * x;
+        }
+    }
+    for (k, ((x, c), s)) in rx.iter().zip(rc).zip(rs).enumerate() {
+        let x = *x as f64;
+        xc[k] += x * *c as f64;
+        xs[k] += x * *s as f64;
+        xx[k] += x * x;
+    }
+    (lanes_sum(xc), lanes_sum(xs), lanes_sum(xx))
+}
+
 /// A leave-one-out cosine this many robust spreads (MADs) below the
 /// round's median marks an outlier. Honest updates on label-skewed shards
 /// spread widely (leave-one-out cosines from -0.2 to 0.7 in one round of
@@ -240,18 +262,17 @@ fn opposed(inputs: &[AggInput<'_>], first: &Aggregate) -> Vec<bool> {
             *s += a * x;
         }
     }
-    let (_, ss, _) = dot_and_norms(&sum, &sum);
+    let (_, ss, cc) = dot_and_norms(&sum, &first.update);
     let mut against_centre = Vec::with_capacity(inputs.len());
     let loo: Vec<Option<f64>> = inputs
         .iter()
         .zip(&shares)
         .map(|(inp, a)| {
-            let (xc, xx, cc) = dot_and_norms(inp.delta, &first.update);
+            let (xc, xs, xx) = dots_with(inp.delta, &first.update, &sum);
             against_centre.push(xx > 0.0 && cc > 0.0 && xc < 0.0);
             // x·(S − a x) and |S − a x|², from x·S, |x|² and |S|². Where
             // the others sum to nothing, the subtraction leaves rounding:
             // no direction.
-            let (xs, _, _) = dot_and_norms(inp.delta, &sum);
             let dot = xs - a * xx;
             let others = ss - 2.0 * a * xs + a * a * xx;
             (xx > 0.0 && others > 1e-12 * (ss + a * a * xx)).then(|| dot / (xx * others).sqrt())
