@@ -4,7 +4,7 @@
 # noisy: only figures from the same run compare.
 #
 #   scripts/bench-vs-pytorch.sh [--models mlp,cnn] [--nodes 1,4] [--epochs 3]
-#                               [--local-steps 10] [--out out/bench-vs-pytorch]
+#                               [--local-steps 10] [--codec C] [--out out/bench-vs-pytorch]
 #
 # For each model: plain PyTorch (scripts/pytorch_baseline.py, every core),
 # then `testnet run --nodes N` for each N (the same samples in all: epochs
@@ -16,17 +16,20 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$MESHTRAIN_ROOT/scripts/setup.sh"
 cd "$MESHTRAIN_ROOT"
-# MESHTRAIN_BENCH_BIN runs another build (a before/after comparison).
+# MESHTRAIN_BENCH_BIN runs another build (a before/after comparison);
+# --codec runs meshtrain with another codec than the default (fp16), e.g.
+# topk-int8:0.01.
 B="${MESHTRAIN_BENCH_BIN:-$MESHTRAIN_BIN}"
 PY="$MESHTRAIN_ROOT/.venv/bin/python"
 
-models=mlp,cnn nodes=1,4 epochs=3 steps=10 out=out/bench-vs-pytorch
+models=mlp,cnn nodes=1,4 epochs=3 steps=10 out=out/bench-vs-pytorch codec=
 while [ $# -gt 0 ]; do
     case "$1" in
         --models) models=$2; shift 2 ;;
         --nodes) nodes=$2; shift 2 ;;
         --epochs) epochs=$2; shift 2 ;;
         --local-steps) steps=$2; shift 2 ;;
+        --codec) codec=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         *) echo "bench-vs-pytorch: unknown argument '$1' (see the header of $0)" >&2; exit 2 ;;
     esac
@@ -58,12 +61,12 @@ json.dump(torch, open(path, "w"))
 PY
     cat "$out/$model-pytorch.json" >&2; echo >&2
     for n in ${nodes//,/ }; do
-        echo "== $model, $epochs epochs: meshtrain, $n node(s)" >&2
+        echo "== $model, $epochs epochs: meshtrain, $n node(s)${codec:+, codec $codec}" >&2
         dir="$out/$model-$n"
         rm -rf "$dir"
         started=$(date +%s.%N)
         "$B" testnet run --nodes "$n" --model "$model" --epochs "$epochs" --local-steps "$steps" \
-            --eval-every 100000 --data "$out/dataset" --out "$dir" > "$dir.log" 2>&1 \
+            --eval-every 100000 --data "$out/dataset" ${codec:+--codec "$codec"} --out "$dir" > "$dir.log" 2>&1 \
             || { echo "testnet run failed; see $dir.log" >&2; tail -20 "$dir.log" >&2; exit 1; }
         ended=$(date +%s.%N)
         "$PY" - "$out/$model-pytorch.json" "$dir/summary.json" "$model" "$n" "$started" "$ended" >> "$rows" <<'PY'

@@ -310,7 +310,7 @@ pub(super) fn spec_new(args: SpecArgs) -> Result<ExitCode> {
         // Whole blocks are dealt by their class: blocks that mix classes
         // would give every node IID data under a label-skew name.
         match meshtrain_node::placement::block_label_purity(&manifest, "train") {
-            None => bail!("--partition {partition} needs a labelled dataset; this one has no classes"),
+            None => bail!("--partition {partition} needs labelled training records; this dataset has none"),
             Some(p) if p < DIRICHLET_MIN_PURITY => bail!(
                 "--partition {partition} deals whole blocks by their class, but this dataset's blocks mix \
                  classes (only {:.0}% of a block's records share its most common class): import it \
