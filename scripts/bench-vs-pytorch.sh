@@ -17,8 +17,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$MESHTRAIN_ROOT/scripts/setup.sh"
 cd "$MESHTRAIN_ROOT"
 # MESHTRAIN_BENCH_BIN runs another build (a before/after comparison);
-# --codec runs meshtrain with another codec than the default (fp16), e.g.
-# topk-int8:0.01.
+# --codec runs meshtrain with another codec than the default, e.g.
+# topk-int8:0.01 or fp16.
 B="${MESHTRAIN_BENCH_BIN:-$MESHTRAIN_BIN}"
 PY="$MESHTRAIN_ROOT/.venv/bin/python"
 
