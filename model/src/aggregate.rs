@@ -263,28 +263,28 @@ fn opposed(inputs: &[AggInput<'_>], first: &Aggregate) -> Vec<bool> {
         }
     }
     let (_, ss, cc) = dot_and_norms(&sum, &first.update);
-    let mut against_centre = Vec::with_capacity(inputs.len());
-    let loo: Vec<Option<f64>> = inputs
+    // Per input: against the centre, and its leave-one-out cosine.
+    let cosines: Vec<(bool, Option<f64>)> = inputs
         .iter()
         .zip(&shares)
         .map(|(inp, a)| {
             let (xc, xs, xx) = dots_with(inp.delta, &first.update, &sum);
-            against_centre.push(xx > 0.0 && cc > 0.0 && xc < 0.0);
             // x·(S − a x) and |S − a x|², from x·S, |x|² and |S|². Where
             // the others sum to nothing, the subtraction leaves rounding:
             // no direction.
             let dot = xs - a * xx;
             let others = ss - 2.0 * a * xs + a * a * xx;
-            (xx > 0.0 && others > 1e-12 * (ss + a * a * xx)).then(|| dot / (xx * others).sqrt())
+            let loo = (xx > 0.0 && others > 1e-12 * (ss + a * a * xx)).then(|| dot / (xx * others).sqrt());
+            (xx > 0.0 && cc > 0.0 && xc < 0.0, loo)
         })
         .collect();
-    let mut defined: Vec<f64> = loo.iter().flatten().copied().collect();
+    let mut defined: Vec<f64> = cosines.iter().filter_map(|(_, c)| *c).collect();
     let median = median_of(&mut defined);
     let mut spread: Vec<f64> = defined.iter().map(|c| (c - median).abs()).collect();
     let mad = median_of(&mut spread);
-    loo.iter()
-        .zip(against_centre)
-        .map(|(c, against)| against || c.is_some_and(|c| c < 0.0 && c < median - OPPOSED_MADS * mad))
+    cosines
+        .iter()
+        .map(|(against, c)| *against || c.is_some_and(|c| c < 0.0 && c < median - OPPOSED_MADS * mad))
         .collect()
 }
 
@@ -402,7 +402,7 @@ fn total_order_i32(bits: i32) -> i32 {
 }
 
 /// The coordinate-wise median alone (CenteredClip's start, clipped
-/// gossip's fallback centre), bit-identical to `coordinate_rule`'s: equal
+/// gossip's centre), bit-identical to `coordinate_rule`'s: equal
 /// keys are equal bits, so ties need no index and the middle values sum in
 /// the same order. A block of coordinates at a time, so that the sorting
 /// network runs across coordinates in SIMD lanes.
