@@ -204,7 +204,12 @@ impl Core {
         // connected member has voted, and then while it still fetches.
         let voted = self.votes.voters(self.round());
         let votes_in = self.keeping_up().iter().all(|a| voted.contains(a));
-        let quiet = self.now.saturating_sub(self.last_served) > QUIET_MS;
+        // A member whose final vote names another anchor repairs onto the
+        // decided one as soon as it counts the votes, and asks us for it:
+        // leaving the moment its vote came in left the last member of a
+        // mesh with no one to fetch the final anchor from (simulator,
+        // `--attack dissensus`, seed 47: it evaluated a sibling anchor).
+        let quiet = self.now.saturating_sub(self.last_served.max(self.odd_final_vote_at)) > QUIET_MS;
         // Nobody to serve: no member is connected and none ever asked us
         // for anything (a lone node).
         let alone = self.members.is_empty() && self.last_served == 0;

@@ -628,6 +628,8 @@ pub struct Core {
     rng: ChaCha8Rng,
     phase_since: Millis,
     last_served: Millis,
+    /// When the latest final vote for another anchor than ours came in.
+    odd_final_vote_at: Millis,
     /// What each peer asked of us in its current budget window.
     asked: HashMap<PeerId, Asked>,
     /// Bytes of answers sent and not yet delivered, per peer and in all:
@@ -712,6 +714,7 @@ impl Core {
             rng,
             phase_since: 0,
             last_served: 0,
+            odd_final_vote_at: 0,
             asked: HashMap::new(),
             in_flight: HashMap::new(),
             in_flight_total: 0,

@@ -736,8 +736,16 @@ impl Core {
                 }
             }
         }
+        let voted_for = vote.anchor();
         match self.votes.add(vote) {
-            Added::New => self.on_vote(starts),
+            Added::New => {
+                if starts == self.end_round && voted_for != self.anchor_key() {
+                    // A member that ends on another anchor will repair onto
+                    // the decided one and fetch it: draining waits for that.
+                    self.odd_final_vote_at = self.now;
+                }
+                self.on_vote(starts)
+            }
             Added::Known => {}
             Added::Conflict => {
                 warn!(voter = %voter.short(), round = starts, "a second, different vote for one round; the first stands")
