@@ -192,40 +192,61 @@ fn one_record_per_seq_and_round(world: &World, out: &mut Vec<Violation>) {
 /// Once the network has been quiet for two rounds, a majority of the
 /// honest nodes aggregates every round onto one anchor, the others repair
 /// onto it within a round, and all end on the same anchor.
-fn agreement(world: &World, out: &mut Vec<Violation>) {
-    let honest: Vec<_> = world.nodes.iter().filter(|n| n.honest()).collect();
-    // Quiet for two rounds: faults over, and two of the longest rounds
-    // (each waits at most the spec's max wait) gone by since. The first
-    // round every honest node closed after that is where agreement is owed.
+/// The first round every honest node closed after the network was quiet
+/// for [`QUIET_ROUNDS`] (faults over, and two of the longest rounds gone by
+/// since): where agreement and progress are owed.
+fn quiet_from(world: &World) -> u64 {
     let settled_at = world.quiet_at + QUIET_ROUNDS * (world.spec.rounds.max_wait_ms + world.cfg.train_ms);
-    let from = honest
+    world
+        .nodes
         .iter()
+        .filter(|n| n.honest())
         .filter_map(|n| n.closed.iter().find(|(_, c)| c.at > settled_at).map(|(r, _)| *r))
         .max()
-        .unwrap_or(u64::MAX);
+        .unwrap_or(u64::MAX)
+}
+
+/// Per honest node: the rounds it closed once the network was quiet, and
+/// how many of them were lost. Agreeing on one anchor is no use if every
+/// round is then thrown away: a round is lost when it moved nothing (given
+/// up) or the node went back to its base after it (reverted; a repair onto
+/// a sibling anchor moves on, and is agreement's).
+pub fn progress(world: &World) -> Vec<(usize, u64, u64)> {
+    let from = quiet_from(world);
+    world
+        .nodes
+        .iter()
+        .filter(|n| n.honest())
+        .map(|n| {
+            let after: Vec<(&u64, &Closed)> = n.closed.range(from..).collect();
+            let lost = after
+                .iter()
+                .enumerate()
+                .filter(|(i, (r, c))| {
+                    let next = after.get(i + 1).filter(|(n, _)| **n == **r + 1);
+                    c.anchor == c.base || next.is_some_and(|(_, n)| n.base == c.base)
+                })
+                .count();
+            (n.index, lost as u64, after.len() as u64)
+        })
+        .collect()
+}
+
+fn agreement(world: &World, out: &mut Vec<Violation>) {
+    let honest: Vec<_> = world.nodes.iter().filter(|n| n.honest()).collect();
+    let from = quiet_from(world);
     let mut rounds: BTreeMap<u64, BTreeMap<usize, WeightsHash>> = BTreeMap::new();
     for n in &honest {
         for (r, c) in n.closed.range(from..) {
             rounds.entry(*r).or_default().insert(n.index, c.base);
         }
-        // Agreeing on one anchor is no use if every round is then thrown
-        // away: count the rounds that moved nothing (given up) and those
-        // after which the node went back to the round's base (reverted; a
-        // repair onto a sibling anchor moves on, and is agreement's).
-        let after: Vec<(&u64, &Closed)> = n.closed.range(from..).collect();
-        let lost = after
-            .iter()
-            .enumerate()
-            .filter(|(i, (r, c))| {
-                let next = after.get(i + 1).filter(|(n, _)| **n == **r + 1);
-                c.anchor == c.base || next.is_some_and(|(_, n)| n.base == c.base)
-            })
-            .count();
-        if after.len() >= 4 && 2 * lost > after.len() {
+    }
+    for (node, lost, after) in progress(world) {
+        if after >= 4 && 2 * lost > after {
             out.push(Violation::Stalled {
-                node: n.index,
-                rounds: after.len(),
-                lost,
+                node,
+                rounds: after as usize,
+                lost: lost as usize,
             });
         }
     }

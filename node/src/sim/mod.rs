@@ -117,6 +117,12 @@ pub struct SeedOutcome {
     pub after_first_ms: u64,
     pub crashes: u64,
     pub partitions: u64,
+    /// Rounds honest nodes closed once the network was quiet, and how many
+    /// of those were lost (see `check::progress`), summed over the nodes;
+    /// and the largest share one node lost.
+    pub closed_after_quiet: u64,
+    pub lost_after_quiet: u64,
+    pub worst_lost_share: f64,
 }
 
 /// Runs one seed and checks it.
@@ -130,8 +136,15 @@ pub fn run_seed(cfg: &SimConfig, seed: u64) -> SeedOutcome {
         .filter_map(|n| n.closed.get(&0).map(|c| c.at))
         .max()
         .unwrap_or(0);
+    let progress = check::progress(&world);
     SeedOutcome {
         seed,
+        closed_after_quiet: progress.iter().map(|p| p.2).sum(),
+        lost_after_quiet: progress.iter().map(|p| p.1).sum(),
+        worst_lost_share: progress
+            .iter()
+            .map(|p| p.1 as f64 / p.2.max(1) as f64)
+            .fold(0.0, f64::max),
         violations: check::check(&world),
         sim_ms: world.now(),
         result_ms,
@@ -150,6 +163,11 @@ pub struct Summary {
     pub seeds_per_s: f64,
     /// Failures per invariant.
     pub by_invariant: std::collections::BTreeMap<String, u64>,
+    /// Rounds closed and lost after the faults, over every seed (see
+    /// `SeedOutcome`), and the seeds where a node lost over a quarter.
+    pub closed_after_quiet: u64,
+    pub lost_after_quiet: u64,
+    pub seeds_losing_a_quarter: u64,
 }
 
 impl Summary {
@@ -157,12 +175,14 @@ impl Summary {
     pub fn line(&self, seeds: &Range<u64>) -> String {
         let failed: Vec<String> = self.failed.iter().map(|f| f.seed.to_string()).collect();
         format!(
-            "sim: {} seeds ({}..{}) in {:.1} s ({:.0} seeds/s); {} failed{}{}",
+            "sim: {} seeds ({}..{}) in {:.1} s ({:.0} seeds/s); rounds lost after the faults {:.1}% ({} seeds with a node losing over a quarter); {} failed{}{}",
             self.seeds,
             seeds.start,
             seeds.end,
             self.wall_s,
             self.seeds_per_s,
+            100.0 * self.lost_after_quiet as f64 / self.closed_after_quiet.max(1) as f64,
+            self.seeds_losing_a_quarter,
             self.failed.len(),
             if failed.is_empty() {
                 String::new()
@@ -195,6 +215,8 @@ pub fn run_seeds(cfg: &SimConfig, seeds: Range<u64>, threads: usize, progress: i
     let next = std::sync::atomic::AtomicU64::new(seeds.start);
     let done = std::sync::atomic::AtomicU64::new(0);
     let failed = std::sync::Mutex::new(Vec::new());
+    // (closed, lost, seeds losing a quarter)
+    let progress_sum = std::sync::Mutex::new((0u64, 0u64, 0u64));
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
@@ -205,6 +227,12 @@ pub fn run_seeds(cfg: &SimConfig, seeds: Range<u64>, threads: usize, progress: i
                         break;
                     }
                     let outcome = run_seed(cfg, seed);
+                    {
+                        let mut p = progress_sum.lock().unwrap_or_else(|p| p.into_inner());
+                        p.0 += outcome.closed_after_quiet;
+                        p.1 += outcome.lost_after_quiet;
+                        p.2 += u64::from(outcome.worst_lost_share > 0.25);
+                    }
                     if !outcome.violations.is_empty() {
                         failed.lock().unwrap_or_else(|p| p.into_inner()).push(outcome);
                     }
@@ -225,11 +253,16 @@ pub fn run_seeds(cfg: &SimConfig, seeds: Range<u64>, threads: usize, progress: i
     }
     let wall_s = started.elapsed().as_secs_f64();
     let n = seeds.end.saturating_sub(seeds.start);
+    let (closed_after_quiet, lost_after_quiet, seeds_losing_a_quarter) =
+        progress_sum.into_inner().unwrap_or_else(|p| p.into_inner());
     Summary {
         seeds: n,
         failed,
         wall_s,
         seeds_per_s: n as f64 / wall_s.max(1e-9),
         by_invariant,
+        closed_after_quiet,
+        lost_after_quiet,
+        seeds_losing_a_quarter,
     }
 }
