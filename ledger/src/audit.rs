@@ -880,6 +880,7 @@ mod tests {
                 prev,
                 round,
                 base_anchor: crate::WeightsHash([round as u8; 32]),
+                base_outer: crate::WeightsHash([0; 32]),
                 new_anchor: crate::WeightsHash([round as u8 + 1; 32]),
                 outer_state: crate::WeightsHash([0; 32]),
                 entries: merged

@@ -160,6 +160,28 @@ impl RecordHash {
     }
 }
 
+impl RecordHash {
+    /// The first eight bytes, which name a record among a round's (finding a
+    /// second record with the same tag takes some 2^64 tries).
+    pub fn tag(&self) -> RecordTag {
+        let mut t = [0u8; 8];
+        t.copy_from_slice(&self.0[..8]);
+        RecordTag(t)
+    }
+}
+
+/// A short name of an update record: the first eight bytes of its hash.
+/// Records list the updates their author merged by these (eight records'
+/// worth is 64 bytes where full hashes would be 256).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Encode, Decode, Serialize, Deserialize)]
+pub struct RecordTag(pub [u8; 8]);
+
+impl std::fmt::Display for RecordTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
 impl VerdictHash {
     /// The `prev` of a node's first verdict block.
     pub fn genesis(run_id: &RunId, owner: &AuthorId) -> Self {

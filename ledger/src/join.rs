@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
 use crate::wire::{decode_exact, encode};
-use crate::{AuthorId, LedgerError, PayloadHash, RunId, SignedRecord, SignedVerdictBlock, WeightsHash};
+use crate::{AuthorId, LedgerError, PayloadHash, RecordTag, RunId, SignedRecord, SignedVerdictBlock, WeightsHash};
 
 /// Why a node took an anchor over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
@@ -48,6 +48,48 @@ impl Vote {
         match self {
             Vote::Record(r) => Some(r.record.round),
             Vote::Block(b) => b.block.round.checked_add(1),
+        }
+    }
+
+    /// The anchor its voter built the round before on (aggregated it
+    /// onto), and that round: a record's `made_from`, a verdict block's
+    /// base. None when the vote names none (an anchor taken over, a round
+    /// given up).
+    pub fn built_on(&self) -> Option<(u64, (WeightsHash, WeightsHash))> {
+        match self {
+            Vote::Record(r) if r.record.made_from != WeightsHash([0; 32]) => Some((
+                r.record.round.checked_sub(1)?,
+                (r.record.made_from, r.record.made_outer),
+            )),
+            Vote::Record(_) => None,
+            Vote::Block(b)
+                if b.block.entries.iter().any(|e| {
+                    matches!(&e.verdict, crate::Verdict::Rejected { reason } if *reason == crate::RejectReason::RoundAbandoned)
+                }) =>
+            {
+                None
+            }
+            Vote::Block(b) => Some((b.block.round, (b.block.base_anchor, b.block.base_outer))),
+        }
+    }
+
+    /// The updates its voter merged in the round it built (tags): a
+    /// record's `merged`, a verdict block's merged and clipped entries.
+    pub fn merged(&self) -> BTreeSet<RecordTag> {
+        match self {
+            Vote::Record(r) => r.record.merged.iter().copied().collect(),
+            Vote::Block(b) => b
+                .block
+                .entries
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e.verdict,
+                        crate::Verdict::Merged { .. } | crate::Verdict::Clipped { .. }
+                    )
+                })
+                .map(|e| e.record_hash.tag())
+                .collect(),
         }
     }
 
@@ -125,7 +167,11 @@ impl JoinRecord {
             if !voters.insert(v.voter()) {
                 return Err(bad(format!("{} voted twice", v.voter())));
             }
-            if v.starts() != Some(self.decided_at) || v.anchor() != (self.anchor, self.outer_state) {
+            // For it, or (a round rebuilt from the votes has none of its
+            // own) built the round it starts on it.
+            let key = (self.anchor, self.outer_state);
+            let votes_for = v.starts() == Some(self.decided_at) && v.anchor() == key;
+            if !votes_for && v.built_on() != Some((self.decided_at, key)) {
                 return Err(bad(format!("the vote of {} names another anchor or round", v.voter())));
             }
         }
@@ -138,5 +184,64 @@ impl JoinRecord {
 
     pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self, LedgerError> {
         decode_exact(bytes, "join record")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::tests::{key, record};
+    use crate::RecordHash;
+
+    fn join(anchor: WeightsHash, decided_at: u64, votes: Vec<Vote>) -> JoinRecord {
+        JoinRecord {
+            round: decided_at,
+            anchor,
+            outer_state: WeightsHash([0; 32]),
+            anchor_payload: PayloadHash([0; 32]),
+            outer_payload: PayloadHash([0; 32]),
+            kind: JoinKind::Revert,
+            decided_at,
+            votes,
+        }
+    }
+
+    /// A record of round 5 that built round 4 on `on` (and votes, as every
+    /// record does, for the anchor it trained from: `[1; 32]`).
+    fn built_on(n: u8, on: WeightsHash) -> Vote {
+        let k = key(n);
+        let mut r = record(&k, 5, RecordHash([0; 32])).record;
+        r.made_from = on;
+        Vote::Record(r.sign(&k))
+    }
+
+    #[test]
+    fn a_join_takes_votes_for_its_anchor_or_records_built_on_it() {
+        let run = RunId([7; 32]);
+        let rebuilt = WeightsHash([4; 32]);
+        // Voted for at round 5 (every test record trains from [1; 32]).
+        let voted = join(
+            WeightsHash([1; 32]),
+            5,
+            vec![built_on(1, rebuilt), built_on(2, rebuilt)],
+        );
+        assert!(voted.verify(&run).is_ok());
+        // Nobody voted for a rebuilt anchor of round 4, but round 5 was
+        // built on it.
+        let on = join(rebuilt, 4, vec![built_on(1, rebuilt), built_on(2, rebuilt)]);
+        assert!(on.verify(&run).is_ok());
+        // Built on another anchor, or on this one for another round: refused.
+        let other = join(
+            rebuilt,
+            4,
+            vec![built_on(1, rebuilt), built_on(2, WeightsHash([5; 32]))],
+        );
+        let err = other.verify(&run).expect_err("a record built on another anchor");
+        assert!(err.to_string().contains("names another anchor or round"), "{err}");
+        let late = join(rebuilt, 3, vec![built_on(1, rebuilt)]);
+        assert!(late.verify(&run).is_err(), "round 5's records built round 4, not 3");
+        // A record that took its anchor over names none.
+        let none = join(WeightsHash([0; 32]), 4, vec![built_on(3, WeightsHash([0; 32]))]);
+        assert!(none.verify(&run).is_err());
     }
 }

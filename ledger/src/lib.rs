@@ -32,14 +32,14 @@ mod wire;
 
 pub use chain::{Head, Placement, VerifiedRecord};
 pub use error::{LedgerError, Result};
-pub use id::{AuthorId, PayloadHash, RecordHash, RunId, Seq, SignatureBytes, VerdictHash, WeightsHash};
+pub use id::{AuthorId, PayloadHash, RecordHash, RecordTag, RunId, Seq, SignatureBytes, VerdictHash, WeightsHash};
 pub use join::{JoinKind, JoinRecord, Vote};
 pub use key::{memoize_signature_checks, AuthorKey};
 pub use mem::MemLedger;
 pub use meta::{RunMeta, FORMAT_VERSION};
 pub use ops::{check_append, check_payload, check_verdict, Batch, Op, Store};
 pub use proof::{EquivocationProof, ProofKind};
-pub use record::{SignedRecord, UpdateRecord, RECORD_VERSION};
+pub use record::{SignedRecord, UpdateRecord, MAX_MERGED, RECORD_VERSION};
 pub use store::{Event, Ledger, Retention, StoreOptions};
 pub use verdict::{
     RejectReason, SignedVerdictBlock, Verdict, VerdictBlock, VerdictEntry, VerdictHead, VERDICT_VERSION,

@@ -318,6 +318,7 @@ mod tests {
                 prev: meta.verdict_genesis(),
                 round: 0,
                 base_anchor: meta.genesis_weights,
+                base_outer: crate::WeightsHash([0; 32]),
                 new_anchor: meta.genesis_weights,
                 outer_state: meta.genesis_weights,
                 entries,

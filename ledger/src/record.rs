@@ -6,11 +6,15 @@ use serde::{Deserialize, Serialize};
 use crate::key::verify_one;
 use crate::wire::{decode_exact, encode};
 use crate::{
-    id::hash_in, AuthorId, AuthorKey, LedgerError, PayloadHash, RecordHash, RunId, Seq, SignatureBytes, WeightsHash,
+    id::hash_in, AuthorId, AuthorKey, LedgerError, PayloadHash, RecordHash, RecordTag, RunId, Seq, SignatureBytes,
+    WeightsHash,
 };
 
 /// The version written into every record; a newer one is refused, not guessed at.
-pub const RECORD_VERSION: u16 = 2;
+pub const RECORD_VERSION: u16 = 3;
+
+/// Most merged updates one record may list (a round has one per member).
+pub const MAX_MERGED: usize = 4096;
 
 const RECORD_SIGNING_CONTEXT: &[u8] = b"meshtrain/update-record/v1";
 
@@ -31,6 +35,15 @@ pub struct UpdateRecord {
     /// `base_hash` it is the author's signed vote for the anchor it closed
     /// round `round - 1` on (see the node's agreement rule).
     pub base_outer: WeightsHash,
+    /// The anchor (weights and outer state) its author aggregated round
+    /// `round - 1` onto to make `base_hash`, and the updates it merged doing
+    /// so (tags, sorted): every node can then tell which anchor more than
+    /// half the voting power built on and which updates it merged, and
+    /// rebuild that round from them when no anchor was decided. Zero and
+    /// empty when it took `base_hash` over instead of making it.
+    pub made_from: WeightsHash,
+    pub made_outer: WeightsHash,
+    pub merged: Vec<RecordTag>,
     pub payload_hash: PayloadHash,
     pub payload_len: u64,
     pub n_samples: u64,
@@ -89,6 +102,15 @@ impl SignedRecord {
                 detail: format!("version {} (this build knows {RECORD_VERSION})", signed.record.version),
             });
         }
+        if signed.record.merged.len() > MAX_MERGED {
+            return Err(LedgerError::Malformed {
+                what: "update record",
+                detail: format!(
+                    "it lists {} merged updates, over the {MAX_MERGED} a round can have",
+                    signed.record.merged.len()
+                ),
+            });
+        }
         Ok(signed)
     }
 
@@ -142,6 +164,9 @@ pub(crate) mod tests {
             round: seq,
             base_hash: WeightsHash([1; 32]),
             base_outer: WeightsHash([0; 32]),
+            made_from: WeightsHash([0; 32]),
+            made_outer: WeightsHash([0; 32]),
+            merged: Vec::new(),
             payload_hash: PayloadHash::of(&seq.to_le_bytes()),
             payload_len: 8,
             n_samples: 64,

@@ -11,7 +11,7 @@ use crate::{
     id::hash_in, AuthorId, AuthorKey, LedgerError, RecordHash, RunId, Seq, SignatureBytes, VerdictHash, WeightsHash,
 };
 
-pub const VERDICT_VERSION: u16 = 1;
+pub const VERDICT_VERSION: u16 = 2;
 const VERDICT_SIGNING_CONTEXT: &[u8] = b"meshtrain/verdict-block/v1";
 
 /// Why an update was not merged. The `code` is the stable name used in
@@ -193,6 +193,10 @@ pub struct VerdictBlock {
     pub round: u64,
     /// Anchor weights before this round's aggregate was applied.
     pub base_anchor: WeightsHash,
+    /// The outer optimiser's state that came with them: with `base_anchor`,
+    /// the anchor the round was built on, as records name it
+    /// (`UpdateRecord::made_from`).
+    pub base_outer: WeightsHash,
     /// Anchor weights after it.
     pub new_anchor: WeightsHash,
     /// The outer optimiser's state (momentum) after it, so that a node
@@ -285,6 +289,7 @@ mod tests {
             prev: VerdictHash([0; 32]),
             round: 0,
             base_anchor: WeightsHash([1; 32]),
+            base_outer: WeightsHash([0; 32]),
             new_anchor: WeightsHash([2; 32]),
             outer_state: WeightsHash([0; 32]),
             entries: vec![VerdictEntry {

@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use meshtrain_ledger::{AuthorId, Vote, WeightsHash};
+use meshtrain_ledger::{AuthorId, RecordTag, Vote, WeightsHash};
 
 use super::power::Power;
 
@@ -81,6 +81,12 @@ pub fn decide(support: &BTreeMap<AnchorKey, u64>, total: u64, seen: u64) -> Tall
         seen,
         decided,
     }
+}
+
+/// What a vote says its voter built the round before on, and the updates
+/// it merged there (see `Vote::built_on`).
+fn built(vote: &Vote) -> Option<(AnchorKey, BTreeSet<RecordTag>)> {
+    vote.built_on().map(|(_, on)| (on, vote.merged()))
 }
 
 /// One member's verdicts of a round, as its signed verdict block gave them:
@@ -234,6 +240,93 @@ impl Votes {
         decide(&support, power.total(), seen)
     }
 
+    /// The anchor that more than half of the whole voting power says it
+    /// aggregated round `starts - 1` onto (each record for `starts` names
+    /// the one its author built on): `Some(None)` when none has or can get
+    /// there, `None` while the votes still out could make one. Only honest
+    /// nodes build on anchors an honest node computed, and half the power
+    /// or more includes one, so this is such an anchor.
+    pub fn built_on(&self, starts: u64, power: &Power) -> Option<Option<AnchorKey>> {
+        let mut weight: BTreeMap<AnchorKey, u64> = BTreeMap::new();
+        let mut seen = 0;
+        for (voter, vote) in self.counted(starts) {
+            let p = power.of(voter);
+            seen += p;
+            let Some((from, _)) = built(vote) else { continue };
+            if p == 0 || from.0 == WeightsHash([0; 32]) {
+                continue;
+            }
+            *weight.entry(from).or_default() += p;
+        }
+        let total = power.total();
+        let out = total.saturating_sub(seen);
+        if let Some((k, _)) = weight.iter().find(|(_, w)| 2 * **w > total) {
+            return Some(Some(*k));
+        }
+        if weight.values().any(|w| 2 * (w + out) > total) || (weight.is_empty() && 2 * out > total) {
+            return None;
+        }
+        Some(None)
+    }
+
+    /// The updates that voters with more than half of the whole voting
+    /// power say they merged when they built their vote for `starts` on
+    /// `from`, sorted; `None` while the votes still out could add one.
+    /// Every node that holds votes enough to settle it names the same ones.
+    pub fn merged_by_majority(&self, starts: u64, from: &AnchorKey, power: &Power) -> Option<Vec<RecordTag>> {
+        let mut weight: BTreeMap<RecordTag, u64> = BTreeMap::new();
+        let mut seen = 0;
+        for (voter, vote) in self.counted(starts) {
+            let p = power.of(voter);
+            seen += p;
+            let Some((on, tags)) = built(vote) else { continue };
+            if p == 0 || on != *from {
+                continue;
+            }
+            for t in tags {
+                *weight.entry(t).or_default() += p;
+            }
+        }
+        let total = power.total();
+        let out = total.saturating_sub(seen);
+        if weight.values().any(|w| 2 * w <= total && 2 * (w + out) > total) {
+            return None;
+        }
+        Some(
+            weight
+                .into_iter()
+                .filter(|(_, w)| 2 * w > total)
+                .map(|(t, _)| t)
+                .collect(),
+        )
+    }
+
+    /// The record voting for the anchor that starts `starts` whose hash
+    /// begins with `tag`.
+    pub fn record_tagged(&self, starts: u64, tag: &RecordTag) -> Option<&meshtrain_ledger::SignedRecord> {
+        self.rounds.get(&starts)?.values().find_map(|v| match v {
+            Vote::Record(r) if r.hash().tag() == *tag => Some(r),
+            _ => None,
+        })
+    }
+
+    /// The voters that say they merged `tag` building on `from` for the
+    /// anchor starting `starts`: they hold its payload.
+    pub fn merged_by(&self, starts: u64, from: &AnchorKey, tag: &RecordTag) -> Vec<AuthorId> {
+        self.counted(starts)
+            .filter(|(_, v)| built(v).is_some_and(|(on, tags)| on == *from && tags.contains(tag)))
+            .map(|(voter, _)| *voter)
+            .collect()
+    }
+
+    /// The records for `starts` that name `from` as what they built on.
+    pub fn built_on_by(&self, starts: u64, from: &AnchorKey, power: &Power) -> Vec<Vote> {
+        self.counted(starts)
+            .filter(|(voter, v)| power.of(voter) > 0 && built(v).is_some_and(|(on, _)| on == *from))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// The votes for `key` starting round `starts`, one per voter with power.
     pub fn for_anchor(&self, starts: u64, key: &AnchorKey, power: &Power) -> Vec<Vote> {
         self.counted(starts)
@@ -251,12 +344,32 @@ impl Votes {
             .collect()
     }
 
-    /// The latest round with a decided anchor, from `from` on.
+    /// The latest round with a decided anchor, from `from` on: one more
+    /// than half the voting power voted for, or built the round on (a
+    /// round rebuilt from the votes is decided without a vote for it).
     pub fn latest_decided(&self, from: u64, power: &Power) -> Option<(u64, AnchorKey)> {
-        self.rounds
-            .range(from..)
-            .rev()
-            .find_map(|(starts, _)| self.tally(*starts, power).decided().map(|k| (*starts, k)))
+        self.latest_decided_below(from, u64::MAX, power)
+    }
+
+    /// [`Votes::latest_decided`], for anchors starting before `below`.
+    pub fn latest_decided_below(&self, from: u64, below: u64, power: &Power) -> Option<(u64, AnchorKey)> {
+        if from >= below {
+            return None;
+        }
+        self.rounds.range(from..=below).rev().find_map(|(starts, _)| {
+            if *starts >= below {
+                // Only what it says of the round before counts.
+                return starts
+                    .checked_sub(1)
+                    .filter(|s| *s >= from && *s < below)
+                    .and_then(|s| self.built_on(*starts, power).flatten().map(|k| (s, k)));
+            }
+            let built = starts
+                .checked_sub(1)
+                .filter(|s| *s >= from)
+                .and_then(|s| self.built_on(*starts, power).flatten().map(|k| (s, k)));
+            self.tally(*starts, power).decided().map(|k| (*starts, k)).or(built)
+        })
     }
 
     /// Voters whose vote for round `starts` counts.
@@ -298,6 +411,9 @@ mod tests {
                 round: starts,
                 base_hash: WeightsHash([anchor; 32]),
                 base_outer: WeightsHash([0; 32]),
+                made_from: WeightsHash([0; 32]),
+                made_outer: WeightsHash([0; 32]),
+                merged: Vec::new(),
                 payload_hash: PayloadHash([voter; 32]),
                 payload_len: 1,
                 n_samples: 1,
@@ -305,6 +421,19 @@ mod tests {
             }
             .sign(&key),
         )
+    }
+
+    /// A record for `starts` voting `anchor`, that built the round before
+    /// on `on` and merged `merged` (tags `[m; 8]`).
+    fn built_vote(voter: u8, starts: u64, anchor: u8, on: u8, merged: &[u8]) -> Vote {
+        let key = AuthorKey::from_secret([voter; 32]);
+        let Vote::Record(r) = vote(voter, starts, anchor) else {
+            unreachable!("vote() makes records")
+        };
+        let mut record = r.record;
+        record.made_from = WeightsHash([on; 32]);
+        record.merged = merged.iter().map(|m| RecordTag([*m; 8])).collect();
+        Vote::Record(record.sign(&key))
     }
 
     fn roster(n: u8) -> Power {
@@ -334,6 +463,64 @@ mod tests {
         notes.insert(id(20), note(7, &[id(2)]));
         assert_eq!(agreed_credits(&notes, &k(7), &power), vec![newcomer]);
         assert!(agreed_credits(&notes, &k(8), &power).is_empty());
+    }
+
+    #[test]
+    fn a_round_is_rebuilt_on_what_a_majority_built_on_from_what_a_majority_merged() {
+        let power = roster(5);
+        let mut votes = Votes::default();
+        // Four against one over update 9 (the fifth member's vote is out):
+        // two built round 3 on anchor 1 and merged 7, 8 and 9; two merged
+        // 7 and 8 only.
+        votes.add(built_vote(1, 4, 20, 1, &[7, 8, 9]));
+        votes.add(built_vote(2, 4, 20, 1, &[7, 8, 9]));
+        votes.add(built_vote(3, 4, 21, 1, &[7, 8]));
+        votes.add(built_vote(4, 4, 21, 1, &[8, 7]));
+        assert_eq!(votes.tally(4, &power).decided(), None);
+        assert_eq!(votes.built_on(4, &power), Some(Some(k(1))));
+        assert_eq!(
+            votes.merged_by_majority(4, &k(1), &power),
+            None,
+            "the vote still out decides whether update 9 is in"
+        );
+        // It built elsewhere and merged 9: 9 is not in (two of five).
+        votes.add(built_vote(5, 4, 22, 2, &[9]));
+        assert_eq!(
+            votes.merged_by_majority(4, &k(1), &power),
+            Some(vec![RecordTag([7; 8]), RecordTag([8; 8])])
+        );
+        assert_eq!(votes.built_on_by(4, &k(1), &power).len(), 4);
+        // Round 3 is decided by what was built on it, without a vote for
+        // it; round 4 by nothing.
+        assert_eq!(votes.latest_decided(0, &power), Some((3, k(1))));
+        assert_eq!(votes.latest_decided_below(0, 3, &power), None);
+    }
+
+    #[test]
+    fn a_minority_cannot_name_what_was_built_on_or_merged() {
+        let power = roster(5);
+        let mut votes = Votes::default();
+        // Two members claim anchor 6 and a poisoned update 66: whatever the
+        // others built on, neither is taken.
+        votes.add(built_vote(1, 4, 30, 6, &[66]));
+        votes.add(built_vote(2, 4, 30, 6, &[66]));
+        votes.add(built_vote(3, 4, 31, 1, &[7]));
+        assert_eq!(
+            votes.built_on(4, &power),
+            None,
+            "two votes out could still make anchor 1 or 6 a majority"
+        );
+        votes.add(built_vote(4, 4, 32, 2, &[7]));
+        votes.add(built_vote(5, 4, 33, 3, &[7]));
+        assert_eq!(votes.built_on(4, &power), Some(None));
+        assert_eq!(votes.merged_by_majority(4, &k(6), &power), Some(Vec::new()));
+        assert_eq!(votes.latest_decided(0, &power), None);
+        // A vote that took its anchor over names none.
+        let mut votes = Votes::default();
+        for v in 1..=3 {
+            votes.add(built_vote(v, 4, 30, 0, &[]));
+        }
+        assert_eq!(votes.built_on(4, &power), Some(None));
     }
 
     #[test]

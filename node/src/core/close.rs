@@ -56,6 +56,32 @@ pub struct AggregateJob {
     pub wait_ms: u64,
 }
 
+/// An anchor's weights and outer state.
+type AnchorState = (Arc<Vec<f32>>, Arc<Vec<f32>>);
+
+/// What [`Core::rebuild_round`] came to.
+enum Rebuild {
+    /// Votes still out could change which anchor or updates.
+    Wait,
+    /// The anchor built on is being fetched.
+    Fetching,
+    Unable,
+    Built(Box<Rebuilt>),
+}
+
+struct Rebuilt {
+    /// The round rebuilt (its result starts the next).
+    prev: u64,
+    /// The anchor it was built on, its weights and outer state.
+    from: super::agreement::AnchorKey,
+    base: AnchorState,
+    /// The rebuilt anchor.
+    key: super::agreement::AnchorKey,
+    done: AggregateDone,
+    taken: std::collections::BTreeSet<meshtrain_ledger::RecordHash>,
+    updates: usize,
+}
+
 /// What a round's aggregation produced.
 #[derive(Debug)]
 pub struct AggregateDone {
@@ -200,7 +226,13 @@ impl Core {
             return true;
         }
         let tally = self.votes.tally(round, &self.power);
-        let Some(key) = tally.decided() else {
+        // The mesh may be a round ahead of us: what more than half of the
+        // voting power built this round on is its anchor, voted for or not
+        // (a rebuilt round has no votes of its own).
+        let decided = tally
+            .decided()
+            .or_else(|| self.votes.built_on(round + 1, &self.power).flatten());
+        let Some(key) = decided else {
             if self.power.total() == 0 {
                 // Nobody has a vote yet (an open run's first rounds).
                 return true;
@@ -277,6 +309,9 @@ impl Core {
             let patience = deadline.map(|d| d + isolation_ms(self.cfg.spec.rounds.max_wait_ms));
             if could_later && patience.is_some_and(|p| self.now < p) {
                 return false;
+            }
+            if let Some(go_on) = self.rebuild_if_split(round, &tally, grace) {
+                return go_on;
             }
             return self.revert_if_split(round);
         };
@@ -392,12 +427,26 @@ impl Core {
         if self.power.total() == 0 {
             return true;
         }
+        self.rebuilt_since_decided(round);
+        // Decisions we took no part in (a round we skipped, one the mesh
+        // rebuilt while we were behind) count too: going back to an older
+        // one would part us from the others.
+        if let Some((s, k)) = self.votes.latest_decided_below(0, round, &self.power) {
+            if self.decided.as_ref().is_none_or(|d| d.starts < s || d.starts >= round) {
+                self.decided = None;
+                self.note_decision(s, k);
+            }
+        }
         let target = match (&self.decided, &self.settled) {
             (Some(d), _) if d.starts < round => (d.starts, d.key, d.votes.clone()),
             (_, Some(s)) if s.starts < round => (s.starts, s.key, s.votes.clone()),
             _ => return true,
         };
-        let (starts, key, votes) = target;
+        let (starts, key, kept) = target;
+        // Votes that came since (records built on a rebuilt anchor) prove
+        // it better than those held when it was decided.
+        let fresh = self.evidence(starts, &key);
+        let votes = if fresh.len() >= kept.len() { fresh } else { kept };
         if key == self.anchor_key() {
             // Already on the latest decided anchor: give this round up all
             // the same (merging would move us onto an anchor nobody decided).
@@ -516,8 +565,22 @@ impl Core {
         {
             return;
         }
-        let votes = self.votes.for_anchor(starts, &key, &self.power);
+        let votes = self.evidence(starts, &key);
         self.decided = Some(super::Decision { starts, key, votes });
+    }
+
+    /// The signed votes that decided `key` for the anchor starting
+    /// `starts`: those for it, and (a rebuilt round has none of its own)
+    /// the records that built the round on it, one per voter.
+    pub(super) fn evidence(&self, starts: u64, key: &super::agreement::AnchorKey) -> Vec<meshtrain_ledger::Vote> {
+        let mut votes = self.votes.for_anchor(starts, key, &self.power);
+        let mut voters: std::collections::BTreeSet<AuthorId> = votes.iter().map(|v| v.voter()).collect();
+        for v in self.votes.built_on_by(starts + 1, key, &self.power) {
+            if voters.insert(v.voter()) {
+                votes.push(v);
+            }
+        }
+        votes
     }
 
     fn aggregate(&mut self, mut inputs: RoundInputs) {
@@ -535,6 +598,12 @@ impl Core {
         // A round given up merges nothing: every node that goes back lands
         // on the same anchor, and the next round's votes agree again.
         let abandoned = self.abandoned.take() == Some(inputs.round);
+        self.closes.push_back(super::LastClose {
+            inputs: inputs.inputs.clone(),
+        });
+        while self.closes.len() > super::CLOSES_KEPT {
+            self.closes.pop_front();
+        }
         let bases = &self.bases;
         let (on, off): (Vec<_>, Vec<_>) = std::mem::take(&mut inputs.inputs)
             .into_iter()
@@ -576,6 +645,7 @@ impl Core {
             return;
         };
         let base = self.anchor_hash;
+        let base_key = self.anchor_key();
         let new_hash = WeightsHash::of_f32(&done.anchor);
         let (mut merged, mut clipped, mut rejected, mut probation) = (0u64, 0u64, 0u64, 0u64);
         let mut bans = Vec::new();
@@ -663,39 +733,22 @@ impl Core {
         }
         self.counters.merged += merged;
         self.counters.clipped += clipped;
-        let (seq, prev) = match self.verdict_head {
-            None => (0, self.cfg.verdict_genesis),
-            Some((s, h)) => (s + 1, h),
-        };
-        let block = VerdictBlock {
-            version: VERDICT_VERSION,
-            run_id: self.cfg.run_id,
-            owner: self.me,
-            seq,
-            prev,
-            round: done.round,
-            base_anchor: base,
-            new_anchor: new_hash,
-            outer_state: outer_hash,
-            entries: done.entries,
+        let abandoned = done
+            .entries
+            .iter()
+            .any(|e| matches!(&e.verdict, Verdict::Rejected { reason } if *reason == RejectReason::RoundAbandoned));
+        self.apply_close(
+            done.round,
+            base_key,
+            (done.anchor, new_hash),
+            (done.outer, outer_hash),
+            done.entries,
+            open,
+        );
+        if abandoned {
+            // Gone back, not made: our next record claims no merges.
+            self.made = None;
         }
-        .sign(&self.key);
-        self.verdict_head = Some((seq, block.block.hash()));
-        if block.block.round + 1 < self.end_round && open {
-            // Open runs: what we credit each round, for every node to count
-            // alike (the last round's block goes out as our final vote).
-            self.emit(Effect::Publish(GossipMessage::Vote {
-                block: block.to_bytes(),
-            }));
-        }
-        self.attestation = Some(block.clone());
-        self.emit(Effect::Inbox(Job::Verdict(Box::new(block))));
-        self.velocity = Arc::new(done.outer.velocity().to_vec());
-        self.anchor = Arc::new(done.anchor);
-        self.anchor_hash = new_hash;
-        self.outer_hash = outer_hash;
-        self.outer = Some(done.outer);
-        self.remember_snapshot();
         self.votes.prune_below(self.vote_floor());
         info!(
             round = done.round,
@@ -740,6 +793,407 @@ impl Core {
         } else {
             self.start_round();
         }
+    }
+
+    /// Records a round's close (ours, or a rebuild of it) in a signed
+    /// verdict block and moves onto the anchor it made.
+    fn apply_close(
+        &mut self,
+        round: u64,
+        base: super::agreement::AnchorKey,
+        (anchor, new_hash): (Vec<f32>, WeightsHash),
+        (outer, outer_hash): (OuterOptimizer, WeightsHash),
+        entries: Vec<VerdictEntry>,
+        publish: bool,
+    ) {
+        let merged = entries
+            .iter()
+            .filter(|e| matches!(e.verdict, Verdict::Merged { .. } | Verdict::Clipped { .. }))
+            .map(|e| e.record_hash.tag())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        self.made = Some(super::Made {
+            anchor: new_hash,
+            from: base,
+            merged,
+        });
+        let (seq, prev) = match self.verdict_head {
+            None => (0, self.cfg.verdict_genesis),
+            Some((s, h)) => (s + 1, h),
+        };
+        let block = VerdictBlock {
+            version: VERDICT_VERSION,
+            run_id: self.cfg.run_id,
+            owner: self.me,
+            seq,
+            prev,
+            round,
+            base_anchor: base.0,
+            base_outer: base.1,
+            new_anchor: new_hash,
+            outer_state: outer_hash,
+            entries,
+        }
+        .sign(&self.key);
+        self.verdict_head = Some((seq, block.block.hash()));
+        if block.block.round + 1 < self.end_round && publish {
+            // Open runs: what we credit each round, for every node to count
+            // alike (the last round's block goes out as our final vote).
+            self.emit(Effect::Publish(GossipMessage::Vote {
+                block: block.to_bytes(),
+            }));
+        }
+        self.attestation = Some(block.clone());
+        self.emit(Effect::Inbox(Job::Verdict(Box::new(block))));
+        self.velocity = Arc::new(outer.velocity().to_vec());
+        self.anchor = Arc::new(anchor);
+        self.anchor_hash = new_hash;
+        self.outer_hash = outer_hash;
+        self.outer = Some(outer);
+        self.remember_snapshot();
+    }
+
+    /// No anchor for the base of `round` has half the voting power, nor can
+    /// get it: instead of giving two rounds up, rebuild the round before
+    /// (see [`Core::rebuild_round`]) and close this one on the result.
+    /// `Some(false)`: wait (votes still out could change the answer, or the
+    /// anchor built on is being fetched); `None`: no rebuild here (the
+    /// caller goes back as before).
+    pub(super) fn rebuild_if_split(
+        &mut self,
+        round: u64,
+        tally: &super::agreement::Tally,
+        grace: Option<Millis>,
+    ) -> Option<bool> {
+        let waiting = grace.is_some_and(|g| self.now < g);
+        let r = match self.rebuild_round(round, grace) {
+            Rebuild::Wait => return waiting.then_some(false),
+            Rebuild::Fetching => return Some(false),
+            Rebuild::Unable => return None,
+            Rebuild::Built(r) => r,
+        };
+        let Rebuilt {
+            prev,
+            from,
+            key,
+            base,
+            done,
+            taken,
+            updates,
+        } = *r;
+        warn!(
+            round,
+            rebuilt = prev,
+            on = %from.0.short(),
+            updates,
+            support = tally.support,
+            of = tally.total,
+            anchor = %key.0.short(),
+            ours = key == self.anchor_key(),
+            "no anchor has half the voting power; rebuilt the round before from what more than half of it built on and merged"
+        );
+        if key != self.anchor_key() {
+            // Back onto the anchor that round was built on (a join the
+            // audit replays from, with the records that name it), then the
+            // rebuilt round as a verdict block of its own.
+            let (weights, velocity) = base;
+            let weights_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &weights);
+            let outer_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &velocity);
+            let evidence = self.evidence(prev, &from);
+            self.take_over(
+                Fetched {
+                    starts: prev,
+                    key: from,
+                    weights,
+                    velocity: velocity.to_vec(),
+                    weights_bytes,
+                    outer_bytes,
+                },
+                meshtrain_ledger::JoinKind::Revert,
+                prev,
+                evidence,
+            );
+            self.bases.insert(prev, from.0);
+            // What else that round had waits for the next close as late,
+            // as at a node whose close took exactly these updates.
+            let had: Vec<_> = self
+                .closes
+                .iter()
+                .flat_map(|l| l.inputs.iter().map(|(c, _)| c.clone()))
+                .filter(|c| c.round == prev)
+                .collect();
+            self.book.rebuilt(prev, had, &taken);
+            let open = self.power.is_open();
+            self.apply_close(
+                prev,
+                from,
+                (done.anchor, key.0),
+                (done.outer, key.1),
+                done.entries,
+                open,
+            );
+        }
+        let votes = self.evidence(round, &key);
+        self.decided = Some(super::Decision {
+            starts: round,
+            key,
+            votes: votes.clone(),
+        });
+        self.settled = Some(Settled {
+            starts: round,
+            key,
+            weights: self.anchor.clone(),
+            velocity: self.velocity.clone(),
+            votes,
+        });
+        Some(true)
+    }
+
+    /// Rebuilds the anchor that starts `starts` from what the votes for it
+    /// say. Each record names the anchor its author built round `starts -
+    /// 1` on and the updates it merged (see `UpdateRecord::merged`); the
+    /// anchor more than half of the voting power built on, aggregated with
+    /// the updates more than half of it merged, is that round's result.
+    /// Every node that holds votes enough to settle both rebuilds the same
+    /// anchor, bit for bit, and takes it as decided: the anchor built on is
+    /// one an honest node computed, each update was merged by an honest
+    /// node, and the robust aggregator judges them again. An attacker that
+    /// shows its payload to half the mesh late (`split`) otherwise left
+    /// four nodes against four and every round given up. Not with loss
+    /// scoring, whose scores come from each node's own data. Until
+    /// `fetch_until`, what we lack (the anchor built on, updates) is
+    /// fetched and waited for.
+    fn rebuild_round(&mut self, starts: u64, fetch_until: Option<Millis>) -> Rebuild {
+        if self.cfg.spec.exchange.score.is_some() {
+            return Rebuild::Unable;
+        }
+        let Some(prev) = starts.checked_sub(1) else {
+            return Rebuild::Unable;
+        };
+        let from = match self.votes.built_on(starts, &self.power) {
+            None => return Rebuild::Wait,
+            Some(None) => return Rebuild::Unable,
+            Some(Some(from)) => from,
+        };
+        let Some(merged) = self.votes.merged_by_majority(starts, &from, &self.power) else {
+            return Rebuild::Wait;
+        };
+        // Each update as the round's close weighed it: its own round's
+        // fully, a late one by the staleness decay. We may have taken it
+        // at any close we keep (one late here is another round's input),
+        // hold it still, or have refused it as too late to merge.
+        let decay = self.cfg.spec.exchange.staleness_decay;
+        let mut inputs = Vec::with_capacity(merged.len());
+        let mut missing = Vec::new();
+        for tag in &merged {
+            let held = self
+                .closes
+                .iter()
+                .flat_map(|l| l.inputs.iter().map(|(c, _)| c))
+                .chain((prev.saturating_sub(1)..=prev).flat_map(|r| self.book.for_round(r)))
+                .chain(self.stale_kept.iter())
+                .find(|c| c.round <= prev && c.record_hash.tag() == *tag)
+                .map(|c| (c.clone(), decay.powi((prev - c.round) as i32)));
+            match held {
+                Some(i) => inputs.push(i),
+                None => missing.push(*tag),
+            }
+        }
+        if !missing.is_empty() {
+            // Updates of the round just closed (ones that came late here,
+            // or before we caught up) are fetched like any late update, for
+            // as long as a repair waits.
+            let (since, first) = match self.rebuild_wait {
+                Some((s, since)) if s == starts => (since, false),
+                _ => (self.now, true),
+            };
+            self.rebuild_wait = Some((starts, since));
+            let mut asked = 0;
+            if fetch_until.is_some_and(|u| self.now < u.max(since + RECHECK_MS)) {
+                for tag in &missing {
+                    // That round's, or one late there from the round before.
+                    let Some(r) = self
+                        .votes
+                        .record_tagged(prev, tag)
+                        .or_else(|| prev.checked_sub(1).and_then(|p| self.votes.record_tagged(p, tag)))
+                    else {
+                        continue;
+                    };
+                    let of = super::wants::WantedFor {
+                        author: r.record.author,
+                        seq: r.record.seq,
+                        record_hash: r.hash(),
+                        round: r.record.round,
+                    };
+                    let hash = r.record.payload_hash;
+                    // Those that merged it hold it: ask them first, at once
+                    // (the author may be the one holding it back).
+                    let members = self.members.by_author();
+                    let holders: Vec<_> = self
+                        .votes
+                        .merged_by(starts, &from, tag)
+                        .iter()
+                        .filter(|a| **a != of.author)
+                        .filter_map(|a| members.get(a).copied())
+                        .collect();
+                    if !self.wants.contains(&hash) {
+                        // Too late to merge here, so not wanted before: an
+                        // update that arrives is kept for the rebuild.
+                        let mut candidates = holders.clone();
+                        candidates.extend(super::members::peer_of(&of.author));
+                        candidates.extend(self.members.peers());
+                        if self.wants.want(hash, of, candidates) {
+                            self.next_payload_attempt(hash);
+                        }
+                    } else if first && !holders.is_empty() && self.wants.prefer(&hash, &holders) {
+                        // Two at once: one of them may be slow too.
+                        self.next_payload_attempt(hash);
+                        self.next_payload_attempt(hash);
+                    }
+                    asked += usize::from(self.wants.contains(&hash));
+                }
+            }
+            let missing: Vec<String> = missing.iter().map(|t| t.to_string()).collect();
+            if tracing::enabled!(tracing::Level::TRACE) {
+                let held: Vec<String> = self
+                    .closes
+                    .iter()
+                    .flat_map(|l| l.inputs.iter().map(|(c, _)| c))
+                    .chain((prev.saturating_sub(1)..=prev).flat_map(|r| self.book.for_round(r)))
+                    .chain(self.stale_kept.iter())
+                    .map(|c| format!("{}@{}:{}", c.author.short(), c.round, c.record_hash.tag()))
+                    .collect();
+                tracing::trace!(round = starts, ?held, "updates held for a rebuild");
+            }
+            if asked > 0 {
+                debug!(
+                    round = starts,
+                    rebuilds = prev,
+                    ?missing,
+                    "fetching the updates a rebuild needs"
+                );
+                return Rebuild::Fetching;
+            }
+            warn!(
+                round = starts,
+                rebuilds = prev,
+                ?missing,
+                "updates the majority merged are not here to rebuild the round"
+            );
+            return Rebuild::Unable;
+        }
+        // The anchor built on: ours from that round, or fetched.
+        let Some((weights, velocity)) = self.held_anchor(prev, &from) else {
+            if fetch_until.is_none() || self.unavailable == Some((prev, from)) {
+                return Rebuild::Unable;
+            }
+            if let Some(f) = self.fetch.as_ref().filter(|f| f.key == from) {
+                if self.now.saturating_sub(f.since) < REPAIR_WAIT_MS {
+                    return Rebuild::Fetching;
+                }
+                return Rebuild::Unable;
+            }
+            self.fetch_anchor(prev, from, Purpose::Revert);
+            return if self.fetch.is_some() {
+                Rebuild::Fetching
+            } else {
+                Rebuild::Unable
+            };
+        };
+        let Some(mut outer) = self.outer.clone() else {
+            return Rebuild::Unable;
+        };
+        inputs.sort_by(|(a, _), (b, _)| a.round.cmp(&b.round).then(a.author.cmp(&b.author)));
+        let taken = inputs.iter().map(|(c, _)| c.record_hash).collect();
+        outer.set_velocity(velocity.to_vec());
+        // Inline, unlike a round's aggregation: a rebuild is rare, and the
+        // close must know its anchor before it can go on.
+        let done = run_aggregation(AggregateJob {
+            spec: self.cfg.spec.exchange.aggregator,
+            anchor: weights.clone(),
+            inputs: RoundInputs {
+                round: prev,
+                inputs,
+                rejections: Vec::new(),
+            },
+            probation: Vec::new(),
+            outer,
+            wait_ms: 0,
+        });
+        let key = (
+            WeightsHash::of_f32(&done.anchor),
+            WeightsHash::of_f32(done.outer.velocity()),
+        );
+        Rebuild::Built(Box::new(Rebuilt {
+            prev,
+            from,
+            key,
+            base: (weights, velocity),
+            done,
+            taken,
+            updates: merged.len(),
+        }))
+    }
+
+    /// Before going back to the latest decided anchor: rounds after it
+    /// that others rebuilt (we gave them up before every vote was in) are
+    /// decided too, and going back anywhere else would part us from them
+    /// for good.
+    fn rebuilt_since_decided(&mut self, round: u64) {
+        let Some(mut from) = self
+            .decided
+            .as_ref()
+            .map(|d| d.starts)
+            .or(self.settled.as_ref().map(|s| s.starts))
+        else {
+            return;
+        };
+        while from + 1 < round {
+            let starts = from + 1;
+            if self.votes.tally(starts, &self.power).decided().is_some() {
+                break;
+            }
+            let Rebuild::Built(r) = self.rebuild_round(starts, None) else {
+                break;
+            };
+            info!(
+                round,
+                rebuilt = r.prev,
+                anchor = %r.key.0.short(),
+                "a round we gave up was rebuilt from the votes: it is the one to go back to"
+            );
+            let votes = self.evidence(starts, &r.key);
+            self.decided = Some(super::Decision {
+                starts,
+                key: r.key,
+                votes: votes.clone(),
+            });
+            self.settled = Some(Settled {
+                starts,
+                key: r.key,
+                weights: Arc::new(r.done.anchor),
+                velocity: Arc::new(r.done.outer.velocity().to_vec()),
+                votes,
+            });
+            from = starts;
+        }
+    }
+
+    /// The weights and outer state of `key`, when we hold them: the anchor
+    /// we settled on, one fetched for `starts`, or one of our last.
+    fn held_anchor(&self, starts: u64, key: &super::agreement::AnchorKey) -> Option<AnchorState> {
+        if let Some(s) = self.settled.as_ref().filter(|s| s.key == *key) {
+            return Some((s.weights.clone(), s.velocity.clone()));
+        }
+        if let Some(f) = self.fetched.as_ref().filter(|f| f.starts == starts && f.key == *key) {
+            return Some((f.weights.clone(), Arc::new(f.velocity.clone())));
+        }
+        self.snapshots
+            .iter()
+            .rev()
+            .find(|s| s.anchor_hash == key.0 && WeightsHash::of_f32(&s.velocity) == key.1)
+            .map(|s| (s.weights.clone(), s.velocity.clone()))
     }
 
     /// Our anchor for a peer that asks: the one with these weights (one of

@@ -110,6 +110,9 @@ impl Core {
         let voted = self.votes.voters(starts);
         let all_in = self.connected_authors().iter().all(|a| voted.contains(a));
         let settled = tally.decided().is_some() && (2 * tally.support > tally.total || all_in);
+        // Every vote in and none decides: waiting changes nothing (a
+        // voter's first vote stands), rebuild or go back now.
+        let hopeless = tally.decided().is_none() && tally.seen >= tally.total;
         debug!(
             round = starts,
             support = tally.support,
@@ -120,7 +123,7 @@ impl Core {
             timed_out,
             "final votes"
         );
-        if !settled && !timed_out {
+        if !settled && !timed_out && !hopeless {
             self.ask_final_votes();
             self.arm(Timer::Settle, until.min(self.now + ASK_AGAIN_MS));
             return;
@@ -146,8 +149,22 @@ impl Core {
             }
             Some(_) => {}
             None => {
-                if !self.revert_if_split(starts) && !timed_out {
-                    return;
+                // Rebuilt like any round (the final votes name what their
+                // voters built on and merged); our final vote stays the one
+                // we cast.
+                let cast = self.attestation.clone();
+                let wait = self.cfg.spec.rounds.max_wait_ms.max(MIN_SETTLE_MS);
+                match self.rebuild_if_split(starts, &tally, Some(until + wait)) {
+                    Some(true) => self.attestation = cast,
+                    Some(false) if self.now < until + wait => {
+                        self.arm(Timer::Settle, self.now + ASK_AGAIN_MS);
+                        return;
+                    }
+                    _ => {
+                        if !self.revert_if_split(starts) && !timed_out {
+                            return;
+                        }
+                    }
                 }
             }
         }

@@ -228,7 +228,7 @@ pub enum Effect {
     ServeAnchor {
         peer: PeerId,
         chan: ChanId,
-        anchor: AnchorSnapshot,
+        anchor: Box<AnchorSnapshot>,
     },
     Respond {
         chan: ChanId,
@@ -468,6 +468,32 @@ struct Settled {
     votes: Vec<meshtrain_ledger::Vote>,
 }
 
+/// The anchor we made by aggregating, what from and with which updates:
+/// our next record says so (see `UpdateRecord::merged`).
+#[derive(Clone, Debug)]
+struct Made {
+    anchor: WeightsHash,
+    from: agreement::AnchorKey,
+    merged: Vec<meshtrain_ledger::RecordTag>,
+}
+
+/// The last round we closed: every update it had, whatever its base, with
+/// its prior weight, kept for a rebuild of that round (see
+/// `close::rebuild_if_split`).
+#[derive(Clone, Debug)]
+struct LastClose {
+    inputs: Vec<(rounds::Contribution, f32)>,
+}
+
+/// How many of our last closes are kept for rebuilds: the round before
+/// the one closing, and one more for a node that went back while others
+/// rebuilt (it rebuilds that round too before it goes back).
+const CLOSES_KEPT: usize = 3;
+
+/// How many updates that came too late to merge are kept for rebuilds (a
+/// few rounds' worth of a large mesh; each holds a full delta).
+const STALE_KEPT: usize = 32;
+
 /// The latest decided anchor and its votes.
 #[derive(Clone, Debug)]
 struct Decision {
@@ -550,6 +576,16 @@ pub struct Core {
     /// A round given up (gone back to the last decided anchor): it merges
     /// nothing.
     abandoned: Option<u64>,
+    /// The anchor we made at our last close (while we are still on it).
+    made: Option<Made>,
+    /// A rebuild waiting for updates being fetched: the round whose base
+    /// it rebuilds, and since when.
+    rebuild_wait: Option<(u64, Millis)>,
+    /// Updates that came too late to merge here, newest last (at most
+    /// [`STALE_KEPT`]): a rebuild may need them.
+    stale_kept: std::collections::VecDeque<rounds::Contribution>,
+    /// Our last closes (at most [`CLOSES_KEPT`]), oldest first.
+    closes: std::collections::VecDeque<LastClose>,
     /// The anchor the round in training started from.
     trained_from: Option<agreement::AnchorKey>,
     power: power::Power,
@@ -677,6 +713,10 @@ impl Core {
             bases: BTreeMap::new(),
             trained_from: None,
             abandoned: None,
+            made: None,
+            closes: std::collections::VecDeque::new(),
+            stale_kept: std::collections::VecDeque::new(),
+            rebuild_wait: None,
             power,
             votes: agreement::Votes::default(),
             votes_asked: None,

@@ -146,7 +146,11 @@ impl Core {
         }
         if let FetchRequest::Anchor { weights } = request {
             let response = match self.anchor_snapshot(weights.map(WeightsHash)) {
-                Some(anchor) => Effect::ServeAnchor { peer, chan, anchor },
+                Some(anchor) => Effect::ServeAnchor {
+                    peer,
+                    chan,
+                    anchor: Box::new(anchor),
+                },
                 None => Effect::Respond {
                     chan,
                     response: FetchResponse::Refused("no such anchor held".into()),
@@ -595,7 +599,7 @@ impl Core {
         round > self.round().saturating_add(1)
     }
 
-    fn want_payload(&mut self, hash: PayloadHash, of: WantedFor, first: Option<PeerId>) {
+    pub(super) fn want_payload(&mut self, hash: PayloadHash, of: WantedFor, first: Option<PeerId>) {
         if self.wants.contains(&hash) || !self.round_matters(of.round) {
             return;
         }
@@ -618,7 +622,7 @@ impl Core {
         }
     }
 
-    fn next_payload_attempt(&mut self, hash: PayloadHash) {
+    pub(super) fn next_payload_attempt(&mut self, hash: PayloadHash) {
         match self.wants.next(&hash, self.now) {
             Next::Ask(peer) => {
                 self.request(peer, FetchRequest::Payload { hash: hash.0 }, RequestFor::Payload(hash));
@@ -780,8 +784,10 @@ impl Core {
     pub(super) fn vote_floor(&self) -> u64 {
         let current = self.round();
         let decided = self.decided.as_ref().map_or(0, |d| d.starts);
+        // Two rounds back at least: a rebuild of the round before may need
+        // the record of an update late in it from the round before that.
         decided
-            .min(current.saturating_sub(1))
+            .min(current.saturating_sub(2))
             .max(current.saturating_sub(VOTE_HISTORY))
     }
 
@@ -852,9 +858,16 @@ impl Core {
         }
         debug!(round = self.round(), author = %c.author.short(), for_round = c.round, "update verified");
         let (author, seq, hash, round) = (c.author, c.seq, c.record_hash, c.round);
+        let copy = c.clone();
         if self.book.offer(c, self.now) == BookOffer::Stale {
             self.count_rejection("stale", Some(&author));
             debug!(author = %author.short(), seq = seq.0, record = %hash.short(), round, "stale update");
+            // Too late to merge here, but others may have merged it: a
+            // rebuild of the round they merged it in needs it.
+            self.stale_kept.push_back(copy);
+            while self.stale_kept.len() > super::STALE_KEPT {
+                self.stale_kept.pop_front();
+            }
         }
         if let Phase::Colluding(_) = self.phase {
             self.collusion_saw_update();

@@ -4,7 +4,7 @@
 //! Plain structs and the caller's clock (milliseconds), so every rule here
 //! is tested without a network.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use meshtrain_ledger::{AuthorId, RecordHash, RejectReason, Seq, Verdict, VerdictEntry};
@@ -344,6 +344,22 @@ impl RoundBook {
     pub fn deadline(&self) -> Option<Millis> {
         let full = self.own_ready_at? + self.wait.timeout();
         Some(self.quorum_deadline().map_or(full, |q| q.min(full)))
+    }
+
+    /// A closed round was rebuilt from `taken`: what else it had (merged
+    /// at our close, or come since) waits for the next close as late, like
+    /// at a node whose close took exactly `taken`; `taken` is merged.
+    pub fn rebuilt(&mut self, round: u64, had: impl IntoIterator<Item = Contribution>, taken: &BTreeSet<RecordHash>) {
+        let slot = self.pending.entry(round).or_default();
+        slot.retain(|_, c| !taken.contains(&c.record_hash));
+        for c in had {
+            if c.round == round && !taken.contains(&c.record_hash) {
+                slot.entry(c.author).or_insert(c);
+            }
+        }
+        if slot.is_empty() {
+            self.pending.remove(&round);
+        }
     }
 
     /// Jumps to `round` (after adopting the mesh's anchor): what was pending

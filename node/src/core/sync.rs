@@ -728,7 +728,7 @@ impl Core {
 
     /// Takes over a checked anchor the votes decided, for `purpose`.
     pub(super) fn adopt(&mut self, f: Fetched, purpose: Purpose) {
-        let mut votes = self.votes.for_anchor(f.starts, &f.key, &self.power);
+        let mut votes = self.evidence(f.starts, &f.key);
         if votes.is_empty() {
             // A weak-subjectivity start: the attestations of the members
             // asked, who from now on have a vote here.

@@ -3,7 +3,7 @@
 //! one seq, even across a `kill -9`.
 
 use meshtrain_gossip::GossipMessage;
-use meshtrain_ledger::{PayloadHash, Seq, SignedRecord, UpdateRecord, RECORD_VERSION};
+use meshtrain_ledger::{PayloadHash, Seq, SignedRecord, UpdateRecord, WeightsHash, RECORD_VERSION};
 use tracing::info;
 
 use super::rounds::Contribution;
@@ -120,6 +120,12 @@ impl Core {
             None => (Seq(0), self.cfg.genesis_link),
             Some(h) => (h.seq.next(), h.hash),
         };
+        // What we merged to make our anchor, when we made it (not when we
+        // took it over).
+        let ((made_from, made_outer), merged) = match self.made.as_ref().filter(|m| m.anchor == self.anchor_hash) {
+            Some(m) => (m.from, m.merged.clone()),
+            None => ((WeightsHash([0; 32]), WeightsHash([0; 32])), Vec::new()),
+        };
         let record = UpdateRecord {
             version: RECORD_VERSION,
             run_id: self.cfg.run_id,
@@ -129,6 +135,9 @@ impl Core {
             round: t.round,
             base_hash: self.anchor_hash,
             base_outer: self.outer_hash,
+            made_from,
+            made_outer,
+            merged,
             payload_hash: PayloadHash::of(&t.payload),
             payload_len: t.payload.len() as u64,
             n_samples: t.stats.samples,
@@ -160,7 +169,7 @@ impl Core {
             twin,
         })));
         self.emit(Effect::Inbox(Job::Own {
-            signed,
+            signed: Box::new(signed),
             payload: t.payload,
         }));
     }

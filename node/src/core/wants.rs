@@ -159,6 +159,19 @@ impl Wants {
     }
 
     /// The payload arrived (or its record was judged): stop wanting it.
+    /// Puts `peers` first among a wanted payload's candidates (the next
+    /// ask goes to them). Returns whether the payload is wanted.
+    pub fn prefer(&mut self, hash: &PayloadHash, peers: &[PeerId]) -> bool {
+        let Some(w) = self.map.get_mut(hash) else {
+            return false;
+        };
+        for p in peers.iter().rev() {
+            w.candidates.retain(|c| c != p);
+            w.candidates.push_front(*p);
+        }
+        true
+    }
+
     pub fn done(&mut self, hash: &PayloadHash) -> Option<WantedFor> {
         self.map.remove(hash).map(|w| w.of)
     }
@@ -211,6 +224,19 @@ mod tests {
             record_hash: RecordHash([2; 32]),
             round: 3,
         }
+    }
+
+    #[test]
+    fn preferred_peers_are_asked_next() {
+        let mut w = Wants::default();
+        let h = PayloadHash([9; 32]);
+        assert!(!w.prefer(&h, &[peer(3)]), "not wanted");
+        assert!(w.want(h, of(), [peer(1), peer(2), peer(3)]));
+        assert_eq!(w.next(&h, 0), Next::Ask(peer(1)));
+        assert!(w.prefer(&h, &[peer(3), peer(1)]));
+        assert_eq!(w.next(&h, 10), Next::Ask(peer(3)));
+        assert_eq!(w.next(&h, 20), Next::Ask(peer(1)));
+        assert_eq!(w.next(&h, 30), Next::Ask(peer(2)));
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub enum Job {
     },
     /// Our own record: stored (synced) before it is published.
     Own {
-        signed: SignedRecord,
+        signed: Box<SignedRecord>,
         payload: Vec<u8>,
     },
     Verdict(Box<SignedVerdictBlock>),
@@ -350,10 +350,7 @@ impl<S: Store + ?Sized> Inbox<S> {
                 Err(fault) => vec![Done::PayloadRefused { hash, from, fault }],
             },
             Job::Own { signed, payload } => vec![match self.own(&signed, &payload) {
-                Ok(()) => Done::OwnStored {
-                    signed: Box::new(signed),
-                    payload,
-                },
+                Ok(()) => Done::OwnStored { signed, payload },
                 Err(e) => Done::OwnFailed(e.to_string()),
             }],
             Job::Verdict(block) => {

@@ -609,7 +609,7 @@ impl Node {
                 self.outbound.insert(id, Outbound::Core(req));
             }
             Effect::Serve { chan, request, .. } => self.serve(chan, request),
-            Effect::ServeAnchor { chan, anchor, .. } => self.serve_anchor(chan, anchor),
+            Effect::ServeAnchor { chan, anchor, .. } => self.serve_anchor(chan, *anchor),
             Effect::Respond { chan, response } => {
                 if let Some(asker) = self.channels.remove(&chan) {
                     self.respond(asker, response);
