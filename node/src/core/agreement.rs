@@ -240,6 +240,22 @@ impl Votes {
         decide(&support, power.total(), seen)
     }
 
+    /// What the votes for `starts` of voters with power say they built on
+    /// and merged (with each voter's power), and the power of the votes
+    /// still out.
+    fn built_votes(&self, starts: u64, power: &Power) -> (Vec<(u64, AnchorKey, BTreeSet<RecordTag>)>, u64) {
+        let mut seen = 0;
+        let mut out = Vec::new();
+        for (voter, vote) in self.counted(starts) {
+            let p = power.of(voter);
+            seen += p;
+            if let Some((on, tags)) = built(vote).filter(|(on, _)| p > 0 && on.0 != WeightsHash([0; 32])) {
+                out.push((p, on, tags));
+            }
+        }
+        (out, power.total().saturating_sub(seen))
+    }
+
     /// The anchor that more than half of the whole voting power says it
     /// aggregated round `starts - 1` onto (each record for `starts` names
     /// the one its author built on): `Some(None)` when none has or can get
@@ -247,19 +263,12 @@ impl Votes {
     /// nodes build on anchors an honest node computed, and half the power
     /// or more includes one, so this is such an anchor.
     pub fn built_on(&self, starts: u64, power: &Power) -> Option<Option<AnchorKey>> {
+        let (built, out) = self.built_votes(starts, power);
         let mut weight: BTreeMap<AnchorKey, u64> = BTreeMap::new();
-        let mut seen = 0;
-        for (voter, vote) in self.counted(starts) {
-            let p = power.of(voter);
-            seen += p;
-            let Some((from, _)) = built(vote) else { continue };
-            if p == 0 || from.0 == WeightsHash([0; 32]) {
-                continue;
-            }
+        for (p, from, _) in built {
             *weight.entry(from).or_default() += p;
         }
         let total = power.total();
-        let out = total.saturating_sub(seen);
         if let Some((k, _)) = weight.iter().find(|(_, w)| 2 * **w > total) {
             return Some(Some(*k));
         }
@@ -274,21 +283,14 @@ impl Votes {
     /// `from`, sorted; `None` while the votes still out could add one.
     /// Every node that holds votes enough to settle it names the same ones.
     pub fn merged_by_majority(&self, starts: u64, from: &AnchorKey, power: &Power) -> Option<Vec<RecordTag>> {
+        let (built, out) = self.built_votes(starts, power);
         let mut weight: BTreeMap<RecordTag, u64> = BTreeMap::new();
-        let mut seen = 0;
-        for (voter, vote) in self.counted(starts) {
-            let p = power.of(voter);
-            seen += p;
-            let Some((on, tags)) = built(vote) else { continue };
-            if p == 0 || on != *from {
-                continue;
-            }
+        for (p, _, tags) in built.into_iter().filter(|(_, on, _)| on == from) {
             for t in tags {
                 *weight.entry(t).or_default() += p;
             }
         }
         let total = power.total();
-        let out = total.saturating_sub(seen);
         if weight.values().any(|w| 2 * w <= total && 2 * (w + out) > total) {
             return None;
         }
