@@ -23,7 +23,8 @@ struct Contents {
     payload_index: BTreeMap<(u64, PayloadHash), u64>,
     verdicts: BTreeMap<u64, SignedVerdictBlock>,
     verdict_head: Option<VerdictHead>,
-    joins: BTreeMap<u64, JoinRecord>,
+    /// By round, then anchor (see `store::Event::join`).
+    joins: BTreeMap<(u64, crate::WeightsHash), JoinRecord>,
     proofs: BTreeMap<(AuthorId, Seq), EquivocationProof>,
 }
 
@@ -201,7 +202,7 @@ impl Store for MemLedger {
                         .insert((join.round, join.outer_payload), outer.len() as u64);
                     c.payloads.insert(join.anchor_payload, anchor);
                     c.payloads.insert(join.outer_payload, outer);
-                    c.joins.insert(join.round, *join);
+                    c.joins.insert((join.round, join.anchor), *join);
                 }
                 Op::Proof(proof) => {
                     c.proofs.insert((proof.author(), proof.seq()), *proof);

@@ -693,8 +693,12 @@ impl Event<'_> {
         join.verify(&self.ledger.meta.run_id)?;
         self.payload(&join.anchor_payload, join.round, anchor)?;
         self.payload(&join.outer_payload, join.round, outer)?;
+        // By round, then anchor: a node can take two anchors over in one
+        // round (it went back, then took the round rebuilt), and replay
+        // needs both (keyed by round alone, the second overwrote the first).
         let mut key = META_JOIN_PREFIX.to_vec();
         key.extend_from_slice(&join.round.to_be_bytes());
+        key.extend_from_slice(&join.anchor.0);
         self.batch.put_cf(self.ledger.cf(CF_META)?, key, join.to_bytes());
         Ok(self)
     }

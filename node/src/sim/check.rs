@@ -39,6 +39,9 @@ pub enum Violation {
     Unfinished { node: usize, round: u64, phase: String },
     /// A node stopped on an error.
     Fatal { node: usize, error: String },
+    /// An honest node's ledger does not replay (`ledger replay`): an
+    /// auditor could not reproduce the anchors it recorded.
+    Unreplayable { node: usize, detail: String },
 }
 
 impl Violation {
@@ -53,6 +56,7 @@ impl Violation {
             Violation::Settlement { .. } => "settlement",
             Violation::Unfinished { .. } => "unfinished",
             Violation::Fatal { .. } => "fatal",
+            Violation::Unreplayable { .. } => "unreplayable",
         }
     }
 }
@@ -82,6 +86,7 @@ impl std::fmt::Display for Violation {
                 write!(f, "node {node} did not finish (round {round}, {phase})")
             }
             Violation::Fatal { node, error } => write!(f, "node {node} stopped: {error}"),
+            Violation::Unreplayable { node, detail } => write!(f, "node {node}'s ledger does not replay: {detail}"),
         }
     }
 }
@@ -89,6 +94,14 @@ impl std::fmt::Display for Violation {
 pub fn check(world: &World) -> Vec<Violation> {
     let mut out = Vec::new();
     one_record_per_seq_and_round(world, &mut out);
+    for n in world.nodes.iter().filter(|n| n.honest()) {
+        if let Err(e) = crate::replay::replay_state(&**n.ledger(), &world.shape) {
+            out.push(Violation::Unreplayable {
+                node: n.index,
+                detail: e.to_string(),
+            });
+        }
+    }
     for n in &world.nodes {
         if let Err(e) = n.ledger().check_chains() {
             out.push(Violation::BrokenChain {
