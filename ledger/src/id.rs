@@ -161,20 +161,22 @@ impl RecordHash {
 }
 
 impl RecordHash {
-    /// The first eight bytes, which name a record among a round's (finding a
-    /// second record with the same tag takes some 2^64 tries).
+    /// The first sixteen bytes, which name a record among a round's: two
+    /// records with one tag take some 2^64 tries even for an attacker who
+    /// makes both (eight bytes took 2^32, a few seconds, and showing each
+    /// half of the mesh one of the pair would make them rebuild apart).
     pub fn tag(&self) -> RecordTag {
-        let mut t = [0u8; 8];
-        t.copy_from_slice(&self.0[..8]);
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&self.0[..16]);
         RecordTag(t)
     }
 }
 
-/// A short name of an update record: the first eight bytes of its hash.
+/// A short name of an update record: the first sixteen bytes of its hash.
 /// Records list the updates their author merged by these (eight records'
-/// worth is 64 bytes where full hashes would be 256).
+/// worth is 128 bytes where full hashes would be 256).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Encode, Decode, Serialize, Deserialize)]
-pub struct RecordTag(pub [u8; 8]);
+pub struct RecordTag(pub [u8; 16]);
 
 impl std::fmt::Display for RecordTag {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

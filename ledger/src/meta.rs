@@ -7,7 +7,7 @@ use crate::wire::{decode_exact, encode};
 use crate::{AuthorId, LedgerError, RecordHash, RunId, VerdictHash, WeightsHash};
 
 /// The on-disk format this build writes. Opening a newer one is refused.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Stored once when a ledger is created; every record and verdict in it must
 /// belong to this run.

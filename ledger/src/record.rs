@@ -37,7 +37,7 @@ pub struct UpdateRecord {
     pub base_outer: WeightsHash,
     /// The anchor (weights and outer state) its author aggregated round
     /// `round - 1` onto to make `base_hash`, and the updates it merged doing
-    /// so (tags, sorted): every node can then tell which anchor more than
+    /// so (16-byte tags, sorted): every node can then tell which anchor more than
     /// half the voting power built on and which updates it merged, and
     /// rebuild that round from them when no anchor was decided. Zero and
     /// empty when it took `base_hash` over instead of making it.

@@ -114,10 +114,14 @@ fn joined_state<S: Store + ?Sized>(
     base: &WeightsHash,
     params: usize,
 ) -> Result<Option<JoinedState>, NodeError> {
+    // The latest join onto that anchor at this round or before: a node
+    // that skips rounds the mesh gave up keeps its anchor, so the block
+    // after the skip builds on what it took over rounds earlier.
     let Some(join) = ledger
         .joins()?
         .into_iter()
-        .find(|j| j.round == round && j.anchor == *base)
+        .filter(|j| j.round <= round && j.anchor == *base)
+        .max_by_key(|j| j.round)
     else {
         return Ok(None);
     };

@@ -11,7 +11,7 @@ use meshtrain_gossip::GossipMessage;
 use meshtrain_ledger::{AuthorId, RejectReason, Verdict, VerdictBlock, VerdictEntry, WeightsHash, VERDICT_VERSION};
 use meshtrain_model::aggregate::aggregate as aggregate_deltas;
 use meshtrain_model::{AggInput, AggVerdict, AggregatorSpec, OuterOptimizer};
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use tracing::{debug, info, warn};
 
 use super::rounds::{Close, RoundInputs};
@@ -814,6 +814,7 @@ impl Core {
             .into_iter()
             .collect();
         self.made = Some(super::Made {
+            round,
             anchor: new_hash,
             from: base,
             merged,
@@ -924,14 +925,15 @@ impl Core {
                 .filter(|c| c.round == prev)
                 .collect();
             self.book.rebuilt(prev, had, &taken);
-            let open = self.power.is_open();
+            // Not gossiped: in an open run it would be a second vote for
+            // the anchor our record already voted.
             self.apply_close(
                 prev,
                 from,
                 (done.anchor, key.0),
                 (done.outer, key.1),
                 done.entries,
-                open,
+                false,
             );
         }
         let votes = self.evidence(round, &key);
@@ -984,7 +986,7 @@ impl Core {
         // at any close we keep (one late here is another round's input),
         // hold it still, or have refused it as too late to merge.
         let decay = self.cfg.spec.exchange.staleness_decay;
-        let mut inputs = Vec::with_capacity(merged.len());
+        let mut inputs: Vec<(super::rounds::Contribution, f32)> = Vec::with_capacity(merged.len());
         let mut missing = Vec::new();
         for tag in &merged {
             let held = self
@@ -999,6 +1001,21 @@ impl Core {
                 Some(i) => inputs.push(i),
                 None => missing.push(*tag),
             }
+        }
+        // What no close would take: a proven equivocator's updates, or two
+        // updates of one author for one round.
+        if inputs.iter().enumerate().any(|(i, (c, _))| {
+            self.votes.is_void(&c.author)
+                || inputs[..i]
+                    .iter()
+                    .any(|(d, _)| d.author == c.author && d.round == c.round)
+        }) {
+            warn!(
+                round = starts,
+                rebuilds = prev,
+                "the majority merged what no close takes; not rebuilding"
+            );
+            return Rebuild::Unable;
         }
         if !missing.is_empty() {
             // Updates of the round just closed (ones that came late here,
@@ -1030,13 +1047,15 @@ impl Core {
                     // Those that merged it hold it: ask them first, at once
                     // (the author may be the one holding it back).
                     let members = self.members.by_author();
-                    let holders: Vec<_> = self
+                    let mut holders: Vec<_> = self
                         .votes
                         .merged_by(starts, &from, tag)
                         .iter()
                         .filter(|a| **a != of.author)
                         .filter_map(|a| members.get(a).copied())
                         .collect();
+                    // Not by key order: keys can be ground to come first.
+                    holders.shuffle(&mut self.rng);
                     if !self.wants.contains(&hash) {
                         // Too late to merge here, so not wanted before: an
                         // update that arrives is kept for the rebuild.

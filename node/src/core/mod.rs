@@ -472,6 +472,8 @@ struct Settled {
 /// our next record says so (see `UpdateRecord::merged`).
 #[derive(Clone, Debug)]
 struct Made {
+    /// The round aggregated: only the record of the round after says so.
+    round: u64,
     anchor: WeightsHash,
     from: agreement::AnchorKey,
     merged: Vec<meshtrain_ledger::RecordTag>,

@@ -350,8 +350,11 @@ impl RoundBook {
     /// at our close, or come since) waits for the next close as late, like
     /// at a node whose close took exactly `taken`; `taken` is merged.
     pub fn rebuilt(&mut self, round: u64, had: impl IntoIterator<Item = Contribution>, taken: &BTreeSet<RecordHash>) {
+        for slot in self.pending.values_mut() {
+            slot.retain(|_, c| !taken.contains(&c.record_hash));
+        }
+        self.pending.retain(|_, slot| !slot.is_empty());
         let slot = self.pending.entry(round).or_default();
-        slot.retain(|_, c| !taken.contains(&c.record_hash));
         for c in had {
             if c.round == round && !taken.contains(&c.record_hash) {
                 slot.entry(c.author).or_insert(c);

@@ -122,7 +122,11 @@ impl Core {
         };
         // What we merged to make our anchor, when we made it (not when we
         // took it over).
-        let ((made_from, made_outer), merged) = match self.made.as_ref().filter(|m| m.anchor == self.anchor_hash) {
+        let ((made_from, made_outer), merged) = match self
+            .made
+            .as_ref()
+            .filter(|m| m.anchor == self.anchor_hash && m.round + 1 == t.round)
+        {
             Some(m) => (m.from, m.merged.clone()),
             None => ((WeightsHash([0; 32]), WeightsHash([0; 32])), Vec::new()),
         };
