@@ -89,3 +89,10 @@ pub enum NodeError {
     #[error("listen on {addr}: {detail}")]
     Listen { addr: String, detail: String },
 }
+
+impl NodeError {
+    /// A write that failed because the disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, NodeError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
+    }
+}

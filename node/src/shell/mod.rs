@@ -113,7 +113,7 @@ enum WorkerDone {
     },
     Checkpointed {
         round: u64,
-        result: Result<(), String>,
+        result: Result<(), NodeError>,
         took: Duration,
     },
     OfferChecked {
@@ -866,6 +866,10 @@ impl Node {
                 self.metrics.stage("checkpoint_write", took);
                 match result {
                     Ok(()) => debug!(round, "checkpoint written"),
+                    // The disk is full: the ledger's next write fails too,
+                    // and RocksDB may take rounds to notice (its log has
+                    // room set aside); stop now, naming the file.
+                    Err(e) if e.is_disk_full() => self.fatal = Some(e),
                     Err(e) => warn!(round, error = %e, "checkpoint failed"),
                 }
             }
@@ -957,7 +961,7 @@ impl Node {
                 let (dir, tx) = (self.data_dir.clone(), self.worker_tx.clone());
                 tokio::task::spawn_blocking(move || {
                     let started = Instant::now();
-                    let result = checkpoint.save(&dir).map_err(|e| e.to_string());
+                    let result = checkpoint.save(&dir);
                     let _ = tx.send(WorkerDone::Checkpointed {
                         round: due,
                         result,
