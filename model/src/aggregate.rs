@@ -964,6 +964,9 @@ mod tests {
         for (lane, plain) in [(lab, ab), (laa, aa), (lbb, bb)] {
             assert!((lane - plain).abs() < 1e-9 * plain.abs().max(1.0), "{lane} vs {plain}");
         }
+        // And the cosine built from them, as closely as before the sums
+        // were returned apart.
+        assert!((lab / laa.sqrt() / lbb.sqrt() - ab / aa.sqrt() / bb.sqrt()).abs() < 1e-12);
     }
 
     #[test]
