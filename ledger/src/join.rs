@@ -62,13 +62,7 @@ impl Vote {
                 (r.record.made_from, r.record.made_outer),
             )),
             Vote::Record(_) => None,
-            Vote::Block(b)
-                if b.block.entries.iter().any(|e| {
-                    matches!(&e.verdict, crate::Verdict::Rejected { reason } if *reason == crate::RejectReason::RoundAbandoned)
-                }) =>
-            {
-                None
-            }
+            Vote::Block(b) if crate::verdict::round_given_up(&b.block.entries) => None,
             Vote::Block(b) => Some((b.block.round, (b.block.base_anchor, b.block.base_outer))),
         }
     }

@@ -42,6 +42,6 @@ pub use proof::{EquivocationProof, ProofKind};
 pub use record::{SignedRecord, UpdateRecord, MAX_MERGED, RECORD_VERSION};
 pub use store::{Event, Ledger, Retention, StoreOptions};
 pub use verdict::{
-    RejectReason, SignedVerdictBlock, Verdict, VerdictBlock, VerdictEntry, VerdictHead, VERDICT_VERSION,
+    round_given_up, RejectReason, SignedVerdictBlock, Verdict, VerdictBlock, VerdictEntry, VerdictHead, VERDICT_VERSION,
 };
 pub use wire::MAX_VALUE_BYTES;

@@ -205,6 +205,14 @@ pub struct VerdictBlock {
     pub entries: Vec<VerdictEntry>,
 }
 
+/// Whether these verdicts give their round up (the node went back to the
+/// last decided anchor and merged nothing): such a round built nothing.
+pub fn round_given_up(entries: &[VerdictEntry]) -> bool {
+    entries
+        .iter()
+        .any(|e| matches!(&e.verdict, Verdict::Rejected { reason } if *reason == RejectReason::RoundAbandoned))
+}
+
 impl VerdictBlock {
     pub fn body_bytes(&self) -> Vec<u8> {
         encode(self)

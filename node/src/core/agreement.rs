@@ -376,19 +376,18 @@ impl Votes {
         if from >= below {
             return None;
         }
+        // A round's votes decide its anchor, and what its records built on
+        // decides the one before; going down, the latter is met first.
         self.rounds.range(from..=below).rev().find_map(|(starts, _)| {
-            if *starts >= below {
-                // Only what it says of the round before counts.
-                return starts
-                    .checked_sub(1)
-                    .filter(|s| *s >= from && *s < below)
-                    .and_then(|s| self.built_on(*starts, power).flatten().map(|k| (s, k)));
-            }
+            let voted = (*starts < below)
+                .then(|| self.tally(*starts, power).decided())
+                .flatten()
+                .map(|k| (*starts, k));
             let built = starts
                 .checked_sub(1)
-                .filter(|s| *s >= from)
+                .filter(|s| (from..below).contains(s))
                 .and_then(|s| self.built_on(*starts, power).flatten().map(|k| (s, k)));
-            self.tally(*starts, power).decided().map(|k| (*starts, k)).or(built)
+            voted.or(built)
         })
     }
 

@@ -733,10 +733,7 @@ impl Core {
         }
         self.counters.merged += merged;
         self.counters.clipped += clipped;
-        let abandoned = done
-            .entries
-            .iter()
-            .any(|e| matches!(&e.verdict, Verdict::Rejected { reason } if *reason == RejectReason::RoundAbandoned));
+        let abandoned = meshtrain_ledger::round_given_up(&done.entries);
         self.apply_close(
             done.round,
             base_key,
@@ -982,19 +979,13 @@ impl Core {
             return Rebuild::Wait;
         };
         // Each update as the round's close weighed it: its own round's
-        // fully, a late one by the staleness decay. We may have taken it
-        // at any close we keep (one late here is another round's input),
-        // hold it still, or have refused it as too late to merge.
+        // fully, a late one by the staleness decay.
         let decay = self.cfg.spec.exchange.staleness_decay;
         let mut inputs: Vec<(super::rounds::Contribution, f32)> = Vec::with_capacity(merged.len());
         let mut missing = Vec::new();
         for tag in &merged {
             let held = self
-                .closes
-                .iter()
-                .flat_map(|l| l.inputs.iter().map(|(c, _)| c))
-                .chain((prev.saturating_sub(1)..=prev).flat_map(|r| self.book.for_round(r)))
-                .chain(self.stale_kept.iter())
+                .updates_held(prev)
                 .find(|c| c.round <= prev && c.record_hash.tag() == *tag)
                 .map(|c| (c.clone(), decay.powi((prev - c.round) as i32)));
             match held {
@@ -1076,11 +1067,7 @@ impl Core {
             let missing: Vec<String> = missing.iter().map(|t| t.to_string()).collect();
             if tracing::enabled!(tracing::Level::TRACE) {
                 let held: Vec<String> = self
-                    .closes
-                    .iter()
-                    .flat_map(|l| l.inputs.iter().map(|(c, _)| c))
-                    .chain((prev.saturating_sub(1)..=prev).flat_map(|r| self.book.for_round(r)))
-                    .chain(self.stale_kept.iter())
+                    .updates_held(prev)
                     .map(|c| format!("{}@{}:{}", c.author.short(), c.round, c.record_hash.tag()))
                     .collect();
                 tracing::trace!(round = starts, ?held, "updates held for a rebuild");
@@ -1197,6 +1184,17 @@ impl Core {
             });
             from = starts;
         }
+    }
+
+    /// Every update a rebuild of round `prev` may use: those our kept
+    /// closes took (one late here is another round's input), those still
+    /// pending for it or the round before, and those refused as too late.
+    fn updates_held(&self, prev: u64) -> impl Iterator<Item = &super::rounds::Contribution> {
+        self.closes
+            .iter()
+            .flat_map(|l| l.inputs.iter().map(|(c, _)| c))
+            .chain((prev.saturating_sub(1)..=prev).flat_map(|r| self.book.for_round(r)))
+            .chain(self.stale_kept.iter())
     }
 
     /// The weights and outer state of `key`, when we hold them: the anchor
