@@ -230,7 +230,14 @@ impl Core {
         // Nobody to serve: no member is connected and none ever asked us
         // for anything (a lone node).
         let alone = self.members.is_empty() && self.last_served == 0;
-        if alone || (complete && votes_in && quiet && elapsed > MIN_DRAIN_MS) || elapsed > self.cfg.drain {
+        // A member left in the last second of the run: the re-plan that
+        // re-replicates its blocks is still due (the shell then stays until
+        // they are here).
+        let replan_due = self.armed.contains_key(&Timer::Replan);
+        if alone
+            || (complete && votes_in && quiet && !replan_due && elapsed > MIN_DRAIN_MS)
+            || elapsed > self.cfg.drain
+        {
             if !complete {
                 warn!("leaving with incomplete chains (drain timeout)");
             }
@@ -243,6 +250,7 @@ impl Core {
             complete,
             votes_in,
             quiet,
+            replan_due,
             since_served = self.now.saturating_sub(self.last_served),
             "draining"
         );

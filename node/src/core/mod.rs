@@ -826,11 +826,13 @@ impl Core {
             Timer::Drain => self.drain_tick(),
             Timer::Held => self.release_held(),
             Timer::Late => self.release_late(),
-            Timer::Replan if !self.run_over() => {
+            // Armed only while the run went on (a departure mid-run), so
+            // it fires even when the run ended within its debounce: the
+            // blocks of a member that died must be re-replicated still.
+            Timer::Replan => {
                 let members = self.voters_by_author();
                 self.emit(Effect::Replan { members });
             }
-            Timer::Replan => {}
         }
     }
 

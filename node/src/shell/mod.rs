@@ -206,7 +206,11 @@ pub struct Node {
     discovery: meshtrain_gossip::discovery::Discovery,
     history: Vec<RoundRecord>,
     started: Instant,
-    finished: bool,
+    /// When the core said the run is over (the loop may go on while
+    /// re-replication finishes, see `still_replicating`).
+    finished: Option<Instant>,
+    /// How long a finished node may stay for others (`--drain-s`).
+    drain_limit: Duration,
     fatal: Option<NodeError>,
     /// Bad answers to our fetches, per connected peer (see `fetch_fault`).
     fetch_faults: HashMap<PeerId, u32>,
@@ -423,7 +427,8 @@ impl Node {
             discovery: Default::default(),
             history: Vec::new(),
             started: Instant::now(),
-            finished: false,
+            finished: None,
+            drain_limit: opts.drain,
             fatal: None,
             fetch_faults: HashMap::new(),
             serving: 0,
@@ -443,8 +448,10 @@ impl Node {
             tokio::pin!(shutdown);
             self.feed(Input::Start);
             let outcome = loop {
-                if self.finished {
-                    break Ok(());
+                if let Some(at) = self.finished {
+                    if !self.still_replicating(at) {
+                        break Ok(());
+                    }
                 }
                 if let Some(e) = self.fatal.take() {
                     break Err(e);
@@ -711,7 +718,13 @@ impl Node {
                 self.core_timers.insert(timer, at);
             }
             Effect::RoundClosed(closed) => self.on_round_closed(*closed),
-            Effect::Finished => self.finished = true,
+            Effect::Finished => {
+                self.finished = Some(Instant::now());
+                let missing = self.data.replicating();
+                if missing > 0 {
+                    info!(blocks = missing, "re-replicating blocks before leaving");
+                }
+            }
             Effect::FetchFault { peer } => self.fetch_fault(peer),
             Effect::Fatal(fault) => self.fatal = Some(NodeError::Core(fault)),
         }
