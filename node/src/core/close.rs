@@ -69,7 +69,8 @@ enum Rebuild {
     Built(Box<Rebuilt>),
 }
 
-struct Rebuilt {
+#[derive(Clone)]
+pub(super) struct Rebuilt {
     /// The round rebuilt (its result starts the next).
     prev: u64,
     /// The anchor it was built on, its weights and outer state.
@@ -83,7 +84,7 @@ struct Rebuilt {
 }
 
 /// What a round's aggregation produced.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct AggregateDone {
     pub round: u64,
     pub anchor: Vec<f32>,
@@ -428,21 +429,9 @@ impl Core {
             return true;
         }
         self.rebuilt_since_decided(round);
-        // Decisions we took no part in (a round we skipped, one the mesh
-        // rebuilt while we were behind) count too: going back to an older
-        // one would part us from the others.
-        if let Some((s, k)) = self.votes.latest_decided_below(0, round, &self.power) {
-            if self.decided.as_ref().is_none_or(|d| d.starts < s || d.starts >= round) {
-                self.decided = None;
-                self.note_decision(s, k);
-            }
-        }
-        let target = match (&self.decided, &self.settled) {
-            (Some(d), _) if d.starts < round => (d.starts, d.key, d.votes.clone()),
-            (_, Some(s)) if s.starts < round => (s.starts, s.key, s.votes.clone()),
-            _ => return true,
+        let Some((starts, key, kept)) = self.revert_target(round) else {
+            return true;
         };
-        let (starts, key, kept) = target;
         // Votes that came since (records built on a rebuilt anchor) prove
         // it better than those held when it was decided.
         let fresh = self.evidence(starts, &key);
@@ -453,10 +442,36 @@ impl Core {
             self.abandoned = Some(round);
             return true;
         }
+        // A round we rebuilt after giving it up has no votes of its own, and
+        // the records built on it may not be here yet (or be fewer than
+        // half: the others may have gone back too): a join with those alone
+        // would not replay (simulator, `--byzantine 2 --attack sign-flip`,
+        // seed 276: a join with 4 of 10). Go back the way a rebuild does:
+        // onto the anchor the round was built on, then the rebuilt round.
+        let power = |votes: &[meshtrain_ledger::Vote]| votes.iter().map(|v| self.power.of(&v.voter())).sum::<u64>();
+        if 2 * power(&votes) <= self.power.total() {
+            if let Some(r) = self.rebuilt_target.take_if(|r| r.prev + 1 == starts && r.key == key) {
+                warn!(
+                    round,
+                    back_to = starts,
+                    rebuilt = r.prev,
+                    on = %r.from.0.short(),
+                    anchor = %key.0.short(),
+                    "no anchor has half the voting power; going back to a round rebuilt from the votes"
+                );
+                self.fetched = None;
+                self.adopt_rebuilt(*r, false);
+                self.abandoned = Some(round);
+                return true;
+            }
+        }
         let held = match (&self.settled, &self.fetched) {
             (Some(s), _) if s.key == key => Some((s.weights.clone(), s.velocity.to_vec())),
             (_, Some(f)) if f.key == key => Some((f.weights.clone(), f.velocity.clone())),
-            _ => None,
+            // One of our own last anchors: we made it, then moved off it
+            // (seed 16 of the sign-flip sweep fetched one it held, at the
+            // end of the run, from members that had left).
+            _ => self.held_anchor(starts, &key).map(|(w, v)| (w, v.to_vec())),
         };
         let Some((weights, velocity)) = held else {
             if self.unavailable == Some((starts, key)) {
@@ -496,6 +511,57 @@ impl Core {
         );
         self.abandoned = Some(round);
         true
+    }
+
+    /// The anchor going back from `round` takes, with the votes that
+    /// decided it: the later of the latest decided anchor and the one we
+    /// settled on.
+    fn revert_target(&mut self, round: u64) -> Option<(u64, super::agreement::AnchorKey, Vec<meshtrain_ledger::Vote>)> {
+        // Decisions we took no part in (a round we skipped, one the mesh
+        // rebuilt while we were behind) count too: going back to an older
+        // one would part us from the others.
+        if let Some((s, k)) = self.votes.latest_decided_below(0, round, &self.power) {
+            if self.decided.as_ref().is_none_or(|d| d.starts < s || d.starts >= round) {
+                self.decided = None;
+                self.note_decision(s, k);
+            }
+        }
+        // The later of the two: the votes do not show a round we rebuilt
+        // (it has none of its own), so the latest they decide can be older
+        // than the anchor we settled on (simulator, `--byzantine 2 --attack
+        // sign-flip`, seed 276: a node that rebuilt round 20 went back past
+        // it to the anchor round 20 was built on, alone).
+        let decided = self.decided.as_ref().filter(|d| d.starts < round);
+        let settled = self.settled.as_ref().filter(|s| s.starts < round);
+        match (decided, settled) {
+            (Some(d), Some(s)) if s.starts > d.starts => Some((s.starts, s.key, s.votes.clone())),
+            (Some(d), _) => Some((d.starts, d.key, d.votes.clone())),
+            (None, Some(s)) => Some((s.starts, s.key, s.votes.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// While a final round waits on votes before it rebuilds or goes back:
+    /// fetches the anchor going back would take, if we lack it. The others
+    /// may go back at once and be gone when our wait ends (simulator,
+    /// `--byzantine 2 --attack sign-flip`, seed 16: three nodes that gave
+    /// round 29 up waited 3 s for a banned member's final vote, then found
+    /// nobody left to serve the anchor the rest had gone back to).
+    pub(super) fn prefetch_revert_target(&mut self, round: u64) {
+        if self.fetch.is_some() || self.power.total() == 0 {
+            return;
+        }
+        let Some((starts, key, _)) = self.revert_target(round) else {
+            return;
+        };
+        if key == self.anchor_key()
+            || self.unavailable == Some((starts, key))
+            || self.fetched.as_ref().is_some_and(|f| f.key == key)
+            || self.held_anchor(starts, &key).is_some()
+        {
+            return;
+        }
+        self.fetch_anchor(starts, key, Purpose::Revert);
     }
 
     /// Keeps what `owner`'s verdicts of `round` credit (open runs).
@@ -871,67 +937,23 @@ impl Core {
             Rebuild::Unable => return None,
             Rebuild::Built(r) => r,
         };
-        let Rebuilt {
-            prev,
-            from,
-            key,
-            base,
-            done,
-            taken,
-            updates,
-        } = *r;
+        let key = r.key;
         warn!(
             round,
-            rebuilt = prev,
-            on = %from.0.short(),
-            updates,
+            rebuilt = r.prev,
+            on = %r.from.0.short(),
+            updates = r.updates,
             support = tally.support,
             of = tally.total,
             anchor = %key.0.short(),
             ours = key == self.anchor_key(),
             "no anchor has half the voting power; rebuilt the round before from what more than half of it built on and merged"
         );
+        // Kept: going back to it later needs the rebuild again (it has no
+        // votes of its own; see `revert_if_split`).
+        self.rebuilt_target = Some(r.clone());
         if key != self.anchor_key() {
-            // Back onto the anchor that round was built on (a join the
-            // audit replays from, with the records that name it), then the
-            // rebuilt round as a verdict block of its own.
-            let (weights, velocity) = base;
-            let weights_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &weights);
-            let outer_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &velocity);
-            let evidence = self.evidence(prev, &from);
-            self.take_over(
-                Fetched {
-                    starts: prev,
-                    key: from,
-                    weights,
-                    velocity: velocity.to_vec(),
-                    weights_bytes,
-                    outer_bytes,
-                },
-                meshtrain_ledger::JoinKind::Revert,
-                prev,
-                evidence,
-            );
-            self.bases.insert(prev, from.0);
-            // What else that round had waits for the next close as late,
-            // as at a node whose close took exactly these updates.
-            let had: Vec<_> = self
-                .closes
-                .iter()
-                .flat_map(|l| l.inputs.iter().map(|(c, _)| c.clone()))
-                .filter(|c| c.round == prev)
-                .collect();
-            self.book.rebuilt(prev, had, &taken);
-            // Not gossiped: in an open run it would be a second vote for
-            // the anchor our record already voted.
-            self.apply_close(
-                prev,
-                from,
-                (done.anchor, key.0),
-                (done.outer, key.1),
-                done.entries,
-                false,
-            );
+            self.adopt_rebuilt(*r, true);
         }
         let votes = self.evidence(round, &key);
         self.decided = Some(super::Decision {
@@ -947,6 +969,62 @@ impl Core {
             votes,
         });
         Some(true)
+    }
+
+    /// Takes a rebuilt round's result as our anchor: back onto the anchor
+    /// that round was built on (a join the audit replays from, with the
+    /// records that name it: more than half the voting power, or the
+    /// rebuild would not have used it), then the rebuilt round as a verdict
+    /// block of its own. `requeue`: what else that round had waits for the
+    /// next close as late, as at a node whose close took exactly these
+    /// updates (not when the round being closed is given up anyway).
+    fn adopt_rebuilt(&mut self, r: Rebuilt, requeue: bool) {
+        let Rebuilt {
+            prev,
+            from,
+            key,
+            base,
+            done,
+            taken,
+            ..
+        } = r;
+        let (weights, velocity) = base;
+        let weights_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &weights);
+        let outer_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &velocity);
+        let evidence = self.evidence(prev, &from);
+        self.take_over(
+            Fetched {
+                starts: prev,
+                key: from,
+                weights,
+                velocity: velocity.to_vec(),
+                weights_bytes,
+                outer_bytes,
+            },
+            meshtrain_ledger::JoinKind::Revert,
+            prev,
+            evidence,
+        );
+        self.bases.insert(prev, from.0);
+        if requeue {
+            let had: Vec<_> = self
+                .closes
+                .iter()
+                .flat_map(|l| l.inputs.iter().map(|(c, _)| c.clone()))
+                .filter(|c| c.round == prev)
+                .collect();
+            self.book.rebuilt(prev, had, &taken);
+        }
+        // Not gossiped: in an open run it would be a second vote for
+        // the anchor our record already voted.
+        self.apply_close(
+            prev,
+            from,
+            (done.anchor, key.0),
+            (done.outer, key.1),
+            done.entries,
+            false,
+        );
     }
 
     /// Rebuilds the anchor that starts `starts` from what the votes for it
@@ -970,12 +1048,26 @@ impl Core {
         let Some(prev) = starts.checked_sub(1) else {
             return Rebuild::Unable;
         };
-        let from = match self.votes.built_on(starts, &self.power) {
+        // Once the wait is over, members silent for two rounds are not
+        // waited for (`Votes::silent_power`). Who is silent depends on the
+        // votes each node holds, so two nodes can judge it apart: mid-run
+        // the next round's votes bring them together again, after the last
+        // round nothing does (seed 133 of the same sweep ended split when
+        // the final round ignored them too).
+        let silent = if starts < self.end_round && fetch_until.is_none_or(|u| self.now >= u) {
+            self.votes.silent_power(starts, &self.power)
+        } else {
+            0
+        };
+        let from = match self.votes.built_on_ignoring(starts, &self.power, silent) {
             None => return Rebuild::Wait,
             Some(None) => return Rebuild::Unable,
             Some(Some(from)) => from,
         };
-        let Some(merged) = self.votes.merged_by_majority(starts, &from, &self.power) else {
+        let Some(merged) = self
+            .votes
+            .merged_by_majority_ignoring(starts, &from, &self.power, silent)
+        else {
             return Rebuild::Wait;
         };
         // Each update as the round's close weighed it: its own round's
@@ -1178,10 +1270,11 @@ impl Core {
             self.settled = Some(Settled {
                 starts,
                 key: r.key,
-                weights: Arc::new(r.done.anchor),
+                weights: Arc::new(r.done.anchor.clone()),
                 velocity: Arc::new(r.done.outer.velocity().to_vec()),
                 votes,
             });
+            self.rebuilt_target = Some(r);
             from = starts;
         }
     }

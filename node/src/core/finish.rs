@@ -157,11 +157,17 @@ impl Core {
                 match self.rebuild_if_split(starts, &tally, Some(until + wait)) {
                     Some(true) => self.attestation = cast,
                     Some(false) if self.now < until + wait => {
+                        self.prefetch_revert_target(starts);
                         self.arm(Timer::Settle, self.now + ASK_AGAIN_MS);
                         return;
                     }
                     _ => {
-                        if !self.revert_if_split(starts) && !timed_out {
+                        if !self.revert_if_split(starts) && (!timed_out || self.fetch.is_some()) {
+                            // The anchor to go back to is being fetched: its
+                            // arrival or failure settles again (evaluating
+                            // ours meanwhile ended the run apart from the
+                            // others, seed 16 again).
+                            self.arm(Timer::Settle, self.now + ASK_AGAIN_MS);
                             return;
                         }
                     }
@@ -234,9 +240,7 @@ impl Core {
         // re-replicates its blocks is still due (the shell then stays until
         // they are here).
         let replan_due = self.armed.contains_key(&Timer::Replan);
-        if alone
-            || (complete && votes_in && quiet && !replan_due && elapsed > MIN_DRAIN_MS)
-            || elapsed > self.cfg.drain
+        if alone || (complete && votes_in && quiet && !replan_due && elapsed > MIN_DRAIN_MS) || elapsed > self.cfg.drain
         {
             if !complete {
                 warn!("leaving with incomplete chains (drain timeout)");

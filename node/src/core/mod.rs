@@ -583,6 +583,10 @@ pub struct Core {
     /// A rebuild waiting for updates being fetched: the round whose base
     /// it rebuilds, and since when.
     rebuild_wait: Option<(u64, Millis)>,
+    /// The last round we rebuilt from the votes: its result has no votes
+    /// of its own, so going back to it later takes the rebuild again (see
+    /// `revert_if_split`).
+    rebuilt_target: Option<Box<close::Rebuilt>>,
     /// Updates that came too late to merge here, newest last (at most
     /// [`STALE_KEPT`]): a rebuild may need them.
     stale_kept: std::collections::VecDeque<rounds::Contribution>,
@@ -719,6 +723,7 @@ impl Core {
             closes: std::collections::VecDeque::new(),
             stale_kept: std::collections::VecDeque::new(),
             rebuild_wait: None,
+            rebuilt_target: None,
             power,
             votes: agreement::Votes::default(),
             votes_asked: None,

@@ -844,6 +844,18 @@ impl Core {
         self.reputation.forget_idle(round);
     }
 
+    /// Keeps updates this node will not merge (too late, or of rounds it
+    /// skipped) for a rebuild of the round others merged them in: one
+    /// dropped when a node skipped ahead was fetched again and again at
+    /// the end of a run, its payload already in the ledger (simulator,
+    /// `--attack dissensus`, seed 375).
+    pub(super) fn keep_stale(&mut self, updates: impl IntoIterator<Item = Contribution>) {
+        self.stale_kept.extend(updates);
+        while self.stale_kept.len() > super::STALE_KEPT {
+            self.stale_kept.pop_front();
+        }
+    }
+
     /// A verified delta for some round: kept for its round's aggregation.
     pub(super) fn offer(&mut self, c: Contribution) {
         if self.members.is_banned(&c.author) {
@@ -864,10 +876,7 @@ impl Core {
             debug!(author = %author.short(), seq = seq.0, record = %hash.short(), round, "stale update");
             // Too late to merge here, but others may have merged it: a
             // rebuild of the round they merged it in needs it.
-            self.stale_kept.push_back(copy);
-            while self.stale_kept.len() > super::STALE_KEPT {
-                self.stale_kept.pop_front();
-            }
+            self.keep_stale([copy]);
         }
         if let Phase::Colluding(_) = self.phase {
             self.collusion_saw_update();

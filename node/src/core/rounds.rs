@@ -368,13 +368,17 @@ impl RoundBook {
     /// Jumps to `round` (after adopting the mesh's anchor): what was pending
     /// for earlier rounds no longer applies, and updates older than the
     /// jump are history this node never took part in (not stale verdicts).
-    pub fn restart_at(&mut self, round: u64) {
+    /// Returns the contributions of the rounds skipped (a rebuild of one
+    /// of them may still need them).
+    pub fn restart_at(&mut self, round: u64) -> Vec<Contribution> {
         self.current = round;
         self.own_ready_at = None;
         self.quorum_at = None;
-        self.pending.retain(|r, _| *r >= round);
+        let kept = self.pending.split_off(&round);
+        let dropped = std::mem::replace(&mut self.pending, kept);
         self.arrivals.retain(|r, _| *r >= round);
         self.joined_at = round;
+        dropped.into_values().flat_map(BTreeMap::into_values).collect()
     }
 
     /// A member left: until it contributes again, do not wait for it.
@@ -695,5 +699,19 @@ mod tests {
         }
         assert!(w.timeout() < 2_000);
         assert!(w.timeout() >= 500);
+    }
+
+    #[test]
+    fn restarting_ahead_hands_back_the_updates_of_the_rounds_skipped() {
+        let mut b = book();
+        assert_eq!(b.offer(c(1, 0), 0), Offer::Kept);
+        assert_eq!(b.offer(c(2, 1), 0), Offer::Kept);
+        assert_eq!(b.offer(c(3, 2), 0), Offer::Kept);
+        let skipped = b.restart_at(2);
+        let mut got: Vec<(u8, u64)> = skipped.iter().map(|c| (c.author.0[0], c.round)).collect();
+        got.sort();
+        assert_eq!(got, vec![(1, 0), (2, 1)]);
+        assert!(b.has(2, &AuthorId([3; 32])), "the round restarted at keeps its own");
+        assert!(b.restart_at(2).is_empty());
     }
 }

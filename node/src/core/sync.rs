@@ -512,7 +512,8 @@ impl Core {
             to = target,
             "half the voting power is rounds ahead; skipping to its round"
         );
-        self.book.restart_at(target);
+        let skipped = self.book.restart_at(target);
+        self.keep_stale(skipped);
         self.wants
             .drop_before(target.saturating_sub(self.cfg.spec.exchange.staleness));
         self.remember_snapshot();
@@ -656,7 +657,12 @@ impl Core {
                     self.begin_rounds();
                 }
             }
-            Purpose::Repair | Purpose::Revert => self.maybe_close(),
+            Purpose::Repair | Purpose::Revert => {
+                self.maybe_close();
+                if matches!(self.phase, Phase::Settling { .. }) {
+                    self.settle_tick(true);
+                }
+            }
             Purpose::Behind => {}
             Purpose::Final => self.settle_tick(true),
         }
@@ -760,7 +766,8 @@ impl Core {
         self.outer_hash = f.key.1;
         self.attestation = None;
         if f.starts > self.round() {
-            self.book.restart_at(f.starts);
+            let skipped = self.book.restart_at(f.starts);
+            self.keep_stale(skipped);
             self.wants
                 .drop_before(f.starts.saturating_sub(self.cfg.spec.exchange.staleness));
             self.rebuild(f.starts);
