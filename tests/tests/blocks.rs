@@ -74,7 +74,10 @@ fn shards_are_fetched_repaired_and_re_replicated() {
     let kill_at = ROUNDS - 2;
     let start = Instant::now();
     while progress_round(&nodes[0].dir).unwrap_or(0) < kill_at {
-        assert!(start.elapsed() < Duration::from_secs(180), "mesh never reached round {kill_at}");
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "mesh never reached round {kill_at}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     nodes[3].child.kill().expect("kill node 3");
