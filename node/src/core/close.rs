@@ -419,8 +419,9 @@ impl Core {
 
     /// No anchor for `round` has half the voting power: the mesh split
     /// into more pieces than votes can mend. Every node goes back to the
-    /// latest anchor the votes decided (the same for all once they see the
-    /// same votes), giving up the rounds since; a minority side of a
+    /// latest decided anchor (the latest the votes decided, or a later one
+    /// rebuilt from them: the same for all once they see the same votes),
+    /// giving up the rounds since; a minority side of a
     /// partition makes no lasting progress this way, and nothing a minority
     /// votes for is ever taken. Returns whether the round may close now
     /// (false while the decided anchor is being fetched).
@@ -450,7 +451,11 @@ impl Core {
         // onto the anchor the round was built on, then the rebuilt round.
         let power = |votes: &[meshtrain_ledger::Vote]| votes.iter().map(|v| self.power.of(&v.voter())).sum::<u64>();
         if 2 * power(&votes) <= self.power.total() {
-            if let Some(r) = self.rebuilt_target.take_if(|r| r.prev + 1 == starts && r.key == key) {
+            let kept = self
+                .rebuilt_target
+                .as_ref()
+                .filter(|r| r.prev + 1 == starts && r.key == key);
+            if let Some(r) = kept.cloned() {
                 warn!(
                     round,
                     back_to = starts,
@@ -624,6 +629,11 @@ impl Core {
     /// The votes decided the anchor that starts `starts`: remember the
     /// latest such decision (a split mesh goes back to it).
     pub(super) fn note_decision(&mut self, starts: u64, key: super::agreement::AnchorKey) {
+        // A later decision is what going back would take: the rebuilt round
+        // kept for that (four copies of the model) is no longer needed.
+        if self.rebuilt_target.as_ref().is_some_and(|r| r.prev + 1 < starts) {
+            self.rebuilt_target = None;
+        }
         if self
             .decided
             .as_ref()
@@ -1053,8 +1063,9 @@ impl Core {
         // votes each node holds, so two nodes can judge it apart: mid-run
         // the next round's votes bring them together again, after the last
         // round nothing does (seed 133 of the same sweep ended split when
-        // the final round ignored them too).
-        let silent = if starts < self.end_round && fetch_until.is_none_or(|u| self.now >= u) {
+        // the final round ignored them too). By the round being closed:
+        // the final round also rebuilds rounds before it.
+        let silent = if self.round() < self.end_round && fetch_until.is_none_or(|u| self.now >= u) {
             self.votes.silent_power(starts, &self.power)
         } else {
             0

@@ -162,11 +162,13 @@ impl Core {
                         return;
                     }
                     _ => {
-                        if !self.revert_if_split(starts) && (!timed_out || self.fetch.is_some()) {
-                            // The anchor to go back to is being fetched: its
-                            // arrival or failure settles again (evaluating
-                            // ours meanwhile ended the run apart from the
-                            // others, seed 16 again).
+                        // The anchor to go back to is being fetched: its
+                        // arrival or failure settles again (evaluating ours
+                        // meanwhile ended the run apart from the others,
+                        // seed 16 again). Bounded: a rebuild's fetch and
+                        // this one could take turns in the one fetch slot.
+                        let fetching = self.fetch.is_some() && self.now < until + 2 * wait;
+                        if !self.revert_if_split(starts) && (!timed_out || fetching) {
                             self.arm(Timer::Settle, self.now + ASK_AGAIN_MS);
                             return;
                         }
@@ -174,7 +176,11 @@ impl Core {
                 }
             }
         }
-        self.finish_run();
+        // A fetch that failed at once may have settled (and evaluated) from
+        // within the calls above.
+        if matches!(self.phase, Phase::Settling { .. }) {
+            self.finish_run();
+        }
     }
 
     /// Our vote for the final anchor, once we cast it.

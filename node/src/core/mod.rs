@@ -583,12 +583,12 @@ pub struct Core {
     /// A rebuild waiting for updates being fetched: the round whose base
     /// it rebuilds, and since when.
     rebuild_wait: Option<(u64, Millis)>,
-    /// The last round we rebuilt from the votes: its result has no votes
-    /// of its own, so going back to it later takes the rebuild again (see
-    /// `revert_if_split`).
+    /// The last round we rebuilt from the votes, until a later decision:
+    /// its result has no votes of its own, so going back to it later takes
+    /// the rebuild again (see `revert_if_split`).
     rebuilt_target: Option<Box<close::Rebuilt>>,
-    /// Updates that came too late to merge here, newest last (at most
-    /// [`STALE_KEPT`]): a rebuild may need them.
+    /// Updates that came too late to merge here, or of rounds we skipped,
+    /// newest last (at most [`STALE_KEPT`]): a rebuild may need them.
     stale_kept: std::collections::VecDeque<rounds::Contribution>,
     /// Our last closes (at most [`CLOSES_KEPT`]), oldest first.
     closes: std::collections::VecDeque<LastClose>,

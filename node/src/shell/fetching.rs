@@ -220,7 +220,8 @@ impl Node {
     /// re-replicated: a member that died mid-run left its blocks one copy
     /// short, and the dataset outlives the run, so the node stays until its
     /// share is whole again, while anyone is connected to fetch from and
-    /// within the drain limit. (The re-plan after a departure is debounced
+    /// someone may still hold what is missing, for another drain limit at
+    /// most. (The re-plan after a departure is debounced
     /// by a second; in a short run it fired as the last round closed and
     /// the node left with a third of its new share missing.)
     pub(super) fn still_replicating(&mut self, finished: Instant) -> bool {
@@ -229,10 +230,14 @@ impl Node {
             return false;
         }
         let alone = self.swarm.connected_peers().next().is_none();
-        if alone || finished.elapsed() > self.drain_limit {
+        // Every candidate asked twice over and none had it: the holders are
+        // gone (two survivors that lack the same block would otherwise keep
+        // each other here to the limit).
+        let nobody = self.data.wants.values().all(|w| w.turns_failed >= 2);
+        if alone || nobody || finished.elapsed() > self.drain_limit {
             warn!(
                 blocks = missing,
-                alone, "leaving before the blocks of a member that left were re-replicated"
+                alone, nobody, "leaving before the blocks of a member that left were re-replicated"
             );
             return false;
         }
