@@ -221,9 +221,9 @@ impl Node {
     /// short, and the dataset outlives the run, so the node stays until its
     /// share is whole again, while anyone is connected to fetch from and
     /// someone may still hold what is missing, for another drain limit at
-    /// most. (The re-plan after a departure is debounced
-    /// by a second; in a short run it fired as the last round closed and
-    /// the node left with a third of its new share missing.)
+    /// most. (The re-plan after a departure is debounced by a second; in a
+    /// short run it fired as the last round closed and the node left with
+    /// a third of its new share missing.)
     pub(super) fn still_replicating(&mut self, finished: Instant) -> bool {
         let missing = self.data.replicating();
         if missing == 0 {
