@@ -470,12 +470,12 @@ impl Core {
                 return true;
             }
         }
-        let held = match (&self.settled, &self.fetched) {
-            (Some(s), _) if s.key == key => Some((s.weights.clone(), s.velocity.to_vec())),
-            (_, Some(f)) if f.key == key => Some((f.weights.clone(), f.velocity.clone())),
-            // One of our own last anchors: we made it, then moved off it
-            // (seed 16 of the sign-flip sweep fetched one it held, at the
-            // end of the run, from members that had left).
+        let held = match &self.fetched {
+            Some(f) if f.key == key => Some((f.weights.clone(), f.velocity.clone())),
+            // The anchor we settled on, or one of our own last anchors: we
+            // made it, then moved off it (seed 16 of the sign-flip sweep
+            // fetched one it held, at the end of the run, from members
+            // that had left).
             _ => self.held_anchor(starts, &key).map(|(w, v)| (w, v.to_vec())),
         };
         let Some((weights, velocity)) = held else {
@@ -499,11 +499,26 @@ impl Core {
             of = tally.total,
             "no anchor has half the voting power; going back to the last decided one"
         );
+        self.revert_onto(round, key, (weights, velocity), starts, votes);
+        self.abandoned = Some(round);
+        true
+    }
+
+    /// Takes `key` over from `starts` on with a `Revert` join backed by
+    /// `votes`, for the anchor decided at `decided_at`.
+    fn revert_onto(
+        &mut self,
+        starts: u64,
+        key: super::agreement::AnchorKey,
+        (weights, velocity): (Arc<Vec<f32>>, Vec<f32>),
+        decided_at: u64,
+        votes: Vec<meshtrain_ledger::Vote>,
+    ) {
         let weights_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &weights);
         let outer_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &velocity);
         self.take_over(
             Fetched {
-                starts: round,
+                starts,
                 key,
                 weights,
                 velocity,
@@ -511,11 +526,9 @@ impl Core {
                 outer_bytes,
             },
             meshtrain_ledger::JoinKind::Revert,
-            starts,
+            decided_at,
             votes,
         );
-        self.abandoned = Some(round);
-        true
     }
 
     /// The anchor going back from `round` takes, with the votes that
@@ -965,20 +978,32 @@ impl Core {
         if key != self.anchor_key() {
             self.adopt_rebuilt(*r, true);
         }
-        let votes = self.evidence(round, &key);
+        self.settle_rebuilt(round, key, self.anchor.clone(), self.velocity.clone());
+        Some(true)
+    }
+
+    /// A rebuilt anchor, taken as decided for the round it starts (its
+    /// evidence: the records built on it, once they come).
+    fn settle_rebuilt(
+        &mut self,
+        starts: u64,
+        key: super::agreement::AnchorKey,
+        weights: Arc<Vec<f32>>,
+        velocity: Arc<Vec<f32>>,
+    ) {
+        let votes = self.evidence(starts, &key);
         self.decided = Some(super::Decision {
-            starts: round,
+            starts,
             key,
             votes: votes.clone(),
         });
         self.settled = Some(Settled {
-            starts: round,
+            starts,
             key,
-            weights: self.anchor.clone(),
-            velocity: self.velocity.clone(),
+            weights,
+            velocity,
             votes,
         });
-        Some(true)
     }
 
     /// Takes a rebuilt round's result as our anchor: back onto the anchor
@@ -999,22 +1024,8 @@ impl Core {
             ..
         } = r;
         let (weights, velocity) = base;
-        let weights_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &weights);
-        let outer_bytes = meshtrain_model::codec::encode(meshtrain_model::CodecSpec::Dense, &velocity);
         let evidence = self.evidence(prev, &from);
-        self.take_over(
-            Fetched {
-                starts: prev,
-                key: from,
-                weights,
-                velocity: velocity.to_vec(),
-                weights_bytes,
-                outer_bytes,
-            },
-            meshtrain_ledger::JoinKind::Revert,
-            prev,
-            evidence,
-        );
+        self.revert_onto(prev, from, (weights, velocity.to_vec()), prev, evidence);
         self.bases.insert(prev, from.0);
         if requeue {
             let had: Vec<_> = self
@@ -1272,19 +1283,8 @@ impl Core {
                 anchor = %r.key.0.short(),
                 "a round we gave up was rebuilt from the votes: it is the one to go back to"
             );
-            let votes = self.evidence(starts, &r.key);
-            self.decided = Some(super::Decision {
-                starts,
-                key: r.key,
-                votes: votes.clone(),
-            });
-            self.settled = Some(Settled {
-                starts,
-                key: r.key,
-                weights: Arc::new(r.done.anchor.clone()),
-                velocity: Arc::new(r.done.outer.velocity().to_vec()),
-                votes,
-            });
+            let (weights, velocity) = (r.done.anchor.clone(), r.done.outer.velocity().to_vec());
+            self.settle_rebuilt(starts, r.key, Arc::new(weights), Arc::new(velocity));
             self.rebuilt_target = Some(r);
             from = starts;
         }
