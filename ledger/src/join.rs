@@ -87,6 +87,15 @@ impl Vote {
         }
     }
 
+    /// Of those, the ones that came after a quorum of that round was in at
+    /// the voter (see `UpdateRecord::waited`); none for a verdict block.
+    pub fn waited(&self) -> BTreeSet<RecordTag> {
+        match self {
+            Vote::Record(r) => r.record.waited_for().collect(),
+            Vote::Block(_) => BTreeSet::new(),
+        }
+    }
+
     /// The anchor weights and outer state voted for.
     pub fn anchor(&self) -> (WeightsHash, WeightsHash) {
         match self {

@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// The version written into every record; a newer one is refused, not guessed at.
-pub const RECORD_VERSION: u16 = 3;
+pub const RECORD_VERSION: u16 = 4;
 
 /// Most merged updates one record may list (a round has one per member).
 pub const MAX_MERGED: usize = 4096;
@@ -44,6 +44,12 @@ pub struct UpdateRecord {
     pub made_from: WeightsHash,
     pub made_outer: WeightsHash,
     pub merged: Vec<RecordTag>,
+    /// One bit per `merged` tag, in its order (bit `i % 8` of byte `i /
+    /// 8`): set where that update came after a quorum of the round was in,
+    /// so the round waited for it. Signed, so every node judges alike
+    /// which members habitually make rounds wait (and stops waiting for
+    /// them); arrival times seen locally differ from node to node.
+    pub waited: Vec<u8>,
     pub payload_hash: PayloadHash,
     pub payload_len: u64,
     pub n_samples: u64,
@@ -58,6 +64,26 @@ impl UpdateRecord {
 
     pub fn hash(&self) -> RecordHash {
         body_hash(&self.body_bytes())
+    }
+
+    /// The `merged` tags whose `waited` bit is set.
+    pub fn waited_for(&self) -> impl Iterator<Item = RecordTag> + '_ {
+        self.merged
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.waited.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1))
+            .map(|(_, t)| *t)
+    }
+
+    /// The `waited` bits for `merged`, set where `waited` holds the tag.
+    pub fn waited_bits(merged: &[RecordTag], waited: &std::collections::BTreeSet<RecordTag>) -> Vec<u8> {
+        let mut bits = vec![0u8; merged.len().div_ceil(8)];
+        for (i, t) in merged.iter().enumerate() {
+            if waited.contains(t) {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        bits
     }
 
     pub fn sign(self, key: &AuthorKey) -> SignedRecord {
@@ -108,6 +134,21 @@ impl SignedRecord {
                 detail: format!(
                     "it lists {} merged updates, over the {MAX_MERGED} a round can have",
                     signed.record.merged.len()
+                ),
+            });
+        }
+        let r = &signed.record;
+        let bits_ok = r.waited.len() == r.merged.len().div_ceil(8)
+            && r.waited
+                .last()
+                .is_none_or(|b| r.merged.len().is_multiple_of(8) || b >> (r.merged.len() % 8) == 0);
+        if !bits_ok {
+            return Err(LedgerError::Malformed {
+                what: "update record",
+                detail: format!(
+                    "its waited-for bits ({} bytes) do not match its {} merged updates",
+                    r.waited.len(),
+                    r.merged.len()
                 ),
             });
         }
@@ -167,12 +208,33 @@ pub(crate) mod tests {
             made_from: WeightsHash([0; 32]),
             made_outer: WeightsHash([0; 32]),
             merged: Vec::new(),
+            waited: Vec::new(),
             payload_hash: PayloadHash::of(&seq.to_le_bytes()),
             payload_len: 8,
             n_samples: 64,
             train_loss: 0.5,
         }
         .sign(key)
+    }
+
+    #[test]
+    fn waited_bits_follow_the_merged_list_and_are_checked() {
+        let k = key(1);
+        let mut r = record(&k, 0, RecordHash([0; 32])).record;
+        r.merged = (0..10u8).map(|i| RecordTag([i; 16])).collect();
+        let waited: std::collections::BTreeSet<_> = [RecordTag([1; 16]), RecordTag([9; 16])].into();
+        r.waited = UpdateRecord::waited_bits(&r.merged, &waited);
+        assert_eq!(r.waited, vec![0b10, 0b10]);
+        assert_eq!(r.waited_for().collect::<std::collections::BTreeSet<_>>(), waited);
+        let ok = r.clone().sign(&k);
+        assert_eq!(SignedRecord::from_bytes(&ok.to_bytes()).unwrap(), ok);
+        // A byte short, a byte over, a bit past the list: each refused.
+        for bits in [vec![0b10], vec![0b10, 0b10, 0], vec![0b10, 0b110]] {
+            let mut bad = r.clone();
+            bad.waited = bits;
+            let err = SignedRecord::from_bytes(&bad.sign(&k).to_bytes()).unwrap_err();
+            assert!(err.to_string().contains("waited-for bits"), "{err}");
+        }
     }
 
     #[test]

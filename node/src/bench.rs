@@ -90,6 +90,7 @@ fn generate(meta: &RunMeta, authors: usize, per_author: u64) -> Vec<VerifiedReco
                                         made_from: WeightsHash([0; 32]),
                                         made_outer: WeightsHash([0; 32]),
                                         merged: Vec::new(),
+                                        waited: Vec::new(),
                                         payload_hash: PayloadHash::of(&seq.to_le_bytes()),
                                         payload_len: 4096,
                                         n_samples: 640,

@@ -105,6 +105,7 @@ pub fn signed(key: &AuthorKey, run_id: RunId, seq: u64, round: u64, payload: &[u
         made_from: WeightsHash([0; 32]),
         made_outer: WeightsHash([0; 32]),
         merged: Vec::new(),
+        waited: Vec::new(),
         payload_hash: PayloadHash::of(payload),
         payload_len: payload.len() as u64,
         n_samples: 64,

@@ -26,6 +26,7 @@ fn record(key: &AuthorKey, run_id: RunId) -> UpdateRecord {
         made_from: WeightsHash([0; 32]),
         made_outer: WeightsHash([0; 32]),
         merged: Vec::new(),
+        waited: Vec::new(),
         payload_hash: PayloadHash::of(b"nothing"),
         payload_len: 7,
         n_samples: 64,

@@ -136,6 +136,7 @@ impl Sybils {
                 made_from: WeightsHash([0; 32]),
                 made_outer: WeightsHash([0; 32]),
                 merged: Vec::new(),
+                waited: Vec::new(),
                 payload_hash: PayloadHash::of(&payload),
                 payload_len: payload.len() as u64,
                 n_samples: 64,

@@ -362,6 +362,54 @@ impl Votes {
             .sum()
     }
 
+    /// Whether each member with an update in round `d` trained on the
+    /// round's decided base came late to it: voters with more than two
+    /// thirds of the whole voting power that built round `d` on that base
+    /// either waited for it (`UpdateRecord::waited`) or closed without it.
+    /// A member is judged only once the votes still out cannot change its
+    /// judgement. A minority under a third can then neither keep a member
+    /// in time that every honest node saw late, nor make one late that
+    /// fewer than two thirds less the minority saw late. `None` while the
+    /// base of round `d` is not decided here. From signed votes alone:
+    /// nodes that hold the same votes judge alike (see `super::lateness`).
+    pub fn came_late(&self, d: u64, power: &Power) -> Option<BTreeMap<AuthorId, bool>> {
+        let base = self.tally(d, power).decided()?;
+        // Those that built round `d` on its base (whatever they made):
+        // their power, what each merged and what each waited for.
+        type Builder = (u64, BTreeSet<RecordTag>, BTreeSet<RecordTag>);
+        let mut seen = 0;
+        let mut builders: Vec<Builder> = Vec::new();
+        for (voter, v) in self.counted(d.checked_add(1)?) {
+            let p = power.of(voter);
+            seen += p;
+            if let Some((_, merged)) = built(v).filter(|(on, _)| p > 0 && *on == base) {
+                builders.push((p, merged, v.waited()));
+            }
+        }
+        let total = power.total();
+        let out = total.saturating_sub(seen);
+        let mut judged = BTreeMap::new();
+        for (author, vote) in self.counted(d) {
+            let Vote::Record(r) = vote else { continue };
+            if (r.record.base_hash, r.record.base_outer) != base {
+                // Left out for training off the base, not for coming late.
+                continue;
+            }
+            let tag = r.hash().tag();
+            let late: u64 = builders
+                .iter()
+                .filter(|(_, merged, waited)| !merged.contains(&tag) || waited.contains(&tag))
+                .map(|b| b.0)
+                .sum();
+            if 3 * late > 2 * total {
+                judged.insert(*author, true);
+            } else if 3 * (late + out) <= 2 * total {
+                judged.insert(*author, false);
+            }
+        }
+        Some(judged)
+    }
+
     /// The record voting for the anchor that starts `starts` whose hash
     /// begins with `tag`.
     pub fn record_tagged(&self, starts: u64, tag: &RecordTag) -> Option<&meshtrain_ledger::SignedRecord> {
@@ -474,6 +522,7 @@ mod tests {
                 made_from: WeightsHash([0; 32]),
                 made_outer: WeightsHash([0; 32]),
                 merged: Vec::new(),
+                waited: Vec::new(),
                 payload_hash: PayloadHash([voter; 32]),
                 payload_len: 1,
                 n_samples: 1,
@@ -493,7 +542,87 @@ mod tests {
         let mut record = r.record;
         record.made_from = WeightsHash([on; 32]);
         record.merged = merged.iter().map(|m| RecordTag([*m; 16])).collect();
+        record.waited = vec![0; record.merged.len().div_ceil(8)];
         Vote::Record(record.sign(&key))
+    }
+
+    /// Round 4 started from anchor 1 (voters 1 to 5 voted it, or another
+    /// where `off_base`); the first of voters 1 to 5 built round 4 on
+    /// anchor 1 (making anchor 2), each merging the round-4 updates in
+    /// `merged` and waiting for those in `waited` (by voter).
+    fn round_four(merged: &[&[u8]], waited: &[&[u8]], off_base: &[u8]) -> Votes {
+        let mut votes = Votes::default();
+        let mut tags = BTreeMap::new();
+        for v in 1..=5u8 {
+            let mut r = match vote(v, 4, if off_base.contains(&v) { 9 } else { 1 }) {
+                Vote::Record(r) => r.record,
+                Vote::Block(_) => unreachable!("vote() makes records"),
+            };
+            r.made_from = WeightsHash([7; 32]);
+            let signed = r.sign(&AuthorKey::from_secret([v; 32]));
+            tags.insert(v, signed.hash().tag());
+            votes.add(Vote::Record(signed));
+        }
+        for (i, v) in (1..=5u8).enumerate().take(merged.len()) {
+            let key = AuthorKey::from_secret([v; 32]);
+            let Vote::Record(r) = vote(v, 5, 2) else {
+                unreachable!("vote() makes records")
+            };
+            let mut r = r.record;
+            r.made_from = WeightsHash([1; 32]);
+            let mut list: Vec<RecordTag> = merged[i].iter().map(|m| tags[m]).collect();
+            list.sort();
+            let w: BTreeSet<RecordTag> = waited[i].iter().map(|m| tags[m]).collect();
+            r.waited = UpdateRecord::waited_bits(&list, &w);
+            r.merged = list;
+            votes.add(Vote::Record(r.sign(&key)));
+        }
+        votes
+    }
+
+    #[test]
+    fn came_late_takes_two_thirds_of_the_power_and_waits_for_the_votes() {
+        let power = roster(5);
+        let id = |n: u8| AuthorKey::from_secret([n; 32]).author();
+        let all: &[u8] = &[1, 2, 3, 4, 5];
+        let but_3: &[u8] = &[1, 2, 4, 5];
+        // Member 5 waited for by four builders of five: late. Member 3 left
+        // out by two and waited for by two: late. Member 4 waited for by
+        // three: not more than two thirds, in time.
+        let votes = round_four(
+            &[all, all, but_3, but_3, all],
+            &[&[5, 4], &[5, 4, 3], &[5, 4], &[5], &[3]],
+            &[],
+        );
+        let late = votes.came_late(4, &power).expect("round 4's base is decided");
+        let expect: BTreeMap<AuthorId, bool> = [
+            (id(1), false),
+            (id(2), false),
+            (id(3), true),
+            (id(4), false),
+            (id(5), true),
+        ]
+        .into();
+        assert_eq!(late, expect);
+        // Member 3 trained off the decided base: not judged.
+        let votes = round_four(&[all, all, but_3, but_3, but_3], &[&[], &[], &[], &[], &[]], &[3]);
+        let late = votes.came_late(4, &power).expect("decided");
+        assert!(!late.contains_key(&id(3)));
+        assert_eq!(late.len(), 4);
+        // Four of five votes in, member 5 waited for by all four: late
+        // whatever the last says; member 1 in time only if the last vote
+        // cannot make it late (1 of 5 is not over two thirds): in time.
+        let votes = round_four(&[all, all, all, all], &[&[5], &[5], &[5], &[5]], &[]);
+        let late = votes.came_late(4, &power).expect("decided");
+        assert_eq!(late.get(&id(5)), Some(&true));
+        assert_eq!(late.get(&id(1)), Some(&false));
+        // Three votes in, all waited for member 5: 3 of 5 is not over two
+        // thirds and 5 of 5 could be: not judged yet.
+        let votes = round_four(&[all, all, all], &[&[5], &[5], &[5]], &[]);
+        let late = votes.came_late(4, &power).expect("decided");
+        assert_eq!(late.get(&id(5)), None);
+        // Round 6's base has no votes: nothing to judge.
+        assert_eq!(votes.came_late(6, &power), None);
     }
 
     fn roster(n: u8) -> Power {

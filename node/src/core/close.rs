@@ -129,8 +129,15 @@ impl Core {
             );
             return;
         }
-        let expected = self.book.expected(&self.connected_authors());
-        self.book.note_arrivals(self.now, &expected);
+        // The quorum counts every expected member, the habitually late
+        // too: left out, the quorum (and so the grace) came sooner than the
+        // honest members' spread, and a late member not yet judged landed
+        // between the honest nodes' closes. No round waits for them to be
+        // all in.
+        let late = self.late_members();
+        let all = self.book.expected(&self.connected_authors());
+        self.book.note_arrivals(self.now, &all);
+        let expected: HashSet<AuthorId> = all.into_iter().filter(|a| !late.contains(a)).collect();
         let Some(how) = self.book.should_close(self.now, &expected) else {
             tracing::trace!(round = self.round(), deadline = ?self.book.deadline(), "not closing yet");
             // A quorum in brings the deadline forward.
@@ -186,8 +193,55 @@ impl Core {
                 info!(round = self.round(), ?missing, "round deadline passed");
             }
         }
-        let inputs = self.book.close();
+        let mut inputs = self.book.close();
+        self.waited = Some((inputs.round, std::mem::take(&mut inputs.waited)));
         self.aggregate(inputs);
+    }
+
+    /// The members this round waits for no longer (see `lateness`), judged
+    /// once a round, and handed to the round book.
+    fn late_members(&mut self) -> HashSet<AuthorId> {
+        let round = self.round();
+        if let Some((r, late)) = &self.late {
+            if *r == round {
+                return late.clone();
+            }
+        }
+        // Rounds up to two back, while their votes are held: the votes for
+        // the round after each are in (ours among them), or coming.
+        for d in self.vote_floor()..round.saturating_sub(1) {
+            if let Some(j) = self.votes.came_late(d, &self.power) {
+                let came_late: Vec<String> = j.iter().filter(|(_, l)| **l).map(|(a, _)| a.short()).collect();
+                debug!(
+                    judged = d,
+                    ?came_late,
+                    in_time = j.len() - came_late.len(),
+                    "who came late to a round"
+                );
+                self.lateness.note(d, j);
+            }
+        }
+        // Ourselves too: a node judged late leaves its own update that came
+        // after the quorum for the next close, like every other node does,
+        // rather than make an anchor no one else makes.
+        let late: HashSet<AuthorId> = self.lateness.late().into_iter().collect();
+        let before = self.late.take().map(|(_, l)| l).unwrap_or_default();
+        for a in late.difference(&before) {
+            if *a == self.me {
+                info!(
+                    round,
+                    "we habitually come late: our updates that come after the quorum wait for the next close"
+                );
+            } else {
+                info!(round, author = %a.short(), "it habitually comes late (rounds waited for its updates, or closed without them): rounds no longer wait for it");
+            }
+        }
+        for a in before.difference(&late) {
+            info!(round, author = %a.short(), "it comes in time again: rounds wait for it");
+        }
+        self.book.wait_not_for(late.clone());
+        self.late = Some((round, late.clone()));
+        late
     }
 
     /// Voting power of the members we are connected to that `keep` picks.
@@ -892,17 +946,24 @@ impl Core {
         entries: Vec<VerdictEntry>,
         publish: bool,
     ) {
-        let merged = entries
+        let merged: Vec<_> = entries
             .iter()
             .filter(|e| matches!(e.verdict, Verdict::Merged { .. } | Verdict::Clipped { .. }))
             .map(|e| e.record_hash.tag())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
+        // What our own close of this round waited for (a rebuild waited
+        // for nothing).
+        let waited = match self.waited.take() {
+            Some((r, w)) if r == round => w.iter().map(|h| h.tag()).collect(),
+            _ => std::collections::BTreeSet::new(),
+        };
         self.made = Some(super::Made {
             round,
             anchor: new_hash,
             from: base,
+            waited: meshtrain_ledger::UpdateRecord::waited_bits(&merged, &waited),
             merged,
         });
         let (seq, prev) = match self.verdict_head {
@@ -1236,6 +1297,7 @@ impl Core {
                 round: prev,
                 inputs,
                 rejections: Vec::new(),
+                waited: std::collections::BTreeSet::new(),
             },
             probation: Vec::new(),
             outer,

@@ -19,6 +19,7 @@
 pub mod agreement;
 mod close;
 mod finish;
+pub mod lateness;
 pub mod members;
 mod mischief;
 pub mod outcome;
@@ -477,6 +478,9 @@ struct Made {
     anchor: WeightsHash,
     from: agreement::AnchorKey,
     merged: Vec<meshtrain_ledger::RecordTag>,
+    /// Which of them our close waited past its quorum for (bits, as in
+    /// `UpdateRecord::waited`).
+    waited: Vec<u8>,
 }
 
 /// The last round we closed: every update it had, whatever its base, with
@@ -590,6 +594,14 @@ pub struct Core {
     /// Updates that came too late to merge here, or of rounds we skipped,
     /// newest last (at most [`STALE_KEPT`]): a rebuild may need them.
     stale_kept: std::collections::VecDeque<rounds::Contribution>,
+    /// The round our last close closed and the updates it waited past its
+    /// quorum for, until its verdict block is made.
+    waited: Option<(u64, std::collections::BTreeSet<RecordHash>)>,
+    /// Which members came late to the rounds judged (see `lateness`).
+    lateness: lateness::Lateness,
+    /// Members judged habitually late, and the round that judged them
+    /// (once a round: see `Core::late_members`).
+    late: Option<(u64, HashSet<AuthorId>)>,
     /// Our last closes (at most [`CLOSES_KEPT`]), oldest first.
     closes: std::collections::VecDeque<LastClose>,
     /// The anchor the round in training started from.
@@ -722,6 +734,9 @@ impl Core {
             made: None,
             closes: std::collections::VecDeque::new(),
             stale_kept: std::collections::VecDeque::new(),
+            waited: None,
+            lateness: lateness::Lateness::default(),
+            late: None,
             rebuild_wait: None,
             rebuilt_target: None,
             power,

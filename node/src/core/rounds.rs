@@ -142,13 +142,18 @@ pub struct RoundBook {
     quorum_at: Option<Millis>,
     /// When each update of a round (ours or another's) arrived: the
     /// quorum's spread sizes the grace.
-    arrivals: BTreeMap<u64, Vec<Millis>>,
+    arrivals: BTreeMap<u64, BTreeMap<AuthorId, Millis>>,
     /// The round this node (re)joined at; older updates are ignored.
     joined_at: u64,
     /// Authors whose verified record for a round is in, payload still on its
     /// way: the round waits for those payloads too (until the deadline), or
     /// nodes that happen to have it would aggregate differently.
     announced: BTreeMap<u64, BTreeMap<AuthorId, Millis>>,
+    /// Members judged habitually late (see `super::lateness`):
+    /// their records announced without a payload hold no round either.
+    no_wait: HashSet<AuthorId>,
+    /// Updates (ours included) that made a quorum when last looked.
+    quorum_need: usize,
     pub wait: AdaptiveWait,
 }
 
@@ -158,6 +163,9 @@ pub struct RoundInputs {
     /// (contribution, prior weight): this round's at 1.0, late ones decayed.
     pub inputs: Vec<(Contribution, f32)>,
     pub rejections: Vec<VerdictEntry>,
+    /// This round's updates that came in the later half of its grace or
+    /// after it: the round waited for them (see `UpdateRecord::waited`).
+    pub waited: BTreeSet<RecordHash>,
 }
 
 impl RoundBook {
@@ -174,6 +182,8 @@ impl RoundBook {
             arrivals: BTreeMap::new(),
             joined_at: start_round,
             announced: BTreeMap::new(),
+            no_wait: HashSet::new(),
+            quorum_need: 1,
             wait,
         }
     }
@@ -197,7 +207,7 @@ impl RoundBook {
         if slot.contains_key(&c.author) {
             return Offer::Duplicate;
         }
-        self.arrivals.entry(c.round).or_default().push(now);
+        self.arrivals.entry(c.round).or_default().insert(c.author, now);
         slot.insert(c.author, c);
         Offer::Kept
     }
@@ -208,6 +218,12 @@ impl RoundBook {
         if round >= self.current {
             self.announced.entry(round).or_default().entry(author).or_insert(now);
         }
+    }
+
+    /// Members no round waits for (judged habitually late); the caller
+    /// leaves them out of `expected` too.
+    pub fn wait_not_for(&mut self, late: HashSet<AuthorId>) {
+        self.no_wait = late;
     }
 
     /// Its payload will not come (no peer had it, or it was bad).
@@ -256,15 +272,18 @@ impl RoundBook {
     /// Notes at `now` whether a quorum of the current round is in (ours
     /// and the `expected` authors' updates; the first time counts).
     pub fn note_arrivals(&mut self, now: Millis, expected: &HashSet<AuthorId>) {
+        self.quorum_need = quorum(expected.len() + 1);
         if self.own_ready_at.is_none() || self.quorum_at.is_some() {
             return;
         }
         let have = self.pending.get(&self.current);
-        let others = expected
-            .iter()
-            .filter(|a| have.is_some_and(|m| m.contains_key(*a)))
-            .count();
-        if 1 + others >= quorum(expected.len() + 1) {
+        let is_in = |a: &AuthorId| have.is_some_and(|m| m.contains_key(a));
+        let others = expected.iter().filter(|a| is_in(a)).count();
+        // Every member not judged late in counts as a quorum too: with late
+        // ones over a third, a quorum of all might never come (and the
+        // deadline would learn nothing).
+        let timely_in = expected.iter().filter(|a| !self.no_wait.contains(*a)).all(is_in);
+        if 1 + others >= quorum(expected.len() + 1) || timely_in {
             self.quorum_at = Some(now);
         }
     }
@@ -275,7 +294,12 @@ impl RoundBook {
     pub fn should_close(&self, now: Millis, expected: &HashSet<AuthorId>) -> Option<Close> {
         self.own_ready_at?;
         let have = self.pending.get(&self.current);
-        let announced = self.announced.get(&self.current).into_iter().flat_map(|m| m.keys());
+        let announced = self
+            .announced
+            .get(&self.current)
+            .into_iter()
+            .flat_map(|m| m.keys())
+            .filter(|a| !self.no_wait.contains(*a));
         let all_in = expected
             .iter()
             .chain(announced)
@@ -299,11 +323,22 @@ impl RoundBook {
     /// updates arrive, not how late the last one is.
     fn quorum_deadline(&self) -> Option<Millis> {
         let q = self.quorum_at?;
+        let grace = self.grace(q);
+        // A payload whose record was in with the quorum but that is still on
+        // its way (held back from us, say, and asked of another peer) gets
+        // one grace more: nodes that have it and nodes that do not would
+        // aggregate apart. A record that came after the quorum (late) gets
+        // none: that would hand a late member one more grace every round.
+        Some(q + if self.announced_missing(q) { 2 * grace } else { grace })
+    }
+
+    /// The stragglers' grace after a quorum in at `q`.
+    fn grace(&self, q: Millis) -> Millis {
         let mut before: Vec<Millis> = self
             .arrivals
             .get(&self.current)
             .into_iter()
-            .flatten()
+            .flat_map(|m| m.values())
             .copied()
             .filter(|t| *t <= q)
             .collect();
@@ -315,13 +350,7 @@ impl RoundBook {
         } else {
             GRACE_MIN_MS
         };
-        let grace = grace.clamp(floor, self.wait.timeout().max(floor));
-        // A payload whose record was in with the quorum but that is still on
-        // its way (held back from us, say, and asked of another peer) gets
-        // one grace more: nodes that have it and nodes that do not would
-        // aggregate apart. A record that came after the quorum (late) gets
-        // none: that would hand a late member one more grace every round.
-        Some(q + if self.announced_missing(q) { 2 * grace } else { grace })
+        grace.clamp(floor, self.wait.timeout().max(floor))
     }
 
     /// Whether a record of the current round that was in by `by` still
@@ -330,7 +359,7 @@ impl RoundBook {
         let have = self.pending.get(&self.current);
         self.announced.get(&self.current).is_some_and(|m| {
             m.iter()
-                .any(|(a, at)| *at <= by && !have.is_some_and(|h| h.contains_key(a)))
+                .any(|(a, at)| *at <= by && !self.no_wait.contains(a) && !have.is_some_and(|h| h.contains_key(a)))
         })
     }
 
@@ -394,8 +423,57 @@ impl RoundBook {
         if let (Some(ready), Some(q)) = (self.own_ready_at, self.quorum_at) {
             self.wait.observe(q.saturating_sub(ready));
         }
-        self.quorum_at = None;
         let round = self.current;
+        let quorum_at = self.quorum_at;
+        let arrived = |a: &AuthorId| self.arrivals.get(&round).and_then(|m| m.get(a)).copied();
+        // Waited for: came in the later half of the grace, or after it,
+        // where a member publishing at the grace's edge lands (honest
+        // stragglers spread over the whole grace).
+        let waited_from = quorum_at.map(|q| q + self.grace(q) / 2);
+        let waited_for = |a: &AuthorId| match (waited_from, arrived(a)) {
+            (Some(from), Some(at)) => at > from,
+            _ => false,
+        };
+        // A member judged late whose update came after a quorum of the
+        // others was in has it merged at the next close, decayed, at every
+        // node alike (ours too, if we are the one judged late: our own
+        // update counts as in only once it is ready, so the quorum is taken
+        // from the arrivals themselves). Merged wherever it happened to be
+        // in, it split the mesh.
+        let mut timely: Vec<Millis> = self
+            .arrivals
+            .get(&round)
+            .into_iter()
+            .flatten()
+            .filter(|(a, _)| !self.no_wait.contains(*a))
+            .map(|(_, at)| *at)
+            .collect();
+        timely.sort_unstable();
+        let quorum_time = timely
+            .get(self.quorum_need.min(timely.len()).saturating_sub(1))
+            .copied();
+        let deferred = |a: &AuthorId| {
+            self.no_wait.contains(a)
+                && match (quorum_time, arrived(a)) {
+                    (Some(q), Some(at)) => at > q,
+                    _ => true,
+                }
+        };
+        let mut keep: BTreeMap<AuthorId, Contribution> = BTreeMap::new();
+        let mut after_quorum: BTreeSet<AuthorId> = BTreeSet::new();
+        if let Some(slot) = self.pending.get_mut(&round) {
+            let authors: Vec<AuthorId> = slot.keys().copied().collect();
+            for a in authors {
+                if deferred(&a) {
+                    if let Some(c) = slot.remove(&a) {
+                        keep.insert(a, c);
+                    }
+                } else if waited_for(&a) {
+                    after_quorum.insert(a);
+                }
+            }
+        }
+        self.quorum_at = None;
         let mut inputs = Vec::new();
         let rounds: Vec<u64> = self.pending.range(..=round).map(|(r, _)| *r).collect();
         for r in rounds {
@@ -416,12 +494,21 @@ impl RoundBook {
         inputs.sort_by(|(a, _), (b, _)| a.round.cmp(&b.round).then(a.author.cmp(&b.author)));
         self.announced.retain(|r, _| *r > round);
         self.arrivals.retain(|r, _| *r > round);
+        if !keep.is_empty() {
+            self.pending.insert(round, keep);
+        }
         self.current += 1;
         self.own_ready_at = None;
+        let waited = inputs
+            .iter()
+            .filter(|(c, _)| c.round == round && after_quorum.contains(&c.author))
+            .map(|(c, _)| c.record_hash)
+            .collect();
         RoundInputs {
             round,
             inputs,
             rejections: std::mem::take(&mut self.rejections),
+            waited,
         }
     }
 }
@@ -468,6 +555,98 @@ mod tests {
         let inputs = b.close();
         assert_eq!(inputs.inputs.len(), 3);
         assert_eq!(b.current(), 1);
+    }
+
+    /// A close names the updates of its round that came in the later half
+    /// of the grace or after it (not late ones of the round before, nor
+    /// stragglers early in the grace).
+    #[test]
+    fn a_close_names_what_it_waited_for() {
+        for (at, waited) in [(1_250, false), (1_350, true)] {
+            let mut b = book_at_1();
+            let expected: HashSet<_> = (2..=4).map(|a| AuthorId([a; 32])).collect();
+            b.offer(c(5, 0), 0); // a round late: merged, not waited for
+            b.own_ready(1_000);
+            b.offer(c(2, 1), 1_100);
+            b.offer(c(3, 1), 1_200);
+            // 3 of 4: the quorum; its grace is twice 1100 -> 1200, and
+            // its later half starts at 1300.
+            b.note_arrivals(1_200, &expected);
+            b.offer(c(4, 1), at);
+            b.note_arrivals(at, &expected);
+            assert_eq!(b.should_close(at, &expected), Some(Close::AllIn));
+            let inputs = b.close();
+            assert_eq!(inputs.inputs.len(), 4);
+            let expect: BTreeSet<RecordHash> = if waited {
+                [RecordHash([4; 32])].into()
+            } else {
+                BTreeSet::new()
+            };
+            assert_eq!(inputs.waited, expect, "arrived at {at}");
+        }
+    }
+
+    /// A member judged habitually late holds no round: not while its record
+    /// is in and its payload on the way either.
+    #[test]
+    fn no_round_waits_for_a_member_judged_late() {
+        let mut b = book_at_1();
+        let late = AuthorId([4; 32]);
+        let all: HashSet<_> = (2..=4).map(|a| AuthorId([a; 32])).collect();
+        let timely: HashSet<_> = all.iter().copied().filter(|a| *a != late).collect();
+        b.offer(c(1, 1), 1_000); // ours
+        b.own_ready(1_000);
+        b.announce(1, late, 1_000);
+        b.offer(c(2, 1), 1_100);
+        b.offer(c(3, 1), 1_200);
+        b.note_arrivals(1_200, &all);
+        assert_eq!(
+            b.should_close(1_200, &timely),
+            None,
+            "its announced payload holds the round"
+        );
+        b.wait_not_for([late].into());
+        assert_eq!(b.should_close(1_200, &timely), Some(Close::AllIn));
+        // Its update, in after the quorum, waits for the next close (at
+        // every node alike), decayed; one in before the quorum is merged.
+        b.offer(c(4, 1), 1_250);
+        let inputs = b.close();
+        assert_eq!(inputs.inputs.len(), 3);
+        b.offer(c(2, 2), 1_900);
+        b.offer(c(4, 2), 1_960);
+        b.offer(c(3, 2), 1_970);
+        b.offer(c(1, 2), 2_000);
+        b.own_ready(2_000);
+        b.note_arrivals(2_000, &all);
+        let inputs = b.close();
+        let got: Vec<(u8, u64, f32)> = inputs
+            .inputs
+            .iter()
+            .map(|(c, w)| (c.author.0[0], c.round, *w))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(4, 1, 0.5), (1, 2, 1.0), (2, 2, 1.0), (3, 2, 1.0), (4, 2, 1.0)]
+        );
+    }
+
+    /// A node judged late itself leaves its own update, ready after a
+    /// quorum of the others was in, for the next close, as they all do.
+    #[test]
+    fn a_node_judged_late_defers_its_own_slow_update() {
+        let mut b = book_at_1();
+        let all: HashSet<_> = (2..=4).map(|a| AuthorId([a; 32])).collect();
+        b.wait_not_for([AuthorId([1; 32])].into());
+        for a in 2..=4 {
+            b.offer(c(a, 1), 1_000 + 10 * a as Millis);
+        }
+        b.offer(c(1, 1), 1_500);
+        b.own_ready(1_500);
+        b.note_arrivals(1_500, &all);
+        assert_eq!(b.should_close(1_500, &all), Some(Close::AllIn));
+        let inputs = b.close();
+        let got: Vec<u8> = inputs.inputs.iter().map(|(c, _)| c.author.0[0]).collect();
+        assert_eq!(got, vec![2, 3, 4]);
     }
 
     #[test]

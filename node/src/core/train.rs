@@ -122,13 +122,13 @@ impl Core {
         };
         // What we merged to make our anchor, when we made it (not when we
         // took it over).
-        let ((made_from, made_outer), merged) = match self
+        let ((made_from, made_outer), merged, waited) = match self
             .made
             .as_ref()
             .filter(|m| m.anchor == self.anchor_hash && m.round + 1 == t.round)
         {
-            Some(m) => (m.from, m.merged.clone()),
-            None => ((WeightsHash([0; 32]), WeightsHash([0; 32])), Vec::new()),
+            Some(m) => (m.from, m.merged.clone(), m.waited.clone()),
+            None => ((WeightsHash([0; 32]), WeightsHash([0; 32])), Vec::new(), Vec::new()),
         };
         let record = UpdateRecord {
             version: RECORD_VERSION,
@@ -142,6 +142,7 @@ impl Core {
             made_from,
             made_outer,
             merged,
+            waited,
             payload_hash: PayloadHash::of(&t.payload),
             payload_len: t.payload.len() as u64,
             n_samples: t.stats.samples,

@@ -1,0 +1,129 @@
+//! Members that habitually make rounds wait, judged alike by every node.
+//!
+//! A round closes once every expected update is in, or a quorum is and a
+//! short grace for the stragglers has passed. A member that publishes at
+//! the edge of that grace every round (`late`) makes every round wait the
+//! whole of it, and splits the mesh whenever it lands between the honest
+//! nodes' closes. Each node notes, per round, which members came late:
+//! voters with two thirds of the power that built the round on its decided
+//! base waited for their updates or closed without them
+//! ([`super::agreement::Votes::came_late`], from signed votes). A member
+//! late in three quarters of its last [`LATE_WINDOW`] judged rounds (and
+//! in [`LATE_ROUNDS`] at least) is waited for no longer, and its update,
+//! if it came after a quorum of the others, is merged at the next close
+//! (decayed) at every node alike, its own author's included. Judged by
+//! each node's own arrival times instead, honest stragglers were judged
+//! apart and the mesh split (docs/figures.md, issue 17).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use meshtrain_ledger::AuthorId;
+
+/// Rounds back, of those judged with an update of the member's.
+pub const LATE_WINDOW: usize = 8;
+/// A member is late once it came late to at least this many of them, and
+/// to three quarters of those judged. In a calm mesh the last third of the
+/// members come after the quorum each round, by chance, and about half of
+/// those in the later half of the grace (what counts as waited for): a
+/// given member then meets the rule about once in 300 windows at worst
+/// (five judged rounds, four late) and once in 2,000 with the window full;
+/// a member publishing at the edge of the grace is late every round, and
+/// judged so after four.
+pub const LATE_ROUNDS: usize = 4;
+/// Rounds of judgements kept.
+const KEPT: usize = 4 * LATE_WINDOW;
+
+/// Per judged round, whether each member with an update came late to it.
+#[derive(Clone, Debug, Default)]
+pub struct Lateness {
+    rounds: BTreeMap<u64, BTreeMap<AuthorId, bool>>,
+}
+
+impl Lateness {
+    /// Notes members judged in round `d` (the first judgement of a member
+    /// for a round stands; members judged later are added).
+    pub fn note(&mut self, d: u64, came_late: BTreeMap<AuthorId, bool>) {
+        let round = self.rounds.entry(d).or_default();
+        for (a, late) in came_late {
+            round.entry(a).or_insert(late);
+        }
+        while self.rounds.len() > KEPT {
+            self.rounds.pop_first();
+        }
+    }
+
+    /// Members late in at least [`LATE_ROUNDS`] of their last
+    /// [`LATE_WINDOW`] judged rounds, and in three quarters of them.
+    pub fn late(&self) -> BTreeSet<AuthorId> {
+        let mut seen: BTreeMap<AuthorId, (usize, usize)> = BTreeMap::new();
+        for judged in self.rounds.values().rev() {
+            for (author, late) in judged {
+                let (n, l) = seen.entry(*author).or_default();
+                if *n < LATE_WINDOW {
+                    *n += 1;
+                    *l += usize::from(*late);
+                }
+            }
+        }
+        seen.into_iter()
+            .filter(|(_, (n, l))| *l >= LATE_ROUNDS && 4 * *l >= 3 * *n)
+            .map(|(a, _)| a)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(n: u8) -> AuthorId {
+        AuthorId([n; 32])
+    }
+
+    #[test]
+    fn late_in_three_quarters_of_the_last_eight_rounds_it_had_an_update_for() {
+        let mut l = Lateness::default();
+        // Member 1 late every round; member 2 in three of four; member 3
+        // late in the rounds it had an update for long ago, then in time
+        // in the last eight; member 4 late in every other round.
+        for d in 0..20u64 {
+            let mut j = BTreeMap::new();
+            j.insert(a(1), true);
+            j.insert(a(2), d % 4 != 0);
+            if !(6..12).contains(&d) {
+                j.insert(a(3), d < 6);
+            }
+            j.insert(a(4), d % 2 == 0);
+            l.note(d, j);
+            if d == 2 {
+                assert!(l.late().is_empty(), "three rounds are not four");
+            }
+            if d == 3 {
+                assert_eq!(l.late(), [a(1), a(3)].into(), "four of four");
+            }
+        }
+        assert_eq!(l.late(), [a(1), a(2)].into());
+        for d in 20..30u64 {
+            l.note(d, [(a(1), d % 4 != 0), (a(2), false)].into());
+        }
+        // Member 1 now late in six of eight: still late; member 2 in none.
+        assert_eq!(l.late(), [a(1)].into());
+        l.note(30, [(a(1), false)].into());
+        // Five of eight is under three quarters: waited for again.
+        assert!(l.late().is_empty());
+    }
+
+    #[test]
+    fn the_first_judgement_of_a_member_stands_and_old_rounds_go() {
+        let mut l = Lateness::default();
+        l.note(3, [(a(1), true)].into());
+        l.note(3, [(a(1), false), (a(2), false)].into());
+        assert!(l.rounds[&3][&a(1)]);
+        assert!(!l.rounds[&3][&a(2)]);
+        for d in 4..100 {
+            l.note(d, BTreeMap::new());
+        }
+        assert_eq!(l.rounds.len(), KEPT);
+        assert!(!l.rounds.contains_key(&3));
+    }
+}
