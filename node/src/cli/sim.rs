@@ -72,6 +72,10 @@ pub(super) struct SimArgs {
     /// first round (fetching its shard over a slow link).
     #[arg(long, default_value_t = 0)]
     slow_first_ms: u64,
+    /// Milliseconds each node's local steps take (the stand-in's training
+    /// time, before jitter).
+    #[arg(long, default_value_t = 100)]
+    train_ms: u64,
     /// Loss scoring before the aggregator (on the stand-in's held-out
     /// loss): `RECORDS[:TOLERANCE]`, e.g. `1`.
     #[arg(long)]
@@ -142,6 +146,7 @@ pub(super) fn run(a: SimArgs) -> Result<ExitCode> {
         sybils: a.sybils,
         hijack: a.hijack,
         slow_first_ms: a.slow_first_ms,
+        train_ms: a.train_ms,
         score: a.score,
         ..SimConfig::default()
     };

@@ -333,7 +333,27 @@ impl World {
                 .filter(|n| n.honest())
                 .all(|n| n.finished || n.fatal.is_some())
             {
+                self.flush_local();
                 break;
+            }
+        }
+    }
+
+    /// The run is over: hands the nodes the results of the inbox jobs still
+    /// under way (a message handed in just before the last node finished is
+    /// settled then, as a real inbox thread would), and nothing else.
+    fn flush_local(&mut self) {
+        let until = self.now + LOCAL_MS;
+        while let Some(Reverse((at, id))) = self.queue.pop() {
+            if at > until {
+                break;
+            }
+            let Some(event) = self.events.remove(&id) else {
+                continue;
+            };
+            if matches!(&event, Event::Input { input, .. } if matches!(**input, Input::Checked(_))) {
+                self.now = self.now.max(at);
+                self.step(event);
             }
         }
     }
