@@ -107,7 +107,14 @@ fn score_params(topic: &IdentTopic) -> (PeerScoreParams, PeerScoreThresholds) {
 }
 
 impl MeshBehaviour {
-    pub fn new(key: &identity::Keypair, cfg: &MeshConfig, topic: &IdentTopic) -> Result<Self, GossipError> {
+    /// `registry` gets gossipsub's own counters (messages published, sent
+    /// with forwards, received, and their bytes), under `gossipsub_`.
+    pub fn new(
+        key: &identity::Keypair,
+        cfg: &MeshConfig,
+        topic: &IdentTopic,
+        registry: &mut Registry,
+    ) -> Result<Self, GossipError> {
         let peer_id = key.public().to_peer_id();
         let gs_config = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(cfg.heartbeat)
@@ -126,7 +133,11 @@ impl MeshBehaviour {
             .build()
             .map_err(|e| GossipError::Build(format!("gossipsub config: {e}")))?;
         let mut gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gs_config)
-            .map_err(|e| GossipError::Build(format!("gossipsub: {e}")))?;
+            .map_err(|e| GossipError::Build(format!("gossipsub: {e}")))?
+            .with_metrics(
+                registry.sub_registry_with_prefix("gossipsub"),
+                gossipsub::MetricsConfig::default(),
+            );
         let (params, thresholds) = score_params(topic);
         gossipsub
             .with_peer_score(params, thresholds)
@@ -198,7 +209,8 @@ pub fn build_swarm(
             .map_err(|e| GossipError::Build(format!("tcp transport: {e}")))?
             .with_bandwidth_metrics(registry)
             .with_behaviour(|key| {
-                MeshBehaviour::new(key, cfg, topic).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                MeshBehaviour::new(key, cfg, topic, &mut *registry)
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             })
             .map_err(|e| GossipError::Build(format!("behaviour: {e}")))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
@@ -222,7 +234,8 @@ pub fn build_swarm(
         .map_err(|e| GossipError::Build(format!("private tcp transport: {e}")))?
         .with_bandwidth_metrics(registry)
         .with_behaviour(|key| {
-            MeshBehaviour::new(key, cfg, topic).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            MeshBehaviour::new(key, cfg, topic, &mut *registry)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|e| GossipError::Build(format!("behaviour: {e}")))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))

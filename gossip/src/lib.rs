@@ -22,7 +22,7 @@ mod fetch;
 mod pending;
 pub mod wire;
 
-pub use bandwidth::{byte_counts, ByteCounts};
+pub use bandwidth::{byte_counts, ByteCounts, GossipCounts};
 pub use behaviour::{build_swarm, ed25519_of, peer_id_of, run_topic, Limits, MeshBehaviour, MeshBehaviourEvent};
 pub use config::MeshConfig;
 pub use error::GossipError;

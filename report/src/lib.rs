@@ -112,6 +112,20 @@ pub struct NodeReport {
     pub best_round: Option<u64>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Gossip messages (records, votes, proofs) this node published, sent
+    /// (its own and forwarded ones, each copy) with their bytes, received
+    /// new, and received again (copies of ones it had): gossipsub's own
+    /// counters.
+    #[serde(default)]
+    pub gossip_published: u64,
+    #[serde(default)]
+    pub gossip_sent: u64,
+    #[serde(default)]
+    pub gossip_sent_bytes: u64,
+    #[serde(default)]
+    pub gossip_received: u64,
+    #[serde(default)]
+    pub gossip_duplicates: u64,
     pub updates_published: u64,
     /// Mean size of this node's own encoded payloads.
     pub payload_bytes_mean: f64,

@@ -952,6 +952,9 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
             }
             row.bytes_sent = r.bytes_sent;
             row.bytes_received = r.bytes_received;
+            row.gossip_sent = r.gossip_sent;
+            row.gossip_sent_bytes = r.gossip_sent_bytes;
+            row.gossip_duplicates = r.gossip_duplicates;
             row.updates_merged = r.updates_merged;
             row.updates_rejected = r.updates_rejected;
             row.updates_clipped = r.updates_clipped;
@@ -1032,11 +1035,17 @@ fn summarise(opts: &TestnetOptions, nodes: &[Running], wall: Duration) -> Result
             .try_fold(0f64, |a, t| t.map(|t| a.max(t)))
     });
     let node_rounds: u64 = honest.iter().map(|n| n.rounds_completed).sum();
-    summary.bytes_sent_per_node_round = if node_rounds > 0 {
-        honest.iter().map(|n| n.bytes_sent).sum::<u64>() as f64 / node_rounds as f64
-    } else {
-        0.0
+    let per_node_round = |f: &dyn Fn(&NodeSummary) -> u64| {
+        if node_rounds > 0 {
+            honest.iter().map(|n| f(n)).sum::<u64>() as f64 / node_rounds as f64
+        } else {
+            0.0
+        }
     };
+    summary.bytes_sent_per_node_round = per_node_round(&|n| n.bytes_sent);
+    summary.gossip_sent_per_node_round = per_node_round(&|n| n.gossip_sent);
+    summary.gossip_bytes_per_node_round = per_node_round(&|n| n.gossip_sent_bytes);
+    summary.gossip_duplicates_per_node_round = per_node_round(&|n| n.gossip_duplicates);
     if !honest.is_empty() {
         summary.honest_mean_acc = honest.iter().map(|n| n.final_test_acc).sum::<f32>() / honest.len() as f32;
         summary.honest_min_acc = honest.iter().map(|n| n.final_test_acc).fold(f32::INFINITY, f32::min);
@@ -1344,6 +1353,16 @@ pub fn table(s: &Summary) -> String {
         s.complete_chains,
         s.audit_failures
     );
+    if s.bytes_sent_per_node_round > 0.0 {
+        let _ = writeln!(
+            out,
+            "traffic per honest node per round: {} sent, of which gossip {} in {:.1} messages (own and forwarded); {:.1} copies received of messages it had",
+            human_bytes(s.bytes_sent_per_node_round as u64),
+            human_bytes(s.gossip_bytes_per_node_round as u64),
+            s.gossip_sent_per_node_round,
+            s.gossip_duplicates_per_node_round
+        );
+    }
     if let Some(st) = &s.stages {
         let _ = writeln!(
             out,

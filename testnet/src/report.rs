@@ -24,6 +24,14 @@ pub struct NodeSummary {
     pub final_task: TaskFigures,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Gossip messages sent (own and forwarded, each copy) and their
+    /// bytes, and copies received of messages already had.
+    #[serde(default)]
+    pub gossip_sent: u64,
+    #[serde(default)]
+    pub gossip_sent_bytes: u64,
+    #[serde(default)]
+    pub gossip_duplicates: u64,
     pub updates_merged: u64,
     pub updates_rejected: u64,
     pub updates_clipped: u64,
@@ -179,6 +187,15 @@ pub struct Summary {
     /// Bytes an honest node sent per round, on average.
     #[serde(default)]
     pub bytes_sent_per_node_round: f64,
+    /// Of those, gossip: messages (records, votes, proofs; own and
+    /// forwarded, each copy) and their bytes an honest node sent per
+    /// round, and copies it received of messages it had.
+    #[serde(default)]
+    pub gossip_sent_per_node_round: f64,
+    #[serde(default)]
+    pub gossip_bytes_per_node_round: f64,
+    #[serde(default)]
+    pub gossip_duplicates_per_node_round: f64,
     /// The honest nodes' round, taken apart (their means).
     #[serde(default)]
     pub stages: Option<StageSummary>,

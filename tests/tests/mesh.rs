@@ -162,6 +162,20 @@ fn three_nodes_train_audit_and_reject_bad_input() {
             r.bytes_sent > 0 && r.bytes_received > 0,
             "libp2p byte counters are live"
         );
+        // gossipsub's own counters: every record published was sent at
+        // least once, and the others' records came in.
+        assert!(
+            r.gossip_published >= ROUNDS && r.gossip_sent >= r.gossip_published && r.gossip_sent_bytes > 0,
+            "node {i} gossip counters: published {}, sent {} ({} B)",
+            r.gossip_published,
+            r.gossip_sent,
+            r.gossip_sent_bytes
+        );
+        assert!(
+            r.gossip_received >= ROUNDS,
+            "node {i} received {} gossip messages",
+            r.gossip_received
+        );
     }
     let r0 = &reports[0];
     for reason in ["bad-signature", "malformed", "wrong-run"] {

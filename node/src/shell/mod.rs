@@ -1213,6 +1213,11 @@ impl Node {
             best_round: self.core.best_round(),
             bytes_sent: bytes.outbound,
             bytes_received: bytes.inbound,
+            gossip_published: bytes.gossip.published,
+            gossip_sent: bytes.gossip.sent,
+            gossip_sent_bytes: bytes.gossip.sent_bytes,
+            gossip_received: bytes.gossip.received,
+            gossip_duplicates: bytes.gossip.duplicates,
             updates_published: c.published,
             payload_bytes_mean: if c.published == 0 {
                 0.0
