@@ -17,7 +17,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use meshtrain_ledger::AuthorId;
+use meshtrain_ledger::{AuthorId, SignedRecord, Vote};
+
+use super::agreement::Votes;
+use super::power::Power;
 
 /// Rounds back, of those judged with an update of the member's.
 pub const LATE_WINDOW: usize = 8;
@@ -40,6 +43,26 @@ pub struct Lateness {
 }
 
 impl Lateness {
+    /// The judgements a restarted node makes again from the records its
+    /// ledger holds (each a vote), for the rounds before `before`: without
+    /// them it waited, for its first rounds back, for members the others
+    /// no longer wait for, merged their updates where the others did not,
+    /// and repaired.
+    pub fn from_records(records: Vec<SignedRecord>, power: &Power, before: u64) -> Self {
+        let first = records.iter().map(|r| r.record.round).min();
+        let mut votes = Votes::default();
+        for r in records {
+            votes.add(Vote::Record(r));
+        }
+        let mut lateness = Self::default();
+        for d in first.unwrap_or(before)..before {
+            if let Some(judged) = votes.came_late(d, power) {
+                lateness.note(d, judged);
+            }
+        }
+        lateness
+    }
+
     /// Notes members judged in round `d` (the first judgement of a member
     /// for a round stands; members judged later are added).
     pub fn note(&mut self, d: u64, came_late: BTreeMap<AuthorId, bool>) {
@@ -111,6 +134,56 @@ mod tests {
         l.note(30, [(a(1), false)].into());
         // Five of eight is under three quarters: waited for again.
         assert!(l.late().is_empty());
+    }
+
+    /// A restarted node judges again from its ledger's records: five
+    /// members, each round's records built on the round before's anchor,
+    /// every one waiting for member 5's update.
+    #[test]
+    fn a_restart_judges_again_from_the_records_it_holds() {
+        use crate::core::power::{Power, Rule};
+        use meshtrain_ledger::{
+            AuthorKey, PayloadHash, RecordHash, RecordTag, RunId, Seq, UpdateRecord, WeightsHash, RECORD_VERSION,
+        };
+        let keys: Vec<AuthorKey> = (1..=5u8).map(|i| AuthorKey::from_secret([i; 32])).collect();
+        let power = Power::new(Rule::Permissioned(keys.iter().map(|k| k.author()).collect()));
+        let mut records = Vec::new();
+        let mut last: Vec<RecordTag> = Vec::new();
+        for round in 0..10u64 {
+            let mut tags = Vec::new();
+            for (i, k) in keys.iter().enumerate() {
+                let mut merged = last.clone();
+                merged.sort();
+                let waited: std::collections::BTreeSet<RecordTag> = last.get(4).copied().into_iter().collect();
+                let r = UpdateRecord {
+                    version: RECORD_VERSION,
+                    run_id: RunId([1; 32]),
+                    author: k.author(),
+                    seq: Seq(round),
+                    prev: RecordHash([0; 32]),
+                    round,
+                    base_hash: WeightsHash([round as u8; 32]),
+                    base_outer: WeightsHash([0; 32]),
+                    made_from: WeightsHash([if round == 0 { 0 } else { round as u8 - 1 }; 32]),
+                    made_outer: WeightsHash([0; 32]),
+                    waited: UpdateRecord::waited_bits(&merged, &waited),
+                    merged,
+                    payload_hash: PayloadHash([i as u8; 32]),
+                    payload_len: 1,
+                    n_samples: 1,
+                    train_loss: 0.0,
+                }
+                .sign(k);
+                tags.push(r.hash().tag());
+                records.push(r);
+            }
+            last = tags;
+        }
+        let l = Lateness::from_records(records.clone(), &power, 9);
+        assert_eq!(l.late(), [keys[4].author()].into());
+        // Rounds up to 3 only: three judged (round 0's builders name the
+        // all-zero hash, which means none), not four.
+        assert!(Lateness::from_records(records, &power, 4).late().is_empty());
     }
 
     #[test]

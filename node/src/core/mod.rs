@@ -713,6 +713,7 @@ impl Core {
         for (round, entries) in &resume.verdicts {
             power.credit_round(*round, entries);
         }
+        let judged_late = lateness::Lateness::from_records(resume.recent, &power, resume.round.saturating_sub(1));
         let mut core = Self {
             early: spec.rounds.patience.map(EarlyStopping::new),
             mischief,
@@ -735,7 +736,7 @@ impl Core {
             closes: std::collections::VecDeque::new(),
             stale_kept: std::collections::VecDeque::new(),
             waited: None,
-            lateness: lateness::Lateness::default(),
+            lateness: judged_late,
             late: None,
             rebuild_wait: None,
             rebuilt_target: None,

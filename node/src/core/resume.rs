@@ -41,7 +41,14 @@ pub struct Resume {
     /// Our verdicts, round by round: in an open run, how voting power was
     /// earned (credited again in order, by the same rule).
     pub verdicts: Vec<(u64, Vec<meshtrain_ledger::VerdictEntry>)>,
+    /// Every author's last records held (at most [`RECENT_RECORDS`] each):
+    /// who came late to the last rounds is judged from them again.
+    pub recent: Vec<SignedRecord>,
 }
+
+/// Records read back per author at a restart for the lateness judgement:
+/// its window, the two rounds it lags, and a little more.
+pub const RECENT_RECORDS: u64 = super::lateness::LATE_WINDOW as u64 + 4;
 
 /// A fresh outer optimiser for `spec` over `shape`.
 pub fn outer_for(spec: &RunSpec, shape: &ModelShape) -> OuterOptimizer {
@@ -91,7 +98,10 @@ pub fn resume<S: Store + ?Sized>(
         info!(round = at.0, own_seq = ?store.head(&me).map(|h| h.seq.0), "restarting from the data dir");
     }
     let mut chains = HashMap::new();
+    let mut recent = Vec::new();
     for (author, head) in store.heads() {
+        let from = meshtrain_ledger::Seq(head.seq.0.saturating_sub(RECENT_RECORDS - 1));
+        recent.extend(store.records_from(&author, from, RECENT_RECORDS as usize)?);
         if let Some(r) = store.record(&author, head.seq)? {
             chains.insert(
                 author,
@@ -133,5 +143,6 @@ pub fn resume<S: Store + ?Sized>(
         chains,
         attestation,
         verdicts,
+        recent,
     })
 }
