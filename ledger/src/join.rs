@@ -87,8 +87,8 @@ impl Vote {
         }
     }
 
-    /// Of those, the ones that came after a quorum of that round was in at
-    /// the voter (see `UpdateRecord::waited`); none for a verdict block.
+    /// Of those, the ones the voter's close waited for (see
+    /// `UpdateRecord::waited`); none for a verdict block.
     pub fn waited(&self) -> BTreeSet<RecordTag> {
         match self {
             Vote::Record(r) => r.record.waited_for().collect(),

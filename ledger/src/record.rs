@@ -45,8 +45,8 @@ pub struct UpdateRecord {
     pub made_outer: WeightsHash,
     pub merged: Vec<RecordTag>,
     /// One bit per `merged` tag, in its order (bit `i % 8` of byte `i /
-    /// 8`): set where that update came after a quorum of the round was in,
-    /// so the round waited for it. Signed, so every node judges alike
+    /// 8`): set where that update came in the later half of the
+    /// stragglers' grace or after it, so the round waited for it. Signed, so every node judges alike
     /// which members habitually make rounds wait (and stops waiting for
     /// them); arrival times seen locally differ from node to node.
     pub waited: Vec<u8>,

@@ -389,6 +389,12 @@ impl Votes {
         let total = power.total();
         let out = total.saturating_sub(seen);
         let mut judged = BTreeMap::new();
+        // Too few built on the base (they took another anchor over, or
+        // their votes are out) to say who came in time: nobody is judged.
+        let built: u64 = builders.iter().map(|b| b.0).sum();
+        if 3 * (built + out) <= 2 * total {
+            return Some(judged);
+        }
         for (author, vote) in self.counted(d) {
             let Vote::Record(r) = vote else { continue };
             if (r.record.base_hash, r.record.base_outer) != base {

@@ -202,29 +202,34 @@ impl Core {
     /// once a round, and handed to the round book.
     fn late_members(&mut self) -> HashSet<AuthorId> {
         let round = self.round();
+        // Rounds up to two back, while their votes are held, at every look:
+        // a vote that came since may judge a member (a judgement once made
+        // stands).
+        for d in self.vote_floor()..round.saturating_sub(1) {
+            if let Some(j) = self.votes.came_late(d, &self.power) {
+                if self.lateness.note(d, &j) > 0 {
+                    let came_late: Vec<String> = j.iter().filter(|(_, l)| **l).map(|(a, _)| a.short()).collect();
+                    debug!(
+                        judged = d,
+                        ?came_late,
+                        in_time = j.len() - came_late.len(),
+                        "who came late to a round"
+                    );
+                }
+            }
+        }
         if let Some((r, late)) = &self.late {
             if *r == round {
                 return late.clone();
             }
         }
-        // Rounds up to two back, while their votes are held: the votes for
-        // the round after each are in (ours among them), or coming.
-        for d in self.vote_floor()..round.saturating_sub(1) {
-            if let Some(j) = self.votes.came_late(d, &self.power) {
-                let came_late: Vec<String> = j.iter().filter(|(_, l)| **l).map(|(a, _)| a.short()).collect();
-                debug!(
-                    judged = d,
-                    ?came_late,
-                    in_time = j.len() - came_late.len(),
-                    "who came late to a round"
-                );
-                self.lateness.note(d, j);
-            }
-        }
-        // Ourselves too: a node judged late leaves its own update that came
-        // after the quorum for the next close, like every other node does,
-        // rather than make an anchor no one else makes.
-        let late: HashSet<AuthorId> = self.lateness.late().into_iter().collect();
+        // The round's set, once, from the rounds judged so far (two back at
+        // most; taking only those judged during a whole round, three back,
+        // let one dissensus seed of 1000 end with a straggler on its own
+        // anchor). Ourselves too: a node judged late leaves its own update
+        // that came after the quorum for the next close, like every other
+        // node does, rather than make an anchor no one else makes.
+        let late: HashSet<AuthorId> = self.lateness.late(round.saturating_sub(2)).into_iter().collect();
         let before = self.late.take().map(|(_, l)| l).unwrap_or_default();
         for a in late.difference(&before) {
             if *a == self.me {

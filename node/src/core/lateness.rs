@@ -57,29 +57,34 @@ impl Lateness {
         let mut lateness = Self::default();
         for d in first.unwrap_or(before)..before {
             if let Some(judged) = votes.came_late(d, power) {
-                lateness.note(d, judged);
+                lateness.note(d, &judged);
             }
         }
         lateness
     }
 
     /// Notes members judged in round `d` (the first judgement of a member
-    /// for a round stands; members judged later are added).
-    pub fn note(&mut self, d: u64, came_late: BTreeMap<AuthorId, bool>) {
+    /// for a round stands; members judged later are added); how many were
+    /// new.
+    pub fn note(&mut self, d: u64, came_late: &BTreeMap<AuthorId, bool>) -> usize {
         let round = self.rounds.entry(d).or_default();
+        let before = round.len();
         for (a, late) in came_late {
-            round.entry(a).or_insert(late);
+            round.entry(*a).or_insert(*late);
         }
+        let added = round.len() - before;
         while self.rounds.len() > KEPT {
             self.rounds.pop_first();
         }
+        added
     }
 
     /// Members late in at least [`LATE_ROUNDS`] of their last
-    /// [`LATE_WINDOW`] judged rounds, and in three quarters of them.
-    pub fn late(&self) -> BTreeSet<AuthorId> {
+    /// [`LATE_WINDOW`] rounds judged up to round `upto`, and in three
+    /// quarters of them.
+    pub fn late(&self, upto: u64) -> BTreeSet<AuthorId> {
         let mut seen: BTreeMap<AuthorId, (usize, usize)> = BTreeMap::new();
-        for judged in self.rounds.values().rev() {
+        for judged in self.rounds.range(..=upto).map(|(_, j)| j).rev() {
             for (author, late) in judged {
                 let (n, l) = seen.entry(*author).or_default();
                 if *n < LATE_WINDOW {
@@ -117,23 +122,25 @@ mod tests {
                 j.insert(a(3), d < 6);
             }
             j.insert(a(4), d % 2 == 0);
-            l.note(d, j);
+            l.note(d, &j);
             if d == 2 {
-                assert!(l.late().is_empty(), "three rounds are not four");
+                assert!(l.late(u64::MAX).is_empty(), "three rounds are not four");
             }
             if d == 3 {
-                assert_eq!(l.late(), [a(1), a(3)].into(), "four of four");
+                assert_eq!(l.late(u64::MAX), [a(1), a(3)].into(), "four of four");
             }
         }
-        assert_eq!(l.late(), [a(1), a(2)].into());
+        assert_eq!(l.late(u64::MAX), [a(1), a(2)].into());
+        // Up to round 3 only: member 1 late in four of four, member 3 too.
+        assert_eq!(l.late(3), [a(1), a(3)].into());
         for d in 20..30u64 {
-            l.note(d, [(a(1), d % 4 != 0), (a(2), false)].into());
+            l.note(d, &[(a(1), d % 4 != 0), (a(2), false)].into());
         }
         // Member 1 now late in six of eight: still late; member 2 in none.
-        assert_eq!(l.late(), [a(1)].into());
-        l.note(30, [(a(1), false)].into());
+        assert_eq!(l.late(u64::MAX), [a(1)].into());
+        l.note(30, &[(a(1), false)].into());
         // Five of eight is under three quarters: waited for again.
-        assert!(l.late().is_empty());
+        assert!(l.late(u64::MAX).is_empty());
     }
 
     /// A restarted node judges again from its ledger's records: five
@@ -180,21 +187,21 @@ mod tests {
             last = tags;
         }
         let l = Lateness::from_records(records.clone(), &power, 9);
-        assert_eq!(l.late(), [keys[4].author()].into());
+        assert_eq!(l.late(u64::MAX), [keys[4].author()].into());
         // Rounds up to 3 only: three judged (round 0's builders name the
         // all-zero hash, which means none), not four.
-        assert!(Lateness::from_records(records, &power, 4).late().is_empty());
+        assert!(Lateness::from_records(records, &power, 4).late(u64::MAX).is_empty());
     }
 
     #[test]
     fn the_first_judgement_of_a_member_stands_and_old_rounds_go() {
         let mut l = Lateness::default();
-        l.note(3, [(a(1), true)].into());
-        l.note(3, [(a(1), false), (a(2), false)].into());
+        assert_eq!(l.note(3, &[(a(1), true)].into()), 1);
+        assert_eq!(l.note(3, &[(a(1), false), (a(2), false)].into()), 1);
         assert!(l.rounds[&3][&a(1)]);
         assert!(!l.rounds[&3][&a(2)]);
         for d in 4..100 {
-            l.note(d, BTreeMap::new());
+            l.note(d, &BTreeMap::new());
         }
         assert_eq!(l.rounds.len(), KEPT);
         assert!(!l.rounds.contains_key(&3));

@@ -420,16 +420,17 @@ impl RoundBook {
     pub fn close(&mut self) -> RoundInputs {
         // A round that closed on its deadline had no quorum in time: it
         // teaches nothing (the next one waits as long).
+        let round = self.current;
+        let quorum_at = self.quorum_at;
+        // The grace as the round used it (before the deadline learns).
+        let waited_from = quorum_at.map(|q| q + self.grace(q) / 2);
         if let (Some(ready), Some(q)) = (self.own_ready_at, self.quorum_at) {
             self.wait.observe(q.saturating_sub(ready));
         }
-        let round = self.current;
-        let quorum_at = self.quorum_at;
         let arrived = |a: &AuthorId| self.arrivals.get(&round).and_then(|m| m.get(a)).copied();
         // Waited for: came in the later half of the grace, or after it,
         // where a member publishing at the grace's edge lands (honest
         // stragglers spread over the whole grace).
-        let waited_from = quorum_at.map(|q| q + self.grace(q) / 2);
         let waited_for = |a: &AuthorId| match (waited_from, arrived(a)) {
             (Some(from), Some(at)) => at > from,
             _ => false,
