@@ -47,20 +47,12 @@ fn parse_byte_counts(text: &str) -> ByteCounts {
             ("gossipsub_topic_msg_recv_counts_total{", &mut counts.gossip.received),
             ("gossipsub_topic_msg_recv_counts_unfiltered_total{", &mut unfiltered),
         ];
-        for (prefix, slot) in gossip {
-            if let Some(value) = line.strip_prefix(prefix).and_then(|rest| rest.rsplit_once("} ")) {
-                if let Ok(v) = value.1.trim().parse::<f64>() {
-                    *slot += v as u64;
-                }
+        for (name, slot) in gossip {
+            if let Some((_, value)) = series(line, name) {
+                *slot += value as u64;
             }
         }
-        let Some(rest) = line.strip_prefix("libp2p_bandwidth_bytes_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let Ok(value) = value.trim().parse::<f64>() else {
+        let Some((labels, value)) = series(line, "libp2p_bandwidth_bytes_total{") else {
             continue;
         };
         if labels.contains("direction=\"Inbound\"") {
@@ -71,6 +63,13 @@ fn parse_byte_counts(text: &str) -> ByteCounts {
     }
     counts.gossip.duplicates = unfiltered.saturating_sub(counts.gossip.received);
     counts
+}
+
+/// A sample line of the series `name` (given with its opening brace): its
+/// labels and value.
+fn series<'a>(line: &'a str, name: &str) -> Option<(&'a str, f64)> {
+    let (labels, value) = line.strip_prefix(name)?.rsplit_once("} ")?;
+    Some((labels, value.trim().parse().ok()?))
 }
 
 #[cfg(test)]

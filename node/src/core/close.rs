@@ -218,10 +218,8 @@ impl Core {
                 }
             }
         }
-        if let Some((r, late)) = &self.late {
-            if *r == round {
-                return late.clone();
-            }
+        if self.late_taken_at == Some(round) {
+            return self.book.not_waited_for().clone();
         }
         // The round's set, once, from the rounds judged so far (two back at
         // most; taking only those judged during a whole round, three back,
@@ -230,8 +228,8 @@ impl Core {
         // that came after the quorum for the next close, like every other
         // node does, rather than make an anchor no one else makes.
         let late: HashSet<AuthorId> = self.lateness.late(round.saturating_sub(2)).into_iter().collect();
-        let before = self.late.take().map(|(_, l)| l).unwrap_or_default();
-        for a in late.difference(&before) {
+        let before = self.book.not_waited_for();
+        for a in late.difference(before) {
             if *a == self.me {
                 info!(
                     round,
@@ -245,7 +243,7 @@ impl Core {
             info!(round, author = %a.short(), "it comes in time again: rounds wait for it");
         }
         self.book.wait_not_for(late.clone());
-        self.late = Some((round, late.clone()));
+        self.late_taken_at = Some(round);
         late
     }
 

@@ -599,9 +599,10 @@ pub struct Core {
     waited: Option<(u64, std::collections::BTreeSet<RecordHash>)>,
     /// Which members came late to the rounds judged (see `lateness`).
     lateness: lateness::Lateness,
-    /// Members judged habitually late, and the round that judged them
-    /// (once a round: see `Core::late_members`).
-    late: Option<(u64, HashSet<AuthorId>)>,
+    /// The round that last took the set of members judged habitually late
+    /// (once a round: see `Core::late_members`; the set is the round
+    /// book's).
+    late_taken_at: Option<u64>,
     /// Our last closes (at most [`CLOSES_KEPT`]), oldest first.
     closes: std::collections::VecDeque<LastClose>,
     /// The anchor the round in training started from.
@@ -737,7 +738,7 @@ impl Core {
             stale_kept: std::collections::VecDeque::new(),
             waited: None,
             lateness: judged_late,
-            late: None,
+            late_taken_at: None,
             rebuild_wait: None,
             rebuilt_target: None,
             power,

@@ -226,6 +226,11 @@ impl RoundBook {
         self.no_wait = late;
     }
 
+    /// The members no round waits for (see [`RoundBook::wait_not_for`]).
+    pub fn not_waited_for(&self) -> &HashSet<AuthorId> {
+        &self.no_wait
+    }
+
     /// Its payload will not come (no peer had it, or it was bad).
     pub fn unannounce(&mut self, round: u64, author: &AuthorId) {
         if let Some(s) = self.announced.get_mut(&round) {
@@ -461,7 +466,7 @@ impl RoundBook {
                 }
         };
         let mut keep: BTreeMap<AuthorId, Contribution> = BTreeMap::new();
-        let mut after_quorum: BTreeSet<AuthorId> = BTreeSet::new();
+        let mut waited: BTreeSet<RecordHash> = BTreeSet::new();
         if let Some(slot) = self.pending.get_mut(&round) {
             let authors: Vec<AuthorId> = slot.keys().copied().collect();
             for a in authors {
@@ -470,7 +475,7 @@ impl RoundBook {
                         keep.insert(a, c);
                     }
                 } else if waited_for(&a) {
-                    after_quorum.insert(a);
+                    waited.extend(slot.get(&a).map(|c| c.record_hash));
                 }
             }
         }
@@ -500,11 +505,6 @@ impl RoundBook {
         }
         self.current += 1;
         self.own_ready_at = None;
-        let waited = inputs
-            .iter()
-            .filter(|(c, _)| c.round == round && after_quorum.contains(&c.author))
-            .map(|(c, _)| c.record_hash)
-            .collect();
         RoundInputs {
             round,
             inputs,
