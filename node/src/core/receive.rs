@@ -850,7 +850,11 @@ impl Core {
     /// the end of a run, its payload already in the ledger (simulator,
     /// `--attack dissensus`, seed 375).
     pub(super) fn keep_stale(&mut self, updates: impl IntoIterator<Item = Contribution>) {
-        self.stale_kept.extend(updates);
+        for c in updates {
+            if !self.stale_kept.iter().any(|k| k.record_hash == c.record_hash) {
+                self.stale_kept.push_back(c);
+            }
+        }
         while self.stale_kept.len() > super::STALE_KEPT {
             self.stale_kept.pop_front();
         }
@@ -871,12 +875,25 @@ impl Core {
         debug!(round = self.round(), author = %c.author.short(), for_round = c.round, "update verified");
         let (author, seq, hash, round) = (c.author, c.seq, c.record_hash, c.round);
         let copy = c.clone();
-        if self.book.offer(c, self.now) == BookOffer::Stale {
-            self.count_rejection("stale", Some(&author));
-            debug!(author = %author.short(), seq = seq.0, record = %hash.short(), round, "stale update");
-            // Too late to merge here, but others may have merged it: a
-            // rebuild of the round they merged it in needs it.
-            self.keep_stale([copy]);
+        match self.book.offer(c, self.now) {
+            BookOffer::Stale => {
+                self.count_rejection("stale", Some(&author));
+                debug!(author = %author.short(), seq = seq.0, record = %hash.short(), round, "stale update");
+                // Too late to merge here, but others may have merged it: a
+                // rebuild of the round they merged it in needs it.
+                self.keep_stale([copy]);
+            }
+            // Of a round we skipped: others close it, or merge it late at
+            // the next close, which a rebuild of ours may have to redo
+            // (simulator, `--byzantine 1 --attack dissensus`, seed 2210: a
+            // node that skipped round 28 dropped a late member's round-28
+            // update the others merged in round 29, then could not rebuild
+            // round 29 and ended on its own anchor).
+            BookOffer::Before => {
+                debug!(author = %author.short(), record = %hash.short(), round, "update of a round skipped; kept for a rebuild");
+                self.keep_stale([copy]);
+            }
+            BookOffer::Kept | BookOffer::Duplicate => {}
         }
         if let Phase::Colluding(_) = self.phase {
             self.collusion_saw_update();

@@ -980,6 +980,31 @@ fn updates_far_ahead_are_set_aside_and_taken_up_when_their_round_is_next() {
 }
 
 #[test]
+fn an_update_of_a_round_skipped_is_kept_for_a_rebuild_once() {
+    let mut h = Harness::new(1);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    // Skipped ahead to round 2 (half the power was there): round 1 is one
+    // this node never closes, but the others may merge its updates late at
+    // their round-2 close, which a rebuild of ours would have to redo.
+    h.poke(|c| {
+        let _ = c.book.restart_at(2);
+        c.tidy_for(2);
+    });
+    let r0 = b.record(&h, 0, &delta(0.1));
+    h.gossip(&b, &r0, Some(delta(0.1)));
+    let r1 = b.record(&h, 1, &delta(0.2));
+    h.gossip(&b, &r1, Some(delta(0.2)));
+    assert!(!h.core.book.has(1, &b.key.author()), "not merged here");
+    let kept: Vec<RecordHash> = h.core.stale_kept.iter().map(|c| c.record_hash).collect();
+    assert!(kept.contains(&r1.hash()), "kept for a rebuild: {kept:?}");
+    let before = h.core.stale_kept.len();
+    h.poke(|c| c.keep_stale(c.stale_kept.iter().cloned().collect::<Vec<_>>()));
+    assert_eq!(h.core.stale_kept.len(), before, "kept once");
+}
+
+#[test]
 fn records_held_out_of_order_are_capped_across_authors_and_expire() {
     use crate::inbox::Job;
     let mut h = Harness::with_rounds(0, 100);
