@@ -11,7 +11,7 @@ use bincode::{Decode, Encode};
 use crate::GossipError;
 
 /// The envelope version this build speaks.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 
 /// Gossiped on `meshtrain/<run_id>/v1`.
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
@@ -76,6 +76,11 @@ pub enum FetchResponse {
     Block(Vec<u8>),
     /// A signed verdict block (answer to `FinalVote` and `FinalVoteOf`).
     Vote(Vec<u8>),
+    /// Answer to `FinalVote` from a member that finished the run without a
+    /// final vote of its own (it took over the decided final anchor):
+    /// nothing more will come from it, and its chain ends at `head_seq`
+    /// (none: it signed no record).
+    Finished { head_seq: Option<u64> },
     NotFound,
     /// The peer will not answer (busy, banned requester, ...).
     Refused(String),
@@ -184,6 +189,7 @@ impl FetchResponse {
                 ..
             } => weights.len() + outer.len() + verdict.len(),
             FetchResponse::NotFound => 0,
+            FetchResponse::Finished { .. } => std::mem::size_of::<u64>(),
             FetchResponse::Refused(why) => why.len(),
         };
         n as u64
@@ -213,6 +219,12 @@ mod tests {
             hash: [2; 32],
         }]);
         assert_eq!(FetchResponse::from_bytes(&s.to_bytes()).unwrap(), s);
+        for s in [
+            FetchResponse::Finished { head_seq: Some(41) },
+            FetchResponse::Finished { head_seq: None },
+        ] {
+            assert_eq!(FetchResponse::from_bytes(&s.to_bytes()).unwrap(), s);
+        }
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl Core {
 
     /// Asks each connected member whose final vote we lack for it (a node
     /// that was away when the votes were gossiped gets them this way).
-    fn ask_final_votes(&mut self) {
+    pub(super) fn ask_final_votes(&mut self) {
         let voted = self.votes.voters(self.round());
         let asking: HashSet<AuthorId> = self
             .requests
@@ -63,7 +63,7 @@ impl Core {
             .collect();
         let connected = self.voters_by_author();
         for (author, peer) in &connected {
-            if !voted.contains(author) && !asking.contains(author) {
+            if !voted.contains(author) && !asking.contains(author) && !self.finished_unvoted.contains_key(author) {
                 debug!(voter = %author.short(), "asking for a final vote");
                 self.request(*peer, FetchRequest::FinalVote, RequestFor::FinalVote(*author));
             }
@@ -232,7 +232,10 @@ impl Core {
         // anchor and need ours (the decided one): we stay until every
         // connected member has voted, and then while it still fetches.
         let voted = self.votes.voters(self.round());
-        let votes_in = self.keeping_up().iter().all(|a| voted.contains(a));
+        let votes_in = self
+            .keeping_up()
+            .iter()
+            .all(|a| voted.contains(a) || self.finished_unvoted.contains_key(a));
         // A member whose final vote names another anchor repairs onto the
         // decided one as soon as it counts the votes, and asks us for it:
         // leaving the moment its vote came in left the last member of a
@@ -271,12 +274,18 @@ impl Core {
     }
 
     /// Whether we hold the record for the last round of every member that
-    /// kept up (a member that left cannot add to its chain any more).
+    /// kept up (a member that left cannot add to its chain any more), or,
+    /// for one that skipped to the end (took the final anchor over), the
+    /// last record it says it signed.
     fn chains_complete(&self) -> bool {
         let last = self.end_round.saturating_sub(1);
-        self.keeping_up()
-            .iter()
-            .all(|a| self.head_round(a).is_some_and(|r| r >= last))
+        self.keeping_up().iter().all(|a| {
+            self.head_round(a).is_some_and(|r| r >= last)
+                || self
+                    .finished_unvoted
+                    .get(a)
+                    .is_some_and(|end| end.is_none_or(|s| self.chains.get(a).is_some_and(|c| c.seq >= s)))
+        })
     }
 
     /// The connected members that kept up with the last rounds: draining

@@ -685,6 +685,9 @@ pub struct Core {
     last_served: Millis,
     /// When the latest final vote for another anchor than ours came in.
     odd_final_vote_at: Millis,
+    /// Members that said they finished without a final vote (they took
+    /// over the final anchor), with the seq their chain ends at.
+    finished_unvoted: HashMap<AuthorId, Option<u64>>,
     /// What each peer asked of us in its current budget window.
     asked: HashMap<PeerId, Asked>,
     /// Bytes of answers sent and not yet delivered, per peer and in all:
@@ -779,6 +782,7 @@ impl Core {
             phase_since: 0,
             last_served: 0,
             odd_final_vote_at: 0,
+            finished_unvoted: HashMap::new(),
             asked: HashMap::new(),
             in_flight: HashMap::new(),
             in_flight_total: 0,

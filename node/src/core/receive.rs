@@ -163,6 +163,12 @@ impl Core {
         if let FetchRequest::FinalVote = request {
             let response = match self.final_vote() {
                 Some(block) => FetchResponse::Vote(block.to_bytes()),
+                // Took over the final anchor, evaluated it and is leaving:
+                // members draining would otherwise wait their whole limit
+                // for a vote and a last record that will not come.
+                None if matches!(self.phase, Phase::Draining | Phase::Done) => FetchResponse::Finished {
+                    head_seq: self.own_head.as_ref().map(|h| h.seq.0),
+                },
                 None => FetchResponse::NotFound,
             };
             self.emit(Effect::Respond { chan, response });
@@ -313,6 +319,14 @@ impl Core {
                 bytes: block,
                 origin: Origin::Fetched { from: peer },
             })),
+            // Only a member speaks for itself (a peer asked for another's
+            // vote cannot say it finished).
+            (RequestFor::FinalVote(author), FetchResponse::Finished { head_seq })
+                if members::peer_of(&author).is_some_and(|p| p == peer) =>
+            {
+                debug!(member = %author.short(), ?head_seq, "finished without a final vote");
+                self.finished_unvoted.insert(author, head_seq);
+            }
             (RequestFor::Records { author, from }, FetchResponse::Records(records)) => {
                 self.records_answered(author, req);
                 self.on_records(peer, author, from, records);

@@ -1251,3 +1251,68 @@ fn when_the_set_aside_list_is_full_the_farthest_round_gives_way() {
         );
     });
 }
+
+/// A member that skipped to the end (took the decided final anchor over)
+/// has no final vote and no record for the last rounds: it says it
+/// finished, and members draining stop waiting for its vote and its chain
+/// (they waited their whole drain limit, 30 s, for an attacker `late`
+/// every round that skipped to the end).
+#[test]
+fn a_member_that_took_the_final_anchor_over_says_it_finished() {
+    let mut h = Harness::new(0);
+    let b = Peer::new(2);
+    let c = Peer::new(3);
+    h.join(&b);
+    h.join(&c);
+    h.start_training();
+    let ask = |h: &mut Harness, chan: u64| {
+        h.input(Input::Request {
+            peer: b.peer,
+            chan: super::ChanId(chan),
+            request: FetchRequest::FinalVote,
+        });
+        h.take().into_iter().find_map(|e| match e {
+            Effect::Respond { response, .. } => Some(response),
+            _ => None,
+        })
+    };
+    assert_eq!(ask(&mut h, 1), Some(FetchResponse::NotFound), "still training");
+    h.poke(|c| {
+        c.attestation = None;
+        c.set_phase(super::Phase::Draining);
+    });
+    assert_eq!(ask(&mut h, 2), Some(FetchResponse::Finished { head_seq: None }));
+    // The drainer's side: only the member itself can say it finished.
+    let (bb, cb) = (b.key.author(), c.key.author());
+    h.poke(|c| {
+        c.requests.insert(super::ReqId(900), super::RequestFor::FinalVote(bb));
+        c.requests.insert(super::ReqId(901), super::RequestFor::FinalVote(bb));
+        c.requests.insert(super::ReqId(902), super::RequestFor::FinalVote(cb));
+    });
+    let finished = FetchResponse::Finished { head_seq: Some(4) };
+    for (req, peer) in [(900, c.peer), (902, c.peer)] {
+        h.input(Input::Response {
+            req: super::ReqId(req),
+            peer,
+            response: finished.clone(),
+        });
+    }
+    assert_eq!(h.core.finished_unvoted.get(&bb), None, "C cannot speak for B");
+    assert_eq!(h.core.finished_unvoted.get(&cb), Some(&Some(4)));
+    h.input(Input::Response {
+        req: super::ReqId(901),
+        peer: b.peer,
+        response: finished,
+    });
+    assert_eq!(h.core.finished_unvoted.get(&bb), Some(&Some(4)));
+    // Neither is asked for a final vote again.
+    h.take();
+    h.poke(|c| c.ask_final_votes());
+    assert!(!h.take().iter().any(|e| matches!(
+        e,
+        Effect::Request {
+            request: FetchRequest::FinalVote,
+            ..
+        }
+    )));
+}
