@@ -77,12 +77,16 @@ const QUORUM: (usize, usize) = (2, 3);
 /// spread at will.
 const GRACE_SHARE: f64 = 2.0;
 const GRACE_MIN_MS: Millis = 100;
-/// The first round a node takes part in gives stragglers at least this
-/// long past the quorum: members may still be fetching their shards (with
-/// the usual grace they would start a round behind), but a member that
-/// will not come (its round-0 record lost, say) must not hold the round to
-/// its whole deadline (30 s by default) either.
+/// The first round a node takes part in gives stragglers twice the
+/// quorum's whole spread past the quorum (members may still be fetching
+/// their shards, and with the usual grace they would start a round
+/// behind), but at most this long: a member that will not come (its
+/// round-0 record lost, say) must not hold the round to its whole
+/// deadline (30 s by default), nor a `late` one every first round.
 const FIRST_ROUND_GRACE_MS: Millis = 5_000;
+/// And at least this long (a quorum all in at once says little about
+/// members still fetching).
+const FIRST_ROUND_GRACE_MIN_MS: Millis = 1_000;
 
 /// Updates (ours included) that make a quorum of `members`.
 pub fn quorum(members: usize) -> usize {
@@ -351,7 +355,11 @@ impl RoundBook {
         let median = before.get(before.len().saturating_sub(1) / 2).copied().unwrap_or(q);
         let grace = (q.saturating_sub(median) as f64 * GRACE_SHARE) as Millis;
         let floor = if self.current == self.joined_at {
-            FIRST_ROUND_GRACE_MS
+            // Members may still be fetching their shards: as long again as
+            // the quorum's whole spread (fetches vary from first to last),
+            // not a constant a `late` member takes every time.
+            let first = before.first().copied().unwrap_or(q);
+            ((q.saturating_sub(first) as f64 * GRACE_SHARE) as Millis).clamp(FIRST_ROUND_GRACE_MIN_MS, FIRST_ROUND_GRACE_MS)
         } else {
             GRACE_MIN_MS
         };
@@ -743,26 +751,38 @@ mod tests {
     }
 
     /// The first round a node takes part in gives stragglers a longer
-    /// grace (they may still be fetching their shards), but not the whole
-    /// deadline: one that never comes does not hold the round that long.
+    /// grace (they may still be fetching their shards): twice the quorum's
+    /// whole spread, not only its later half, but never the whole deadline
+    /// (one that never comes does not hold the round that long).
     #[test]
     fn the_first_round_gives_stragglers_a_longer_grace_not_the_deadline() {
         let mut b = book();
-        let expected = authors(2..5);
+        let expected = authors(2..6);
         b.offer(c(2, 0), 0);
-        b.offer(c(3, 0), 0);
-        b.own_ready(0);
-        b.note_arrivals(0, &expected);
-        assert_eq!(b.deadline(), Some(FIRST_ROUND_GRACE_MS));
-        assert_eq!(b.should_close(FIRST_ROUND_GRACE_MS - 1, &expected), None);
-        assert_eq!(b.should_close(FIRST_ROUND_GRACE_MS, &expected), Some(Close::Quorum));
+        b.offer(c(3, 0), 1000);
+        b.offer(c(4, 0), 1200);
+        b.own_ready(1200);
+        b.note_arrivals(1200, &expected);
+        // The later half (1000 to 1200 ms) would give 400 ms.
+        assert_eq!(b.deadline(), Some(1200 + 2 * 1200));
+        assert_eq!(b.should_close(3599, &expected), None);
+        assert_eq!(b.should_close(3600, &expected), Some(Close::Quorum));
         // The rounds after it are back to the short grace.
         b.close();
         b.offer(c(2, 1), 20_000);
         b.offer(c(3, 1), 20_000);
+        b.offer(c(4, 1), 20_000);
         b.own_ready(20_000);
         b.note_arrivals(20_000, &expected);
         assert_eq!(b.deadline(), Some(20_000 + GRACE_MIN_MS));
+        // A first round whose quorum took long waits at most the cap.
+        let mut b = book();
+        b.offer(c(2, 0), 0);
+        b.offer(c(3, 0), 9000);
+        b.offer(c(4, 0), 9000);
+        b.own_ready(9000);
+        b.note_arrivals(9000, &expected);
+        assert_eq!(b.deadline(), Some(9000 + FIRST_ROUND_GRACE_MS));
     }
 
     #[test]
