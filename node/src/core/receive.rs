@@ -299,6 +299,7 @@ impl Core {
 
     pub(super) fn on_response(&mut self, req: ReqId, peer: PeerId, response: FetchResponse) {
         let Some(what) = self.requests.remove(&req) else {
+            tracing::trace!(req = req.0, peer = %short(&peer), "an answer to no request of ours");
             return;
         };
         match (what, response) {
@@ -903,10 +904,16 @@ impl Core {
             // node that skipped round 28 dropped a late member's round-28
             // update the others merged in round 29, then could not rebuild
             // round 29 and ended on its own anchor).
-            BookOffer::Before => {
+            // Only one a rebuild of the round just closed may take (that
+            // round's, or one late there from the round before): a node
+            // catching up is handed older ones by the dozen, and they
+            // crowded out those it needed (seed 2628 of `--attack
+            // sign-flip`).
+            BookOffer::Before if round + self.cfg.spec.exchange.staleness + 1 >= self.round() => {
                 debug!(author = %author.short(), record = %hash.short(), round, "update of a round skipped; kept for a rebuild");
                 self.keep_stale([copy]);
             }
+            BookOffer::Before => {}
             BookOffer::Kept | BookOffer::Duplicate => {}
         }
         if let Phase::Colluding(_) = self.phase {
