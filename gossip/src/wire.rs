@@ -80,7 +80,9 @@ pub enum FetchResponse {
     /// final vote of its own (it took over the decided final anchor):
     /// nothing more will come from it, and its chain ends at `head_seq`
     /// (none: it signed no record).
-    Finished { head_seq: Option<u64> },
+    Finished {
+        head_seq: Option<u64>,
+    },
     NotFound,
     /// The peer will not answer (busy, banned requester, ...).
     Refused(String),

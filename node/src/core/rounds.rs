@@ -359,7 +359,8 @@ impl RoundBook {
             // the quorum's whole spread (fetches vary from first to last),
             // not a constant a `late` member takes every time.
             let first = before.first().copied().unwrap_or(q);
-            ((q.saturating_sub(first) as f64 * GRACE_SHARE) as Millis).clamp(FIRST_ROUND_GRACE_MIN_MS, FIRST_ROUND_GRACE_MS)
+            ((q.saturating_sub(first) as f64 * GRACE_SHARE) as Millis)
+                .clamp(FIRST_ROUND_GRACE_MIN_MS, FIRST_ROUND_GRACE_MS)
         } else {
             GRACE_MIN_MS
         };
