@@ -282,7 +282,13 @@ fn permissioned_with_loss_scoring() {
 /// straggler that gave the next-to-last round up evaluated its own anchor
 /// while the one to go back to was still on its way (16); eight honest
 /// nodes split five to three every other round while a silent tenth of the
-/// power kept each rebuild waiting (454: stalled).
+/// power kept each rebuild waiting (454: stalled); a node that skipped a
+/// round dropped a late member's update of it that the others merged a
+/// round late (2210: final split); a restarted node's start sync waited
+/// for an answer that never came (246: final split); nodes that rebuilt a
+/// round apart, or could not rebuild it, each went back to their own
+/// anchor every round after (1797: three anchors to the end; 2628: four
+/// against four).
 #[test]
 fn seeds_that_once_failed() {
     let sign_flip = SimConfig {
@@ -296,6 +302,10 @@ fn seeds_that_once_failed() {
         (&sign_flip, "--byzantine 2 --attack sign-flip", 454),
         (&dissensus, "--byzantine 1 --attack dissensus", 375),
         (&dissensus, "--byzantine 1 --attack dissensus", 868),
+        (&dissensus, "--byzantine 1 --attack dissensus", 2210),
+        (&dissensus, "--byzantine 1 --attack dissensus", 246),
+        (&dissensus, "--byzantine 1 --attack dissensus", 1797),
+        (&sign_flip, "--byzantine 2 --attack sign-flip", 2628),
     ];
     let mut broken = Vec::new();
     for (cfg, flags, seed) in cases {

@@ -477,7 +477,8 @@ impl Core {
     /// No anchor for `round` has half the voting power: the mesh split
     /// into more pieces than votes can mend. Every node goes back to the
     /// latest decided anchor (the latest the votes decided, or a later one
-    /// rebuilt from them: the same for all once they see the same votes),
+    /// rebuilt from them: the same for all once they see the same votes;
+    /// after rounds given up in a row, only the one the votes decided),
     /// giving up the rounds since; a minority side of a
     /// partition makes no lasting progress this way, and nothing a minority
     /// votes for is ever taken. Returns whether the round may close now
@@ -486,8 +487,11 @@ impl Core {
         if self.power.total() == 0 {
             return true;
         }
-        self.rebuilt_since_decided(round);
-        let Some((starts, key, kept)) = self.revert_target(round) else {
+        let stalled = self.given_up_in_a_row >= super::GIVEN_UP_BEFORE_VOTES_ONLY;
+        if !stalled {
+            self.rebuilt_since_decided(round);
+        }
+        let Some((starts, key, kept)) = self.revert_target(round, stalled) else {
             return true;
         };
         // Votes that came since (records built on a rebuilt anchor) prove
@@ -591,7 +595,22 @@ impl Core {
     /// The anchor going back from `round` takes, with the votes that
     /// decided it: the later of the latest decided anchor and the one we
     /// settled on.
-    fn revert_target(&mut self, round: u64) -> Option<(u64, super::agreement::AnchorKey, Vec<meshtrain_ledger::Vote>)> {
+    ///
+    /// With `votes_only` (rounds keep being given up), the latest anchor
+    /// the votes decided: two nodes can rebuild a round apart (each judges
+    /// from the votes it holds which members are silent), and each then
+    /// went back to its own rebuild every round, for good (simulator,
+    /// `--byzantine 1 --attack dissensus`, seed 1797: three anchors to the
+    /// end). What more than half the voting power signed is one for all.
+    fn revert_target(
+        &mut self,
+        round: u64,
+        votes_only: bool,
+    ) -> Option<(u64, super::agreement::AnchorKey, Vec<meshtrain_ledger::Vote>)> {
+        if votes_only {
+            let (s, k) = self.votes.latest_decided_below(0, round, &self.power)?;
+            return Some((s, k, self.evidence(s, &k)));
+        }
         // Decisions we took no part in (a round we skipped, one the mesh
         // rebuilt while we were behind) count too: going back to an older
         // one would part us from the others.
@@ -626,7 +645,8 @@ impl Core {
         if self.fetch.is_some() || self.power.total() == 0 {
             return;
         }
-        let Some((starts, key, _)) = self.revert_target(round) else {
+        let stalled = self.given_up_in_a_row >= super::GIVEN_UP_BEFORE_VOTES_ONLY;
+        let Some((starts, key, _)) = self.revert_target(round, stalled) else {
             return;
         };
         if key == self.anchor_key()
@@ -744,6 +764,7 @@ impl Core {
         // A round given up merges nothing: every node that goes back lands
         // on the same anchor, and the next round's votes agree again.
         let abandoned = self.abandoned.take() == Some(inputs.round);
+        self.given_up_in_a_row = if abandoned { self.given_up_in_a_row + 1 } else { 0 };
         self.closes.push_back(super::LastClose {
             inputs: inputs.inputs.clone(),
         });

@@ -495,6 +495,9 @@ struct LastClose {
 /// the one closing, and one more for a node that went back while others
 /// rebuilt (it rebuilds that round too before it goes back).
 const CLOSES_KEPT: usize = 3;
+/// After this many rounds given up in a row, going back takes the latest
+/// anchor the votes decided, not one rebuilt since (see `revert_target`).
+const GIVEN_UP_BEFORE_VOTES_ONLY: u32 = 2;
 
 /// How many updates that came too late to merge are kept for rebuilds (a
 /// few rounds' worth of a large mesh; each holds a full delta).
@@ -582,6 +585,8 @@ pub struct Core {
     /// A round given up (gone back to the last decided anchor): it merges
     /// nothing.
     abandoned: Option<u64>,
+    /// Rounds given up in a row, up to the last close.
+    given_up_in_a_row: u32,
     /// The anchor we made at our last close (while we are still on it).
     made: Option<Made>,
     /// A rebuild waiting for updates being fetched: the round whose base
@@ -736,6 +741,7 @@ impl Core {
             bases: BTreeMap::new(),
             trained_from: None,
             abandoned: None,
+            given_up_in_a_row: 0,
             made: None,
             closes: std::collections::VecDeque::new(),
             stale_kept: std::collections::VecDeque::new(),
