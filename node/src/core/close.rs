@@ -136,12 +136,29 @@ impl Core {
         // all in.
         let late = self.late_members();
         let all = self.book.expected(&self.connected_authors());
+        // The first round waits longer for a member still fetching its
+        // shard (the netns test's slow host skipped round 0 otherwise);
+        // one that is not gets the quorum's spread. When the last of them
+        // stops counting as fetching, the deadline moves earlier: look
+        // again then.
+        let mut fetching_until = None;
+        if !self.block_asks.is_empty() && self.round() == self.book.joined_at() {
+            let round = self.round();
+            fetching_until = all
+                .iter()
+                .filter(|a| !self.book.has(round, a))
+                .filter_map(|a| self.block_asks.get(a))
+                .map(|t| t + super::FETCHING_MS)
+                .filter(|until| *until > self.now)
+                .max();
+            self.book.members_fetching(fetching_until.is_some());
+        }
         self.book.note_arrivals(self.now, &all);
         let expected: HashSet<AuthorId> = all.into_iter().filter(|a| !late.contains(a)).collect();
         let Some(how) = self.book.should_close(self.now, &expected) else {
             tracing::trace!(round = self.round(), deadline = ?self.book.deadline(), "not closing yet");
             // A quorum in brings the deadline forward.
-            if let Some(at) = self.book.deadline() {
+            if let Some(at) = self.book.deadline().map(|d| fetching_until.map_or(d, |f| d.min(f))) {
                 if self
                     .armed
                     .get(&Timer::Deadline)

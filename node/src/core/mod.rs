@@ -498,6 +498,9 @@ const CLOSES_KEPT: usize = 3;
 /// After this many rounds given up in a row, going back takes the latest
 /// anchor the votes decided, not one rebuilt since (see `revert_target`).
 const GIVEN_UP_BEFORE_VOTES_ONLY: u32 = 2;
+/// A member that asked us for a block this recently is still fetching its
+/// shard (its blocks come one after another; then it trains a round).
+const FETCHING_MS: Millis = 3_000;
 
 /// How many updates that came too late to merge are kept for rebuilds (a
 /// few rounds' worth of a large mesh; each holds a full delta).
@@ -587,6 +590,9 @@ pub struct Core {
     abandoned: Option<u64>,
     /// Rounds given up in a row, up to the last close.
     given_up_in_a_row: u32,
+    /// When each member last asked us for a block (it is fetching its
+    /// shard; kept while the first round is open).
+    block_asks: HashMap<AuthorId, Millis>,
     /// The anchor we made at our last close (while we are still on it).
     made: Option<Made>,
     /// A rebuild waiting for updates being fetched: the round whose base
@@ -742,6 +748,7 @@ impl Core {
             trained_from: None,
             abandoned: None,
             given_up_in_a_row: 0,
+            block_asks: HashMap::new(),
             made: None,
             closes: std::collections::VecDeque::new(),
             stale_kept: std::collections::VecDeque::new(),

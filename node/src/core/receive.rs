@@ -144,6 +144,13 @@ impl Core {
             });
             return;
         }
+        if let (FetchRequest::Block { .. }, Some(author)) = (&request, author_of(&peer)) {
+            // Only the first round waits on a member still fetching (one
+            // entry per member at most).
+            if self.round() <= self.book.joined_at() {
+                self.block_asks.insert(author, self.now);
+            }
+        }
         if let FetchRequest::Anchor { weights } = request {
             let response = match self.anchor_snapshot(weights.map(WeightsHash)) {
                 Some(anchor) => Effect::ServeAnchor {

@@ -85,7 +85,8 @@ const GRACE_MIN_MS: Millis = 100;
 /// deadline (30 s by default), nor a `late` one every first round.
 const FIRST_ROUND_GRACE_MS: Millis = 5_000;
 /// And at least this long (a quorum all in at once says little about
-/// members still fetching).
+/// members still fetching); the whole `FIRST_ROUND_GRACE_MS` while a member
+/// still missing is seen fetching its blocks (`RoundBook::members_fetching`).
 const FIRST_ROUND_GRACE_MIN_MS: Millis = 1_000;
 
 /// Updates (ours included) that make a quorum of `members`.
@@ -156,6 +157,8 @@ pub struct RoundBook {
     /// Members judged habitually late (see `super::lateness`):
     /// their records announced without a payload hold no round either.
     no_wait: HashSet<AuthorId>,
+    /// See [`RoundBook::members_fetching`].
+    fetching: bool,
     /// Updates (ours included) that made a quorum when last looked.
     quorum_need: usize,
     pub wait: AdaptiveWait,
@@ -187,6 +190,7 @@ impl RoundBook {
             joined_at: start_round,
             announced: BTreeMap::new(),
             no_wait: HashSet::new(),
+            fetching: false,
             quorum_need: 1,
             wait,
         }
@@ -194,6 +198,11 @@ impl RoundBook {
 
     pub fn current(&self) -> u64 {
         self.current
+    }
+
+    /// The first round this node takes part in.
+    pub fn joined_at(&self) -> u64 {
+        self.joined_at
     }
 
     /// Offers a contribution that arrived at `now`.
@@ -228,6 +237,13 @@ impl RoundBook {
     /// leaves them out of `expected` too.
     pub fn wait_not_for(&mut self, late: HashSet<AuthorId>) {
         self.no_wait = late;
+    }
+
+    /// Whether a member still missing from the current round is still
+    /// fetching its shard (it asked us for blocks a moment ago): the
+    /// first round then gives stragglers its whole grace.
+    pub fn members_fetching(&mut self, fetching: bool) {
+        self.fetching = fetching;
     }
 
     /// The members no round waits for (see [`RoundBook::wait_not_for`]).
@@ -354,7 +370,9 @@ impl RoundBook {
         before.sort_unstable();
         let median = before.get(before.len().saturating_sub(1) / 2).copied().unwrap_or(q);
         let grace = (q.saturating_sub(median) as f64 * GRACE_SHARE) as Millis;
-        let floor = if self.current == self.joined_at {
+        let floor = if self.current == self.joined_at && self.fetching {
+            FIRST_ROUND_GRACE_MS
+        } else if self.current == self.joined_at {
             // Members may still be fetching their shards: as long again as
             // the quorum's whole spread (fetches vary from first to last),
             // not a constant a `late` member takes every time.
@@ -784,6 +802,23 @@ mod tests {
         b.own_ready(9000);
         b.note_arrivals(9000, &expected);
         assert_eq!(b.deadline(), Some(9000 + FIRST_ROUND_GRACE_MS));
+    }
+
+    /// A member still missing from the first round that is still fetching
+    /// its shard gets the whole first-round grace.
+    #[test]
+    fn the_first_round_waits_its_whole_grace_for_a_member_still_fetching() {
+        let mut b = book();
+        let expected = authors(2..6);
+        b.offer(c(2, 0), 0);
+        b.offer(c(3, 0), 100);
+        b.offer(c(4, 0), 200);
+        b.own_ready(200);
+        b.members_fetching(true);
+        b.note_arrivals(200, &expected);
+        assert_eq!(b.deadline(), Some(200 + FIRST_ROUND_GRACE_MS));
+        b.members_fetching(false);
+        assert_eq!(b.deadline(), Some(200 + FIRST_ROUND_GRACE_MIN_MS));
     }
 
     #[test]
