@@ -504,11 +504,10 @@ impl Core {
         if self.power.total() == 0 {
             return true;
         }
-        let stalled = self.given_up_in_a_row >= super::GIVEN_UP_BEFORE_VOTES_ONLY;
-        if !stalled {
+        if !self.stalled() {
             self.rebuilt_since_decided(round);
         }
-        let Some((starts, key, kept)) = self.revert_target(round, stalled) else {
+        let Some((starts, key, kept)) = self.revert_target(round) else {
             return true;
         };
         // Votes that came since (records built on a rebuilt anchor) prove
@@ -613,18 +612,14 @@ impl Core {
     /// decided it: the later of the latest decided anchor and the one we
     /// settled on.
     ///
-    /// With `votes_only` (rounds keep being given up), the latest anchor
-    /// the votes decided: two nodes can rebuild a round apart (each judges
+    /// Once rounds keep being given up (`stalled`), the latest anchor the
+    /// votes decided: two nodes can rebuild a round apart (each judges
     /// from the votes it holds which members are silent), and each then
     /// went back to its own rebuild every round, for good (simulator,
     /// `--byzantine 1 --attack dissensus`, seed 1797: three anchors to the
     /// end). What more than half the voting power signed is one for all.
-    fn revert_target(
-        &mut self,
-        round: u64,
-        votes_only: bool,
-    ) -> Option<(u64, super::agreement::AnchorKey, Vec<meshtrain_ledger::Vote>)> {
-        if votes_only {
+    fn revert_target(&mut self, round: u64) -> Option<(u64, super::agreement::AnchorKey, Vec<meshtrain_ledger::Vote>)> {
+        if self.stalled() {
             let (s, k) = self.votes.latest_decided_below(0, round, &self.power)?;
             return Some((s, k, self.evidence(s, &k)));
         }
@@ -662,8 +657,7 @@ impl Core {
         if self.fetch.is_some() || self.power.total() == 0 {
             return;
         }
-        let stalled = self.given_up_in_a_row >= super::GIVEN_UP_BEFORE_VOTES_ONLY;
-        let Some((starts, key, _)) = self.revert_target(round, stalled) else {
+        let Some((starts, key, _)) = self.revert_target(round) else {
             return;
         };
         if key == self.anchor_key()
@@ -674,6 +668,12 @@ impl Core {
             return;
         }
         self.fetch_anchor(starts, key, Purpose::Revert);
+    }
+
+    /// Rounds have been given up `GIVEN_UP_BEFORE_VOTES_ONLY`
+    /// times in a row: going back takes only what the votes decided.
+    fn stalled(&self) -> bool {
+        self.given_up_in_a_row >= super::GIVEN_UP_BEFORE_VOTES_ONLY
     }
 
     /// Keeps what `owner`'s verdicts of `round` credit (open runs).

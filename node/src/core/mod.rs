@@ -591,7 +591,7 @@ pub struct Core {
     /// Rounds given up in a row, up to the last close.
     given_up_in_a_row: u32,
     /// When each member last asked us for a block (it is fetching its
-    /// shard; kept while the first round is open).
+    /// shard), noted in our first round only: one entry per member.
     block_asks: HashMap<AuthorId, Millis>,
     /// The anchor we made at our last close (while we are still on it).
     made: Option<Made>,

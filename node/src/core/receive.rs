@@ -913,15 +913,13 @@ impl Core {
             // round 29 and ended on its own anchor).
             // Only one a rebuild of the round just closed may take (that
             // round's, or one late there from the round before): a node
-            // catching up is handed older ones by the dozen, and they
-            // crowded out those it needed (seed 2628 of `--attack
-            // sign-flip`).
+            // catching up is handed older ones by the dozen, and the few
+            // kept are for the rounds it may still have to redo.
             BookOffer::Before if round + self.cfg.spec.exchange.staleness + 1 >= self.round() => {
                 debug!(author = %author.short(), record = %hash.short(), round, "update of a round skipped; kept for a rebuild");
                 self.keep_stale([copy]);
             }
-            BookOffer::Before => {}
-            BookOffer::Kept | BookOffer::Duplicate => {}
+            BookOffer::Before | BookOffer::Kept | BookOffer::Duplicate => {}
         }
         if let Phase::Colluding(_) = self.phase {
             self.collusion_saw_update();

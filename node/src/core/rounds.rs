@@ -370,17 +370,17 @@ impl RoundBook {
         before.sort_unstable();
         let median = before.get(before.len().saturating_sub(1) / 2).copied().unwrap_or(q);
         let grace = (q.saturating_sub(median) as f64 * GRACE_SHARE) as Millis;
-        let floor = if self.current == self.joined_at && self.fetching {
+        let floor = if self.current != self.joined_at {
+            GRACE_MIN_MS
+        } else if self.fetching {
             FIRST_ROUND_GRACE_MS
-        } else if self.current == self.joined_at {
+        } else {
             // Members may still be fetching their shards: as long again as
             // the quorum's whole spread (fetches vary from first to last),
             // not a constant a `late` member takes every time.
             let first = before.first().copied().unwrap_or(q);
             ((q.saturating_sub(first) as f64 * GRACE_SHARE) as Millis)
                 .clamp(FIRST_ROUND_GRACE_MIN_MS, FIRST_ROUND_GRACE_MS)
-        } else {
-            GRACE_MIN_MS
         };
         grace.clamp(floor, self.wait.timeout().max(floor))
     }
