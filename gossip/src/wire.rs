@@ -11,7 +11,7 @@ use bincode::{Decode, Encode};
 use crate::GossipError;
 
 /// The envelope version this build speaks.
-pub const WIRE_VERSION: u16 = 3;
+pub const WIRE_VERSION: u16 = 4;
 
 /// Gossiped on `meshtrain/<run_id>/v1`.
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
@@ -57,6 +57,9 @@ pub enum FetchRequest {
     /// own or one it received), for a node that cannot reach that author
     /// (one it banned still counts its vote).
     FinalVoteOf { author: [u8; 32] },
+    /// The peer's own signed verdict block for `round`, the one it
+    /// gossiped (open runs: the credits it gave), for a node that missed it.
+    RoundVerdict { round: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
@@ -74,7 +77,7 @@ pub enum FetchResponse {
         verdict: Vec<u8>,
     },
     Block(Vec<u8>),
-    /// A signed verdict block (answer to `FinalVote` and `FinalVoteOf`).
+    /// A signed verdict block (answer to `FinalVote`, `FinalVoteOf` and `RoundVerdict`).
     Vote(Vec<u8>),
     /// Answer to `FinalVote` from a member that finished the run without a
     /// final vote of its own (it took over the decided final anchor):

@@ -49,6 +49,7 @@ pub fn answer<S: Store + ?Sized>(ledger: &S, request: &FetchRequest) -> FetchRes
         FetchRequest::Anchor { .. }
         | FetchRequest::FinalVote
         | FetchRequest::FinalVoteOf { .. }
+        | FetchRequest::RoundVerdict { .. }
         | FetchRequest::Block { .. } => Ok(FetchResponse::NotFound),
     };
     result.unwrap_or_else(|e| FetchResponse::Refused(format!("ledger error: {e}")))

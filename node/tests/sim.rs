@@ -296,6 +296,14 @@ fn seeds_that_once_failed() {
         ..attacker("sign-flip", SimAdmission::Permissioned)
     };
     let dissensus = attacker("dissensus", SimAdmission::Permissioned);
+    let open_late = SimConfig {
+        admission: SimAdmission::Open {
+            earn_rounds: 3,
+            founded: true,
+        },
+        late_join: 2,
+        ..SimConfig::default()
+    };
     let cases = [
         (&sign_flip, "--byzantine 2 --attack sign-flip", 16),
         (&sign_flip, "--byzantine 2 --attack sign-flip", 276),
@@ -306,6 +314,10 @@ fn seeds_that_once_failed() {
         (&dissensus, "--byzantine 1 --attack dissensus", 246),
         (&dissensus, "--byzantine 1 --attack dissensus", 1797),
         (&sign_flip, "--byzantine 2 --attack sign-flip", 2628),
+        (&sign_flip, "--byzantine 2 --attack sign-flip", 1312),
+        (&open_late, "--admission open --late-join 2", 490),
+        (&open_late, "--admission open --late-join 2", 2019),
+        (&open_late, "--admission open --late-join 2", 2077),
     ];
     let mut broken = Vec::new();
     for (cfg, flags, seed) in cases {

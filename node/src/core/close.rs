@@ -699,6 +699,33 @@ impl Core {
             .or_insert((made, earned));
     }
 
+    /// Asks each member with a vote whose verdict block of `round` we lack
+    /// for it (open runs: the credits it gave; gossip can lose it).
+    pub(super) fn ask_missing_credits(&mut self, round: u64) {
+        if self.credited_through.is_some_and(|c| round <= c) {
+            return;
+        }
+        let noted = self.credit_notes.get(&round);
+        let peers = self.members.by_author();
+        let missing: Vec<meshtrain_gossip::libp2p::PeerId> = self
+            .power
+            .holders()
+            .into_iter()
+            .filter(|a| *a != self.me && self.power.of(a) > 0)
+            .filter(|a| noted.is_none_or(|n| !n.contains_key(a)))
+            .filter_map(|a| peers.get(&a).copied())
+            .take(super::MAX_CREDIT_ASKS)
+            .collect();
+        for peer in missing {
+            debug!(round, peer = %super::start::short(&peer), "asking for a verdict block we lack");
+            self.request(
+                peer,
+                meshtrain_gossip::FetchRequest::RoundVerdict { round },
+                super::RequestFor::RoundVerdict,
+            );
+        }
+    }
+
     /// Credits every round up to `last` not credited yet, each by the
     /// verdicts of the voters of its decided anchor.
     pub(super) fn give_credits_through(&mut self, last: u64) {
@@ -714,6 +741,15 @@ impl Core {
                 continue;
             };
             let keys = super::agreement::agreed_credits(&notes, &decided, &self.power);
+            debug!(
+                round,
+                decided = %decided.0.short(),
+                blocks = ?notes.iter().map(|(o, (made, earned))| {
+                    format!("{}:{}:{}", o.short(), made.0.short(), earned.iter().map(|a| a.short()).collect::<Vec<_>>().join("+"))
+                }).collect::<Vec<_>>(),
+                credited = ?keys.iter().map(|a| a.short()).collect::<Vec<_>>(),
+                "credits of a round"
+            );
             let before = self.power.total();
             self.power.credit(round, keys);
             self.log_power(round, before);
@@ -847,9 +883,18 @@ impl Core {
         } else {
             self.note_credits(self.me, done.round, (new_hash, outer_hash), &done.entries);
             // The base of this round was decided (or given up) before we
-            // aggregated: the round before can be credited.
+            // aggregated: the round before can be credited, once every
+            // member's block of it is here. A block lost on the way left
+            // one node without a credit the others gave, and from then on
+            // it counted other voting power (`--admission open --late-join
+            // 2`, seed 490: four nodes against three to the end). So the
+            // missing blocks of the round before are asked for now, and
+            // that round is credited at the next close.
             if let Some(prev) = done.round.checked_sub(1) {
-                self.give_credits_through(prev);
+                self.ask_missing_credits(prev);
+            }
+            if let Some(before) = done.round.checked_sub(2) {
+                self.give_credits_through(before);
             }
         }
         for e in &done.entries {
@@ -1029,9 +1074,12 @@ impl Core {
         if block.block.round + 1 < self.end_round && publish {
             // Open runs: what we credit each round, for every node to count
             // alike (the last round's block goes out as our final vote).
-            self.emit(Effect::Publish(GossipMessage::Vote {
-                block: block.to_bytes(),
-            }));
+            let bytes = block.to_bytes();
+            self.gossiped_blocks.push_back((round, bytes.clone()));
+            while self.gossiped_blocks.len() > super::GOSSIPED_BLOCKS_KEPT {
+                self.gossiped_blocks.pop_front();
+            }
+            self.emit(Effect::Publish(GossipMessage::Vote { block: bytes }));
         }
         self.attestation = Some(block.clone());
         self.emit(Effect::Inbox(Job::Verdict(Box::new(block))));

@@ -506,6 +506,13 @@ const FETCHING_MS: Millis = 3_000;
 /// few rounds' worth of a large mesh; each holds a full delta).
 const STALE_KEPT: usize = 32;
 
+/// Our last verdict blocks kept to answer `RoundVerdict` requests.
+const GOSSIPED_BLOCKS_KEPT: usize = 8;
+
+/// Most members asked for a round's verdict block they did not gossip to
+/// us (see `Core::ask_missing_credits`).
+const MAX_CREDIT_ASKS: usize = 16;
+
 /// The latest decided anchor and its votes.
 #[derive(Clone, Debug)]
 struct Decision {
@@ -527,6 +534,8 @@ enum RequestFor {
     Heads,
     Anchor,
     FinalVote(AuthorId),
+    /// A member's verdict block of a round (see `Core::ask_missing_credits`).
+    RoundVerdict,
 }
 
 /// A peer's requests in one budget window (see `Core::within_budget`).
@@ -643,6 +652,9 @@ pub struct Core {
     credit_notes: BTreeMap<u64, BTreeMap<AuthorId, agreement::CreditNote>>,
     /// The last round whose credits were given.
     credited_through: Option<u64>,
+    /// Our verdict blocks of the last rounds as gossiped (at most
+    /// [`GOSSIPED_BLOCKS_KEPT`]), for members that missed one.
+    gossiped_blocks: std::collections::VecDeque<(u64, Vec<u8>)>,
     /// A round is being closed (guards against closing it twice).
     closing: bool,
     own_head: Option<Head>,
@@ -769,6 +781,7 @@ impl Core {
             decided: None,
             credit_notes: BTreeMap::new(),
             credited_through: None,
+            gossiped_blocks: std::collections::VecDeque::new(),
             closing: false,
             own_head: resume.own_head,
             own_last: resume.own_last,

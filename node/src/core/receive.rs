@@ -72,7 +72,8 @@ impl Bulk {
             FetchRequest::Records { .. }
             | FetchRequest::Heads
             | FetchRequest::FinalVote
-            | FetchRequest::FinalVoteOf { .. } => Bulk::Small,
+            | FetchRequest::FinalVoteOf { .. }
+            | FetchRequest::RoundVerdict { .. } => Bulk::Small,
         }
     }
 }
@@ -185,6 +186,14 @@ impl Core {
             let response = match self.votes.get(self.end_round, &AuthorId(author)) {
                 Some(Vote::Block(block)) => FetchResponse::Vote(block.to_bytes()),
                 _ => FetchResponse::NotFound,
+            };
+            self.emit(Effect::Respond { chan, response });
+            return;
+        }
+        if let FetchRequest::RoundVerdict { round } = request {
+            let response = match self.gossiped_blocks.iter().find(|(r, _)| *r == round) {
+                Some((_, bytes)) => FetchResponse::Vote(bytes.clone()),
+                None => FetchResponse::NotFound,
             };
             self.emit(Effect::Respond { chan, response });
             return;
@@ -323,10 +332,12 @@ impl Core {
             }
             (RequestFor::Payload(hash), _) => self.payload_attempt_failed(hash),
             (RequestFor::Anchor, response) => self.on_anchor_response(peer, response),
-            (RequestFor::FinalVote(_), FetchResponse::Vote(block)) => self.emit(Effect::Inbox(Job::Vote {
-                bytes: block,
-                origin: Origin::Fetched { from: peer },
-            })),
+            (RequestFor::FinalVote(_) | RequestFor::RoundVerdict, FetchResponse::Vote(block)) => {
+                self.emit(Effect::Inbox(Job::Vote {
+                    bytes: block,
+                    origin: Origin::Fetched { from: peer },
+                }))
+            }
             // Only a member speaks for itself (a peer asked for another's
             // vote cannot say it finished).
             (RequestFor::FinalVote(author), FetchResponse::Finished { head_seq })

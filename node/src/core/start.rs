@@ -114,9 +114,14 @@ impl Core {
     }
 
     /// Takes part in rounds from the current one on. Records of it that
-    /// came in before (or were held before a restart) count again.
+    /// came in before (or were held before a restart) count again, and
+    /// those of the rounds a rebuild of the last one may take are kept for
+    /// it (as updates of rounds before we joined: never merged twice). A
+    /// restarted node otherwise rebuilt without the updates it had merged
+    /// itself and went back instead (sign-flip seed 1312).
     pub(super) fn begin_rounds(&mut self) {
-        self.rebuild(self.round());
+        let staleness = self.cfg.spec.exchange.staleness;
+        self.rebuild(self.round().saturating_sub(staleness + 1));
         self.next_round_or_finish();
         // Votes that came in while we synced may show the mesh far ahead.
         self.check_ahead();

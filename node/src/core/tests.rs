@@ -93,6 +93,10 @@ impl Store for Disk {
 struct Harness {
     core: Core,
     inbox: Inbox<Disk>,
+    /// What a restart builds a new core and inbox from.
+    ledger: Arc<Disk>,
+    cfg: CoreConfig,
+    rounds: u64,
     run_id: RunId,
     genesis: RecordHash,
     anchor_hash: WeightsHash,
@@ -181,44 +185,34 @@ impl Harness {
         });
         let resumed = resume(&*ledger, key.author(), None, &spec, &shape).expect("resume");
         assert!(!resumed.restarted);
-        let core = Core::new(
-            CoreConfig {
-                run_id: meta.run_id,
-                genesis_link: meta.genesis_link(),
-                genesis_weights: meta.genesis_weights,
-                verdict_genesis: meta.verdict_genesis(),
-                params: PARAMS,
-                spec: spec.clone(),
-                wait_peers,
-                wait_peers_timeout: 10_000,
-                drain: 1000,
-                eval_every: 1,
-                checkpoint_every: 0,
-                reputation: ReputationConfig::default(),
-                max_inline_payload: 48 * 1024,
-                send_inline_payload: 48 * 1024,
-                attack: None,
-                seed: 7,
-                admission: Rule::of(&spec.admission).expect("roster"),
-            },
-            key,
-            resumed,
-        );
+        let cfg = CoreConfig {
+            run_id: meta.run_id,
+            genesis_link: meta.genesis_link(),
+            genesis_weights: meta.genesis_weights,
+            verdict_genesis: meta.verdict_genesis(),
+            params: PARAMS,
+            spec: spec.clone(),
+            wait_peers,
+            wait_peers_timeout: 10_000,
+            drain: 1000,
+            eval_every: 1,
+            checkpoint_every: 0,
+            reputation: ReputationConfig::default(),
+            max_inline_payload: 48 * 1024,
+            send_inline_payload: 48 * 1024,
+            attack: None,
+            seed: 7,
+            admission: Rule::of(&spec.admission).expect("roster"),
+        };
+        let core = Core::new(cfg.clone(), key, resumed);
         let core_outer = core.anchor_key().1;
-        let inbox = Inbox::new(
-            ledger,
-            InboxConfig {
-                run_id: meta.run_id,
-                roster: spec.admission.roster().expect("roster"),
-                genesis: meta.genesis_link(),
-                params: PARAMS,
-                rounds,
-                retention: meshtrain_ledger::Retention::KEEP_ALL,
-            },
-        );
+        let inbox = Self::inbox(&ledger, &cfg, rounds);
         Self {
             core,
             inbox,
+            ledger,
+            cfg,
+            rounds,
             run_id: meta.run_id,
             genesis: meta.genesis_link(),
             anchor_hash: meta.genesis_weights,
@@ -229,6 +223,32 @@ impl Harness {
             next_id: 0,
             busy: false,
         }
+    }
+
+    fn inbox(ledger: &Arc<Disk>, cfg: &CoreConfig, rounds: u64) -> Inbox<Disk> {
+        Inbox::new(
+            ledger.clone(),
+            InboxConfig {
+                run_id: cfg.run_id,
+                roster: cfg.spec.admission.roster().expect("roster"),
+                genesis: cfg.genesis_link,
+                params: PARAMS,
+                rounds,
+                retention: meshtrain_ledger::Retention::KEEP_ALL,
+            },
+        )
+    }
+
+    /// The node crashes and starts again from its ledger at `round` (as
+    /// its checkpoint would say), with a new core and inbox.
+    fn restart(&mut self, round: u64) {
+        let key = AuthorKey::from_secret([1; 32]);
+        let shape = standin::shape(PARAMS, 7);
+        let mut resumed = resume(&*self.ledger, key.author(), None, &self.cfg.spec, &shape).expect("resume");
+        resumed.round = round;
+        resumed.restarted = true;
+        self.core = Core::new(self.cfg.clone(), key, resumed);
+        self.inbox = Self::inbox(&self.ledger, &self.cfg, self.rounds);
     }
 
     /// Feeds an input and runs the inbox jobs it causes to the end.
@@ -1005,6 +1025,34 @@ fn an_update_of_a_round_skipped_is_kept_for_a_rebuild_once() {
 }
 
 #[test]
+fn a_restarted_node_keeps_the_last_round_s_updates_for_a_rebuild() {
+    let mut h = Harness::new(1);
+    let mut b = Peer::new(2);
+    h.join(&b);
+    h.start_training();
+    let r0 = b.record(&h, 0, &delta(0.1));
+    h.gossip(&b, &r0, Some(delta(0.1)));
+    let r1 = b.record(&h, 1, &delta(0.2));
+    h.gossip(&b, &r1, Some(delta(0.2)));
+    // Crashed once round 0 closed: back at round 1 from its ledger. If the
+    // others cannot agree on round 0's anchor, every node rebuilds it from
+    // the updates the majority merged, b's among them (sign-flip seed 1312:
+    // without them a restarted node went back to the anchor before).
+    h.restart(1);
+    h.join(&b);
+    h.poke(|c| c.begin_rounds());
+    let author = b.key.author();
+    assert!(h.core.book.has(1, &author), "round 1's update counts again");
+    assert!(!h.core.book.has(0, &author), "round 0's is not merged again");
+    let kept: Vec<RecordHash> = h.core.stale_kept.iter().map(|c| c.record_hash).collect();
+    assert!(kept.contains(&r0.hash()), "kept for a rebuild of round 0: {kept:?}");
+    assert!(
+        h.core.votes.record_tagged(0, &r0.hash().tag()).is_some(),
+        "its record found again: a rebuild knows where to fetch what it lacks"
+    );
+}
+
+#[test]
 fn records_held_out_of_order_are_capped_across_authors_and_expire() {
     use crate::inbox::Job;
     let mut h = Harness::with_rounds(0, 100);
@@ -1257,6 +1305,54 @@ fn when_the_set_aside_list_is_full_the_farthest_round_gives_way() {
 /// finished, and members draining stop waiting for its vote and its chain
 /// (they waited their whole drain limit, 30 s, for an attacker `late`
 /// every round that skipped to the end).
+#[test]
+fn a_verdict_block_gossip_lost_is_asked_for_and_served() {
+    let mut h = Harness::new(0);
+    let b = Peer::new(2);
+    let c = Peer::new(3);
+    h.join(&b);
+    h.join(&c);
+    h.start_training();
+    // B's block of round 2 came; C's did not: only C is asked, once.
+    let key = (h.anchor_hash, h.outer_hash);
+    h.poke(|core| {
+        core.credit_notes
+            .entry(2)
+            .or_default()
+            .insert(b.key.author(), (key, Default::default()));
+    });
+    h.take();
+    h.poke(|core| core.ask_missing_credits(2));
+    let asked: Vec<PeerId> = h
+        .take()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Request {
+                peer,
+                request: FetchRequest::RoundVerdict { round: 2 },
+                ..
+            } => Some(peer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, vec![c.peer]);
+    // The other side: the block it gossiped for that round, or nothing.
+    h.poke(|core| core.gossiped_blocks.push_back((2, vec![7, 7, 7])));
+    let mut ask = |round: u64, chan: u64| {
+        h.input(Input::Request {
+            peer: b.peer,
+            chan: super::ChanId(chan),
+            request: FetchRequest::RoundVerdict { round },
+        });
+        h.take().into_iter().find_map(|e| match e {
+            Effect::Respond { response, .. } => Some(response),
+            _ => None,
+        })
+    };
+    assert_eq!(ask(2, 1), Some(FetchResponse::Vote(vec![7, 7, 7])));
+    assert_eq!(ask(1, 2), Some(FetchResponse::NotFound));
+}
+
 #[test]
 fn a_member_that_took_the_final_anchor_over_says_it_finished() {
     let mut h = Harness::new(0);
