@@ -318,6 +318,7 @@ fn seeds_that_once_failed() {
         (&open_late, "--admission open --late-join 2", 490),
         (&open_late, "--admission open --late-join 2", 2019),
         (&open_late, "--admission open --late-join 2", 2077),
+        (&open_late, "--admission open --late-join 2", 626),
     ];
     let mut broken = Vec::new();
     for (cfg, flags, seed) in cases {

@@ -676,27 +676,43 @@ impl Core {
         self.given_up_in_a_row >= super::GIVEN_UP_BEFORE_VOTES_ONLY
     }
 
-    /// Keeps what `owner`'s verdicts of `round` credit (open runs).
+    /// Keeps what `owner`'s verdicts of `round` credit (open runs); false
+    /// when the round is out of the window and nothing was looked at.
     pub(super) fn note_credits(
         &mut self,
         owner: AuthorId,
         round: u64,
         made: super::agreement::AnchorKey,
         entries: &[meshtrain_ledger::VerdictEntry],
-    ) {
+    ) -> bool {
         if self.credited_through.is_some_and(|c| round <= c) || round > self.round() + 1 {
-            return;
+            return false;
         }
         let earned = entries
             .iter()
             .filter(|e| e.round == round && super::power::earns(&e.verdict))
             .map(|e| e.author)
             .collect();
-        self.credit_notes
-            .entry(round)
-            .or_default()
-            .entry(owner)
-            .or_insert((made, earned));
+        if self.credit_conflicts.contains(&(round, owner)) {
+            return true;
+        }
+        let notes = self.credit_notes.entry(round).or_default();
+        match notes.get(&owner) {
+            None => {
+                notes.insert(owner, (made, earned));
+            }
+            Some(n) if *n == (made, earned) => {}
+            // Two blocks of one owner for one round that credit apart (an
+            // owner answering each asker another block, or one it signed
+            // but never gossiped, passed on by someone else): "the first
+            // one stands" would count each node's first, so neither counts.
+            Some(_) => {
+                notes.remove(&owner);
+                self.credit_conflicts.insert((round, owner));
+                warn!(round, owner = %owner.short(), "two verdict blocks of one round credit apart; neither counts");
+            }
+        }
+        true
     }
 
     /// Asks each member with a vote whose verdict block of `round` we lack
@@ -755,6 +771,7 @@ impl Core {
             self.log_power(round, before);
         }
         self.credited_through = Some(last);
+        self.credit_conflicts.retain(|(r, _)| *r > last);
         self.promote_earned();
     }
 
@@ -881,7 +898,7 @@ impl Core {
             self.log_power(done.round, before);
             self.promote_earned();
         } else {
-            self.note_credits(self.me, done.round, (new_hash, outer_hash), &done.entries);
+            let _ = self.note_credits(self.me, done.round, (new_hash, outer_hash), &done.entries);
             // The base of this round was decided (or given up) before we
             // aggregated: the round before can be credited, once every
             // member's block of it is here. A block lost on the way left

@@ -33,7 +33,7 @@ pub mod sync;
 mod train;
 pub mod wants;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use meshtrain_gossip::libp2p::gossipsub::MessageId;
@@ -655,6 +655,9 @@ pub struct Core {
     /// Our verdict blocks of the last rounds as gossiped (at most
     /// [`GOSSIPED_BLOCKS_KEPT`]), for members that missed one.
     gossiped_blocks: std::collections::VecDeque<(u64, Vec<u8>)>,
+    /// Owners whose blocks of a round credit apart (see `note_credits`),
+    /// until that round is credited.
+    credit_conflicts: BTreeSet<(u64, AuthorId)>,
     /// A round is being closed (guards against closing it twice).
     closing: bool,
     own_head: Option<Head>,
@@ -782,6 +785,7 @@ impl Core {
             credit_notes: BTreeMap::new(),
             credited_through: None,
             gossiped_blocks: std::collections::VecDeque::new(),
+            credit_conflicts: BTreeSet::new(),
             closing: false,
             own_head: resume.own_head,
             own_last: resume.own_last,

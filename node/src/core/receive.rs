@@ -67,13 +67,14 @@ impl Bulk {
     fn of(request: &FetchRequest) -> Self {
         match request {
             FetchRequest::Anchor { .. } => Bulk::Anchor,
-            FetchRequest::Payload { .. } => Bulk::Payload,
+            // A verdict block can be asked for any round, all run long: its
+            // bytes count like a payload's.
+            FetchRequest::Payload { .. } | FetchRequest::RoundVerdict { .. } => Bulk::Payload,
             FetchRequest::Block { .. } => Bulk::Block,
             FetchRequest::Records { .. }
             | FetchRequest::Heads
             | FetchRequest::FinalVote
-            | FetchRequest::FinalVoteOf { .. }
-            | FetchRequest::RoundVerdict { .. } => Bulk::Small,
+            | FetchRequest::FinalVoteOf { .. } => Bulk::Small,
         }
     }
 }
@@ -517,7 +518,16 @@ impl Core {
                         let b = &block.block;
                         if self.power.is_open() && self.power.of(&b.owner) > 0 {
                             let made = (b.new_anchor, b.outer_state);
-                            self.note_credits(b.owner, b.round, made, &b.entries);
+                            let looked = self.note_credits(b.owner, b.round, made, &b.entries);
+                            // One we asked for (its gossip was lost here):
+                            // passed on, so that a block shown to one asker
+                            // reaches every node (and one shown apart is
+                            // seen twice everywhere; see `note_credits`).
+                            if looked && matches!(origin, Origin::Fetched { .. }) {
+                                self.emit(Effect::Publish(GossipMessage::Vote {
+                                    block: block.to_bytes(),
+                                }));
+                            }
                         }
                     } else {
                         self.add_vote(Vote::Block(*block));
@@ -888,8 +898,14 @@ impl Core {
                 self.stale_kept.push_back(c);
             }
         }
+        // Over the cap the oldest round goes first: a restart reads back
+        // every author's last rounds at once, author by author, and
+        // dropping the first in would drop whole authors.
         while self.stale_kept.len() > super::STALE_KEPT {
-            self.stale_kept.pop_front();
+            let oldest = (0..self.stale_kept.len())
+                .min_by_key(|i| self.stale_kept[*i].round)
+                .unwrap_or(0);
+            self.stale_kept.remove(oldest);
         }
     }
 

@@ -120,16 +120,24 @@ impl Core {
     /// restarted node otherwise rebuilt without the updates it had merged
     /// itself and went back instead (sign-flip seed 1312).
     pub(super) fn begin_rounds(&mut self) {
-        let staleness = self.cfg.spec.exchange.staleness;
-        self.rebuild(self.round().saturating_sub(staleness + 1));
+        self.rebuild_from_join();
         self.next_round_or_finish();
         // Votes that came in while we synced may show the mesh far ahead.
         self.check_ahead();
     }
 
+    /// Rebuilds from the rounds before the one we joined at (just set by
+    /// `RoundBook::restart_at` or a restart) that a rebuild may take: one
+    /// bound for every caller, so a second job never hands updates of a
+    /// round already closed back to the book (they would merge again).
+    pub(super) fn rebuild_from_join(&mut self) {
+        let staleness = self.cfg.spec.exchange.staleness;
+        self.rebuild(self.book.joined_at().saturating_sub(staleness + 1));
+    }
+
     /// Asks the inbox to turn held records of `round` and later back into
     /// contributions or wanted payloads (once per round).
-    pub(super) fn rebuild(&mut self, round: u64) {
+    fn rebuild(&mut self, round: u64) {
         if self.rebuilt_for != Some(round) {
             self.rebuilt_for = Some(round);
             self.emit(Effect::Inbox(Job::Rebuild { round, authors: None }));

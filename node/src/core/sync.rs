@@ -787,7 +787,7 @@ impl Core {
             self.keep_stale(skipped);
             self.wants
                 .drop_before(f.starts.saturating_sub(self.cfg.spec.exchange.staleness));
-            self.rebuild(f.starts);
+            self.rebuild_from_join();
         }
         self.remember_snapshot();
         self.joins.push((f.starts, kind));

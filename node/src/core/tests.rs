@@ -1300,11 +1300,8 @@ fn when_the_set_aside_list_is_full_the_farthest_round_gives_way() {
     });
 }
 
-/// A member that skipped to the end (took the decided final anchor over)
-/// has no final vote and no record for the last rounds: it says it
-/// finished, and members draining stop waiting for its vote and its chain
-/// (they waited their whole drain limit, 30 s, for an attacker `late`
-/// every round that skipped to the end).
+/// Open runs: a member's verdict block of a round that gossip lost here is
+/// asked for (only those missing), and a node serves the one it gossiped.
 #[test]
 fn a_verdict_block_gossip_lost_is_asked_for_and_served() {
     let mut h = Harness::new(0);
@@ -1351,8 +1348,31 @@ fn a_verdict_block_gossip_lost_is_asked_for_and_served() {
     };
     assert_eq!(ask(2, 1), Some(FetchResponse::Vote(vec![7, 7, 7])));
     assert_eq!(ask(1, 2), Some(FetchResponse::NotFound));
+    // C shows two blocks of round 1 that credit apart: neither counts,
+    // whichever came first, and neither counts again.
+    let (cc, other) = (c.key.author(), (WeightsHash([9; 32]), h.outer_hash));
+    h.poke(|core| {
+        assert!(core.note_credits(cc, 1, key, &[]));
+        assert!(
+            core.note_credits(cc, 1, key, &[]),
+            "the same block again is no conflict"
+        );
+        assert!(core.credit_notes[&1].contains_key(&cc));
+        assert!(core.note_credits(cc, 1, other, &[]));
+        assert!(
+            !core.credit_notes[&1].contains_key(&cc),
+            "two blocks apart: neither counts"
+        );
+        assert!(core.note_credits(cc, 1, key, &[]));
+        assert!(!core.credit_notes[&1].contains_key(&cc), "nor the first one again");
+    });
 }
 
+/// A member that skipped to the end (took the decided final anchor over)
+/// has no final vote and no record for the last rounds: it says it
+/// finished, and members draining stop waiting for its vote and its chain
+/// (they waited their whole drain limit, 30 s, for an attacker `late`
+/// every round that skipped to the end).
 #[test]
 fn a_member_that_took_the_final_anchor_over_says_it_finished() {
     let mut h = Harness::new(0);

@@ -46,7 +46,7 @@ struct Live {
     /// Gossip ids gossipsub has seen (it hands each over once).
     seen: HashSet<MessageId>,
     /// Peers' requests waiting for our answer: channel -> (peer node, its request id).
-    chans: HashMap<ChanId, (usize, ReqId)>,
+    chans: HashMap<ChanId, (usize, u64, ReqId)>,
     next_chan: u64,
     /// Settle effects seen per gossip id (the exactly-once check).
     settled: HashMap<MessageId, u32>,
@@ -121,6 +121,10 @@ enum Event {
     Request {
         node: usize,
         from: usize,
+        /// The asker's incarnation: its answer goes to that one only (a
+        /// restarted node counts its request ids from 0 again, and an
+        /// answer to its previous life's request would match a new one).
+        from_epoch: u64,
         req: ReqId,
         request: FetchRequest,
     },
@@ -373,9 +377,10 @@ impl World {
             Event::Request {
                 node,
                 from,
+                from_epoch,
                 req,
                 request,
-            } => self.on_request(node, from, req, request),
+            } => self.on_request(node, (from, from_epoch), req, request),
             Event::Timer { node, epoch, timer } => {
                 if self.nodes[node].epoch == epoch {
                     self.feed(node, Input::Timer(timer));
@@ -459,7 +464,13 @@ impl World {
     }
 
     fn deliver(&mut self, node: usize, input: Input, delay: Millis) {
-        let epoch = Some(self.nodes[node].epoch);
+        let epoch = self.nodes[node].epoch;
+        self.deliver_to(node, epoch, input, delay);
+    }
+
+    /// Delivers to one incarnation of `node` (dropped if it restarted since).
+    fn deliver_to(&mut self, node: usize, epoch: u64, input: Input, delay: Millis) {
+        let epoch = Some(epoch);
         self.at(
             self.now + delay,
             Event::Input {
@@ -667,6 +678,7 @@ impl World {
                     Event::Request {
                         node: to,
                         from: index,
+                        from_epoch: epoch,
                         req,
                         request,
                     },
@@ -966,11 +978,12 @@ impl World {
         self.deliver(index, Input::Response { req, peer, response }, d);
     }
 
-    fn on_request(&mut self, node: usize, from: usize, req: ReqId, request: FetchRequest) {
+    fn on_request(&mut self, node: usize, (from, from_epoch): (usize, u64), req: ReqId, request: FetchRequest) {
         let peer = self.nodes[from].peer;
         if !self.linked(node, from) {
-            self.deliver(
+            self.deliver_to(
                 from,
+                from_epoch,
                 Input::RequestFailed {
                     req,
                     peer: self.nodes[node].peer,
@@ -984,23 +997,23 @@ impl World {
         };
         let chan = ChanId(live.next_chan);
         live.next_chan += 1;
-        live.chans.insert(chan, (from, req));
+        live.chans.insert(chan, (from, from_epoch, req));
         self.feed(node, Input::Request { peer, chan, request });
     }
 
     fn respond(&mut self, node: usize, chan: ChanId, response: FetchResponse) {
-        let Some((to, req)) = self.nodes[node].live.as_mut().and_then(|l| l.chans.remove(&chan)) else {
+        let Some((to, to_epoch, req)) = self.nodes[node].live.as_mut().and_then(|l| l.chans.remove(&chan)) else {
             return;
         };
         let peer = self.nodes[node].peer;
         if !self.linked(node, to) || self.dropped() {
-            self.deliver(to, Input::RequestFailed { req, peer }, REQUEST_TIMEOUT_MS);
+            self.deliver_to(to, to_epoch, Input::RequestFailed { req, peer }, REQUEST_TIMEOUT_MS);
             return;
         }
         let (asker, bytes) = (self.nodes[to].peer, response.carried_bytes());
         self.deliver(node, Input::Served { peer: asker, bytes }, 0);
         let d = self.link_delay();
         self.deliver(node, Input::Delivered { peer: asker, bytes }, d);
-        self.deliver(to, Input::Response { req, peer, response }, d);
+        self.deliver_to(to, to_epoch, Input::Response { req, peer, response }, d);
     }
 }
