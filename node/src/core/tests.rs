@@ -384,6 +384,30 @@ impl Harness {
         self.take().iter().any(|e| matches!(e, Effect::Serve { .. }))
     }
 
+    /// A node training round 0 beside two peers (keys 2 and 3), waiting
+    /// for nobody.
+    fn training_with_two_peers() -> (Self, Peer, Peer) {
+        let mut h = Harness::new(0);
+        let (b, c) = (Peer::new(2), Peer::new(3));
+        h.join(&b);
+        h.join(&c);
+        h.start_training();
+        (h, b, c)
+    }
+
+    /// What the core answers `peer`'s request right away, if anything.
+    fn answer(&mut self, peer: PeerId, chan: u64, request: FetchRequest) -> Option<FetchResponse> {
+        self.input(Input::Request {
+            peer,
+            chan: super::ChanId(chan),
+            request,
+        });
+        self.take().into_iter().find_map(|e| match e {
+            Effect::Respond { response, .. } => Some(response),
+            _ => None,
+        })
+    }
+
     /// The start sync's anchor requests among the effects so far.
     fn anchor_asks(&mut self) -> Vec<(super::ReqId, PeerId)> {
         self.take()
@@ -1304,12 +1328,7 @@ fn when_the_set_aside_list_is_full_the_farthest_round_gives_way() {
 /// asked for (only those missing), and a node serves the one it gossiped.
 #[test]
 fn a_verdict_block_gossip_lost_is_asked_for_and_served() {
-    let mut h = Harness::new(0);
-    let b = Peer::new(2);
-    let c = Peer::new(3);
-    h.join(&b);
-    h.join(&c);
-    h.start_training();
+    let (mut h, b, c) = Harness::training_with_two_peers();
     // B's block of round 2 came; C's did not: only C is asked, once.
     let key = (h.anchor_hash, h.outer_hash);
     h.poke(|core| {
@@ -1335,19 +1354,9 @@ fn a_verdict_block_gossip_lost_is_asked_for_and_served() {
     assert_eq!(asked, vec![c.peer]);
     // The other side: the block it gossiped for that round, or nothing.
     h.poke(|core| core.gossiped_blocks.push_back((2, vec![7, 7, 7])));
-    let mut ask = |round: u64, chan: u64| {
-        h.input(Input::Request {
-            peer: b.peer,
-            chan: super::ChanId(chan),
-            request: FetchRequest::RoundVerdict { round },
-        });
-        h.take().into_iter().find_map(|e| match e {
-            Effect::Respond { response, .. } => Some(response),
-            _ => None,
-        })
-    };
-    assert_eq!(ask(2, 1), Some(FetchResponse::Vote(vec![7, 7, 7])));
-    assert_eq!(ask(1, 2), Some(FetchResponse::NotFound));
+    let ask = |round| FetchRequest::RoundVerdict { round };
+    assert_eq!(h.answer(b.peer, 1, ask(2)), Some(FetchResponse::Vote(vec![7, 7, 7])));
+    assert_eq!(h.answer(b.peer, 2, ask(1)), Some(FetchResponse::NotFound));
     // C shows two blocks of round 1 that credit apart: neither counts,
     // whichever came first, and neither counts again.
     let (cc, other) = (c.key.author(), (WeightsHash([9; 32]), h.outer_hash));
@@ -1375,23 +1384,8 @@ fn a_verdict_block_gossip_lost_is_asked_for_and_served() {
 /// every round that skipped to the end).
 #[test]
 fn a_member_that_took_the_final_anchor_over_says_it_finished() {
-    let mut h = Harness::new(0);
-    let b = Peer::new(2);
-    let c = Peer::new(3);
-    h.join(&b);
-    h.join(&c);
-    h.start_training();
-    let ask = |h: &mut Harness, chan: u64| {
-        h.input(Input::Request {
-            peer: b.peer,
-            chan: super::ChanId(chan),
-            request: FetchRequest::FinalVote,
-        });
-        h.take().into_iter().find_map(|e| match e {
-            Effect::Respond { response, .. } => Some(response),
-            _ => None,
-        })
-    };
+    let (mut h, b, c) = Harness::training_with_two_peers();
+    let ask = |h: &mut Harness, chan: u64| h.answer(b.peer, chan, FetchRequest::FinalVote);
     assert_eq!(ask(&mut h, 1), Some(FetchResponse::NotFound), "still training");
     h.poke(|c| {
         c.attestation = None;
