@@ -904,7 +904,7 @@ impl Core {
             // member's block of it is here. A block lost on the way left
             // one node without a credit the others gave, and from then on
             // it counted other voting power (`--admission open --late-join
-            // 2`, seed 490: four nodes against three to the end). So the
+            // 2`, seed 490: three nodes against five to the end). So the
             // missing blocks of the round before are asked for now, and
             // that round is credited at the next close.
             if let Some(prev) = done.round.checked_sub(1) {
