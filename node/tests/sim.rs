@@ -60,15 +60,23 @@ fn open_under_faults() {
 /// and deciding rounds apart.
 #[test]
 fn open_with_late_joiners() {
-    let cfg = SimConfig {
+    sweep(
+        "open + late joiners",
+        open_late_joiners(),
+        "--admission open --late-join 2",
+    );
+}
+
+/// An open run (votes earned after 3 merged rounds) with two late joiners.
+fn open_late_joiners() -> SimConfig {
+    SimConfig {
         admission: SimAdmission::Open {
             earn_rounds: 3,
             founded: true,
         },
         late_join: 2,
         ..SimConfig::default()
-    };
-    sweep("open + late joiners", cfg, "--admission open --late-join 2");
+    }
 }
 
 #[test]
@@ -296,14 +304,7 @@ fn seeds_that_once_failed() {
         ..attacker("sign-flip", SimAdmission::Permissioned)
     };
     let dissensus = attacker("dissensus", SimAdmission::Permissioned);
-    let open_late = SimConfig {
-        admission: SimAdmission::Open {
-            earn_rounds: 3,
-            founded: true,
-        },
-        late_join: 2,
-        ..SimConfig::default()
-    };
+    let open_late = open_late_joiners();
     let cases = [
         (&sign_flip, "--byzantine 2 --attack sign-flip", 16),
         (&sign_flip, "--byzantine 2 --attack sign-flip", 276),

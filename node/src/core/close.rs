@@ -688,14 +688,14 @@ impl Core {
         if self.credited_through.is_some_and(|c| round <= c) || round > self.round() + 1 {
             return false;
         }
+        if self.credit_conflicts.contains(&(round, owner)) {
+            return true;
+        }
         let earned = entries
             .iter()
             .filter(|e| e.round == round && super::power::earns(&e.verdict))
             .map(|e| e.author)
             .collect();
-        if self.credit_conflicts.contains(&(round, owner)) {
-            return true;
-        }
         let notes = self.credit_notes.entry(round).or_default();
         match notes.get(&owner) {
             None => {
